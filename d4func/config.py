@@ -1,0 +1,80 @@
+"""Typed, frozen configs. A bad value fails at construction with a message that names the field.
+
+The configs are plain frozen dataclasses so that OmegaConf can merge YAML files and `key=value` command-line
+overrides into them (`load_config`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, is_dataclass
+from typing import TypeVar
+
+from omegaconf import OmegaConf
+
+C = TypeVar("C")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Block-causal transformer (paper Section 3.4)."""
+
+    d_model: int = 256
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: int = 8  # GQA: n_kv_heads divides n_heads; n_kv_heads == n_heads is plain multi-head attention
+    mlp_ratio: float = 4.0
+    time_every: int = 4  # every Nth layer attends across time (paper: once every 4 layers)
+    qk_norm: bool = True
+    logit_cap: float | None = 50.0  # attention-logit soft-cap; None disables it (and enables fused SDPA)
+    rope_base: float = 10_000.0
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "time_every"):
+            _require(getattr(self, name) >= 1, f"TransformerConfig.{name} must be >= 1, got {getattr(self, name)}")
+        _require(
+            self.d_model % self.n_heads == 0,
+            f"TransformerConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads}",
+        )
+        _require(
+            self.n_heads % self.n_kv_heads == 0,
+            f"TransformerConfig.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}",
+        )
+        _require(
+            (self.d_model // self.n_heads) % 2 == 0,
+            f"TransformerConfig head_dim = d_model / n_heads = {self.d_model // self.n_heads} must be even (RoPE)",
+        )
+        _require(self.mlp_ratio > 0, f"TransformerConfig.mlp_ratio must be > 0, got {self.mlp_ratio}")
+        _require(
+            self.logit_cap is None or self.logit_cap > 0,
+            f"TransformerConfig.logit_cap must be positive or None, got {self.logit_cap}",
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.d_model * self.mlp_ratio)
+
+    def is_time_layer(self, index: int) -> bool:
+        """Layer `index` (0-based) attends across time: the last layer of every group of `time_every`."""
+        return index % self.time_every == self.time_every - 1
+
+
+def load_config(schema: type[C], yaml_path: str | None = None, overrides: list[str] | None = None) -> C:
+    """Merge a YAML file and `a.b=value` overrides into the dataclass `schema`, then validate by constructing it."""
+    if not is_dataclass(schema):
+        raise TypeError(f"load_config needs a dataclass type, got {schema!r}")
+    merged = OmegaConf.structured(schema)
+    if yaml_path is not None:
+        merged = OmegaConf.merge(merged, OmegaConf.load(yaml_path))
+    if overrides:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    # to_object instantiates the (nested) dataclasses, so each __post_init__ validates its own fields.
+    return OmegaConf.to_object(merged)

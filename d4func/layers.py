@@ -1,0 +1,182 @@
+"""Transformer building blocks: RMSNorm, RoPE, SwiGLU and attention with GQA, QK-norm and logit soft-capping.
+
+Paper Section 3.4: pre-layer RMSNorm, RoPE, SwiGLU, QK-norm and attention-logit soft-capping; grouped-query
+attention (GQA) in the dynamics model so that the time layers' KV cache is small.
+
+The math (RoPE rotation, soft-capping, attention) is written as pure functions; the modules only own weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.RMSNorm):
+    """Root-mean-square layer norm with a learned gain (ones at init)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__(dim, eps=eps, elementwise_affine=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rotary position embedding
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def rope_angles(positions: Tensor, head_dim: int, base: float = 10_000.0) -> tuple[Tensor, Tensor]:
+    """cos and sin of the RoPE angles for integer (or real) `positions` `[L]` -> each `[L, head_dim // 2]`."""
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got head_dim={head_dim}")
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs of channels of `x` `[..., L, head_dim]` by the angles of their position.
+
+    Channels are paired as (first half, second half), so that q·k depends only on the positions' difference.
+    """
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention math
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def softcap(logits: Tensor, cap: float) -> Tensor:
+    """Smoothly bound logits to (-cap, cap): cap · tanh(logits / cap) (Gemma-2 style soft-capping)."""
+    return cap * torch.tanh(logits / cap)
+
+
+def expand_kv_heads(kv: Tensor, n_heads: int) -> Tensor:
+    """Repeat grouped K or V `[B, H_kv, L, Dh]` so each of the `n_heads` query heads has its own copy."""
+    n_kv = kv.shape[-3]
+    if n_heads == n_kv:
+        return kv
+    return repeat(kv, "b g l d -> b (g r) l d", r=n_heads // n_kv)
+
+
+def attention_logits(q: Tensor, k: Tensor, logit_cap: float | None = None) -> Tensor:
+    """Scaled dot-product logits `[B, H, Lq, Lk]`, soft-capped when `logit_cap` is set; K already expanded."""
+    logits = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    if logit_cap is not None:
+        logits = softcap(logits, logit_cap)
+    return logits
+
+
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    logit_cap: float | None = None,
+    is_causal: bool = False,
+) -> Tensor:
+    """Multi-head attention with grouped K/V.
+
+    q `[B, H, Lq, Dh]`, k and v `[B, H_kv, Lk, Dh]` with H_kv dividing H; `mask` is boolean and broadcastable to
+    `[B, H, Lq, Lk]` with True where a query may read a key. `is_causal` aligns the causal mask to the *end* of the
+    keys (query i sits at key position Lk - Lq + i), which is what a KV cache needs.
+
+    Without soft-capping the call goes through `scaled_dot_product_attention` (flash / memory-efficient kernels on
+    GPU); soft-capping needs the logits themselves, so it takes the explicit path.
+    """
+    n_heads, n_kv = q.shape[-3], k.shape[-3]
+    if n_heads % n_kv:
+        raise ValueError(f"n_kv_heads={n_kv} must divide n_heads={n_heads}")
+    q_len, k_len = q.shape[-2], k.shape[-2]
+    if logit_cap is None and mask is None and is_causal and q_len == k_len:
+        # The fused kernels' own causal path; same mask as below.
+        k, v = expand_kv_heads(k, n_heads), expand_kv_heads(v, n_heads)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if is_causal:
+        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(diagonal=k_len - q_len)
+        mask = causal if mask is None else mask & causal
+    k, v = expand_kv_heads(k, n_heads), expand_kv_heads(v, n_heads)
+    if logit_cap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    logits = attention_logits(q, k, logit_cap)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(logits.float(), dim=-1).to(v.dtype)
+    return weights @ v
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Modules (weights only; the math above does the work)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Attention(nn.Module):
+    """Self-attention with GQA, optional QK-norm, RoPE and logit soft-capping.
+
+    `forward(x, positions, mask, is_causal, past_kv)` takes tokens `[B, L, D]` and returns the output and the
+    (k, v) of this call concatenated after `past_kv` — the caller decides whether to keep it as a cache.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int,
+        qk_norm: bool = True,
+        logit_cap: float | None = 50.0,
+        rope_base: float = 10_000.0,
+    ) -> None:
+        super().__init__()
+        if dim % n_heads:
+            raise ValueError(f"d_model={dim} must be divisible by n_heads={n_heads}")
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = dim // n_heads
+        self.logit_cap = logit_cap
+        self.rope_base = rope_base
+        self.q_proj = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.kv_proj = nn.Linear(dim, 2 * n_kv_heads * self.head_dim, bias=False)
+        self.out_proj = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+
+    def forward(
+        self,
+        x: Tensor,
+        positions: Tensor | None = None,
+        mask: Tensor | None = None,
+        is_causal: bool = False,
+        past_kv: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        q = rearrange(self.q_proj(x), "b l (h d) -> b h l d", h=self.n_heads)
+        k, v = rearrange(self.kv_proj(x), "b l (two g d) -> two b g l d", two=2, g=self.n_kv_heads)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if positions is not None:
+            # RoPE is applied before caching, so cached keys carry their absolute position.
+            cos, sin = rope_angles(positions, self.head_dim, self.rope_base)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past_kv is not None:
+            k = torch.cat((past_kv[0], k), dim=-2)
+            v = torch.cat((past_kv[1], v), dim=-2)
+        out = attend(q, k, v, mask=mask, logit_cap=self.logit_cap, is_causal=is_causal)
+        return self.out_proj(rearrange(out, "b h l d -> b l (h d)")), (k, v)

@@ -1,0 +1,67 @@
+"""AdamW as a pure function over parameter TensorDicts (the optimizer state is part of the train state)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torch import Tensor
+
+from d4func.functional import tree_norm, zeros_like_tree
+
+
+@dataclass(frozen=True)
+class AdamWConfig:
+    lr: float = 3e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"AdamWConfig.lr must be > 0, got {self.lr}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"AdamWConfig.{name} must lie in [0, 1), got {getattr(self, name)}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(f"AdamWConfig.max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+
+
+def adamw_init(params: TensorDictBase) -> TensorDict:
+    """First and second moments, zero, shaped like `params`."""
+    return TensorDict({"m": zeros_like_tree(params), "v": zeros_like_tree(params)})
+
+
+def clip_by_global_norm(grads: TensorDictBase, max_norm: float | None) -> tuple[TensorDictBase, Tensor]:
+    norm = tree_norm(grads)
+    if max_norm is None:
+        return grads, norm
+    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    return grads.apply(lambda g: g * scale.to(g.dtype)), norm
+
+
+def adamw_update(
+    params: TensorDictBase,
+    grads: TensorDictBase,
+    opt: TensorDictBase,
+    step: Tensor | int,
+    cfg: AdamWConfig,
+) -> tuple[TensorDictBase, TensorDictBase, dict[str, Tensor]]:
+    """One AdamW step. `step` counts updates already taken (0 for the first). Returns new params, new moments and
+    metrics (`grad_norm` before clipping)."""
+    grads, grad_norm = clip_by_global_norm(grads, cfg.max_grad_norm)
+    t = torch.as_tensor(step, dtype=torch.float32) + 1.0
+    m = opt["m"].apply(lambda m_, g: torch.lerp(m_, g, 1.0 - cfg.beta1), grads)
+    v = opt["v"].apply(lambda v_, g: torch.lerp(v_, g * g, 1.0 - cfg.beta2), grads)
+    bias1 = 1.0 - cfg.beta1**t
+    bias2 = 1.0 - cfg.beta2**t
+
+    def update(p: Tensor, m_: Tensor, v_: Tensor) -> Tensor:
+        direction = (m_ / bias1) / ((v_ / bias2).sqrt() + cfg.eps)
+        return p * (1.0 - cfg.lr * cfg.weight_decay) - cfg.lr * direction
+
+    new_params = params.apply(update, m, v)
+    return new_params, TensorDict({"m": m, "v": v}), {"grad_norm": grad_norm}
