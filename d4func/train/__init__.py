@@ -1,0 +1,1 @@
+"""Training: train state, steps per phase, online and offline loops."""

@@ -1,0 +1,34 @@
+"""Applying gradients to the train state: AdamW on params, EMA, step counter — one pure function."""
+
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+
+from d4func.functional import ema_update, make_train_state
+from d4func.optim import AdamWConfig, adamw_init, adamw_update
+
+
+def new_train_state(params: TensorDictBase, with_ema: bool = True) -> TensorDict:
+    """Train state for `params` with zero AdamW moments, EMA = params and step 0."""
+    return make_train_state(params, adamw_init(params), with_ema=with_ema)
+
+
+def apply_gradients(
+    state: TensorDictBase,
+    grads: TensorDictBase,
+    cfg: AdamWConfig,
+    ema_decay: float | None = None,
+) -> tuple[TensorDict, dict[str, torch.Tensor]]:
+    """Returns the next train state (params, AdamW moments, EMA, step + 1) and `grad_norm`; `state` is unchanged.
+
+    Any extra entries of `state` (e.g. running loss statistics) are carried over untouched.
+    """
+    params, opt, metrics = adamw_update(state["params"], grads, state["opt"], state["step"], cfg)
+    new_state = state.copy()  # shallow: untouched entries are shared, updated ones replaced
+    new_state["params"] = params
+    new_state["opt"] = opt
+    new_state["step"] = state["step"] + 1
+    if "ema" in state.keys() and ema_decay is not None:
+        new_state["ema"] = ema_update(state["ema"], params, ema_decay)
+    return new_state, metrics
