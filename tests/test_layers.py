@@ -1,0 +1,140 @@
+"""Attention building blocks: GQA, RoPE, soft-capping, the SDPA and explicit paths."""
+
+import math
+
+import pytest
+import torch
+from einops import rearrange
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from d4func.layers import Attention, apply_rope, attend, attention_logits, rope_angles, softcap
+
+
+def reference_attention(q, k, v, mask=None):
+    """One head at a time, query head h reading K/V group h // (H / H_kv): written without expand_kv_heads."""
+    n_heads, n_kv = q.shape[1], k.shape[1]
+    outs = []
+    for h in range(n_heads):
+        g = h // (n_heads // n_kv)
+        logits = q[:, h] @ k[:, g].transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        outs.append(torch.softmax(logits, -1) @ v[:, g])
+    return torch.stack(outs, dim=1)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    groups=st.sampled_from([(4, 1), (4, 2), (4, 4), (6, 3), (8, 2)]),
+    q_len=st.integers(1, 7),
+    extra_keys=st.integers(0, 5),
+    causal=st.booleans(),
+    cap=st.sampled_from([None, 1e6]),
+    seed=st.integers(0, 2**16),
+)
+def test_grouped_attention_equals_per_head_reference(groups, q_len, extra_keys, causal, cap, seed):
+    n_heads, n_kv = groups
+    gen = torch.Generator().manual_seed(seed)
+    k_len = q_len + extra_keys
+    q = torch.randn(2, n_heads, q_len, 8, generator=gen)
+    k = torch.randn(2, n_kv, k_len, 8, generator=gen)
+    v = torch.randn(2, n_kv, k_len, 8, generator=gen)
+    mask = None
+    if causal:
+        mask = torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len)
+    # cap=1e6 takes the explicit soft-capped path, numerically the same as no cap.
+    out = attend(q, k, v, is_causal=causal, logit_cap=cap)
+    torch.testing.assert_close(out, reference_attention(q, k, v, mask), atol=1e-5, rtol=1e-4)
+
+
+def test_gqa_with_one_kv_head_per_query_head_equals_torch_multihead_attention():
+    torch.manual_seed(0)
+    dim, heads = 32, 4
+    ours = Attention(dim, heads, heads, qk_norm=False, logit_cap=None)
+    theirs = nn.MultiheadAttention(dim, heads, bias=False, batch_first=True)
+    with torch.no_grad():
+        wq, wk, wv = theirs.in_proj_weight.chunk(3, dim=0)
+        ours.q_proj.weight.copy_(wq)
+        ours.kv_proj.weight.copy_(torch.cat([wk, wv], dim=0))
+        ours.out_proj.weight.copy_(theirs.out_proj.weight)
+    x = torch.randn(3, 5, dim)
+    mask = torch.rand(5, 5) > 0.3
+    mask |= torch.eye(5, dtype=torch.bool)
+    expected, _ = theirs(x, x, x, attn_mask=~mask, need_weights=False)  # torch: True = masked out
+    got, _ = ours(x, mask=mask)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_kv_heads_must_divide_heads():
+    with pytest.raises(ValueError, match="n_kv_heads=3"):
+        Attention(24, 4, 3)
+    with pytest.raises(ValueError, match="n_kv_heads=3"):
+        attend(torch.randn(1, 4, 2, 8), torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    pos_q=st.integers(0, 500),
+    pos_k=st.integers(0, 500),
+    shift=st.integers(-200, 2000),
+    seed=st.integers(0, 2**16),
+)
+def test_rope_dot_product_depends_only_on_relative_offset(pos_q, pos_k, shift, seed):
+    if min(pos_q, pos_k) + shift < 0:
+        shift = -min(pos_q, pos_k)
+    gen = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(2, 1, 16, generator=gen, dtype=torch.float64).unbind(0)
+
+    def score(pq, pk):
+        cq, sq = rope_angles(torch.tensor([pq]), 16)
+        ck, sk = rope_angles(torch.tensor([pk]), 16)
+        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
+
+    torch.testing.assert_close(score(pos_q, pos_k), score(pos_q + shift, pos_k + shift), atol=1e-4, rtol=1e-4)
+
+
+def test_rope_rotates_and_preserves_norm():
+    x = torch.randn(5, 16)
+    cos, sin = rope_angles(torch.arange(5), 16)
+    rotated = apply_rope(x, cos, sin)
+    torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1))
+    torch.testing.assert_close(rotated[0], x[0])  # position 0: identity
+    assert not torch.allclose(rotated[1:], x[1:])
+
+
+@settings(max_examples=30, deadline=None)
+@given(cap=st.floats(0.5, 100.0), scale=st.floats(0.1, 1e4), seed=st.integers(0, 2**16))
+def test_soft_capped_logits_stay_inside_the_cap(cap, scale, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 2, 4, 8, generator=gen) * scale
+    k = torch.randn(1, 2, 6, 8, generator=gen) * scale
+    logits = attention_logits(q, k, logit_cap=cap)
+    assert logits.abs().max() <= cap
+    # Small logits pass almost unchanged: the cap only bends the tails.
+    small = torch.linspace(-0.01 * cap, 0.01 * cap, 11)
+    torch.testing.assert_close(softcap(small, cap), small, atol=1e-4 * cap, rtol=1e-3)
+
+
+def test_fully_masked_keys_get_no_weight():
+    q = torch.randn(1, 2, 3, 8)
+    k = torch.randn(1, 2, 4, 8)
+    v = torch.randn(1, 2, 4, 8)
+    mask = torch.tensor([True, True, False, False]).expand(3, 4)
+    changed_v = v.clone()
+    changed_v[..., 2:, :] += 100.0
+    for cap in (None, 30.0):
+        torch.testing.assert_close(attend(q, k, v, mask, cap), attend(q, k, changed_v, mask, cap))
+
+
+def test_attention_returns_cache_that_reproduces_full_pass():
+    torch.manual_seed(1)
+    attn = Attention(32, 4, 2, logit_cap=20.0)
+    x = torch.randn(2, 6, 32)
+    full, _ = attn(x, torch.arange(6), is_causal=True)
+    first, kv = attn(x[:, :4], torch.arange(4), is_causal=True)
+    second, kv = attn(x[:, 4:], torch.arange(4, 6), is_causal=True, past_kv=kv)
+    torch.testing.assert_close(torch.cat([first, second], 1), full, atol=1e-5, rtol=1e-4)
+    assert kv[0].shape == (2, 2, 6, 8)
+    assert rearrange(kv[0], "b g t d -> b t (g d)").shape == (2, 6, 16)

@@ -1,0 +1,141 @@
+"""Block-causal transformer: causality, modality masks, KV cache."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from d4func.config import TransformerConfig
+from d4func.functional import apply, init, template
+from d4func.transformer import BlockCausalTransformer, TokenLayout
+
+LAYOUTS = {
+    "encoder": TokenLayout.of(patches=5, latents=3),
+    "decoder": TokenLayout.of(latents=3, queries=5),
+    "world_model": TokenLayout.of(action=1, signal=1, latents=3, registers=2, agent=2),
+    "full": TokenLayout.of(tokens=4),
+}
+
+
+def make_model(n_layers=4, time_every=2, n_heads=4, n_kv_heads=2, logit_cap=50.0, seed=0):
+    cfg = TransformerConfig(
+        d_model=32, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, time_every=time_every,
+        logit_cap=logit_cap,
+    )
+    model = template(BlockCausalTransformer, cfg)
+    return model, init(model, seed)
+
+
+configs = st.fixed_dictionaries(
+    {
+        "n_layers": st.integers(2, 5),
+        "time_every": st.integers(1, 3),
+        "n_kv_heads": st.sampled_from([1, 2, 4]),
+        "logit_cap": st.sampled_from([None, 30.0]),
+        "seed": st.integers(0, 1000),
+    }
+)
+
+
+@settings(max_examples=15, deadline=None)
+@given(cfg=configs, mode=st.sampled_from(sorted(LAYOUTS)), steps=st.integers(2, 6), data=st.data())
+def test_future_timesteps_never_change_past_outputs(cfg, mode, steps, data):
+    model, params = make_model(**cfg)
+    layout = LAYOUTS[mode]
+    t = data.draw(st.integers(0, steps - 2), label="t")
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    x = torch.randn(2, steps, layout.n_tokens, 32, generator=gen)
+    changed = x.clone()
+    changed[:, t + 1 :] = torch.randn(changed[:, t + 1 :].shape, generator=gen) * 3
+    mask = layout.space_mask(mode)
+    y, _ = apply(model, params, x, mask)
+    y_changed, _ = apply(model, params, changed, mask)
+    torch.testing.assert_close(y[:, : t + 1], y_changed[:, : t + 1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(y[:, t + 1 :], y_changed[:, t + 1 :])
+
+
+@pytest.mark.parametrize(
+    ("mode", "hidden", "protected"),
+    [
+        ("world_model", "agent", ["action", "signal", "latents", "registers"]),
+        ("encoder", "latents", ["patches"]),
+        ("decoder", "queries", ["latents"]),
+    ],
+)
+@settings(max_examples=8, deadline=None)
+@given(cfg=configs)
+def test_modality_isolation(cfg, mode, hidden, protected):
+    """Tokens of `hidden` (agent tokens, encoder latents, decoder queries) never reach the `protected` modalities,
+    at any timestep, through space or time layers."""
+    model, params = make_model(**cfg)
+    layout = LAYOUTS[mode]
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    x = torch.randn(2, 4, layout.n_tokens, 32, generator=gen)
+    changed = x.clone()
+    changed[:, :, layout.slice(hidden)] += torch.randn(changed[:, :, layout.slice(hidden)].shape, generator=gen)
+    mask = layout.space_mask(mode)
+    y, _ = apply(model, params, x, mask)
+    y_changed, _ = apply(model, params, changed, mask)
+    for name in protected:
+        part = layout.slice(name)
+        torch.testing.assert_close(y[:, :, part], y_changed[:, :, part], atol=1e-5, rtol=1e-5)
+    # ...while the hidden tokens themselves, and the readers, do respond.
+    assert not torch.allclose(y[:, :, layout.slice(hidden)], y_changed[:, :, layout.slice(hidden)])
+
+
+def test_agent_tokens_read_every_modality():
+    model, params = make_model()
+    layout = LAYOUTS["world_model"]
+    x = torch.randn(1, 2, layout.n_tokens, 32)
+    mask = layout.space_mask("world_model")
+    y, _ = apply(model, params, x, mask)
+    for name in ("action", "signal", "latents", "registers"):
+        changed = x.clone()
+        changed[:, :, layout.slice(name)] += 1.0
+        y_changed, _ = apply(model, params, changed, mask)
+        assert not torch.allclose(y[:, :, layout.slice("agent")], y_changed[:, :, layout.slice("agent")])
+
+
+def test_space_masks_by_hand():
+    layout = TokenLayout.of(a=1, agent=2)
+    expected = torch.tensor([[1, 0, 0], [1, 1, 1], [1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(layout.space_mask("world_model"), expected)
+    enc = TokenLayout.of(patches=2, latents=1).space_mask("encoder")
+    assert torch.equal(enc, torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.bool))
+    dec = TokenLayout.of(latents=1, queries=2).space_mask("decoder")
+    assert torch.equal(dec, torch.tensor([[1, 0, 0], [1, 1, 1], [1, 1, 1]], dtype=torch.bool))
+    with pytest.raises(ValueError, match="'sideways'"):
+        layout.space_mask("sideways")
+    with pytest.raises(ValueError, match="unique"):
+        TokenLayout((("a", 1), ("a", 2)))
+
+
+@settings(max_examples=10, deadline=None)
+@given(cfg=configs, steps=st.integers(1, 7), data=st.data())
+def test_cached_step_by_step_equals_full_pass(cfg, steps, data):
+    model, params = make_model(**cfg)
+    layout = LAYOUTS["world_model"]
+    mask = layout.space_mask("world_model")
+    x = torch.randn(3, steps, layout.n_tokens, 32, generator=torch.Generator().manual_seed(cfg["seed"]))
+    full, none_cache = apply(model, params, x, mask)
+    assert none_cache is None
+    # Feed the sequence in random-sized chunks (1 = frame by frame).
+    cache, outputs, start = model.empty_cache(3), [], 0
+    while start < steps:
+        size = data.draw(st.integers(1, steps - start), label="chunk")
+        out, cache = apply(model, params, x[:, start : start + size], mask, cache)
+        outputs.append(out)
+        start += size
+    torch.testing.assert_close(torch.cat(outputs, 1), full, atol=1e-5, rtol=1e-4)
+    assert int(cache["next_pos"][0]) == steps
+    for index in model.time_layers:
+        assert cache[f"layer_{index}", "k"].shape == (3, layout.n_tokens, cfg["n_kv_heads"], steps, 8)
+
+
+def test_time_layer_placement_and_bad_inputs():
+    model, params = make_model(n_layers=8, time_every=4)
+    assert model.time_layers == [3, 7]
+    with pytest.raises(ValueError, match="shape"):
+        apply(model, params, torch.randn(2, 3, 32))
+    with pytest.raises(ValueError, match="space_mask shape"):
+        apply(model, params, torch.randn(1, 2, 4, 32), torch.ones(3, 3, dtype=torch.bool))
