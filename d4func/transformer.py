@@ -94,6 +94,20 @@ def _space_mask(layout: TokenLayout, mode: str) -> Tensor:
     return query_special | ~key_special
 
 
+def empty_cache(batch: int, device: torch.device | str | None = None) -> TensorDict:
+    """A KV cache holding no timesteps yet: only the next time position, 0."""
+    return TensorDict({"next_pos": torch.zeros(batch, dtype=torch.long)}, batch_size=[batch], device=device)
+
+
+def drop_last_steps(cache: TensorDict, n: int) -> TensorDict:
+    """The cache without its last `n` timesteps (e.g. a frame that was only being denoised, not committed)."""
+    if n == 0:
+        return cache
+    kept = cache.exclude("next_pos").apply(lambda kv: kv[..., :-n, :])
+    kept["next_pos"] = cache["next_pos"] - n
+    return kept
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -139,8 +153,7 @@ class BlockCausalTransformer(nn.Module):
         return [i for i in range(self.cfg.n_layers) if self.cfg.is_time_layer(i)]
 
     def empty_cache(self, batch: int, device: torch.device | str | None = None) -> TensorDict:
-        cache = TensorDict({"next_pos": torch.zeros(batch, dtype=torch.long)}, batch_size=[batch], device=device)
-        return cache
+        return empty_cache(batch, device)
 
     def forward(
         self,

@@ -32,3 +32,14 @@ def apply_gradients(
     if "ema" in state.keys() and ema_decay is not None:
         new_state["ema"] = ema_update(state["ema"], params, ema_decay)
     return new_state, metrics
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when a loss term or the gradient norm is NaN or inf; names the terms and the step."""
+
+
+def check_finite(metrics: dict[str, torch.Tensor], step: int | torch.Tensor) -> None:
+    """Stop training on a NaN / inf metric, naming every bad term and the step (call before applying grads)."""
+    bad = [name for name, value in metrics.items() if not bool(torch.isfinite(torch.as_tensor(value)).all())]
+    if bad:
+        raise NonFiniteLossError(f"non-finite {', '.join(bad)} at step {int(step)}")

@@ -1,0 +1,218 @@
+"""Dynamics model: the world model's transformer over interleaved per-timestep tokens (paper Section 3.2).
+
+Tokens of one timestep, in order (a `TokenLayout`):
+
+    action (1) | signal (1) | latents (S / pack) | registers (R) | agent (A, optional)
+
+* action: the action that led *into* this frame (`actions[:, t]` is applied between frames t-1 and t), a linear
+  embedding of a continuous vector or an embedding of a discrete index; a learned "no action" embedding stands in
+  where there is none (action-free video, the first frame of an episode).
+* signal: the signal level tau and step size d as one token, the concatenation of two discrete embeddings
+  (tau on the grid of d_min = 1 / k_max, d as log2(1/d)).
+* latents: the tokenizer's latents `[S, Dz]` packed into S / pack wider tokens of pack * Dz floats (the paper packs
+  512 x 16 into 256 x 32), projected to the model width; the output head maps them back and unpacks, predicting
+  clean latents (x-prediction).
+* registers: learned tokens that give the space layers scratch room.
+* agent: learned agent tokens plus a task embedding; they read every modality and nothing reads them
+  (`world_model` space mode, paper Section 3.3). Their outputs feed the policy / reward / value heads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+from d4func.config import TransformerConfig
+from d4func.transformer import BlockCausalTransformer, TokenLayout
+
+
+@dataclass(frozen=True)
+class DynamicsConfig:
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    latent_tokens: int = 16  # S: tokenizer latents per frame (all cameras together)
+    latent_dim: int = 16  # Dz
+    pack: int = 2  # latents per dynamics token
+    n_registers: int = 4
+    n_agent_tokens: int = 0  # 0: pure world model; > 0 adds agent tokens (agent finetuning)
+    n_tasks: int = 1
+    action_dim: int = 0  # continuous action size; 0 when actions are discrete
+    n_actions: int = 0  # discrete action count; 0 when actions are continuous
+    k_max: int = 64  # finest step size d_min = 1 / k_max (power of two)
+    sampling_steps: int = 4  # K at inference (paper: 4)
+    context_noise: float = 0.1  # tau_ctx: past frames are re-noised by this amount, i.e. to signal 1 - 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("latent_tokens", "latent_dim", "pack", "k_max", "sampling_steps", "n_tasks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DynamicsConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("n_registers", "n_agent_tokens", "action_dim", "n_actions"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"DynamicsConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.latent_tokens % self.pack:
+            raise ValueError(
+                f"DynamicsConfig.pack={self.pack} must divide latent_tokens={self.latent_tokens}"
+            )
+        if (self.action_dim > 0) == (self.n_actions > 0):
+            raise ValueError(
+                "DynamicsConfig needs exactly one of action_dim (continuous) or n_actions (discrete) > 0, got "
+                f"action_dim={self.action_dim}, n_actions={self.n_actions}"
+            )
+        if self.k_max & (self.k_max - 1):
+            raise ValueError(f"DynamicsConfig.k_max must be a power of two, got {self.k_max}")
+        for name in ("sampling_steps",):
+            k = getattr(self, name)
+            if k & (k - 1) or k > self.k_max:
+                raise ValueError(f"DynamicsConfig.{name} must be a power of two <= k_max={self.k_max}, got {k}")
+        if not 0.0 <= self.context_noise < 1.0:
+            raise ValueError(f"DynamicsConfig.context_noise must lie in [0, 1), got {self.context_noise}")
+
+    @property
+    def d_min(self) -> float:
+        return 1.0 / self.k_max
+
+    @property
+    def n_step_sizes(self) -> int:
+        return int(math.log2(self.k_max)) + 1
+
+    @property
+    def context_signal(self) -> float:
+        """Signal level of re-noised context frames, snapped to the tau grid of the signal embedding."""
+        return 1.0 - round(self.context_noise * self.k_max) / self.k_max
+
+    @property
+    def discrete(self) -> bool:
+        return self.n_actions > 0
+
+    def layout(self) -> TokenLayout:
+        counts = {"action": 1, "signal": 1, "latents": self.latent_tokens // self.pack}
+        if self.n_registers:
+            counts["registers"] = self.n_registers
+        if self.n_agent_tokens:
+            counts["agent"] = self.n_agent_tokens
+        return TokenLayout.of(**counts)
+
+
+def actions_into_frames(actions: Tensor) -> tuple[Tensor, Tensor]:
+    """TorchRL's convention (`actions[:, t]` taken after frame t) to the dynamics model's (`actions[:, t]` leads into
+    frame t): shift right by one step; the first frame has no known action (mask False)."""
+    shifted = torch.cat([torch.zeros_like(actions[:, :1]), actions[:, :-1]], dim=1)
+    mask = torch.ones(actions.shape[:2], dtype=torch.bool, device=actions.device)
+    mask[:, 0] = False
+    return shifted, mask
+
+
+class LearnedTokens(nn.Module):
+    """A table of `count` learned vectors, initialised like token embeddings (normal, std 0.02)."""
+
+    def __init__(self, count: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(count, dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self) -> Tensor:
+        return self.weight
+
+
+class Dynamics(nn.Module):
+    """`forward(z_noisy, tau, d, actions, cache=None, tasks=None) -> (z_clean_pred, agent_out, new_cache)`.
+
+    z_noisy `[B, T, S, Dz]`; tau, d `[B, T]` on the grid (see `objectives.py`); actions `[B, T, A]` float or `[B, T]`
+    long, or None for action-free video; `action_mask` `[B, T]` bool marks steps whose action is known (False uses
+    the "no action" embedding). Returns predicted clean latents `[B, T, S, Dz]`, agent-token outputs `[B, T, A, D]`
+    (None without agent tokens) and the updated KV cache (None when no cache was given).
+    """
+
+    def __init__(self, cfg: DynamicsConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        width = cfg.transformer.d_model
+        if cfg.discrete:
+            self.action_embed = nn.Embedding(cfg.n_actions, width)
+        else:
+            self.action_embed = nn.Linear(cfg.action_dim, width)
+        self.no_action = LearnedTokens(1, width)
+        half = width // 2
+        self.tau_embed = nn.Embedding(cfg.k_max + 1, half)
+        self.step_embed = nn.Embedding(cfg.n_step_sizes, width - half)
+        self.latent_in = nn.Linear(cfg.pack * cfg.latent_dim, width)
+        self.latent_out = nn.Linear(width, cfg.pack * cfg.latent_dim)
+        self.registers = LearnedTokens(cfg.n_registers, width) if cfg.n_registers else None
+        if cfg.n_agent_tokens:
+            self.agent_tokens = LearnedTokens(cfg.n_agent_tokens, width)
+            self.task_embed = nn.Embedding(cfg.n_tasks, width)
+        self.transformer = BlockCausalTransformer(cfg.transformer)
+
+    def signal_indices(self, tau: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+        tau_index = torch.round(tau * self.cfg.k_max).long()
+        step_index = torch.round(torch.log2(1.0 / d)).long()
+        if torch._C._functorch.is_functorch_wrapped_tensor(tau_index):
+            return tau_index, step_index  # under vmap: value checks would be data-dependent control flow
+        if tau_index.min() < 0 or tau_index.max() > self.cfg.k_max:
+            raise ValueError(f"tau must lie in [0, 1], got range [{tau.min().item()}, {tau.max().item()}]")
+        if step_index.min() < 0 or step_index.max() >= self.cfg.n_step_sizes:
+            raise ValueError(f"d must be a power of two in [1/{self.cfg.k_max}, 1], got range "
+                             f"[{d.min().item()}, {d.max().item()}]")
+        return tau_index, step_index
+
+    def embed_actions(self, actions: Tensor | None, action_mask: Tensor | None, batch: int, steps: int) -> Tensor:
+        none = repeat(self.no_action(), "one d -> b t one d", b=batch, t=steps)
+        if actions is None:
+            return none
+        if self.cfg.discrete:
+            if actions.dtype not in (torch.int32, torch.int64) or actions.shape != (batch, steps):
+                raise ValueError(f"discrete actions must be integer [B, T] = [{batch}, {steps}], got "
+                                 f"{actions.dtype} {tuple(actions.shape)}")
+            if torch._C._functorch.is_functorch_wrapped_tensor(actions):
+                pass  # under vmap: the range check would be data-dependent control flow
+            elif actions.min() < 0 or actions.max() >= self.cfg.n_actions:
+                raise ValueError(f"discrete actions must lie in [0, {self.cfg.n_actions}), got range "
+                                 f"[{actions.min().item()}, {actions.max().item()}]")
+        elif actions.shape != (batch, steps, self.cfg.action_dim):
+            raise ValueError(f"continuous actions must be [B, T, A] = [{batch}, {steps}, {self.cfg.action_dim}], "
+                             f"got {tuple(actions.shape)}")
+        embedded = rearrange(self.action_embed(actions), "b t d -> b t 1 d")
+        if action_mask is None:
+            return embedded
+        return torch.where(rearrange(action_mask, "b t -> b t 1 1"), embedded, none)
+
+    def forward(
+        self,
+        z_noisy: Tensor,
+        tau: Tensor,
+        d: Tensor,
+        actions: Tensor | None = None,
+        action_mask: Tensor | None = None,
+        cache=None,
+        tasks: Tensor | None = None,
+    ):
+        cfg = self.cfg
+        if z_noisy.ndim != 4 or z_noisy.shape[-2:] != (cfg.latent_tokens, cfg.latent_dim):
+            raise ValueError(f"latents must be [B, T, S={cfg.latent_tokens}, Dz={cfg.latent_dim}], got "
+                             f"{tuple(z_noisy.shape)}")
+        batch, steps = z_noisy.shape[:2]
+        tau_index, step_index = self.signal_indices(tau, d)
+        signal = torch.cat([self.tau_embed(tau_index), self.step_embed(step_index)], dim=-1)
+        parts = [
+            self.embed_actions(actions, action_mask, batch, steps),
+            rearrange(signal, "b t d -> b t 1 d"),
+            self.latent_in(rearrange(z_noisy, "b t (s p) z -> b t s (p z)", p=cfg.pack)),
+        ]
+        if self.registers is not None:
+            parts.append(repeat(self.registers(), "r d -> b t r d", b=batch, t=steps))
+        if cfg.n_agent_tokens:
+            task_ids = torch.zeros(batch, dtype=torch.long, device=z_noisy.device) if tasks is None else tasks
+            agent = self.agent_tokens()[None, None] + rearrange(self.task_embed(task_ids), "b d -> b 1 1 d")
+            parts.append(agent.expand(batch, steps, -1, -1))
+        tokens = torch.cat(parts, dim=2)
+        layout = cfg.layout()
+        out, new_cache = self.transformer(tokens, layout.space_mask("world_model", tokens.device), cache)
+        z_pred = rearrange(self.latent_out(out[:, :, layout.slice("latents")]), "b t s (p z) -> b t (s p) z",
+                           p=cfg.pack)
+        agent_out = out[:, :, layout.slice("agent")] if cfg.n_agent_tokens else None
+        return z_pred, agent_out, new_cache

@@ -1,0 +1,152 @@
+"""Shortcut forcing (paper Section 3.2, Eq. 7): pure functions of tensors, randomness from an explicit generator.
+
+Conventions: tau is the *signal level*, z_tau = (1 - tau) * noise + tau * z_1, so tau = 0 is pure noise and tau = 1
+the clean latents z_1. Step sizes d are powers of two from 1 down to d_min = 1 / k_max, and tau lies on the grid
+of its own d: tau in {0, d, 2d, ..., 1 - d}. Every frame of a sequence draws its own (d, tau) (diffusion forcing),
+so one sequence mixes nearly clean and very noisy frames.
+
+The network predicts clean latents (x-prediction); its velocity is implied: v = (x_hat - z_tau) / (1 - tau).
+
+* Flow term, frames with d = d_min:        w(tau) * ||x_hat - z_1||^2
+* Bootstrap term, frames with d > d_min:   w(tau) * (1 - tau)^2 * ||v_hat - sg((b' + b'') / 2)||^2
+  where b', b'' are the velocities of two consecutive half steps of size d / 2 taken by the same network
+  (without gradient). Because v_hat - v_target = (x_hat - x_target) / (1 - tau) with
+  x_target = z_tau + (1 - tau) * v_target, the bootstrap term equals w(tau) * ||x_hat - x_target||^2: both terms
+  are computed in x-space, which is also what the (1 - tau)^2 factor of the paper is for.
+* Ramp weight w(tau) = 0.9 tau + 0.1 puts more weight on the frames that carry more signal.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]  # (z_tau [B,T,S,Dz], tau [B,T], d [B,T]) -> x_hat
+
+
+def _per_frame(x: Tensor) -> Tensor:
+    """Broadcast a per-frame `[B, T]` quantity over latents `[B, T, S, Dz]`."""
+    return rearrange(x, "... -> ... 1 1")
+
+
+def sample_step_sizes(shape: tuple[int, ...], k_max: int, generator: torch.Generator | None = None,
+                      device: torch.device | str | None = None) -> Tensor:
+    """d = 1 / k with k uniform over {1, 2, 4, ..., k_max}, one per element of `shape`."""
+    if k_max < 1 or k_max & (k_max - 1):
+        raise ValueError(f"k_max must be a power of two >= 1, got {k_max}")
+    exponent = torch.randint(0, int(math.log2(k_max)) + 1, shape, generator=generator, device=device)
+    return 1.0 / (2.0 ** exponent.float())
+
+
+def sample_signal_levels(d: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """tau uniform on the grid of each d: {0, d, ..., 1 - d}."""
+    n_levels = torch.round(1.0 / d)
+    index = torch.floor(torch.rand(d.shape, generator=generator, device=d.device) * n_levels)
+    return index * d
+
+
+def ramp_weight(tau: Tensor) -> Tensor:
+    """w(tau) = 0.9 tau + 0.1 (paper Eq. 8): noisier frames, whose targets are less predictable, weigh less."""
+    return 0.9 * tau + 0.1
+
+
+def add_noise(z_clean: Tensor, tau: Tensor, noise: Tensor) -> Tensor:
+    """z_tau = (1 - tau) * noise + tau * z_clean with a per-frame tau `[B, T]`."""
+    tau = _per_frame(tau)
+    return (1.0 - tau) * noise + tau * z_clean
+
+
+def velocity_from_x(x_hat: Tensor, z_tau: Tensor, tau: Tensor) -> Tensor:
+    """The velocity implied by an x-prediction: v = (x_hat - z_tau) / (1 - tau)."""
+    return (x_hat - z_tau) / (1.0 - _per_frame(tau))
+
+
+def x_from_velocity(v: Tensor, z_tau: Tensor, tau: Tensor) -> Tensor:
+    """The clean latents reached by following velocity v from z_tau to tau = 1."""
+    return z_tau + (1.0 - _per_frame(tau)) * v
+
+
+def bootstrap_velocity(denoise: Denoiser, z_tau: Tensor, tau: Tensor, d: Tensor, bootstrap: Tensor) -> Tensor:
+    """sg((b' + b'') / 2): the mean velocity of two half steps of size d / 2, for the frames marked `bootstrap`.
+
+    Other frames (the flow frames, d = d_min, which have no half step on the grid) keep their (z_tau, tau, d) in both
+    calls, so they act as unchanged context; their returned velocity is that of a plain step and is not used. All
+    frames of a sequence step together, so a frame's second half step sees its context after the context's own first
+    half step — the same joint update that the sampler makes. Computed without gradient (the target is stopped).
+    """
+    with torch.no_grad():
+        half = torch.where(bootstrap, d / 2, d)
+        b_first = velocity_from_x(denoise(z_tau, tau, half), z_tau, tau)
+        z_mid = torch.where(_per_frame(bootstrap), z_tau + _per_frame(half) * b_first, z_tau)
+        tau_mid = torch.where(bootstrap, tau + half, tau)
+        b_second = velocity_from_x(denoise(z_mid, tau_mid, half), z_mid, tau_mid)
+        return (b_first + b_second) / 2
+
+
+def bootstrap_velocity_vmapped(
+    denoise: Callable[..., Tensor], z_tau: Tensor, tau: Tensor, d: Tensor, bootstrap: Tensor, *conditioning: Tensor
+) -> Tensor:
+    """Same targets as `bootstrap_velocity`, written per sequence and batched with `torch.func.vmap`.
+
+    `denoise(z, tau, d, *conditioning)` sees one sequence at a time as a batch of one (the conditioning — actions,
+    their mask — is split along the batch with it). `benchmarks/dynamics.py` compares this with the batch-folded
+    form above (one call over the whole batch), which is what the loss uses.
+    """
+
+    def one_sequence(z: Tensor, t: Tensor, step: Tensor, boot: Tensor, *cond: Tensor) -> Tensor:
+        def single(zz: Tensor, tt: Tensor, dd: Tensor) -> Tensor:
+            return denoise(zz[None], tt[None], dd[None], *(c[None] for c in cond))[0]
+
+        return bootstrap_velocity(single, z, t, step, boot)
+
+    return torch.func.vmap(one_sequence)(z_tau, tau, d, bootstrap, *conditioning)
+
+
+def shortcut_targets(
+    denoise: Denoiser, z_clean: Tensor, z_tau: Tensor, tau: Tensor, d: Tensor, d_min: float
+) -> tuple[Tensor, Tensor]:
+    """x-space regression targets and the flow mask: z_clean for flow frames (d = d_min), the bootstrapped
+    x_target = z_tau + (1 - tau) * sg((b' + b'') / 2) for the others."""
+    is_flow = d <= d_min * (1 + 1e-6)
+    target = z_clean
+    if not bool(is_flow.all()):
+        v_target = bootstrap_velocity(denoise, z_tau, tau, d, ~is_flow)
+        target = torch.where(_per_frame(is_flow), z_clean, x_from_velocity(v_target, z_tau, tau))
+    return target, is_flow
+
+
+def shortcut_forcing_loss(
+    denoise: Denoiser,
+    denoise_target: Denoiser,
+    z_clean: Tensor,
+    k_max: int,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """Shortcut forcing loss on clean latents `[B, T, S, Dz]`.
+
+    `denoise` is the network with gradient; `denoise_target` the same network for the (stopped) half steps — pass
+    the same callable, or one over detached or EMA params. Returns `(loss, metrics, x_hat)`.
+    """
+    batch, steps = z_clean.shape[:2]
+    d = sample_step_sizes((batch, steps), k_max, generator, z_clean.device)
+    tau = sample_signal_levels(d, generator)
+    noise = torch.randn(z_clean.shape, generator=generator, device=z_clean.device, dtype=z_clean.dtype)
+    z_tau = add_noise(z_clean, tau, noise)
+    x_hat = denoise(z_tau, tau, d)
+    target, is_flow = shortcut_targets(denoise_target, z_clean, z_tau, tau, d, 1.0 / k_max)
+    per_frame = (x_hat - target).square().mean(dim=(-2, -1))
+    weighted = ramp_weight(tau) * per_frame
+    loss = weighted.mean()
+    flow_frames, boot_frames = is_flow.sum().clamp(min=1), (~is_flow).sum().clamp(min=1)
+    metrics = {
+        "loss": loss.detach(),
+        "flow_mse": (per_frame * is_flow).sum().detach() / flow_frames,
+        "bootstrap_mse": (per_frame * ~is_flow).sum().detach() / boot_frames,
+        "flow_fraction": is_flow.float().mean(),
+        "clean_mse": (x_hat - z_clean).square().mean().detach(),
+    }
+    return loss, metrics, x_hat

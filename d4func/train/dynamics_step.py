@@ -1,0 +1,65 @@
+"""The world-model training step: shortcut forcing on tokenizer latents (paper Section 3.2)."""
+
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDictBase
+from torch import Tensor
+
+from d4func.dynamics import Dynamics
+from d4func.functional import apply, grad_and_value
+from d4func.objectives import Denoiser, shortcut_forcing_loss
+from d4func.optim import AdamWConfig
+from d4func.train.state import apply_gradients, check_finite
+
+
+def denoiser(
+    model: Dynamics,
+    params: TensorDictBase,
+    actions: Tensor | None,
+    action_mask: Tensor | None = None,
+    tasks: Tensor | None = None,
+) -> Denoiser:
+    """The dynamics model as a function (z_tau, tau, d) -> x_hat for fixed params and actions."""
+
+    def denoise(z_tau: Tensor, tau: Tensor, d: Tensor) -> Tensor:
+        return apply(model, params, z_tau, tau, d, actions, action_mask, None, tasks)[0]
+
+    return denoise
+
+
+def dynamics_loss(
+    params: TensorDictBase,
+    latents: Tensor,
+    actions: Tensor | None,
+    generator: torch.Generator | None,
+    *,
+    model: Dynamics,
+    action_mask: Tensor | None = None,
+    tasks: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Shortcut-forcing loss of the dynamics model on clean latents `[B, T, S, Dz]` and their actions."""
+    online = denoiser(model, params, actions, action_mask, tasks)
+    stopped = denoiser(model, params.detach(), actions, action_mask, tasks)
+    loss, metrics, _ = shortcut_forcing_loss(online, stopped, latents, model.cfg.k_max, generator)
+    return loss, metrics
+
+
+def dynamics_train_step(
+    state: TensorDictBase,
+    latents: Tensor,
+    actions: Tensor | None,
+    generator: torch.Generator | None,
+    *,
+    model: Dynamics,
+    opt: AdamWConfig,
+    ema_decay: float | None = None,
+    action_mask: Tensor | None = None,
+) -> tuple[TensorDictBase, dict[str, Tensor]]:
+    grads, (_, metrics) = grad_and_value(dynamics_loss, has_aux=True)(
+        state["params"], latents, actions, generator, model=model, action_mask=action_mask
+    )
+    check_finite(metrics, state["step"])
+    state, opt_metrics = apply_gradients(state, grads, opt, ema_decay)
+    check_finite(opt_metrics, state["step"])
+    return state, {**metrics, **opt_metrics}

@@ -1,0 +1,206 @@
+"""Dynamics model, shortcut-forcing math and the sampler."""
+
+import functools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from d4func.config import TransformerConfig
+from d4func.dynamics import Dynamics, DynamicsConfig, actions_into_frames
+from d4func.functional import apply, init, template
+from d4func.objectives import (
+    add_noise,
+    bootstrap_velocity,
+    bootstrap_velocity_vmapped,
+    ramp_weight,
+    sample_signal_levels,
+    sample_step_sizes,
+    shortcut_targets,
+    velocity_from_x,
+    x_from_velocity,
+)
+from d4func.sampler import generate
+from d4func.train.dynamics_step import denoiser
+
+
+def make(discrete=False, agent=0, logit_cap=30.0, k_max=8, seed=0, steps=4):
+    cfg = DynamicsConfig(
+        transformer=TransformerConfig(d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, time_every=2,
+                                      logit_cap=logit_cap),
+        latent_tokens=6, latent_dim=4, pack=2, n_registers=2, n_agent_tokens=agent,
+        action_dim=0 if discrete else 3, n_actions=5 if discrete else 0, k_max=k_max, sampling_steps=steps,
+    )
+    model = template(Dynamics, cfg)
+    return cfg, model, init(model, seed)
+
+
+def inputs(cfg, batch=2, steps=5, seed=0, discrete=False):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(batch, steps, cfg.latent_tokens, cfg.latent_dim, generator=gen).tanh()
+    d = sample_step_sizes((batch, steps), cfg.k_max, gen)
+    tau = sample_signal_levels(d, gen)
+    if discrete:
+        actions = torch.randint(0, cfg.n_actions, (batch, steps), generator=gen)
+    else:
+        actions = torch.rand(batch, steps, cfg.action_dim, generator=gen) * 2 - 1
+    return z, tau, d, actions
+
+
+@settings(max_examples=10, deadline=None)
+@given(discrete=st.booleans(), agent=st.sampled_from([0, 2]), seed=st.integers(0, 999), data=st.data())
+def test_future_latents_and_actions_never_change_past_predictions(discrete, agent, seed, data):
+    cfg, model, params = make(discrete=discrete, agent=agent, seed=seed)
+    z, tau, d, actions = inputs(cfg, seed=seed, discrete=discrete)
+    t = data.draw(st.integers(0, 3), label="t")
+    z2, actions2, tau2 = z.clone(), actions.clone(), tau.clone()
+    z2[:, t + 1 :] = -z2[:, t + 1 :]
+    actions2[:, t + 1 :] = (actions2[:, t + 1 :] + 1) % 5 if discrete else -actions2[:, t + 1 :]
+    tau2[:, t + 1 :] = 1 - d[:, t + 1 :] - tau2[:, t + 1 :]
+    x, agent_out, _ = apply(model, params, z, tau, d, actions)
+    x2, agent_out2, _ = apply(model, params, z2, tau2, d, actions2)
+    torch.testing.assert_close(x[:, : t + 1], x2[:, : t + 1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(x[:, t + 1 :], x2[:, t + 1 :])
+    if agent:
+        torch.testing.assert_close(agent_out[:, : t + 1], agent_out2[:, : t + 1], atol=1e-5, rtol=1e-5)
+
+
+def test_agent_tokens_do_not_change_world_model_predictions():
+    cfg, model, params = make(agent=2)
+    z, tau, d, actions = inputs(cfg)
+    x_task0, agent0, _ = apply(model, params, z, tau, d, actions, None, None, torch.tensor([0, 0]))
+    params_no_agent = params.clone()
+    params_no_agent["agent_tokens", "weight"] = params["agent_tokens", "weight"] * 5
+    x_other, agent_other, _ = apply(model, params_no_agent, z, tau, d, actions)
+    torch.testing.assert_close(x_task0, x_other, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(agent0, agent_other)
+
+
+def test_no_action_embedding_and_action_shift():
+    cfg, model, params = make()
+    z, tau, d, actions = inputs(cfg)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    x_masked, _, _ = apply(model, params, z, tau, d, actions, mask)
+    x_none, _, _ = apply(model, params, z, tau, d, None)
+    torch.testing.assert_close(x_masked, x_none)
+    shifted, first_mask = actions_into_frames(actions)
+    torch.testing.assert_close(shifted[:, 1:], actions[:, :-1])
+    assert first_mask[:, 0].eq(False).all() and first_mask[:, 1:].all()
+
+
+def test_bad_inputs_name_the_value():
+    cfg, model, params = make(discrete=True)
+    z, tau, d, actions = inputs(cfg, discrete=True)
+    with pytest.raises(ValueError, match="discrete actions must lie in"):
+        apply(model, params, z, tau, d, actions + 5)
+    with pytest.raises(ValueError, match=r"latents must be \[B, T, S=6, Dz=4\]"):
+        apply(model, params, z[..., :3], tau, d, actions)
+    with pytest.raises(ValueError, match="d must be a power of two"):
+        apply(model, params, z, tau, torch.full_like(d, 1 / 16), actions)
+    with pytest.raises(ValueError, match="pack=4 must divide latent_tokens=6"):
+        DynamicsConfig(latent_tokens=6, pack=4, action_dim=2)
+    with pytest.raises(ValueError, match="exactly one of action_dim"):
+        DynamicsConfig(action_dim=2, n_actions=3)
+
+
+@settings(max_examples=30, deadline=None)
+@given(k_max=st.sampled_from([1, 2, 4, 8, 64]), seed=st.integers(0, 2**16))
+def test_step_sizes_and_signal_levels_stay_on_the_grid(k_max, seed):
+    gen = torch.Generator().manual_seed(seed)
+    d = sample_step_sizes((64,), k_max, gen)
+    tau = sample_signal_levels(d, gen)
+    k = 1.0 / d
+    assert torch.equal(k, torch.round(k)) and ((k.long() & (k.long() - 1)) == 0).all()  # powers of two
+    assert (d >= 1.0 / k_max).all() and (d <= 1.0).all()
+    index = tau / d
+    assert torch.allclose(index, torch.round(index))  # tau on the grid of its own d
+    assert (tau >= 0).all() and (tau <= 1 - d + 1e-7).all()
+
+
+def test_ramp_weight_values():
+    torch.testing.assert_close(ramp_weight(torch.tensor([0.0, 0.5, 1.0])), torch.tensor([0.1, 0.55, 1.0]))
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16))
+def test_x_and_velocity_conversions_round_trip(seed):
+    gen = torch.Generator().manual_seed(seed)
+    z_clean, noise = torch.randn(2, 2, 3, 5, 4, generator=gen).unbind(0)
+    tau = torch.rand(2, 3, generator=gen) * 0.95
+    z_tau = add_noise(z_clean, tau, noise)
+    v = velocity_from_x(z_clean, z_tau, tau)
+    torch.testing.assert_close(x_from_velocity(v, z_tau, tau), z_clean, atol=1e-4, rtol=1e-4)
+    # The implied velocity of the true clean latents is the flow-matching velocity z_clean - noise.
+    torch.testing.assert_close(v, z_clean - noise, atol=1e-4, rtol=1e-4)
+
+
+def test_bootstrap_target_equals_two_explicit_half_steps_per_sample():
+    cfg, model, params = make(k_max=8)
+    z, tau, d, actions = inputs(cfg, batch=3, steps=4, seed=3)
+    boot = d > cfg.d_min
+    folded = bootstrap_velocity(denoiser(model, params, actions), add_noise(z, tau, torch.zeros_like(z)), tau, d,
+                                boot)
+    z_tau = add_noise(z, tau, torch.zeros_like(z))
+    vmapped = bootstrap_velocity_vmapped(lambda *a: apply(model, params, *a)[0], z_tau, tau, d, boot, actions)
+    torch.testing.assert_close(vmapped, folded, atol=1e-5, rtol=1e-4)
+    for b in range(3):  # written out by hand, one sequence at a time
+        act = actions[b : b + 1]
+        fn = denoiser(model, params, act)
+        zb, tb, db, mb = z_tau[b : b + 1], tau[b : b + 1], d[b : b + 1], boot[b : b + 1]
+        half = torch.where(mb, db / 2, db)
+        b1 = (fn(zb, tb, half) - zb) / (1 - tb)[..., None, None]
+        z_mid = torch.where(mb[..., None, None], zb + half[..., None, None] * b1, zb)
+        t_mid = torch.where(mb, tb + half, tb)
+        b2 = (fn(z_mid, t_mid, half) - z_mid) / (1 - t_mid)[..., None, None]
+        torch.testing.assert_close(folded[b : b + 1], (b1 + b2) / 2, atol=1e-5, rtol=1e-4)
+
+
+def test_flow_frames_regress_to_clean_latents():
+    cfg, model, params = make(k_max=4)
+    z, _, _, actions = inputs(cfg)
+    d = torch.tensor([[0.25, 1.0, 0.5, 0.25, 0.25]] * 2)
+    tau = torch.tensor([[0.5, 0.0, 0.5, 0.75, 0.0]] * 2)
+    z_tau = add_noise(z, tau, torch.randn_like(z))
+    target, is_flow = shortcut_targets(denoiser(model, params, actions), z, z_tau, tau, d, cfg.d_min)
+    assert is_flow.tolist() == [[True, False, False, True, True]] * 2
+    torch.testing.assert_close(target[is_flow], z[is_flow])
+    assert not torch.allclose(target[~is_flow], z[~is_flow])
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+@pytest.mark.parametrize("discrete", [False, True])
+def test_cached_generation_equals_uncached(steps, discrete):
+    cfg, model, params = make(discrete=discrete, agent=2, steps=steps)
+    z, _, _, actions = inputs(cfg, steps=7, discrete=discrete)
+    fn = functools.partial(apply, model, params)
+    cached = generate(fn, z[:, :3], actions, 4, torch.Generator().manual_seed(5), cfg)
+    uncached = generate(fn, z[:, :3], actions, 4, torch.Generator().manual_seed(5), cfg, use_cache=False)
+    assert cached.shape == (2, 4, cfg.latent_tokens, cfg.latent_dim)
+    torch.testing.assert_close(cached, uncached, atol=1e-5, rtol=1e-4)
+    other_seed = generate(fn, z[:, :3], actions, 4, torch.Generator().manual_seed(6), cfg)
+    assert not torch.allclose(cached, other_seed)
+
+
+def test_one_step_sampler_makes_one_model_call_per_frame():
+    cfg, model, params = make(k_max=1, steps=1)
+    z, _, _, actions = inputs(cfg, steps=6)
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape[1])  # timesteps processed by the call
+        return apply(model, params, *args, **kwargs)
+
+    generate(counting, z[:, :2], actions, 4, torch.Generator().manual_seed(0), cfg)
+    assert len(calls) == 4
+    assert calls == [3, 2, 2, 2]  # first: context + new frame; then: previous frame (committed) + new frame
+
+
+def test_generation_rejects_bad_arguments():
+    cfg, model, params = make()
+    z, _, _, actions = inputs(cfg, steps=5)
+    fn = functools.partial(apply, model, params)
+    with pytest.raises(ValueError, match="cover context"):
+        generate(fn, z[:, :2], actions, 4, None, cfg)
+    with pytest.raises(ValueError, match="steps must be a power of two"):
+        generate(fn, z[:, :2], actions, 3, None, cfg, steps=3)
