@@ -1,0 +1,257 @@
+"""Imagination training (paper Sec. 3.4, Eq. 11; Algorithm 1 phases 2-3).
+
+Section 1 (below) is the pure RL math, model-independent: lambda-returns, the PMPO policy loss, the reverse KL to
+the behaviour-cloning prior, the twohot value loss with its slow-target regulariser, and the multi-token-prediction
+(MTP) target builder used by phase-2 finetuning. Every function maps tensors to tensors (and a metrics dict); none
+holds state or draws randomness.
+
+Rollouts inside the world model from replay contexts (issue 5, point 4) belong in a second section after this
+one, built on these functions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from d4func.distributions import BoundedNormal, Categorical, kl_divergence, twohot_log_prob, twohot_mean
+
+__all__ = ["lambda_returns", "mtp_targets", "pmpo_loss", "reverse_kl", "value_loss"]
+
+
+# ===============================================================================================================
+# Section 1: pure RL math
+# ===============================================================================================================
+
+
+def lambda_returns(
+    rewards: Tensor, values: Tensor, continues: Tensor, gamma: float = 0.997, lam: float = 0.95
+) -> Tensor:
+    """TD(lambda) returns of an imagined trajectory of horizon H (paper Sec. 3.4, gamma = 0.997).
+
+    rewards, continues: [..., H]; values: [..., H+1] (V_0 .. V_H, V_H bootstraps the tail). Returns [..., H]:
+        R_t = r_t + gamma c_t ((1 - lam) V_{t+1} + lam R_{t+1}),  R_H = V_H.
+    r_t and c_t belong to the transition out of step t (c_t = 0 when that transition ends the episode, or the
+    predicted continue probability). lam = 0 gives one-step TD targets, lam = 1 discounted Monte Carlo returns
+    bootstrapped with V_H. The result carries gradients of its inputs; detach it where it is a target.
+    """
+    if rewards.dim() < 1:
+        raise ValueError("rewards must have a trailing time axis [..., H]")
+    if continues.shape != rewards.shape:
+        raise ValueError(
+            f"continues shape {tuple(continues.shape)} must equal rewards shape {tuple(rewards.shape)} ([..., H])"
+        )
+    horizon = rewards.shape[-1]
+    expected = (*rewards.shape[:-1], horizon + 1)
+    if tuple(values.shape) != expected:
+        raise ValueError(
+            f"values shape {tuple(values.shape)} must be {expected}: rewards' batch shape and H+1 = {horizon + 1} "
+            "steps (the last value bootstraps)"
+        )
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must lie in [0, 1], got {lam}")
+    # The one-step part r_t + gamma c_t (1 - lam) V_{t+1} is computed for all t at once; only the lam R_{t+1}
+    # recursion is sequential (H is short: an imagination horizon).
+    base = rewards + gamma * continues * (1.0 - lam) * values[..., 1:]
+    ret = values[..., -1]
+    out = []
+    for t in reversed(range(horizon)):
+        ret = base[..., t] + gamma * lam * continues[..., t] * ret
+        out.append(ret)
+    return torch.stack(out[::-1], dim=-1)
+
+
+def _check_same_shape(reference_name: str, reference: Tensor, **others: Tensor | None) -> None:
+    for name, t in others.items():
+        if t is not None and t.shape != reference.shape:
+            raise ValueError(
+                f"{name} shape {tuple(t.shape)} must equal {reference_name} shape {tuple(reference.shape)}"
+            )
+
+
+def _weighted_mean(x: Tensor, w: Tensor) -> Tensor:
+    """sum(w x) / sum(w), and 0 when sum(w) = 0. The denominator is replaced *before* the division so that an
+    empty set contributes neither NaN values nor NaN gradients (a masked 0/0 still back-propagates NaN)."""
+    den = w.sum()
+    safe = torch.where(den > 0, den, torch.ones_like(den))
+    return torch.where(den > 0, (w * x).sum() / safe, torch.zeros_like(den))
+
+
+def pmpo_loss(
+    log_probs: Tensor,
+    advantages: Tensor,
+    kl: Tensor,
+    alpha: float = 0.5,
+    beta: float = 0.3,
+    *,
+    weights: Tensor | None = None,
+    entropy: Tensor | None = None,
+    entropy_floor: float | None = None,
+    entropy_floor_coef: float = 1.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PMPO policy loss (paper Eq. 11): only the sign of each advantage counts.
+
+        loss = -alpha mean_{A>0} log pi(a|s) + (1 - alpha) mean_{A<0} log pi(a|s) + beta mean KL(pi || pi_prior)
+
+    log_probs: log pi of the taken (imagined) actions, with gradient; advantages: same shape, e.g. R^lambda - V
+    (treated as constants; no return normalisation is needed because only signs are used, so scaling the
+    advantages by any positive constant leaves the loss unchanged); kl: same shape, the reverse KL from the policy
+    to the frozen BC prior (`reverse_kl`). Advantages of exactly 0 carry no preference and join neither set. The
+    two sets are averaged separately, so an empty set contributes 0 (no NaN).
+
+    weights (optional, same shape, >= 0): per-sample weights, e.g. 0 for padded or post-termination imagined
+    steps; they weight the averages within each set and in the KL mean.
+    entropy (optional, same shape): the policy's entropy at those states; logged, and if `entropy_floor` is given
+    a hinge penalty entropy_floor_coef * mean(relu(entropy_floor - entropy)) is added. The penalty is zero above
+    the floor, so it leaves PMPO unchanged unless the policy is collapsing (the continuous-action failure mode of
+    issue 5; `BoundedNormal.from_raw`'s log-std bound is the hard floor, this one is soft and tunable).
+
+    Returns (loss, metrics); metrics are detached scalars: policy_loss, pos_term, neg_term, kl, frac_pos,
+    frac_neg, adv_mean, adv_std, adv_absmax, and entropy / entropy_penalty when entropy is given.
+    """
+    _check_same_shape("log_probs", log_probs, advantages=advantages, kl=kl, weights=weights, entropy=entropy)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    if beta < 0.0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    if entropy_floor is not None and entropy is None:
+        raise ValueError("entropy_floor was given but entropy was not")
+    if entropy_floor_coef < 0.0:
+        raise ValueError(f"entropy_floor_coef must be >= 0, got {entropy_floor_coef}")
+
+    adv = advantages.detach()
+    w = torch.ones_like(log_probs) if weights is None else weights.detach().to(log_probs.dtype)
+    pos = (adv > 0).to(log_probs.dtype) * w
+    neg = (adv < 0).to(log_probs.dtype) * w
+    pos_term = _weighted_mean(log_probs, pos)
+    neg_term = _weighted_mean(log_probs, neg)
+    kl_mean = _weighted_mean(kl, w)
+    loss = -alpha * pos_term + (1.0 - alpha) * neg_term + beta * kl_mean
+
+    metrics: dict[str, Tensor] = {}
+    if entropy is not None:
+        metrics["entropy"] = _weighted_mean(entropy.detach(), w)
+        if entropy_floor is not None:
+            penalty = _weighted_mean(torch.relu(entropy_floor - entropy), w)
+            loss = loss + entropy_floor_coef * penalty
+            metrics["entropy_penalty"] = penalty.detach()
+
+    total = w.sum().clamp_min(torch.finfo(w.dtype).tiny)
+    adv_mean = (w * adv).sum() / total
+    metrics.update(
+        policy_loss=loss.detach(),
+        pos_term=pos_term.detach(),
+        neg_term=neg_term.detach(),
+        kl=kl_mean.detach(),
+        frac_pos=(pos.sum() / total).detach(),
+        frac_neg=(neg.sum() / total).detach(),
+        adv_mean=adv_mean,
+        adv_std=((w * (adv - adv_mean) ** 2).sum() / total).sqrt(),
+        adv_absmax=torch.where(w > 0, adv.abs(), torch.zeros_like(adv)).max(),
+    )
+    return loss, metrics
+
+
+def reverse_kl(policy: BoundedNormal | Categorical, prior: BoundedNormal | Categorical) -> Tensor:
+    """KL(pi || pi_prior), the reverse KL of paper Eq. 11 from the policy being trained to the frozen
+    behaviour-cloning prior, per batch element (summed over action dimensions). Exact for both families
+    (categorical: sum p log(p/q); bounded normal: closed form of two truncated normals). The prior is detached
+    here, since it is frozen, so gradients reach only the policy."""
+    return kl_divergence(policy, prior.detach())
+
+
+def value_loss(
+    value_logits: Tensor,
+    returns: Tensor,
+    bins: Tensor,
+    slow_value_logits: Tensor | None = None,
+    slow_reg: float = 1.0,
+    weights: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Twohot cross-entropy of the value head towards the lambda-returns (paper Sec. 3.4; DreamerV3).
+
+    value_logits: [..., K] for the states whose returns are given; returns: [...] (treated as constants);
+    bins: [K] symexp-spaced bins. With `slow_value_logits` (the EMA "slow" value network's logits at the same
+    states), a regulariser slow_reg * CE(value, twohot(mean of slow value)) pulls the value towards the slow
+    target's prediction as in DreamerV3 (slow_reg = 1 there), which damps value drift between target updates.
+    weights (optional, [...], >= 0): per-state weights for the mean (e.g. the cumulative continue product).
+    Returns (loss, metrics) with detached scalars: value_loss, value_ce, value_mean, return_mean and, with the
+    slow target, value_slow_reg.
+    """
+    if value_logits.shape[:-1] != returns.shape:
+        raise ValueError(
+            f"returns shape {tuple(returns.shape)} must equal value_logits' batch shape "
+            f"{tuple(value_logits.shape[:-1])}"
+        )
+    if slow_value_logits is not None and slow_value_logits.shape != value_logits.shape:
+        raise ValueError(
+            f"slow_value_logits shape {tuple(slow_value_logits.shape)} must equal value_logits shape "
+            f"{tuple(value_logits.shape)}"
+        )
+    _check_same_shape("returns", returns, weights=weights)
+    if slow_reg < 0.0:
+        raise ValueError(f"slow_reg must be >= 0, got {slow_reg}")
+    w = torch.ones_like(returns, dtype=torch.float32) if weights is None else weights.detach().float()
+
+    ce = -twohot_log_prob(value_logits, bins, returns.detach())
+    ce_mean = _weighted_mean(ce, w)
+    loss = ce_mean
+    metrics: dict[str, Tensor] = {}
+    if slow_value_logits is not None:
+        slow_target = twohot_mean(slow_value_logits.detach(), bins)
+        reg = _weighted_mean(-twohot_log_prob(value_logits, bins, slow_target), w)
+        loss = loss + slow_reg * reg
+        metrics["value_slow_reg"] = reg.detach()
+    metrics.update(
+        value_loss=loss.detach(),
+        value_ce=ce_mean.detach(),
+        value_mean=_weighted_mean(twohot_mean(value_logits.detach(), bins), w),
+        return_mean=_weighted_mean(returns.detach().float(), w),
+    )
+    return loss, metrics
+
+
+def mtp_targets(x: Tensor, mask_is_last_or_done: Tensor, L: int = 8) -> tuple[Tensor, Tensor]:
+    """Multi-token-prediction targets (paper Eq. 9-10): the policy and reward heads at step t predict a_{t+n} and
+    r_{t+n} for several offsets n, from the same agent token h_t.
+
+    Offsets are n = 0 .. L-1: n = 0 is the ordinary prediction the policy acts with and the reward head annotates
+    imagined steps with, so it must be among the targets; n >= 1 are the extra MTP targets. `L` counts the
+    predicted steps (L = 8 in the paper); the paper writes its sum as n = 0..L, so pass L = 9 for that literal
+    count.
+
+    x: [B, T, ...] per-step quantities (actions or rewards) in the dataset's per-step layout;
+    mask_is_last_or_done: bool [B, T], True where step t is the last step of its episode (is_last or terminal),
+    i.e. step t+1, if present, belongs to another episode.
+
+    Returns (targets [B, T, L, ...] with targets[:, t, n] = x[:, t+n], valid bool [B, T, L]). valid[:, t, n] is
+    False when t + n >= T (past the sequence end) or when an episode ends at some step in t .. t+n-1 (the target
+    belongs to a later episode); invalid targets are zero-filled so they never leak values.
+    """
+    if x.dim() < 2:
+        raise ValueError(f"x must be [B, T, ...], got shape {tuple(x.shape)}")
+    if mask_is_last_or_done.shape != x.shape[:2]:
+        raise ValueError(
+            f"mask_is_last_or_done shape {tuple(mask_is_last_or_done.shape)} must be [B, T] = {tuple(x.shape[:2])}"
+        )
+    if mask_is_last_or_done.dtype != torch.bool:
+        raise TypeError(f"mask_is_last_or_done must be bool, got {mask_is_last_or_done.dtype}")
+    if L < 1:
+        raise ValueError(f"L must be >= 1, got {L}")
+    T = x.shape[1]
+    steps = torch.arange(T, device=x.device)
+    idx = steps[:, None] + torch.arange(L, device=x.device)[None, :]  # [T, L]: the target step t + n
+    in_range = idx < T
+    idx_c = idx.clamp(max=T - 1)
+    # Episode ends strictly before each step; the target t+n is in t's episode iff no end lies in t .. t+n-1,
+    # i.e. iff the count of ends strictly before t+n equals the count strictly before t.
+    ends = mask_is_last_or_done.long()
+    ends_before = ends.cumsum(dim=1) - ends  # [B, T]
+    same_episode = ends_before[:, idx_c] == ends_before[:, :, None]  # [B, T, L]
+    valid = same_episode & in_range[None]
+    targets = x[:, idx_c]  # [B, T, L, ...]
+    fill = valid.reshape(*valid.shape, *([1] * (x.dim() - 2)))
+    targets = torch.where(fill, targets, torch.zeros_like(targets))
+    return targets, valid
