@@ -1,0 +1,234 @@
+"""Offline datasets: episodes recorded through a TorchRL ``Collector`` into the replay format on disk.
+
+Dreamer 4 learns its world model from offline videos and actions (paper Sec. 3-4); here a dataset is exactly a
+saved :func:`d4func.data.replay.make_replay` buffer, so offline training reads the same ``[B, T]`` within-episode
+slices as online training. A dataset directory holds
+
+- ``storage/``: the memmapped transitions (TorchRL layout: ``pixels``, ``action``, ``("next", "reward")``,
+  ``("next", "done" | "terminated" | "truncated")``, ``step_count``, ``is_init``, ``("collector", "traj_ids")``,
+  env-specific entries such as Crafter's ``achievements``; pixels stored as uint8);
+- the buffer's own state files (``buffer_metadata.json``, ``writer/``, ...) from ``rb.dumps``;
+- ``dataset.json``: what was recorded (env name and config, policy, seed, step and episode counts, entry specs).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import tensordict
+import torch
+import torchrl
+from tensordict import TensorDictBase
+from tensordict.nn import TensorDictModuleBase
+from torchrl.collectors import Collector
+from torchrl.data import Bounded, Categorical, OneHot, TensorSpec
+from torchrl.envs import EnvBase
+
+from d4func.data.replay import DEFAULT_TRAJ_KEY, SequenceReplayBuffer, make_replay, save_replay
+
+__all__ = [
+    "DATASET_FORMAT",
+    "UniformRandomPolicy",
+    "collect",
+    "load_offline",
+    "read_metadata",
+    "record_episodes",
+]
+
+DATASET_FORMAT = "d4func-replay-v1"
+_META_FILE = "dataset.json"
+
+
+class UniformRandomPolicy(TensorDictModuleBase):
+    """Uniform random actions from an explicit ``torch.Generator`` (reproducible from ``seed`` alone).
+
+    TorchRL's ``RandomPolicy`` draws from the global RNG; a dataset should be reproducible from its metadata.
+    Supports bounded continuous (uniform in [low, high]), categorical and one-hot action specs.
+    """
+
+    def __init__(self, action_spec: TensorSpec, seed: int = 0) -> None:
+        super().__init__()
+        if not isinstance(action_spec, (Bounded, Categorical, OneHot)):
+            raise TypeError(
+                f"UniformRandomPolicy supports Bounded, Categorical and OneHot action specs, got {type(action_spec)}"
+            )
+        self.action_spec = action_spec
+        self.generator = torch.Generator().manual_seed(seed)
+        self.in_keys = []
+        self.out_keys = ["action"]
+
+    def _sample(self, batch_shape: torch.Size) -> torch.Tensor:
+        spec = self.action_spec
+        shape = batch_shape + spec.shape
+        if isinstance(spec, Bounded):
+            low, high = spec.space.low, spec.space.high
+            u = torch.rand(shape, generator=self.generator, dtype=spec.dtype)
+            return low + u * (high - low)
+        if isinstance(spec, Categorical):
+            return torch.randint(spec.space.n, shape, generator=self.generator, dtype=spec.dtype)
+        n = spec.space.n
+        idx = torch.randint(n, batch_shape + spec.shape[:-1], generator=self.generator)
+        return torch.nn.functional.one_hot(idx, n).to(spec.dtype)
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        tensordict.set("action", self._sample(tensordict.batch_size))
+        return tensordict
+
+
+def _entry_specs(data: TensorDictBase) -> dict[str, dict[str, Any]]:
+    """Per-step shape and dtype of every stored entry (batch dim dropped), keyed by ``"a.b"`` paths."""
+    out = {}
+    for key, value in data.items(include_nested=True, leaves_only=True):
+        name = key if isinstance(key, str) else ".".join(key)
+        out[name] = {"shape": list(value.shape[1:]), "dtype": str(value.dtype).removeprefix("torch.")}
+    return out
+
+
+def record_episodes(
+    env: EnvBase | Callable[[], EnvBase],
+    path: str | Path,
+    *,
+    n_steps: int | None = None,
+    n_episodes: int | None = None,
+    policy: TensorDictModuleBase | None = None,
+    seed: int = 0,
+    frames_per_batch: int = 200,
+    max_steps: int = 100_000,
+    env_config: dict[str, Any] | None = None,
+    policy_name: str | None = None,
+) -> dict[str, Any]:
+    """Record transitions of ``env`` into a dataset directory at ``path`` and return its metadata.
+
+    Stops after ``n_steps`` transitions, or after ``n_episodes`` complete episodes (exactly one of the two);
+    in step mode the last episode may be cut short (it is still stored and sampled within its stored part).
+    ``policy`` defaults to :class:`UniformRandomPolicy` seeded with ``seed``. ``max_steps`` caps the storage in
+    episode mode. ``env_config`` (e.g. from :func:`d4func.envs.registry.env_config`) is saved in the metadata.
+    The collector closes ``env`` when recording ends.
+    """
+    if (n_steps is None) == (n_episodes is None):
+        raise ValueError(f"give exactly one of n_steps and n_episodes, got n_steps={n_steps}, n_episodes={n_episodes}")
+    if n_steps is not None and n_steps < 1:
+        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+    if n_episodes is not None and n_episodes < 1:
+        raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
+    if frames_per_batch < 1:
+        raise ValueError(f"frames_per_batch must be >= 1, got {frames_per_batch}")
+    path = Path(path).absolute()
+    if (path / _META_FILE).exists() or (path / "storage").exists():
+        raise FileExistsError(f"{path} already holds a dataset; choose a new directory")
+    capacity = n_steps if n_steps is not None else max_steps
+    if env_config is not None:
+        try:
+            json.dumps(env_config)
+        except TypeError as e:
+            raise TypeError(f"env_config must be JSON-serialisable, got {env_config!r}") from e
+
+    if not isinstance(env, EnvBase):
+        env = env()
+    if policy is None:
+        policy = UniformRandomPolicy(env.action_spec, seed=seed)
+        policy_name = policy_name or "uniform_random"
+    policy_name = policy_name or type(policy).__name__
+    env_repr = repr(env)
+
+    # seq_len=1 only because make_replay needs one; readers pick their own with load_offline.
+    rb = make_replay(capacity, 1, 1, path=path)
+    collector = Collector(env, policy, frames_per_batch=min(frames_per_batch, capacity), total_frames=-1)
+    written = 0
+    completed = 0
+    try:
+        for batch in collector:
+            batch = batch.reshape(-1)
+            room = capacity - written
+            done = batch["next", "done"].reshape(-1)
+            if n_episodes is not None:
+                ends = done.nonzero().reshape(-1)
+                need = n_episodes - completed
+                if ends.numel() >= need:
+                    batch = batch[: int(ends[need - 1]) + 1]
+                elif batch.shape[0] > room:
+                    raise RuntimeError(
+                        f"{n_episodes} episodes do not fit in max_steps={max_steps} transitions "
+                        f"({completed} complete after {written} steps); raise max_steps"
+                    )
+            batch = batch[:room]
+            rb.extend(batch)
+            written += batch.shape[0]
+            completed += int(batch["next", "done"].sum())
+            if written >= capacity or (n_episodes is not None and completed >= n_episodes):
+                break
+    finally:
+        collector.shutdown()
+
+    save_replay(rb)
+    stored = rb[:1]
+    meta = {
+        "format": DATASET_FORMAT,
+        "capacity": capacity,
+        "n_steps": written,
+        "n_episodes_complete": completed,
+        "seed": seed,
+        "policy": policy_name,
+        "env": env_repr,
+        "env_config": env_config,
+        "traj_key": list(DEFAULT_TRAJ_KEY),
+        "step_key": "step_count",
+        "entries": _entry_specs(stored.exclude("index")),
+        "versions": {"torch": torch.__version__, "torchrl": torchrl.__version__, "tensordict": tensordict.__version__},
+    }
+    (path / _META_FILE).write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The ``dataset.json`` of a recorded dataset; raises a clear error for anything else."""
+    meta_file = Path(path) / _META_FILE
+    if not meta_file.exists():
+        raise FileNotFoundError(f"{path} is not a d4func dataset: {meta_file} is missing")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != DATASET_FORMAT:
+        raise ValueError(f"{meta_file} has format {meta.get('format')!r}, expected {DATASET_FORMAT!r}")
+    return meta
+
+
+def load_offline(
+    path: str | Path, seq_len: int, batch_size: int, *, seed: int | None = None
+) -> SequenceReplayBuffer:
+    """Reopen a recorded dataset as a replay buffer sampling ``[batch_size, seq_len]`` within-episode slices.
+
+    The memmaps are opened in place (no copy): the buffer is meant for reading; writing to it changes the files.
+    """
+    meta = read_metadata(path)
+    rb = make_replay(meta["capacity"], seq_len, batch_size, path=path, seed=seed)
+    if len(rb) != meta["n_steps"]:
+        raise RuntimeError(f"dataset at {path} should hold {meta['n_steps']} transitions, found {len(rb)}")
+    return rb
+
+
+def collect(
+    env_name: str,
+    out: str | Path,
+    steps: int,
+    seed: int = 0,
+    policy: str = "random",
+    *,
+    image_size: int = 64,
+    action_repeat: int = 2,
+) -> dict[str, Any]:
+    """``d4func collect``: record ``steps`` transitions of env ``env_name`` with a random policy into ``out``.
+
+    ``env_name``: ``"dmc:cartpole-swingup"``, ``"dmc:cartpole-swingup@0,1"`` (cameras 0 and 1) or ``"crafter"``.
+    Returns the dataset metadata.
+    """
+    from d4func.envs.registry import env_config, make_env
+
+    if policy != "random":
+        raise ValueError(
+            f"collect supports policy='random' only, got {policy!r}; record a trained policy with record_episodes"
+        )
+    cfg = env_config(env_name, seed=seed, image_size=image_size, action_repeat=action_repeat)
+    env = make_env(env_name, seed=seed, image_size=image_size, action_repeat=action_repeat)
+    return record_episodes(env, out, n_steps=steps, seed=seed, env_config=cfg, policy_name="uniform_random")

@@ -1,0 +1,198 @@
+"""Sequence replay: a TorchRL ``TensorDictReplayBuffer`` on ``LazyMemmapStorage`` that samples ``[B, T]`` slices.
+
+Episode boundaries: **a sampled sequence never crosses one.** Every row of a batch is ``T`` consecutive agent
+steps of a single episode, so the world model needs no ``is_first`` mask inside a sequence (its time attention
+may read the whole row). This is TorchRL's ``SliceSampler`` with
+
+- ``traj_key`` (default ``("collector", "traj_ids")``, written by TorchRL collectors and unique across the
+  workers of a multi-process collector) naming the episode of each transition,
+- ``fragmented=True`` with ``step_key="step_count"`` (written by the envs' ``StepCounter``): an episode is
+  rebuilt from (episode id, step) pairs, so transitions of one episode need not be adjacent in storage (the
+  batches of several collector workers interleave) and ring-buffer wrap-around is handled,
+- ``strict_length=True``: a slice is drawn only where ``T`` consecutive steps of one episode are stored; shorter
+  episodes (and the overwritten head of the oldest one) are never sampled.
+
+Slices are drawn by picking a stored episode run uniformly, then a start uniformly within it. The sampler leaves
+stored data untouched (``init_key=None``, ``truncated_key=None``): ``"is_init"`` stays True only at the real
+first step of an episode (the env's ``InitTracker``), and ``("next", "truncated")`` is the env's own flag.
+
+Ids must be unique over the buffer's life: when an online run resumes with a restored buffer, restore the
+collector's state (its trajectory-id counter) too; reused ids make the sampler raise a duplicate-record error.
+
+Storage: float pixel entries in [0, 1] are stored as uint8 (``k / 255`` -> ``k``) and turned back into float32
+on sampling as ``k / 255`` in float32, the value TorchRL's ``ToTensorImage`` produces, so frames read back are
+bitwise equal to the frames written, at a quarter of the disk and page-cache footprint. Writing pixels that are not
+multiples of 1/255 raises rather than silently losing precision.
+
+On disk (``path`` given): ``path/storage/`` holds the memmapped tensors (written in place, no copies);
+``rb.dumps(path)`` (or :func:`save_replay`) records length, write cursor and RNG state, and
+:func:`make_replay` with the same ``path`` reopens it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tensordict import NestedKey, TensorDictBase
+from torchrl.data import LazyMemmapStorage, SliceSampler, TensorDictReplayBuffer
+from torchrl.envs import Transform
+
+__all__ = [
+    "DEFAULT_PIXEL_KEYS",
+    "DEFAULT_TRAJ_KEY",
+    "PixelsAsUint8",
+    "SequenceReplayBuffer",
+    "make_replay",
+    "save_replay",
+]
+
+DEFAULT_TRAJ_KEY: NestedKey = ("collector", "traj_ids")
+DEFAULT_PIXEL_KEYS: tuple[NestedKey, ...] = ("pixels", ("next", "pixels"))
+
+
+class PixelsAsUint8(Transform):
+    """Replay transform: float pixels in [0, 1] -> uint8 on write (``inv``), uint8 -> float32 on read.
+
+    Missing keys are skipped, so data without ``("next", "pixels")`` passes through. ``exclude_keys`` are
+    dropped on write (e.g. ``("next", "pixels")``, which repeats the following step's frame).
+    """
+
+    def __init__(self, pixel_keys: Sequence[NestedKey] = DEFAULT_PIXEL_KEYS, exclude_keys: Sequence[NestedKey] = ()):
+        keys = list(pixel_keys)
+        super().__init__(in_keys=keys, out_keys=keys, in_keys_inv=keys, out_keys_inv=keys)
+        self.exclude_keys = list(exclude_keys)
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        for key in self.in_keys:
+            value = tensordict.get(key, None)
+            if value is not None and value.dtype == torch.uint8:
+                # k -> fl(k / 255) in float32, the value ToTensorImage's x.div(255) produces (IEEE division is
+                # correctly rounded, so bitwise identical); converting first is ~2x faster than a promoting div.
+                tensordict.set(key, value.to(torch.float32).div_(255))
+        return tensordict
+
+    def _inv_call(self, tensordict: TensorDictBase) -> TensorDictBase:
+        if self.exclude_keys:
+            tensordict = tensordict.exclude(*self.exclude_keys)
+        for key in self.in_keys_inv:
+            value = tensordict.get(key, None)
+            if value is None or value.dtype == torch.uint8:
+                continue
+            if not torch.is_floating_point(value):
+                raise TypeError(f"pixel entry {key!r} must be float in [0, 1] or uint8, got dtype {value.dtype}")
+            quantized = value.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+            if not torch.equal(quantized.div(255).to(value.dtype), value):
+                raise ValueError(
+                    f"pixel entry {key!r} holds values that are not multiples of 1/255 in [0, 1] "
+                    f"(min {value.min().item():.6g}, max {value.max().item():.6g}); storing them as uint8 would "
+                    "lose precision. Pass compress_pixels=False to make_replay to store floats."
+                )
+            tensordict.set(key, quantized)
+        return tensordict
+
+
+class SequenceReplayBuffer(TensorDictReplayBuffer):
+    """``TensorDictReplayBuffer`` whose ``sample()`` returns ``[B, T]`` sequences instead of ``[B * T]``.
+
+    ``extend`` accepts ``[N]`` or ``[n_envs, N]`` batches (multi-env collector output is flattened; the
+    fragmented slice sampler re-assembles episodes from their ids and step counts).
+    """
+
+    def __init__(self, *, seq_len: int, path: str | Path | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.seq_len = seq_len
+        self.path = None if path is None else Path(path)
+
+    def extend(self, tensordicts: TensorDictBase, **kwargs) -> torch.Tensor:
+        if tensordicts.ndim > 1:
+            tensordicts = tensordicts.reshape(-1)
+        return super().extend(tensordicts, **kwargs)
+
+    def sample(self, batch_size: int | None = None, return_info: bool = False, **kwargs):
+        out = super().sample(batch_size, return_info=return_info, **kwargs)
+        data, info = out if return_info else (out, None)
+        data = data.reshape(-1, self.seq_len)
+        return (data, info) if return_info else data
+
+
+def make_replay(
+    capacity: int,
+    seq_len: int,
+    batch_size: int,
+    path: str | Path | None = None,
+    *,
+    traj_key: NestedKey = DEFAULT_TRAJ_KEY,
+    step_key: NestedKey = "step_count",
+    compress_pixels: bool = True,
+    pixel_keys: Sequence[NestedKey] = DEFAULT_PIXEL_KEYS,
+    exclude_keys: Sequence[NestedKey] = (),
+    seed: int | None = None,
+    prefetch: int | None = None,
+) -> SequenceReplayBuffer:
+    """Replay of up to ``capacity`` transitions; ``sample()`` gives ``[batch_size, seq_len]`` within-episode slices.
+
+    ``path``: directory for the memmapped storage (``path/storage``); a buffer saved there with
+    :func:`save_replay` is reopened (its stored capacity must equal ``capacity``). ``None`` uses a temporary
+    directory removed at exit. ``seed`` seeds the sampler's generator (reproducible batches).
+    See the module docstring for the episode-boundary rule and the pixel storage format.
+    """
+    for name, value in (("capacity", capacity), ("seq_len", seq_len), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if seq_len > capacity:
+        raise ValueError(f"seq_len ({seq_len}) cannot exceed capacity ({capacity})")
+    if prefetch is not None and prefetch < 1:
+        raise ValueError(f"prefetch must be None or >= 1, got {prefetch}")
+
+    path = None if path is None else Path(path).absolute()
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+    storage = LazyMemmapStorage(
+        capacity,
+        scratch_dir=None if path is None else path / "storage",
+        existsok=True,
+    )
+    sampler = SliceSampler(
+        slice_len=seq_len,
+        traj_key=traj_key,
+        step_key=step_key,
+        fragmented=True,
+        strict_length=True,
+        init_key=None,
+        truncated_key=None,
+    )
+    transform = PixelsAsUint8(pixel_keys, exclude_keys) if compress_pixels else None
+    if transform is None and exclude_keys:
+        raise ValueError("exclude_keys needs compress_pixels=True (they are dropped by the write transform)")
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    rb = SequenceReplayBuffer(
+        seq_len=seq_len,
+        path=path,
+        storage=storage,
+        sampler=sampler,
+        batch_size=batch_size * seq_len,
+        transform=transform,
+        generator=generator,
+        prefetch=prefetch,
+    )
+    if path is not None and (path / "storage" / "storage_metadata.json").exists():
+        rb.loads(path)
+        # loads() restores the saved batch size; the caller's batch shape wins.
+        rb._batch_size = batch_size * seq_len
+        stored = rb.storage.max_size if not rb.storage.initialized else rb.storage._storage.shape[0]
+        if stored != capacity:
+            raise ValueError(f"replay at {path} was created with capacity {stored}, got capacity={capacity}")
+        if seed is not None:
+            # loads() restores the saved RNG state; an explicit seed wins.
+            rb.set_rng(torch.Generator().manual_seed(seed))
+    return rb
+
+
+def save_replay(rb: SequenceReplayBuffer) -> Path:
+    """Record a path-backed buffer's length, cursor and RNG state next to its memmaps (data is already there)."""
+    if rb.path is None:
+        raise ValueError("this replay buffer has no path; build it with make_replay(..., path=DIR) to save it")
+    rb.dumps(rb.path)
+    return rb.path

@@ -1,0 +1,240 @@
+"""Env specs, reset/step shapes, action repeat, multi-camera, Crafter achievements and score."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torchrl.collectors import Collector
+from torchrl.envs.utils import check_env_specs
+
+from d4func.data.offline import UniformRandomPolicy
+from d4func.envs.crafter_env import (
+    CRAFTER_ACHIEVEMENTS,
+    achievement_success_rates,
+    crafter_score,
+    make_crafter_env,
+)
+from d4func.envs.dmc import make_dmc_env, parse_dmc_name
+from d4func.envs.registry import env_config, make_env
+
+torch.set_num_threads(1)
+
+
+def _random_actions(n: int, dim: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, dim, generator=g) * 2 - 1
+
+
+def _step(env, td, action):
+    """One env step; returns the step's output and the next root (reset when the episode ended)."""
+    out = env.step(td.clone(False).set("action", action))
+    return out, env.maybe_reset(env.step_mdp(out))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# DMControl
+
+
+@pytest.fixture(scope="module")
+def cartpole():
+    env = make_dmc_env("cartpole", "swingup", image_size=64, action_repeat=2, seed=3)
+    yield env
+    env.close()
+
+
+def test_dmc_specs_and_rollout(cartpole):
+    env = cartpole
+    check_env_specs(env)
+    spec = env.action_spec
+    assert spec.shape == (1,) and spec.dtype == torch.float32
+    assert torch.equal(spec.space.low, -torch.ones(1)) and torch.equal(spec.space.high, torch.ones(1))
+    assert env.observation_spec["pixels"].shape == (3, 64, 64)
+    td = env.rollout(4, UniformRandomPolicy(spec, seed=0))
+    px = td["pixels"]
+    assert px.shape == (4, 3, 64, 64) and px.dtype == torch.float32
+    assert px.min() >= 0 and px.max() <= 1 and px.std() > 0.05
+    # frames are k / 255 exactly: float pixels straight from the renderer's uint8
+    assert torch.equal((px * 255).round() / 255, px)
+    assert td["next", "reward"].shape == (4, 1) and td["next", "reward"].dtype == torch.float32
+    for key in ("done", "terminated", "truncated"):
+        assert td["next", key].shape == (4, 1) and td["next", key].dtype == torch.bool
+    assert td["step_count"].reshape(-1).tolist() == [0, 1, 2, 3]
+    assert td["is_init"].reshape(-1).tolist() == [True, False, False, False]
+    assert not torch.equal(td["pixels"][0], td["next", "pixels"][-1])
+
+
+@pytest.mark.parametrize("repeat", [1, 3])
+def test_dmc_action_repeat_matches_manual_stepping(repeat):
+    """Each agent step = `repeat` physics-control steps with the same action; rewards summed; frame at the end."""
+    from dm_control import suite
+
+    env = make_dmc_env("cartpole", "swingup", image_size=32, action_repeat=repeat, seed=5)
+    td = env.reset()
+    raw = env.base_env._env._env  # the suite's control.Environment under our wrapper
+    ref = suite.load("cartpole", "swingup", task_kwargs={"random": 123})
+    ref.reset()
+    with ref.physics.reset_context():
+        ref.physics.set_state(raw.physics.get_state())
+    frame = ref.physics.render(height=32, width=32, camera_id=0)
+    assert torch.equal(td["pixels"], torch.from_numpy(frame.copy()).permute(2, 0, 1).div(255))
+    actions = _random_actions(4, 1, seed=1)
+    for a in actions:
+        out, td = _step(env, td, a)
+        reward = sum(ref.step(a.double().numpy()).reward for _ in range(repeat))
+        frame = ref.physics.render(height=32, width=32, camera_id=0)
+        assert out["next", "reward"].item() == pytest.approx(reward, rel=1e-6, abs=1e-7)
+        assert torch.equal(out["next", "pixels"], torch.from_numpy(frame.copy()).permute(2, 0, 1).div(255))
+    np.testing.assert_allclose(ref.physics.get_state(), raw.physics.get_state())
+    env.close()
+
+
+def test_dmc_episode_length_and_truncation():
+    # time_limit 0.2 s = 20 control steps of 10 ms = 10 agent steps at action repeat 2
+    env = make_dmc_env("cartpole", "swingup", image_size=16, action_repeat=2, seed=0, time_limit=0.2)
+    td = env.rollout(50, UniformRandomPolicy(env.action_spec, seed=0), break_when_any_done=True)
+    assert td.shape == (10,)
+    done = td["next", "done"].reshape(-1)
+    assert done[-1] and not done[:-1].any()
+    assert td["next", "truncated"][-1].item() and not td["next", "terminated"][-1].item()
+    env.close()
+
+
+def test_dmc_seed_reproducible():
+    a = make_dmc_env("cartpole", "swingup", image_size=16, seed=7).reset()["pixels"]
+    b = make_dmc_env("cartpole", "swingup", image_size=16, seed=7).reset()["pixels"]
+    c = make_dmc_env("cartpole", "swingup", image_size=16, seed=8).reset()["pixels"]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_dmc_multicamera():
+    multi = make_dmc_env("cartpole", "swingup", image_size=64, camera_ids=(0, 1), seed=2)
+    single = make_dmc_env("cartpole", "swingup", image_size=64, camera_ids=(1,), seed=2)
+    assert multi.observation_spec["pixels"].shape == (2, 3, 64, 64)
+    actions = _random_actions(2, 1, seed=0)
+    tm, ts = multi.reset(), single.reset()
+    for a in actions:
+        om, tm = _step(multi, tm, a)
+        os_, ts = _step(single, ts, a)
+        px = om["next", "pixels"]
+        assert px.shape == (2, 3, 64, 64) and px.dtype == torch.float32
+        assert (px[0] - px[1]).abs().mean() > 0.01  # two different viewpoints
+        assert torch.equal(px[1], os_["next", "pixels"])  # camera 1 of the pair = camera 1 alone
+    multi.close()
+    single.close()
+
+
+def test_dmc_bad_arguments():
+    with pytest.raises(ValueError, match="camera id 5"):
+        make_dmc_env("cartpole", "swingup", camera_ids=(0, 5))
+    with pytest.raises(ValueError, match="nope"):
+        make_dmc_env("cartpole", "nope")
+    with pytest.raises(ValueError, match="action_repeat"):
+        make_dmc_env("cartpole", "swingup", action_repeat=0)
+
+
+def test_collector_runs_random_policy_on_dmc():
+    env = make_dmc_env("cartpole", "swingup", image_size=32, seed=0)
+    collector = Collector(env, None, frames_per_batch=4, total_frames=8)
+    batches = list(collector)
+    collector.shutdown()
+    assert len(batches) == 2
+    for b in batches:
+        assert b.shape == (4,)
+        assert b["pixels"].shape == (4, 3, 32, 32)
+        assert b["action"].abs().max() <= 1
+        assert ("collector", "traj_ids") in b.keys(True)
+    steps = torch.cat([b["step_count"].reshape(-1) for b in batches])
+    assert steps.tolist() == list(range(8))
+
+
+def test_env_names():
+    assert parse_dmc_name("dmc:cartpole-swingup") == ("cartpole", "swingup", (0,))
+    assert parse_dmc_name("dmc:cartpole-swingup@0,1") == ("cartpole", "swingup", (0, 1))
+    assert parse_dmc_name("ball_in_cup-catch") == ("ball_in_cup", "catch", (0,))
+    with pytest.raises(ValueError, match="camera list"):
+        parse_dmc_name("dmc:cartpole-swingup@a")
+    with pytest.raises(ValueError, match="unknown env name"):
+        env_config("atari:pong")
+    assert env_config("dmc:cartpole-swingup@0,1")["camera_ids"] == [0, 1]
+    assert env_config("crafter", seed=3) == {"name": "crafter", "kind": "crafter", "image_size": 64, "seed": 3}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Crafter
+
+
+def test_crafter_specs():
+    env = make_env("crafter", seed=0)
+    check_env_specs(env)
+    assert env.action_spec.space.n == 17 and env.action_spec.shape == ()
+    assert env.observation_spec["pixels"].shape == (3, 64, 64)
+    assert env.observation_spec["achievements"].shape == (22,)
+    assert len(CRAFTER_ACHIEVEMENTS) == 22 and "collect_diamond" in CRAFTER_ACHIEVEMENTS
+    td = env.reset()
+    assert td["pixels"].dtype == torch.float32 and 0 <= td["pixels"].min() and td["pixels"].max() <= 1
+    assert not td["achievements"].any()
+    with pytest.raises(ValueError, match="image_size"):
+        make_crafter_env(image_size=4)
+
+
+def test_crafter_achievements_tracked_across_episode():
+    env = make_crafter_env(seed=0)
+    player_env = env.base_env._env
+    policy = UniformRandomPolicy(env.action_spec, seed=0)
+    td = env.reset()
+    previous = td["achievements"]
+    n_done = 0
+    unlocked_any = False
+    for _ in range(150):
+        out = env.step(policy(td.clone()))
+        ach = out["next", "achievements"]
+        # the vector is exactly crafter's own record of this episode, and only grows within it
+        assert ach.tolist() == [player_env._player.achievements[n] > 0 for n in CRAFTER_ACHIEVEMENTS]
+        assert (ach | previous).equal(ach)
+        unlocked_any |= bool(ach.any())
+        td = env.maybe_reset(env.step_mdp(out))
+        previous = td["achievements"]
+        if out["next", "done"].item():
+            n_done += 1
+            assert out["next", "terminated"].item() != out["next", "truncated"].item()
+            assert not td["achievements"].any()  # a new episode starts with nothing unlocked
+            assert td["is_init"].item() and td["step_count"].item() == 0
+    assert unlocked_any, "a seeded random run of 150 steps unlocks something (e.g. collect_sapling)"
+    assert n_done == 1  # this seed's random player dies once in 150 steps, so the reset path ran
+
+
+def test_crafter_seeded_worlds():
+    # world generation takes ~1 s per reset on this CPU: keep resets few
+    env = make_crafter_env(seed=1)
+    a = env.reset()["pixels"]
+    env.set_seed(2)
+    c = env.reset()["pixels"]
+    env.set_seed(1)  # restarts seed 1's sequence of worlds
+    b = env.reset()["pixels"]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_crafter_score_hand_cases():
+    assert crafter_score([0.0] * 22) == pytest.approx(0.0, abs=1e-12)
+    assert crafter_score([100.0] * 22) == pytest.approx(100.0)
+    assert crafter_score([100.0, 0.0]) == pytest.approx(math.sqrt(101.0) - 1.0)
+    assert crafter_score({"a": 3.0, "b": 15.0}) == pytest.approx(math.sqrt(4.0 * 16.0) - 1.0)
+    assert crafter_score(torch.tensor([10.0, 10.0, 10.0])) == pytest.approx(10.0)
+    # the geometric mean sits below the arithmetic mean when rates differ
+    assert crafter_score([90.0, 10.0]) < 50.0
+    for bad in ([], [-1.0], [100.5]):
+        with pytest.raises(ValueError):
+            crafter_score(bad)
+
+
+def test_achievement_success_rates():
+    eps = torch.zeros(4, 22, dtype=torch.bool)
+    eps[:, 0] = True
+    eps[:2, 1] = True
+    rates = achievement_success_rates(eps)
+    assert rates[0] == 100.0 and rates[1] == 50.0 and rates[2:].eq(0).all()
+    with pytest.raises(ValueError, match="episodes"):
+        achievement_success_rates(torch.zeros(4, 21, dtype=torch.bool))

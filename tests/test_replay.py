@@ -1,0 +1,293 @@
+"""Replay slices stay inside one episode; pixels round-trip bitwise; datasets reopen from disk unchanged."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tensordict import TensorDict
+from torchrl.collectors import Collector
+
+from d4func.data.offline import (
+    UniformRandomPolicy,
+    collect,
+    load_offline,
+    read_metadata,
+    record_episodes,
+)
+from d4func.data.replay import make_replay, save_replay
+from d4func.envs.crafter_env import make_crafter_env
+
+torch.set_num_threads(1)
+
+TRAJ = ("collector", "traj_ids")
+
+
+def _episode(traj_id: int, length: int, uid0: int, size: int = 4) -> TensorDict:
+    """A synthetic episode: ids, step counts, a unique id per transition and k/255 pixels derived from it."""
+    uid = torch.arange(uid0, uid0 + length)
+    k = ((uid[:, None, None, None] * 7 + torch.arange(3 * size * size).reshape(1, 3, size, size)) % 256).to(torch.uint8)
+    step = torch.arange(length)
+    done = step == length - 1
+    return TensorDict(
+        {
+            "pixels": k.div(255),
+            "uid": uid,
+            "step_count": step.unsqueeze(-1),
+            "is_init": (step == 0).unsqueeze(-1),
+            TRAJ: torch.full((length,), traj_id),
+            ("next", "pixels"): k.div(255),
+            ("next", "done"): done.unsqueeze(-1),
+            ("next", "truncated"): done.unsqueeze(-1),
+        },
+        [length],
+    )
+
+
+def _interleave(episodes: list[TensorDict], n_streams: int, chunk: int) -> list[TensorDict]:
+    """Write order of ``n_streams`` envs stepping in lockstep, each emitting ``chunk`` steps per batch."""
+    streams = [torch.cat(episodes[i::n_streams]) if episodes[i::n_streams] else None for i in range(n_streams)]
+    streams = [s for s in streams if s is not None]
+    out, pos = [], 0
+    while any(pos < s.shape[0] for s in streams):
+        for s in streams:
+            if pos < s.shape[0]:
+                out.append(s[pos : pos + chunk])
+        pos += chunk
+    return out
+
+
+def _assert_slices_within_episodes(sample: TensorDict, reference: dict[int, TensorDict], seq_len: int) -> None:
+    traj = sample[TRAJ]
+    steps = sample["step_count"][..., 0]
+    assert (traj == traj[:, :1]).all(), "a slice mixes episodes"
+    assert (steps.diff(dim=1) == 1).all(), "a slice skips or repeats steps"
+    for row in range(sample.shape[0]):
+        ep = reference[int(traj[row, 0])]
+        assert ep.shape[0] >= seq_len, "an episode shorter than seq_len was sampled"
+        s0 = int(steps[row, 0])
+        want = ep[s0 : s0 + seq_len]
+        assert torch.equal(sample["uid"][row], want["uid"])
+        assert torch.equal(sample["pixels"][row], want["pixels"])  # bitwise after uint8 storage
+        assert torch.equal(sample["is_init"][row], want["is_init"])  # stored flags untouched by the sampler
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 30), min_size=1, max_size=8),
+    seq_len=st.integers(1, 8),
+    n_streams=st.integers(1, 3),
+    chunk=st.integers(1, 10),
+    capacity_frac=st.floats(0.3, 1.5),
+    seed=st.integers(0, 1000),
+)
+def test_slices_never_cross_episodes(lengths, seq_len, n_streams, chunk, capacity_frac, seed):
+    total = sum(lengths)
+    capacity = max(seq_len, int(total * capacity_frac))
+    episodes, uid0 = [], 0
+    for i, n in enumerate(lengths):
+        episodes.append(_episode(i, n, uid0))
+        uid0 += n
+    reference = dict(enumerate(episodes))
+    rb = make_replay(capacity, seq_len, 4, seed=seed)
+    writes = _interleave(episodes, n_streams, chunk)
+    for w in writes:
+        rb.extend(w)
+    live = torch.cat(writes)[-capacity:]  # what survives the ring buffer
+    # a window of seq_len consecutive steps of one episode must still be stored for sampling to be possible
+    key = live[TRAJ] * 10_000 + live["step_count"][:, 0]
+    present = set(key.tolist())
+    possible = any(
+        all((t * 10_000 + s + j) in present for j in range(seq_len))
+        for t, s in zip(live[TRAJ].tolist(), live["step_count"][:, 0].tolist(), strict=True)
+    )
+    if not possible:
+        with pytest.raises(RuntimeError):
+            rb.sample()
+        return
+    for _ in range(3):
+        sample = rb.sample()
+        assert sample.shape == (4, seq_len)
+        _assert_slices_within_episodes(sample, reference, seq_len)
+        assert set((sample[TRAJ] * 10_000 + sample["step_count"][..., 0]).reshape(-1).tolist()) <= present
+
+
+def test_multi_env_batch_is_flattened_and_sampled_per_episode():
+    # a [n_envs, T] collector batch: rows are different episodes of the same length
+    a, b = _episode(0, 12, 0), _episode(1, 12, 100)
+    rb = make_replay(100, 6, 8, seed=0)
+    rb.extend(torch.stack([a[:6], b[:6]]))
+    rb.extend(torch.stack([a[6:], b[6:]]))
+    s = rb.sample()
+    assert s.shape == (8, 6)
+    _assert_slices_within_episodes(s, {0: a, 1: b}, 6)
+    # both halves of each episode are stitched: windows that straddle the two writes appear
+    assert (s["step_count"][:, 0, 0] % 6 != 0).any()
+
+
+def test_pixel_storage_is_uint8_and_input_untouched():
+    ep = _episode(0, 10, 0)
+    before = ep.clone()
+    rb = make_replay(20, 5, 2, seed=0)
+    rb.extend(ep)
+    assert rb.storage._storage["pixels"].dtype == torch.uint8
+    assert rb.storage._storage["next", "pixels"].dtype == torch.uint8
+    assert (ep == before).all() and "index" not in ep.keys()  # the caller's batch is not modified
+    back = rb[:10]
+    assert back["pixels"].dtype == torch.float32
+    assert torch.equal(back["pixels"], ep["pixels"]) and torch.equal(back["next", "pixels"], ep["next", "pixels"])
+
+
+def test_lossy_pixels_rejected_and_float_storage_option():
+    ep = _episode(0, 6, 0)
+    ep["pixels"] = ep["pixels"] + 1e-3
+    with pytest.raises(ValueError, match="multiples of 1/255"):
+        make_replay(10, 2, 1).extend(ep)
+    rb = make_replay(10, 2, 1, compress_pixels=False)
+    rb.extend(ep)
+    assert rb.storage._storage["pixels"].dtype == torch.float32
+    assert torch.equal(rb[:6]["pixels"], ep["pixels"])
+
+
+def test_exclude_keys_drops_next_pixels():
+    rb = make_replay(10, 2, 1, exclude_keys=[("next", "pixels")])
+    rb.extend(_episode(0, 6, 0))
+    assert ("next", "pixels") not in rb.storage._storage.keys(True)
+    assert "pixels" in rb.storage._storage.keys()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="seq_len"):
+        make_replay(10, 0, 1)
+    with pytest.raises(ValueError, match="cannot exceed capacity"):
+        make_replay(4, 5, 1)
+
+
+def test_reopen_from_disk_and_keep_writing(tmp_path):
+    a, b = _episode(0, 9, 0), _episode(1, 7, 50)
+    rb = make_replay(40, 3, 4, path=tmp_path / "rb", seed=0)
+    rb.extend(a)
+    save_replay(rb)
+    again = make_replay(40, 3, 4, path=tmp_path / "rb", seed=0)
+    assert again is not rb and len(again) == 9
+    assert torch.equal(again[:9]["uid"], a["uid"]) and torch.equal(again[:9]["pixels"], a["pixels"])
+    again.extend(b)  # the write cursor was restored: b lands after a
+    assert len(again) == 16
+    assert torch.equal(again[:16]["uid"], torch.cat([a["uid"], b["uid"]]))
+    _assert_slices_within_episodes(again.sample(), {0: a, 1: b}, 3)
+    with pytest.raises(ValueError, match="capacity"):
+        make_replay(50, 3, 4, path=tmp_path / "rb")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Offline datasets
+
+
+def _reference_rollout(n_steps: int, frames_per_batch: int, seed: int) -> TensorDict:
+    env = make_crafter_env(seed=seed)
+    policy = UniformRandomPolicy(env.action_spec, seed=seed)
+    total = -(-n_steps // frames_per_batch) * frames_per_batch
+    collector = Collector(env, policy, frames_per_batch=frames_per_batch, total_frames=total)
+    data = torch.cat([b.clone() for b in collector])[:n_steps]
+    collector.shutdown()
+    return data
+
+
+def test_offline_round_trip_is_bitwise(tmp_path):
+    n, fpb, seed = 50, 20, 4
+    meta = record_episodes(make_crafter_env(seed=seed), tmp_path / "ds", n_steps=n, seed=seed, frames_per_batch=fpb)
+    assert meta["n_steps"] == n and meta["capacity"] == n
+    assert meta["entries"]["pixels"] == {"shape": [3, 64, 64], "dtype": "float32"}
+    assert json.loads((tmp_path / "ds" / "dataset.json").read_text()) == meta
+    ref = _reference_rollout(n, fpb, seed)  # same seeds -> the same transitions, regenerated in memory
+
+    def check(rb):
+        assert len(rb) == n
+        back = rb[:n].exclude("index")
+        assert set(back.keys(True, True)) == set(ref.keys(True, True))
+        for key, value in ref.items(True, True):
+            assert value.dtype == back[key].dtype, key
+            assert torch.equal(value, back[key]), key
+        s = rb.sample()
+        assert s.shape == (2, 8)
+        idx = s["index"].reshape(-1)
+        assert torch.equal(s["pixels"].reshape(-1, 3, 64, 64), ref["pixels"][idx])
+        assert torch.equal(s["action"].reshape(-1), ref["action"][idx])
+
+    first = load_offline(tmp_path / "ds", seq_len=8, batch_size=2, seed=0)
+    check(first)
+    del first
+    check(load_offline(tmp_path / "ds", seq_len=8, batch_size=2, seed=1))  # a new buffer object, from disk
+
+
+def test_offline_episode_mode_dmc(tmp_path):
+    from d4func.envs.dmc import make_dmc_env
+
+    # 0.1 s episodes = 10 control steps = 5 agent steps at action repeat 2
+    env = make_dmc_env("cartpole", "swingup", image_size=16, seed=0, time_limit=0.1)
+    meta = record_episodes(env, tmp_path / "ds", n_episodes=3, seed=0, frames_per_batch=4, max_steps=40)
+    assert meta["n_episodes_complete"] == 3 and meta["n_steps"] == 15
+    rb = load_offline(tmp_path / "ds", seq_len=5, batch_size=6, seed=0)
+    s = rb.sample()
+    # seq_len = episode length: every row is one whole episode
+    assert (s["step_count"][..., 0] == torch.arange(5)).all()
+    assert s["is_init"][:, 0].all() and not s["is_init"][:, 1:].any()
+    assert s["next", "done"][:, -1].all() and not s["next", "done"][:, :-1].any()
+    assert s["action"].shape == (6, 5, 1) and s["action"].abs().max() <= 1
+
+
+def test_collect_multicamera_and_errors(tmp_path):
+    meta = collect("dmc:cartpole-swingup@0,1", tmp_path / "mc", steps=6, seed=1, image_size=16)
+    assert meta["entries"]["pixels"]["shape"] == [2, 3, 16, 16]
+    assert meta["env_config"]["camera_ids"] == [0, 1] and meta["policy"] == "uniform_random"
+    rb = load_offline(tmp_path / "mc", seq_len=3, batch_size=2)
+    assert rb.sample()["pixels"].shape == (2, 3, 2, 3, 16, 16)
+    assert read_metadata(tmp_path / "mc")["n_steps"] == 6
+    with pytest.raises(FileExistsError):
+        collect("crafter", tmp_path / "mc", steps=6)
+    with pytest.raises(ValueError, match="policy"):
+        collect("crafter", tmp_path / "x", steps=6, policy="expert")
+    with pytest.raises(FileNotFoundError, match="not a d4func dataset"):
+        load_offline(tmp_path, seq_len=2, batch_size=1)
+    with pytest.raises(ValueError, match="exactly one"):
+        record_episodes(lambda: None, tmp_path / "y", n_steps=3, n_episodes=1)
+
+
+def _short_cartpole(seed: int):
+    from d4func.envs.dmc import make_dmc_env
+
+    return make_dmc_env("cartpole", "swingup", image_size=16, seed=seed, time_limit=0.2)
+
+
+@pytest.mark.slow
+def test_multisync_collector_into_replay():
+    """Two worker processes: ids are unique across workers and slices stay within one worker's episode."""
+    import functools
+
+    from torchrl.collectors import MultiSyncCollector
+
+    collector = MultiSyncCollector(
+        [functools.partial(_short_cartpole, 0), functools.partial(_short_cartpole, 1)],
+        None,
+        frames_per_batch=16,
+        total_frames=64,
+    )
+    rb = make_replay(1000, 4, 16, seed=0)
+    seen = []
+    for batch in collector:
+        seen.append(batch.reshape(-1).clone())
+        rb.extend(batch)
+    collector.shutdown()
+    allt = torch.cat(seen)
+    episodes = {int(t): allt[allt[TRAJ] == t] for t in allt[TRAJ].unique()}
+    for ep in episodes.values():  # each id is one worker's episode: steps 0, 1, ... in order
+        assert torch.equal(ep["step_count"][:, 0], torch.arange(ep.shape[0]))
+    s = rb.sample()
+    traj, steps = s[TRAJ], s["step_count"][..., 0]
+    assert (traj == traj[:, :1]).all() and (steps.diff(dim=1) == 1).all()
+    for row in range(s.shape[0]):
+        ep = episodes[int(traj[row, 0])]
+        assert torch.equal(s["pixels"][row], ep["pixels"][int(steps[row, 0]) : int(steps[row, 0]) + 4])
