@@ -43,6 +43,8 @@ class DynamicsConfig:
     n_actions: int = 0  # discrete action count; 0 when actions are continuous
     k_max: int = 64  # finest step size d_min = 1 / k_max (power of two)
     sampling_steps: int = 4  # K at inference (paper: 4)
+    # Share of frames trained with bootstrap targets (d > d_min); None samples k uniformly (see objectives.py).
+    bootstrap_fraction: float | None = 0.25
     context_noise: float = 0.1  # tau_ctx: past frames are re-noised by this amount, i.e. to signal 1 - 0.1
 
     def __post_init__(self) -> None:
@@ -67,6 +69,9 @@ class DynamicsConfig:
             k = getattr(self, name)
             if k & (k - 1) or k > self.k_max:
                 raise ValueError(f"DynamicsConfig.{name} must be a power of two <= k_max={self.k_max}, got {k}")
+        if self.bootstrap_fraction is not None and not 0.0 <= self.bootstrap_fraction <= 1.0:
+            raise ValueError(f"DynamicsConfig.bootstrap_fraction must lie in [0, 1] or be None, got "
+                             f"{self.bootstrap_fraction}")
         if not 0.0 <= self.context_noise < 1.0:
             raise ValueError(f"DynamicsConfig.context_noise must lie in [0, 1), got {self.context_noise}")
 

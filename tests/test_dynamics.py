@@ -105,10 +105,14 @@ def test_bad_inputs_name_the_value():
 
 
 @settings(max_examples=30, deadline=None)
-@given(k_max=st.sampled_from([1, 2, 4, 8, 64]), seed=st.integers(0, 2**16))
-def test_step_sizes_and_signal_levels_stay_on_the_grid(k_max, seed):
+@given(
+    k_max=st.sampled_from([1, 2, 4, 8, 64]),
+    fraction=st.sampled_from([None, 0.0, 0.25, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_step_sizes_and_signal_levels_stay_on_the_grid(k_max, fraction, seed):
     gen = torch.Generator().manual_seed(seed)
-    d = sample_step_sizes((64,), k_max, gen)
+    d = sample_step_sizes((64,), k_max, gen, bootstrap_fraction=fraction)
     tau = sample_signal_levels(d, gen)
     k = 1.0 / d
     assert torch.equal(k, torch.round(k)) and ((k.long() & (k.long() - 1)) == 0).all()  # powers of two
@@ -116,6 +120,32 @@ def test_step_sizes_and_signal_levels_stay_on_the_grid(k_max, seed):
     index = tau / d
     assert torch.allclose(index, torch.round(index))  # tau on the grid of its own d
     assert (tau >= 0).all() and (tau <= 1 - d + 1e-7).all()
+
+
+def test_bootstrap_fraction_sets_the_share_of_coarse_steps():
+    gen = torch.Generator().manual_seed(0)
+    d = sample_step_sizes((20_000,), 16, gen, bootstrap_fraction=0.25)
+    coarse = d > 1 / 16
+    assert abs(coarse.float().mean().item() - 0.25) < 0.02
+    assert set(d[coarse].unique().tolist()) == {1.0, 0.5, 0.25, 0.125}  # every larger size appears
+    uniform = sample_step_sizes((20_000,), 16, gen)
+    assert abs((uniform == 1 / 16).float().mean().item() - 0.2) < 0.02  # 1 of 5 sizes
+    with pytest.raises(ValueError, match="1.5"):
+        sample_step_sizes((4,), 16, gen, bootstrap_fraction=1.5)
+
+
+def test_past_frames_and_actions_reach_later_predictions():
+    """The time layers carry information forward: a model that ignored the past would pass the causality test."""
+    cfg, model, params = make()
+    z, tau, d, actions = inputs(cfg)
+    x, _, _ = apply(model, params, z, tau, d, actions)
+    z2, actions2 = z.clone(), actions.clone()
+    z2[:, 0] = -z2[:, 0]
+    actions2[:, 1] = -actions2[:, 1]
+    x_z, _, _ = apply(model, params, z2, tau, d, actions)
+    x_a, _, _ = apply(model, params, z, tau, d, actions2)
+    assert not torch.allclose(x[:, 4], x_z[:, 4], atol=1e-4)
+    assert not torch.allclose(x[:, 4], x_a[:, 4], atol=1e-4)
 
 
 def test_ramp_weight_values():
