@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-from einops import rearrange
+from einops import rearrange, repeat
 from tensordict import TensorDict
 from torch import Tensor, nn
 
@@ -95,17 +95,44 @@ def _space_mask(layout: TokenLayout, mode: str) -> Tensor:
 
 
 def empty_cache(batch: int, device: torch.device | str | None = None) -> TensorDict:
-    """A KV cache holding no timesteps yet: only the next time position, 0."""
-    return TensorDict({"next_pos": torch.zeros(batch, dtype=torch.long)}, batch_size=[batch], device=device)
+    """A KV cache holding no timesteps yet: the next time position (0) and an empty validity mask."""
+    return TensorDict(
+        {"next_pos": torch.zeros(batch, dtype=torch.long), "valid": torch.zeros(batch, 0, dtype=torch.bool)},
+        batch_size=[batch],
+        device=device,
+    )
+
+
+def _map_steps(cache: TensorDict, index: slice) -> TensorDict:
+    """Apply a slice along the time axis of every cached K/V (`[B, N, H_kv, T, Dh]`) and of `valid` (`[B, T]`)."""
+    out = cache.exclude("next_pos", "valid").apply(lambda kv: kv[..., index, :])
+    out["valid"] = cache["valid"][:, index]
+    out["next_pos"] = cache["next_pos"]
+    return out
 
 
 def drop_last_steps(cache: TensorDict, n: int) -> TensorDict:
     """The cache without its last `n` timesteps (e.g. a frame that was only being denoised, not committed)."""
     if n == 0:
         return cache
-    kept = cache.exclude("next_pos").apply(lambda kv: kv[..., :-n, :])
+    kept = _map_steps(cache, slice(None, -n))
     kept["next_pos"] = cache["next_pos"] - n
     return kept
+
+
+def keep_last_steps(cache: TensorDict, n: int) -> TensorDict:
+    """A sliding window: keep only the newest `n` cached timesteps (positions stay absolute; RoPE is relative)."""
+    if cache["valid"].shape[1] <= n:
+        return cache
+    return _map_steps(cache, slice(-n, None))
+
+
+def reset_cache(cache: TensorDict, reset: Tensor) -> TensorDict:
+    """Forget every cached timestep of the batch entries where `reset` `[B]` is True (a new episode begins there):
+    their keys are masked out of all later time attention."""
+    out = cache.clone(recurse=False)
+    out["valid"] = cache["valid"] & ~reset[:, None]
+    return out
 
 
 class Block(nn.Module):
@@ -137,9 +164,10 @@ class BlockCausalTransformer(nn.Module):
     """Factorised space/time transformer over `[B, T, N, D]` tokens.
 
     `forward(x, space_mask, cache)` returns `(y, new_cache)`. `cache` is a TensorDict with batch size `[B]`
-    holding, for every time layer, keys and values `[B, N, H_kv, T_past, head_dim]` and the absolute time position
-    `next_pos` of the next step; `empty_cache(batch)` makes one. With a cache, `x` holds only the new timesteps and
-    the returned cache has them appended; without one, `new_cache` is None.
+    holding, for every time layer, keys and values `[B, N, H_kv, T_past, head_dim]`, a `valid` mask `[B, T_past]`
+    (False for steps forgotten by `reset_cache`) and the absolute time position `next_pos` of the next step;
+    `empty_cache(batch)` makes one. With a cache, `x` holds only the new timesteps and the returned cache has them
+    appended; without one, `new_cache` is None. `keep_last_steps` bounds the cache to a sliding window.
     """
 
     def __init__(self, cfg: TransformerConfig) -> None:
@@ -171,6 +199,15 @@ class BlockCausalTransformer(nn.Module):
         start = 0 if cache is None else int(cache["next_pos"][0])
         time_pos = torch.arange(start, start + steps, device=x.device)
         space_pos = torch.arange(n_tokens, device=x.device)
+        time_mask, causal = None, True
+        if cache is not None:
+            valid = torch.cat([cache["valid"], torch.ones(batch, steps, dtype=torch.bool, device=x.device)], dim=1)
+            if not bool(valid.all()):
+                # Some batch entries forgot earlier steps (episode reset): causal mask and per-entry key validity.
+                past = valid.shape[1] - steps
+                causal_mask = torch.ones(steps, past + steps, dtype=torch.bool, device=x.device).tril(past)
+                time_mask = repeat(causal_mask[None] & valid[:, None, :], "b q k -> (b n) 1 q k", n=n_tokens)
+                causal = False
         new_entries = {}
         for index, layer in enumerate(self.layers):
             if not self.cfg.is_time_layer(index):
@@ -178,12 +215,12 @@ class BlockCausalTransformer(nn.Module):
                 flat, _ = layer(flat, space_pos, mask=space_mask)
                 x = rearrange(flat, "(b t) n d -> b t n d", b=batch)
                 continue
-            past = None
+            past_kv = None
             key = f"layer_{index}"
             if cache is not None and key in cache.keys():
-                past = tuple(rearrange(cache[key, name], "b n g t d -> (b n) g t d") for name in ("k", "v"))
+                past_kv = tuple(rearrange(cache[key, name], "b n g t d -> (b n) g t d") for name in ("k", "v"))
             flat = rearrange(x, "b t n d -> (b n) t d")
-            flat, (k, v) = layer(flat, time_pos, is_causal=True, past_kv=past)
+            flat, (k, v) = layer(flat, time_pos, mask=time_mask, is_causal=causal, past_kv=past_kv)
             x = rearrange(flat, "(b n) t d -> b t n d", b=batch)
             if cache is not None:
                 new_entries[key] = {
@@ -194,6 +231,7 @@ class BlockCausalTransformer(nn.Module):
         if cache is None:
             return y, None
         new_cache = TensorDict(
-            {"next_pos": cache["next_pos"] + steps, **new_entries}, batch_size=[batch], device=x.device
+            {"next_pos": cache["next_pos"] + steps, "valid": valid, **new_entries}, batch_size=[batch],
+            device=x.device,
         )
         return y, new_cache

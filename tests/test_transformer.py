@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from d4func.config import TransformerConfig
 from d4func.functional import apply, init, template
-from d4func.transformer import BlockCausalTransformer, TokenLayout
+from d4func.transformer import BlockCausalTransformer, TokenLayout, keep_last_steps, reset_cache
 
 LAYOUTS = {
     "encoder": TokenLayout.of(patches=5, latents=3),
@@ -139,3 +139,37 @@ def test_time_layer_placement_and_bad_inputs():
         apply(model, params, torch.randn(2, 3, 32))
     with pytest.raises(ValueError, match="space_mask shape"):
         apply(model, params, torch.randn(1, 2, 4, 32), torch.ones(3, 3, dtype=torch.bool))
+
+
+def test_reset_cache_makes_an_entry_start_afresh_and_leaves_others_alone():
+    model, params = make_model()
+    layout = LAYOUTS["world_model"]
+    mask = layout.space_mask("world_model")
+    x = torch.randn(2, 6, layout.n_tokens, 32)
+    cache = model.empty_cache(2)
+    _, cache = apply(model, params, x[:, :3], mask, cache)
+    cache = reset_cache(cache, torch.tensor([True, False]))  # entry 0 starts a new episode at step 3
+    after, _ = apply(model, params, x[:, 3:], mask, cache)
+    fresh, _ = apply(model, params, x[:1, 3:], mask)
+    full, _ = apply(model, params, x[1:], mask)
+    torch.testing.assert_close(after[:1], fresh, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(after[1:], full[:, 3:], atol=1e-5, rtol=1e-4)
+
+
+def test_sliding_window_equals_a_fresh_pass_over_the_window():
+    # One space layer then one time layer: the cached keys of a step do not depend on earlier steps, so a window of
+    # the last 3 cached steps must give exactly a fresh pass over those 3 steps plus the new one.
+    model, params = make_model(n_layers=2, time_every=2)
+    layout = LAYOUTS["world_model"]
+    mask = layout.space_mask("world_model")
+    x = torch.randn(2, 7, layout.n_tokens, 32)
+    cache = model.empty_cache(2)
+    for t in range(6):
+        _, cache = apply(model, params, x[:, t : t + 1], mask, cache)
+        cache = keep_last_steps(cache, 3)
+    assert cache["valid"].shape == (2, 3) and int(cache["next_pos"][0]) == 6
+    last, _ = apply(model, params, x[:, 6:], mask, cache)
+    window, _ = apply(model, params, x[:, 3:], mask)
+    torch.testing.assert_close(last, window[:, -1:], atol=1e-5, rtol=1e-4)
+    full, _ = apply(model, params, x, mask)
+    assert not torch.allclose(last, full[:, -1:], atol=1e-4)  # the window did forget steps 0..2
