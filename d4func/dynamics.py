@@ -181,6 +181,12 @@ class Dynamics(nn.Module):
         elif actions.shape != (batch, steps, self.cfg.action_dim):
             raise ValueError(f"continuous actions must be [B, T, A] = [{batch}, {steps}, {self.cfg.action_dim}], "
                              f"got {tuple(actions.shape)}")
+        elif not torch._C._functorch.is_functorch_wrapped_tensor(actions):
+            known = actions if action_mask is None else actions[action_mask]
+            if known.numel() and not bool(((known >= -1.0) & (known <= 1.0)).all()):
+                bad = known[~((known >= -1.0) & (known <= 1.0))]
+                raise ValueError(f"continuous actions must lie in [-1, 1] (NaN is not allowed), got e.g. "
+                                 f"{bad.flatten()[0].item()}")
         embedded = rearrange(self.action_embed(actions), "b t d -> b t 1 d")
         if action_mask is None:
             return embedded

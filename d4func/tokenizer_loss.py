@@ -1,0 +1,188 @@
+"""Tokenizer objective and train step (paper Section 3.1): MSE + 0.2 · LPIPS under MAE masking, each term divided
+by a running estimate of its own root mean square.
+
+Loss normalisation: for each term L_i the train state keeps an exponential moving average of L_i², debiased like
+Adam's moments; the loss is sum_i w_i · L_i / sg(RMS_i). Every term thus contributes on the scale of its own
+typical size, whatever its units, and the weights w_i mean what they say. The running statistics are a TensorDict
+(`state["loss_rms"]`) updated by the pure `update_loss_rms`, never hidden module state. The statistics are updated
+with the current batch before dividing, so the very first step sees each normalised term equal to exactly 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from einops import rearrange
+from tensordict import TensorDict, TensorDictBase
+from torch import Tensor
+
+from d4func.functional import apply, grad_and_value
+from d4func.optim import AdamWConfig
+from d4func.tokenizer import Tokenizer
+from d4func.train.state import apply_gradients, new_train_state
+
+LOSS_TERMS = ("mse", "lpips")
+LPIPSFn = Any  # callable (x [N, 3, H, W], y [N, 3, H, W]) in [0, 1] -> distances [N]; see d4func.lpips_loss
+
+
+@dataclass(frozen=True)
+class TokenizerLossConfig:
+    mse_weight: float = 1.0
+    lpips_weight: float = 0.2  # paper: MSE + 0.2 · LPIPS
+    mask: bool = True  # MAE patch dropping while training (paper Section 3.1)
+    rms_decay: float = 0.99  # EMA decay of the running mean of each term's square
+    rms_eps: float = 1e-8
+    lpips_net: str = "alex"
+    lpips_backbone_path: str | None = None  # else the torch hub cache; see d4func.lpips_loss
+
+    def __post_init__(self) -> None:
+        for name in ("mse_weight", "lpips_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TokenizerLossConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.mse_weight == 0 and self.lpips_weight == 0:
+            raise ValueError("TokenizerLossConfig: mse_weight and lpips_weight cannot both be 0")
+        if not 0.0 <= self.rms_decay < 1.0:
+            raise ValueError(f"TokenizerLossConfig.rms_decay must lie in [0, 1), got {self.rms_decay}")
+        if self.rms_eps <= 0:
+            raise ValueError(f"TokenizerLossConfig.rms_eps must be > 0, got {self.rms_eps}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running RMS normalisation (pure)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def init_loss_rms(names: tuple[str, ...] = LOSS_TERMS) -> TensorDict:
+    """Empty running statistics: per term the EMA of its square and the number of updates."""
+    return TensorDict({name: {"mean_sq": torch.zeros(()), "count": torch.zeros(())} for name in names}, batch_size=[])
+
+
+def update_loss_rms(loss_rms: TensorDictBase, values: dict[str, Tensor], decay: float) -> TensorDict:
+    """New statistics after observing the scalar terms `values` (detached); terms not in `values` are kept."""
+    new = loss_rms.clone(recurse=False)
+    for name, value in values.items():
+        if name not in loss_rms.keys():
+            raise KeyError(f"no running RMS entry for loss term {name!r}; have {list(loss_rms.keys())}")
+        value = value.detach().to(loss_rms[name, "mean_sq"].dtype)
+        new[name] = {
+            "mean_sq": torch.lerp(loss_rms[name, "mean_sq"], value.square(), 1.0 - decay),
+            "count": loss_rms[name, "count"] + 1,
+        }
+    return new
+
+
+def loss_rms_value(loss_rms: TensorDictBase, name: str, decay: float) -> Tensor:
+    """Debiased running RMS of term `name`: sqrt(EMA(L²) / (1 - decay^count)); 0 before any update."""
+    count = loss_rms[name, "count"]
+    debias = 1.0 - torch.pow(torch.as_tensor(decay, dtype=count.dtype), count)
+    return torch.sqrt(loss_rms[name, "mean_sq"] / debias.clamp_min(1e-12))
+
+
+def normalize_losses(
+    values: dict[str, Tensor], loss_rms: TensorDictBase, decay: float, eps: float
+) -> dict[str, Tensor]:
+    """Each term divided by its (stop-gradient) running RMS."""
+    return {
+        name: value / loss_rms_value(loss_rms, name, decay).detach().clamp_min(eps).to(value.dtype)
+        for name, value in values.items()
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------------------------
+
+
+def psnr(reconstruction: Tensor, target: Tensor) -> Tensor:
+    """Mean over images of per-image PSNR in dB (peak 1), reconstruction clamped to [0, 1]. Images `[..., C, H, W]`."""
+    err = (reconstruction.detach().clamp(0.0, 1.0) - target).square().mean(dim=(-3, -2, -1))
+    return (10.0 * torch.log10(1.0 / err.clamp_min(1e-10))).mean()
+
+
+def _images(frames: Tensor) -> Tensor:
+    """`[..., C, H, W]` -> `[N, C, H, W]`."""
+    return rearrange(frames, "... c h w -> (...) c h w")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loss and train step
+# --------------------------------------------------------------------------------------------------------------
+
+
+def tokenizer_loss(
+    params: TensorDictBase,
+    frames: Tensor,
+    generator: torch.Generator | None,
+    *,
+    template: Tokenizer,
+    cfg: TokenizerLossConfig,
+    loss_rms: TensorDictBase,
+    lpips_fn: LPIPSFn | None = None,
+) -> tuple[Tensor, dict[str, Any]]:
+    """Normalised MSE + LPIPS of the (MAE-masked when `cfg.mask`) reconstruction of `frames`.
+
+    Returns `(loss, metrics)`; metrics hold the raw terms (`mse`, `lpips` when used), `psnr`, `mask_rate` and
+    `loss_rms`, the updated running statistics to store in the train state.
+    """
+    if cfg.lpips_weight > 0 and lpips_fn is None:
+        raise ValueError(
+            f"TokenizerLossConfig.lpips_weight={cfg.lpips_weight} needs an lpips_fn "
+            "(d4func.lpips_loss.make_lpips); set lpips_weight=0 to train on MSE alone"
+        )
+    recon, _, drop = apply(template, params, frames, mode="autoencode", generator=generator, mask=cfg.mask)
+    terms = {"mse": (recon - frames).square().mean()}
+    if cfg.lpips_weight > 0:
+        terms["lpips"] = lpips_fn(_images(recon), _images(frames)).mean()
+    new_rms = update_loss_rms(loss_rms, terms, cfg.rms_decay)
+    normed = normalize_losses(terms, new_rms, cfg.rms_decay, cfg.rms_eps)
+    weights = {"mse": cfg.mse_weight, "lpips": cfg.lpips_weight}
+    loss = sum(weights[name] * value for name, value in normed.items())
+    metrics: dict[str, Any] = {name: value.detach() for name, value in terms.items()}
+    metrics["psnr"] = psnr(recon, frames)
+    metrics["mask_rate"] = drop.float().mean() if drop is not None else torch.zeros(())
+    metrics["loss_rms"] = new_rms
+    return loss, metrics
+
+
+def new_tokenizer_train_state(params: TensorDictBase, with_ema: bool = True) -> TensorDict:
+    """Train state (params, AdamW moments, EMA, step) plus the running loss statistics `loss_rms`."""
+    state = new_train_state(params, with_ema=with_ema)
+    state["loss_rms"] = init_loss_rms()
+    return state
+
+
+def tokenizer_train_step(
+    state: TensorDictBase,
+    frames: Tensor,
+    generator: torch.Generator | None,
+    *,
+    template: Tokenizer,
+    cfg: TokenizerLossConfig,
+    optim: AdamWConfig,
+    ema_decay: float | None = None,
+    lpips_fn: LPIPSFn | None = None,
+) -> tuple[TensorDict, dict[str, Tensor]]:
+    """One AdamW step on the tokenizer loss: `state, metrics = tokenizer_train_step(state, frames, gen, ...)`."""
+    if "loss_rms" not in state.keys():
+        raise KeyError("train state has no 'loss_rms'; build it with new_tokenizer_train_state")
+    loss_fn = partial(tokenizer_loss, template=template, cfg=cfg, loss_rms=state["loss_rms"], lpips_fn=lpips_fn)
+    grads, (loss, metrics) = grad_and_value(loss_fn, has_aux=True)(state["params"], frames, generator)
+    new_rms = metrics.pop("loss_rms")
+    new_state, opt_metrics = apply_gradients(state, grads, optim, ema_decay)
+    new_state["loss_rms"] = new_rms
+    return new_state, {"loss": loss, **metrics, **opt_metrics}
+
+
+@torch.no_grad()
+def reconstruction_metrics(
+    template: Tokenizer, params: TensorDictBase, frames: Tensor, lpips_fn: LPIPSFn | None = None
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Unmasked (inference) reconstruction of `frames`: metrics `mse`, `psnr` (and `lpips`) and the reconstruction."""
+    recon, _, _ = apply(template, params, frames, mode="autoencode")
+    metrics = {"mse": (recon - frames).square().mean(), "psnr": psnr(recon, frames)}
+    if lpips_fn is not None:
+        metrics["lpips"] = lpips_fn(_images(recon.clamp(0, 1)), _images(frames)).mean()
+    return metrics, recon

@@ -1,0 +1,115 @@
+"""GPU-path switches: bf16 autocast, fused attention through SDPA, optional `torch.compile` of step functions.
+
+All three are off-by-default flags of `PrecisionConfig`, so the CPU path (and every test that does not ask for
+them) runs plain float32 eager code.
+
+* bf16 autocast: matmuls and attention run in bfloat16 inside `autocast(cfg, device)`; params, AdamW moments, EMA
+  and gradients stay float32 (autocast casts on the fly; autograd returns float32 gradients for float32 leaves),
+  so no loss scaling is needed (bf16 has float32's exponent range). Works on CPU too, which the tests use.
+* Fused attention: `layers.attend` calls `F.scaled_dot_product_attention` whenever `TransformerConfig.logit_cap`
+  is None; soft-capping needs the logits themselves and takes the explicit einsum path. On CUDA, SDPA picks flash
+  attention where it applies (the time layers: causal, no explicit mask) and memory-efficient / cuDNN attention for
+  the masked space layers (flash takes no arbitrary mask). `fused_attention_only=True` forbids SDPA's math
+  fallback on CUDA (it raises instead of silently running the slow kernel) and rejects a logit cap.
+* `torch.compile`: `compile_step(fn, cfg)` compiles a step function when `cfg.compile` is set. Compiling imports
+  inductor and triton; never do it in a process that renders with EGL (MuJoCo `MUJOCO_GL=egl`): keep rendering in
+  the env / collector processes and compile only in the learner process. `grad_and_value` calls
+  `torch.autograd.grad`, where dynamo breaks the graph: the forward loss is compiled (with its AOT backward) and
+  the optimizer update is a second compiled graph; that is the expected shape, not a bug.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from d4func.config import TransformerConfig
+
+__all__ = [
+    "PrecisionConfig",
+    "autocast",
+    "check_attention_config",
+    "compile_step",
+    "precision_context",
+    "sdpa_backends",
+    "wrap_step",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    bf16: bool = False  # autocast compute to bfloat16 (params and optimizer state stay float32)
+    compile: bool = False  # torch.compile the step functions
+    compile_mode: str = "default"
+    fused_attention_only: bool = False  # CUDA: forbid SDPA's math fallback; requires logit_cap=None
+
+    def __post_init__(self) -> None:
+        if self.compile_mode not in _COMPILE_MODES:
+            raise ValueError(f"PrecisionConfig.compile_mode must be one of {_COMPILE_MODES}, got "
+                             f"{self.compile_mode!r}")
+
+
+def _device_type(device: torch.device | str) -> str:
+    return torch.device(device).type
+
+
+def autocast(cfg: PrecisionConfig, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on `device` when `cfg.bf16`, else a no-op context."""
+    if not cfg.bf16:
+        return contextlib.nullcontext()
+    device_type = _device_type(device)
+    if device_type not in ("cpu", "cuda"):
+        raise ValueError(f"bf16 autocast is supported on cpu and cuda, got device {device!r}")
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+
+
+def sdpa_backends(cfg: PrecisionConfig, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """On CUDA with `cfg.fused_attention_only`: allow only flash, memory-efficient and cuDNN SDPA kernels, so an
+    input that would fall back to the math kernel raises. Elsewhere a no-op."""
+    if not (cfg.fused_attention_only and _device_type(device) == "cuda"):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION])
+
+
+@contextlib.contextmanager
+def precision_context(cfg: PrecisionConfig, device: torch.device | str) -> Iterator[None]:
+    """`autocast` and `sdpa_backends` together: wrap the forward + backward of a step in it."""
+    with autocast(cfg, device), sdpa_backends(cfg, device):
+        yield
+
+
+def check_attention_config(transformer: TransformerConfig, cfg: PrecisionConfig, name: str = "transformer") -> None:
+    """`fused_attention_only` needs `logit_cap=None`: soft-capped logits cannot go through SDPA."""
+    if cfg.fused_attention_only and transformer.logit_cap is not None:
+        raise ValueError(f"PrecisionConfig.fused_attention_only needs {name}.logit_cap=None (soft-capping computes "
+                         f"logits explicitly), got logit_cap={transformer.logit_cap}")
+
+
+def compile_step(fn: F, cfg: PrecisionConfig, **compile_kwargs: Any) -> F:
+    """`torch.compile(fn)` when `cfg.compile`, else `fn` itself. Not in EGL-rendering processes (module doc)."""
+    if not cfg.compile:
+        return fn
+    return torch.compile(fn, mode=cfg.compile_mode, **compile_kwargs)
+
+
+def wrap_step(step_fn: F, cfg: PrecisionConfig, device: torch.device | str) -> F:
+    """`step_fn` run inside `precision_context(cfg, device)` and compiled when `cfg.compile`: the one call a
+    training loop makes to honour all three flags. With every flag off it is `step_fn` itself."""
+    if not (cfg.bf16 or cfg.fused_attention_only or cfg.compile):
+        return step_fn
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        with precision_context(cfg, device):
+            return step_fn(*args, **kwargs)
+
+    return compile_step(step, cfg)  # type: ignore[return-value]

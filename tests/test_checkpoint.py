@@ -1,0 +1,232 @@
+"""Checkpoints: bitwise round trips, every RNG restored, atomic writes, pruning, fallback, and exact resume."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tensordict import TensorDict
+
+from d4func.config import TransformerConfig
+from d4func.dynamics import DynamicsConfig
+from d4func.train import checkpoint as C
+
+torch.set_num_threads(1)
+sys.path.insert(0, str(Path(__file__).parent))
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.uint8,
+          torch.bool]
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """A view that compares bitwise (NaN payloads and -0.0 included)."""
+    if x.dtype == torch.bool:
+        return x.view(torch.uint8)
+    return x.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+
+
+def _assert_bitwise(a: TensorDict, b: TensorDict) -> None:
+    assert a.batch_size == b.batch_size
+    keys_a = sorted(a.keys(include_nested=True, leaves_only=True), key=str)
+    keys_b = sorted(b.keys(include_nested=True, leaves_only=True), key=str)
+    assert keys_a == keys_b
+    for key in keys_a:
+        x, y = a.get(key), b.get(key)
+        assert x.dtype == y.dtype and x.shape == y.shape, key
+        assert torch.equal(_bits(x), _bits(y)), key
+
+
+def _random_leaf(draw, batch: list[int]) -> torch.Tensor:
+    dtype = draw(st.sampled_from(DTYPES))
+    shape = batch + draw(st.lists(st.integers(0, 4), max_size=2))
+    raw = torch.randint(0, 256, (int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size(),),
+                        generator=torch.Generator().manual_seed(draw(st.integers(0, 2**31))), dtype=torch.uint8)
+    if dtype == torch.bool:
+        return (raw % 2).bool().reshape(shape)
+    return raw.view(dtype).reshape(shape)  # arbitrary bit patterns: NaNs, infs, subnormals, -0.0
+
+
+@st.composite
+def trees(draw, batch: tuple[int, ...] = (), depth: int = 0) -> TensorDict:
+    """Random nested TensorDicts; a nested one's batch size extends its parent's."""
+    entries = {}
+    for i in range(draw(st.integers(1, 3))):
+        if depth < 2 and draw(st.booleans()):
+            sub_batch = batch + tuple(draw(st.lists(st.integers(1, 3), max_size=1)))
+            entries[f"sub{i}"] = draw(trees(sub_batch, depth + 1))
+        else:
+            entries[f"leaf{i}"] = _random_leaf(draw, list(batch))
+    return TensorDict(entries, batch_size=list(batch))
+
+
+@settings(max_examples=15, deadline=None)
+@given(tree=st.lists(st.integers(1, 3), max_size=1).flatmap(lambda b: trees(tuple(b))))
+def test_tensordicts_round_trip_bitwise(tmp_path_factory, tree) -> None:
+    run_dir = tmp_path_factory.mktemp("rt")
+    path = C.save_checkpoint(run_dir, 5, {"tree": tree, "nested": {"list": [tree, 3]}})
+    loaded = C.load_checkpoint(path)
+    assert loaded.step == 5
+    _assert_bitwise(loaded.payload["tree"], tree)
+    _assert_bitwise(loaded.payload["nested"]["list"][0], tree)
+    assert loaded.payload["nested"]["list"][1] == 3
+
+
+def test_payload_primitives_config_and_batch_sizes(tmp_path) -> None:
+    cfg = DynamicsConfig(transformer=TransformerConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2),
+                         latent_tokens=8, action_dim=3)
+    state = TensorDict({"params": {"w": torch.randn(4, 3)}, "loss_rms": torch.ones(2),
+                        "step": torch.tensor(7)}, [])
+    batched = TensorDict({"x": torch.randn(2, 3, 5), "inner": TensorDict({"y": torch.zeros(2, 3)}, [2, 3])}, [2])
+    payload = {"states": {"dyn": state}, "batched": batched, "config": C.config_to_dict(cfg),
+               "counters": {"env_steps": 1234, "updates": 7}, "tuple": (1, 2.5, None, "x", True)}
+    loaded = C.load_checkpoint(C.save_checkpoint(tmp_path, 7, payload)).payload
+    _assert_bitwise(loaded["states"]["dyn"], state)
+    assert loaded["batched"]["inner"].batch_size == torch.Size([2, 3])
+    assert loaded["batched"].batch_size == torch.Size([2])
+    assert C.config_from_dict(DynamicsConfig, loaded["config"]) == cfg
+    assert loaded["counters"] == {"env_steps": 1234, "updates": 7}
+    assert loaded["tuple"] == (1, 2.5, None, "x", True)
+
+
+def test_unsupported_payload_is_rejected_naming_its_place(tmp_path) -> None:
+    with pytest.raises(TypeError, match=r"payload\.a\.b"):
+        C.save_checkpoint(tmp_path, 1, {"a": {"b": object()}})
+    with pytest.raises(TypeError, match="config_to_dict"):
+        C.save_checkpoint(tmp_path, 1, {"cfg": TransformerConfig()})
+    with pytest.raises(ValueError, match="-3"):
+        C.save_checkpoint(tmp_path, -3, {})
+    with pytest.raises(ValueError, match="keep_last"):
+        C.save_checkpoint(tmp_path, 1, {}, keep_last=0)
+    assert C.list_checkpoints(tmp_path) == [] and os.listdir(tmp_path) == []  # nothing half-made
+
+
+def test_every_rng_is_restored(tmp_path) -> None:
+    gens = {"torch": torch.Generator().manual_seed(3), "numpy": np.random.default_rng(4),
+            "python": random.Random(5)}
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    np.random.randn()  # leave numpy with a cached gaussian: part of its state
+
+    def draw() -> list:
+        return [torch.rand(3).tolist(), np.random.rand(3).tolist(), np.random.randn(), random.random(),
+                torch.rand(3, generator=gens["torch"]).tolist(), gens["numpy"].random(3).tolist(),
+                gens["python"].random()]
+
+    path = C.save_checkpoint(tmp_path, 1, {}, generators=gens)
+    expected = draw()
+    draw()  # move every stream on
+    C.restore_rng_state(C.load_checkpoint(path).rng[0], gens)
+    assert draw() == expected
+    with pytest.raises(KeyError, match="missing"):
+        C.restore_rng_state(C.load_checkpoint(path).rng[0], {"missing": torch.Generator()})
+    with pytest.raises(TypeError, match="numpy"):
+        C.restore_rng_state(C.load_checkpoint(path).rng[0], {"numpy": torch.Generator()})
+
+
+def test_keep_last_latest_and_overwrite(tmp_path) -> None:
+    for step in (10, 20, 30, 40):
+        C.save_checkpoint(tmp_path, step, {"x": torch.tensor(step)}, keep_last=2)
+    assert [p.name for p in C.list_checkpoints(tmp_path)] == [C.checkpoint_name(30), C.checkpoint_name(40)]
+    assert C.latest_checkpoint(tmp_path).name == C.checkpoint_name(40)
+    C.save_checkpoint(tmp_path, 40, {"x": torch.tensor(-1)}, keep_last=2)  # same step: atomically replaced
+    assert int(C.load_checkpoint(C.latest_checkpoint(tmp_path)).payload["x"]) == -1
+    # A checkpoint just written survives pruning even when later-step files (an abandoned run) sort after it.
+    C.save_checkpoint(tmp_path, 35, {"x": torch.tensor(35)}, keep_last=1)
+    assert [p.name for p in C.list_checkpoints(tmp_path)] == [C.checkpoint_name(35)]
+    C.save_checkpoint(tmp_path, 50, {}, keep_last=None)
+    assert len(C.list_checkpoints(tmp_path)) == 2
+    assert C.latest_checkpoint(tmp_path / "absent") is None
+
+
+def test_temporary_and_foreign_files_are_never_picked_up(tmp_path) -> None:
+    C.save_checkpoint(tmp_path, 1, {"x": torch.tensor(1)})
+    dead_pid = 2**22 + 12345  # above pid_max's default: no such process
+    stale = tmp_path / f".{C.checkpoint_name(2)}.tmp-{dead_pid}"
+    stale.write_bytes(b"half a checkpoint")
+    live = tmp_path / f".{C.checkpoint_name(3)}.tmp-{os.getppid()}"  # a live writer's temp file
+    live.write_bytes(b"being written")
+    (tmp_path / "ckpt-2.pt.bak").write_bytes(b"x")
+    assert [p.name for p in C.list_checkpoints(tmp_path)] == [C.checkpoint_name(1)]
+    C.save_checkpoint(tmp_path, 4, {})
+    assert not stale.exists(), "a dead writer's temp file should be cleaned up"
+    assert live.exists(), "a live writer's temp file must not be touched"
+
+
+def test_a_failed_write_leaves_no_trace(tmp_path, monkeypatch) -> None:
+    C.save_checkpoint(tmp_path, 1, {"x": torch.tensor(1)})
+
+    def fail(stage: str, tmp: Path) -> None:
+        assert tmp.exists() and not tmp.name.startswith("ckpt")
+        if stage == "written":
+            raise OSError("disk full")
+
+    monkeypatch.setattr(C, "_write_hook", fail)
+    with pytest.raises(OSError, match="disk full"):
+        C.save_checkpoint(tmp_path, 2, {"x": torch.tensor(2)})
+    assert sorted(os.listdir(tmp_path)) == [C.checkpoint_name(1)]
+
+
+def test_restore_falls_back_from_an_unreadable_checkpoint(tmp_path) -> None:
+    assert C.restore(tmp_path) is None
+    C.save_checkpoint(tmp_path, 1, {"x": torch.tensor(1)})
+    (tmp_path / C.checkpoint_name(2)).write_bytes(b"garbage from a broken disk")
+    with pytest.warns(UserWarning, match=C.checkpoint_name(2)):
+        ckpt = C.restore(tmp_path)
+    assert ckpt.step == 1
+    (tmp_path / C.checkpoint_name(1)).write_bytes(b"also broken")
+    with pytest.raises(RuntimeError, match="no readable checkpoint"), pytest.warns(UserWarning):
+        C.restore(tmp_path)
+
+
+def test_loading_never_runs_pickled_code(tmp_path) -> None:
+    path = tmp_path / C.checkpoint_name(1)
+    target = tmp_path / "pwned"
+    torch.save({"format": C.CHECKPOINT_FORMAT, "step": 1, "payload": {"evil": _Evil(target)}, "rng": []}, path)
+    with pytest.raises(RuntimeError, match="cannot be read"):
+        C.load_checkpoint(path)
+    assert not target.exists()
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(ValueError, match="not a d4func-checkpoint"):
+        C.load_checkpoint(other)
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        C.load_checkpoint(tmp_path / "nope.pt")
+
+
+class _Evil:
+    """Unpickling it would create a file: the load must refuse before that."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.touch, (self.target,))
+
+
+def test_exact_resume_matches_uninterrupted_run(tmp_path, monkeypatch) -> None:
+    """N steps, checkpoint, scrambled RNGs and fresh objects, M more steps == N + M uninterrupted: bitwise train
+    state (params, AdamW moments, EMA, step) and loss history. Draws come from torch's, numpy's and python's
+    global RNGs, explicit generators and the replay sampler, so each has to be restored."""
+    from helpers.toy_training import run
+
+    n, m = 4, 4
+    reference, ref_history = run(tmp_path / "uninterrupted", n + m, every=0)
+    run(tmp_path / "resumed", n, every=n)
+    torch.manual_seed(99), np.random.seed(99), random.seed(99)
+    resumed, history = run(tmp_path / "resumed", n + m, every=n)
+    _assert_bitwise(resumed, reference)
+    assert torch.equal(history, ref_history)
+    assert int(resumed["step"]) == n + m
+
+    # The comparison can fail: resuming without the RNG states diverges.
+    (tmp_path / "resumed" / C.checkpoint_name(n + m)).unlink()
+    torch.manual_seed(99), np.random.seed(99), random.seed(99)
+    monkeypatch.setattr(C, "restore_rng_state", lambda *args, **kwargs: None)
+    _, diverged = run(tmp_path / "resumed", n + m, every=0)
+    assert torch.equal(diverged[:n], ref_history[:n]) and not torch.equal(diverged[n:], ref_history[n:])

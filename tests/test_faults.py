@@ -1,0 +1,295 @@
+"""Faults: NaN/inf stop training after saving the last good state; SIGKILL never costs a checkpoint; bad input
+raises with a message naming the bad value."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tensordict import TensorDict
+
+from d4func.config import TransformerConfig
+from d4func.dynamics import Dynamics, DynamicsConfig
+from d4func.functional import apply, grad_and_value, init, template
+from d4func.optim import AdamWConfig
+from d4func.train import checkpoint as C
+from d4func.train.dynamics_step import dynamics_train_step
+from d4func.train.faults import NonFiniteLossError, guarded_step
+from d4func.train.state import apply_gradients, check_finite, new_train_state
+
+torch.set_num_threads(1)
+TESTS = Path(__file__).parent
+sys.path.insert(0, str(TESTS))
+
+TINY = TransformerConfig(d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, time_every=2)
+DYN = DynamicsConfig(transformer=TINY, latent_tokens=4, latent_dim=4, pack=2, n_registers=1, action_dim=2, k_max=4,
+                     sampling_steps=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# NaN / inf: stop, naming the term and step, after saving the last good state
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _save_on_fault(run_dir: Path, generators: dict):
+    def save(state, error):
+        return C.save_checkpoint(run_dir, int(state["step"]), {"state": state}, generators=generators)
+
+    return save
+
+
+def test_nan_loss_saves_the_state_before_the_step_and_names_term_and_step(tmp_path) -> None:
+    model = template(Dynamics, DYN)
+    state = new_train_state(init(model, 0))
+    gen = torch.Generator().manual_seed(0)
+    data = torch.Generator().manual_seed(1)
+    opt = AdamWConfig(lr=1e-3)
+    on_fault = _save_on_fault(tmp_path, {"loss": gen})
+    for _ in range(3):
+        latents = torch.rand(2, 3, 4, 4, generator=data) * 2 - 1
+        state, _ = guarded_step(dynamics_train_step, state, latents, None, gen, model=model, opt=opt,
+                                on_fault=on_fault, generators={"loss": gen})
+    good = state
+    gen_before = gen.get_state()
+    bad = latents.clone()
+    bad[0, 1, 2, 3] = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"loss.* at step 3.*saved to .*ckpt-000000000003\.pt") as info:
+        guarded_step(dynamics_train_step, state, bad, None, gen, model=model, opt=opt, on_fault=on_fault,
+                     generators={"loss": gen})
+    assert "flow_mse" in str(info.value) or "bootstrap_mse" in str(info.value)
+    saved = C.load_checkpoint(C.latest_checkpoint(tmp_path))
+    assert saved.step == 3
+    assert (saved.payload["state"] == good).all()
+    # RNGs were rewound to before the faulting step: resuming from the checkpoint replays that very step.
+    assert torch.equal(saved.rng[0]["generators"]["loss"]["state"], gen_before)
+
+
+def test_inf_gradient_with_finite_loss_is_caught_as_grad_norm(tmp_path) -> None:
+    params = TensorDict({"w": torch.tensor([0.0, 1.0])}, [])
+    state = new_train_state(params)
+
+    def step(state, x):
+        def loss_fn(p, x):
+            return (p["w"] * x).abs().sqrt().sum()  # sqrt'(0) = inf: finite loss, infinite gradient
+
+        grads, loss = grad_and_value(loss_fn)(state["params"], x)
+        check_finite({"loss": loss}, state["step"])
+        new_state, metrics = apply_gradients(state, grads, AdamWConfig(max_grad_norm=None))
+        return new_state, {"loss": loss, **metrics}
+
+    with pytest.raises(NonFiniteLossError, match=r"grad_norm at step 0; .*saved to sentinel"):
+        guarded_step(step, state, torch.ones(2), on_fault=lambda s, e: "sentinel")
+    with pytest.raises(NonFiniteLossError, match=r"^non-finite grad_norm at step 0$"):
+        guarded_step(step, state, torch.ones(2))  # no handler: the plain error
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SIGKILL: during training and during a checkpoint write
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _launch(run_dir: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, str(TESTS / "helpers" / "toy_training.py"), str(run_dir), "--steps", "12", "--every", "4",
+         *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+    )
+
+
+def _read_until(proc: subprocess.Popen, predicate, timeout: float = 120.0) -> list[str]:
+    lines, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"training process ended early (rc={proc.poll()}); output: {lines}")
+        lines.append(line.strip())
+        if predicate(lines[-1]):
+            return lines
+    raise AssertionError(f"timed out; output so far: {lines}")
+
+
+def _kill(proc: subprocess.Popen) -> list[str]:
+    """SIGKILL; returns the lines it printed after the last one read."""
+    proc.send_signal(signal.SIGKILL)
+    rest = proc.stdout.read().splitlines()
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    return [line.strip() for line in rest]
+
+
+def test_sigkill_during_training_loses_only_steps_since_the_last_checkpoint(tmp_path) -> None:
+    from helpers.toy_training import run
+
+    run_dir = tmp_path / "run"
+    proc = _launch(run_dir, "--sleep", "0.15")
+    lines = _read_until(proc, lambda line: line == "step 6")
+    lines += _kill(proc)
+    saved = [int(line.split()[1]) for line in lines if line.startswith("saved")]
+    steps_done = max(int(line.split()[1]) for line in lines if line.startswith("step"))
+    latest = C.load_checkpoint(C.latest_checkpoint(run_dir))
+    assert saved and latest.step >= saved[-1]
+    assert steps_done - latest.step <= 4, "lost more than the steps since the last checkpoint (every=4)"
+
+    # Resume in a new process to the end: identical to a run that was never killed.
+    proc = _launch(run_dir)
+    out = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 0 and out.split()[-1] == "done", out
+    first = int(out.split()[1])
+    assert first == latest.step + 1, f"resumed at step {first}, checkpoint was {latest.step}"
+    final = torch.load(run_dir / "final.pt", weights_only=True)
+    reference, history = run(tmp_path / "reference", 12, every=0)
+    assert torch.equal(final["history"], history)
+    got = TensorDict(final["state"], [])
+    for key in reference.keys(include_nested=True, leaves_only=True):
+        assert torch.equal(got.get(key), reference.get(key)), key
+
+
+@pytest.mark.parametrize("stage", ["partial", "written"])
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, stage) -> None:
+    run_dir = tmp_path / "run"
+    proc = _launch(run_dir, "--pause-step", "8", "--pause-stage", stage)
+    lines = _read_until(proc, lambda line: line.startswith("paused"))
+    tmp = Path(lines[-1].split()[2])
+    assert _kill(proc) == []  # it was blocked in the write
+    assert "saved 4" in lines and "saved 8" not in lines
+    assert tmp.exists() and tmp.parent == run_dir
+    if stage == "partial":
+        with pytest.raises(Exception):  # noqa: B017 - truncated: not loadable under any name
+            torch.load(tmp, weights_only=True)
+    # The unfinished file is invisible; the previous checkpoint is intact and complete.
+    assert [p.name for p in C.list_checkpoints(run_dir)] == [C.checkpoint_name(4)]
+    ckpt = C.restore(run_dir, {"env": torch.Generator(), "loss": torch.Generator()})
+    assert ckpt.step == 4 and int(ckpt.payload["states"]["dynamics"]["step"]) == 4
+    # The next save (any process) sweeps the dead writer's temp file away.
+    C.save_checkpoint(run_dir, 5, {})
+    assert not tmp.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input: each raises with a message that names the bad value
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _tokenizer():
+    from d4func.tokenizer import Tokenizer, TokenizerConfig
+
+    cfg = TokenizerConfig(height=8, width=8, channels=3, patch_size=4, n_latents=2, latent_dim=4, encoder=TINY,
+                          decoder=TINY)
+    model = template(Tokenizer, cfg)
+    return cfg, model, init(model, 0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    axis=st.integers(0, 2), delta=st.sampled_from([-2, -1, 1, 3]), drop_time=st.booleans(),
+)
+def test_tokenizer_rejects_wrong_frame_shapes(axis, delta, drop_time) -> None:
+    cfg, model, params = _tokenizer()
+    image = [cfg.channels, cfg.height, cfg.width]
+    image[axis] = max(1, image[axis] + delta)
+    shape = (2, *image) if drop_time else (2, 1, *image)
+    if list(shape[-3:]) == [cfg.channels, cfg.height, cfg.width] and len(shape) == 5:
+        return
+    with pytest.raises(ValueError) as info:
+        apply(model, params, torch.rand(shape), mode="encode")
+    assert str(tuple(shape)) in str(info.value)
+
+
+@settings(max_examples=6, deadline=None)
+@given(dtype=st.sampled_from([torch.uint8, torch.int32, torch.int64, torch.bool]))
+def test_tokenizer_rejects_non_float_frames(dtype) -> None:
+    cfg, model, params = _tokenizer()
+    frames = torch.zeros(1, 1, cfg.channels, cfg.height, cfg.width, dtype=dtype)
+    with pytest.raises(TypeError) as info:
+        apply(model, params, frames, mode="encode")
+    assert str(dtype) in str(info.value)
+
+
+# Not hypothesis: while the check is missing every example fails, and shrinking failures would cost ~20 s.
+@pytest.mark.xfail(strict=True, reason="d4func/tokenizer.py does not check that frames lie in [0, 1] yet")
+@pytest.mark.parametrize("bad", [255.0, 1.5, -0.25, float("nan")])
+def test_tokenizer_rejects_frames_outside_unit_range(bad) -> None:
+    cfg, model, params = _tokenizer()
+    frames = torch.rand(1, 1, cfg.channels, cfg.height, cfg.width, generator=torch.Generator().manual_seed(0))
+    frames.view(-1)[37] = bad
+    with pytest.raises(ValueError) as info:
+        apply(model, params, frames, mode="encode")
+    assert str(bad) in str(info.value) or f"{bad:g}" in str(info.value)
+
+
+@settings(max_examples=15, deadline=None)
+@given(n_actions=st.integers(2, 9), bad=st.one_of(st.integers(-5, -1), st.integers(0, 20)))
+def test_dynamics_rejects_discrete_actions_outside_the_action_space(n_actions, bad) -> None:
+    if 0 <= bad < n_actions:
+        bad = n_actions + bad
+    cfg = DynamicsConfig(transformer=TINY, latent_tokens=4, latent_dim=4, pack=2, n_actions=n_actions, k_max=4,
+                         sampling_steps=2)
+    model = template(Dynamics, cfg)
+    actions = torch.zeros(1, 2, dtype=torch.long)
+    actions[0, 1] = bad
+    z = torch.zeros(1, 2, 4, 4)
+    with pytest.raises(ValueError) as info:
+        apply(model, init(model, 0), z, torch.ones(1, 2), torch.ones(1, 2), actions)
+    assert str(bad) in str(info.value) and str(n_actions) in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [1.5, -2.0, float("nan")])
+def test_dynamics_rejects_continuous_actions_outside_unit_box(bad) -> None:
+    model = template(Dynamics, DYN)
+    actions = torch.zeros(1, 2, DYN.action_dim)
+    actions[0, 1, 0] = bad
+    with pytest.raises(ValueError) as info:
+        apply(model, init(model, 0), torch.zeros(1, 2, 4, 4), torch.ones(1, 2), torch.ones(1, 2), actions)
+    assert str(bad) in str(info.value)
+
+
+@settings(max_examples=25, deadline=None)
+@given(size=st.integers(4, 96), patch=st.integers(2, 16))
+def test_patch_size_must_tile_the_frame(size, patch) -> None:
+    from d4func.tokenizer import TokenizerConfig
+
+    if size % patch == 0:
+        return
+    with pytest.raises(ValueError) as info:
+        TokenizerConfig(height=size, width=size, patch_size=patch, encoder=TINY, decoder=TINY)
+    assert f"patch_size={patch}" in str(info.value) and f"height={size}" in str(info.value)
+
+
+@settings(max_examples=25, deadline=None)
+@given(kv=st.integers(1, 8), heads=st.integers(1, 16))
+def test_kv_heads_must_divide_heads(kv, heads) -> None:
+    if heads % kv == 0:
+        return
+    with pytest.raises(ValueError) as info:
+        TransformerConfig(d_model=heads * 4, n_heads=heads, n_kv_heads=kv)
+    assert f"n_kv_heads={kv}" in str(info.value) and f"n_heads={heads}" in str(info.value)
+
+
+@settings(max_examples=25, deadline=None)
+@given(tokens=st.integers(1, 64), pack=st.integers(2, 8))
+def test_pack_must_divide_latent_tokens(tokens, pack) -> None:
+    if tokens % pack == 0:
+        return
+    with pytest.raises(ValueError) as info:
+        DynamicsConfig(transformer=TINY, latent_tokens=tokens, pack=pack, action_dim=2)
+    assert f"pack={pack}" in str(info.value) and f"latent_tokens={tokens}" in str(info.value)
+
+
+@settings(max_examples=5, deadline=None)
+@given(name=st.text(alphabet="abcdefghij_-0123456789", min_size=1, max_size=12))
+def test_missing_dataset_path_is_named(tmp_path_factory, name) -> None:
+    from d4func.data.offline import load_offline
+
+    path = tmp_path_factory.getbasetemp() / "no-such-dataset" / name
+    with pytest.raises(FileNotFoundError) as info:
+        load_offline(path, seq_len=4, batch_size=2)
+    assert str(path) in str(info.value)
