@@ -122,9 +122,12 @@ def drop_last_steps(cache: TensorDict, n: int) -> TensorDict:
 
 def keep_last_steps(cache: TensorDict, n: int) -> TensorDict:
     """A sliding window: keep only the newest `n` cached timesteps (positions stay absolute; RoPE is relative)."""
-    if cache["valid"].shape[1] <= n:
+    if n < 0:
+        raise ValueError(f"keep_last_steps needs n >= 0, got {n}")
+    length = cache["valid"].shape[1]
+    if length <= n:
         return cache
-    return _map_steps(cache, slice(-n, None))
+    return _map_steps(cache, slice(length - n, None))
 
 
 def reset_cache(cache: TensorDict, reset: Tensor) -> TensorDict:

@@ -1,0 +1,472 @@
+"""The training loop: DreamerV3-style online training (collect -> train world model -> imagine -> train agent) and
+offline training from a recorded dataset, both from one `RunConfig`.
+
+Every gradient step updates each phase once, on one replay batch `[B, T]`:
+
+1. tokenizer (MSE [+ LPIPS], MAE masking) on the frames, every `loop.tokenizer_every` steps;
+2. world model = dynamics with agent tokens + behaviour-cloning policy head + reward head (phase 2 of the paper,
+   `agent_finetune_step`), on the frames encoded by the current tokenizer;
+3. from `loop.agent_start` on: imagination (phase 3, `imagination_step`) from the first `replay.context_len`
+   frames of every row, training the acting policy head with PMPO and the value head with TD(lambda). Its frozen
+   parts (transformer, reward head, BC prior) are refreshed from the world model before every step, since online
+   the world model keeps learning.
+
+Online, `loop.train_ratio` gradient steps follow every collected env step (fractions carry over); the acting
+policy (`acting.WorldModelPolicy`) runs inside a TorchRL `Collector` and acts at random for the first
+`loop.prefill_steps` steps. Offline, there is no env: `loop.offline_steps` gradient steps on the dataset, with
+`loop.agent_start` counted in gradient steps; evaluation episodes run when the dataset's env can be built.
+
+State at the edges: the replay (memmapped, reopened on resume), the envs, the logger and the checkpoints
+(`run_dir/ckpt-*.pt`, atomic, every `loop.checkpoint_every` steps and at exit, Ctrl-C included). A NaN or inf stops
+training with the last good state saved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torch import Tensor
+from tqdm import tqdm
+
+from d4func.dynamics import Dynamics
+from d4func.functional import count_params, init, template
+from d4func.heads import AgentHeads
+from d4func.tokenizer import Tokenizer, encode
+from d4func.tokenizer_loss import new_tokenizer_train_state, tokenizer_train_step
+from d4func.train import checkpoint
+from d4func.train.acting import WorldModelPolicy, agent_params_from_states
+from d4func.train.agent_step import agent_finetune_step, imagination_step, new_imagination_state
+from d4func.train.run_config import RunConfig
+from d4func.train.state import NonFiniteLossError, new_train_state
+from d4func.train.video import predict_frames, write_comparison_gif
+
+
+@dataclass
+class Models:
+    tokenizer: Tokenizer
+    dynamics: Dynamics
+    heads: AgentHeads
+
+
+def build_models(cfg: RunConfig) -> Models:
+    return Models(template(Tokenizer, cfg.tokenizer), template(Dynamics, cfg.dynamics), template(AgentHeads, cfg.heads))
+
+
+def init_states(cfg: RunConfig, models: Models) -> dict[str, TensorDictBase]:
+    """Fresh train states: tokenizer, world model {dynamics, heads}; the agent's appears at `agent_start`."""
+    world_model = TensorDict({"dynamics": init(models.dynamics, cfg.seed + 1),
+                              "heads": init(models.heads, cfg.seed + 2)})
+    return {
+        "tokenizer": new_tokenizer_train_state(init(models.tokenizer, cfg.seed)),
+        "world_model": new_train_state(world_model),
+    }
+
+
+def replay_batch(sample: TensorDictBase) -> dict[str, Tensor]:
+    """A replay sample `[B, T]` in TorchRL's layout -> the tensors the train steps read."""
+    reward = sample.get(("next", "reward"))
+    done = sample.get(("next", "done"))
+    return {
+        "frames": sample.get("pixels"),
+        "actions": sample.get("action"),
+        "rewards": reward.reshape(reward.shape[:2]).float(),
+        "is_last": done.reshape(done.shape[:2]),
+    }
+
+
+def refresh_agent_frozen(agent: TensorDictBase, world_model: TensorDictBase) -> TensorDictBase:
+    """The imagination state with its frozen parts taken from the current world model (online training)."""
+    params = world_model["params"]
+    agent = agent.copy()
+    agent["frozen"] = TensorDict({
+        "dynamics": params["dynamics"],
+        "reward": params["heads", "reward"],
+        "prior_policy": params["heads", "policy"],
+    })
+    return agent
+
+
+def gradient_step(
+    cfg: RunConfig,
+    models: Models,
+    states: dict[str, TensorDictBase],
+    batch: dict[str, Tensor],
+    generator: torch.Generator,
+    grad_step: int,
+    agent_active: bool,
+) -> tuple[dict[str, TensorDictBase], dict[str, float]]:
+    """One update of every phase (see the module docstring); returns new states and scalar metrics."""
+    metrics: dict[str, float] = {}
+    states = dict(states)
+    if grad_step % cfg.loop.tokenizer_every == 0:
+        states["tokenizer"], tok = tokenizer_train_step(
+            states["tokenizer"], batch["frames"], generator, template=models.tokenizer, cfg=cfg.tokenizer_loss,
+            optim=cfg.optim.tokenizer,
+        )
+        metrics.update({f"tokenizer/{k}": float(v) for k, v in tok.items()})
+    with torch.no_grad():
+        latents = encode(models.tokenizer, states["tokenizer"]["params"], batch["frames"])
+    wm_batch = {"latents": latents, "actions": batch["actions"], "rewards": batch["rewards"],
+                "is_last": batch["is_last"]}
+    states["world_model"], wm = agent_finetune_step(
+        states["world_model"], wm_batch, generator, model=models.dynamics, heads=models.heads,
+        opt=cfg.optim.world_model, cfg=cfg.finetune, ema_decay=cfg.optim.ema_decay,
+    )
+    metrics.update({f"world_model/{k}": float(v) for k, v in wm.items()})
+    if agent_active:
+        if "agent" not in states:
+            states["agent"] = new_imagination_state(states["world_model"]["params"])
+        agent = refresh_agent_frozen(states["agent"], states["world_model"])
+        context = cfg.replay.context_len
+        im_batch = {"latents": latents[:, :context], "actions": batch["actions"][:, :context]}
+        states["agent"], im = imagination_step(agent, im_batch, generator, model=models.dynamics,
+                                               heads=models.heads, opt=cfg.optim.agent, cfg=cfg.imagination)
+        metrics.update({f"agent/{k}": float(v) for k, v in im.items()})
+    return states, metrics
+
+
+class RunLogger:
+    """Scalars through a TorchRL logger (CSV or TensorBoard) plus a JSON-lines copy for plots."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
+        from torchrl.record.loggers import CSVLogger, TensorboardLogger
+
+        if cfg.loop.logger == "tensorboard":
+            self.logger = TensorboardLogger(exp_name="logs", log_dir=str(run_dir))
+        else:
+            self.logger = CSVLogger(exp_name="logs", log_dir=str(run_dir))
+        self.jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for name, value in metrics.items():
+            if math.isfinite(value):
+                self.logger.log_scalar(name, value, step=step)
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+
+    def close(self) -> None:
+        self.jsonl.close()
+
+
+def run_episodes(env, policy: WorldModelPolicy, episodes: int, max_steps: int = 10_000) -> dict[str, Any]:
+    """Roll `episodes` full episodes with `policy`; returns their returns (and Crafter achievements)."""
+    returns, achievements = [], []
+    for _ in range(episodes):
+        policy.reset_context()
+        rollout = env.rollout(max_steps, policy, break_when_any_done=True)
+        returns.append(float(rollout.get(("next", "reward")).sum()))
+        if "achievements" in rollout.get("next").keys():
+            achievements.append(rollout.get(("next", "achievements"))[-1])
+    out: dict[str, Any] = {"returns": returns, "mean_return": sum(returns) / max(len(returns), 1)}
+    if achievements:
+        from d4func.envs.crafter_env import achievement_success_rates, crafter_score
+
+        rates = achievement_success_rates(torch.stack(achievements))
+        out["crafter_score"] = crafter_score(rates)
+    return out
+
+
+def make_eval_policy(
+    cfg: RunConfig, models: Models, states: dict[str, TensorDictBase], action_spec
+) -> WorldModelPolicy:
+    policy = WorldModelPolicy(models.tokenizer, models.dynamics, models.heads, action_spec,
+                              context=cfg.replay.seq_len, seed=cfg.seed + 7, greedy=True)
+    policy.update_params(states["tokenizer"]["params"], agent_params_from_states(states["world_model"],
+                                                                                 states.get("agent")))
+    return policy
+
+
+def write_gif(cfg: RunConfig, models: Models, states: dict[str, TensorDictBase], sample: TensorDictBase,
+              path: Path) -> Path:
+    """Real vs imagined frames for the same actions: the first `context_len` frames of up to 4 replay rows as
+    context, the rest of each row predicted open loop."""
+    batch = replay_batch(sample[:4])
+    context = cfg.replay.context_len
+    horizon = batch["frames"].shape[1] - context
+    imagined = predict_frames(models.tokenizer, states["tokenizer"]["params"], models.dynamics,
+                              states["world_model"]["params", "dynamics"], batch["frames"][:, :context],
+                              batch["actions"], horizon)
+    return write_comparison_gif(path, batch["frames"][:, context:], imagined)
+
+
+def plot_returns(run_dir: Path) -> Path | None:
+    """`returns.png` from the logged episode and evaluation returns (a small PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    train = [(row["step"], row["episode/return"]) for row in lines if "episode/return" in row]
+    evals = [(row["step"], row["eval/mean_return"]) for row in lines if "eval/mean_return" in row]
+    if not train and not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    if train:
+        ax.plot(*zip(*train, strict=True), ".", alpha=0.5, label="training episodes")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="evaluation (greedy)")
+    ax.set_xlabel("env steps")
+    ax.set_ylabel("return")
+    ax.legend()
+    fig.tight_layout()
+    path = run_dir / "returns.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+class Trainer:
+    """Holds the edges of one run (envs, replay, logger, checkpoints) around the pure train states."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        if cfg.loop.threads:
+            torch.set_num_threads(cfg.loop.threads)
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(checkpoint.config_to_dict(cfg), indent=2))
+        torch.manual_seed(cfg.seed)
+        self.models = build_models(cfg)
+        self.states = init_states(cfg, self.models)
+        self.generator = torch.Generator().manual_seed(cfg.seed + 3)
+        # next_traj_id: episode ids in the replay must never repeat; a resumed run's collector counts from 0 again,
+        # so its ids are shifted past every id already stored.
+        self.counters = {"env_steps": 0, "grad_steps": 0, "episodes": 0, "next_traj_id": 0, "train_credit": 0.0}
+        self.logger = RunLogger(cfg, self.run_dir)
+        self.replay = None
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"train": self.generator}
+
+    def save(self, states: dict[str, TensorDictBase] | None = None) -> Path:
+        payload = {
+            "states": dict(states if states is not None else self.states),
+            "counters": dict(self.counters),
+            "config": checkpoint.config_to_dict(self.cfg),
+        }
+        if self.replay is not None and self.cfg.loop.mode == "online":
+            payload["replay"] = checkpoint.replay_position(self.replay)
+        step = self.counters["env_steps"] if self.cfg.loop.mode == "online" else self.counters["grad_steps"]
+        return checkpoint.save_checkpoint(self.run_dir, step, payload, keep_last=self.cfg.loop.keep_checkpoints,
+                                          generators=self.generators())
+
+    def try_resume(self) -> bool:
+        found = checkpoint.restore(self.run_dir, self.generators())
+        if found is None:
+            return False
+        self.states = dict(found.payload["states"])
+        self.counters.update(found.payload["counters"])
+        if self.replay is not None and "replay" in found.payload:
+            checkpoint.restore_replay_position(self.replay, found.payload["replay"])
+        return True
+
+    # ---- training ----------------------------------------------------------------------------------------------
+    def train_steps(self, n: int, agent_active: bool) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for _ in range(n):
+            batch = replay_batch(self.replay.sample())
+            before = self.states
+            try:
+                self.states, metrics = gradient_step(self.cfg, self.models, self.states, batch, self.generator,
+                                                     self.counters["grad_steps"], agent_active)
+            except NonFiniteLossError as error:
+                path = self.save(before)
+                raise NonFiniteLossError(f"{error}; the last good state is saved in {path}") from error
+            self.counters["grad_steps"] += 1
+            if self.counters["grad_steps"] % self.cfg.loop.log_every == 0:
+                self.logger.log(metrics, self.counters["env_steps"] or self.counters["grad_steps"])
+        return metrics
+
+    def evaluate(self, env, step: int) -> dict[str, Any]:
+        policy = make_eval_policy(self.cfg, self.models, self.states, env.action_spec)
+        result = run_episodes(env, policy, self.cfg.env.eval_episodes)
+        scalars = {"eval/mean_return": result["mean_return"]}
+        if "crafter_score" in result:
+            scalars["eval/crafter_score"] = result["crafter_score"]
+        self.logger.log(scalars, step)
+        return result
+
+    def gif(self, step: int) -> Path:
+        return write_gif(self.cfg, self.models, self.states, self.replay.sample(), self.run_dir / "gifs" /
+                         f"real_vs_imagined_{step:08d}.gif")
+
+    def summary(self, started: float, extra: dict[str, Any]) -> dict[str, Any]:
+        out = {
+            **self.counters,
+            "wall_seconds": time.perf_counter() - started,
+            "params": {name: count_params(state["params"]) for name, state in self.states.items()},
+            **extra,
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(out, indent=2, default=float))
+        return out
+
+
+def train_online(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
+    from torchrl.collectors import Collector
+
+    from d4func.data.replay import make_replay, save_replay
+    from d4func.envs.registry import make_env
+
+    trainer = Trainer(cfg)
+    started = time.perf_counter()
+    env = make_env(cfg.env.name, seed=cfg.seed, image_size=cfg.env.image_size, action_repeat=cfg.env.action_repeat)
+    eval_env = make_env(cfg.env.name, seed=cfg.seed + 10_000, image_size=cfg.env.image_size,
+                        action_repeat=cfg.env.action_repeat)
+    check_action_space(cfg, env.action_spec)
+    replay_dir = trainer.run_dir / "replay"
+    resuming = checkpoint.latest_checkpoint(trainer.run_dir) is not None and (replay_dir / "storage").exists()
+    trainer.replay = make_replay(cfg.replay.capacity, cfg.replay.seq_len, cfg.replay.batch_size, path=replay_dir,
+                                 seed=cfg.seed + 4)
+    if resuming:
+        trainer.try_resume()
+    counters = trainer.counters
+    policy = WorldModelPolicy(trainer.models.tokenizer, trainer.models.dynamics, trainer.models.heads,
+                              env.action_spec, context=cfg.replay.seq_len, seed=cfg.seed + 5,
+                              random_until=max(0, cfg.loop.prefill_steps - counters["env_steps"]))
+    policy.update_params(trainer.states["tokenizer"]["params"],
+                         agent_params_from_states(trainer.states["world_model"], trainer.states.get("agent")))
+    remaining = cfg.loop.env_steps - counters["env_steps"]
+    if remaining <= 0:
+        return trainer.summary(started, {"note": "already trained to loop.env_steps"})
+    collector = Collector(env, policy, frames_per_batch=cfg.loop.collect_steps, total_frames=remaining)
+    bar = tqdm(total=cfg.loop.env_steps, initial=counters["env_steps"], desc="env steps", disable=not progress)
+    episode_return, last_return, saved_replay = 0.0, float("nan"), resuming
+    next_eval = (counters["env_steps"] // cfg.loop.eval_every + 1) * cfg.loop.eval_every
+    next_ckpt = (counters["env_steps"] // cfg.loop.checkpoint_every + 1) * cfg.loop.checkpoint_every
+    next_gif = (counters["env_steps"] // cfg.loop.gif_every + 1) * cfg.loop.gif_every
+    eval_result: dict[str, Any] = {}
+    tick = time.perf_counter()
+    id_offset = counters["next_traj_id"]
+    try:
+        for batch in collector:
+            batch = batch.reshape(-1)
+            ids = batch.get(("collector", "traj_ids")) + id_offset
+            batch.set(("collector", "traj_ids"), ids)
+            counters["next_traj_id"] = max(counters["next_traj_id"], int(ids.max()) + 1)
+            trainer.replay.extend(batch)
+            if not saved_replay:
+                save_replay(trainer.replay)  # records the storage layout once; positions go into checkpoints
+                saved_replay = True
+            n = batch.numel()
+            counters["env_steps"] += n
+            rewards = batch.get(("next", "reward")).reshape(-1)
+            dones = batch.get(("next", "done")).reshape(-1)
+            for r, d in zip(rewards.tolist(), dones.tolist(), strict=True):
+                episode_return += r
+                if d:
+                    counters["episodes"] += 1
+                    last_return = episode_return
+                    trainer.logger.log({"episode/return": episode_return}, counters["env_steps"])
+                    episode_return = 0.0
+            metrics: dict[str, float] = {}
+            if counters["env_steps"] >= cfg.loop.prefill_steps:
+                counters["train_credit"] += n * cfg.loop.train_ratio
+                steps = int(counters["train_credit"])
+                counters["train_credit"] -= steps
+                metrics = trainer.train_steps(steps, counters["env_steps"] >= cfg.loop.agent_start)
+                policy.update_params(trainer.states["tokenizer"]["params"],
+                                     agent_params_from_states(trainer.states["world_model"],
+                                                              trainer.states.get("agent")))
+            now = time.perf_counter()
+            bar.update(n)
+            bar.set_postfix({"return": f"{last_return:.1f}", "steps/s": f"{n / max(now - tick, 1e-9):.1f}",
+                             "grad": counters["grad_steps"]})
+            tick = now
+            if counters["env_steps"] >= next_eval and counters["grad_steps"]:
+                eval_result = trainer.evaluate(eval_env, counters["env_steps"])
+                next_eval += cfg.loop.eval_every
+            if counters["env_steps"] >= next_gif and counters["grad_steps"]:
+                trainer.gif(counters["env_steps"])
+                next_gif += cfg.loop.gif_every
+            if counters["env_steps"] >= next_ckpt:
+                trainer.save()
+                next_ckpt += cfg.loop.checkpoint_every
+            del metrics
+    except KeyboardInterrupt:
+        bar.write("interrupted: saving a checkpoint")
+    finally:
+        trainer.save()
+        collector.shutdown()
+        bar.close()
+    if counters["grad_steps"]:
+        eval_result = trainer.evaluate(eval_env, counters["env_steps"])
+        trainer.gif(counters["env_steps"])
+    trainer.logger.close()
+    plot = plot_returns(trainer.run_dir)
+    return trainer.summary(started, {"eval": eval_result, "returns_plot": str(plot) if plot else None})
+
+
+def check_action_space(cfg: RunConfig, action_spec) -> None:
+    """The models' action space must be the env's."""
+    discrete = action_spec.dtype in (torch.int64, torch.int32)
+    if discrete:
+        n = int(action_spec.space.n)
+        if cfg.dynamics.n_actions != n:
+            raise ValueError(f"env {cfg.env.name!r} has {n} discrete actions but dynamics.n_actions="
+                             f"{cfg.dynamics.n_actions}")
+    else:
+        dim = int(action_spec.shape[-1])
+        if cfg.dynamics.action_dim != dim:
+            raise ValueError(f"env {cfg.env.name!r} has {dim}-dimensional actions but dynamics.action_dim="
+                             f"{cfg.dynamics.action_dim}")
+
+
+def train_offline(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
+    from d4func.data.offline import load_offline, read_metadata
+
+    trainer = Trainer(cfg)
+    started = time.perf_counter()
+    metadata = read_metadata(cfg.loop.offline_data)
+    trainer.replay = load_offline(cfg.loop.offline_data, cfg.replay.seq_len, cfg.replay.batch_size,
+                                  seed=cfg.seed + 4)
+    trainer.try_resume()
+    counters = trainer.counters
+    eval_env = None
+    env_name = (metadata.get("env_config") or {}).get("name")
+    if env_name and cfg.env.eval_episodes:
+        from d4func.envs.registry import make_env
+
+        eval_env = make_env(env_name, seed=cfg.seed + 10_000, image_size=cfg.env.image_size,
+                            action_repeat=cfg.env.action_repeat)
+        check_action_space(cfg, eval_env.action_spec)
+    bar = tqdm(total=cfg.loop.offline_steps, initial=counters["grad_steps"], desc="gradient steps",
+               disable=not progress)
+    eval_result: dict[str, Any] = {}
+    try:
+        while counters["grad_steps"] < cfg.loop.offline_steps:
+            trainer.train_steps(1, counters["grad_steps"] >= cfg.loop.agent_start)
+            bar.update(1)
+            step = counters["grad_steps"]
+            if eval_env is not None and step % cfg.loop.eval_every == 0:
+                eval_result = trainer.evaluate(eval_env, step)
+                bar.set_postfix({"eval_return": f"{eval_result['mean_return']:.1f}"})
+            if step % cfg.loop.gif_every == 0:
+                trainer.gif(step)
+            if step % cfg.loop.checkpoint_every == 0:
+                trainer.save()
+    except KeyboardInterrupt:
+        bar.write("interrupted: saving a checkpoint")
+    finally:
+        trainer.save()
+        bar.close()
+    if eval_env is not None:
+        eval_result = trainer.evaluate(eval_env, counters["grad_steps"])
+    trainer.gif(counters["grad_steps"])
+    trainer.logger.close()
+    return trainer.summary(started, {"eval": eval_result, "dataset": str(cfg.loop.offline_data)})
+
+
+def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
+    """Run the loop the config asks for; resumes from `run_dir`'s newest checkpoint when there is one."""
+    if cfg.loop.mode == "offline":
+        return train_offline(cfg, progress)
+    return train_online(cfg, progress)

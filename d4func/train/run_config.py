@@ -1,0 +1,155 @@
+"""The run config: one typed, frozen tree for the whole online / offline loop (YAML + `key.sub=value` overrides).
+
+Load with `load_run_config(path, overrides)`: an unknown key or a value of the wrong type stops with OmegaConf's
+message naming the key; a bad value stops with the `__post_init__` message naming the field. Sizes shared between
+models (latent tokens, widths, action spaces) are checked against each other here and against the environment's
+specs when the loop starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from d4func.config import TransformerConfig, load_config
+from d4func.dynamics import DynamicsConfig
+from d4func.heads import HeadsConfig
+from d4func.imagination import ImaginationConfig
+from d4func.optim import AdamWConfig
+from d4func.tokenizer import TokenizerConfig
+from d4func.tokenizer_loss import TokenizerLossConfig
+from d4func.train.agent_step import FinetuneConfig
+
+MODES = ("online", "offline")
+LOGGERS = ("csv", "tensorboard")
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    name: str = "dmc:cartpole-swingup"  # "dmc:DOMAIN-TASK", "dmc:DOMAIN-TASK@0,1" (cameras), "crafter"
+    image_size: int = 64
+    action_repeat: int = 2
+    n_envs: int = 1
+    eval_episodes: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "action_repeat", "n_envs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EnvConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_episodes < 0:
+            raise ValueError(f"EnvConfig.eval_episodes must be >= 0, got {self.eval_episodes}")
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    capacity: int = 100_000
+    seq_len: int = 16  # T of a training row; also the acting context window
+    batch_size: int = 16
+    context_len: int = 4  # T0: replay frames that start an imagined rollout
+
+    def __post_init__(self) -> None:
+        for name in ("capacity", "seq_len", "batch_size", "context_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ReplayConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.context_len > self.seq_len:
+            raise ValueError(f"ReplayConfig.context_len={self.context_len} must be <= seq_len={self.seq_len}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    tokenizer: AdamWConfig = field(default_factory=lambda: AdamWConfig(lr=1e-3))
+    world_model: AdamWConfig = field(default_factory=lambda: AdamWConfig(lr=3e-4))
+    agent: AdamWConfig = field(default_factory=lambda: AdamWConfig(lr=3e-4))
+    ema_decay: float = 0.99
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    mode: str = "online"
+    env_steps: int = 20_000  # online: total env steps (after action repeat)
+    prefill_steps: int = 1_000  # random-policy env steps before training starts
+    collect_steps: int = 100  # env steps per collection round (per round: collect, then train)
+    train_ratio: float = 0.25  # gradient steps per env step (each gradient step updates every phase)
+    tokenizer_every: int = 1  # tokenizer update every Nth gradient step
+    agent_start: int = 2_000  # env steps before imagination training starts (the world model needs a head start)
+    offline_data: str | None = None  # offline: a dataset recorded by `d4func collect`
+    offline_steps: int = 1_000  # offline: gradient steps
+    eval_every: int = 5_000  # env steps (online) or gradient steps (offline) between evaluations
+    checkpoint_every: int = 5_000
+    keep_checkpoints: int = 3
+    log_every: int = 100
+    gif_every: int = 10_000
+    logger: str = "csv"
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"LoopConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.logger not in LOGGERS:
+            raise ValueError(f"LoopConfig.logger must be one of {LOGGERS}, got {self.logger!r}")
+        for name in ("env_steps", "prefill_steps", "agent_start", "offline_steps", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"LoopConfig.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("collect_steps", "tokenizer_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                     "log_every", "gif_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"LoopConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.train_ratio < 0:
+            raise ValueError(f"LoopConfig.train_ratio must be >= 0, got {self.train_ratio}")
+        if self.mode == "offline" and not self.offline_data:
+            raise ValueError("LoopConfig.offline_data must name a dataset directory in offline mode, got None")
+
+
+def _tokenizer() -> TokenizerConfig:
+    small = TransformerConfig(d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, time_every=2)
+    return TokenizerConfig(height=64, width=64, patch_size=8, n_latents=16, latent_dim=16, encoder=small,
+                           decoder=small)
+
+
+def _dynamics() -> DynamicsConfig:
+    return DynamicsConfig(
+        transformer=TransformerConfig(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, time_every=2),
+        latent_tokens=16, latent_dim=16, pack=2, n_registers=2, n_agent_tokens=1, action_dim=1, k_max=16,
+    )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    env: EnvConfig = field(default_factory=EnvConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    tokenizer: TokenizerConfig = field(default_factory=_tokenizer)
+    tokenizer_loss: TokenizerLossConfig = field(default_factory=lambda: TokenizerLossConfig(lpips_weight=0.0))
+    dynamics: DynamicsConfig = field(default_factory=_dynamics)
+    heads: HeadsConfig = field(default_factory=lambda: HeadsConfig(d_model=128, hidden=128, action_dim=1))
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    imagination: ImaginationConfig = field(default_factory=lambda: ImaginationConfig(horizon=15))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+
+    def __post_init__(self) -> None:
+        tok, dyn, heads = self.tokenizer, self.dynamics, self.heads
+        checks = [
+            ("dynamics.latent_tokens", dyn.latent_tokens, "tokenizer n_cameras * n_latents", tok.latent_tokens),
+            ("dynamics.latent_dim", dyn.latent_dim, "tokenizer.latent_dim", tok.latent_dim),
+            ("heads.d_model", heads.d_model, "dynamics.transformer.d_model", dyn.transformer.d_model),
+            ("heads.n_agent_tokens", heads.n_agent_tokens, "dynamics.n_agent_tokens", dyn.n_agent_tokens),
+            ("heads.action_dim", heads.action_dim, "dynamics.action_dim", dyn.action_dim),
+            ("heads.n_actions", heads.n_actions, "dynamics.n_actions", dyn.n_actions),
+            ("tokenizer.height", tok.height, "env.image_size", self.env.image_size),
+            ("tokenizer.width", tok.width, "env.image_size", self.env.image_size),
+        ]
+        for name, value, other_name, other in checks:
+            if value != other:
+                raise ValueError(f"RunConfig: {name}={value} must equal {other_name}={other}")
+        if dyn.n_agent_tokens < 1:
+            raise ValueError("RunConfig: dynamics.n_agent_tokens must be >= 1 (the agent reads agent tokens), got "
+                             f"{dyn.n_agent_tokens}")
+        if self.imagination.horizon + 1 > self.replay.seq_len * 4:
+            raise ValueError(f"RunConfig: imagination.horizon={self.imagination.horizon} is far beyond the "
+                             f"training context replay.seq_len={self.replay.seq_len}")
+
+
+def load_run_config(yaml_path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """The run config from a YAML file and `key.sub=value` overrides (unknown keys and bad values raise)."""
+    return load_config(RunConfig, yaml_path, overrides)

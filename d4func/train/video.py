@@ -1,0 +1,64 @@
+"""Real vs imagined frames for the same actions: open-loop predictions of the world model, and GIFs of them."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+import torch
+from einops import rearrange
+from tensordict import TensorDictBase
+from torch import Tensor
+
+from d4func.dynamics import Dynamics, actions_into_frames
+from d4func.functional import apply
+from d4func.sampler import generate
+from d4func.tokenizer import Tokenizer, decode, encode
+
+
+@torch.no_grad()
+def predict_frames(
+    tokenizer: Tokenizer,
+    tokenizer_params: TensorDictBase,
+    dynamics: Dynamics,
+    dynamics_params: TensorDictBase,
+    context_frames: Tensor,
+    actions: Tensor,
+    horizon: int,
+    steps: int | None = None,
+    seed: int = 0,
+    tasks: Tensor | None = None,
+) -> Tensor:
+    """Encode `context_frames` `[B, T0, ...]`, roll the dynamics `horizon` frames forward under `actions` (TorchRL
+    convention, `[B, T0 + horizon, ...]`: action t is taken after frame t) with K = `steps`, decode.
+
+    Returns predicted frames `[B, horizon, ...]` in [0, 1]."""
+    context_len = context_frames.shape[1]
+    latents = encode(tokenizer, tokenizer_params, context_frames)
+    shifted, mask = actions_into_frames(actions)
+    fn = functools.partial(apply, dynamics, dynamics_params, tasks=tasks)
+    generated = generate(fn, latents, shifted, horizon, torch.Generator().manual_seed(seed), dynamics.cfg,
+                         steps=steps, action_mask=mask)
+    # The decoder is causal in time: decode context and prediction together, keep the prediction.
+    decoded = decode(tokenizer, tokenizer_params, torch.cat([latents, generated], dim=1))
+    return decoded[:, context_len:].clamp(0.0, 1.0)
+
+
+def write_comparison_gif(path: str | Path, real: Tensor, imagined: Tensor, fps: int = 8) -> Path:
+    """A GIF with real frames (top row) over imagined frames (bottom row), one column per batch entry.
+
+    real, imagined: `[B, T, C, H, W]` (or `[B, T, K, C, H, W]` for K cameras, shown side by side) in [0, 1]."""
+    if real.shape != imagined.shape:
+        raise ValueError(f"real {tuple(real.shape)} and imagined {tuple(imagined.shape)} frames differ in shape")
+    if real.ndim == 6:
+        real = rearrange(real, "b t k c h w -> b t c h (k w)")
+        imagined = rearrange(imagined, "b t k c h w -> b t c h (k w)")
+    grid = torch.stack([real, imagined], dim=0)  # [2, B, T, C, H, W]
+    frames = rearrange(grid, "row b t c h w -> t (row h) (b w) c")
+    pixels = (frames.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    imageio.mimsave(path, list(np.ascontiguousarray(pixels)), duration=1.0 / fps, loop=0)
+    return path
