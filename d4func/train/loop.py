@@ -288,7 +288,7 @@ class Trainer:
 
     def evaluate(self, env, step: int) -> dict[str, Any]:
         policy = make_eval_policy(self.cfg, self.models, self.states, env.action_spec)
-        result = run_episodes(env, policy, self.cfg.env.eval_episodes)
+        result = run_episodes(env, policy, self.cfg.env.eval_episodes, self.cfg.env.eval_max_steps)
         scalars = {"eval/mean_return": result["mean_return"]}
         if "crafter_score" in result:
             scalars["eval/crafter_score"] = result["crafter_score"]

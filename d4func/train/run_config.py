@@ -28,11 +28,11 @@ class EnvConfig:
     name: str = "dmc:cartpole-swingup"  # "dmc:DOMAIN-TASK", "dmc:DOMAIN-TASK@0,1" (cameras), "crafter"
     image_size: int = 64
     action_repeat: int = 2
-    n_envs: int = 1
     eval_episodes: int = 2
+    eval_max_steps: int = 10_000  # cap on the env steps of one evaluation episode
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "action_repeat", "n_envs"):
+        for name in ("image_size", "action_repeat", "eval_max_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EnvConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_episodes < 0:

@@ -1,0 +1,95 @@
+"""The training loop end to end on the debug config: online on DMControl and Crafter, offline on a recorded
+dataset, resume, the acting policy inside TorchRL collectors, and config errors that name the bad key."""
+
+import json
+
+import pytest
+import torch
+from omegaconf.errors import ConfigKeyError, ValidationError
+from torchrl.data import Categorical
+
+from d4func.cli import main
+from d4func.train.loop import build_models, check_action_space, init_states, train
+from d4func.train.run_config import load_run_config
+
+DEBUG = "experiments/configs/debug.yaml"
+SHORT = ["loop.env_steps=90", "loop.prefill_steps=30", "loop.collect_steps=30", "loop.agent_start=60",
+         "loop.train_ratio=0.1", "loop.eval_every=90", "loop.checkpoint_every=60", "loop.gif_every=90",
+         "env.eval_max_steps=15"]
+
+
+def test_online_loop_on_dmc_writes_checkpoint_logs_gif_and_resumes(tmp_path):
+    cfg = load_run_config(DEBUG, [f"run_dir={tmp_path}", *SHORT])
+    summary = train(cfg, progress=False)
+    # training starts with the batch that completes the 30 prefill steps: 3 batches x 30 steps x 0.1
+    assert summary["env_steps"] == 90 and summary["grad_steps"] == 9
+    assert set(summary["params"]) == {"tokenizer", "world_model", "agent"}  # imagination ran
+    assert len(summary["eval"]["returns"]) == 1
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*.pt"))[-1] == "ckpt-000000000090.pt"
+    assert list((tmp_path / "gifs").glob("*.gif"))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("world_model/loss" in row for row in rows) and any("eval/mean_return" in row for row in rows)
+    assert (tmp_path / "logs" / "scalars").is_dir()  # TorchRL's CSV logger
+
+    # Resume: the same run directory with a larger budget continues from the checkpoint, never from scratch.
+    resumed = train(load_run_config(DEBUG, [f"run_dir={tmp_path}", *SHORT, "loop.env_steps=120"]), progress=False)
+    assert resumed["env_steps"] == 120 and resumed["grad_steps"] == 12
+    assert resumed["next_traj_id"] > summary["next_traj_id"]  # episode ids never reused in the replay
+
+
+def test_online_loop_on_crafter(tmp_path):
+    cfg = load_run_config(DEBUG, [f"run_dir={tmp_path}", *SHORT, "env.name=crafter", "env.eval_episodes=0",
+                                  "dynamics.action_dim=0", "dynamics.n_actions=17", "heads.action_dim=0",
+                                  "heads.n_actions=17"])
+    summary = train(cfg, progress=False)
+    assert summary["env_steps"] == 90 and summary["grad_steps"] == 9
+
+
+def test_offline_loop_on_a_recorded_dataset(tmp_path):
+    data = tmp_path / "data"
+    assert main(["collect", "--env", "dmc:cartpole-swingup", "--out", str(data), "--steps", "60",
+                 "--image-size", "32", "--action-repeat", "4"]) == 0
+    cfg = load_run_config(DEBUG, [f"run_dir={tmp_path / 'run'}", "loop.mode=offline", f"loop.offline_data={data}",
+                                  "loop.offline_steps=6", "loop.agent_start=3", "loop.eval_every=6",
+                                  "loop.gif_every=6", "loop.checkpoint_every=3", "env.eval_max_steps=10"])
+    summary = train(cfg, progress=False)
+    assert summary["grad_steps"] == 6 and "agent" in summary["params"]
+    assert summary["eval"]["returns"]
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--episodes", "1"]) == 0
+
+
+def test_config_errors_name_the_bad_key_or_value(tmp_path, capsys):
+    with pytest.raises(ConfigKeyError, match="bogus"):
+        load_run_config(DEBUG, ["loop.bogus=1"])
+    with pytest.raises(ValidationError, match="loop.train_ratio"):
+        load_run_config(DEBUG, ["loop.train_ratio=fast"])
+    with pytest.raises(ValueError, match="dynamics.latent_dim=3"):
+        load_run_config(DEBUG, ["dynamics.latent_dim=3"])
+    with pytest.raises(ValueError, match="'sideways'"):
+        load_run_config(DEBUG, ["loop.mode=sideways"])
+    assert main(["train", "--config", DEBUG, "loop.bogus=1"]) == 2
+    assert "bogus" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="2 discrete actions"):
+        check_action_space(load_run_config(DEBUG), Categorical(2))
+
+
+def test_acting_policy_runs_in_a_torchrl_collector():
+    from torchrl.collectors import Collector
+
+    from d4func.envs.registry import make_env
+    from d4func.train.acting import WorldModelPolicy, agent_params_from_states
+
+    cfg = load_run_config(DEBUG)
+    models = build_models(cfg)
+    states = init_states(cfg, models)
+    env = make_env(cfg.env.name, seed=0, image_size=cfg.env.image_size, action_repeat=cfg.env.action_repeat)
+    policy = WorldModelPolicy(models.tokenizer, models.dynamics, models.heads, env.action_spec, context=4, seed=0)
+    policy.update_params(states["tokenizer"]["params"], agent_params_from_states(states["world_model"], None))
+    collector = Collector(env, policy, frames_per_batch=12, total_frames=24)
+    batches = list(collector)
+    collector.shutdown()
+    assert len(batches) == 2
+    actions = torch.cat([b.get("action") for b in batches])
+    assert actions.shape == (24, 1) and actions.abs().max() <= 1.0 and actions.std() > 0
+    # the policy kept a bounded context: the caches never grow beyond the window
+    assert policy._state["dyn_cache"]["valid"].shape[1] <= 3
