@@ -93,3 +93,10 @@ def test_acting_policy_runs_in_a_torchrl_collector():
     assert actions.shape == (24, 1) and actions.abs().max() <= 1.0 and actions.std() > 0
     # the policy kept a bounded context: the caches never grow beyond the window
     assert policy._state["dyn_cache"]["valid"].shape[1] <= 3
+
+
+@pytest.mark.parametrize("name", ["debug", "dmc_cartpole", "crafter", "dmc_multicam", "offline"])
+def test_shipped_run_configs_load(name):
+    cfg = load_run_config(f"experiments/configs/{name}.yaml")
+    assert cfg.tokenizer.latent_tokens == cfg.dynamics.latent_tokens
+    assert (cfg.dynamics.n_actions == 17) == (cfg.env.name == "crafter")
