@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import torch
 from tensordict import TensorDictBase
+from torch import Tensor
 from tqdm import tqdm
 
 from d4func.config import TransformerConfig
@@ -71,9 +72,6 @@ class ShapesWorldModelConfig:
         if self.dynamics.latent_dim != self.tokenizer.latent_dim:
             raise ValueError(f"dynamics.latent_dim={self.dynamics.latent_dim} must equal tokenizer.latent_dim="
                              f"{self.tokenizer.latent_dim}")
-        if self.dynamics.action_dim != self.shapes.action_dim:
-            raise ValueError(f"dynamics.action_dim={self.dynamics.action_dim} must equal the shapes' action size "
-                             f"{self.shapes.action_dim}")
 
     @classmethod
     def quick(cls) -> ShapesWorldModelConfig:
@@ -100,22 +98,32 @@ def _loop(steps: int, desc: str, progress: bool) -> range | tqdm:
     return tqdm(range(steps), desc=desc, leave=False) if progress else range(steps)
 
 
-def train_shapes_world_model(
-    cfg: ShapesWorldModelConfig,
+def pretrain_world_model(
+    tokenizer_cfg: TokenizerConfig,
+    dynamics_cfg: DynamicsConfig,
+    sample_batch: Callable[[torch.Generator], tuple[Tensor, Tensor]],
+    *,
+    tokenizer_steps: int,
+    dynamics_steps: int,
+    tokenizer_lr: float = 1e-3,
+    dynamics_lr: float = 1e-3,
+    seed: int = 0,
     progress: bool = False,
     log: Callable[[str, dict[str, float], int], None] | None = None,
 ) -> ShapesWorldModel:
-    """Phase 1 in miniature. `log(phase, metrics, step)` receives every step's scalar metrics when given."""
+    """Phase 1 on any video source: `sample_batch(generator)` returns frames `[B, T, C, H, W]` and the actions that
+    drove them (TorchRL convention `[B, T, A]`). The tokenizer trains first, then the dynamics model on its frozen
+    latents. `log(phase, metrics, step)` receives every step's scalar metrics when given."""
     start = time.perf_counter()
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(seed)
     history: dict[str, list[float]] = {"tokenizer_psnr": [], "dynamics_loss": []}
 
-    tokenizer = template(Tokenizer, cfg.tokenizer)
-    tok_state = new_tokenizer_train_state(init(tokenizer, cfg.seed))
+    tokenizer = template(Tokenizer, tokenizer_cfg)
+    tok_state = new_tokenizer_train_state(init(tokenizer, seed))
     tok_loss = TokenizerLossConfig(lpips_weight=0.0)
-    tok_opt = AdamWConfig(lr=cfg.tokenizer_lr)
-    for step in _loop(cfg.tokenizer_steps, "tokenizer", progress):
-        frames, _ = moving_shapes_batch(cfg.shapes, cfg.batch, cfg.seq_len, gen)
+    tok_opt = AdamWConfig(lr=tokenizer_lr)
+    for step in _loop(tokenizer_steps, "tokenizer", progress):
+        frames, _ = sample_batch(gen)
         tok_state, metrics = tokenizer_train_step(tok_state, frames, gen, template=tokenizer, cfg=tok_loss,
                                                   optim=tok_opt)
         history["tokenizer_psnr"].append(float(metrics["psnr"]))
@@ -123,11 +131,11 @@ def train_shapes_world_model(
             log("tokenizer", {k: float(v) for k, v in metrics.items()}, step)
     tok_params = tok_state["params"]
 
-    dynamics = template(Dynamics, cfg.dynamics)
-    dyn_state = new_train_state(init(dynamics, cfg.seed + 1))
-    dyn_opt = AdamWConfig(lr=cfg.dynamics_lr)
-    for step in _loop(cfg.dynamics_steps, "dynamics", progress):
-        frames, actions = moving_shapes_batch(cfg.shapes, cfg.batch, cfg.seq_len, gen)
+    dynamics = template(Dynamics, dynamics_cfg)
+    dyn_state = new_train_state(init(dynamics, seed + 1))
+    dyn_opt = AdamWConfig(lr=dynamics_lr)
+    for step in _loop(dynamics_steps, "dynamics", progress):
+        frames, actions = sample_batch(gen)
         with torch.no_grad():
             latents = encode(tokenizer, tok_params, frames)
         actions, mask = actions_into_frames(actions)
@@ -138,6 +146,24 @@ def train_shapes_world_model(
             log("dynamics", {k: float(v) for k, v in metrics.items()}, step)
     return ShapesWorldModel(tokenizer, tok_params, dynamics, dyn_state["params"], time.perf_counter() - start,
                             history)
+
+
+def train_shapes_world_model(
+    cfg: ShapesWorldModelConfig,
+    progress: bool = False,
+    log: Callable[[str, dict[str, float], int], None] | None = None,
+) -> ShapesWorldModel:
+    """Phase 1 in miniature on action-driven moving shapes."""
+    if cfg.dynamics.action_dim != cfg.shapes.action_dim:
+        raise ValueError(f"dynamics.action_dim={cfg.dynamics.action_dim} must equal the shapes' action size "
+                         f"{cfg.shapes.action_dim}")
+
+    def sample(gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        return moving_shapes_batch(cfg.shapes, cfg.batch, cfg.seq_len, gen)
+
+    return pretrain_world_model(cfg.tokenizer, cfg.dynamics, sample, tokenizer_steps=cfg.tokenizer_steps,
+                                dynamics_steps=cfg.dynamics_steps, tokenizer_lr=cfg.tokenizer_lr,
+                                dynamics_lr=cfg.dynamics_lr, seed=cfg.seed, progress=progress, log=log)
 
 
 @torch.no_grad()
