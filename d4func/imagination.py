@@ -1,22 +1,48 @@
 """Imagination training (paper Sec. 3.4, Eq. 11; Algorithm 1 phases 2-3).
 
-Section 1 (below) is the pure RL math, model-independent: lambda-returns, the PMPO policy loss, the reverse KL to
-the behaviour-cloning prior, the twohot value loss with its slow-target regulariser, and the multi-token-prediction
+Section 1 is the pure RL math, model-independent: lambda-returns, the PMPO policy loss, the reverse KL to the
+behaviour-cloning prior, the twohot value loss with its slow-target regulariser, and the multi-token-prediction
 (MTP) target builder used by phase-2 finetuning. Every function maps tensors to tensors (and a metrics dict); none
 holds state or draws randomness.
 
-Rollouts inside the world model from replay contexts (issue 5, point 4) belong in a second section after this
-one, built on these functions.
+Section 2 rolls the policy out inside the world model from replay contexts (issue 5, point 4): `commit_frames`
+puts frames into the KV cache and returns the agent-token outputs that the heads read, `imagine` alternates policy
+sampling and `sampler.denoise_frame`, one rollout per context.
+
+Section 3 is the phase-3 objective on a rollout, `imagination_loss` (PMPO + value), and its `ImaginationConfig`;
+the train steps that use it are in `d4func/train/agent_step.py`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import torch
+from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from d4func.distributions import BoundedNormal, Categorical, kl_divergence, twohot_log_prob, twohot_mean
+from d4func.dynamics import Dynamics, DynamicsConfig, actions_into_frames
+from d4func.functional import apply
+from d4func.heads import AgentHeads, policy_dist, reward_dist
+from d4func.objectives import add_noise
+from d4func.sampler import Frames, WorldModelFn, denoise_frame
+from d4func.transformer import empty_cache
 
-__all__ = ["lambda_returns", "mtp_targets", "pmpo_loss", "reverse_kl", "value_loss"]
+__all__ = [
+    "ImaginationConfig",
+    "Rollout",
+    "commit_frames",
+    "imagination_loss",
+    "imagine",
+    "lambda_returns",
+    "mtp_targets",
+    "pmpo_loss",
+    "reverse_kl",
+    "value_loss",
+    "world_model_fn",
+]
 
 
 # ===============================================================================================================
@@ -255,3 +281,252 @@ def mtp_targets(x: Tensor, mask_is_last_or_done: Tensor, L: int = 8) -> tuple[Te
     fill = valid.reshape(*valid.shape, *([1] * (x.dim() - 2)))
     targets = torch.where(fill, targets, torch.zeros_like(targets))
     return targets, valid
+
+
+# ===============================================================================================================
+# Section 2: rollouts inside the world model
+# ===============================================================================================================
+
+
+class Rollout(NamedTuple):
+    """One imagined trajectory per context, horizon H; all detached (the world model is frozen in phase 3).
+
+    features  [B, H+1, n_agent, D]: agent-token outputs at the last context frame (index 0) and at each imagined
+              frame, each read in the call that commits that frame at the context signal level (see `imagine`).
+    actions   [B, H, A] float or [B, H] long: a_t, sampled from the policy at features[:, t].
+    rewards   [B, H]: r_t, the reward head's prediction (offset 0) at features[:, t+1], i.e. the reward into
+              imagined frame t+1, which that frame's agent token reads together with a_t (its action token).
+    continues [B, H]: c_t, the continuation after a_t (assumed 1: no continue head, see `imagine`).
+    latents   [B, H, S, Dz]: the imagined frames.
+    """
+
+    features: Tensor
+    actions: Tensor
+    rewards: Tensor
+    continues: Tensor
+    latents: Tensor
+
+    @property
+    def horizon(self) -> int:
+        return self.rewards.shape[1]
+
+
+def world_model_fn(model: Dynamics, params: TensorDictBase, tasks: Tensor | None = None) -> WorldModelFn:
+    """The dynamics model with fixed params (and task ids `[B]`) as the sampler's `model_fn`."""
+
+    def fn(z: Tensor, tau: Tensor, d: Tensor, actions: Tensor | None = None, action_mask: Tensor | None = None,
+           cache: TensorDict | None = None):
+        return apply(model, params, z, tau, d, actions, action_mask, cache, tasks)
+
+    return fn
+
+
+def commit_frames(
+    model_fn: WorldModelFn,
+    cfg: DynamicsConfig,
+    latents: Tensor,
+    actions: Tensor | None,
+    action_mask: Tensor | None,
+    cache: TensorDict,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, TensorDict]:
+    """Append clean frames `[B, n, S, Dz]` (with the actions leading into them) to the KV cache, re-noised to the
+    context signal level tau_ctx with step size d_min exactly as the sampler keeps its context (paper Sec. 3.2).
+
+    Returns the agent-token outputs of those frames `[B, n, n_agent, D]` and the cache with the frames committed.
+    This is how the agent observes a frame, whether it comes from replay, from the real environment or from the
+    world model's own imagination: the same call, the same signal level.
+    """
+    if latents.dim() != 4:
+        raise ValueError(f"latents must be [B, n, S, Dz], got shape {tuple(latents.shape)}")
+    batch, count = latents.shape[:2]
+    signal = torch.full((batch, count), cfg.context_signal, device=latents.device)
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    _, agent_out, cache = model_fn(add_noise(latents, signal, noise), signal, torch.full_like(signal, cfg.d_min),
+                                   actions, action_mask, cache=cache)
+    if agent_out is None:
+        raise ValueError("the dynamics model has no agent tokens (DynamicsConfig.n_agent_tokens = 0)")
+    return agent_out, cache
+
+
+def imagine(
+    model: Dynamics,
+    heads: AgentHeads,
+    params: TensorDictBase,
+    context: Tensor,
+    context_actions: Tensor | None,
+    generator: torch.Generator | None,
+    *,
+    horizon: int,
+    steps: int | None = None,
+    tasks: Tensor | None = None,
+    context_action_mask: Tensor | None = None,
+    greedy: bool = False,
+) -> Rollout:
+    """Roll the policy out for `horizon` steps inside the world model, one rollout per context (paper Sec. 3.4).
+
+    params: {"dynamics": ..., "heads": {"policy", "reward", ...}}. context: replay latents `[B, T0, S, Dz]`;
+    context_actions: their actions in TorchRL's convention (`[B, T0, A]` float or `[B, T0]` long, action t taken
+    after frame t; the last one is not used, the policy replaces it), or None for none known;
+    context_action_mask `[B, T0]` optionally marks unknown ones. steps: K denoising steps per frame (default
+    `cfg.sampling_steps`). greedy: act with the policy's mode instead of sampling (evaluation).
+
+    Which agent output the policy reads: the one from the call that *commits* a frame at tau_ctx (`commit_frames`),
+    not the last denoising call (where the frame is still at signal 1 - 1/K). That is the frame as the world model
+    keeps it in its context and exactly what the agent sees of a real observation, so the policy meets the same
+    input distribution in imagination and in the environment. The cost is one extra call per imagined frame over
+    the sampler's fused commit (K + 1 calls per step instead of K).
+
+    Continuation: the model has no continue head, so c_t = 1 (an imagined episode never ends within the horizon);
+    the value bootstraps the tail. Runs without gradient (phase 3 freezes the transformer; PMPO trains through
+    log-probs of the sampled actions, never through the world model).
+    """
+    cfg = model.cfg
+    if horizon < 1:
+        raise ValueError(f"horizon must be >= 1, got {horizon}")
+    steps = cfg.sampling_steps if steps is None else steps
+    if steps < 1 or steps & (steps - 1) or steps > cfg.k_max:
+        raise ValueError(f"steps must be a power of two in [1, k_max={cfg.k_max}], got {steps}")
+    if context.dim() != 4 or context.shape[1] < 1:
+        raise ValueError(f"context must be [B, T0 >= 1, S, Dz], got shape {tuple(context.shape)}")
+    batch, context_len = context.shape[:2]
+    actions_in, mask_in = None, None
+    if context_actions is not None:
+        if context_actions.shape[:2] != (batch, context_len):
+            raise ValueError(f"context_actions must start with [B, T0] = [{batch}, {context_len}], got "
+                             f"{tuple(context_actions.shape)}")
+        actions_in, mask_in = actions_into_frames(context_actions)
+        if context_action_mask is not None:
+            if context_action_mask.shape != (batch, context_len):
+                raise ValueError(f"context_action_mask must be [B, T0] = [{batch}, {context_len}], got "
+                                 f"{tuple(context_action_mask.shape)}")
+            mask_in = mask_in & actions_into_frames(context_action_mask)[0].bool()
+    heads_params = params["heads"]
+    device = context.device
+    with torch.no_grad():
+        model_fn = world_model_fn(model, params["dynamics"], tasks)
+        agent, cache = commit_frames(model_fn, cfg, context, actions_in, mask_in, empty_cache(batch, device),
+                                     generator)
+        h = agent[:, -1]
+        nothing_pending = Frames(context[:, :0], torch.zeros(batch, 0, device=device),
+                                 torch.zeros(batch, 0, device=device), None, None)
+        known = torch.ones(batch, 1, dtype=torch.bool, device=device)
+        features, actions, rewards, frames = [h], [], [], []
+        for _ in range(horizon):
+            policy = policy_dist(heads, heads_params["policy"], h)
+            action = policy.mode() if greedy else policy.sample(generator)
+            into = action[:, None]
+            frame, _, cache = denoise_frame(model_fn, nothing_pending, cache, into, known, generator, steps)
+            agent, cache = commit_frames(model_fn, cfg, frame[:, None], into, known, cache, generator)
+            h = agent[:, 0]
+            features.append(h)
+            actions.append(action)
+            rewards.append(reward_dist(heads, heads_params["reward"], h).mean())
+            frames.append(frame)
+    rewards_t = torch.stack(rewards, dim=1)
+    return Rollout(
+        features=torch.stack(features, dim=1),
+        actions=torch.stack(actions, dim=1),
+        rewards=rewards_t,
+        continues=torch.ones_like(rewards_t),
+        latents=torch.stack(frames, dim=1),
+    )
+
+
+# ===============================================================================================================
+# Section 3: the phase-3 objective
+# ===============================================================================================================
+
+
+@dataclass(frozen=True)
+class ImaginationConfig:
+    horizon: int = 16  # imagined steps per rollout (the paper gives none)
+    gamma: float = 0.997
+    lam: float = 0.95
+    alpha: float = 0.5  # PMPO weight of the positive-advantage set
+    beta: float = 0.3  # reverse-KL weight towards the BC prior
+    entropy_floor: float | None = None  # soft hinge below this policy entropy (nats); None disables it
+    entropy_floor_coef: float = 1.0
+    value_coef: float = 1.0
+    # 0 trains the value head alone: a warm-up before PMPO. While the value lags the returns (it starts at 0),
+    # nearly every advantage is positive and sign-only PMPO merely sharpens the policy on its own samples.
+    policy_coef: float = 1.0
+    slow_reg: float = 1.0  # weight of the pull towards the slow (EMA) value's prediction
+    slow_decay: float = 0.98  # EMA decay of the slow value params per step (DreamerV3)
+    sampling_steps: int | None = None  # K per imagined frame; None: DynamicsConfig.sampling_steps
+
+    def __post_init__(self) -> None:
+        if self.horizon < 1:
+            raise ValueError(f"ImaginationConfig.horizon must be >= 1, got {self.horizon}")
+        for name in ("gamma", "lam", "alpha", "slow_decay"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"ImaginationConfig.{name} must lie in [0, 1], got {getattr(self, name)}")
+        for name in ("beta", "entropy_floor_coef", "value_coef", "policy_coef", "slow_reg"):
+            if getattr(self, name) < 0.0:
+                raise ValueError(f"ImaginationConfig.{name} must be >= 0, got {getattr(self, name)}")
+        k = self.sampling_steps
+        if k is not None and (k < 1 or k & (k - 1)):
+            raise ValueError(f"ImaginationConfig.sampling_steps must be a power of two or None, got "
+                             f"{self.sampling_steps}")
+
+
+def imagination_loss(
+    head_params: TensorDictBase,
+    rollout: Rollout,
+    *,
+    heads: AgentHeads,
+    prior_policy: TensorDictBase,
+    slow_value: TensorDictBase,
+    cfg: ImaginationConfig,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PMPO policy loss + twohot value loss on one rollout (paper Eq. 11 and Sec. 3.4).
+
+    head_params: {"policy", "value"} (the trained heads; anything else is ignored); prior_policy: the frozen BC
+    policy head params; slow_value: the EMA value head params. Per imagined step t < H:
+      values V_0..V_H from the value head; R = lambda_returns(r, sg(V), c); advantages A_t = R_t - sg(V_t);
+      policy: pmpo_loss(log pi(a_t | h_t), A, KL(pi || prior), alpha, beta) with the optional entropy floor;
+      value: twohot CE of V_t towards sg(R_t), plus the slow-value regulariser;
+      loss = policy_coef * policy + value_coef * value.
+    Steps after a predicted termination are weighted by the cumulative continuation prod_{i<t} c_i (all 1 when
+    continues are assumed). Returns (loss, metrics): the PMPO and value metrics (policy entropy, KL to the prior,
+    advantage mean / std / max and the sign fractions among them) plus the imagined reward and return.
+    """
+    horizon = rollout.horizon
+    batch = rollout.rewards.shape[0]
+    if rollout.features.shape[:2] != (batch, horizon + 1):
+        raise ValueError(f"rollout.features must be [B, H+1, ...] = [{batch}, {horizon + 1}, ...], got "
+                         f"{tuple(rollout.features.shape)}")
+    if rollout.continues.shape != rollout.rewards.shape:
+        raise ValueError(f"rollout.continues shape {tuple(rollout.continues.shape)} must equal rewards shape "
+                         f"{tuple(rollout.rewards.shape)}")
+    features = rollout.features.detach()
+    acting = features[:, :horizon]
+    policy = policy_dist(heads, head_params["policy"], acting)
+    prior = policy_dist(heads, prior_policy, acting)
+    log_probs = policy.log_prob(rollout.actions)
+    kl = reverse_kl(policy, prior)
+    entropy = policy.entropy()
+
+    bins = heads.cfg.bins(features.device)
+    value_logits = apply(heads.value, head_params["value"], features)  # [B, H+1, K]
+    values = twohot_mean(value_logits, bins).detach()
+    continues = rollout.continues.detach()
+    returns = lambda_returns(rollout.rewards.detach(), values, continues, cfg.gamma, cfg.lam)
+    advantages = returns - values[:, :horizon]
+    weights = torch.cumprod(torch.cat([torch.ones_like(continues[:, :1]), continues[:, :-1]], dim=1), dim=1)
+
+    policy_loss, policy_metrics = pmpo_loss(
+        log_probs, advantages, kl, cfg.alpha, cfg.beta, weights=weights, entropy=entropy,
+        entropy_floor=cfg.entropy_floor, entropy_floor_coef=cfg.entropy_floor_coef,
+    )
+    slow_logits = apply(heads.value, slow_value, acting) if cfg.slow_reg > 0 else None
+    v_loss, value_metrics = value_loss(value_logits[:, :horizon], returns, bins, slow_logits, cfg.slow_reg, weights)
+    loss = cfg.policy_coef * policy_loss + cfg.value_coef * v_loss
+    metrics = {
+        **policy_metrics,
+        **value_metrics,
+        "loss": loss.detach(),
+        "imagined_reward": rollout.rewards.detach().mean(),
+        "imagined_return": returns[:, 0].mean(),
+    }
+    return loss, metrics

@@ -1,0 +1,250 @@
+"""Agent training steps: phase-2 finetuning (BC + reward + dynamics) and phase-3 imagination (PMPO + value).
+
+Phase 2 (paper Sec. 3.3, Eq. 9-10): the dynamics model with agent tokens and the heads train together; params are
+`{"dynamics": ..., "heads": {"policy", "reward", "value"}}`. Phase 3 (Sec. 3.4): only the policy and value heads
+train; the transformer, the reward head and the BC prior (a frozen copy of the finetuned policy head) live in the
+train state's `frozen` entry, which `apply_gradients` carries over untouched.
+
+Time alignment. Batches use TorchRL's convention: `actions[:, t]` is taken after observing frame t, `rewards[:, t]`
+is the reward of that transition (`("next", "reward")`), `is_last[:, t]` is True when frame t is the last frame of
+its episode in the row (`("next", "done")`, or the row ends early and is padded). The dynamics model reads the
+action leading *into* each frame (`actions_into_frames`), so the agent token h_t has seen frames <= t and actions
+< t. Hence:
+* policy, offset n: h_t predicts a_{t+n} (offset 0 is the action to take at frame t);
+* reward, offset n: h_t predicts the reward *into* frame t+n, r_{t+n-1} (offset 0 is the reward of the transition
+  that produced frame t, which h_t sees together with its action). In imagination the reward of a_t is therefore
+  read at the next frame's agent token. The reward of the transition out of a row's last frame has no frame in the
+  row and is never a target: keep the final observation as a frame if terminal rewards matter.
+A target is valid when it lies inside the row and in frame t's episode (`mtp_targets` on `is_last`); steps after a
+row's first `is_last` are padding (a replay row never crosses an episode boundary, `d4func/data/replay.py`): they
+contribute to no loss term, the dynamics term included, and since the transformer is causal nothing before them
+reads them.
+
+What the agent tokens read in phase 2: the frames of the same forward pass that makes the shortcut-forcing
+prediction, i.e. every frame at its own sampled signal level tau and step size d (the paper reads agent tokens from
+the one forward pass of the dynamics model). Nothing extra is computed. The policy later reads frames committed at
+tau_ctx = 1 - context_noise with d = d_min (`imagination.commit_frames`), a point on the training grid; the noisier
+training frames act as augmentation for the heads (their targets are the same clean actions and rewards).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torch import Tensor
+
+from d4func.dynamics import Dynamics, actions_into_frames
+from d4func.functional import apply, grad_and_value
+from d4func.heads import AgentHeads, policy_dist, reward_dist
+from d4func.imagination import ImaginationConfig, imagination_loss, imagine, mtp_targets
+from d4func.objectives import add_noise, ramp_weight, sample_signal_levels, sample_step_sizes, shortcut_targets
+from d4func.optim import AdamWConfig
+from d4func.train.dynamics_step import denoiser
+from d4func.train.state import apply_gradients, check_finite, new_train_state
+
+__all__ = [
+    "FinetuneConfig",
+    "agent_finetune_loss",
+    "agent_finetune_step",
+    "imagination_step",
+    "new_imagination_state",
+]
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    dynamics_coef: float = 1.0
+    bc_coef: float = 1.0
+    reward_coef: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("dynamics_coef", "bc_coef", "reward_coef"):
+            if getattr(self, name) < 0.0:
+                raise ValueError(f"FinetuneConfig.{name} must be >= 0, got {getattr(self, name)}")
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of x over mask (0 when the mask is empty, without NaN gradients)."""
+    w = mask.to(x.dtype)
+    den = w.sum()
+    return (w * x).sum() / torch.where(den > 0, den, torch.ones_like(den))
+
+
+def _check_batch(latents: Tensor, actions: Tensor, rewards: Tensor, is_last: Tensor | None, discrete: bool) -> None:
+    if latents.dim() != 4:
+        raise ValueError(f"latents must be [B, T, S, Dz], got shape {tuple(latents.shape)}")
+    bt = tuple(latents.shape[:2])
+    if tuple(actions.shape[:2]) != bt or actions.dim() != (2 if discrete else 3):
+        want = "[B, T] long" if discrete else "[B, T, A] float"
+        raise ValueError(f"actions must be {want} with [B, T] = {list(bt)}, got {tuple(actions.shape)}")
+    if tuple(rewards.shape) != bt:
+        raise ValueError(f"rewards must be [B, T] = {list(bt)}, got {tuple(rewards.shape)}")
+    if is_last is not None and (tuple(is_last.shape) != bt or is_last.dtype != torch.bool):
+        raise ValueError(f"is_last must be bool [B, T] = {list(bt)}, got {is_last.dtype} {tuple(is_last.shape)}")
+
+
+def agent_finetune_loss(
+    params: TensorDictBase,
+    latents: Tensor,
+    actions: Tensor,
+    rewards: Tensor,
+    is_last: Tensor | None,
+    generator: torch.Generator | None,
+    *,
+    model: Dynamics,
+    heads: AgentHeads,
+    cfg: FinetuneConfig = FinetuneConfig(),  # noqa: B008 (frozen dataclass: immutable default)
+    tasks: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Phase-2 loss: shortcut forcing + behaviour cloning (all L offsets) + reward prediction (twohot CE).
+
+    params: {"dynamics", "heads"}; latents: clean latents `[B, T, S, Dz]`; actions, rewards, is_last: see the
+    module docstring (TorchRL convention; is_last None means every row is one episode with no end inside).
+
+    One forward pass of the dynamics model at the sampled (tau, d) gives both the denoising prediction and the
+    agent-token outputs. The draws (d, tau, noise) are made in the same order as `shortcut_forcing_loss`, so with
+    no padding the dynamics term equals `dynamics_loss` for the same generator state.
+
+    Returns (loss, metrics): dynamics_loss (+ flow_mse, bootstrap_mse), bc_nll (all offsets), bc_nll_0 (the acting
+    offset), reward_ce, reward_ce_0, policy_entropy, loss.
+    """
+    dyn_cfg = model.cfg
+    _check_batch(latents, actions, rewards, is_last, dyn_cfg.discrete)
+    batch, steps = latents.shape[:2]
+    device = latents.device
+    if is_last is None:
+        is_last = torch.zeros(batch, steps, dtype=torch.bool, device=device)
+    # Steps after the first episode end in a row are padding (module docstring).
+    ends = is_last.long()
+    valid_step = (ends.cumsum(dim=1) - ends) == 0
+
+    # --- dynamics: shortcut forcing, drawing d, tau and noise as `shortcut_forcing_loss` does --------------------
+    actions_in, mask_in = actions_into_frames(actions)
+    d = sample_step_sizes((batch, steps), dyn_cfg.k_max, generator, device, dyn_cfg.bootstrap_fraction)
+    tau = sample_signal_levels(d, generator)
+    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+    z_tau = add_noise(latents, tau, noise)
+    x_hat, agent_out, _ = apply(model, params["dynamics"], z_tau, tau, d, actions_in, mask_in, None, tasks)
+    if agent_out is None:
+        raise ValueError("the dynamics model has no agent tokens (DynamicsConfig.n_agent_tokens = 0)")
+    stopped = denoiser(model, params["dynamics"].detach(), actions_in, mask_in, tasks)
+    target, is_flow = shortcut_targets(stopped, latents, z_tau, tau, d, dyn_cfg.d_min)
+    per_frame = (x_hat - target).square().mean(dim=(-2, -1))
+    n_valid = valid_step.sum().clamp(min=1)
+    dyn_loss = (ramp_weight(tau) * per_frame * valid_step).sum() / n_valid
+
+    # --- behaviour cloning: h_t -> a_{t+n} ------------------------------------------------------------------------
+    L = heads.cfg.mtp
+    action_targets, action_valid = mtp_targets(actions, is_last, L)
+    action_valid = action_valid & valid_step[:, :, None]
+    policy = policy_dist(heads, params["heads", "policy"], agent_out, offset=None)  # batch [B, T, L]
+    nll = -policy.log_prob(action_targets)
+    bc = _masked_mean(nll, action_valid)
+
+    # --- reward: h_t -> reward into frame t+n = rewards[t+n-1] ------------------------------------------------------
+    rewards_in = torch.cat([torch.zeros_like(rewards[:, :1]), rewards[:, :-1]], dim=1)
+    has_reward_in = torch.ones_like(rewards_in)
+    has_reward_in[:, 0] = 0.0  # the first frame of a row: its incoming transition is not in the row
+    reward_targets, reward_valid = mtp_targets(torch.stack([rewards_in, has_reward_in], dim=-1), is_last, L)
+    reward_valid = reward_valid & (reward_targets[..., 1] > 0.5) & valid_step[:, :, None]
+    reward = reward_dist(heads, params["heads", "reward"], agent_out, offset=None)  # batch [B, T, L]
+    ce = -reward.log_prob(reward_targets[..., 0])
+    reward_ce = _masked_mean(ce, reward_valid)
+
+    loss = cfg.dynamics_coef * dyn_loss + cfg.bc_coef * bc + cfg.reward_coef * reward_ce
+    flow_w = (is_flow & valid_step).float()
+    boot_w = (~is_flow & valid_step).float()
+    metrics = {
+        "loss": loss.detach(),
+        "dynamics_loss": dyn_loss.detach(),
+        "flow_mse": _masked_mean(per_frame.detach(), flow_w > 0),
+        "bootstrap_mse": _masked_mean(per_frame.detach(), boot_w > 0),
+        "bc_nll": bc.detach(),
+        "bc_nll_0": _masked_mean(nll[:, :, 0].detach(), action_valid[:, :, 0]),
+        "reward_ce": reward_ce.detach(),
+        "reward_ce_0": _masked_mean(ce[:, :, 0].detach(), reward_valid[:, :, 0]),
+        "policy_entropy": _masked_mean(policy.entropy()[:, :, 0].detach(), valid_step),
+    }
+    return loss, metrics
+
+
+def agent_finetune_step(
+    state: TensorDictBase,
+    batch: TensorDictBase | dict[str, Tensor],
+    generator: torch.Generator | None,
+    *,
+    model: Dynamics,
+    heads: AgentHeads,
+    opt: AdamWConfig,
+    cfg: FinetuneConfig = FinetuneConfig(),  # noqa: B008 (frozen dataclass: immutable default)
+    ema_decay: float | None = None,
+) -> tuple[TensorDictBase, dict[str, Tensor]]:
+    """One phase-2 update of `state` (params {"dynamics", "heads"}) on a batch with "latents", "actions",
+    "rewards" and optionally "is_last" and "tasks" (see the module docstring for their alignment)."""
+    get = batch.get
+    grads, (_, metrics) = grad_and_value(agent_finetune_loss, has_aux=True)(
+        state["params"], batch["latents"], batch["actions"], batch["rewards"], get("is_last", None), generator,
+        model=model, heads=heads, cfg=cfg, tasks=get("tasks", None),
+    )
+    check_finite(metrics, state["step"])
+    state, opt_metrics = apply_gradients(state, grads, opt, ema_decay)
+    check_finite(opt_metrics, state["step"])
+    return state, {**metrics, **opt_metrics}
+
+
+def new_imagination_state(agent_params: TensorDictBase) -> TensorDict:
+    """Phase-3 train state from finetuned params {"dynamics", "heads"}.
+
+    params = {"policy", "value"} (the only trained part) with AdamW moments; ema = their slow copy (the slow value
+    target is ema["value"]); frozen = {"dynamics", "reward", "prior_policy"}, the prior being a copy of the
+    finetuned (behaviour-cloning) policy head that stays fixed for the whole phase (paper Eq. 11).
+    """
+    head_params = agent_params["heads"]
+    trainable = TensorDict({"policy": head_params["policy"].clone(), "value": head_params["value"].clone()})
+    state = new_train_state(trainable)
+    state["frozen"] = TensorDict({
+        "dynamics": agent_params["dynamics"].clone(),
+        "reward": head_params["reward"].clone(),
+        "prior_policy": head_params["policy"].clone(),
+    })
+    return state
+
+
+def imagination_params(state: TensorDictBase) -> TensorDict:
+    """The full agent params {"dynamics", "heads": {"policy", "reward", "value"}} of a phase-3 state (for acting)."""
+    frozen, params = state["frozen"], state["params"]
+    return TensorDict({
+        "dynamics": frozen["dynamics"],
+        "heads": TensorDict({"policy": params["policy"], "reward": frozen["reward"], "value": params["value"]}),
+    })
+
+
+def imagination_step(
+    state: TensorDictBase,
+    batch: TensorDictBase | dict[str, Tensor],
+    generator: torch.Generator | None,
+    *,
+    model: Dynamics,
+    heads: AgentHeads,
+    opt: AdamWConfig,
+    cfg: ImaginationConfig = ImaginationConfig(),  # noqa: B008 (frozen dataclass: immutable default)
+) -> tuple[TensorDictBase, dict[str, Tensor]]:
+    """One phase-3 update: imagine one rollout per replay context (batch "latents" `[B, T0, S, Dz]`, "actions" in
+    TorchRL's convention, optional "tasks"), then a PMPO + value step on the policy and value heads only. The slow
+    value target is the EMA of the value params (decay `cfg.slow_decay`)."""
+    get = batch.get
+    rollout = imagine(model, heads, imagination_params(state), batch["latents"], get("actions", None), generator,
+                      horizon=cfg.horizon, steps=cfg.sampling_steps, tasks=get("tasks", None))
+    frozen = state["frozen"]
+
+    def loss_fn(trainable: TensorDictBase) -> tuple[Tensor, dict[str, Tensor]]:
+        return imagination_loss(trainable, rollout, heads=heads, prior_policy=frozen["prior_policy"],
+                                slow_value=state["ema", "value"], cfg=cfg)
+
+    grads, (_, metrics) = grad_and_value(loss_fn, has_aux=True)(state["params"])
+    check_finite(metrics, state["step"])
+    state, opt_metrics = apply_gradients(state, grads, opt, cfg.slow_decay)
+    check_finite(opt_metrics, state["step"])
+    return state, {**metrics, **opt_metrics}
