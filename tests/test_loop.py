@@ -100,3 +100,11 @@ def test_shipped_run_configs_load(name):
     cfg = load_run_config(f"experiments/configs/{name}.yaml")
     assert cfg.tokenizer.latent_tokens == cfg.dynamics.latent_tokens
     assert (cfg.dynamics.n_actions == 17) == (cfg.env.name == "crafter")
+
+
+def test_lpips_without_backbone_weights_stops_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))  # no cached ImageNet weights here
+    code = main(["train", "--config", DEBUG, f"run_dir={tmp_path / 'run'}", "tokenizer_loss.lpips_weight=0.2"])
+    assert code == 2
+    assert "LPIPS" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

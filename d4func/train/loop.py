@@ -93,6 +93,16 @@ def refresh_agent_frozen(agent: TensorDictBase, world_model: TensorDictBase) -> 
     return agent
 
 
+def make_lpips_fn(cfg: RunConfig):
+    """The frozen LPIPS module when the tokenizer loss uses it (raises, naming what to provide, when its ImageNet
+    backbone weights are not on disk), else None."""
+    if cfg.tokenizer_loss.lpips_weight <= 0:
+        return None
+    from d4func.lpips_loss import make_lpips
+
+    return make_lpips(cfg.tokenizer_loss.lpips_net, cfg.tokenizer_loss.lpips_backbone_path)
+
+
 def gradient_step(
     cfg: RunConfig,
     models: Models,
@@ -101,6 +111,7 @@ def gradient_step(
     generator: torch.Generator,
     grad_step: int,
     agent_active: bool,
+    lpips_fn=None,
 ) -> tuple[dict[str, TensorDictBase], dict[str, float]]:
     """One update of every phase (see the module docstring); returns new states and scalar metrics."""
     metrics: dict[str, float] = {}
@@ -108,7 +119,7 @@ def gradient_step(
     if grad_step % cfg.loop.tokenizer_every == 0:
         states["tokenizer"], tok = tokenizer_train_step(
             states["tokenizer"], batch["frames"], generator, template=models.tokenizer, cfg=cfg.tokenizer_loss,
-            optim=cfg.optim.tokenizer,
+            optim=cfg.optim.tokenizer, lpips_fn=lpips_fn,
         )
         metrics.update({f"tokenizer/{k}": float(v) for k, v in tok.items()})
     with torch.no_grad():
@@ -228,6 +239,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
+        self.lpips_fn = make_lpips_fn(cfg)  # before anything is written: missing weights stop the run at once
         if cfg.loop.threads:
             torch.set_num_threads(cfg.loop.threads)
         self.run_dir = Path(cfg.run_dir)
@@ -277,7 +289,7 @@ class Trainer:
             before = self.states
             try:
                 self.states, metrics = gradient_step(self.cfg, self.models, self.states, batch, self.generator,
-                                                     self.counters["grad_steps"], agent_active)
+                                                     self.counters["grad_steps"], agent_active, self.lpips_fn)
             except NonFiniteLossError as error:
                 path = self.save(before)
                 raise NonFiniteLossError(f"{error}; the last good state is saved in {path}") from error
