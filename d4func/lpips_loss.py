@@ -62,8 +62,9 @@ def missing_weights_message(net: str) -> str:
         f"LPIPS needs torchvision's ImageNet weights for its {net!r} trunk, and they cannot be downloaded here. "
         f"Provide them in one of two ways: copy the file {BACKBONE_FILES[net]} (from "
         f"https://download.pytorch.org/models/{BACKBONE_FILES[net]}, on a machine with network access) to "
-        f"{hub_checkpoint_path(net)} (the torch hub cache; set TORCH_HOME to move it), or set the config key "
-        f"lpips_backbone_path=/path/to/{BACKBONE_FILES[net]}. To train without LPIPS, set the LPIPS weight to 0."
+        f"{hub_checkpoint_path(net)} (the torch hub cache; set TORCH_HOME to move it), or point the config key "
+        f"lpips_backbone_path at it (train_tokenizer.py: loss.lpips_backbone_path=/path/to/{BACKBONE_FILES[net]}). "
+        "To train without LPIPS, set the LPIPS weight to 0 (loss.lpips_weight=0)."
     )
 
 

@@ -276,6 +276,10 @@ class Tokenizer(nn.Module):
             )
         if not frames.is_floating_point():
             raise TypeError(f"frames must be a float tensor in [0, 1], got dtype {frames.dtype}")
+        in_range = (frames >= 0.0) & (frames <= 1.0)  # False for NaN too
+        if not bool(in_range.all()):
+            bad = frames[~in_range].flatten()[0].item()
+            raise ValueError(f"frames must lie in [0, 1] (uint8 images need / 255), got a value {bad}")
         return frames
 
 

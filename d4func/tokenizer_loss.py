@@ -55,9 +55,10 @@ class TokenizerLossConfig:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def init_loss_rms(names: tuple[str, ...] = LOSS_TERMS) -> TensorDict:
+def init_loss_rms(names: tuple[str, ...] = LOSS_TERMS, device: torch.device | str | None = None) -> TensorDict:
     """Empty running statistics: per term the EMA of its square and the number of updates."""
-    return TensorDict({name: {"mean_sq": torch.zeros(()), "count": torch.zeros(())} for name in names}, batch_size=[])
+    zeros = partial(torch.zeros, (), device=device)
+    return TensorDict({name: {"mean_sq": zeros(), "count": zeros()} for name in names}, batch_size=[], device=device)
 
 
 def update_loss_rms(loss_rms: TensorDictBase, values: dict[str, Tensor], decay: float) -> TensorDict:
@@ -150,7 +151,8 @@ def tokenizer_loss(
 def new_tokenizer_train_state(params: TensorDictBase, with_ema: bool = True) -> TensorDict:
     """Train state (params, AdamW moments, EMA, step) plus the running loss statistics `loss_rms`."""
     state = new_train_state(params, with_ema=with_ema)
-    state["loss_rms"] = init_loss_rms()
+    leaf = next(iter(params.values(include_nested=True, leaves_only=True)))
+    state["loss_rms"] = init_loss_rms(device=leaf.device)
     return state
 
 

@@ -2,6 +2,7 @@
 LPIPS mechanics without network, the moving-shapes data, learning, and the training script."""
 
 import importlib.util
+import json
 import math
 import socket
 import sys
@@ -37,6 +38,7 @@ from d4func.tokenizer import (
     autoencode,
     decode,
     encode,
+    encode_step,
     encode_with_mask,
     mae_drop_mask,
 )
@@ -182,6 +184,21 @@ def test_changing_future_frames_never_changes_past_latents(seed, steps, masked, 
     torch.testing.assert_close(recon[:, : t + 1], recon_changed[:, : t + 1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n_cameras", [1, 2])
+def test_frame_by_frame_cached_encoding_equals_encoding_the_clip(n_cameras):
+    block = TransformerConfig(d_model=32, n_layers=4, n_heads=2, n_kv_heads=2, time_every=2, logit_cap=None)
+    cfg = tiny_cfg(n_cameras=n_cameras, encoder=block)
+    model, params = build(cfg)
+    shape = (2, 4, n_cameras, 3, 16, 16) if n_cameras > 1 else (2, 4, 3, 16, 16)
+    frames = rand_frames(*shape)
+    full = encode(model, params, frames)
+    cache, steps = None, []
+    for t in range(4):
+        z, cache = encode_step(model, params, frames[:, t : t + 1], cache)
+        steps.append(z)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
 def test_latents_are_tanh_bounded_and_shaped():
     cfg = tiny_cfg()
     model, params = build(cfg)
@@ -189,8 +206,8 @@ def test_latents_are_tanh_bounded_and_shaped():
     assert z.shape == (2, 3, cfg.latent_tokens, cfg.latent_dim)
     assert z.abs().max() <= 1.0
     # Blow up the bottleneck projection: pre-tanh values are huge, the latents still stay in [-1, 1].
-    params["encoder", "to_bottleneck", "weight"] = params["encoder", "to_bottleneck", "weight"] * 1e3
-    z = encode(model, params, rand_frames(2, 3, 3, 16, 16) * 1e3)
+    params["encoder", "to_bottleneck", "weight"] = params["encoder", "to_bottleneck", "weight"] * 1e6
+    z = encode(model, params, rand_frames(2, 3, 3, 16, 16))
     assert z.abs().max() <= 1.0
     assert (z.abs() > 0.999).float().mean() > 0.5  # saturated: the bound is the tanh's, not the data's
 
@@ -490,12 +507,11 @@ def test_bouncing_shapes_never_leave_the_frame():
 
 
 def test_tiny_tokenizer_overfits_moving_shapes_far_beyond_chance():
-    """Threshold: held PSNR >= 27 dB on 4 frames, and >= 10 dB above predicting their mean frame (~15 dB).
+    """Threshold: PSNR >= 27 dB on its 4 training frames, and >= 10 dB above predicting their mean frame (16.9 dB).
 
-    A constant (mean-frame) guess scores ~15 dB and bicubic upsampling from the same 128 floats ~20 dB on these
-    frames, so 27 dB needs the latents to carry where and what each shape is.
+    A constant guess (the mean frame) scores 16.9 dB and bicubic upsampling from the same 128 floats ~20 dB on such
+    frames, so 27 dB needs the latents to carry where and what each shape is (measured: ~30.5 dB after 250 steps).
     """
-    torch.manual_seed(0)  # unused by the step (explicit generators), fixed anyway for reproducibility
     block = TransformerConfig(
         d_model=64, n_layers=2, n_heads=2, n_kv_heads=2, mlp_ratio=2.0, time_every=2, logit_cap=None
     )
@@ -508,7 +524,7 @@ def test_tiny_tokenizer_overfits_moving_shapes_far_beyond_chance():
     for _ in range(250):
         state, _ = tokenizer_train_step(state, frames, None, template=model, cfg=loss_cfg, optim=AdamWConfig(lr=1e-3))
     metrics, _ = reconstruction_metrics(model, state["params"], frames)
-    assert mean_frame_psnr < 17.0
+    assert mean_frame_psnr < 18.0
     assert metrics["psnr"].item() >= 27.0
     assert metrics["psnr"].item() >= mean_frame_psnr + 10.0
 
@@ -526,9 +542,13 @@ def _load_script(name):
     return module
 
 
-def test_train_script_runs_the_debug_config_and_writes_outputs(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # no LPIPS weights: debug config needs none
+@pytest.mark.parametrize("with_lpips", [False, True])
+def test_train_script_runs_the_debug_config_and_writes_outputs(
+    tmp_path, monkeypatch, no_network, random_alexnet_file, with_lpips
+):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # no LPIPS weights in the cache
     script = _load_script("train_tokenizer")
+    lpips_args = ["loss.lpips_weight=0.2", f"loss.lpips_backbone_path={random_alexnet_file[0]}"] if with_lpips else []
     final = script.main(
         [
             "--config",
@@ -538,6 +558,7 @@ def test_train_script_runs_the_debug_config_and_writes_outputs(tmp_path, monkeyp
             "eval_clips=2",
             f"run_dir={tmp_path}",
             "run_name=smoke",
+            *lpips_args,
         ]
     )
     run = tmp_path / "smoke"
@@ -545,9 +566,19 @@ def test_train_script_runs_the_debug_config_and_writes_outputs(tmp_path, monkeyp
     assert (run / "config.yaml").is_file()
     checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
     assert int(checkpoint["step"]) == 3 and "loss_rms" in checkpoint
-    assert {"eval_mse", "eval_psnr"} <= set(final)
+    assert int(checkpoint["loss_rms"]["lpips"]["count"]) == (3 if with_lpips else 0)
     scalars = {p.stem for p in (run / "scalars").glob("*.csv")}
     assert {"train_mse", "train_psnr", "eval_psnr"} <= scalars
+    expected = {"eval_mse", "eval_psnr"} | ({"eval_lpips"} if with_lpips else set())
+    assert set(final) == expected and ("train_lpips" in scalars) == with_lpips
+
+
+def test_train_script_stops_with_instructions_when_lpips_weights_are_missing(tmp_path, monkeypatch, no_network):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    script = _load_script("train_tokenizer")
+    config = str(ROOT / "experiments" / "configs" / "tokenizer_debug.yaml")
+    with pytest.raises(SystemExit, match="alexnet-owt-7be5be79.pth.*loss.lpips_weight=0"):
+        script.main(["--config", config, "loss.lpips_weight=0.2", f"run_dir={tmp_path}"])
 
 
 def test_train_script_config_mismatch_is_reported():
@@ -558,3 +589,18 @@ def test_train_script_config_mismatch_is_reported():
             str(ROOT / "experiments" / "configs" / "tokenizer_debug.yaml"),
             ["data.shapes.image_size=64"],
         )
+
+
+def test_benchmark_smoke_writes_the_json_keys(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_tokenizer", ROOT / "benchmarks" / "tokenizer.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_tokenizer"] = bench
+    spec.loader.exec_module(bench)
+    out = tmp_path / "tokenizer.json"
+    result = bench.main(["--steps", "2", "--held-out-clips", "2", "--threads", "1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert {"psnr_tokenizer", "psnr_bicubic_same_floats", "frames_per_s"} <= set(saved)
+    assert saved == json.loads(json.dumps(result))
+    # The baseline never gets more floats than the latents.
+    assert saved["bicubic_floats_per_frame"] <= saved["latent_floats_per_frame"]
+    assert bench.same_floats_size(64, 3, 64, 64) == (4, 5)
