@@ -356,6 +356,7 @@ def train_online(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     next_ckpt = (counters["env_steps"] // cfg.loop.checkpoint_every + 1) * cfg.loop.checkpoint_every
     next_gif = (counters["env_steps"] // cfg.loop.gif_every + 1) * cfg.loop.gif_every
     eval_result: dict[str, Any] = {}
+    last_eval_step = last_gif_step = -1
     tick = time.perf_counter()
     id_offset = counters["next_traj_id"]
     try:
@@ -395,9 +396,11 @@ def train_online(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
             tick = now
             if counters["env_steps"] >= next_eval and counters["grad_steps"]:
                 eval_result = trainer.evaluate(eval_env, counters["env_steps"])
+                last_eval_step = counters["env_steps"]
                 next_eval += cfg.loop.eval_every
             if counters["env_steps"] >= next_gif and counters["grad_steps"]:
                 trainer.gif(counters["env_steps"])
+                last_gif_step = counters["env_steps"]
                 next_gif += cfg.loop.gif_every
             if counters["env_steps"] >= next_ckpt:
                 trainer.save()
@@ -409,8 +412,9 @@ def train_online(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         trainer.save()
         collector.shutdown()
         bar.close()
-    if counters["grad_steps"]:
+    if counters["grad_steps"] and last_eval_step != counters["env_steps"]:
         eval_result = trainer.evaluate(eval_env, counters["env_steps"])
+    if counters["grad_steps"] and last_gif_step != counters["env_steps"]:
         trainer.gif(counters["env_steps"])
     trainer.logger.close()
     plot = plot_returns(trainer.run_dir)
