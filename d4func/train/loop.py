@@ -265,7 +265,7 @@ class Trainer:
             "counters": dict(self.counters),
             "config": checkpoint.config_to_dict(self.cfg),
         }
-        if self.replay is not None and self.cfg.loop.mode == "online":
+        if self.replay is not None:  # online: length and cursor; both: the sampler's RNG (exact resume)
             payload["replay"] = checkpoint.replay_position(self.replay)
         step = self.counters["env_steps"] if self.cfg.loop.mode == "online" else self.counters["grad_steps"]
         return checkpoint.save_checkpoint(self.run_dir, step, payload, keep_last=self.cfg.loop.keep_checkpoints,
