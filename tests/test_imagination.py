@@ -96,7 +96,7 @@ def test_data_after_an_episode_end_changes_no_loss_term(discrete, k, seed):
     other = {key: value.clone() for key, value in batch.items()}
     # Row 0 ends at frame k: its later frames, the actions into them and every reward from step k on (the reward
     # of the transition out of the last frame has no frame in the row) are outside the episode.
-    other["latents"][0, k + 1 :] = torch.randn_like(other["latents"][0, k + 1 :])
+    other["latents"][0, k + 1 :] = torch.randn(other["latents"][0, k + 1 :].shape, generator=gen)
     other["actions"][0, k + 1 :] = other["actions"][0, k + 1 :].flip(0) if discrete else -other["actions"][0, k + 1 :]
     other["rewards"][0, k:] += 10.0
 
@@ -108,11 +108,17 @@ def test_data_after_an_episode_end_changes_no_loss_term(discrete, k, seed):
     torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-6)
     for name in m1:
         torch.testing.assert_close(m1[name], m2[name], rtol=1e-5, atol=1e-6, msg=name)
-    # Without the episode end the same change is seen (the check above can fail).
+    # Without the episode end the same change is seen (the check above can fail). The reward head starts at exactly
+    # zero (uniform logits: every target costs the same), and a frame drawn at tau = 0 with a bootstrap target does
+    # not depend on its clean latents, so give the reward head non-zero outputs: the shifted rewards[k] (a target
+    # of frame k + 1) must then change the loss.
     no_end = episode_ends(3, 7, {2: 6})
-    la = agent_finetune_loss(params, batch["latents"], batch["actions"], batch["rewards"], no_end,
+    live = params.clone()
+    live["heads", "reward", "out", "weight"] = torch.randn(live["heads", "reward", "out", "weight"].shape,
+                                                           generator=torch.Generator().manual_seed(seed))
+    la = agent_finetune_loss(live, batch["latents"], batch["actions"], batch["rewards"], no_end,
                              torch.Generator().manual_seed(7), model=model, heads=heads)[0]
-    lb = agent_finetune_loss(params, other["latents"], other["actions"], other["rewards"], no_end,
+    lb = agent_finetune_loss(live, other["latents"], other["actions"], other["rewards"], no_end,
                              torch.Generator().manual_seed(7), model=model, heads=heads)[0]
     assert not torch.allclose(la, lb)
 

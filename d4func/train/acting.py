@@ -59,6 +59,22 @@ class WorldModelPolicy(TensorDictModuleBase):
         self.agent_params: TensorDictBase | None = None
         self._state: dict[str, object] | None = None
 
+    def __getstate__(self) -> dict:
+        # Multi-process collectors pickle the policy into their workers: send the model configs, not the meta-device
+        # templates (meta tensors cannot be shared), and rebuild the templates on arrival.
+        state = dict(self.__dict__)
+        state["_models"] = tuple(model.cfg for model in self._models)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        from d4func.functional import template
+
+        configs = state.pop("_models")
+        self.__dict__.update(state)
+        models = tuple(template(cls, cfg) for cls, cfg in zip((Tokenizer, Dynamics, AgentHeads), configs,
+                                                              strict=True))
+        object.__setattr__(self, "_models", models)
+
     def update_params(self, tokenizer_params: TensorDictBase, agent_params: TensorDictBase) -> None:
         """New weights: tokenizer params and agent params {"dynamics", "heads": {"policy", ...}}. The context
         caches were computed with the old weights, so they are dropped (each env restarts its context)."""
