@@ -13,27 +13,29 @@ from d4func.train.loop import build_models, check_action_space, init_states, tra
 from d4func.train.run_config import load_run_config
 
 DEBUG = "experiments/configs/debug.yaml"
-SHORT = ["loop.env_steps=90", "loop.prefill_steps=30", "loop.collect_steps=30", "loop.agent_start=60",
-         "loop.train_ratio=0.1", "loop.eval_every=90", "loop.checkpoint_every=60", "loop.gif_every=90",
+SHORT = ["loop.env_steps=200", "loop.prefill_steps=50", "loop.collect_steps=50", "loop.agent_start=100",
+         "loop.train_ratio=0.05", "loop.eval_every=200", "loop.checkpoint_every=100", "loop.gif_every=200",
          "env.eval_max_steps=15"]
 
 
 def test_online_loop_on_dmc_writes_checkpoint_logs_gif_and_resumes(tmp_path):
-    cfg = load_run_config(DEBUG, [f"run_dir={tmp_path}", *SHORT])
-    summary = train(cfg, progress=False)
-    # training starts with the batch that completes the 30 prefill steps: 3 batches x 30 steps x 0.1
-    assert summary["env_steps"] == 90 and summary["grad_steps"] == 9
+    # Through the command line, as a user runs it.
+    assert main(["train", "--config", DEBUG, "--quiet", f"run_dir={tmp_path}", *SHORT]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    # training starts with the batch that completes the 50 prefill steps; 4 batches x 50 steps x 0.05 = 10
+    assert summary["env_steps"] == 200 and summary["grad_steps"] == 10
     assert set(summary["params"]) == {"tokenizer", "world_model", "agent"}  # imagination ran
     assert len(summary["eval"]["returns"]) == 1
-    assert sorted(p.name for p in tmp_path.glob("ckpt-*.pt"))[-1] == "ckpt-000000000090.pt"
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*.pt"))[-1] == "ckpt-000000000200.pt"
     assert list((tmp_path / "gifs").glob("*.gif"))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("world_model/loss" in row for row in rows) and any("eval/mean_return" in row for row in rows)
+    assert any("agent/policy_loss" in row or "agent/loss" in row for row in rows)
     assert (tmp_path / "logs" / "scalars").is_dir()  # TorchRL's CSV logger
 
     # Resume: the same run directory with a larger budget continues from the checkpoint, never from scratch.
-    resumed = train(load_run_config(DEBUG, [f"run_dir={tmp_path}", *SHORT, "loop.env_steps=120"]), progress=False)
-    assert resumed["env_steps"] == 120 and resumed["grad_steps"] == 12
+    resumed = train(load_run_config(DEBUG, [f"run_dir={tmp_path}", *SHORT, "loop.env_steps=250"]), progress=False)
+    assert resumed["env_steps"] == 250 and resumed["grad_steps"] == 12
     assert resumed["next_traj_id"] > summary["next_traj_id"]  # episode ids never reused in the replay
 
 
@@ -42,7 +44,7 @@ def test_online_loop_on_crafter(tmp_path):
                                   "dynamics.action_dim=0", "dynamics.n_actions=17", "heads.action_dim=0",
                                   "heads.n_actions=17"])
     summary = train(cfg, progress=False)
-    assert summary["env_steps"] == 90 and summary["grad_steps"] == 9
+    assert summary["env_steps"] == 200 and summary["grad_steps"] == 10
 
 
 def test_offline_loop_on_a_recorded_dataset(tmp_path):
@@ -132,3 +134,31 @@ def test_offline_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     for name in a:
         for key in a[name].keys(include_nested=True, leaves_only=True):
             assert torch.equal(a[name].get(key), b[name].get(key)), (name, key)
+
+
+def test_acting_policy_runs_in_a_multi_process_collector():
+    from functools import partial
+
+    from torchrl.collectors import MultiSyncCollector
+
+    from d4func.envs.registry import make_env
+    from d4func.train.acting import WorldModelPolicy, agent_params_from_states
+
+    cfg = load_run_config(DEBUG, ["env.name=crafter", "dynamics.action_dim=0", "dynamics.n_actions=17",
+                                  "heads.action_dim=0", "heads.n_actions=17"])
+    models = build_models(cfg)
+    states = init_states(cfg, models)
+    makers = [partial(make_env, "crafter", seed=seed, image_size=cfg.env.image_size) for seed in (0, 1)]
+    policy = WorldModelPolicy(models.tokenizer, models.dynamics, models.heads, makers[0]().action_spec, context=4,
+                              seed=0)
+    policy.update_params(states["tokenizer"]["params"], agent_params_from_states(states["world_model"], None))
+    collector = MultiSyncCollector(makers, policy, frames_per_batch=16, total_frames=32)
+    try:
+        batches = list(collector)
+    finally:
+        collector.shutdown()
+    assert len(batches) == 2
+    actions = torch.cat([b.get("action").reshape(-1) for b in batches])
+    assert actions.dtype == torch.int64 and actions.numel() == 32
+    assert actions.min() >= 0 and actions.max() < 17 and actions.unique().numel() > 1
+    assert torch.cat([b.get(("collector", "traj_ids")).reshape(-1) for b in batches]).unique().numel() == 2
