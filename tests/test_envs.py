@@ -181,7 +181,8 @@ def test_crafter_specs():
 
 
 def test_crafter_achievements_tracked_across_episode():
-    env = make_crafter_env(seed=0)
+    # A 60-step episode limit guarantees the reset path runs (truncation) even if the random player survives.
+    env = make_crafter_env(seed=0, length=60)
     player_env = env.base_env._env
     policy = UniformRandomPolicy(env.action_spec, seed=0)
     td = env.reset()
@@ -203,7 +204,7 @@ def test_crafter_achievements_tracked_across_episode():
             assert not td["achievements"].any()  # a new episode starts with nothing unlocked
             assert td["is_init"].item() and td["step_count"].item() == 0
     assert unlocked_any, "a seeded random run of 150 steps unlocks something (e.g. collect_sapling)"
-    assert n_done == 1  # this seed's random player dies once in 150 steps, so the reset path ran
+    assert n_done >= 2  # 150 steps with episodes of at most 60: the reset path ran
 
 
 def test_crafter_seeded_worlds():

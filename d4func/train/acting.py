@@ -62,15 +62,21 @@ class WorldModelPolicy(TensorDictModuleBase):
     def __getstate__(self) -> dict:
         # Multi-process collectors pickle the policy into their workers: send the model configs, not the meta-device
         # templates (meta tensors cannot be shared), and rebuild the templates on arrival.
+        # A torch.Generator does not survive torch's shared-memory pickling either: send its state as bytes. Every
+        # worker then starts from the same generator state (their envs, seeded apart, make the trajectories differ).
         state = dict(self.__dict__)
         state["_models"] = tuple(model.cfg for model in self._models)
+        state["generator"] = bytes(self.generator.get_state().numpy())
         return state
 
     def __setstate__(self, state: dict) -> None:
         from d4func.functional import template
 
         configs = state.pop("_models")
+        generator = torch.Generator()
+        generator.set_state(torch.frombuffer(bytearray(state.pop("generator")), dtype=torch.uint8))
         self.__dict__.update(state)
+        self.generator = generator
         models = tuple(template(cls, cfg) for cls, cfg in zip((Tokenizer, Dynamics, AgentHeads), configs,
                                                               strict=True))
         object.__setattr__(self, "_models", models)
