@@ -59,8 +59,9 @@ def dynamics_model(size: str) -> tuple[DynamicsConfig, Dynamics]:
     return cfg, template(Dynamics, cfg)
 
 
-def generation_times(size: str, repeats: int, batch: int) -> dict[str, float]:
-    """Seconds to generate 32 frames after a 4-frame context (K = 4), with and without the KV cache."""
+def generation_fns(size: str, batch: int) -> tuple[dict[str, Callable[[], torch.Tensor]], int]:
+    """{"cached": ..., "uncached": ...}: each generates 32 frames after a 4-frame context (K = 4) from the same
+    weights, context, actions and noise seed, with and without the KV cache; and the model's parameter count."""
     cfg, model = dynamics_model(size)
     params = init(model, 0)
     fn = functools.partial(apply, model, params)
@@ -69,25 +70,28 @@ def generation_times(size: str, repeats: int, batch: int) -> dict[str, float]:
     actions = torch.rand(batch, 4 + 32, cfg.action_dim, generator=gen) * 2 - 1
 
     def run(use_cache: bool) -> torch.Tensor:
-        return generate(fn, context, actions, 32, torch.Generator().manual_seed(1), cfg, use_cache=use_cache)
+        with torch.no_grad():
+            return generate(fn, context, actions, 32, torch.Generator().manual_seed(1), cfg, use_cache=use_cache)
 
-    out = {"params": float(count_params(params))}
-    with torch.no_grad():
-        out["cached"] = timed(lambda: run(True), repeats)
-        out["uncached"] = timed(lambda: run(False), max(1, repeats // 3))
-        out["max_abs_diff"] = (run(True) - run(False)).abs().max().item()
+    return {"cached": lambda: run(True), "uncached": lambda: run(False)}, count_params(params)
+
+
+def generation_times(size: str, repeats: int, batch: int) -> dict[str, float]:
+    """Seconds to generate 32 frames after a 4-frame context (K = 4), with and without the KV cache."""
+    fns, n_params = generation_fns(size, batch)
+    out = {"params": float(n_params)}
+    out["cached"] = timed(fns["cached"], repeats)
+    out["uncached"] = timed(fns["uncached"], max(1, repeats // 3))
+    out["max_abs_diff"] = (fns["cached"]() - fns["uncached"]()).abs().max().item()
     return out
 
 
-def speed_section(repeats: int, batch: int = 4) -> dict[str, float]:
-    # A batch of rollouts, as imagination runs them; batch 1 on a CPU core is dominated by per-call overheads of
-    # small matrix products (measured: 9.3x at batch 1, 14.6x at batch 4 for the default size).
-    default = generation_times("default", repeats, batch)
-    debug = generation_times("debug", repeats, 1)
+def bootstrap_target_fns(batch: int = 8, steps: int = 8) -> dict[str, Callable[[], torch.Tensor]]:
+    """{"folded", "vmapped", "looped"}: the same shortcut-forcing bootstrap targets (debug-size model, d = 1/4 at
+    tau = 1/2 on every frame) from batch-folded model calls, `torch.func.vmap` over sequences, a loop over them."""
     cfg, model = dynamics_model("debug")
     params = init(model, 0)
     gen = torch.Generator().manual_seed(2)
-    batch, steps = 8, 8
     z = torch.randn(batch, steps, cfg.latent_tokens, cfg.latent_dim, generator=gen).tanh()
     d = torch.full((batch, steps), 0.25)
     tau = torch.full((batch, steps), 0.5)
@@ -105,8 +109,17 @@ def speed_section(repeats: int, batch: int = 4) -> dict[str, float]:
         return torch.cat([bootstrap_velocity(denoiser(model, params, act[i : i + 1]), z_tau[i : i + 1],
                                              tau[i : i + 1], d[i : i + 1], boot[i : i + 1]) for i in range(batch)])
 
-    t_folded, t_vmapped, t_looped = (timed(f, repeats) for f in (folded, vmapped, looped))
-    target_diff = (folded() - vmapped()).abs().max().item()
+    return {"folded": folded, "vmapped": vmapped, "looped": looped}
+
+
+def speed_section(repeats: int, batch: int = 4) -> dict[str, float]:
+    # A batch of rollouts, as imagination runs them; batch 1 on a CPU core is dominated by per-call overheads of
+    # small matrix products (measured: 9.3x at batch 1, 14.6x at batch 4 for the default size).
+    default = generation_times("default", repeats, batch)
+    debug = generation_times("debug", repeats, 1)
+    targets = bootstrap_target_fns()
+    t_folded, t_vmapped, t_looped = (timed(targets[name], repeats) for name in ("folded", "vmapped", "looped"))
+    target_diff = (targets["folded"]() - targets["vmapped"]()).abs().max().item()
     return {
         "gen_seconds_cached_32": default["cached"],
         "gen_seconds_uncached_32": default["uncached"],

@@ -31,6 +31,43 @@ def median_ms(fn: Callable[[], object], times: list[float]) -> None:
     times.append((time.perf_counter() - start) * 1e3)
 
 
+CASE_NAMES = (
+    "functional (apply + autograd on params leaves)",
+    "stateful (nn.Module + .backward())",
+    "functional (apply + torch.func.grad_and_value)",
+)
+
+
+def forward_backward_cases(
+    d_model: int = 256, layers: int = 4, batch: int = 4, steps: int = 8
+) -> tuple[dict[str, Callable[[], object]], dict[str, int]]:
+    """The three forward + backward variants (`CASE_NAMES`, in that order) over the same weights and batch, and a
+    description of the setting (params, tokens)."""
+    cfg = TransformerConfig(d_model=d_model, n_layers=layers, n_heads=8, n_kv_heads=4, time_every=2)
+    layout = TokenLayout.of(action=1, signal=1, latents=32, registers=4, agent=2)
+    mask = layout.space_mask("world_model")
+    model = template(BlockCausalTransformer, cfg)
+    params = init(model, seed=0)
+    stateful = BlockCausalTransformer(cfg)
+    params.clone().to_module(stateful)
+    x = torch.randn(batch, steps, layout.n_tokens, cfg.d_model, generator=torch.Generator().manual_seed(0))
+
+    def loss_fn(p, inputs):
+        return apply(model, p, inputs, mask)[0].square().mean()
+
+    functional_grad = grad_and_value(loss_fn)
+    functorch_grad = torch.func.grad_and_value(loss_fn)
+
+    def run_stateful() -> None:
+        stateful.zero_grad(set_to_none=True)
+        stateful(x, mask)[0].square().mean().backward()
+
+    fns = (lambda: functional_grad(params, x), run_stateful, lambda: functorch_grad(params, x))
+    info = {"params": count_params(params), "d_model": d_model, "n_layers": layers, "batch": batch, "steps": steps,
+            "tokens_per_step": layout.n_tokens}
+    return dict(zip(CASE_NAMES, fns, strict=True)), info
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/functional_overhead.json")
@@ -43,30 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    cfg = TransformerConfig(d_model=args.d_model, n_layers=args.layers, n_heads=8, n_kv_heads=4, time_every=2)
-    layout = TokenLayout.of(action=1, signal=1, latents=32, registers=4, agent=2)
-    mask = layout.space_mask("world_model")
-    model = template(BlockCausalTransformer, cfg)
-    params = init(model, seed=0)
-    stateful = BlockCausalTransformer(cfg)
-    params.clone().to_module(stateful)
-    x = torch.randn(args.batch, args.steps, layout.n_tokens, cfg.d_model, generator=torch.Generator().manual_seed(0))
-
-    def loss_fn(p, inputs):
-        return apply(model, p, inputs, mask)[0].square().mean()
-
-    functional_grad = grad_and_value(loss_fn)
-    functorch_grad = torch.func.grad_and_value(loss_fn)
-
-    def run_stateful() -> None:
-        stateful.zero_grad(set_to_none=True)
-        stateful(x, mask)[0].square().mean().backward()
-
-    cases = {
-        "functional (apply + autograd on params leaves)": lambda: functional_grad(params, x),
-        "stateful (nn.Module + .backward())": run_stateful,
-        "functional (apply + torch.func.grad_and_value)": lambda: functorch_grad(params, x),
-    }
+    cases, info = forward_backward_cases(args.d_model, args.layers, args.batch, args.steps)
     times: dict[str, list[float]] = {name: [] for name in cases}
     for fn in cases.values():  # warm-up
         fn()
@@ -78,8 +92,9 @@ def main() -> None:
     ratio = medians[names[0]] / medians[names[1]]
     ratio_functorch = medians[names[2]] / medians[names[1]]
 
-    print(f"transformer: {count_params(params):,} params, tokens [B={args.batch}, T={args.steps}, "
-          f"N={layout.n_tokens}, D={cfg.d_model}], {args.threads} threads, {args.repeats} interleaved repeats")
+    print(f"transformer: {info['params']:,} params, tokens [B={args.batch}, T={args.steps}, "
+          f"N={info['tokens_per_step']}, D={args.d_model}], {args.threads} threads, {args.repeats} interleaved "
+          "repeats")
     print(f"{'forward + backward':<50} {'median ms':>10} {'vs stateful':>12}")
     for name in names:
         print(f"{name:<50} {medians[name]:>10.2f} {medians[name] / medians[names[1]]:>12.3f}")
@@ -91,9 +106,9 @@ def main() -> None:
         "median_ms_functional": medians[names[0]],
         "median_ms_stateful": medians[names[1]],
         "median_ms_functorch_grad": medians[names[2]],
-        "params": count_params(params),
-        "config": {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "batch": args.batch, "steps": args.steps,
-                   "tokens_per_step": layout.n_tokens, "threads": args.threads, "repeats": args.repeats},
+        "params": info["params"],
+        "config": {"d_model": args.d_model, "n_layers": args.layers, "batch": args.batch, "steps": args.steps,
+                   "tokens_per_step": info["tokens_per_step"], "threads": args.threads, "repeats": args.repeats},
         "torch": torch.__version__,
         "machine": platform.machine(),
     }
