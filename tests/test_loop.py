@@ -45,6 +45,9 @@ def test_online_loop_on_crafter(tmp_path):
                                   "heads.n_actions=17"])
     summary = train(cfg, progress=False)
     assert summary["env_steps"] == 200 and summary["grad_steps"] == 10
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    episodes = [row for row in rows if "episode/return" in row]
+    assert episodes and all("episode/achievements" in row and "episode/crafter_score" in row for row in episodes)
 
 
 def test_offline_loop_on_a_recorded_dataset(tmp_path):

@@ -177,11 +177,15 @@ def run_episodes(env, policy: WorldModelPolicy, episodes: int, max_steps: int = 
             achievements.append(rollout.get(("next", "achievements"))[-1])
     out: dict[str, Any] = {"returns": returns, "mean_return": sum(returns) / max(len(returns), 1)}
     if achievements:
-        from d4func.envs.crafter_env import achievement_success_rates, crafter_score
-
-        rates = achievement_success_rates(torch.stack(achievements))
-        out["crafter_score"] = crafter_score(rates)
+        out["crafter_score"] = crafter_score_of(achievements)
     return out
+
+
+def crafter_score_of(episode_achievements: list[Tensor]) -> float:
+    """Crafter score (geometric mean of per-achievement success rates) over the given episodes."""
+    from d4func.envs.crafter_env import achievement_success_rates, crafter_score
+
+    return crafter_score(achievement_success_rates(torch.stack(episode_achievements)))
 
 
 def make_eval_policy(
@@ -352,6 +356,7 @@ def train_online(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     collector = Collector(env, policy, frames_per_batch=cfg.loop.collect_steps, total_frames=remaining)
     bar = tqdm(total=cfg.loop.env_steps, initial=counters["env_steps"], desc="env steps", disable=not progress)
     episode_return, last_return, saved_replay = 0.0, float("nan"), resuming
+    episode_achievements: list[Tensor] = []
     next_eval = (counters["env_steps"] // cfg.loop.eval_every + 1) * cfg.loop.eval_every
     next_ckpt = (counters["env_steps"] // cfg.loop.checkpoint_every + 1) * cfg.loop.checkpoint_every
     next_gif = (counters["env_steps"] // cfg.loop.gif_every + 1) * cfg.loop.gif_every
@@ -373,12 +378,19 @@ def train_online(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
             counters["env_steps"] += n
             rewards = batch.get(("next", "reward")).reshape(-1)
             dones = batch.get(("next", "done")).reshape(-1)
-            for r, d in zip(rewards.tolist(), dones.tolist(), strict=True):
+            achievements = batch.get(("next", "achievements"), None)  # Crafter: unlocked so far this episode
+            for i, (r, d) in enumerate(zip(rewards.tolist(), dones.tolist(), strict=True)):
                 episode_return += r
                 if d:
                     counters["episodes"] += 1
                     last_return = episode_return
-                    trainer.logger.log({"episode/return": episode_return}, counters["env_steps"])
+                    scalars = {"episode/return": episode_return}
+                    if achievements is not None:
+                        unlocked = achievements.reshape(rewards.numel(), -1)[i]
+                        episode_achievements.append(unlocked)
+                        scalars["episode/achievements"] = float(unlocked.sum())
+                        scalars["episode/crafter_score"] = crafter_score_of(episode_achievements)
+                    trainer.logger.log(scalars, counters["env_steps"])
                     episode_return = 0.0
             metrics: dict[str, float] = {}
             if counters["env_steps"] >= cfg.loop.prefill_steps:
