@@ -239,3 +239,14 @@ def test_achievement_success_rates():
     assert rates[0] == 100.0 and rates[1] == 50.0 and rates[2:].eq(0).all()
     with pytest.raises(ValueError, match="episodes"):
         achievement_success_rates(torch.zeros(4, 21, dtype=torch.bool))
+
+
+def test_make_env_max_episode_steps_truncates_dmc_and_crafter():
+    from d4func.envs.registry import make_env
+
+    dmc = make_env("dmc:cartpole-swingup", image_size=16, action_repeat=4, max_episode_steps=7)
+    rollout = dmc.rollout(20, break_when_any_done=False)
+    assert rollout["next", "truncated"].squeeze(-1).nonzero().flatten().tolist() == [6, 13]
+    crafter = make_env("crafter", image_size=16, max_episode_steps=5)
+    rollout = crafter.rollout(12, break_when_any_done=False)
+    assert rollout["next", "done"].squeeze(-1).nonzero().flatten().tolist()[:1] == [4]

@@ -40,14 +40,17 @@ def test_online_loop_on_dmc_writes_checkpoint_logs_gif_and_resumes(tmp_path):
 
 
 def test_online_loop_on_crafter(tmp_path):
+    # Episodes of at most 60 steps: 200 env steps end several (a random player rarely dies that soon).
     cfg = load_run_config(DEBUG, [f"run_dir={tmp_path}", *SHORT, "env.name=crafter", "env.eval_episodes=0",
+                                  "env.max_episode_steps=60",
                                   "dynamics.action_dim=0", "dynamics.n_actions=17", "heads.action_dim=0",
                                   "heads.n_actions=17"])
     summary = train(cfg, progress=False)
     assert summary["env_steps"] == 200 and summary["grad_steps"] == 10
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     episodes = [row for row in rows if "episode/return" in row]
-    assert episodes and all("episode/achievements" in row and "episode/crafter_score" in row for row in episodes)
+    assert len(episodes) >= 3
+    assert all("episode/achievements" in row and "episode/crafter_score" in row for row in episodes)
 
 
 def test_offline_loop_on_a_recorded_dataset(tmp_path):

@@ -158,12 +158,14 @@ def make_dmc_env(
     device="cpu",
     *,
     time_limit: float | None = None,
+    max_steps: int | None = None,
 ) -> TransformedEnv:
     """A DMC task from pixels rendered directly at ``image_size`` (no resize), with action repeat.
 
     ``seed`` seeds the task's RNG (initial states): the same seed and actions give the same episodes.
     ``time_limit`` (seconds of simulated time) overrides the task's episode length (cartpole: 10 s = 1000
     physics-control steps = 500 agent steps at action repeat 2); short limits make short episodes for tests.
+    ``max_steps`` instead truncates episodes after that many agent steps (TorchRL's ``StepCounter``).
     See the module docstring for the keys and shapes of each step.
     """
     if (domain, task) not in suite.ALL_TASKS:
@@ -188,7 +190,7 @@ def make_dmc_env(
             ToTensorImage(in_keys=["pixels"]),
             # DMC specs are float64; the models run in float32
             DoubleToFloat(),
-            StepCounter(),
+            StepCounter(max_steps=max_steps),
             InitTracker(),
         ),
     )

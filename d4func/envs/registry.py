@@ -36,9 +36,16 @@ def env_config(name: str, seed: int = 0, image_size: int = 64, action_repeat: in
 
 
 def make_env(
-    name: str, seed: int = 0, image_size: int = 64, action_repeat: int = 2, device="cpu"
+    name: str,
+    seed: int = 0,
+    image_size: int = 64,
+    action_repeat: int = 2,
+    device="cpu",
+    max_episode_steps: int | None = None,
 ) -> EnvBase:
-    """A pixel env by name (see module docstring); ``action_repeat`` applies to DMC only."""
+    """A pixel env by name (see module docstring); ``action_repeat`` applies to DMC only. ``max_episode_steps``
+    shortens episodes (env steps; None keeps the task's own length: 1000 / action_repeat for DMC, 10000 for
+    Crafter)."""
     cfg = env_config(name, seed=seed, image_size=image_size, action_repeat=action_repeat)
     if cfg["kind"] == "dmc":
         from d4func.envs.dmc import make_dmc_env
@@ -51,7 +58,10 @@ def make_env(
             camera_ids=tuple(cfg["camera_ids"]),
             seed=seed,
             device=device,
+            max_steps=max_episode_steps,
         )
     from d4func.envs.crafter_env import make_crafter_env
 
-    return make_crafter_env(seed=seed, image_size=image_size, device=device)
+    if max_episode_steps is None:
+        return make_crafter_env(seed=seed, image_size=image_size, device=device)
+    return make_crafter_env(seed=seed, image_size=image_size, length=max_episode_steps, device=device)

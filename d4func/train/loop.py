@@ -334,9 +334,10 @@ def train_online(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
 
     trainer = Trainer(cfg)
     started = time.perf_counter()
-    env = make_env(cfg.env.name, seed=cfg.seed, image_size=cfg.env.image_size, action_repeat=cfg.env.action_repeat)
+    env = make_env(cfg.env.name, seed=cfg.seed, image_size=cfg.env.image_size, action_repeat=cfg.env.action_repeat,
+                   max_episode_steps=cfg.env.max_episode_steps)
     eval_env = make_env(cfg.env.name, seed=cfg.seed + 10_000, image_size=cfg.env.image_size,
-                        action_repeat=cfg.env.action_repeat)
+                        action_repeat=cfg.env.action_repeat, max_episode_steps=cfg.env.max_episode_steps)
     check_action_space(cfg, env.action_spec)
     replay_dir = trainer.run_dir / "replay"
     resuming = checkpoint.latest_checkpoint(trainer.run_dir) is not None and (replay_dir / "storage").exists()

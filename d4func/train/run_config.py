@@ -30,11 +30,14 @@ class EnvConfig:
     action_repeat: int = 2
     eval_episodes: int = 2
     eval_max_steps: int = 10_000  # cap on the env steps of one evaluation episode
+    max_episode_steps: int | None = None  # shorter episodes (env steps); None keeps the task's own length
 
     def __post_init__(self) -> None:
         for name in ("image_size", "action_repeat", "eval_max_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EnvConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_episode_steps is not None and self.max_episode_steps < 1:
+            raise ValueError(f"EnvConfig.max_episode_steps must be >= 1 or None, got {self.max_episode_steps}")
         if self.eval_episodes < 0:
             raise ValueError(f"EnvConfig.eval_episodes must be >= 0, got {self.eval_episodes}")
 
