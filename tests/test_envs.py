@@ -247,6 +247,6 @@ def test_make_env_max_episode_steps_truncates_dmc_and_crafter():
     dmc = make_env("dmc:cartpole-swingup", image_size=16, action_repeat=4, max_episode_steps=7)
     rollout = dmc.rollout(20, break_when_any_done=False)
     assert rollout["next", "truncated"].squeeze(-1).nonzero().flatten().tolist() == [6, 13]
-    crafter = make_env("crafter", image_size=16, max_episode_steps=5)
+    crafter = make_env("crafter", max_episode_steps=5)
     rollout = crafter.rollout(12, break_when_any_done=False)
     assert rollout["next", "done"].squeeze(-1).nonzero().flatten().tolist()[:1] == [4]
