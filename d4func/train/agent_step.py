@@ -42,7 +42,7 @@ from d4func.imagination import ImaginationConfig, imagination_loss, imagine, mtp
 from d4func.objectives import add_noise, ramp_weight, sample_signal_levels, sample_step_sizes, shortcut_targets
 from d4func.optim import AdamWConfig
 from d4func.train.dynamics_step import denoiser
-from d4func.train.state import apply_gradients, check_finite, new_train_state
+from d4func.train.state import checked_update, new_train_state
 
 __all__ = [
     "FinetuneConfig",
@@ -188,10 +188,7 @@ def agent_finetune_step(
         state["params"], batch["latents"], batch["actions"], batch["rewards"], get("is_last", None), generator,
         model=model, heads=heads, cfg=cfg, tasks=get("tasks", None),
     )
-    check_finite(metrics, state["step"])
-    state, opt_metrics = apply_gradients(state, grads, opt, ema_decay)
-    check_finite(opt_metrics, state["step"])
-    return state, {**metrics, **opt_metrics}
+    return checked_update(state, grads, metrics, opt, ema_decay)
 
 
 def new_imagination_state(agent_params: TensorDictBase) -> TensorDict:
@@ -244,7 +241,4 @@ def imagination_step(
                                 slow_value=state["ema", "value"], cfg=cfg)
 
     grads, (_, metrics) = grad_and_value(loss_fn, has_aux=True)(state["params"])
-    check_finite(metrics, state["step"])
-    state, opt_metrics = apply_gradients(state, grads, opt, cfg.slow_decay)
-    check_finite(opt_metrics, state["step"])
-    return state, {**metrics, **opt_metrics}
+    return checked_update(state, grads, metrics, opt, cfg.slow_decay)

@@ -10,7 +10,7 @@ from d4func.dynamics import Dynamics
 from d4func.functional import apply, grad_and_value
 from d4func.objectives import Denoiser, shortcut_forcing_loss
 from d4func.optim import AdamWConfig
-from d4func.train.state import apply_gradients, check_finite
+from d4func.train.state import checked_update
 
 
 def denoiser(
@@ -60,7 +60,4 @@ def dynamics_train_step(
     grads, (_, metrics) = grad_and_value(dynamics_loss, has_aux=True)(
         state["params"], latents, actions, generator, model=model, action_mask=action_mask
     )
-    check_finite(metrics, state["step"])
-    state, opt_metrics = apply_gradients(state, grads, opt, ema_decay)
-    check_finite(opt_metrics, state["step"])
-    return state, {**metrics, **opt_metrics}
+    return checked_update(state, grads, metrics, opt, ema_decay)

@@ -43,3 +43,18 @@ def check_finite(metrics: dict[str, torch.Tensor], step: int | torch.Tensor) -> 
     bad = [name for name, value in metrics.items() if not bool(torch.isfinite(torch.as_tensor(value)).all())]
     if bad:
         raise NonFiniteLossError(f"non-finite {', '.join(bad)} at step {int(step)}")
+
+
+def checked_update(
+    state: TensorDictBase,
+    grads: TensorDictBase,
+    metrics: dict[str, torch.Tensor],
+    cfg: AdamWConfig,
+    ema_decay: float | None = None,
+) -> tuple[TensorDict, dict[str, torch.Tensor]]:
+    """The end of every train step: stop on a non-finite loss term (the state is still the last good one), apply
+    the gradients, stop on a non-finite gradient norm; returns the new state and all metrics."""
+    check_finite(metrics, state["step"])
+    state, opt_metrics = apply_gradients(state, grads, cfg, ema_decay)
+    check_finite(opt_metrics, state["step"])
+    return state, {**metrics, **opt_metrics}
