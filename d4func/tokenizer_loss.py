@@ -22,7 +22,7 @@ from torch import Tensor
 from d4func.functional import apply, grad_and_value
 from d4func.optim import AdamWConfig
 from d4func.tokenizer import Tokenizer
-from d4func.train.state import apply_gradients, new_train_state
+from d4func.train.state import checked_update, new_train_state
 
 LOSS_TERMS = ("mse", "lpips")
 LPIPSFn = Any  # callable (x [N, 3, H, W], y [N, 3, H, W]) in [0, 1] -> distances [N]; see d4func.lpips_loss
@@ -173,9 +173,9 @@ def tokenizer_train_step(
     loss_fn = partial(tokenizer_loss, template=template, cfg=cfg, loss_rms=state["loss_rms"], lpips_fn=lpips_fn)
     grads, (loss, metrics) = grad_and_value(loss_fn, has_aux=True)(state["params"], frames, generator)
     new_rms = metrics.pop("loss_rms")
-    new_state, opt_metrics = apply_gradients(state, grads, optim, ema_decay)
+    new_state, metrics = checked_update(state, grads, {"loss": loss, **metrics}, optim, ema_decay)
     new_state["loss_rms"] = new_rms
-    return new_state, {"loss": loss, **metrics, **opt_metrics}
+    return new_state, metrics
 
 
 @torch.no_grad()
