@@ -221,6 +221,7 @@ def plot_returns(run_dir: Path) -> Path | None:
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     train = [(row["step"], row["episode/return"]) for row in lines if "episode/return" in row]
     evals = [(row["step"], row["eval/mean_return"]) for row in lines if "eval/mean_return" in row]
+    bc_evals = [(row["step"], row["eval/bc_mean_return"]) for row in lines if "eval/bc_mean_return" in row]
     if not train and not evals:
         return None
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
@@ -228,6 +229,8 @@ def plot_returns(run_dir: Path) -> Path | None:
         ax.plot(*zip(*train, strict=True), ".", alpha=0.5, label="training episodes")
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="evaluation (greedy)")
+    if bc_evals:
+        ax.plot(*zip(*bc_evals, strict=True), "s--", label="BC head alone (greedy)")
     ax.set_xlabel("env steps")
     ax.set_ylabel("return")
     ax.legend()
@@ -303,11 +306,24 @@ class Trainer:
         return metrics
 
     def evaluate(self, env, step: int) -> dict[str, Any]:
+        """Greedy episodes of the acting policy; with `loop.eval_bc`, also of the behaviour-cloning head trained on
+        the same data (`eval/bc_*`: the "BC alone" baseline, side by side in one run). Before imagination starts the
+        acting policy is the BC head, so one set of episodes serves both."""
         policy = make_eval_policy(self.cfg, self.models, self.states, env.action_spec)
         result = run_episodes(env, policy, self.cfg.env.eval_episodes, self.cfg.env.eval_max_steps)
         scalars = {"eval/mean_return": result["mean_return"]}
         if "crafter_score" in result:
             scalars["eval/crafter_score"] = result["crafter_score"]
+        if self.cfg.loop.eval_bc:
+            bc_result = result
+            if "agent" in self.states:
+                bc_states = {name: state for name, state in self.states.items() if name != "agent"}
+                bc_policy = make_eval_policy(self.cfg, self.models, bc_states, env.action_spec)
+                bc_result = run_episodes(env, bc_policy, self.cfg.env.eval_episodes, self.cfg.env.eval_max_steps)
+            result = {**result, "bc": bc_result}
+            scalars["eval/bc_mean_return"] = bc_result["mean_return"]
+            if "crafter_score" in bc_result:
+                scalars["eval/bc_crafter_score"] = bc_result["crafter_score"]
         self.logger.log(scalars, step)
         return result
 
