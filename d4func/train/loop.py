@@ -36,6 +36,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from d4func.dynamics import Dynamics
+from d4func.envs.resumable import get_env_state, set_env_state, supports_resume_state
 from d4func.functional import count_params, init, template
 from d4func.heads import AgentHeads
 from d4func.tokenizer import Tokenizer, encode
@@ -170,7 +171,8 @@ def run_episodes(env, policy: WorldModelPolicy, episodes: int, max_steps: int = 
     """Roll `episodes` full episodes with `policy`; returns their returns (and Crafter achievements)."""
     returns, achievements = [], []
     for _ in range(episodes):
-        policy.reset_context()
+        if hasattr(policy, "reset_context"):  # a world-model policy forgets the last episode's frames
+            policy.reset_context()
         rollout = env.rollout(max_steps, policy, break_when_any_done=True)
         returns.append(float(rollout.get(("next", "reward")).sum()))
         if "achievements" in rollout.get("next").keys():
@@ -261,10 +263,12 @@ class Trainer:
         self.counters = {"env_steps": 0, "grad_steps": 0, "episodes": 0, "next_traj_id": 0, "train_credit": 0.0}
         self.logger = RunLogger(cfg, self.run_dir)
         self.replay = None
+        self.extra_generators: dict[str, torch.Generator] = {}  # e.g. the acting policy's (online)
+        self.online_state = None  # online: a callable giving the collector's runtime state for checkpoints
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def generators(self) -> dict[str, torch.Generator]:
-        return {"train": self.generator}
+        return {"train": self.generator, **self.extra_generators}
 
     def save(self, states: dict[str, TensorDictBase] | None = None) -> Path:
         payload = {
@@ -274,19 +278,22 @@ class Trainer:
         }
         if self.replay is not None:  # online: length and cursor; both: the sampler's RNG (exact resume)
             payload["replay"] = checkpoint.replay_position(self.replay)
+        if self.online_state is not None:
+            payload["online"] = self.online_state()
         step = self.counters["env_steps"] if self.cfg.loop.mode == "online" else self.counters["grad_steps"]
         return checkpoint.save_checkpoint(self.run_dir, step, payload, keep_last=self.cfg.loop.keep_checkpoints,
                                           generators=self.generators())
 
-    def try_resume(self) -> bool:
+    def try_resume(self) -> dict[str, Any] | None:
+        """Restore the newest checkpoint (states, counters, RNGs, replay position); returns its payload."""
         found = checkpoint.restore(self.run_dir, self.generators())
         if found is None:
-            return False
+            return None
         self.states = dict(found.payload["states"])
         self.counters.update(found.payload["counters"])
         if self.replay is not None and "replay" in found.payload:
             checkpoint.restore_replay_position(self.replay, found.payload["replay"])
-        return True
+        return found.payload
 
     # ---- training ----------------------------------------------------------------------------------------------
     def train_steps(self, n: int, agent_active: bool) -> dict[str, float]:
@@ -309,6 +316,9 @@ class Trainer:
         """Greedy episodes of the acting policy; with `loop.eval_bc`, also of the behaviour-cloning head trained on
         the same data (`eval/bc_*`: the "BC alone" baseline, side by side in one run). Before imagination starts the
         acting policy is the BC head, so one set of episodes serves both."""
+        # Every evaluation replays the same starting states (the eval env is reseeded): evaluations are comparable
+        # across training and between the policies, and a resumed run evaluates exactly as an uninterrupted one.
+        env.set_seed(self.cfg.seed + 10_000)
         policy = make_eval_policy(self.cfg, self.models, self.states, env.action_spec)
         result = run_episodes(env, policy, self.cfg.env.eval_episodes, self.cfg.env.eval_max_steps)
         scalars = {"eval/mean_return": result["mean_return"]}
@@ -319,6 +329,7 @@ class Trainer:
             if "agent" in self.states:
                 bc_states = {name: state for name, state in self.states.items() if name != "agent"}
                 bc_policy = make_eval_policy(self.cfg, self.models, bc_states, env.action_spec)
+                env.set_seed(self.cfg.seed + 10_000)
                 bc_result = run_episodes(env, bc_policy, self.cfg.env.eval_episodes, self.cfg.env.eval_max_steps)
             result = {**result, "bc": bc_result}
             scalars["eval/bc_mean_return"] = bc_result["mean_return"]
@@ -359,32 +370,46 @@ def train_online(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     resuming = checkpoint.latest_checkpoint(trainer.run_dir) is not None and (replay_dir / "storage").exists()
     trainer.replay = make_replay(cfg.replay.capacity, cfg.replay.seq_len, cfg.replay.batch_size, path=replay_dir,
                                  seed=cfg.seed + 4)
-    if resuming:
-        trainer.try_resume()
-    counters = trainer.counters
     policy = WorldModelPolicy(trainer.models.tokenizer, trainer.models.dynamics, trainer.models.heads,
-                              env.action_spec, context=cfg.replay.seq_len, seed=cfg.seed + 5,
-                              random_until=max(0, cfg.loop.prefill_steps - counters["env_steps"]))
+                              env.action_spec, context=cfg.replay.seq_len, seed=cfg.seed + 5)
+    trainer.extra_generators["acting"] = policy.generator
+    payload = trainer.try_resume() if resuming else None
+    counters = trainer.counters
+    policy.random_until = max(0, cfg.loop.prefill_steps - counters["env_steps"])
     policy.update_params(trainer.states["tokenizer"]["params"],
                          agent_params_from_states(trainer.states["world_model"], trainer.states.get("agent")))
     remaining = cfg.loop.env_steps - counters["env_steps"]
     if remaining <= 0:
         return trainer.summary(started, {"note": "already trained to loop.env_steps"})
+    rng_before = (torch.random.get_rng_state(), policy.generator.get_state())
     collector = Collector(env, policy, frames_per_batch=cfg.loop.collect_steps, total_frames=remaining)
+    # The collector calls the policy once while it builds its buffers (torchrl 0.14). Undo that dry run, so the
+    # prefill counts real steps only and the RNGs stand where the checkpoint left them (exact resume).
+    torch.random.set_rng_state(rng_before[0])
+    policy.generator.set_state(rng_before[1])
+    policy.steps_taken = 0
+    policy.reset_context()
     bar = tqdm(total=cfg.loop.env_steps, initial=counters["env_steps"], desc="env steps", disable=not progress)
-    episode_return, last_return, saved_replay = 0.0, float("nan"), resuming
-    episode_achievements: list[Tensor] = []
+    episode = {"return": 0.0, "last_return": float("nan"), "achievements": [], "id_offset": counters["next_traj_id"]}
+    saved_replay = resuming
+    exact = supports_resume_state(env)
+    if exact and payload is not None and "online" in payload:
+        restore_collector_state(collector, payload["online"])  # continue the interrupted episode, not a fresh one
+        episode.update({k: payload["online"]["episode"][k] for k in ("return", "last_return", "id_offset")})
+        episode["achievements"] = list(payload["online"]["episode"]["achievements"])
+    if exact:
+        trainer.online_state = lambda: {**collector_state(collector), "episode": dict(episode)}
     next_eval = (counters["env_steps"] // cfg.loop.eval_every + 1) * cfg.loop.eval_every
     next_ckpt = (counters["env_steps"] // cfg.loop.checkpoint_every + 1) * cfg.loop.checkpoint_every
     next_gif = (counters["env_steps"] // cfg.loop.gif_every + 1) * cfg.loop.gif_every
     eval_result: dict[str, Any] = {}
     last_eval_step = last_gif_step = -1
     tick = time.perf_counter()
-    id_offset = counters["next_traj_id"]
+    episode_achievements: list[Tensor] = episode["achievements"]
     try:
         for batch in collector:
             batch = batch.reshape(-1)
-            ids = batch.get(("collector", "traj_ids")) + id_offset
+            ids = batch.get(("collector", "traj_ids")) + episode["id_offset"]
             batch.set(("collector", "traj_ids"), ids)
             counters["next_traj_id"] = max(counters["next_traj_id"], int(ids.max()) + 1)
             trainer.replay.extend(batch)
@@ -397,18 +422,18 @@ def train_online(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
             dones = batch.get(("next", "done")).reshape(-1)
             achievements = batch.get(("next", "achievements"), None)  # Crafter: unlocked so far this episode
             for i, (r, d) in enumerate(zip(rewards.tolist(), dones.tolist(), strict=True)):
-                episode_return += r
+                episode["return"] += r
                 if d:
                     counters["episodes"] += 1
-                    last_return = episode_return
-                    scalars = {"episode/return": episode_return}
+                    episode["last_return"] = episode["return"]
+                    scalars = {"episode/return": episode["return"]}
                     if achievements is not None:
                         unlocked = achievements.reshape(rewards.numel(), -1)[i]
                         episode_achievements.append(unlocked)
                         scalars["episode/achievements"] = float(unlocked.sum())
                         scalars["episode/crafter_score"] = crafter_score_of(episode_achievements)
                     trainer.logger.log(scalars, counters["env_steps"])
-                    episode_return = 0.0
+                    episode["return"] = 0.0
             metrics: dict[str, float] = {}
             if counters["env_steps"] >= cfg.loop.prefill_steps:
                 counters["train_credit"] += n * cfg.loop.train_ratio
@@ -420,7 +445,7 @@ def train_online(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
                                                               trainer.states.get("agent")))
             now = time.perf_counter()
             bar.update(n)
-            bar.set_postfix({"return": f"{last_return:.1f}", "steps/s": f"{n / max(now - tick, 1e-9):.1f}",
+            bar.set_postfix({"return": f"{episode['last_return']:.1f}", "steps/s": f"{n / max(now - tick, 1e-9):.1f}",
                              "grad": counters["grad_steps"]})
             tick = now
             if counters["env_steps"] >= next_eval and counters["grad_steps"]:
@@ -448,6 +473,23 @@ def train_online(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     trainer.logger.close()
     plot = plot_returns(trainer.run_dir)
     return trainer.summary(started, {"eval": eval_result, "returns_plot": str(plot) if plot else None})
+
+
+def collector_state(collector) -> dict[str, Any]:
+    """What a single-env TorchRL `Collector` carries between batches: the current step (observation, flags, the
+    running trajectory id), the next trajectory id, and the env's runtime state. Reads the collector's private
+    `_carrier` and `_traj_pool` (torchrl 0.14; `tests/test_loop.py` checks exact resume through them)."""
+    return {
+        "carrier": collector._carrier.clone(),
+        "traj_pool": collector._traj_pool.state_dict(),
+        "env": get_env_state(collector.env),
+    }
+
+
+def restore_collector_state(collector, state: dict[str, Any]) -> None:
+    set_env_state(collector.env, state["env"])
+    collector._traj_pool.load_state_dict(state["traj_pool"])
+    collector._carrier.update(state["carrier"])
 
 
 def check_action_space(cfg: RunConfig, action_spec) -> None:
