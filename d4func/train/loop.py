@@ -194,7 +194,7 @@ def make_eval_policy(
     cfg: RunConfig, models: Models, states: dict[str, TensorDictBase], action_spec
 ) -> WorldModelPolicy:
     policy = WorldModelPolicy(models.tokenizer, models.dynamics, models.heads, action_spec,
-                              context=cfg.replay.seq_len, seed=cfg.seed + 7, greedy=True)
+                              context=cfg.replay.seq_len, seed=cfg.seed + 7, greedy=cfg.loop.eval_greedy)
     policy.update_params(states["tokenizer"]["params"], agent_params_from_states(states["world_model"],
                                                                                  states.get("agent")))
     return policy
@@ -313,9 +313,9 @@ class Trainer:
         return metrics
 
     def evaluate(self, env, step: int) -> dict[str, Any]:
-        """Greedy episodes of the acting policy; with `loop.eval_bc`, also of the behaviour-cloning head trained on
-        the same data (`eval/bc_*`: the "BC alone" baseline, side by side in one run). Before imagination starts the
-        acting policy is the BC head, so one set of episodes serves both."""
+        """Episodes of the acting policy (greedy unless `loop.eval_greedy=false`); with `loop.eval_bc`, also of
+        the behaviour-cloning head trained on the same data (`eval/bc_*`: the "BC alone" baseline, side by side in
+        one run). Before imagination starts the acting policy is the BC head, so one set of episodes serves both."""
         # Every evaluation replays the same starting states (the eval env is reseeded): evaluations are comparable
         # across training and between the policies, and a resumed run evaluates exactly as an uninterrupted one.
         env.set_seed(self.cfg.seed + 10_000)
@@ -528,6 +528,7 @@ def train_offline(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     bar = tqdm(total=cfg.loop.offline_steps, initial=counters["grad_steps"], desc="gradient steps",
                disable=not progress)
     eval_result: dict[str, Any] = {}
+    last_eval_step = last_gif_step = -1
     try:
         while counters["grad_steps"] < cfg.loop.offline_steps:
             trainer.train_steps(1, counters["grad_steps"] >= cfg.loop.agent_start)
@@ -535,9 +536,11 @@ def train_offline(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
             step = counters["grad_steps"]
             if eval_env is not None and step % cfg.loop.eval_every == 0:
                 eval_result = trainer.evaluate(eval_env, step)
+                last_eval_step = step
                 bar.set_postfix({"eval_return": f"{eval_result['mean_return']:.1f}"})
             if step % cfg.loop.gif_every == 0:
                 trainer.gif(step)
+                last_gif_step = step
             if step % cfg.loop.checkpoint_every == 0:
                 trainer.save()
     except KeyboardInterrupt:
@@ -545,9 +548,10 @@ def train_offline(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     finally:
         trainer.save()
         bar.close()
-    if eval_env is not None:
+    if eval_env is not None and last_eval_step != counters["grad_steps"]:
         eval_result = trainer.evaluate(eval_env, counters["grad_steps"])
-    trainer.gif(counters["grad_steps"])
+    if last_gif_step != counters["grad_steps"]:
+        trainer.gif(counters["grad_steps"])
     trainer.logger.close()
     return trainer.summary(started, {"eval": eval_result, "dataset": str(cfg.loop.offline_data)})
 

@@ -78,6 +78,7 @@ class LoopConfig:
     offline_steps: int = 1_000  # offline: gradient steps
     eval_every: int = 5_000  # env steps (online) or gradient steps (offline) between evaluations
     eval_bc: bool = False  # also evaluate the behaviour-cloning policy head alone (the "BC alone" baseline)
+    eval_greedy: bool = True  # evaluate the policy's mode; False samples (Crafter: a greedy policy tends to idle)
     checkpoint_every: int = 5_000
     keep_checkpoints: int = 3
     log_every: int = 100

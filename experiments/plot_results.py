@@ -1,0 +1,120 @@
+"""The figures and tables of docs/results.md from finished runs of the loop, with a random-policy baseline.
+
+    python experiments/plot_results.py --run runs/results_cartpole --out docs/results --random-episodes 10
+    python experiments/plot_results.py --run runs/results_crafter --out docs/results --random-episodes 20
+
+For each run: the greedy evaluations of the imagination-trained policy (`eval/*`) and of the BC head alone
+(`eval/bc_*`, same run, `loop.eval_bc`) against env steps, the training episodes, and a uniform random policy
+evaluated on the same evaluation env (same seed, hence the same starting states as every evaluation of the run).
+Crafter runs are scored with the Crafter score (geometric mean of achievement success rates, in percent);
+others with the episode return. Writes `OUT/<run name>.png` (small) and `OUT/<run name>.json` (the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from d4func.data.offline import UniformRandomPolicy
+from d4func.envs.registry import make_env
+from d4func.train.loop import run_episodes
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, float]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl: is it a d4func run directory?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def series(rows: list[dict[str, float]], key: str) -> list[tuple[int, float]]:
+    return [(int(row["step"]), float(row[key])) for row in rows if key in row]
+
+
+def random_baseline(config: dict[str, Any], episodes: int, max_steps: int) -> dict[str, Any]:
+    """A uniform random policy on the run's evaluation env (the loop evaluates with seed + 10000)."""
+    env_cfg = config["env"]
+    env = make_env(env_cfg["name"], seed=config["seed"] + 10_000, image_size=env_cfg["image_size"],
+                   action_repeat=env_cfg["action_repeat"], max_episode_steps=env_cfg.get("max_episode_steps"))
+    result = run_episodes(env, UniformRandomPolicy(env.action_spec, seed=config["seed"]), episodes, max_steps)
+    returns = result["returns"]
+    out = {"episodes": episodes, "mean_return": result["mean_return"],
+           "std_return": statistics.pstdev(returns) if len(returns) > 1 else 0.0}
+    if "crafter_score" in result:
+        out["crafter_score"] = result["crafter_score"]
+    return out
+
+
+def plot(run_dir: Path, out_dir: Path, random_episodes: int) -> dict[str, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    crafter = config["env"]["name"] == "crafter"
+    metric = "crafter_score" if crafter else "mean_return"
+    label = "Crafter score (%)" if crafter else "episode return"
+    random = random_baseline(config, random_episodes, config["env"]["eval_max_steps"])
+    curves = {
+        "imagination policy (greedy eval)": series(rows, f"eval/{metric}"),
+        "BC head alone (greedy eval)": series(rows, f"eval/bc_{metric}"),
+        "training episodes" + (" (score so far)" if crafter else ""): series(
+            rows, "episode/crafter_score" if crafter else "episode/return"),
+    }
+    fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=100)
+    for (name, points), style in zip(curves.items(), ("o-", "s--", "."), strict=True):
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=name, alpha=0.45 if style == "." else 1.0)
+    ax.axhline(random[metric], color="gray", linestyle=":", label=f"random policy ({random_episodes} episodes)")
+    ax.set_xlabel("env steps")
+    ax.set_ylabel(label)
+    ax.set_title(config["env"]["name"])
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = run_dir.name
+    fig.savefig(out_dir / f"{name}.png")
+    plt.close(fig)
+    table = {
+        "run": str(run_dir),
+        "env": config["env"]["name"],
+        "metric": metric,
+        "random": random,
+        "eval": [{"env_steps": step, "policy": value, "bc": dict(series(rows, f"eval/bc_{metric}")).get(step)}
+                 for step, value in curves["imagination policy (greedy eval)"]],
+        "training_episodes": len(curves[next(iter(k for k in curves if k.startswith("training")))]),
+        "wall_seconds": summary.get("wall_seconds"),
+        "grad_steps": summary.get("grad_steps"),
+        "env_steps": summary.get("env_steps"),
+        "eval_episodes": config["env"]["eval_episodes"],
+    }
+    (out_dir / f"{name}.json").write_text(json.dumps(table, indent=2))
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, type=Path)
+    parser.add_argument("--out", default=Path("docs/results"), type=Path)
+    parser.add_argument("--random-episodes", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    table = plot(args.run, args.out, args.random_episodes)
+    print(f"{table['env']}: random {table['random'][table['metric']]:.2f}")
+    print(f"{'env steps':>10} {'policy':>10} {'BC alone':>10}")
+    for row in table["eval"]:
+        bc = "" if row["bc"] is None else f"{row['bc']:.2f}"
+        print(f"{row['env_steps']:>10} {row['policy']:>10.2f} {bc:>10}")
+
+
+if __name__ == "__main__":
+    main()

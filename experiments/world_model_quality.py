@@ -1,0 +1,293 @@
+"""World-model quality of a finished training run: next-frame PSNR at K = 1, 2, 4 sampling steps against copying
+the last frame, open-loop PSNR over a horizon, and a GIF of real vs imagined rollouts for the same actions.
+
+The run is one of `d4func/train/loop.py` (online or offline): its `config.json` and newest `ckpt-*.pt`. Clips come
+from held-out episodes: a fresh env on a seed neither training (`cfg.seed`) nor the loop's evaluation
+(`cfg.seed + 10_000`) used, driven by a uniform random policy. Every clip holds `replay.context_len` context frames
+and `horizon` frames after them.
+
+* next-frame PSNR, K = 1, 2, 4: the first frame after the context, sampled with K shortcut steps (paper Sec. 3.2:
+  K = 4 is the paper's inference setting; fewer steps test how far the shortcut objective carries), decoded;
+* copy last: the last context frame as the prediction, the baseline a world model has to beat on motion;
+* reconstruction: the tokenizer's own encode -> decode of the target frame, the ceiling any prediction decoded by
+  this tokenizer can reach;
+* open loop: the whole horizon generated from the context under the real actions with K = `dynamics.sampling_steps`
+  (errors compound, paper Sec. 3.2), per step, with the copy-last baseline per step.
+
+PSNR is `d4func.tokenizer_loss.psnr`: the mean over images of per-image PSNR (peak 1), so an image predicted exactly
+counts 100 dB (its error is floored at 1e-10) and copy-last scores high wherever the scene stands still (Reach's
+"stay", Crafter's no-op). The next-frame comparisons are therefore also given as PSNR of the pooled MSE (`pooled`).
+
+Writes `RUN_DIR/world_model_quality.json` and `RUN_DIR/gifs/world_model_quality.gif` (real frames on top, imagined
+below, up to 4 clips, the horizon open loop), and prints a table.
+
+    python experiments/world_model_quality.py --run runs/reach [--episodes 8] [--clips 16] [--horizon 8] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tensordict import TensorDictBase
+from torch import Tensor
+
+from d4func.dynamics import Dynamics
+from d4func.tokenizer import Tokenizer, decode, encode
+from d4func.tokenizer_loss import psnr
+from d4func.train import checkpoint
+from d4func.train.loop import build_models
+from d4func.train.run_config import RunConfig
+from d4func.train.video import predict_frames, write_comparison_gif
+
+K_VALUES = (1, 2, 4)
+# Env seeds: training uses cfg.seed, the loop's evaluation cfg.seed + 10_000; held-out clips start past both.
+HELD_OUT_SEED_OFFSET = 20_000
+GIF_CLIPS = 4
+RESULT_FILE = "world_model_quality.json"
+GIF_FILE = Path("gifs") / "world_model_quality.gif"
+
+
+@dataclass(frozen=True)
+class LoadedRun:
+    """A run's config and the models of its newest checkpoint."""
+
+    cfg: RunConfig
+    checkpoint: Path
+    step: int
+    env_name: str
+    tokenizer: Tokenizer
+    tokenizer_params: TensorDictBase
+    dynamics: Dynamics
+    dynamics_params: TensorDictBase
+
+
+def load_run(run_dir: str | Path) -> LoadedRun:
+    """The config (`RUN_DIR/config.json`) and the newest checkpoint's tokenizer and dynamics of a loop run."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    config_file = run_dir / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} is missing: {run_dir} is not a run of d4func.train.loop")
+    cfg = checkpoint.config_from_dict(RunConfig, json.loads(config_file.read_text()))
+    path = checkpoint.latest_checkpoint(run_dir)
+    if path is None:
+        raise FileNotFoundError(f"no checkpoint (ckpt-*.pt) in {run_dir}: the run has not saved one yet")
+    ckpt = checkpoint.load_checkpoint(path)
+    states = ckpt.payload.get("states", {})
+    for name in ("tokenizer", "world_model"):
+        if name not in states:
+            raise KeyError(f"checkpoint {path} holds no {name!r} train state; it has {sorted(states)}")
+    models = build_models(cfg)
+    return LoadedRun(
+        cfg=cfg,
+        checkpoint=path,
+        step=ckpt.step,
+        env_name=_env_name(cfg),
+        tokenizer=models.tokenizer,
+        tokenizer_params=states["tokenizer"]["params"],
+        dynamics=models.dynamics,
+        dynamics_params=states["world_model"]["params", "dynamics"],
+    )
+
+
+def _env_name(cfg: RunConfig) -> str:
+    """The env the world model was trained on: an offline run's dataset names it (the loop evaluates on that one)."""
+    if cfg.loop.mode == "offline" and cfg.loop.offline_data:
+        from d4func.data.offline import read_metadata
+
+        try:
+            name = (read_metadata(cfg.loop.offline_data).get("env_config") or {}).get("name")
+        except (FileNotFoundError, ValueError):
+            name = None
+        if name:
+            return name
+    return cfg.env.name
+
+
+def held_out_episodes(
+    cfg: RunConfig, env_name: str, episodes: int, seed: int, max_steps: int
+) -> list[tuple[Tensor, Tensor]]:
+    """`episodes` random-policy episodes (at most `max_steps` steps each) of a fresh env on a held-out seed.
+
+    Returns `(frames [T, ...], actions [T, ...])` per episode, TorchRL's convention (action t follows frame t)."""
+    from d4func.data.offline import UniformRandomPolicy
+    from d4func.envs.registry import make_env
+
+    env_seed = cfg.seed + HELD_OUT_SEED_OFFSET + seed
+    env = make_env(env_name, seed=env_seed, image_size=cfg.env.image_size, action_repeat=cfg.env.action_repeat,
+                   max_episode_steps=cfg.env.max_episode_steps)
+    policy = UniformRandomPolicy(env.action_spec, seed=env_seed)
+    out = []
+    try:
+        for _ in range(episodes):
+            rollout = env.rollout(max_steps, policy, break_when_any_done=True)
+            out.append((rollout.get("pixels").float(), rollout.get("action")))
+    finally:
+        env.close()
+    return out
+
+
+def sample_clips(episodes: list[tuple[Tensor, Tensor]], length: int, clips: int, seed: int) -> tuple[Tensor, Tensor]:
+    """`clips` distinct windows of `length` consecutive steps, drawn uniformly from all windows inside episodes.
+
+    Returns frames `[clips, length, ...]` and actions `[clips, length, ...]`."""
+    windows = [(e, start) for e, (frames, _) in enumerate(episodes) for start in range(frames.shape[0] - length + 1)]
+    if len(windows) < clips:
+        lengths = [frames.shape[0] for frames, _ in episodes]
+        raise ValueError(f"the held-out episodes (lengths {lengths}) hold {len(windows)} windows of {length} steps "
+                         f"(context + horizon), fewer than clips={clips}; use more episodes, fewer clips or a "
+                         "shorter horizon")
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))[:clips]
+    picked = [windows[i] for i in order.tolist()]
+    frames = torch.stack([episodes[e][0][s:s + length] for e, s in picked])
+    actions = torch.stack([episodes[e][1][s:s + length] for e, s in picked])
+    return frames, actions
+
+
+def held_out_clips(
+    run: LoadedRun, episodes: int, clips: int, horizon: int, seed: int, max_steps: int
+) -> tuple[Tensor, Tensor]:
+    """Clips of `replay.context_len + horizon` frames (and their actions) from held-out episodes."""
+    data = held_out_episodes(run.cfg, run.env_name, episodes, seed, max_steps)
+    return sample_clips(data, run.cfg.replay.context_len + horizon, clips, seed)
+
+
+def _predict(run: LoadedRun, context: Tensor, actions: Tensor, horizon: int, steps: int, seed: int) -> Tensor:
+    return predict_frames(run.tokenizer, run.tokenizer_params, run.dynamics, run.dynamics_params, context, actions,
+                          horizon=horizon, steps=steps, seed=seed)
+
+
+def pooled_psnr(prediction: Tensor, target: Tensor) -> float:
+    """PSNR (peak 1) of the mean squared error over all images: unlike the mean of per-image PSNR, an exactly
+    predicted image (a static scene under copy-last) does not count 100 dB, it adds zero error."""
+    err = (prediction.clamp(0.0, 1.0) - target).square().mean()
+    return float(10.0 * torch.log10(1.0 / err.clamp_min(1e-10)))
+
+
+@torch.no_grad()
+def next_frame_metrics(run: LoadedRun, frames: Tensor, actions: Tensor, seed: int) -> dict[str, Any]:
+    """PSNR of the first frame after the context: K-step samples, copy-last and the tokenizer's reconstruction.
+
+    K above the model's `k_max` (its finest step is 1 / k_max) cannot be sampled: its entry is None. `pooled`
+    holds the same comparisons as PSNR of the pooled MSE (see `pooled_psnr`)."""
+    context_len = run.cfg.replay.context_len
+    context, target = frames[:, :context_len], frames[:, context_len:context_len + 1]
+    step_actions = actions[:, :context_len + 1]
+    predictions: dict[str, Tensor | None] = {}
+    for k in K_VALUES:
+        fits = k <= run.cfg.dynamics.k_max
+        predictions[f"k{k}"] = _predict(run, context, step_actions, 1, k, seed) if fits else None
+    predictions["copy_last"] = context[:, -1:]
+    # The decoder is causal in time: decode the context with the target, as predict_frames decodes its samples.
+    latents = encode(run.tokenizer, run.tokenizer_params, frames[:, :context_len + 1])
+    predictions["reconstruction"] = decode(run.tokenizer, run.tokenizer_params, latents)[:, context_len:]
+    out: dict[str, Any] = {}
+    for name, prediction in predictions.items():
+        out[f"psnr_{name}"] = None if prediction is None else float(psnr(prediction, target))
+    out["pooled"] = {name: None if prediction is None else pooled_psnr(prediction, target)
+                     for name, prediction in predictions.items()}
+    return out
+
+
+@torch.no_grad()
+def open_loop(run: LoadedRun, frames: Tensor, actions: Tensor, seed: int) -> tuple[Tensor, list[float], list[float]]:
+    """Generate every frame after the context open loop (K = `dynamics.sampling_steps`) under the real actions.
+
+    Returns the imagined frames `[B, horizon, ...]`, their PSNR per step and the copy-last PSNR per step."""
+    context_len = run.cfg.replay.context_len
+    horizon = frames.shape[1] - context_len
+    imagined = _predict(run, frames[:, :context_len], actions, horizon, run.cfg.dynamics.sampling_steps, seed)
+    real = frames[:, context_len:]
+    last = frames[:, context_len - 1]
+    model = [float(psnr(imagined[:, h], real[:, h])) for h in range(horizon)]
+    copy_last = [float(psnr(last, real[:, h])) for h in range(horizon)]
+    return imagined, model, copy_last
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    episodes: int = 8,
+    clips: int = 16,
+    horizon: int = 8,
+    seed: int = 0,
+    max_steps: int = 200,
+) -> dict[str, Any]:
+    """Evaluate the world model of the run in `run_dir`; writes the JSON and the GIF there and returns the results.
+
+    `max_steps` caps the env steps of one held-out episode (Crafter's episodes run to 10,000 steps)."""
+    for name, value, low in (("episodes", episodes, 1), ("clips", clips, 1), ("horizon", horizon, 1),
+                             ("max_steps", max_steps, 1), ("seed", seed, 0)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    run = load_run(run_dir)
+    frames, actions = held_out_clips(run, episodes, clips, horizon, seed, max_steps)
+    result: dict[str, Any] = dict(next_frame_metrics(run, frames, actions, seed))
+    imagined, model, copy_last = open_loop(run, frames, actions, seed)
+    result["open_loop_psnr"] = model
+    result["open_loop_copy_last"] = copy_last
+    context_len = run.cfg.replay.context_len
+    gif = write_comparison_gif(Path(run_dir) / GIF_FILE, frames[:GIF_CLIPS, context_len:], imagined[:GIF_CLIPS])
+    result.update({
+        "env": run.env_name,
+        "env_seed": run.cfg.seed + HELD_OUT_SEED_OFFSET + seed,
+        "episodes": episodes,
+        "clips": clips,
+        "horizon": horizon,
+        "seed": seed,
+        "max_steps": max_steps,
+        "context_len": context_len,
+        "sampling_steps": run.cfg.dynamics.sampling_steps,
+        "step": run.step,
+        "checkpoint": str(run.checkpoint),
+        "gif": str(gif),
+    })
+    (Path(run_dir) / RESULT_FILE).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _db(value: float | None) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.2f}"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    rows = [(f"K={k}", f"k{k}") for k in K_VALUES] + [("copy last", "copy_last"), ("reconstruction", "reconstruction")]
+    lines = [
+        f"world model of {result['checkpoint']} (step {result['step']}), env {result['env']}: {result['clips']} "
+        f"clips from {result['episodes']} held-out episodes, context {result['context_len']}",
+        f"next-frame PSNR (dB)  {'per image':>10} {'pooled MSE':>11}",
+        *(f"  {label:<19} {_db(result[f'psnr_{key}']):>10} {_db(result['pooled'][key]):>11}" for label, key in rows),
+        f"open-loop PSNR (dB, per image), K={result['sampling_steps']}",
+        f"  {'step':>4} {'model':>8} {'copy last':>10}",
+        *(f"  {h + 1:>4} {_db(m):>8} {_db(c):>10}"
+          for h, (m, c) in enumerate(zip(result["open_loop_psnr"], result["open_loop_copy_last"], strict=True))),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, help="run directory of d4func.train.loop (config.json, ckpt-*.pt)")
+    parser.add_argument("--episodes", type=int, default=8, help="held-out episodes to roll")
+    parser.add_argument("--clips", type=int, default=16, help="clips drawn from them")
+    parser.add_argument("--horizon", type=int, default=8, help="frames predicted after the context")
+    parser.add_argument("--seed", type=int, default=0, help="held-out env, clip choice and sampling noise")
+    parser.add_argument("--max-steps", type=int, default=200, help="cap on the env steps of one episode")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result = evaluate_run(args.run, episodes=args.episodes, clips=args.clips, horizon=args.horizon, seed=args.seed,
+                          max_steps=args.max_steps)
+    print(format_table(result))
+    print(f"wrote {Path(args.run) / RESULT_FILE} and {result['gif']}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
