@@ -2,6 +2,7 @@
 dataset, resume, the acting policy inside TorchRL collectors, and config errors that name the bad key."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -203,3 +204,31 @@ def test_online_resume_with_a_seeded_env_is_bitwise_equal_to_an_uninterrupted_ru
         return {row["step"]: row for row in rows if "world_model/loss" in row or "episode/return" in row}
 
     assert train_rows("whole") == train_rows("split")  # same losses and episode returns, step by step
+
+
+def test_loop_runs_under_bf16_autocast_and_keeps_float32_state(tmp_path):
+    data = tmp_path / "data"
+    assert main(["collect", "--env", "dmc:cartpole-swingup", "--out", str(data), "--steps", "30",
+                 "--image-size", "32", "--action-repeat", "4"]) == 0
+    cfg = load_run_config(DEBUG, [f"run_dir={tmp_path / 'run'}", "loop.mode=offline", f"loop.offline_data={data}",
+                                  "loop.offline_steps=3", "loop.agent_start=1", "loop.log_every=1",
+                                  "loop.gif_every=1000", "loop.eval_every=1000", "env.eval_episodes=0",
+                                  "precision.bf16=true"])
+    train(cfg, progress=False)
+    from d4func.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    states = load_checkpoint(latest_checkpoint(tmp_path / "run")).payload["states"]
+    for name, state in states.items():
+        for key, value in state["params"].items(include_nested=True, leaves_only=True):
+            assert value.dtype == torch.float32 and torch.isfinite(value).all(), (name, key)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["world_model/loss"] for row in rows if "world_model/loss" in row]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+
+
+def test_cuda_device_without_cuda_names_the_device(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    cfg = load_run_config(DEBUG, [f"run_dir={tmp_path}", "device=cuda"])
+    with pytest.raises(RuntimeError, match="device='cuda'"):
+        train(cfg, progress=False)

@@ -44,7 +44,8 @@ from d4func.tokenizer_loss import new_tokenizer_train_state, tokenizer_train_ste
 from d4func.train import checkpoint
 from d4func.train.acting import WorldModelPolicy, agent_params_from_states
 from d4func.train.agent_step import agent_finetune_step, imagination_step, new_imagination_state
-from d4func.train.run_config import RunConfig
+from d4func.train.precision import wrap_step
+from d4func.train.run_config import RunConfig, resolve_device
 from d4func.train.state import NonFiniteLossError, new_train_state
 from d4func.train.video import predict_frames, write_comparison_gif
 
@@ -190,13 +191,19 @@ def crafter_score_of(episode_achievements: list[Tensor]) -> float:
     return crafter_score(achievement_success_rates(torch.stack(episode_achievements)))
 
 
+def acting_params(states: dict[str, TensorDictBase]) -> tuple[TensorDictBase, TensorDictBase]:
+    """(tokenizer params, agent params) for a `WorldModelPolicy`, on the CPU: the envs and the acting policy run
+    there whatever `device` the learner uses."""
+    agent = agent_params_from_states(states["world_model"], states.get("agent"))
+    return states["tokenizer"]["params"].to("cpu"), agent.to("cpu")
+
+
 def make_eval_policy(
     cfg: RunConfig, models: Models, states: dict[str, TensorDictBase], action_spec
 ) -> WorldModelPolicy:
     policy = WorldModelPolicy(models.tokenizer, models.dynamics, models.heads, action_spec,
                               context=cfg.replay.seq_len, seed=cfg.seed + 7, greedy=cfg.loop.eval_greedy)
-    policy.update_params(states["tokenizer"]["params"], agent_params_from_states(states["world_model"],
-                                                                                 states.get("agent")))
+    policy.update_params(*acting_params(states))
     return policy
 
 
@@ -207,8 +214,8 @@ def write_gif(cfg: RunConfig, models: Models, states: dict[str, TensorDictBase],
     batch = replay_batch(sample[:4])
     context = cfg.replay.context_len
     horizon = batch["frames"].shape[1] - context
-    imagined = predict_frames(models.tokenizer, states["tokenizer"]["params"], models.dynamics,
-                              states["world_model"]["params", "dynamics"], batch["frames"][:, :context],
+    imagined = predict_frames(models.tokenizer, states["tokenizer"]["params"].to("cpu"), models.dynamics,
+                              states["world_model"]["params", "dynamics"].to("cpu"), batch["frames"][:, :context],
                               batch["actions"], horizon)
     return write_comparison_gif(path, batch["frames"][:, context:], imagined)
 
@@ -255,9 +262,14 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(checkpoint.config_to_dict(cfg), indent=2))
         torch.manual_seed(cfg.seed)
+        self.device = resolve_device(cfg.device)
         self.models = build_models(cfg)
-        self.states = init_states(cfg, self.models)
-        self.generator = torch.Generator().manual_seed(cfg.seed + 3)
+        self.states = {name: state.to(self.device) for name, state in init_states(cfg, self.models).items()}
+        # Noise for the train steps is drawn where the batch lives (a CUDA generator for CUDA tensors).
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 3)
+        # bf16 autocast, fused-attention-only SDPA and torch.compile, each behind a `precision` flag; with all
+        # flags off this is `gradient_step` itself.
+        self.step_fn = wrap_step(gradient_step, cfg.precision, self.device)
         # next_traj_id: episode ids in the replay must never repeat; a resumed run's collector counts from 0 again,
         # so its ids are shifted past every id already stored.
         self.counters = {"env_steps": 0, "grad_steps": 0, "episodes": 0, "next_traj_id": 0, "train_credit": 0.0}
@@ -289,7 +301,7 @@ class Trainer:
         found = checkpoint.restore(self.run_dir, self.generators())
         if found is None:
             return None
-        self.states = dict(found.payload["states"])
+        self.states = {name: state.to(self.device) for name, state in found.payload["states"].items()}
         self.counters.update(found.payload["counters"])
         if self.replay is not None and "replay" in found.payload:
             checkpoint.restore_replay_position(self.replay, found.payload["replay"])
@@ -299,10 +311,10 @@ class Trainer:
     def train_steps(self, n: int, agent_active: bool) -> dict[str, float]:
         metrics: dict[str, float] = {}
         for _ in range(n):
-            batch = replay_batch(self.replay.sample())
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in replay_batch(self.replay.sample()).items()}
             before = self.states
             try:
-                self.states, metrics = gradient_step(self.cfg, self.models, self.states, batch, self.generator,
+                self.states, metrics = self.step_fn(self.cfg, self.models, self.states, batch, self.generator,
                                                      self.counters["grad_steps"], agent_active, self.lpips_fn)
             except NonFiniteLossError as error:
                 path = self.save(before)
@@ -376,8 +388,7 @@ def train_online(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     payload = trainer.try_resume() if resuming else None
     counters = trainer.counters
     policy.random_until = max(0, cfg.loop.prefill_steps - counters["env_steps"])
-    policy.update_params(trainer.states["tokenizer"]["params"],
-                         agent_params_from_states(trainer.states["world_model"], trainer.states.get("agent")))
+    policy.update_params(*acting_params(trainer.states))
     remaining = cfg.loop.env_steps - counters["env_steps"]
     if remaining <= 0:
         return trainer.summary(started, {"note": "already trained to loop.env_steps"})
@@ -440,9 +451,7 @@ def train_online(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
                 steps = int(counters["train_credit"])
                 counters["train_credit"] -= steps
                 metrics = trainer.train_steps(steps, counters["env_steps"] >= cfg.loop.agent_start)
-                policy.update_params(trainer.states["tokenizer"]["params"],
-                                     agent_params_from_states(trainer.states["world_model"],
-                                                              trainer.states.get("agent")))
+                policy.update_params(*acting_params(trainer.states))
             now = time.perf_counter()
             bar.update(n)
             bar.set_postfix({"return": f"{episode['last_return']:.1f}", "steps/s": f"{n / max(now - tick, 1e-9):.1f}",

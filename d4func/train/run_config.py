@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from d4func.config import TransformerConfig, load_config
 from d4func.dynamics import DynamicsConfig
 from d4func.heads import HeadsConfig
@@ -18,6 +20,7 @@ from d4func.optim import AdamWConfig
 from d4func.tokenizer import TokenizerConfig
 from d4func.tokenizer_loss import TokenizerLossConfig
 from d4func.train.agent_step import FinetuneConfig
+from d4func.train.precision import PrecisionConfig, check_attention_config
 
 MODES = ("online", "offline")
 LOGGERS = ("csv", "tensorboard")
@@ -131,8 +134,17 @@ class RunConfig:
     imagination: ImaginationConfig = field(default_factory=lambda: ImaginationConfig(horizon=15))
     optim: OptimConfig = field(default_factory=OptimConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    device: str = "cpu"  # the learner's device ("cpu", "cuda", "cuda:1"); envs and the acting policy stay on CPU
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)  # bf16, fused attention, torch.compile
 
     def __post_init__(self) -> None:
+        try:
+            torch.device(self.device)
+        except RuntimeError as error:
+            raise ValueError(f"RunConfig.device must name a torch device, got {self.device!r}") from error
+        check_attention_config(self.tokenizer.encoder, self.precision, "tokenizer.encoder")
+        check_attention_config(self.tokenizer.decoder, self.precision, "tokenizer.decoder")
+        check_attention_config(self.dynamics.transformer, self.precision, "dynamics.transformer")
         tok, dyn, heads = self.tokenizer, self.dynamics, self.heads
         checks = [
             ("dynamics.latent_tokens", dyn.latent_tokens, "tokenizer n_cameras * n_latents", tok.latent_tokens),
@@ -153,6 +165,14 @@ class RunConfig:
         if self.imagination.horizon + 1 > self.replay.seq_len * 4:
             raise ValueError(f"RunConfig: imagination.horizon={self.imagination.horizon} is far beyond the "
                              f"training context replay.seq_len={self.replay.seq_len}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The learner's device; asking for CUDA on a machine without it stops with the device named."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"RunConfig.device={name!r} but CUDA is not available here; use device=cpu")
+    return device
 
 
 def load_run_config(yaml_path: str | None = None, overrides: list[str] | None = None) -> RunConfig:

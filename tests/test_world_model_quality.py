@@ -1,0 +1,151 @@
+"""`experiments/world_model_quality.py` on a tiny online Reach run: the JSON's keys and values, the baseline
+recomputed by hand on the same held-out clips, open-loop consistency with next-frame sampling, the GIF, the clip
+sampler, and clear errors for run directories without a config or checkpoint."""
+
+import importlib.util
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from d4func.train.loop import train
+from d4func.train.run_config import load_run_config
+
+REPO = Path(__file__).resolve().parents[1]
+EPISODES, CLIPS, HORIZON, SEED = 3, 5, 6, 1
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("world_model_quality", REPO / "experiments/world_model_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+wmq = _load_script()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("reach_run")
+    cfg = load_run_config(str(REPO / "experiments/configs/reach.yaml"), [
+        f"run_dir={path}", "loop.mode=online", "loop.offline_data=null", "loop.env_steps=40",
+        "loop.prefill_steps=20", "loop.collect_steps=10", "loop.train_ratio=0.2", "loop.agent_start=1000",
+        "loop.eval_every=1000", "loop.gif_every=1000", "env.eval_episodes=1",
+    ])
+    train(cfg, progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def result(run_dir) -> dict:
+    return wmq.evaluate_run(run_dir, episodes=EPISODES, clips=CLIPS, horizon=HORIZON, seed=SEED)
+
+
+def _psnr_by_hand(prediction: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean over images of 10 log10(1 / MSE), error floored at 1e-10 (so identical images count 100 dB)."""
+    p, t = prediction.double().numpy(), target.double().numpy()
+    p, t = p.reshape(-1, *p.shape[-3:]), t.reshape(-1, *t.shape[-3:])
+    mse = np.maximum(((np.clip(p, 0, 1) - t) ** 2).mean(axis=(1, 2, 3)), 1e-10)
+    return float(np.mean(10 * np.log10(1 / mse)))
+
+
+def test_result_keys_and_values(run_dir, result):
+    expected = {"psnr_k1", "psnr_k2", "psnr_k4", "psnr_copy_last", "psnr_reconstruction", "open_loop_psnr",
+                "open_loop_copy_last", "episodes", "clips", "horizon", "seed", "env", "step"}
+    assert expected <= set(result)
+    for key in ("psnr_k1", "psnr_k2", "psnr_k4", "psnr_copy_last", "psnr_reconstruction"):
+        assert math.isfinite(result[key]), key
+    assert len(result["open_loop_psnr"]) == len(result["open_loop_copy_last"]) == HORIZON
+    assert all(math.isfinite(v) for v in result["open_loop_psnr"] + result["open_loop_copy_last"])
+    assert (result["episodes"], result["clips"], result["horizon"], result["seed"]) == (EPISODES, CLIPS, HORIZON, SEED)
+    assert result["env"] == "reach" and result["step"] == 40  # online checkpoints count env steps
+    assert json.loads((run_dir / "world_model_quality.json").read_text()) == result  # floats round-trip exactly
+
+
+def test_copy_last_matches_hand_computation(run_dir, result):
+    run = wmq.load_run(run_dir)
+    frames, _ = wmq.held_out_clips(run, EPISODES, CLIPS, HORIZON, SEED, max_steps=200)
+    context = run.cfg.replay.context_len
+    assert frames.shape == (CLIPS, context + HORIZON, 3, 16, 16)
+    last = frames[:, context - 1]
+    assert result["psnr_copy_last"] == pytest.approx(_psnr_by_hand(last, frames[:, context]), abs=1e-3)
+    by_step = [_psnr_by_hand(last, frames[:, context + h]) for h in range(HORIZON)]
+    assert result["open_loop_copy_last"] == pytest.approx(by_step, abs=1e-3)
+    mse = ((last - frames[:, context]).double() ** 2).mean()
+    assert result["pooled"]["copy_last"] == pytest.approx(float(10 * torch.log10(1 / mse)), abs=1e-3)
+
+
+def test_open_loop_first_step_is_next_frame_sample(result):
+    # Same seed and K: the first open-loop frame draws the same noise as the one-frame sample, and the causal
+    # decoder gives it the same pixels whatever frames follow.
+    k = result["sampling_steps"]
+    assert result["open_loop_psnr"][0] == pytest.approx(result[f"psnr_k{k}"], abs=1e-3)
+
+
+def test_gif_real_over_imagined(result):
+    gif = Path(result["gif"])
+    assert gif.name == "world_model_quality.gif" and gif.parent.name == "gifs"
+    frames = imageio.mimread(gif)
+    assert len(frames) == HORIZON
+    assert frames[0].shape[:2] == (2 * 16, min(4, CLIPS) * 16)
+
+
+def test_cli_prints_table(run_dir, capsys):
+    out_dir = run_dir.parent / "cli_run"
+    shutil.copytree(run_dir, out_dir, ignore=shutil.ignore_patterns("replay", "logs"))
+    result = wmq.main(["--run", str(out_dir), "--episodes", "1", "--clips", "1", "--horizon", "2", "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert "copy last" in printed and f"{result['psnr_copy_last']:.2f}" in printed
+    assert (out_dir / "world_model_quality.json").is_file()
+
+
+def test_too_many_clips_is_a_clear_error(run_dir):
+    with pytest.raises(ValueError, match="fewer than clips=100"):
+        wmq.evaluate_run(run_dir, episodes=1, clips=100, horizon=HORIZON)
+
+
+def test_missing_checkpoint_or_config_names_the_path(tmp_path, run_dir):
+    no_ckpt = tmp_path / "no_ckpt"
+    no_ckpt.mkdir()
+    shutil.copy(run_dir / "config.json", no_ckpt / "config.json")
+    with pytest.raises(FileNotFoundError, match=f"no checkpoint.*{no_ckpt}"):
+        wmq.evaluate_run(no_ckpt)
+    no_config = tmp_path / "no_config"
+    no_config.mkdir()
+    with pytest.raises(FileNotFoundError, match=str(no_config / "config.json")):
+        wmq.evaluate_run(no_config)
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "absent")):
+        wmq.evaluate_run(tmp_path / "absent")
+
+
+@settings(max_examples=20, deadline=None)
+@given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=4), length=st.integers(1, 6),
+       clips=st.integers(1, 8), seed=st.integers(0, 100))
+def test_sample_clips_are_distinct_windows_inside_episodes(lengths, length, clips, seed):
+    # Frame values encode (episode, step), so every clip can be traced back to where it came from.
+    episodes = [(torch.arange(n, dtype=torch.float32)[:, None] + 100 * e, torch.arange(n) + 100 * e)
+                for e, n in enumerate(lengths)]
+    available = sum(max(0, n - length + 1) for n in lengths)
+    if available < clips:
+        with pytest.raises(ValueError, match=f"{available} windows"):
+            wmq.sample_clips(episodes, length, clips, seed)
+        return
+    frames, actions = wmq.sample_clips(episodes, length, clips, seed)
+    assert frames.shape == (clips, length, 1) and actions.shape == (clips, length)
+    starts = set()
+    for clip, acts in zip(frames[..., 0].long().tolist(), actions.tolist(), strict=True):
+        episode, start = divmod(clip[0], 100)
+        assert clip == [100 * episode + start + t for t in range(length)] == acts  # one episode, consecutive
+        assert start + length <= lengths[episode]
+        starts.add((episode, start))
+    assert len(starts) == clips  # no window twice
