@@ -44,7 +44,7 @@ from d4func.tokenizer_loss import new_tokenizer_train_state, tokenizer_train_ste
 from d4func.train import checkpoint
 from d4func.train.acting import WorldModelPolicy, agent_params_from_states
 from d4func.train.agent_step import agent_finetune_step, imagination_step, new_imagination_state
-from d4func.train.precision import wrap_step
+from d4func.train.precision import load_compiler_before_rendering, wrap_step
 from d4func.train.run_config import RunConfig, resolve_device
 from d4func.train.state import NonFiniteLossError, new_train_state
 from d4func.train.video import predict_frames, write_comparison_gif
@@ -269,6 +269,7 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 3)
         # bf16 autocast, fused-attention-only SDPA and torch.compile, each behind a `precision` flag; with all
         # flags off this is `gradient_step` itself.
+        load_compiler_before_rendering(cfg.precision)  # the envs are built after this
         self.step_fn = wrap_step(gradient_step, cfg.precision, self.device)
         # next_traj_id: episode ids in the replay must never repeat; a resumed run's collector counts from 0 again,
         # so its ids are shifted past every id already stored.

@@ -34,6 +34,7 @@ __all__ = [
     "autocast",
     "check_attention_config",
     "compile_step",
+    "load_compiler_before_rendering",
     "precision_context",
     "sdpa_backends",
     "wrap_step",
@@ -93,6 +94,20 @@ def check_attention_config(transformer: TransformerConfig, cfg: PrecisionConfig,
     if cfg.fused_attention_only and transformer.logit_cap is not None:
         raise ValueError(f"PrecisionConfig.fused_attention_only needs {name}.logit_cap=None (soft-capping computes "
                          f"logits explicitly), got logit_cap={transformer.logit_cap}")
+
+
+def load_compiler_before_rendering(cfg: PrecisionConfig) -> None:
+    """With `cfg.compile`, import triton and inductor now, before any env sets up EGL in this process: importing
+    triton after dm_control's EGL setup has crashed here, importing it first works (measured with a DMControl
+    rollout, a compiled call, and another rollout in one process). A no-op without `cfg.compile`."""
+    if not cfg.compile:
+        return
+    import torch._inductor  # noqa: F401
+
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # CPU-only installs compile through C++ and never load triton
+        pass
 
 
 def compile_step(fn: F, cfg: PrecisionConfig, **compile_kwargs: Any) -> F:
