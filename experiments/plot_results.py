@@ -100,14 +100,33 @@ def plot(run_dir: Path, out_dir: Path, random_episodes: int) -> dict[str, Any]:
     return table
 
 
+def gif_to_filmstrip(gif: Path, png: Path, max_frames: int = 8) -> Path:
+    """The first `max_frames` frames of a real-vs-imagined GIF side by side in one small PNG (videos stay in the
+    ignored run folders; the filmstrip goes into the docs)."""
+    import imageio.v2 as imageio
+    import numpy as np
+
+    frames = imageio.mimread(gif)[:max_frames]
+    if not frames:
+        raise ValueError(f"{gif} holds no frames")
+    gap = np.full((frames[0].shape[0], 2, frames[0].shape[2]), 255, dtype=np.uint8)
+    strip = np.concatenate([part for frame in frames for part in (frame, gap)][:-1], axis=1)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    imageio.imwrite(png, strip)
+    return png
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, type=Path)
     parser.add_argument("--out", default=Path("docs/results"), type=Path)
     parser.add_argument("--random-episodes", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--filmstrip", type=Path, help="also turn this real-vs-imagined GIF into OUT/<run>_wm.png")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.filmstrip is not None:
+        print("filmstrip:", gif_to_filmstrip(args.filmstrip, args.out / f"{args.run.name}_wm.png"))
     table = plot(args.run, args.out, args.random_episodes)
     print(f"{table['env']}: random {table['random'][table['metric']]:.2f}")
     print(f"{'env steps':>10} {'policy':>10} {'BC alone':>10}")
