@@ -50,6 +50,24 @@ def random_baseline(config: dict[str, Any], episodes: int, max_steps: int) -> di
     return out
 
 
+def training_windows(rows: list[dict[str, float]], window: int) -> list[dict[str, Any]]:
+    """Training episodes grouped by the env-step window they ended in: count, mean return and, for Crafter, mean
+    achievements per episode and the score over all episodes up to the window's end."""
+    episodes = [row for row in rows if "episode/return" in row]
+    out = []
+    for end in range(window, max((int(r["step"]) for r in episodes), default=0) + window, window):
+        inside = [r for r in episodes if end - window < r["step"] <= end]
+        if not inside:
+            continue
+        entry = {"env_steps_end": end, "episodes": len(inside),
+                 "mean_return": statistics.fmean(r["episode/return"] for r in inside)}
+        if "episode/achievements" in inside[-1]:
+            entry["mean_achievements"] = statistics.fmean(r["episode/achievements"] for r in inside)
+            entry["crafter_score_so_far"] = inside[-1]["episode/crafter_score"]
+        out.append(entry)
+    return out
+
+
 def plot(run_dir: Path, out_dir: Path, random_episodes: int) -> dict[str, Any]:
     import matplotlib
 
@@ -63,10 +81,12 @@ def plot(run_dir: Path, out_dir: Path, random_episodes: int) -> dict[str, Any]:
     metric = "crafter_score" if crafter else "mean_return"
     label = "Crafter score (%)" if crafter else "episode return"
     random = random_baseline(config, random_episodes, config["env"]["eval_max_steps"])
+    how = "greedy" if config["loop"].get("eval_greedy", True) else "sampled"
+    episodes = config["env"]["eval_episodes"]
     curves = {
-        "imagination policy (greedy eval)": series(rows, f"eval/{metric}"),
-        "BC head alone (greedy eval)": series(rows, f"eval/bc_{metric}"),
-        "training episodes" + (" (score so far)" if crafter else ""): series(
+        f"imagination policy ({how}, {episodes} eval episodes)": series(rows, f"eval/{metric}"),
+        f"BC head alone ({how}, {episodes} eval episodes)": series(rows, f"eval/bc_{metric}"),
+        ("training episodes: score over all so far" if crafter else "training episodes (sampled)"): series(
             rows, "episode/crafter_score" if crafter else "episode/return"),
     }
     fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=100)
@@ -89,8 +109,9 @@ def plot(run_dir: Path, out_dir: Path, random_episodes: int) -> dict[str, Any]:
         "metric": metric,
         "random": random,
         "eval": [{"env_steps": step, "policy": value, "bc": dict(series(rows, f"eval/bc_{metric}")).get(step)}
-                 for step, value in curves["imagination policy (greedy eval)"]],
-        "training_episodes": len(curves[next(iter(k for k in curves if k.startswith("training")))]),
+                 for step, value in series(rows, f"eval/{metric}")],
+        "eval_actions": how,
+        "training_windows": training_windows(rows, window=config["loop"]["eval_every"]),
         "wall_seconds": summary.get("wall_seconds"),
         "grad_steps": summary.get("grad_steps"),
         "env_steps": summary.get("env_steps"),

@@ -3,13 +3,13 @@
 The whole Dreamer 4 pipeline on the tiny pixel env the project ships (`d4func.envs.reach`):
 
 1. collect: `record_episodes` with `ReachExpertPolicy(epsilon)` (a demonstrator that acts at random 30% of the time);
-2. train (`experiments/configs/reach.yaml`, offline loop): tokenizer, dynamics + BC + reward heads, then
-   imagination training of the policy and value heads (PMPO, TD(lambda)) from `loop.agent_start` on;
+2. train (`experiments/configs/reach.yaml`, offline loop, 800 gradient steps): tokenizer, dynamics + BC + reward
+   heads, then imagination training of the policy and value heads (PMPO, TD(lambda)) from `loop.agent_start` on;
 3. evaluate greedily on fresh episodes: the final policy, the BC head alone (same run, `loop.eval_bc`), a uniform
    random policy and the demonstrator itself, each over `env.eval_episodes` episodes.
 
     python experiments/reach_e2e.py --seeds 0 1 2            # writes runs/reach_e2e/result.json
-    python experiments/reach_e2e.py --seeds 0 loop.offline_steps=800
+    python experiments/reach_e2e.py --seeds 0 loop.offline_steps=1600 loop.agent_start=800
 
 `tests/test_learning_e2e.py` runs this at the config's budget and fails when the final policy does not beat the
 random policy by a clear margin.

@@ -1,13 +1,14 @@
 """The end-to-end learning check: the whole pipeline must produce a policy that clearly beats a random one.
 
 `experiments/reach_e2e.py` on Reach (16x16 pixels, the goal's position visible only in the image): record 3000
-steps of a noisy demonstrator, train tokenizer, dynamics + BC + reward and then imagination (600 offline gradient
+steps of a noisy demonstrator, train tokenizer, dynamics + BC + reward and then imagination (800 offline gradient
 steps), and evaluate 40 greedy episodes. Two seeds run side by side, one process and one thread each.
 
-The margin: the final policy's mean return must exceed the uniform random policy's by at least 1.5 per 12-step
-episode on every seed (random scores about 1.1, the demonstrator about 6.9, straight to the goal about 9.9). A
+The margin: the final policy's mean return must exceed the uniform random policy's by at least 2.0 per 12-step
+episode on every seed (random scores about 1.1, the demonstrator about 7, straight to the goal about 9.9). A
 policy that cannot see the goal does no better than random, so a broken tokenizer, world model, BC or imagination
-step fails this test.
+step fails this test. Measured with `python experiments/reach_e2e.py --seeds 0 1 2`: final 5.45 / 6.35 / 5.10
+against random 0.97 / 0.95 / 1.40 (BC alone 3.70 / 5.40 / 5.70), see docs/results.md.
 """
 
 import json
@@ -18,7 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1)
-MARGIN = 1.5
+MARGIN = 2.0
 
 
 def test_pipeline_policy_beats_random_on_reach_on_every_seed(tmp_path):
@@ -39,5 +40,5 @@ def test_pipeline_policy_beats_random_on_reach_on_every_seed(tmp_path):
                        f"BC {r['bc']:.2f}, final {r['final']:.2f} ({r['wall_seconds']:.0f} s)" for r in rows)
     print(report)
     for row in rows:
-        assert row["episodes"] >= 20 and row["grad_steps"] == 600
+        assert row["episodes"] >= 20 and row["grad_steps"] == 800
         assert row["final"] >= row["random"] + MARGIN, report
