@@ -121,15 +121,18 @@ def plot(run_dir: Path, out_dir: Path, random_episodes: int) -> dict[str, Any]:
     return table
 
 
-def gif_to_filmstrip(gif: Path, png: Path, max_frames: int = 8) -> Path:
+def gif_to_filmstrip(gif: Path, png: Path, max_frames: int = 6, max_clips: int = 2) -> Path:
     """The first `max_frames` frames of a real-vs-imagined GIF side by side in one small PNG (videos stay in the
-    ignored run folders; the filmstrip goes into the docs)."""
+    ignored run folders; the filmstrip goes into the docs). Each GIF frame holds clips of square images, real above
+    imagined; only the first `max_clips` clips are kept."""
     import imageio.v2 as imageio
     import numpy as np
 
     frames = imageio.mimread(gif)[:max_frames]
     if not frames:
         raise ValueError(f"{gif} holds no frames")
+    clip_width = frames[0].shape[0] // 2  # two rows of square images
+    frames = [frame[:, : max_clips * clip_width] for frame in frames]
     gap = np.full((frames[0].shape[0], 2, frames[0].shape[2]), 255, dtype=np.uint8)
     strip = np.concatenate([part for frame in frames for part in (frame, gap)][:-1], axis=1)
     png.parent.mkdir(parents=True, exist_ok=True)

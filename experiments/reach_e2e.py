@@ -71,6 +71,31 @@ def run_seed(run_dir: Path, seed: int, overrides: list[str], steps: int, epsilon
     }
 
 
+def plot_result(result: dict[str, Any], path: Path) -> Path:
+    """Grouped bars per seed: random, BC alone, the final (imagination-trained) policy, the demonstrator."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ("random", "bc", "final", "demonstrator")
+    labels = ("random policy", "BC head alone", "final policy (after imagination)", "demonstrator (eps-greedy)")
+    rows = result["seeds"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=100)
+    width = 0.2
+    for i, (name, label) in enumerate(zip(names, labels, strict=True)):
+        ax.bar([j + (i - 1.5) * width for j in range(len(rows))], [row[name] for row in rows], width, label=label)
+    ax.set_xticks(range(len(rows)), [f"seed {row['seed']}" for row in rows])
+    ax.set_ylabel(f"mean return ({rows[0]['episodes']} episodes)")
+    ax.set_title("Reach, offline from noisy demonstrations")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -78,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=3000, help="demonstration transitions per seed")
     parser.add_argument("--epsilon", type=float, default=0.3, help="demonstrator's random-action probability")
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--plot", type=Path, help="also draw the per-seed returns into this PNG")
     parser.add_argument("overrides", nargs="*", help="run-config overrides, key.sub=value")
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
@@ -87,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "overrides": args.overrides}
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+    if args.plot is not None:
+        plot_result(result, args.plot)
     print(f"{'seed':>6} {'random':>8} {'demo':>8} {'BC':>8} {'final':>8} {'wall s':>8}")
     for row in rows:
         print(f"{row['seed']:>6} {row['random']:>8.2f} {row['demonstrator']:>8.2f} {row['bc']:>8.2f} "

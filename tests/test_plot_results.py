@@ -43,6 +43,8 @@ def test_plot_results_writes_figure_table_and_filmstrip(tmp_path):
     expected = run_episodes(env, UniformRandomPolicy(env.action_spec, seed=0), 3)["mean_return"]
     assert table["random"]["mean_return"] == pytest.approx(expected)
     gif = sorted((run / "gifs").glob("*.gif"))[-1]
-    png = plot_results.gif_to_filmstrip(gif, tmp_path / "strip.png", max_frames=3)
+    png = plot_results.gif_to_filmstrip(gif, tmp_path / "strip.png", max_frames=3, max_clips=1)
     strip, first = imageio.imread(png), imageio.mimread(gif)[0]
-    assert strip.shape[0] == first.shape[0] and strip.shape[1] == 3 * first.shape[1] + 2 * 2
+    clip = first.shape[0] // 2  # one 16x16 real frame above its imagined one
+    assert strip.shape[0] == first.shape[0] and strip.shape[1] == 3 * clip + 2 * 2
+    assert (strip[:, :clip] == first[:, :clip]).all()
