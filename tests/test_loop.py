@@ -232,3 +232,13 @@ def test_cuda_device_without_cuda_names_the_device(tmp_path):
     cfg = load_run_config(DEBUG, [f"run_dir={tmp_path}", "device=cuda"])
     with pytest.raises(RuntimeError, match="device='cuda'"):
         train(cfg, progress=False)
+
+
+@pytest.mark.slow
+def test_online_loop_with_torch_compile_on_dmc(tmp_path):
+    # precision.compile loads triton before the DMControl env sets up EGL (the other order has crashed here), then
+    # compiles the gradient step. Slow on CPU (minutes of compilation), hence not in the default suite.
+    cfg = load_run_config(DEBUG, [f"run_dir={tmp_path}", *SHORT, "loop.env_steps=100", "precision.compile=true"])
+    summary = train(cfg, progress=False)
+    assert summary["env_steps"] == 100 and summary["grad_steps"] > 0
+    assert math.isfinite(summary["eval"]["mean_return"])
