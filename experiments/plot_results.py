@@ -22,24 +22,13 @@ import torch
 
 from d4func.data.offline import UniformRandomPolicy
 from d4func.envs.registry import make_env
-from d4func.train.loop import run_episodes
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, float]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl: is it a d4func run directory?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
-
-
-def series(rows: list[dict[str, float]], key: str) -> list[tuple[int, float]]:
-    return [(int(row["step"]), float(row[key])) for row in rows if key in row]
+from d4func.train.loop import eval_env_seed, metric_series, read_metrics, run_episodes
 
 
 def random_baseline(config: dict[str, Any], episodes: int, max_steps: int) -> dict[str, Any]:
-    """A uniform random policy on the run's evaluation env (the loop evaluates with seed + 10000)."""
+    """A uniform random policy on the run's evaluation env (`eval_env_seed`: the starts of every evaluation)."""
     env_cfg = config["env"]
-    env = make_env(env_cfg["name"], seed=config["seed"] + 10_000, image_size=env_cfg["image_size"],
+    env = make_env(env_cfg["name"], seed=eval_env_seed(config["seed"]), image_size=env_cfg["image_size"],
                    action_repeat=env_cfg["action_repeat"], max_episode_steps=env_cfg.get("max_episode_steps"))
     result = run_episodes(env, UniformRandomPolicy(env.action_spec, seed=config["seed"]), episodes, max_steps)
     returns = result["returns"]
@@ -84,9 +73,9 @@ def plot(run_dir: Path, out_dir: Path, random_episodes: int) -> dict[str, Any]:
     how = "greedy" if config["loop"].get("eval_greedy", True) else "sampled"
     episodes = config["env"]["eval_episodes"]
     curves = {
-        f"imagination policy ({how}, {episodes} eval episodes)": series(rows, f"eval/{metric}"),
-        f"BC head alone ({how}, {episodes} eval episodes)": series(rows, f"eval/bc_{metric}"),
-        ("training episodes: score over all so far" if crafter else "training episodes (sampled)"): series(
+        f"imagination policy ({how}, {episodes} eval episodes)": metric_series(rows, f"eval/{metric}"),
+        f"BC head alone ({how}, {episodes} eval episodes)": metric_series(rows, f"eval/bc_{metric}"),
+        ("training episodes: score over all so far" if crafter else "training episodes (sampled)"): metric_series(
             rows, "episode/crafter_score" if crafter else "episode/return"),
     }
     fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=100)
@@ -103,13 +92,14 @@ def plot(run_dir: Path, out_dir: Path, random_episodes: int) -> dict[str, Any]:
     name = run_dir.name
     fig.savefig(out_dir / f"{name}.png")
     plt.close(fig)
+    bc_by_step = dict(metric_series(rows, f"eval/bc_{metric}"))
     table = {
         "run": str(run_dir),
         "env": config["env"]["name"],
         "metric": metric,
         "random": random,
-        "eval": [{"env_steps": step, "policy": value, "bc": dict(series(rows, f"eval/bc_{metric}")).get(step)}
-                 for step, value in series(rows, f"eval/{metric}")],
+        "eval": [{"env_steps": step, "policy": value, "bc": bc_by_step.get(step)}
+                 for step, value in metric_series(rows, f"eval/{metric}")],
         "eval_actions": how,
         "training_windows": training_windows(rows, window=config["loop"]["eval_every"]),
         "wall_seconds": summary.get("wall_seconds"),

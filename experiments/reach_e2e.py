@@ -29,7 +29,7 @@ import torch
 from d4func.data.offline import UniformRandomPolicy, record_episodes
 from d4func.envs.reach import ReachExpertPolicy
 from d4func.envs.registry import env_config, make_env
-from d4func.train.loop import run_episodes, train
+from d4func.train.loop import eval_env_seed, run_episodes, train
 from d4func.train.run_config import load_run_config
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "reach.yaml"
@@ -57,7 +57,7 @@ def run_seed(run_dir: Path, seed: int, overrides: list[str], steps: int, epsilon
                         env_config=env_config("reach", seed=seed, image_size=size),
                         policy_name=f"reach_expert(epsilon={epsilon})")
     summary = train(cfg, progress=progress)
-    episodes, eval_seed = cfg.env.eval_episodes, seed + 10_000  # the loop's own evaluation env seed
+    episodes, eval_seed = cfg.env.eval_episodes, eval_env_seed(seed)  # the loop's own evaluation starts
     action_spec = make_env("reach", image_size=size).action_spec
     return {
         "seed": seed,

@@ -46,7 +46,8 @@ from d4func.train.run_config import RunConfig
 from d4func.train.video import predict_frames, write_comparison_gif
 
 K_VALUES = (1, 2, 4)
-# Env seeds: training uses cfg.seed, the loop's evaluation cfg.seed + 10_000; held-out clips start past both.
+# Env seeds: training uses cfg.seed, the loop's evaluation `eval_env_seed(cfg.seed)` (cfg.seed + 10_000); held-out
+# clips start past both.
 HELD_OUT_SEED_OFFSET = 20_000
 GIF_CLIPS = 4
 RESULT_FILE = "world_model_quality.json"

@@ -54,10 +54,15 @@ def test_online_loop_on_crafter(tmp_path):
     assert all("episode/achievements" in row and "episode/crafter_score" in row for row in episodes)
 
 
-def test_offline_loop_on_a_recorded_dataset(tmp_path):
-    data = tmp_path / "data"
-    assert main(["collect", "--env", "dmc:cartpole-swingup", "--out", str(data), "--steps", "60",
+def _collect_cartpole(data, steps: int):
+    """A random-policy cartpole dataset at the debug config's size, recorded through the command line."""
+    assert main(["collect", "--env", "dmc:cartpole-swingup", "--out", str(data), "--steps", str(steps),
                  "--image-size", "32", "--action-repeat", "4"]) == 0
+    return data
+
+
+def test_offline_loop_on_a_recorded_dataset(tmp_path):
+    data = _collect_cartpole(tmp_path / "data", steps=60)
     cfg = load_run_config(DEBUG, [f"run_dir={tmp_path / 'run'}", "loop.mode=offline", f"loop.offline_data={data}",
                                   "loop.offline_steps=6", "loop.agent_start=3", "loop.eval_every=6",
                                   "loop.gif_every=6", "loop.checkpoint_every=3", "env.eval_max_steps=10"])
@@ -120,9 +125,7 @@ def test_lpips_without_backbone_weights_stops_before_training(tmp_path, monkeypa
 
 
 def test_offline_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
-    data = tmp_path / "data"
-    assert main(["collect", "--env", "dmc:cartpole-swingup", "--out", str(data), "--steps", "40",
-                 "--image-size", "32", "--action-repeat", "4"]) == 0
+    data = _collect_cartpole(tmp_path / "data", steps=40)
     common = ["loop.mode=offline", f"loop.offline_data={data}", "loop.agent_start=2", "loop.gif_every=1000",
               "loop.eval_every=1000", "loop.checkpoint_every=1000", "env.eval_episodes=0"]
     whole = load_run_config(DEBUG, [f"run_dir={tmp_path / 'whole'}", *common, "loop.offline_steps=5"])
@@ -207,9 +210,7 @@ def test_online_resume_with_a_seeded_env_is_bitwise_equal_to_an_uninterrupted_ru
 
 
 def test_loop_runs_under_bf16_autocast_and_keeps_float32_state(tmp_path):
-    data = tmp_path / "data"
-    assert main(["collect", "--env", "dmc:cartpole-swingup", "--out", str(data), "--steps", "30",
-                 "--image-size", "32", "--action-repeat", "4"]) == 0
+    data = _collect_cartpole(tmp_path / "data", steps=30)
     cfg = load_run_config(DEBUG, [f"run_dir={tmp_path / 'run'}", "loop.mode=offline", f"loop.offline_data={data}",
                                   "loop.offline_steps=3", "loop.agent_start=1", "loop.log_every=1",
                                   "loop.gif_every=1000", "loop.eval_every=1000", "env.eval_episodes=0",

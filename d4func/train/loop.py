@@ -191,6 +191,12 @@ def crafter_score_of(episode_achievements: list[Tensor]) -> float:
     return crafter_score(achievement_success_rates(torch.stack(episode_achievements)))
 
 
+def eval_env_seed(seed: int) -> int:
+    """The evaluation env's seed for a run seeded `seed`: apart from the training env's, and the same at every
+    evaluation (the scripts that add baselines on the same starting states use it too)."""
+    return seed + 10_000
+
+
 def acting_params(states: dict[str, TensorDictBase]) -> tuple[TensorDictBase, TensorDictBase]:
     """(tokenizer params, agent params) for a `WorldModelPolicy`, on the CPU: the envs and the acting policy run
     there whatever `device` the learner uses."""
@@ -220,6 +226,19 @@ def write_gif(cfg: RunConfig, models: Models, states: dict[str, TensorDictBase],
     return write_comparison_gif(path, batch["frames"][:, context:], imagined)
 
 
+def read_metrics(run_dir: Path) -> list[dict[str, float]]:
+    """The rows of a run's `metrics.jsonl` (every logged scalar, with its step)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl: is it a d4func run directory?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def metric_series(rows: list[dict[str, float]], key: str) -> list[tuple[int, float]]:
+    """(step, value) of every row that logged `key`."""
+    return [(int(row["step"]), float(row[key])) for row in rows if key in row]
+
+
 def plot_returns(run_dir: Path) -> Path | None:
     """`returns.png` from the logged episode and evaluation returns (a small PNG)."""
     import matplotlib
@@ -227,19 +246,19 @@ def plot_returns(run_dir: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    train = [(row["step"], row["episode/return"]) for row in lines if "episode/return" in row]
-    evals = [(row["step"], row["eval/mean_return"]) for row in lines if "eval/mean_return" in row]
-    bc_evals = [(row["step"], row["eval/bc_mean_return"]) for row in lines if "eval/bc_mean_return" in row]
+    rows = read_metrics(run_dir)
+    train = metric_series(rows, "episode/return")
+    evals = metric_series(rows, "eval/mean_return")
+    bc_evals = metric_series(rows, "eval/bc_mean_return")
     if not train and not evals:
         return None
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
     if train:
         ax.plot(*zip(*train, strict=True), ".", alpha=0.5, label="training episodes")
     if evals:
-        ax.plot(*zip(*evals, strict=True), "o-", label="evaluation (greedy)")
+        ax.plot(*zip(*evals, strict=True), "o-", label="evaluation")
     if bc_evals:
-        ax.plot(*zip(*bc_evals, strict=True), "s--", label="BC head alone (greedy)")
+        ax.plot(*zip(*bc_evals, strict=True), "s--", label="BC head alone")
     ax.set_xlabel("env steps")
     ax.set_ylabel("return")
     ax.legend()
@@ -329,21 +348,22 @@ class Trainer:
         """Episodes of the acting policy (greedy unless `loop.eval_greedy=false`); with `loop.eval_bc`, also of
         the behaviour-cloning head trained on the same data (`eval/bc_*`: the "BC alone" baseline, side by side in
         one run). Before imagination starts the acting policy is the BC head, so one set of episodes serves both."""
-        # Every evaluation replays the same starting states (the eval env is reseeded): evaluations are comparable
-        # across training and between the policies, and a resumed run evaluates exactly as an uninterrupted one.
-        env.set_seed(self.cfg.seed + 10_000)
-        policy = make_eval_policy(self.cfg, self.models, self.states, env.action_spec)
-        result = run_episodes(env, policy, self.cfg.env.eval_episodes, self.cfg.env.eval_max_steps)
+        def episodes(states: dict[str, TensorDictBase]) -> dict[str, Any]:
+            # Every evaluation replays the same starting states (the eval env is reseeded): evaluations are
+            # comparable across training and between the policies, and a resumed run evaluates as an uninterrupted
+            # one.
+            env.set_seed(eval_env_seed(self.cfg.seed))
+            policy = make_eval_policy(self.cfg, self.models, states, env.action_spec)
+            return run_episodes(env, policy, self.cfg.env.eval_episodes, self.cfg.env.eval_max_steps)
+
+        result = episodes(self.states)
         scalars = {"eval/mean_return": result["mean_return"]}
         if "crafter_score" in result:
             scalars["eval/crafter_score"] = result["crafter_score"]
         if self.cfg.loop.eval_bc:
             bc_result = result
             if "agent" in self.states:
-                bc_states = {name: state for name, state in self.states.items() if name != "agent"}
-                bc_policy = make_eval_policy(self.cfg, self.models, bc_states, env.action_spec)
-                env.set_seed(self.cfg.seed + 10_000)
-                bc_result = run_episodes(env, bc_policy, self.cfg.env.eval_episodes, self.cfg.env.eval_max_steps)
+                bc_result = episodes({name: state for name, state in self.states.items() if name != "agent"})
             result = {**result, "bc": bc_result}
             scalars["eval/bc_mean_return"] = bc_result["mean_return"]
             if "crafter_score" in bc_result:
@@ -376,7 +396,7 @@ def train_online(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     started = time.perf_counter()
     env = make_env(cfg.env.name, seed=cfg.seed, image_size=cfg.env.image_size, action_repeat=cfg.env.action_repeat,
                    max_episode_steps=cfg.env.max_episode_steps)
-    eval_env = make_env(cfg.env.name, seed=cfg.seed + 10_000, image_size=cfg.env.image_size,
+    eval_env = make_env(cfg.env.name, seed=eval_env_seed(cfg.seed), image_size=cfg.env.image_size,
                         action_repeat=cfg.env.action_repeat, max_episode_steps=cfg.env.max_episode_steps)
     check_action_space(cfg, env.action_spec)
     replay_dir = trainer.run_dir / "replay"
@@ -417,7 +437,6 @@ def train_online(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     eval_result: dict[str, Any] = {}
     last_eval_step = last_gif_step = -1
     tick = time.perf_counter()
-    episode_achievements: list[Tensor] = episode["achievements"]
     try:
         for batch in collector:
             batch = batch.reshape(-1)
@@ -441,9 +460,9 @@ def train_online(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
                     scalars = {"episode/return": episode["return"]}
                     if achievements is not None:
                         unlocked = achievements.reshape(rewards.numel(), -1)[i]
-                        episode_achievements.append(unlocked)
+                        episode["achievements"].append(unlocked)
                         scalars["episode/achievements"] = float(unlocked.sum())
-                        scalars["episode/crafter_score"] = crafter_score_of(episode_achievements)
+                        scalars["episode/crafter_score"] = crafter_score_of(episode["achievements"])
                     trainer.logger.log(scalars, counters["env_steps"])
                     episode["return"] = 0.0
             metrics: dict[str, float] = {}
@@ -532,7 +551,7 @@ def train_offline(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     if env_name and cfg.env.eval_episodes:
         from d4func.envs.registry import make_env
 
-        eval_env = make_env(env_name, seed=cfg.seed + 10_000, image_size=cfg.env.image_size,
+        eval_env = make_env(env_name, seed=eval_env_seed(cfg.seed), image_size=cfg.env.image_size,
                             action_repeat=cfg.env.action_repeat)
         check_action_space(cfg, eval_env.action_spec)
     bar = tqdm(total=cfg.loop.offline_steps, initial=counters["grad_steps"], desc="gradient steps",
