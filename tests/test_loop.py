@@ -211,20 +211,25 @@ def test_online_resume_with_a_seeded_env_is_bitwise_equal_to_an_uninterrupted_ru
 
 def test_loop_runs_under_bf16_autocast_and_keeps_float32_state(tmp_path):
     data = _collect_cartpole(tmp_path / "data", steps=30)
-    cfg = load_run_config(DEBUG, [f"run_dir={tmp_path / 'run'}", "loop.mode=offline", f"loop.offline_data={data}",
-                                  "loop.offline_steps=3", "loop.agent_start=1", "loop.log_every=1",
-                                  "loop.gif_every=1000", "loop.eval_every=1000", "env.eval_episodes=0",
-                                  "precision.bf16=true"])
-    train(cfg, progress=False)
+    common = ["loop.mode=offline", f"loop.offline_data={data}", "loop.offline_steps=3", "loop.agent_start=1",
+              "loop.log_every=1", "loop.gif_every=1000", "loop.eval_every=1000", "env.eval_episodes=0"]
+
+    def world_model_losses(run: str) -> list[float]:
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [row["world_model/loss"] for row in rows if "world_model/loss" in row]
+
+    train(load_run_config(DEBUG, [f"run_dir={tmp_path / 'run'}", *common, "precision.bf16=true"]), progress=False)
+    train(load_run_config(DEBUG, [f"run_dir={tmp_path / 'fp32'}", *common]), progress=False)
     from d4func.train.checkpoint import latest_checkpoint, load_checkpoint
 
     states = load_checkpoint(latest_checkpoint(tmp_path / "run")).payload["states"]
     for name, state in states.items():
         for key, value in state["params"].items(include_nested=True, leaves_only=True):
             assert value.dtype == torch.float32 and torch.isfinite(value).all(), (name, key)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    losses = [row["world_model/loss"] for row in rows if "world_model/loss" in row]
+    losses = world_model_losses("run")
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    # The flag reaches the step: bf16 compute changes the losses of the same seeded run.
+    assert losses != world_model_losses("fp32")
 
 
 def test_cuda_device_without_cuda_names_the_device(tmp_path):
