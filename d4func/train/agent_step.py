@@ -201,12 +201,19 @@ def new_imagination_state(agent_params: TensorDictBase) -> TensorDict:
     head_params = agent_params["heads"]
     trainable = TensorDict({"policy": head_params["policy"].clone(), "value": head_params["value"].clone()})
     state = new_train_state(trainable)
-    state["frozen"] = TensorDict({
-        "dynamics": agent_params["dynamics"].clone(),
-        "reward": head_params["reward"].clone(),
-        "prior_policy": head_params["policy"].clone(),
-    })
+    state["frozen"] = imagination_frozen(agent_params).clone()
     return state
+
+
+def imagination_frozen(agent_params: TensorDictBase) -> TensorDict:
+    """The parts phase 3 holds fixed, taken from finetuned params {"dynamics", "heads"}: the dynamics, the reward
+    head and the behaviour-cloning policy as the reverse-KL prior (paper Eq. 11). Shares storage with the input."""
+    heads = agent_params["heads"]
+    return TensorDict({
+        "dynamics": agent_params["dynamics"],
+        "reward": heads["reward"],
+        "prior_policy": heads["policy"],
+    })
 
 
 def imagination_params(state: TensorDictBase) -> TensorDict:

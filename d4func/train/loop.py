@@ -43,7 +43,12 @@ from d4func.tokenizer import Tokenizer, encode
 from d4func.tokenizer_loss import new_tokenizer_train_state, tokenizer_train_step
 from d4func.train import checkpoint
 from d4func.train.acting import WorldModelPolicy, agent_params_from_states
-from d4func.train.agent_step import agent_finetune_step, imagination_step, new_imagination_state
+from d4func.train.agent_step import (
+    agent_finetune_step,
+    imagination_frozen,
+    imagination_step,
+    new_imagination_state,
+)
 from d4func.train.precision import load_compiler_before_rendering, wrap_step
 from d4func.train.run_config import RunConfig, resolve_device
 from d4func.train.state import NonFiniteLossError, new_train_state
@@ -85,13 +90,8 @@ def replay_batch(sample: TensorDictBase) -> dict[str, Tensor]:
 
 def refresh_agent_frozen(agent: TensorDictBase, world_model: TensorDictBase) -> TensorDictBase:
     """The imagination state with its frozen parts taken from the current world model (online training)."""
-    params = world_model["params"]
     agent = agent.copy()
-    agent["frozen"] = TensorDict({
-        "dynamics": params["dynamics"],
-        "reward": params["heads", "reward"],
-        "prior_policy": params["heads", "policy"],
-    })
+    agent["frozen"] = imagination_frozen(world_model["params"])
     return agent
 
 
