@@ -14,6 +14,8 @@ from pathlib import Path
 
 from omegaconf.errors import OmegaConfBaseException
 
+from d4func.train.state import NonFiniteLossError
+
 
 def _train(args: argparse.Namespace) -> int:
     from d4func.train.loop import train
@@ -87,10 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (OmegaConfBaseException, ValueError, FileNotFoundError) as error:
-        # Config and input errors: one clear line naming the bad key or value, no traceback.
+    except (OmegaConfBaseException, ValueError, FileNotFoundError, NonFiniteLossError) as error:
+        # Config and input errors, and a NaN / inf stop (its state is saved): one clear line naming the bad key,
+        # value or loss term, no traceback.
         print(f"d4func {args.command}: {type(error).__name__}: {error}", file=sys.stderr)
-        return 2
+        return 3 if isinstance(error, NonFiniteLossError) else 2
 
 
 if __name__ == "__main__":

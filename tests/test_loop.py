@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 from omegaconf.errors import ConfigKeyError, ValidationError
-from torchrl.data import Categorical
 
 from d4func.cli import main
-from d4func.train.loop import build_models, check_action_space, init_states, train
+from d4func.train import checkpoint
+from d4func.train.loop import build_models, init_states, train
 from d4func.train.run_config import load_run_config
 
 DEBUG = "experiments/configs/debug.yaml"
@@ -61,8 +61,14 @@ def _collect_cartpole(data, steps: int):
     return data
 
 
-def test_offline_loop_on_a_recorded_dataset(tmp_path):
-    data = _collect_cartpole(tmp_path / "data", steps=60)
+@pytest.fixture(scope="module")
+def cartpole_data(tmp_path_factory):
+    """One 60-step cartpole dataset for the offline tests that only read it."""
+    return _collect_cartpole(tmp_path_factory.mktemp("cartpole") / "data", steps=60)
+
+
+def test_offline_loop_on_a_recorded_dataset(tmp_path, cartpole_data):
+    data = cartpole_data
     cfg = load_run_config(DEBUG, [f"run_dir={tmp_path / 'run'}", "loop.mode=offline", f"loop.offline_data={data}",
                                   "loop.offline_steps=6", "loop.agent_start=3", "loop.eval_every=6",
                                   "loop.gif_every=6", "loop.checkpoint_every=3", "env.eval_max_steps=10"])
@@ -83,8 +89,11 @@ def test_config_errors_name_the_bad_key_or_value(tmp_path, capsys):
         load_run_config(DEBUG, ["loop.mode=sideways"])
     assert main(["train", "--config", DEBUG, "loop.bogus=1"]) == 2
     assert "bogus" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="2 discrete actions"):
-        check_action_space(load_run_config(DEBUG), Categorical(2))
+    # a two-camera env under the single-camera debug tokenizer stops before training, naming both shapes
+    code = main(["train", "--config", DEBUG, "--quiet", f"run_dir={tmp_path / 'cams'}",
+                 "env.name=dmc:cartpole-swingup@0,1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "[2, 3, 32, 32]" in err and "tokenizer.n_cameras=1" in err
 
 
 def test_acting_policy_runs_in_a_torchrl_collector():
@@ -248,3 +257,50 @@ def test_online_loop_with_torch_compile_on_dmc(tmp_path):
     summary = train(cfg, progress=False)
     assert summary["env_steps"] == 100 and summary["grad_steps"] > 0
     assert math.isfinite(summary["eval"]["mean_return"])
+
+
+def test_nan_in_the_loop_stops_naming_phase_and_step_with_the_last_good_state_saved(tmp_path, cartpole_data, capsys):
+    # A learning rate of 1e6 blows the world model up within a few steps.
+    run = tmp_path / "run"
+    args = ["train", "--config", DEBUG, "--quiet", f"run_dir={run}", "loop.mode=offline",
+            f"loop.offline_data={cartpole_data}", "loop.offline_steps=50", "loop.agent_start=1000",
+            "loop.checkpoint_every=1000", "loop.gif_every=1000", "env.eval_episodes=0", "optim.world_model.lr=1e6"]
+    assert main(args) == 3  # one line, no traceback
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "NonFiniteLossError" in err
+    assert "world_model phase: non-finite" in err
+    failed_at = int(err.split("loop gradient step ")[1].split(")")[0])
+    latest = checkpoint.latest_checkpoint(run)
+    assert latest is not None and latest.name == f"ckpt-{failed_at:012d}.pt" and failed_at < 50
+    loaded = checkpoint.load_checkpoint(latest)
+    assert loaded.payload["counters"]["grad_steps"] == failed_at
+    world_model = loaded.payload["states"]["world_model"]
+    assert int(world_model["step"]) == failed_at  # the state from before the failing update
+    assert all(torch.isfinite(leaf).all() for leaf in world_model["params"].values(True, True))
+
+
+def test_resume_refuses_a_config_that_changes_the_models_and_warns_on_other_changes(tmp_path, cartpole_data):
+    common = [f"run_dir={tmp_path}", "loop.mode=offline", f"loop.offline_data={cartpole_data}",
+              "loop.agent_start=1000", "loop.gif_every=1000", "loop.eval_every=1000", "env.eval_episodes=0"]
+    train(load_run_config(DEBUG, [*common, "loop.offline_steps=2"]), progress=False)
+    saved_config = (tmp_path / "config.json").read_text()
+    with pytest.raises(ValueError, match=r"tokenizer.latent_dim: 8 -> 4.*another run_dir"):
+        train(load_run_config(DEBUG, [*common, "loop.offline_steps=3", "tokenizer.latent_dim=4",
+                                      "dynamics.latent_dim=4"]), progress=False)
+    with pytest.raises(ValueError, match=r"seed: 0 -> 1"):
+        train(load_run_config(DEBUG, [*common, "loop.offline_steps=3", "seed=1"]), progress=False)
+    assert (tmp_path / "config.json").read_text() == saved_config  # a refused resume leaves the run as it was
+    with pytest.warns(UserWarning, match=r"optim.world_model.lr: 0.0003 -> 0.0001"):
+        summary = train(load_run_config(DEBUG, [*common, "loop.offline_steps=3", "optim.world_model.lr=1e-4"]),
+                        progress=False)
+    assert summary["grad_steps"] == 3
+
+
+def test_a_dataset_that_does_not_fit_the_models_is_named(tmp_path, cartpole_data):
+    common = [f"run_dir={tmp_path}", "loop.mode=offline", f"loop.offline_data={cartpole_data}"]
+    with pytest.raises(ValueError, match=rf"dataset {cartpole_data} holds frames of shape \[3, 32, 32\].*height=64"):
+        train(load_run_config(DEBUG, [*common, "env.image_size=64", "tokenizer.height=64", "tokenizer.width=64"]),
+              progress=False)
+    with pytest.raises(ValueError, match=rf"dataset {cartpole_data} holds continuous actions.*n_actions=17"):
+        train(load_run_config(DEBUG, [*common, "dynamics.action_dim=0", "dynamics.n_actions=17",
+                                      "heads.action_dim=0", "heads.n_actions=17"]), progress=False)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from d4func.train.agent_step import (
     imagination_step,
     new_imagination_state,
 )
+from d4func.train.compat import check_dataset_fits, check_env_fits, check_resume_config
 from d4func.train.precision import load_compiler_before_rendering, wrap_step
 from d4func.train.run_config import RunConfig, resolve_device
 from d4func.train.state import NonFiniteLossError, new_train_state
@@ -105,6 +107,18 @@ def make_lpips_fn(cfg: RunConfig):
     return make_lpips(cfg.tokenizer_loss.lpips_net, cfg.tokenizer_loss.lpips_backbone_path)
 
 
+def in_phase(phase: str, step_fn):
+    """`step_fn` whose NaN / inf stop also names the phase (the state's own step count is per phase)."""
+
+    def run(*args, **kwargs):
+        try:
+            return step_fn(*args, **kwargs)
+        except NonFiniteLossError as error:
+            raise NonFiniteLossError(f"{phase} phase: {error}") from error
+
+    return run
+
+
 def gradient_step(
     cfg: RunConfig,
     models: Models,
@@ -119,7 +133,7 @@ def gradient_step(
     metrics: dict[str, float] = {}
     states = dict(states)
     if grad_step % cfg.loop.tokenizer_every == 0:
-        states["tokenizer"], tok = tokenizer_train_step(
+        states["tokenizer"], tok = in_phase("tokenizer", tokenizer_train_step)(
             states["tokenizer"], batch["frames"], generator, template=models.tokenizer, cfg=cfg.tokenizer_loss,
             optim=cfg.optim.tokenizer, lpips_fn=lpips_fn,
         )
@@ -128,7 +142,7 @@ def gradient_step(
         latents = encode(models.tokenizer, states["tokenizer"]["params"], batch["frames"])
     wm_batch = {"latents": latents, "actions": batch["actions"], "rewards": batch["rewards"],
                 "is_last": batch["is_last"]}
-    states["world_model"], wm = agent_finetune_step(
+    states["world_model"], wm = in_phase("world_model", agent_finetune_step)(
         states["world_model"], wm_batch, generator, model=models.dynamics, heads=models.heads,
         opt=cfg.optim.world_model, cfg=cfg.finetune, ema_decay=cfg.optim.ema_decay,
     )
@@ -139,7 +153,7 @@ def gradient_step(
         agent = refresh_agent_frozen(states["agent"], states["world_model"])
         context = cfg.replay.context_len
         im_batch = {"latents": latents[:, :context], "actions": batch["actions"][:, :context]}
-        states["agent"], im = imagination_step(agent, im_batch, generator, model=models.dynamics,
+        states["agent"], im = in_phase("agent", imagination_step)(agent, im_batch, generator, model=models.dynamics,
                                                heads=models.heads, opt=cfg.optim.agent, cfg=cfg.imagination)
         metrics.update({f"agent/{k}": float(v) for k, v in im.items()})
     return states, metrics
@@ -279,7 +293,14 @@ class Trainer:
             torch.set_num_threads(cfg.loop.threads)
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(checkpoint.config_to_dict(cfg), indent=2))
+        config_file = self.run_dir / "config.json"
+        if config_file.exists() and checkpoint.latest_checkpoint(self.run_dir) is not None:
+            changed = check_resume_config(json.loads(config_file.read_text()), checkpoint.config_to_dict(cfg),
+                                          str(self.run_dir))
+            if changed:
+                warnings.warn(f"resuming {self.run_dir} with a changed config (so it will not equal an "
+                              f"uninterrupted run): {'; '.join(changed)}", stacklevel=2)
+        config_file.write_text(json.dumps(checkpoint.config_to_dict(cfg), indent=2))
         torch.manual_seed(cfg.seed)
         self.device = resolve_device(cfg.device)
         self.models = build_models(cfg)
@@ -333,12 +354,19 @@ class Trainer:
         for _ in range(n):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in replay_batch(self.replay.sample()).items()}
             before = self.states
+            rng_before = {name: gen.get_state() for name, gen in self.generators().items()}
             try:
                 self.states, metrics = self.step_fn(self.cfg, self.models, self.states, batch, self.generator,
                                                      self.counters["grad_steps"], agent_active, self.lpips_fn)
             except NonFiniteLossError as error:
+                # Rewind the RNGs too, so that resuming from this checkpoint replays the failing step exactly.
+                for name, gen in self.generators().items():
+                    gen.set_state(rng_before[name])
                 path = self.save(before)
-                raise NonFiniteLossError(f"{error}; the last good state is saved in {path}") from error
+                raise NonFiniteLossError(
+                    f"{error} (loop gradient step {self.counters['grad_steps']}); the last good state, with the RNG "
+                    f"states from before this step, is saved in {path}"
+                ) from error
             self.counters["grad_steps"] += 1
             if self.counters["grad_steps"] % self.cfg.loop.log_every == 0:
                 self.logger.log(metrics, self.counters["env_steps"] or self.counters["grad_steps"])
@@ -398,7 +426,7 @@ def train_online(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
                    max_episode_steps=cfg.env.max_episode_steps)
     eval_env = make_env(cfg.env.name, seed=eval_env_seed(cfg.seed), image_size=cfg.env.image_size,
                         action_repeat=cfg.env.action_repeat, max_episode_steps=cfg.env.max_episode_steps)
-    check_action_space(cfg, env.action_spec)
+    check_env_fits(cfg, env, cfg.env.name)
     replay_dir = trainer.run_dir / "replay"
     resuming = checkpoint.latest_checkpoint(trainer.run_dir) is not None and (replay_dir / "storage").exists()
     trainer.replay = make_replay(cfg.replay.capacity, cfg.replay.seq_len, cfg.replay.batch_size, path=replay_dir,
@@ -521,27 +549,13 @@ def restore_collector_state(collector, state: dict[str, Any]) -> None:
     collector._carrier.update(state["carrier"])
 
 
-def check_action_space(cfg: RunConfig, action_spec) -> None:
-    """The models' action space must be the env's."""
-    discrete = action_spec.dtype in (torch.int64, torch.int32)
-    if discrete:
-        n = int(action_spec.space.n)
-        if cfg.dynamics.n_actions != n:
-            raise ValueError(f"env {cfg.env.name!r} has {n} discrete actions but dynamics.n_actions="
-                             f"{cfg.dynamics.n_actions}")
-    else:
-        dim = int(action_spec.shape[-1])
-        if cfg.dynamics.action_dim != dim:
-            raise ValueError(f"env {cfg.env.name!r} has {dim}-dimensional actions but dynamics.action_dim="
-                             f"{cfg.dynamics.action_dim}")
-
-
 def train_offline(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     from d4func.data.offline import load_offline, read_metadata
 
     trainer = Trainer(cfg)
     started = time.perf_counter()
     metadata = read_metadata(cfg.loop.offline_data)
+    check_dataset_fits(cfg, metadata, str(cfg.loop.offline_data))
     trainer.replay = load_offline(cfg.loop.offline_data, cfg.replay.seq_len, cfg.replay.batch_size,
                                   seed=cfg.seed + 4)
     trainer.try_resume()
@@ -553,7 +567,7 @@ def train_offline(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
 
         eval_env = make_env(env_name, seed=eval_env_seed(cfg.seed), image_size=cfg.env.image_size,
                             action_repeat=cfg.env.action_repeat)
-        check_action_space(cfg, eval_env.action_spec)
+        check_env_fits(cfg, eval_env, f"{env_name} (the env of dataset {cfg.loop.offline_data})")
     bar = tqdm(total=cfg.loop.offline_steps, initial=counters["grad_steps"], desc="gradient steps",
                disable=not progress)
     eval_result: dict[str, Any] = {}

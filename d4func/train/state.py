@@ -54,7 +54,8 @@ def checked_update(
 ) -> tuple[TensorDict, dict[str, torch.Tensor]]:
     """The end of every train step: stop on a non-finite loss term (the state is still the last good one), apply
     the gradients, stop on a non-finite gradient norm; returns the new state and all metrics."""
-    check_finite(metrics, state["step"])
+    step = state["step"]  # the update being attempted: both checks name the same step
+    check_finite(metrics, step)
     state, opt_metrics = apply_gradients(state, grads, cfg, ema_decay)
-    check_finite(opt_metrics, state["step"])
+    check_finite(opt_metrics, step)
     return state, {**metrics, **opt_metrics}

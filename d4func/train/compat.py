@@ -1,0 +1,157 @@
+"""Does an env, a dataset or a run directory's checkpoint fit the run config? Checked before the first step.
+
+A mismatch found here stops the run with a message naming both sides and where each comes from (the env's name,
+the dataset's path, the run directory), instead of a shape error deep inside a model call a few steps later.
+
+Resuming: `config_changes` compares the config a run directory was trained with (its `config.json`) with the one
+given now. Keys that size the models, the replay or the data (`RESUME_MUST_MATCH`) cannot change: the saved
+states would not load into the new models, or would train on other data. Keys that only set the budget or the
+reporting (`RESUME_FREE`) may change silently: training `loop.env_steps` further is how a run is extended. Any
+other change (a learning rate, the train ratio, a precision flag) is allowed but reported, since the resumed run
+no longer equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from d4func.train.run_config import RunConfig
+
+RESUME_MUST_MATCH = (
+    "seed",
+    "env.name",
+    "env.image_size",
+    "env.action_repeat",
+    "env.max_episode_steps",
+    "replay.capacity",
+    "tokenizer",
+    "dynamics",
+    "heads",
+    "loop.mode",
+)
+RESUME_FREE = (
+    "run_dir",
+    "device",
+    "loop.env_steps",
+    "loop.offline_steps",
+    "loop.offline_data",  # the same dataset may have moved; its contents are checked against the models
+    "loop.eval_every",
+    "loop.eval_bc",
+    "loop.eval_greedy",
+    "loop.checkpoint_every",
+    "loop.keep_checkpoints",
+    "loop.log_every",
+    "loop.gif_every",
+    "loop.logger",
+    "loop.threads",
+    "env.eval_episodes",
+    "env.eval_max_steps",
+)
+
+
+def flatten_config(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config dict -> `{"a.b.c": leaf}`."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_config(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(f"{p}.") for p in prefixes)
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """`(forbidden, reported)`: the changed keys between two nested config dicts, each as `"key: old -> new"`.
+
+    `forbidden` are changes under `RESUME_MUST_MATCH`; `reported` are the others not under `RESUME_FREE`.
+    """
+    old, new = flatten_config(saved), flatten_config(current)
+    forbidden, reported = [], []
+    for key in sorted(old.keys() | new.keys()):
+        before, after = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if before == after or _under(key, RESUME_FREE):
+            continue
+        line = f"{key}: {before!r} -> {after!r}"
+        (forbidden if _under(key, RESUME_MUST_MATCH) else reported).append(line)
+    return forbidden, reported
+
+
+def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any], run_dir: str) -> list[str]:
+    """Raise naming every forbidden change; return the reported ones (for a warning)."""
+    forbidden, reported = config_changes(saved, current)
+    if forbidden:
+        raise ValueError(
+            f"run_dir {run_dir} holds checkpoints trained with another config, which cannot resume under this one: "
+            f"{'; '.join(forbidden)}. Restore these values, or start a fresh run with another run_dir"
+        )
+    return reported
+
+
+def _frame_shape(cfg: RunConfig) -> tuple[int, ...]:
+    tok = cfg.tokenizer
+    image = (tok.channels, tok.height, tok.width)
+    return image if tok.n_cameras == 1 else (tok.n_cameras, *image)
+
+
+def _frames_message(shape: tuple[int, ...], cfg: RunConfig) -> str:
+    tok = cfg.tokenizer
+    return (
+        f"frames of shape {list(shape)}, but the tokenizer takes {list(_frame_shape(cfg))} "
+        f"(tokenizer.n_cameras={tok.n_cameras}, channels={tok.channels}, height={tok.height}, width={tok.width})"
+    )
+
+
+def check_env_fits(cfg: RunConfig, env: Any, env_name: str) -> None:
+    """The env's pixel frames and action space must be the models' (`env_name` names the env in the message)."""
+    pixels = tuple(env.observation_spec["pixels"].shape)
+    if pixels != _frame_shape(cfg):
+        raise ValueError(f"env {env_name!r} gives {_frames_message(pixels, cfg)}")
+    spec = env.action_spec
+    if spec.dtype in (torch.int64, torch.int32):
+        n = int(spec.space.n)
+        if cfg.dynamics.n_actions != n:
+            raise ValueError(
+                f"env {env_name!r} has {n} discrete actions but dynamics.n_actions={cfg.dynamics.n_actions}"
+            )
+    else:
+        dim = int(spec.shape[-1])
+        if cfg.dynamics.action_dim != dim:
+            raise ValueError(
+                f"env {env_name!r} has {dim}-dimensional actions but dynamics.action_dim={cfg.dynamics.action_dim}"
+            )
+
+
+def check_dataset_fits(cfg: RunConfig, metadata: Mapping[str, Any], path: str) -> None:
+    """A recorded dataset's frames and actions (its `dataset.json` entries) must fit the models."""
+    entries = metadata.get("entries", {})
+    if "pixels" not in entries or "action" not in entries:
+        raise ValueError(f"dataset {path} has no 'pixels' or 'action' entry (has {sorted(entries)})")
+    pixels = tuple(entries["pixels"]["shape"])
+    if pixels != _frame_shape(cfg):
+        raise ValueError(f"dataset {path} holds {_frames_message(pixels, cfg)}")
+    action = entries["action"]
+    discrete = action["dtype"].startswith("int")
+    if discrete and cfg.dynamics.n_actions == 0:
+        raise ValueError(
+            f"dataset {path} holds discrete actions ({action['dtype']}) but the config's dynamics.n_actions=0 "
+            "(continuous actions)"
+        )
+    if not discrete:
+        if cfg.dynamics.n_actions > 0:
+            raise ValueError(
+                f"dataset {path} holds continuous actions of shape {action['shape']} but the config's "
+                f"dynamics.n_actions={cfg.dynamics.n_actions} (discrete)"
+            )
+        dim = action["shape"][-1] if action["shape"] else 1
+        if dim != cfg.dynamics.action_dim:
+            raise ValueError(
+                f"dataset {path} holds {dim}-dimensional actions but dynamics.action_dim={cfg.dynamics.action_dim}"
+            )
