@@ -10,7 +10,8 @@ same tech tree in 2D, with ``collect_diamond`` as one of its 22 achievements. Ea
   episode hit its length limit), all ``[1]``;
 - ``"step_count"`` and ``"is_init"`` as in the DMC env.
 
-Actions are categorical: an int64 scalar in ``[0, 17)`` (Design Sec. 4: discrete actions are ints).
+Actions are categorical: an int64 scalar in ``[0, 17)`` (Design Sec. 4: discrete actions are ints); a value that is
+not an integer (1.7, NaN) or is out of range raises a ``ValueError`` naming it.
 :func:`crafter_score` is the benchmark's aggregate score (Crafter paper, Sec. 3.3).
 """
 
@@ -26,6 +27,8 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Binary, Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import Compose, EnvBase, InitTracker, StepCounter, ToTensorImage, TransformedEnv
 
+from d4func.envs.actions import categorical_action
+
 __all__ = [
     "CRAFTER_ACHIEVEMENTS",
     "CRAFTER_N_ACTIONS",
@@ -37,15 +40,20 @@ __all__ = [
 
 CRAFTER_ACHIEVEMENTS: tuple[str, ...] = tuple(crafter.constants.achievements)
 CRAFTER_N_ACTIONS: int = len(crafter.constants.actions)
+CRAFTER_MIN_IMAGE_SIZE: int = 18  # measured: 16 and 17 fail inside crafter's renderer at reset
 
 
 class CrafterEnv(EnvBase):
     """The raw Crafter env: uint8 ``[H, W, 3]`` pixels (use :func:`make_crafter_env` for model-ready frames)."""
 
     def __init__(self, seed: int = 0, image_size: int = 64, length: int = 10000, device="cpu") -> None:
-        if image_size < 9:
-            # Crafter draws a 9x9 grid of tiles; smaller images cannot show a tile per pixel.
-            raise ValueError(f"image_size must be >= 9 for Crafter's 9x9 view, got {image_size}")
+        if image_size < CRAFTER_MIN_IMAGE_SIZE:
+            # Crafter draws a 9x9 tile view above a 9x2 inventory strip; below 18 pixels its renderer gives a tile
+            # zero pixels and fails at reset ("height and width must be > 0"), so stop here with the reason.
+            raise ValueError(
+                f"image_size must be >= {CRAFTER_MIN_IMAGE_SIZE} for Crafter's 9x9 view (2 pixels per tile), got "
+                f"{image_size}"
+            )
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
         super().__init__(device=device, batch_size=torch.Size([]))
@@ -85,9 +93,7 @@ class CrafterEnv(EnvBase):
         )
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
-        action = int(tensordict["action"])
-        if not 0 <= action < CRAFTER_N_ACTIONS:
-            raise ValueError(f"Crafter action must be in [0, {CRAFTER_N_ACTIONS}), got {action}")
+        action = categorical_action(tensordict["action"], CRAFTER_N_ACTIONS, "Crafter")
         obs, reward, done, info = self._env.step(action)
         # Crafter signals death through discount 0; any other end of episode is the time limit.
         terminated = bool(done) and info["discount"] == 0.0

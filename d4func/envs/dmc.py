@@ -10,7 +10,10 @@ and no proprioceptive state. Each step yields
 - ``"step_count"`` (``[1]`` int64, agent steps since reset) and ``"is_init"`` (``[1]`` bool, True on the first
   observation of an episode), which the replay sampler and the acting policy use to find episode boundaries.
 
-Actions are float32 in [-1, 1]; tasks whose native bounds differ are rescaled affinely before stepping.
+Actions are float32 in [-1, 1]; tasks whose native bounds differ are rescaled affinely before stepping. An action
+that is not finite, lies outside [-1, 1] by more than :data:`ACTION_TOLERANCE`, or has the wrong shape raises a
+``ValueError`` naming it (clipping it instead would hide a broken policy, and a NaN would only surface later as
+MuJoCo's ``mjWARN_BADCTRL``, which does not name the value).
 
 Design choice: action repeat and multi-camera rendering live in one ``dm_env`` wrapper beneath TorchRL's
 ``DMControlWrapper`` rather than in TorchRL's ``FrameSkipTransform``: the transform would render a frame on
@@ -45,7 +48,30 @@ from dm_control import suite  # noqa: E402
 from dm_control.suite.wrappers import pixels  # noqa: E402
 from dm_env import StepType, specs  # noqa: E402
 
-__all__ = ["MultiCameraRepeatWrapper", "make_dmc_env", "parse_dmc_name"]
+__all__ = ["ACTION_TOLERANCE", "MultiCameraRepeatWrapper", "check_unit_action", "make_dmc_env", "parse_dmc_name"]
+
+# Slack beyond [-1, 1] that is clipped rather than rejected: float32 rounding of an action drawn at the bound
+# (e.g. low + u * (high - low), or a rescaled sample) can land a few ulps outside the box.
+ACTION_TOLERANCE = 1e-6
+
+
+def check_unit_action(action, shape: tuple[int, ...], tolerance: float = ACTION_TOLERANCE) -> np.ndarray:
+    """``action`` as float64 of ``shape``, clipped to [-1, 1]; raises ``ValueError`` naming any entry that is not
+    finite or lies outside [-1, 1] by more than ``tolerance``, or a shape other than ``shape``."""
+    action = np.asarray(action, dtype=np.float64)
+    if action.shape != tuple(shape):
+        raise ValueError(f"DMC action must have shape {tuple(shape)}, got shape {action.shape}: {action.tolist()}")
+    bad = ~np.isfinite(action) | (np.abs(action) > 1.0 + tolerance)
+    if bad.any():
+        entries = ", ".join(
+            f"{float(action[idx])!r} at index {idx[0] if len(idx) == 1 else idx}"
+            for idx in (tuple(int(i) for i in where) for where in np.argwhere(bad))
+        )
+        raise ValueError(
+            f"DMC action entries must be finite and in [-1, 1] (tolerance {tolerance:g}), got {entries} "
+            f"in action {action.tolist()}"
+        )
+    return np.clip(action, -1.0, 1.0)
 
 
 class MultiCameraRepeatWrapper(pixels.Wrapper):
@@ -112,9 +138,9 @@ class MultiCameraRepeatWrapper(pixels.Wrapper):
         return time_step._replace(observation=OrderedDict(pixels=self._render()))
 
     def step(self, action):
-        action = np.asarray(action, dtype=np.float64)
+        action = check_unit_action(action, self._action_spec.shape)
         # [-1, 1] -> native [low, high]; identity for the usual DMC bounds.
-        unit = (np.clip(action, -1.0, 1.0) + 1.0) * 0.5
+        unit = (action + 1.0) * 0.5
         native = self._native_low + unit * (self._native_high - self._native_low)
         reward, discount = 0.0, 1.0
         for _ in range(self._action_repeat):

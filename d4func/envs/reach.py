@@ -1,10 +1,11 @@
 """Reach: a tiny pixel env the project ships, for end-to-end learning checks that fit in CI.
 
 A one-dimensional track of ``n_cells`` cells is drawn as an RGB image: the agent is a red column, the goal a green
-column (yellow where they overlap). Each episode places both at random, distinct cells. Actions are categorical:
-0 = left, 1 = stay, 2 = right. The reward is 1 for every step that ends on the goal; an episode lasts ``length``
-steps (then ``truncated``). The policy has to read the goal's position from pixels: a blind policy does no better
-than a random one, which is what makes the env a check on the whole pipeline (tokenizer -> world model -> agent).
+column (yellow where they overlap). Each episode places both at random, distinct cells. Actions are categorical: 0 =
+left, 1 = stay, 2 = right (a non-integer or out-of-range action raises a ``ValueError`` naming it). The reward is 1
+for every step that ends on the goal; an episode lasts ``length`` steps (then ``truncated``). The policy has to read
+the goal's position from pixels: a blind policy does no better than a random one, which is what makes the env a
+check on the whole pipeline (tokenizer -> world model -> agent).
 
 - A uniform random policy scores about 1.1 per 12-step episode with 8 cells; moving straight to the goal and
   staying there scores ``length - distance + 1`` (about 9.9 on average with 8 cells, 12 steps; with
@@ -25,7 +26,15 @@ from tensordict.nn import TensorDictModuleBase
 from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import Compose, EnvBase, InitTracker, StepCounter, ToTensorImage, TransformedEnv
 
-__all__ = ["REACH_N_ACTIONS", "ReachEnv", "ReachExpertPolicy", "make_reach_env", "reach_positions"]
+from d4func.envs.actions import categorical_action
+
+__all__ = [
+    "REACH_N_ACTIONS",
+    "ReachEnv",
+    "ReachExpertPolicy",
+    "make_reach_env",
+    "reach_positions",
+]
 
 REACH_N_ACTIONS = 3  # left, stay, right
 _MOVES = (-1, 0, 1)
@@ -73,9 +82,7 @@ class ReachEnv(EnvBase):
         return TensorDict(pixels=self._pixels(), **self._flags(False), batch_size=(), device=self.device)
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
-        action = int(tensordict["action"])
-        if not 0 <= action < REACH_N_ACTIONS:
-            raise ValueError(f"Reach action must be in [0, {REACH_N_ACTIONS}), got {action}")
+        action = categorical_action(tensordict["action"], REACH_N_ACTIONS, "Reach")
         self.agent = min(max(self.agent + _MOVES[action], 0), self.n_cells - 1)
         self.t += 1
         reward = float(self.agent == self.goal)
