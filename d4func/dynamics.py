@@ -27,6 +27,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from d4func.config import TransformerConfig
+from d4func.functional import runs_value_checks
 from d4func.transformer import BlockCausalTransformer, TokenLayout
 
 
@@ -156,8 +157,8 @@ class Dynamics(nn.Module):
     def signal_indices(self, tau: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
         tau_index = torch.round(tau * self.cfg.k_max).long()
         step_index = torch.round(torch.log2(1.0 / d)).long()
-        if torch._C._functorch.is_functorch_wrapped_tensor(tau_index):
-            return tau_index, step_index  # under vmap: value checks would be data-dependent control flow
+        if not runs_value_checks(tau_index):
+            return tau_index, step_index
         if tau_index.min() < 0 or tau_index.max() > self.cfg.k_max:
             raise ValueError(f"tau must lie in [0, 1], got range [{tau.min().item()}, {tau.max().item()}]")
         if step_index.min() < 0 or step_index.max() >= self.cfg.n_step_sizes:
@@ -173,15 +174,13 @@ class Dynamics(nn.Module):
             if actions.dtype not in (torch.int32, torch.int64) or actions.shape != (batch, steps):
                 raise ValueError(f"discrete actions must be integer [B, T] = [{batch}, {steps}], got "
                                  f"{actions.dtype} {tuple(actions.shape)}")
-            if torch._C._functorch.is_functorch_wrapped_tensor(actions):
-                pass  # under vmap: the range check would be data-dependent control flow
-            elif actions.min() < 0 or actions.max() >= self.cfg.n_actions:
+            if runs_value_checks(actions) and (actions.min() < 0 or actions.max() >= self.cfg.n_actions):
                 raise ValueError(f"discrete actions must lie in [0, {self.cfg.n_actions}), got range "
                                  f"[{actions.min().item()}, {actions.max().item()}]")
         elif actions.shape != (batch, steps, self.cfg.action_dim):
             raise ValueError(f"continuous actions must be [B, T, A] = [{batch}, {steps}, {self.cfg.action_dim}], "
                              f"got {tuple(actions.shape)}")
-        elif not torch._C._functorch.is_functorch_wrapped_tensor(actions):
+        elif runs_value_checks(actions):
             known = actions if action_mask is None else actions[action_mask]
             if known.numel() and not bool(((known >= -1.0) & (known <= 1.0)).all()):
                 bad = known[~((known >= -1.0) & (known <= 1.0))]

@@ -105,6 +105,13 @@ def _detach_tree(tree: Any) -> Any:
     return tree
 
 
+def runs_value_checks(x: Tensor) -> bool:
+    """Whether a data-dependent input check (a value range, NaN) should run on `x`: only in eager calls. Under
+    `vmap` it would be data-dependent control flow, and under `torch.compile` a graph break plus a device sync on
+    every call. Shape and dtype checks need no values and always run."""
+    return not (torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
 def count_params(params: TensorDictBase) -> int:
     """Number of scalar parameters in the tree."""
     return sum(leaf.numel() for leaf in params.values(include_nested=True, leaves_only=True))

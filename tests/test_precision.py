@@ -133,6 +133,13 @@ def test_compiled_loss_and_grad_match_eager() -> None:
     _compile_check("small", timeout=300)
 
 
+def test_model_forwards_trace_without_graph_breaks() -> None:
+    """Dynamics (continuous and discrete actions) and tokenizer forwards are one graph each under torch.compile:
+    the input value checks (ranges, NaN), which would break the graph and sync the device on every call, run only
+    in eager calls. Before that the dynamics forward broke into 10 graphs."""
+    _compile_check("graph_breaks", timeout=300)
+
+
 @pytest.mark.slow
 def test_compiled_dynamics_train_step_matches_eager() -> None:
     """The real step under torch.compile (inductor, C++ codegen on CPU): minutes to compile, hence slow."""

@@ -2,7 +2,9 @@
 (other tests render DMControl with EGL there; see d4func/train/precision.py).
 
 `python compile_check.py small`: a small functional loss + gradient, backend aot_eager (dynamo and AOT autograd, no
-C++ codegen; seconds). `python compile_check.py dynamics`: the real `dynamics_train_step` with the default inductor
+C++ codegen; seconds). `python compile_check.py graph_breaks`: `torch._dynamo.explain` over the dynamics and
+tokenizer forwards must find one graph each (the eager-only value checks are skipped while tracing). `python
+compile_check.py dynamics`: the real `dynamics_train_step` with the default inductor
 backend (minutes on CPU). Exits non-zero with the mismatch on failure; prints `ok <seconds>` on success.
 """
 
@@ -39,6 +41,36 @@ def small() -> None:
         torch.testing.assert_close(grads_c[key], grads_e[key], rtol=1e-5, atol=1e-7, msg=key)
 
 
+def graph_breaks() -> None:
+    import torch._dynamo as dynamo
+
+    from d4func.functional import apply
+    from d4func.train.loop import build_models, init_states
+    from d4func.train.run_config import load_run_config
+
+    root = Path(__file__).parents[2]
+    for overrides in ([], ["dynamics.action_dim=0", "dynamics.n_actions=5", "heads.action_dim=0", "heads.n_actions=5"]):
+        cfg = load_run_config(str(root / "experiments/configs/debug.yaml"), overrides)
+        models = build_models(cfg)
+        states = init_states(cfg, models)
+        gen = torch.Generator().manual_seed(0)
+        b, t, dyn = 2, 3, cfg.dynamics
+        z = torch.rand(b, t, dyn.latent_tokens, dyn.latent_dim, generator=gen) * 2 - 1
+        tau, d = torch.full((b, t), 0.5), torch.full((b, t), 0.25)
+        if dyn.n_actions:
+            actions = torch.randint(0, dyn.n_actions, (b, t), generator=gen)
+        else:
+            actions = torch.rand(b, t, dyn.action_dim, generator=gen) * 2 - 1
+        dyn_params = states["world_model"]["params"]["dynamics"]
+        found = dynamo.explain(lambda *a, p=dyn_params, m=models.dynamics: apply(m, p, *a))(z, tau, d, actions)
+        assert found.graph_break_count == 0, [str(r.reason)[:200] for r in found.break_reasons]
+    tok = cfg.tokenizer
+    frames = torch.rand(b, t, tok.channels, tok.height, tok.width, generator=gen)
+    tok_params = states["tokenizer"]["params"]
+    found = dynamo.explain(lambda x: apply(models.tokenizer, tok_params, x, mode="autoencode"))(frames)
+    assert found.graph_break_count == 0, [str(r.reason)[:200] for r in found.break_reasons]
+
+
 def dynamics() -> None:
     sys.path.insert(0, str(Path(__file__).parents[1]))
     from d4func.dynamics import Dynamics
@@ -64,5 +96,5 @@ def dynamics() -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     start = time.perf_counter()
-    {"small": small, "dynamics": dynamics}[sys.argv[1]]()
+    {"small": small, "graph_breaks": graph_breaks, "dynamics": dynamics}[sys.argv[1]]()
     print(f"ok {time.perf_counter() - start:.1f}")
