@@ -10,6 +10,7 @@ with the current batch before dividing, so the very first step sees each normali
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -166,13 +167,23 @@ def tokenizer_train_step(
     optim: AdamWConfig,
     ema_decay: float | None = None,
     lpips_fn: LPIPSFn | None = None,
+    grad_fn: Callable[..., Any] = grad_and_value,
 ) -> tuple[TensorDict, dict[str, Tensor]]:
-    """One AdamW step on the tokenizer loss: `state, metrics = tokenizer_train_step(state, frames, gen, ...)`."""
+    """One AdamW step on the tokenizer loss: `state, metrics = tokenizer_train_step(state, frames, gen, ...)`.
+
+    `grad_fn(loss_fn, has_aux=True)(params, *args) -> (grads, (loss, metrics))`: `functional.grad_and_value`, or
+    `distributed.data_parallel_grad_and_value` for a data-parallel step on this rank's shard of `frames`. The stored
+    running statistics are updated from the terms as `grad_fn` reports them (rank means under data parallelism),
+    so every replica keeps the same `loss_rms`; the normaliser inside this step's loss uses the rank's own terms
+    (on the first step each rank's normalised term is exactly 1, as in one process).
+    """
     if "loss_rms" not in state.keys():
         raise KeyError("train state has no 'loss_rms'; build it with new_tokenizer_train_state")
     loss_fn = partial(tokenizer_loss, template=template, cfg=cfg, loss_rms=state["loss_rms"], lpips_fn=lpips_fn)
-    grads, (loss, metrics) = grad_and_value(loss_fn, has_aux=True)(state["params"], frames, generator)
-    new_rms = metrics.pop("loss_rms")
+    grads, (loss, metrics) = grad_fn(loss_fn, has_aux=True)(state["params"], frames, generator)
+    metrics.pop("loss_rms")  # this rank's statistics: recomputed below from the reported (reduced) terms
+    new_rms = update_loss_rms(state["loss_rms"], {name: metrics[name] for name in LOSS_TERMS if name in metrics},
+                              cfg.rms_decay)
     new_state, metrics = checked_update(state, grads, {"loss": loss, **metrics}, optim, ema_decay)
     new_state["loss_rms"] = new_rms
     return new_state, metrics

@@ -1,4 +1,7 @@
-"""Data parallel over torch.distributed: one step on 2 gloo ranks equals the single-process step on the whole batch."""
+"""Data parallel over torch.distributed (2 gloo ranks under torchrun): a loss that takes its random draws as inputs
+matches the single-process step on the whole batch; the project's real train steps with
+`grad_fn=data_parallel_grad_and_value` match the mean of per-shard gradients (each shard with its rank's generator)
+and keep the replicas bitwise identical."""
 
 from __future__ import annotations
 
@@ -13,7 +16,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tensordict import TensorDict
 
+from d4func.dynamics import Dynamics
+from d4func.functional import grad_and_value, template
+from d4func.heads import AgentHeads
+from d4func.tokenizer import Tokenizer
+from d4func.tokenizer_loss import new_tokenizer_train_state, tokenizer_train_step
 from d4func.train import distributed as D
+from d4func.train.agent_step import agent_finetune_step, imagination_step, new_imagination_state
+from d4func.train.dynamics_step import dynamics_loss, dynamics_train_step
+from d4func.train.state import new_train_state
 
 torch.set_num_threads(1)
 
@@ -93,3 +104,136 @@ def test_two_gloo_ranks_match_single_process_full_batch(tmp_path) -> None:
     moved = max((state["params"].get(k) - initial.get(k)).abs().max().item()
                 for k in initial.keys(include_nested=True, leaves_only=True))
     assert moved > 1e-3
+
+
+def _real_steps_helper():
+    sys.path.insert(0, str(HELPERS.parent))
+    from helpers import dp_real_steps
+
+    return dp_real_steps
+
+
+def _failure_report(result: subprocess.CompletedProcess) -> str:
+    """The ranks' own tracebacks (torchrun prefixes them with [rankN]), else the end of the output."""
+    output = result.stdout + result.stderr
+    ranks = "\n".join(line for line in output.splitlines() if line.startswith("[rank"))
+    return (ranks or output)[-6000:]
+
+
+def _leaves(tree: TensorDict) -> dict:
+    return {key: tree.get(key) for key in tree.keys(include_nested=True, leaves_only=True)}
+
+
+def test_real_train_steps_on_two_gloo_ranks_average_shard_gradients(tmp_path) -> None:
+    """torchrun, 2 CPU processes, the project's real steps with `grad_fn=data_parallel_grad_and_value`: after 2
+    steps the whole train state (params, AdamW moments, EMA, the tokenizer's running loss statistics) and the
+    reported metrics equal a one-process reference that averages the two shards' gradients, each computed with
+    that rank's generator (float64). The helper itself checks that both ranks hold bitwise the same state and
+    metrics after every step, for the imagination step too."""
+    H = _real_steps_helper()
+
+    out = tmp_path / "dp_real.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(HELPERS / "dp_real_steps.py"), str(out)],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, _failure_report(result)
+    got = torch.load(out, weights_only=False)
+
+    references = {"dynamics": (H.reference_dynamics, H.dynamics_params),
+                  "tokenizer": (H.reference_tokenizer, H.tokenizer_params),
+                  "finetune": (H.reference_finetune, H.agent_params)}
+    for name, (reference_fn, initial_fn) in references.items():
+        reference, history = reference_fn()
+        state = TensorDict(got[name]["state"], [])
+        assert int(state["step"]) == H.N_STEPS, name
+        ours, ref = _leaves(state), _leaves(reference)
+        assert set(ours) == set(ref), name
+        for key, value in ref.items():
+            torch.testing.assert_close(ours[key], value, rtol=1e-10, atol=1e-12, msg=f"{name} {key}")
+        assert len(got[name]["history"]) == len(history) == H.N_STEPS
+        for step, (metrics, expected) in enumerate(zip(got[name]["history"], history, strict=True)):
+            for metric, value in expected.items():
+                torch.testing.assert_close(metrics[metric], value, rtol=1e-12, atol=0, msg=f"{name} {metric} {step}")
+        # The steps moved the params (a no-op update would also "match").
+        initial = _leaves(initial_fn())
+        moved = max((ours[("params", *key)] - value).abs().max().item() for key, value in initial.items())
+        assert moved > 1e-3, name
+    assert got["tokenizer"]["state"]["loss_rms"]["mse"]["count"] == H.N_STEPS
+    assert got["imagination"]["steps"] == H.N_STEPS
+    assert all(torch.isfinite(v) for v in got["imagination"]["value_loss"])
+
+
+def test_shard_gradients_differ_so_the_reference_is_not_trivial() -> None:
+    """The two shards (different data, different generators) give different gradients, so matching the mean of the
+    shard gradients is a real check: each shard alone ends elsewhere."""
+    H = _real_steps_helper()
+
+    params = H.dynamics_params()
+    latents, actions = H.dynamics_batches()[0]
+    losses, grads = [], []
+    for rank in range(H.WORLD):
+        g, (loss, _) = grad_and_value(dynamics_loss, has_aux=True)(
+            params, H.shard(latents, rank), H.shard(actions, rank), D.rank_generator(H.SEED, rank),
+            model=template(Dynamics, H.DYN))
+        losses.append(loss)
+        grads.append(g)
+    assert abs(losses[0] - losses[1]) > 1e-3
+    diff = max((a - b).abs().max().item() for a, b in zip(_leaves(grads[0]).values(), _leaves(grads[1]).values(),
+                                                       strict=True))
+    assert diff > 1e-3
+
+
+def test_steps_route_gradients_through_grad_fn() -> None:
+    """Each of the four train steps computes its gradients with the `grad_fn` it is given (called once, with
+    has_aux=True), and the default or a pass-through `grad_fn` gives bitwise the same step. A `grad_fn` that
+    scales the gradients changes the step, so the argument is really used."""
+    H = _real_steps_helper()
+
+    dyn, tok = template(Dynamics, H.DYN), template(Tokenizer, H.TOK)
+    agent_dyn, heads = template(Dynamics, H.AGENT_DYN), template(AgentHeads, H.AGENT_HEADS)
+    latents, actions = H.dynamics_batches()[0]
+    agent_batch = H.agent_batches()[0]
+    context = {"latents": agent_batch["latents"].float(), "actions": agent_batch["actions"].float()}
+    steps = {
+        "dynamics": lambda gen, **kw: dynamics_train_step(
+            new_train_state(H.dynamics_params()), latents, actions, gen, model=dyn, opt=H.OPT, ema_decay=H.EMA, **kw),
+        "tokenizer": lambda gen, **kw: tokenizer_train_step(
+            new_tokenizer_train_state(H.tokenizer_params()), H.tokenizer_batches()[0], gen, template=tok,
+            cfg=H.TOK_LOSS, optim=H.OPT, ema_decay=H.EMA, **kw),
+        "finetune": lambda gen, **kw: agent_finetune_step(
+            new_train_state(H.agent_params()), agent_batch, gen, model=agent_dyn, heads=heads, opt=H.OPT, **kw),
+        "imagination": lambda gen, **kw: imagination_step(
+            new_imagination_state(H.agent_params().float()), context, gen, model=agent_dyn, heads=heads, opt=H.OPT,
+            cfg=H.IMAGINE, **kw),
+    }
+
+    def spy(scale: float, calls: list):
+        def grad_fn(loss_fn, has_aux=False):
+            calls.append(has_aux)
+            inner = grad_and_value(loss_fn, has_aux=has_aux)
+
+            def wrapped(params, *args, **kwargs):
+                grads, out = inner(params, *args, **kwargs)
+                return (grads * scale if scale != 1.0 else grads), out
+
+            return wrapped
+
+        return grad_fn
+
+    for name, step in steps.items():
+        default_state, default_metrics = step(torch.Generator().manual_seed(3))
+        calls: list = []
+        state, metrics = step(torch.Generator().manual_seed(3), grad_fn=spy(1.0, calls))
+        assert calls == [True], name
+        assert set(metrics) == set(default_metrics), name
+        for key, value in _leaves(default_state).items():
+            assert torch.equal(_leaves(state)[key], value), (name, key)
+        for metric, value in default_metrics.items():
+            assert torch.equal(metrics[metric], value), (name, metric)
+        # AdamW is invariant to a constant gradient scale only up to eps; 1e-6 puts the update in eps's regime.
+        scaled, _ = step(torch.Generator().manual_seed(3), grad_fn=spy(1e-6, []))
+        reference = _leaves(default_state["params"])
+        assert any(not torch.equal(value, reference[key]) for key, value in _leaves(scaled["params"]).items()), name

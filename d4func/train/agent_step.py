@@ -29,7 +29,9 @@ training frames act as augmentation for the heads (their targets are the same cl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -180,11 +182,16 @@ def agent_finetune_step(
     opt: AdamWConfig,
     cfg: FinetuneConfig = FinetuneConfig(),  # noqa: B008 (frozen dataclass: immutable default)
     ema_decay: float | None = None,
+    grad_fn: Callable[..., Any] = grad_and_value,
 ) -> tuple[TensorDictBase, dict[str, Tensor]]:
     """One phase-2 update of `state` (params {"dynamics", "heads"}) on a batch with "latents", "actions",
-    "rewards" and optionally "is_last" and "tasks" (see the module docstring for their alignment)."""
+    "rewards" and optionally "is_last" and "tasks" (see the module docstring for their alignment).
+
+    `grad_fn(loss_fn, has_aux=True)(params, *args) -> (grads, (loss, metrics))`: `functional.grad_and_value`, or
+    `distributed.data_parallel_grad_and_value` for a data-parallel step on this rank's shard. The loss terms are
+    means over the shard's valid steps, so with padding the rank average weighs shards equally rather than steps."""
     get = batch.get
-    grads, (_, metrics) = grad_and_value(agent_finetune_loss, has_aux=True)(
+    grads, (_, metrics) = grad_fn(agent_finetune_loss, has_aux=True)(
         state["params"], batch["latents"], batch["actions"], batch["rewards"], get("is_last", None), generator,
         model=model, heads=heads, cfg=cfg, tasks=get("tasks", None),
     )
@@ -234,10 +241,12 @@ def imagination_step(
     heads: AgentHeads,
     opt: AdamWConfig,
     cfg: ImaginationConfig = ImaginationConfig(),  # noqa: B008 (frozen dataclass: immutable default)
+    grad_fn: Callable[..., Any] = grad_and_value,
 ) -> tuple[TensorDictBase, dict[str, Tensor]]:
     """One phase-3 update: imagine one rollout per replay context (batch "latents" `[B, T0, S, Dz]`, "actions" in
     TorchRL's convention, optional "tasks"), then a PMPO + value step on the policy and value heads only. The slow
-    value target is the EMA of the value params (decay `cfg.slow_decay`)."""
+    value target is the EMA of the value params (decay `cfg.slow_decay`). `grad_fn` as in `agent_finetune_step`:
+    under data parallelism each rank imagines from its own contexts with its own generator."""
     get = batch.get
     rollout = imagine(model, heads, imagination_params(state), batch["latents"], get("actions", None), generator,
                       horizon=cfg.horizon, steps=cfg.sampling_steps, tasks=get("tasks", None))
@@ -247,5 +256,5 @@ def imagination_step(
         return imagination_loss(trainable, rollout, heads=heads, prior_policy=frozen["prior_policy"],
                                 slow_value=state["ema", "value"], cfg=cfg)
 
-    grads, (_, metrics) = grad_and_value(loss_fn, has_aux=True)(state["params"])
+    grads, (_, metrics) = grad_fn(loss_fn, has_aux=True)(state["params"])
     return checked_update(state, grads, metrics, opt, cfg.slow_decay)

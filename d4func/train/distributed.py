@@ -2,9 +2,10 @@
 
 Each rank holds the whole train state (params, AdamW moments, EMA) and computes gradients on its shard of the
 batch; the gradient TensorDicts are averaged across ranks with `all_reduce`, so every rank applies the same update
-and the replicas stay bitwise identical (`check_in_sync` verifies it). With equal shards and a loss that is a mean
-over the batch, the averaged gradient is the full-batch gradient: one data-parallel step is the single-process step
-on the concatenated batch (tests/test_distributed.py checks this with 2 gloo processes).
+and the replicas stay bitwise identical (`check_in_sync` verifies it). With equal shards, a loss that is a mean
+over the batch and the same random draws per example, the averaged gradient is the full-batch gradient: one
+data-parallel step is the single-process step on the concatenated batch (tests/test_distributed.py checks this with
+2 gloo processes; "Train steps" below says what changes when each rank draws from its own generator).
 
 Why not DDP or FSDP2: both wrap a stateful `nn.Module` and hook the `.grad` accumulation of its parameters. Here a
 model is a weightless template, its parameters are a TensorDict passed in by `functional.apply`, gradients come
@@ -19,6 +20,33 @@ Collectives: the gradient leaves (hundreds of small tensors) are packed into fla
 (rendezvous, kernel launch; tens of microseconds on NCCL, more on gloo), so one call per leaf is latency-bound
 while one call per bucket is bandwidth-bound, at the price of one copy of the gradients into the buckets. gloo has
 no AVG reduction, so buckets are summed and divided by the world size on every backend (identical on all ranks).
+
+Train steps: every step function (`tokenizer_train_step`, `dynamics_train_step`, `agent_finetune_step`,
+`imagination_step`) takes a keyword-only `grad_fn`, by default `functional.grad_and_value`, with the contract
+
+    grad_fn(loss_fn, has_aux=True)(params, *args, **kwargs) -> (grads, (loss, metrics))
+
+Passing `grad_fn=data_parallel_grad_and_value` (or `functools.partial(data_parallel_grad_and_value,
+bucket_mb=...)`) makes any of them data-parallel: the gradients are averaged over ranks before the AdamW update,
+which is then identical on every rank, and the loss and the scalar metrics the step reports are rank means. Under
+`torchrun --nproc_per_node=N`, a loop does
+
+    info = init_distributed()
+    state = new_train_state(broadcast_tree(init(template_module, seed)))
+    generator = rank_generator(seed, info.rank)
+    for step in ...:
+        shard = <this rank's batch of size B / N, from its own replay stream>
+        state, metrics = dynamics_train_step(state, *shard, generator, model=..., opt=...,
+                                             grad_fn=data_parallel_grad_and_value)
+        if info.is_main: log(metrics)            # already the mean over ranks
+
+With equal shards and a loss that is a mean over the batch, the averaged gradient is the mean of the shards'
+gradients; it equals the full-batch gradient when each example's random draws (signal levels, noise, masks) are
+the same, but those are drawn from each rank's generator, so the draws differ from a one-process run on the whole
+batch (tests/test_distributed.py checks both the real steps against the mean of per-shard gradients and the full
+batch equivalence on a loss that takes its draws as inputs). Terms normalised per shard (the tokenizer's running
+RMS, the agent losses' means over valid steps, ratio metrics such as `flow_mse`) are averaged per rank, not per
+example.
 
 A step that finds a NaN must stop every rank: call `check_finite` on metrics *after* `reduce_metrics` (as
 `data_parallel_grad_and_value` returns them), so all ranks see the same values and raise together instead of the
@@ -227,10 +255,14 @@ def reduce_metrics(metrics: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def data_parallel_grad_and_value(
     loss_fn: Callable[..., Any], has_aux: bool = False, bucket_mb: float = DEFAULT_BUCKET_MB
 ) -> Callable[..., tuple[TensorDictBase, Any]]:
-    """`grad_and_value` whose gradients are averaged over ranks, and whose loss (and scalar tensor metrics, when
-    aux is a dict) are averaged too: each rank passes its own shard and gets the full-batch results back.
+    """`grad_and_value` whose gradients are averaged over ranks, and whose loss (and the scalar tensor metrics of
+    aux, when aux is a dict) are averaged too: each rank passes its own shard and gets the rank means back.
 
-    Single process: exactly `grad_and_value(loss_fn, has_aux)`.
+    Same contract as `functional.grad_and_value`, so it is the `grad_fn` of every train step (module docstring).
+    Entries of a dict aux that are not scalar tensors (e.g. the tokenizer's running `loss_rms` TensorDict) come
+    back as this rank computed them; any other aux is returned unreduced. Single process: exactly
+    `grad_and_value(loss_fn, has_aux)`. `functools.partial(data_parallel_grad_and_value, bucket_mb=...)` sets the
+    bucket size.
     """
     inner = grad_and_value(loss_fn, has_aux=has_aux)
 
@@ -242,12 +274,13 @@ def data_parallel_grad_and_value(
         if not has_aux:
             return grads, reduce_metrics({"loss": out})["loss"]
         value, aux = out
-        if isinstance(aux, Mapping) and all(isinstance(v, Tensor) and v.ndim == 0 for v in aux.values()):
-            reduced = reduce_metrics({"__loss__": value, **aux})
-            value = reduced.pop("__loss__")
-            aux = reduced
-        else:
-            value = reduce_metrics({"loss": value})["loss"]
+        scalars = {}
+        if isinstance(aux, dict):
+            scalars = {name: v for name, v in aux.items() if isinstance(v, Tensor) and v.ndim == 0}
+        reduced = reduce_metrics({"__loss__": value, **{f"aux.{name}": v for name, v in scalars.items()}})
+        value = reduced["__loss__"]
+        if scalars:
+            aux = {name: reduced[f"aux.{name}"] if name in scalars else v for name, v in aux.items()}
         return grads, (value, aux)
 
     return wrapped

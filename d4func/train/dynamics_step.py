@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from tensordict import TensorDictBase
 from torch import Tensor
@@ -56,8 +59,15 @@ def dynamics_train_step(
     opt: AdamWConfig,
     ema_decay: float | None = None,
     action_mask: Tensor | None = None,
+    grad_fn: Callable[..., Any] = grad_and_value,
 ) -> tuple[TensorDictBase, dict[str, Tensor]]:
-    grads, (_, metrics) = grad_and_value(dynamics_loss, has_aux=True)(
+    """One AdamW update of `state` on the shortcut-forcing loss of `latents` `[B, T, S, Dz]` and their actions.
+
+    `grad_fn(loss_fn, has_aux=True)(params, *args) -> (grads, (loss, metrics))` computes the gradients:
+    `functional.grad_and_value` in one process, `distributed.data_parallel_grad_and_value` to average gradients and
+    metrics over ranks, each rank passing its shard of the batch and its own generator.
+    """
+    grads, (_, metrics) = grad_fn(dynamics_loss, has_aux=True)(
         state["params"], latents, actions, generator, model=model, action_mask=action_mask
     )
     return checked_update(state, grads, metrics, opt, ema_decay)
