@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,7 +24,8 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_run_config(args.config, args.overrides)
     summary = train(cfg, progress=not args.quiet)
-    print(json.dumps(summary, indent=2, default=str))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary (rank 0's) rather than one per rank
+        print(json.dumps(summary, indent=2, default=str))
     return 0
 
 

@@ -5,6 +5,7 @@ and keep the replicas bitwise identical."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from d4func.train.state import new_train_state
 torch.set_num_threads(1)
 
 HELPERS = Path(__file__).parent / "helpers"
+REPO = HELPERS.parents[1]
 
 
 def test_rank_seeds_are_deterministic_and_distinct() -> None:
@@ -237,3 +239,51 @@ def test_steps_route_gradients_through_grad_fn() -> None:
         scaled, _ = step(torch.Generator().manual_seed(3), grad_fn=spy(1e-6, []))
         reference = _leaves(default_state["params"])
         assert any(not torch.equal(value, reference[key]) for key, value in _leaves(scaled["params"]).items()), name
+
+
+def test_d4func_train_offline_under_torchrun_writes_once_and_resumes(tmp_path):
+    """The command line under torchrun: 2 gloo ranks train offline on Reach data, rank 0 alone writes (one
+    metrics file, checkpoints holding both ranks' RNG states), the ranks end bitwise in sync (the loop checks),
+    a resume under torchrun continues, and a single-process resume of a 2-rank run is refused by name."""
+    from d4func.cli import main
+    from d4func.train import checkpoint
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert main(["collect", "--env", "reach", "--out", str(data), "--steps", "120", "--image-size", "16",
+                 "--action-repeat", "1"]) == 0
+    args = ["--config", "experiments/configs/reach.yaml", "--quiet", f"run_dir={run}", f"loop.offline_data={data}",
+            "loop.agent_start=2", "loop.checkpoint_every=2", "loop.log_every=1", "loop.eval_every=1000",
+            "env.eval_episodes=0", "loop.gif_every=1000"]
+
+    def torchrun(steps: int) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "d4func.cli",
+             "train", *args, f"loop.offline_steps={steps}"],
+            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+
+    first = torchrun(4)
+    assert first.returncode == 0, _failure_report(first)
+    assert first.stdout.count('"grad_steps"') == 1  # one summary printed, rank 0's
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]  # logged once per step, not once per rank
+    latest = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(run))
+    assert latest.step == 4 and len(latest.rng) == 2
+    train_rng = [latest.rng[rank]["generators"]["train"]["state"] for rank in (0, 1)]
+    assert not torch.equal(*train_rng)  # each rank draws its own noise
+
+    second = torchrun(6)
+    assert second.returncode == 0, _failure_report(second)
+    assert json.loads((run / "summary.json").read_text())["grad_steps"] == 6
+
+    single = subprocess.run([sys.executable, "-m", "d4func.cli", "train", *args, "loop.offline_steps=8"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 2 and "RNG states of 2 ranks" in single.stderr
+
+
+def test_online_training_under_torchrun_is_refused_by_name(monkeypatch):
+    from d4func.train.loop import train
+    from d4func.train.run_config import load_run_config
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"loop.mode='online' under torchrun \(WORLD_SIZE=2\).*offline"):
+        train(load_run_config("experiments/configs/debug.yaml"), progress=False)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -38,11 +39,12 @@ from tqdm import tqdm
 
 from d4func.dynamics import Dynamics
 from d4func.envs.resumable import get_env_state, set_env_state, supports_resume_state
-from d4func.functional import count_params, init, template
+from d4func.functional import count_params, grad_and_value, init, template
 from d4func.heads import AgentHeads
 from d4func.tokenizer import Tokenizer, encode
 from d4func.tokenizer_loss import new_tokenizer_train_state, tokenizer_train_step
 from d4func.train import checkpoint
+from d4func.train import distributed as dp
 from d4func.train.acting import WorldModelPolicy, agent_params_from_states
 from d4func.train.agent_step import (
     agent_finetune_step,
@@ -128,14 +130,18 @@ def gradient_step(
     grad_step: int,
     agent_active: bool,
     lpips_fn=None,
+    grad_fn=grad_and_value,
 ) -> tuple[dict[str, TensorDictBase], dict[str, float]]:
-    """One update of every phase (see the module docstring); returns new states and scalar metrics."""
+    """One update of every phase (see the module docstring); returns new states and scalar metrics.
+
+    `grad_fn`: `grad_and_value`, or `distributed.data_parallel_grad_and_value` under torchrun (every phase's
+    gradients and metrics are then averaged over the ranks)."""
     metrics: dict[str, float] = {}
     states = dict(states)
     if grad_step % cfg.loop.tokenizer_every == 0:
         states["tokenizer"], tok = in_phase("tokenizer", tokenizer_train_step)(
             states["tokenizer"], batch["frames"], generator, template=models.tokenizer, cfg=cfg.tokenizer_loss,
-            optim=cfg.optim.tokenizer, lpips_fn=lpips_fn,
+            optim=cfg.optim.tokenizer, lpips_fn=lpips_fn, grad_fn=grad_fn,
         )
         metrics.update({f"tokenizer/{k}": float(v) for k, v in tok.items()})
     with torch.no_grad():
@@ -144,7 +150,7 @@ def gradient_step(
                 "is_last": batch["is_last"]}
     states["world_model"], wm = in_phase("world_model", agent_finetune_step)(
         states["world_model"], wm_batch, generator, model=models.dynamics, heads=models.heads,
-        opt=cfg.optim.world_model, cfg=cfg.finetune, ema_decay=cfg.optim.ema_decay,
+        opt=cfg.optim.world_model, cfg=cfg.finetune, ema_decay=cfg.optim.ema_decay, grad_fn=grad_fn,
     )
     metrics.update({f"world_model/{k}": float(v) for k, v in wm.items()})
     if agent_active:
@@ -154,7 +160,8 @@ def gradient_step(
         context = cfg.replay.context_len
         im_batch = {"latents": latents[:, :context], "actions": batch["actions"][:, :context]}
         states["agent"], im = in_phase("agent", imagination_step)(agent, im_batch, generator, model=models.dynamics,
-                                               heads=models.heads, opt=cfg.optim.agent, cfg=cfg.imagination)
+                                               heads=models.heads, opt=cfg.optim.agent, cfg=cfg.imagination,
+                                                                        grad_fn=grad_fn)
         metrics.update({f"agent/{k}": float(v) for k, v in im.items()})
     return states, metrics
 
@@ -162,8 +169,12 @@ def gradient_step(
 class RunLogger:
     """Scalars through a TorchRL logger (CSV or TensorBoard) plus a JSON-lines copy for plots."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: Path, enabled: bool = True) -> None:
         from torchrl.record.loggers import CSVLogger, TensorboardLogger
+
+        self.enabled = enabled  # data-parallel runs: rank 0 only
+        if not enabled:
+            return
 
         if cfg.loop.logger == "tensorboard":
             self.logger = TensorboardLogger(exp_name="logs", log_dir=str(run_dir))
@@ -172,6 +183,8 @@ class RunLogger:
         self.jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
         for name, value in metrics.items():
             if math.isfinite(value):
                 self.logger.log_scalar(name, value, step=step)
@@ -179,7 +192,8 @@ class RunLogger:
         self.jsonl.flush()
 
     def close(self) -> None:
-        self.jsonl.close()
+        if self.enabled:
+            self.jsonl.close()
 
 
 def run_episodes(env, policy: WorldModelPolicy, episodes: int, max_steps: int = 10_000) -> dict[str, Any]:
@@ -286,8 +300,12 @@ def plot_returns(run_dir: Path) -> Path | None:
 class Trainer:
     """Holds the edges of one run (envs, replay, logger, checkpoints) around the pure train states."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, dist_info: dp.DistInfo | None = None) -> None:
         self.cfg = cfg
+        # Data parallel (torchrun): every rank trains on its own batches, gradients are averaged, rank 0 alone
+        # writes config, logs, GIFs, evaluations and checkpoints (holding every rank's RNG states).
+        self.dist = dist_info
+        self.is_main = dist_info is None or dist_info.is_main
         self.lpips_fn = make_lpips_fn(cfg)  # before anything is written: missing weights stop the run at once
         if cfg.loop.threads:
             torch.set_num_threads(cfg.loop.threads)
@@ -300,13 +318,16 @@ class Trainer:
             if changed:
                 warnings.warn(f"resuming {self.run_dir} with a changed config (so it will not equal an "
                               f"uninterrupted run): {'; '.join(changed)}", stacklevel=2)
-        config_file.write_text(json.dumps(checkpoint.config_to_dict(cfg), indent=2))
+        if self.is_main:
+            config_file.write_text(json.dumps(checkpoint.config_to_dict(cfg), indent=2))
         torch.manual_seed(cfg.seed)
-        self.device = resolve_device(cfg.device)
+        self.device = dist_info.device if dist_info is not None else resolve_device(cfg.device)
         self.models = build_models(cfg)
         self.states = {name: state.to(self.device) for name, state in init_states(cfg, self.models).items()}
-        # Noise for the train steps is drawn where the batch lives (a CUDA generator for CUDA tensors).
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 3)
+        # Noise for the train steps is drawn where the batch lives (a CUDA generator for CUDA tensors); each
+        # data-parallel rank draws its own stream.
+        self.generator = torch.Generator(device=self.device).manual_seed(self.rank_seed(cfg.seed + 3, "train"))
+        self.grad_fn = dp.data_parallel_grad_and_value if dist_info is not None else grad_and_value
         # bf16 autocast, fused-attention-only SDPA and torch.compile, each behind a `precision` flag; with all
         # flags off this is `gradient_step` itself.
         load_compiler_before_rendering(cfg.precision)  # the envs are built after this
@@ -314,10 +335,19 @@ class Trainer:
         # next_traj_id: episode ids in the replay must never repeat; a resumed run's collector counts from 0 again,
         # so its ids are shifted past every id already stored.
         self.counters = {"env_steps": 0, "grad_steps": 0, "episodes": 0, "next_traj_id": 0, "train_credit": 0.0}
-        self.logger = RunLogger(cfg, self.run_dir)
+        self.logger = RunLogger(cfg, self.run_dir, enabled=self.is_main)
         self.replay = None
         self.extra_generators: dict[str, torch.Generator] = {}  # e.g. the acting policy's (online)
         self.online_state = None  # online: a callable giving the collector's runtime state for checkpoints
+
+    def rank_seed(self, seed: int, stream: str) -> int:
+        """`seed` in a single process; a per-rank seed of `stream` under data parallelism."""
+        return seed if self.dist is None else dp.rank_seed(seed, self.dist.rank, stream)
+
+    def sync_states(self) -> None:
+        """Data parallel: every rank takes rank 0's states (after init or resume), then all stay equal."""
+        if self.dist is not None:
+            self.states = {name: dp.broadcast_tree(state) for name, state in self.states.items()}
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def generators(self) -> dict[str, torch.Generator]:
@@ -334,8 +364,16 @@ class Trainer:
         if self.online_state is not None:
             payload["online"] = self.online_state()
         step = self.counters["env_steps"] if self.cfg.loop.mode == "online" else self.counters["grad_steps"]
-        return checkpoint.save_checkpoint(self.run_dir, step, payload, keep_last=self.cfg.loop.keep_checkpoints,
-                                          generators=self.generators())
+        if self.dist is None:
+            return checkpoint.save_checkpoint(self.run_dir, step, payload, keep_last=self.cfg.loop.keep_checkpoints,
+                                              generators=self.generators())
+        rng = dp.gather_rng_states(self.generators())  # a collective: every rank's RNGs, on rank 0
+        path = self.run_dir / checkpoint.checkpoint_name(step)
+        if self.is_main:
+            path = checkpoint.save_checkpoint(self.run_dir, step, payload, keep_last=self.cfg.loop.keep_checkpoints,
+                                              rng=rng)
+        torch.distributed.barrier()  # no rank reads or moves on before the file is there
+        return path
 
     def try_resume(self) -> dict[str, Any] | None:
         """Restore the newest checkpoint (states, counters, RNGs, replay position); returns its payload."""
@@ -357,7 +395,8 @@ class Trainer:
             rng_before = {name: gen.get_state() for name, gen in self.generators().items()}
             try:
                 self.states, metrics = self.step_fn(self.cfg, self.models, self.states, batch, self.generator,
-                                                     self.counters["grad_steps"], agent_active, self.lpips_fn)
+                                                     self.counters["grad_steps"], agent_active, self.lpips_fn,
+                                                     self.grad_fn)
             except NonFiniteLossError as error:
                 # Rewind the RNGs too, so that resuming from this checkpoint replays the failing step exactly.
                 for name, gen in self.generators().items():
@@ -410,7 +449,8 @@ class Trainer:
             "params": {name: count_params(state["params"]) for name, state in self.states.items()},
             **extra,
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(out, indent=2, default=float))
+        if self.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(out, indent=2, default=float))
         return out
 
 
@@ -549,20 +589,22 @@ def restore_collector_state(collector, state: dict[str, Any]) -> None:
     collector._carrier.update(state["carrier"])
 
 
-def train_offline(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
+def train_offline(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo | None = None) -> dict[str, Any]:
     from d4func.data.offline import load_offline, read_metadata
 
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, dist_info)
     started = time.perf_counter()
     metadata = read_metadata(cfg.loop.offline_data)
     check_dataset_fits(cfg, metadata, str(cfg.loop.offline_data))
     trainer.replay = load_offline(cfg.loop.offline_data, cfg.replay.seq_len, cfg.replay.batch_size,
-                                  seed=cfg.seed + 4)
+                                  seed=trainer.rank_seed(cfg.seed + 4, "replay"))
     trainer.try_resume()
+    trainer.sync_states()
     counters = trainer.counters
+    progress = progress and trainer.is_main
     eval_env = None
     env_name = (metadata.get("env_config") or {}).get("name")
-    if env_name and cfg.env.eval_episodes:
+    if env_name and cfg.env.eval_episodes and trainer.is_main:
         from d4func.envs.registry import make_env
 
         eval_env = make_env(env_name, seed=eval_env_seed(cfg.seed), image_size=cfg.env.image_size,
@@ -581,7 +623,7 @@ def train_offline(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
                 eval_result = trainer.evaluate(eval_env, step)
                 last_eval_step = step
                 bar.set_postfix({"eval_return": f"{eval_result['mean_return']:.1f}"})
-            if step % cfg.loop.gif_every == 0:
+            if step % cfg.loop.gif_every == 0 and trainer.is_main:
                 trainer.gif(step)
                 last_gif_step = step
             if step % cfg.loop.checkpoint_every == 0:
@@ -591,16 +633,38 @@ def train_offline(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     finally:
         trainer.save()
         bar.close()
+    if dist_info is not None:
+        for name, state in trainer.states.items():
+            dp.check_in_sync(state["params"], f"{name} params")
     if eval_env is not None and last_eval_step != counters["grad_steps"]:
         eval_result = trainer.evaluate(eval_env, counters["grad_steps"])
-    if last_gif_step != counters["grad_steps"]:
+    if last_gif_step != counters["grad_steps"] and trainer.is_main:
         trainer.gif(counters["grad_steps"])
     trainer.logger.close()
     return trainer.summary(started, {"eval": eval_result, "dataset": str(cfg.loop.offline_data)})
 
 
+def launched_by_torchrun() -> bool:
+    """True in a process that torchrun started as one of several ranks (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
-    """Run the loop the config asks for; resumes from `run_dir`'s newest checkpoint when there is one."""
-    if cfg.loop.mode == "offline":
-        return train_offline(cfg, progress)
-    return train_online(cfg, progress)
+    """Run the loop the config asks for; resumes from `run_dir`'s newest checkpoint when there is one.
+
+    Under `torchrun --nproc_per_node=N` (offline mode), the N processes train data-parallel: gloo on CPU, NCCL with
+    one GPU per process when `device` is "cuda". Each rank samples its own `replay.batch_size` rows, so the
+    effective batch is N times larger."""
+    if not launched_by_torchrun():
+        return train_offline(cfg, progress) if cfg.loop.mode == "offline" else train_online(cfg, progress)
+    if cfg.loop.mode != "offline":
+        raise ValueError(
+            f"loop.mode={cfg.loop.mode!r} under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}): data-parallel "
+            "training runs offline only for now (each online rank would need its own envs and replay); record a "
+            "dataset with `d4func collect` and use loop.mode=offline, or run online in one process"
+        )
+    info = dp.init_distributed(device=resolve_device(cfg.device).type)
+    try:
+        return train_offline(cfg, progress, info)
+    finally:
+        dp.shutdown_distributed()
