@@ -304,3 +304,21 @@ def test_a_dataset_that_does_not_fit_the_models_is_named(tmp_path, cartpole_data
     with pytest.raises(ValueError, match=rf"dataset {cartpole_data} holds continuous actions.*n_actions=17"):
         train(load_run_config(DEBUG, [*common, "dynamics.action_dim=0", "dynamics.n_actions=17",
                                       "heads.action_dim=0", "heads.n_actions=17"]), progress=False)
+
+
+def test_online_loop_with_two_cameras(tmp_path):
+    # The shipped multi-camera config, at 32 px: both cameras' frames go through the replay, the tokenizer (one
+    # stream per camera) and the acting policy; the GIF and an evaluation come out as on one camera.
+    cfg = load_run_config("experiments/configs/dmc_multicam.yaml", [
+        f"run_dir={tmp_path}", "env.image_size=32", "tokenizer.height=32", "tokenizer.width=32",
+        "loop.env_steps=100", "loop.prefill_steps=50", "loop.collect_steps=50", "loop.train_ratio=0.06",
+        "loop.agent_start=50", "loop.eval_every=100", "loop.gif_every=100", "loop.checkpoint_every=100",
+        "env.eval_max_steps=8", "loop.threads=1"])
+    summary = train(cfg, progress=False)
+    assert summary["env_steps"] == 100 and summary["grad_steps"] == 6 and "agent" in summary["params"]
+    assert len(summary["eval"]["returns"]) == 1
+    assert list((tmp_path / "gifs").glob("*.gif"))
+    from d4func.data.replay import make_replay
+
+    replay = make_replay(cfg.replay.capacity, cfg.replay.seq_len, cfg.replay.batch_size, path=tmp_path / "replay")
+    assert tuple(replay.storage[:1]["pixels"].shape) == (1, 2, 3, 32, 32)  # both cameras stored
