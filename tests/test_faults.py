@@ -3,6 +3,7 @@ raises with a message naming the bad value."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -291,3 +292,53 @@ def test_missing_dataset_path_is_named(tmp_path_factory, name) -> None:
     with pytest.raises(FileNotFoundError) as info:
         load_offline(path, seq_len=4, batch_size=2)
     assert str(path) in str(info.value)
+
+
+def test_sigkilled_online_loop_resumes_from_its_last_checkpoint_exactly(tmp_path):
+    """`d4func train` itself (online on Reach: memmapped replay, TorchRL collector) killed with SIGKILL mid-run: its
+    checkpoints all load, and resuming from the newest one ends bitwise where an uninterrupted run ends, although
+    the killed process had written replay rows and log lines past that checkpoint."""
+    from d4func.train.loop import train
+    from d4func.train.run_config import load_run_config
+
+    reach = "experiments/configs/reach.yaml"
+    common = ["loop.mode=online", "loop.offline_data=null", "loop.prefill_steps=10", "loop.collect_steps=5",
+              "loop.train_ratio=0.4", "loop.agent_start=20", "loop.eval_every=100000", "loop.gif_every=100000",
+              "loop.checkpoint_every=10", "loop.keep_checkpoints=10", "loop.log_every=1", "env.eval_episodes=0",
+              "replay.batch_size=2"]
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "d4func.cli", "train", "--config", reach, "--quiet",
+                             f"run_dir={killed}", *common, "loop.env_steps=100000"],
+                            cwd=TESTS.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    def past_newest_checkpoint() -> bool:
+        """Three checkpoints, and training logged beyond the newest: the kill then throws real work away."""
+        found = C.list_checkpoints(killed)
+        if len(found) < 3 or not (killed / "metrics.jsonl").exists():
+            return False
+        newest = int(found[-1].stem.split("-")[1])
+        lines = (killed / "metrics.jsonl").read_text().splitlines()
+        return any(json.loads(line)["step"] > newest for line in lines if line.endswith("}"))
+
+    while not past_newest_checkpoint() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    checkpoints = C.list_checkpoints(killed)
+    assert len(checkpoints) >= 3
+    for path in checkpoints:
+        C.load_checkpoint(path)  # every checkpoint whole: the atomic write never leaves a torn file
+    last = C.load_checkpoint(checkpoints[-1])
+    target = last.step + 10
+
+    train(load_run_config(reach, [f"run_dir={killed}", *common, f"loop.env_steps={target}"]), progress=False)
+    whole = tmp_path / "whole"
+    train(load_run_config(reach, [f"run_dir={whole}", *common, f"loop.env_steps={target}"]), progress=False)
+    resumed = C.load_checkpoint(C.latest_checkpoint(killed)).payload
+    uninterrupted = C.load_checkpoint(C.latest_checkpoint(whole)).payload
+    assert resumed["counters"] == uninterrupted["counters"] and resumed["counters"]["env_steps"] == target
+    for name, state in uninterrupted["states"].items():
+        for key, leaf in state.items(include_nested=True, leaves_only=True):
+            assert torch.equal(leaf, resumed["states"][name].get(key)), (name, key)
