@@ -280,10 +280,42 @@ def test_d4func_train_offline_under_torchrun_writes_once_and_resumes(tmp_path):
     assert single.returncode == 2 and "RNG states of 2 ranks" in single.stderr
 
 
-def test_online_training_under_torchrun_is_refused_by_name(monkeypatch):
-    from d4func.train.loop import train
-    from d4func.train.run_config import load_run_config
+def test_online_training_under_torchrun_resumes_exactly(tmp_path):
+    """`d4func train` online under torchrun (2 gloo ranks on Reach): each rank collects from its own env into its
+    own replay, checkpoints hold every rank's own part, and 30 steps + resume to 40 equal 40 straight (bitwise,
+    states and every rank's counters, replay position and collector state)."""
+    from d4func.train import checkpoint
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match=r"loop.mode='online' under torchrun \(WORLD_SIZE=2\).*offline"):
-        train(load_run_config("experiments/configs/debug.yaml"), progress=False)
+    common = ["--config", "experiments/configs/reach.yaml", "--quiet", "loop.mode=online", "loop.offline_data=null",
+              "loop.prefill_steps=10", "loop.collect_steps=5", "loop.train_ratio=0.4", "loop.agent_start=20",
+              "loop.eval_every=1000", "loop.gif_every=1000", "loop.checkpoint_every=1000", "loop.log_every=1",
+              "env.eval_episodes=1", "env.eval_max_steps=5", "replay.batch_size=2", "loop.eval_bc=false"]
+
+    def torchrun(run_dir, steps: int) -> None:
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "d4func.cli",
+             "train", *common, f"run_dir={run_dir}", f"loop.env_steps={steps}"],
+            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, _failure_report(result)
+
+    torchrun(tmp_path / "whole", 40)
+    torchrun(tmp_path / "split", 30)
+    torchrun(tmp_path / "split", 40)
+    assert (tmp_path / "whole" / "replay").is_dir() and (tmp_path / "whole" / "replay-rank1").is_dir()
+    whole = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(tmp_path / "whole")).payload
+    split = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(tmp_path / "split")).payload
+    assert len(whole["ranks"]) == 2 and whole["counters"]["env_steps"] == 40 and whole["counters"]["grad_steps"] == 14
+    # the ranks played different episodes: their collectors' current observations differ
+    first, second = (part["online"]["carrier"]["pixels"] for part in whole["ranks"])
+    assert not torch.equal(first, second)
+    assert _leaves_equal(whole["states"], split["states"])
+    for mine, theirs in zip(whole["ranks"], split["ranks"], strict=True):
+        assert mine["counters"] == theirs["counters"]
+        assert mine["replay"]["rng"] is not None and torch.equal(mine["replay"]["rng"], theirs["replay"]["rng"])
+        assert torch.equal(mine["online"]["carrier"]["pixels"], theirs["online"]["carrier"]["pixels"])
+
+
+def _leaves_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(leaf, b[name].get(key))
+        for name, state in a.items() for key, leaf in state.items(include_nested=True, leaves_only=True))

@@ -339,10 +339,24 @@ class Trainer:
         self.replay = None
         self.extra_generators: dict[str, torch.Generator] = {}  # e.g. the acting policy's (online)
         self.online_state = None  # online: a callable giving the collector's runtime state for checkpoints
+        self.can_save_at_exit = True
 
     def rank_seed(self, seed: int, stream: str) -> int:
         """`seed` in a single process; a per-rank seed of `stream` under data parallelism."""
         return seed if self.dist is None else dp.rank_seed(seed, self.dist.rank, stream)
+
+    def note_failure(self, error: Exception) -> None:
+        """An error on this rank alone (not a NaN stop, which every rank raises together from reduced metrics):
+        the exit save is a collective the other ranks would never join, so skip it and let the process end,
+        which makes torchrun stop the others. A single process still saves."""
+        if self.dist is not None and not isinstance(error, NonFiniteLossError):
+            self.can_save_at_exit = False
+
+    def check_ranks_in_sync(self) -> None:
+        """Data parallel: every rank's params must be bitwise equal at the end (each applied the same updates)."""
+        if self.dist is not None:
+            for name, state in self.states.items():
+                dp.check_in_sync(state["params"], f"{name} params")
 
     def sync_states(self) -> None:
         """Data parallel: every rank takes rank 0's states (after init or resume), then all stay equal."""
@@ -353,38 +367,52 @@ class Trainer:
     def generators(self) -> dict[str, torch.Generator]:
         return {"train": self.generator, **self.extra_generators}
 
+    def own_part(self) -> dict[str, Any]:
+        """What differs between data-parallel ranks: counters (episodes, trajectory ids), the replay position and
+        the online collector's state."""
+        part: dict[str, Any] = {"counters": dict(self.counters)}
+        if self.replay is not None:  # online: length and cursor; both: the sampler's RNG (exact resume)
+            part["replay"] = checkpoint.replay_position(self.replay)
+        if self.online_state is not None:
+            part["online"] = self.online_state()
+        return part
+
     def save(self, states: dict[str, TensorDictBase] | None = None) -> Path:
+        part = self.own_part()
         payload = {
             "states": dict(states if states is not None else self.states),
-            "counters": dict(self.counters),
             "config": checkpoint.config_to_dict(self.cfg),
+            **part,
         }
-        if self.replay is not None:  # online: length and cursor; both: the sampler's RNG (exact resume)
-            payload["replay"] = checkpoint.replay_position(self.replay)
-        if self.online_state is not None:
-            payload["online"] = self.online_state()
         step = self.counters["env_steps"] if self.cfg.loop.mode == "online" else self.counters["grad_steps"]
         if self.dist is None:
             return checkpoint.save_checkpoint(self.run_dir, step, payload, keep_last=self.cfg.loop.keep_checkpoints,
                                               generators=self.generators())
-        rng = dp.gather_rng_states(self.generators())  # a collective: every rank's RNGs, on rank 0
+        # Collectives, on every rank: each rank's RNGs and own part, gathered on rank 0, which writes.
+        rng = dp.gather_rng_states(self.generators())
+        parts: list[Any] | None = [None] * self.dist.world_size if self.is_main else None
+        torch.distributed.gather_object(part, parts, dst=0)
         path = self.run_dir / checkpoint.checkpoint_name(step)
         if self.is_main:
-            path = checkpoint.save_checkpoint(self.run_dir, step, payload, keep_last=self.cfg.loop.keep_checkpoints,
-                                              rng=rng)
+            path = checkpoint.save_checkpoint(self.run_dir, step, {**payload, "ranks": parts},
+                                              keep_last=self.cfg.loop.keep_checkpoints, rng=rng)
         torch.distributed.barrier()  # no rank reads or moves on before the file is there
         return path
 
     def try_resume(self) -> dict[str, Any] | None:
-        """Restore the newest checkpoint (states, counters, RNGs, replay position); returns its payload."""
+        """Restore the newest checkpoint (states, and this rank's counters, RNGs and replay position); returns the
+        payload with this rank's own part."""
         found = checkpoint.restore(self.run_dir, self.generators())
         if found is None:
             return None
-        self.states = {name: state.to(self.device) for name, state in found.payload["states"].items()}
-        self.counters.update(found.payload["counters"])
-        if self.replay is not None and "replay" in found.payload:
-            checkpoint.restore_replay_position(self.replay, found.payload["replay"])
-        return found.payload
+        payload = dict(found.payload)
+        if "ranks" in payload:
+            payload.update(payload.pop("ranks")[self.dist.rank if self.dist is not None else 0])
+        self.states = {name: state.to(self.device) for name, state in payload["states"].items()}
+        self.counters.update(payload["counters"])
+        if self.replay is not None and "replay" in payload:
+            checkpoint.restore_replay_position(self.replay, payload["replay"])
+        return payload
 
     # ---- training ----------------------------------------------------------------------------------------------
     def train_steps(self, n: int, agent_active: bool) -> dict[str, float]:
@@ -454,27 +482,34 @@ class Trainer:
         return out
 
 
-def train_online(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
+def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo | None = None) -> dict[str, Any]:
     from torchrl.collectors import Collector
 
     from d4func.data.replay import make_replay, save_replay
     from d4func.envs.registry import make_env
 
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, dist_info)
     started = time.perf_counter()
-    env = make_env(cfg.env.name, seed=cfg.seed, image_size=cfg.env.image_size, action_repeat=cfg.env.action_repeat,
-                   max_episode_steps=cfg.env.max_episode_steps)
-    eval_env = make_env(cfg.env.name, seed=eval_env_seed(cfg.seed), image_size=cfg.env.image_size,
-                        action_repeat=cfg.env.action_repeat, max_episode_steps=cfg.env.max_episode_steps)
+    # Data parallel: every rank collects from its own env into its own replay; rank 0 alone evaluates.
+    env = make_env(cfg.env.name, seed=trainer.rank_seed(cfg.seed, "env"), image_size=cfg.env.image_size,
+                   action_repeat=cfg.env.action_repeat, max_episode_steps=cfg.env.max_episode_steps)
+    eval_env = None
+    if trainer.is_main:
+        eval_env = make_env(cfg.env.name, seed=eval_env_seed(cfg.seed), image_size=cfg.env.image_size,
+                            action_repeat=cfg.env.action_repeat, max_episode_steps=cfg.env.max_episode_steps)
     check_env_fits(cfg, env, cfg.env.name)
-    replay_dir = trainer.run_dir / "replay"
+    rank = 0 if dist_info is None else dist_info.rank
+    replay_dir = trainer.run_dir / ("replay" if rank == 0 else f"replay-rank{rank}")
     resuming = checkpoint.latest_checkpoint(trainer.run_dir) is not None and (replay_dir / "storage").exists()
     trainer.replay = make_replay(cfg.replay.capacity, cfg.replay.seq_len, cfg.replay.batch_size, path=replay_dir,
-                                 seed=cfg.seed + 4)
+                                 seed=trainer.rank_seed(cfg.seed + 4, "replay"))
     policy = WorldModelPolicy(trainer.models.tokenizer, trainer.models.dynamics, trainer.models.heads,
-                              env.action_spec, context=cfg.replay.seq_len, seed=cfg.seed + 5)
+                              env.action_spec, context=cfg.replay.seq_len,
+                              seed=trainer.rank_seed(cfg.seed + 5, "acting"))
     trainer.extra_generators["acting"] = policy.generator
     payload = trainer.try_resume() if resuming else None
+    trainer.sync_states()
+    progress = progress and trainer.is_main
     counters = trainer.counters
     policy.random_until = max(0, cfg.loop.prefill_steps - counters["env_steps"])
     policy.update_params(*acting_params(trainer.states))
@@ -546,11 +581,13 @@ def train_online(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
                              "grad": counters["grad_steps"]})
             tick = now
             if counters["env_steps"] >= next_eval and counters["grad_steps"]:
-                eval_result = trainer.evaluate(eval_env, counters["env_steps"])
+                if eval_env is not None:
+                    eval_result = trainer.evaluate(eval_env, counters["env_steps"])
                 last_eval_step = counters["env_steps"]
                 next_eval += cfg.loop.eval_every
             if counters["env_steps"] >= next_gif and counters["grad_steps"]:
-                trainer.gif(counters["env_steps"])
+                if trainer.is_main:
+                    trainer.gif(counters["env_steps"])
                 last_gif_step = counters["env_steps"]
                 next_gif += cfg.loop.gif_every
             if counters["env_steps"] >= next_ckpt:
@@ -559,16 +596,21 @@ def train_online(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
             del metrics
     except KeyboardInterrupt:
         bar.write("interrupted: saving a checkpoint")
+    except Exception as error:
+        trainer.note_failure(error)
+        raise
     finally:
-        trainer.save()
+        if trainer.can_save_at_exit:
+            trainer.save()
         collector.shutdown()
         bar.close()
-    if counters["grad_steps"] and last_eval_step != counters["env_steps"]:
+    trainer.check_ranks_in_sync()
+    if eval_env is not None and counters["grad_steps"] and last_eval_step != counters["env_steps"]:
         eval_result = trainer.evaluate(eval_env, counters["env_steps"])
-    if counters["grad_steps"] and last_gif_step != counters["env_steps"]:
+    if trainer.is_main and counters["grad_steps"] and last_gif_step != counters["env_steps"]:
         trainer.gif(counters["env_steps"])
     trainer.logger.close()
-    plot = plot_returns(trainer.run_dir)
+    plot = plot_returns(trainer.run_dir) if trainer.is_main else None
     return trainer.summary(started, {"eval": eval_result, "returns_plot": str(plot) if plot else None})
 
 
@@ -630,12 +672,14 @@ def train_offline(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo 
                 trainer.save()
     except KeyboardInterrupt:
         bar.write("interrupted: saving a checkpoint")
+    except Exception as error:
+        trainer.note_failure(error)
+        raise
     finally:
-        trainer.save()
+        if trainer.can_save_at_exit:
+            trainer.save()
         bar.close()
-    if dist_info is not None:
-        for name, state in trainer.states.items():
-            dp.check_in_sync(state["params"], f"{name} params")
+    trainer.check_ranks_in_sync()
     if eval_env is not None and last_eval_step != counters["grad_steps"]:
         eval_result = trainer.evaluate(eval_env, counters["grad_steps"])
     if last_gif_step != counters["grad_steps"] and trainer.is_main:
@@ -652,19 +696,15 @@ def launched_by_torchrun() -> bool:
 def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     """Run the loop the config asks for; resumes from `run_dir`'s newest checkpoint when there is one.
 
-    Under `torchrun --nproc_per_node=N` (offline mode), the N processes train data-parallel: gloo on CPU, NCCL with
-    one GPU per process when `device` is "cuda". Each rank samples its own `replay.batch_size` rows, so the
-    effective batch is N times larger."""
+    Under `torchrun --nproc_per_node=N` the N processes train data-parallel: gloo on CPU, NCCL with one GPU per
+    process when `device` is "cuda". Each rank samples its own `replay.batch_size` rows, so the effective batch is
+    N times larger. Online, each rank also collects from its own env (seeded per rank) into its own replay, so
+    `loop.env_steps` counts per rank and the run takes N times the env steps."""
+    run = train_offline if cfg.loop.mode == "offline" else train_online
     if not launched_by_torchrun():
-        return train_offline(cfg, progress) if cfg.loop.mode == "offline" else train_online(cfg, progress)
-    if cfg.loop.mode != "offline":
-        raise ValueError(
-            f"loop.mode={cfg.loop.mode!r} under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}): data-parallel "
-            "training runs offline only for now (each online rank would need its own envs and replay); record a "
-            "dataset with `d4func collect` and use loop.mode=offline, or run online in one process"
-        )
+        return run(cfg, progress)
     info = dp.init_distributed(device=resolve_device(cfg.device).type)
     try:
-        return train_offline(cfg, progress, info)
+        return run(cfg, progress, info)
     finally:
         dp.shutdown_distributed()
