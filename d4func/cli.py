@@ -3,6 +3,10 @@
     d4func train --config experiments/configs/dmc_cartpole.yaml [key.sub=value ...]
     d4func eval --checkpoint runs/dmc_cartpole [--episodes 5]
     d4func collect --env dmc:cartpole-swingup --out data/cartpole --steps 5000 [--seed 0]
+
+Exit codes: 0 done; 2 a config or input error (bad key or value, missing file, a dataset or env that does not fit
+the models), printed as one line; 3 training stopped on a NaN / inf, with the last good state saved (one line
+naming the phase, loss term and step). Set D4FUNC_TRACEBACK=1 to get the full traceback instead of the line.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from pathlib import Path
 from omegaconf.errors import OmegaConfBaseException
 
 from d4func.train.state import NonFiniteLossError
+
+EXIT_INPUT_ERROR = 2
+EXIT_NON_FINITE = 3
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -60,7 +67,10 @@ def _collect(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="d4func", description="Dreamer 4 in functional PyTorch")
+    parser = argparse.ArgumentParser(
+        prog="d4func", description="Dreamer 4 in functional PyTorch",
+        epilog=f"exit codes: 0 done, {EXIT_INPUT_ERROR} config or input error, {EXIT_NON_FINITE} training stopped "
+        "on NaN/inf (last good state saved); D4FUNC_TRACEBACK=1 shows tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="online or offline training from a YAML config")
@@ -93,9 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except (OmegaConfBaseException, ValueError, FileNotFoundError, NonFiniteLossError) as error:
         # Config and input errors, and a NaN / inf stop (its state is saved): one clear line naming the bad key,
-        # value or loss term, no traceback.
+        # value or loss term, no traceback (unless asked for: a ValueError deep in a run may be a bug).
+        if os.environ.get("D4FUNC_TRACEBACK"):
+            raise
         print(f"d4func {args.command}: {type(error).__name__}: {error}", file=sys.stderr)
-        return 3 if isinstance(error, NonFiniteLossError) else 2
+        return EXIT_NON_FINITE if isinstance(error, NonFiniteLossError) else EXIT_INPUT_ERROR
 
 
 if __name__ == "__main__":

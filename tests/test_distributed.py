@@ -274,6 +274,9 @@ def test_d4func_train_offline_under_torchrun_writes_once_and_resumes(tmp_path):
     second = torchrun(6)
     assert second.returncode == 0, _failure_report(second)
     assert json.loads((run / "summary.json").read_text())["grad_steps"] == 6
+    resumed = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(run)).payload
+    replay_rngs = [part["replay"]["rng"] for part in resumed["ranks"]]
+    assert not torch.equal(*replay_rngs)  # after the resume each rank still samples its own batches
 
     single = subprocess.run([sys.executable, "-m", "d4func.cli", "train", *args, "loop.offline_steps=8"], cwd=REPO,
                             capture_output=True, text=True, timeout=300)

@@ -310,7 +310,8 @@ def test_sigkilled_online_loop_resumes_from_its_last_checkpoint_exactly(tmp_path
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "d4func.cli", "train", "--config", reach, "--quiet",
                              f"run_dir={killed}", *common, "loop.env_steps=100000"],
-                            cwd=TESTS.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=TESTS.parent, env=env, stdout=subprocess.DEVNULL,
+                            stderr=(tmp_path / "stderr.txt").open("w"))
     deadline = time.monotonic() + 240
     def past_newest_checkpoint() -> bool:
         """Three checkpoints, and training logged beyond the newest: the kill then throws real work away."""
@@ -325,7 +326,7 @@ def test_sigkilled_online_loop_resumes_from_its_last_checkpoint_exactly(tmp_path
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "stderr.txt").read_text()[-3000:]
     checkpoints = C.list_checkpoints(killed)
     assert len(checkpoints) >= 3
     for path in checkpoints:

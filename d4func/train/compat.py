@@ -7,8 +7,9 @@ Resuming: `config_changes` compares the config a run directory was trained with 
 given now. Keys that size the models, the replay or the data (`RESUME_MUST_MATCH`) cannot change: the saved
 states would not load into the new models, or would train on other data. Keys that only set the budget or the
 reporting (`RESUME_FREE`) may change silently: training `loop.env_steps` further is how a run is extended. Any
-other change (a learning rate, the train ratio, a precision flag) is allowed but reported, since the resumed run
-no longer equals an uninterrupted one.
+other change (a learning rate, the train ratio, a precision flag, another dataset path) is allowed but reported,
+since the resumed run no longer equals an uninterrupted one. A config.json written by an older d4func is compared
+with the keys added since filled in at their defaults.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ RESUME_MUST_MATCH = (
     "env.action_repeat",
     "env.max_episode_steps",
     "replay.capacity",
+    "device",  # the train generator's state is device-specific
     "tokenizer",
     "dynamics",
     "heads",
@@ -34,10 +36,8 @@ RESUME_MUST_MATCH = (
 )
 RESUME_FREE = (
     "run_dir",
-    "device",
     "loop.env_steps",
     "loop.offline_steps",
-    "loop.offline_data",  # the same dataset may have moved; its contents are checked against the models
     "loop.eval_every",
     "loop.eval_bc",
     "loop.eval_greedy",
@@ -84,9 +84,21 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> tupl
     return forbidden, reported
 
 
+def with_defaults(saved: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A config dict written by an older d4func, with every key added since filled in at its default (a key
+    that no longer exists stays, and shows up as a change)."""
+    from d4func.train.checkpoint import config_from_dict, config_to_dict
+
+    try:
+        return config_to_dict(config_from_dict(RunConfig, saved))
+    except Exception:  # noqa: BLE001 (a removed or renamed key: compare the raw dicts, which names it)
+        return saved
+
+
 def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any], run_dir: str) -> list[str]:
-    """Raise naming every forbidden change; return the reported ones (for a warning)."""
-    forbidden, reported = config_changes(saved, current)
+    """Raise naming every forbidden change; return the reported ones (for a warning). Keys missing from `saved`
+    (added to d4func since the run started) count at their defaults."""
+    forbidden, reported = config_changes(with_defaults(saved), current)
     if forbidden:
         raise ValueError(
             f"run_dir {run_dir} holds checkpoints trained with another config, which cannot resume under this one: "

@@ -312,14 +312,17 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         config_file = self.run_dir / "config.json"
-        if config_file.exists() and checkpoint.latest_checkpoint(self.run_dir) is not None:
-            changed = check_resume_config(json.loads(config_file.read_text()), checkpoint.config_to_dict(cfg),
-                                          str(self.run_dir))
-            if changed:
-                warnings.warn(f"resuming {self.run_dir} with a changed config (so it will not equal an "
-                              f"uninterrupted run): {'; '.join(changed)}", stacklevel=2)
         if self.is_main:
+            # Rank 0 alone reads and rewrites config.json; an error here ends rank 0, and torchrun stops the rest.
+            if config_file.exists() and checkpoint.latest_checkpoint(self.run_dir) is not None:
+                changed = check_resume_config(json.loads(config_file.read_text()), checkpoint.config_to_dict(cfg),
+                                              str(self.run_dir))
+                if changed:
+                    warnings.warn(f"resuming {self.run_dir} with a changed config (so it will not equal an "
+                                  f"uninterrupted run): {'; '.join(changed)}", stacklevel=2)
             config_file.write_text(json.dumps(checkpoint.config_to_dict(cfg), indent=2))
+        if dist_info is not None:
+            torch.distributed.barrier()
         torch.manual_seed(cfg.seed)
         self.device = dist_info.device if dist_info is not None else resolve_device(cfg.device)
         self.models = build_models(cfg)
@@ -344,6 +347,12 @@ class Trainer:
     def rank_seed(self, seed: int, stream: str) -> int:
         """`seed` in a single process; a per-rank seed of `stream` under data parallelism."""
         return seed if self.dist is None else dp.rank_seed(seed, self.dist.rank, stream)
+
+    def note_interrupt(self) -> None:
+        """Ctrl-C: a single process saves at once. Data-parallel ranks are interrupted at different points, so a
+        collective save could pair up mismatched calls: they exit, and the last periodic checkpoint stands."""
+        if self.dist is not None:
+            self.can_save_at_exit = False
 
     def note_failure(self, error: Exception) -> None:
         """An error on this rank alone (not a NaN stop, which every rank raises together from reduced metrics):
@@ -418,21 +427,24 @@ class Trainer:
     def train_steps(self, n: int, agent_active: bool) -> dict[str, float]:
         metrics: dict[str, float] = {}
         for _ in range(n):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in replay_batch(self.replay.sample()).items()}
             before = self.states
             rng_before = {name: gen.get_state() for name, gen in self.generators().items()}
+            replay_before = checkpoint.replay_position(self.replay)  # its sampler's RNG, before drawing this batch
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in replay_batch(self.replay.sample()).items()}
             try:
                 self.states, metrics = self.step_fn(self.cfg, self.models, self.states, batch, self.generator,
                                                      self.counters["grad_steps"], agent_active, self.lpips_fn,
                                                      self.grad_fn)
             except NonFiniteLossError as error:
-                # Rewind the RNGs too, so that resuming from this checkpoint replays the failing step exactly.
+                # Rewind the RNGs and the replay sampler too: the checkpoint then holds the state from just before
+                # this step (offline, a resume draws the same batch and noise again).
                 for name, gen in self.generators().items():
                     gen.set_state(rng_before[name])
+                checkpoint.restore_replay_position(self.replay, replay_before)
                 path = self.save(before)
                 raise NonFiniteLossError(
                     f"{error} (loop gradient step {self.counters['grad_steps']}); the last good state, with the RNG "
-                    f"states from before this step, is saved in {path}"
+                    f"and replay-sampler states from before this step, is saved in {path}"
                 ) from error
             self.counters["grad_steps"] += 1
             if self.counters["grad_steps"] % self.cfg.loop.log_every == 0:
@@ -467,7 +479,12 @@ class Trainer:
         return result
 
     def gif(self, step: int) -> Path:
-        return write_gif(self.cfg, self.models, self.states, self.replay.sample(), self.run_dir / "gifs" /
+        # The GIF's rows leave the replay sampler's RNG where it was, so GIFs never change the training batches
+        # (loop.gif_every may change on resume without breaking exact resume).
+        position = checkpoint.replay_position(self.replay)
+        sample = self.replay.sample()
+        checkpoint.restore_replay_position(self.replay, position)
+        return write_gif(self.cfg, self.models, self.states, sample, self.run_dir / "gifs" /
                          f"real_vs_imagined_{step:08d}.gif")
 
     def summary(self, started: float, extra: dict[str, Any]) -> dict[str, Any]:
@@ -595,7 +612,9 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
                 next_ckpt += cfg.loop.checkpoint_every
             del metrics
     except KeyboardInterrupt:
-        bar.write("interrupted: saving a checkpoint")
+        trainer.note_interrupt()
+        bar.write("interrupted: saving a checkpoint" if trainer.can_save_at_exit else
+                  "interrupted: data-parallel ranks keep their last periodic checkpoint")
     except Exception as error:
         trainer.note_failure(error)
         raise
@@ -671,7 +690,9 @@ def train_offline(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo 
             if step % cfg.loop.checkpoint_every == 0:
                 trainer.save()
     except KeyboardInterrupt:
-        bar.write("interrupted: saving a checkpoint")
+        trainer.note_interrupt()
+        bar.write("interrupted: saving a checkpoint" if trainer.can_save_at_exit else
+                  "interrupted: data-parallel ranks keep their last periodic checkpoint")
     except Exception as error:
         trainer.note_failure(error)
         raise
@@ -686,6 +707,9 @@ def train_offline(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo 
         trainer.gif(counters["grad_steps"])
     trainer.logger.close()
     return trainer.summary(started, {"eval": eval_result, "dataset": str(cfg.loop.offline_data)})
+
+
+DIST_TIMEOUT_S = 4 * 3600.0
 
 
 def launched_by_torchrun() -> bool:
@@ -703,7 +727,8 @@ def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     run = train_offline if cfg.loop.mode == "offline" else train_online
     if not launched_by_torchrun():
         return run(cfg, progress)
-    info = dp.init_distributed(device=resolve_device(cfg.device).type)
+    # Rank 0 evaluates and writes GIFs while the others wait in their next all-reduce: allow for long evaluations.
+    info = dp.init_distributed(device=resolve_device(cfg.device).type, timeout_s=DIST_TIMEOUT_S)
     try:
         return run(cfg, progress, info)
     finally:
