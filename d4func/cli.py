@@ -6,7 +6,8 @@
 
 Exit codes: 0 done; 2 a config or input error (bad key or value, missing file, a dataset or env that does not fit
 the models), printed as one line; 3 training stopped on a NaN / inf, with the last good state saved (one line
-naming the phase, loss term and step). Set D4FUNC_TRACEBACK=1 to get the full traceback instead of the line.
+naming the phase, loss term and step). Set D4FUNC_TRACEBACK=1 to get the full traceback instead of the line
+(exit code 1 then).
 """
 
 from __future__ import annotations
@@ -104,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OmegaConfBaseException, ValueError, FileNotFoundError, NonFiniteLossError) as error:
         # Config and input errors, and a NaN / inf stop (its state is saved): one clear line naming the bad key,
         # value or loss term, no traceback (unless asked for: a ValueError deep in a run may be a bug).
-        if os.environ.get("D4FUNC_TRACEBACK"):
-            raise
+        if os.environ.get("D4FUNC_TRACEBACK", "").lower() in ("1", "true", "yes"):
+            raise  # the full traceback, exit code 1
         print(f"d4func {args.command}: {type(error).__name__}: {error}", file=sys.stderr)
         return EXIT_NON_FINITE if isinstance(error, NonFiniteLossError) else EXIT_INPUT_ERROR
 

@@ -5,6 +5,7 @@ and keep the replicas bitwise identical."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -322,3 +323,54 @@ def _leaves_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(
         torch.equal(leaf, b[name].get(key))
         for name, state in a.items() for key, leaf in state.items(include_nested=True, leaves_only=True))
+
+
+def _children(pid: int) -> list[int]:
+    """Direct child processes of `pid` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def test_ctrl_c_on_one_rank_ends_the_whole_torchrun_job(tmp_path):
+    """SIGINT to one data-parallel worker: no collective may wait for it. The job must end within a minute (it
+    used to hang in the exit save, and then in the final sync check), keeping its periodic checkpoints."""
+    import signal
+    import time
+
+    from d4func.cli import main
+    from d4func.train import checkpoint
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert main(["collect", "--env", "reach", "--out", str(data), "--steps", "120", "--image-size", "16",
+                 "--action-repeat", "1"]) == 0
+    job = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "d4func.cli",
+         "train", "--config", "experiments/configs/reach.yaml", "--quiet", f"run_dir={run}",
+         f"loop.offline_data={data}", "loop.agent_start=2", "loop.checkpoint_every=5", "loop.log_every=1",
+         "loop.eval_every=100000", "env.eval_episodes=0", "loop.gif_every=100000", "loop.offline_steps=100000"],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and job.poll() is None and not checkpoint.list_checkpoints(run):
+        time.sleep(0.2)
+    workers = _children(job.pid)
+    assert len(workers) == 2 and checkpoint.list_checkpoints(run), job.stderr.read()[-3000:] if job.poll() else ""
+    os.kill(max(workers), signal.SIGINT)
+    try:
+        job.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        pytest.fail("the torchrun job still ran 60 s after one rank got Ctrl-C")
+    assert job.returncode != 0
+    checkpoint.load_checkpoint(checkpoint.latest_checkpoint(run))  # the periodic checkpoints stay whole

@@ -355,10 +355,10 @@ class Trainer:
             self.can_save_at_exit = False
 
     def note_failure(self, error: Exception) -> None:
-        """An error on this rank alone (not a NaN stop, which every rank raises together from reduced metrics):
-        the exit save is a collective the other ranks would never join, so skip it and let the process end,
-        which makes torchrun stop the others. A single process still saves."""
-        if self.dist is not None and not isinstance(error, NonFiniteLossError):
+        """No exit save after a NaN stop (`train_steps` already saved the last good state, with its RNGs rewound),
+        nor after an error on one data-parallel rank alone: that save is a collective the other ranks would never
+        join, so the process ends instead, which makes torchrun stop the others. A single process still saves."""
+        if isinstance(error, NonFiniteLossError) or self.dist is not None:
             self.can_save_at_exit = False
 
     def check_ranks_in_sync(self) -> None:
@@ -615,6 +615,8 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
         trainer.note_interrupt()
         bar.write("interrupted: saving a checkpoint" if trainer.can_save_at_exit else
                   "interrupted: data-parallel ranks keep their last periodic checkpoint")
+        if trainer.dist is not None:
+            raise  # no collective after this: the ranks stopped at different points
     except Exception as error:
         trainer.note_failure(error)
         raise
@@ -693,6 +695,8 @@ def train_offline(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo 
         trainer.note_interrupt()
         bar.write("interrupted: saving a checkpoint" if trainer.can_save_at_exit else
                   "interrupted: data-parallel ranks keep their last periodic checkpoint")
+        if trainer.dist is not None:
+            raise  # no collective after this: the ranks stopped at different points
     except Exception as error:
         trainer.note_failure(error)
         raise

@@ -171,7 +171,7 @@ def resolve_device(name: str) -> torch.device:
     """The learner's device; asking for CUDA on a machine without it stops with the device named."""
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"RunConfig.device={name!r} but CUDA is not available here; use device=cpu")
+        raise ValueError(f"RunConfig.device={name!r} but CUDA is not available here; use device=cpu")
     return device
 
 
