@@ -28,6 +28,8 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -342,27 +344,39 @@ class Trainer:
         self.replay = None
         self.extra_generators: dict[str, torch.Generator] = {}  # e.g. the acting policy's (online)
         self.online_state = None  # online: a callable giving the collector's runtime state for checkpoints
-        self.can_save_at_exit = True
 
     def rank_seed(self, seed: int, stream: str) -> int:
         """`seed` in a single process; a per-rank seed of `stream` under data parallelism."""
         return seed if self.dist is None else dp.rank_seed(seed, self.dist.rank, stream)
 
-    def note_interrupt(self) -> None:
-        """Ctrl-C: a single process saves at once. Data-parallel ranks are interrupted at different points, so a
-        collective save could pair up mismatched calls: they exit, and the last periodic checkpoint stands."""
-        if self.dist is not None:
-            self.can_save_at_exit = False
+    @contextmanager
+    def training(self, bar: tqdm, *close: Callable[[], Any]) -> Iterator[None]:
+        """Around a loop's training: a checkpoint at exit, then `close` and the progress bar closed, then (data
+        parallel) every rank's params checked bitwise equal, as each applied the same updates.
 
-    def note_failure(self, error: Exception) -> None:
-        """No exit save after a NaN stop (`train_steps` already saved the last good state, with its RNGs rewound),
-        nor after an error on one data-parallel rank alone: that save is a collective the other ranks would never
-        join, so the process ends instead, which makes torchrun stop the others. A single process still saves."""
-        if isinstance(error, NonFiniteLossError) or self.dist is not None:
-            self.can_save_at_exit = False
-
-    def check_ranks_in_sync(self) -> None:
-        """Data parallel: every rank's params must be bitwise equal at the end (each applied the same updates)."""
+        The exit save is skipped after a NaN stop (`train_steps` already saved the last good state, RNGs rewound)
+        and, under data parallelism, after Ctrl-C or an error on this rank: that save is a collective the other
+        ranks, stopped elsewhere, would never match, so the process ends instead and torchrun stops the others.
+        A single process saves after Ctrl-C and carries on to its final evaluation.
+        """
+        save_at_exit = True
+        try:
+            yield
+        except KeyboardInterrupt:
+            save_at_exit = self.dist is None
+            bar.write("interrupted: saving a checkpoint" if save_at_exit else
+                      "interrupted: data-parallel ranks keep their last periodic checkpoint")
+            if self.dist is not None:
+                raise
+        except Exception as error:
+            save_at_exit = self.dist is None and not isinstance(error, NonFiniteLossError)
+            raise
+        finally:
+            if save_at_exit:
+                self.save()
+            for fn in close:
+                fn()
+            bar.close()
         if self.dist is not None:
             for name, state in self.states.items():
                 dp.check_in_sync(state["params"], f"{name} params")
@@ -557,7 +571,7 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
     eval_result: dict[str, Any] = {}
     last_eval_step = last_gif_step = -1
     tick = time.perf_counter()
-    try:
+    with trainer.training(bar, collector.shutdown):
         for batch in collector:
             batch = batch.reshape(-1)
             ids = batch.get(("collector", "traj_ids")) + episode["id_offset"]
@@ -611,21 +625,6 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
                 trainer.save()
                 next_ckpt += cfg.loop.checkpoint_every
             del metrics
-    except KeyboardInterrupt:
-        trainer.note_interrupt()
-        bar.write("interrupted: saving a checkpoint" if trainer.can_save_at_exit else
-                  "interrupted: data-parallel ranks keep their last periodic checkpoint")
-        if trainer.dist is not None:
-            raise  # no collective after this: the ranks stopped at different points
-    except Exception as error:
-        trainer.note_failure(error)
-        raise
-    finally:
-        if trainer.can_save_at_exit:
-            trainer.save()
-        collector.shutdown()
-        bar.close()
-    trainer.check_ranks_in_sync()
     if eval_env is not None and counters["grad_steps"] and last_eval_step != counters["env_steps"]:
         eval_result = trainer.evaluate(eval_env, counters["env_steps"])
     if trainer.is_main and counters["grad_steps"] and last_gif_step != counters["env_steps"]:
@@ -677,7 +676,7 @@ def train_offline(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo 
                disable=not progress)
     eval_result: dict[str, Any] = {}
     last_eval_step = last_gif_step = -1
-    try:
+    with trainer.training(bar):
         while counters["grad_steps"] < cfg.loop.offline_steps:
             trainer.train_steps(1, counters["grad_steps"] >= cfg.loop.agent_start)
             bar.update(1)
@@ -691,20 +690,6 @@ def train_offline(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo 
                 last_gif_step = step
             if step % cfg.loop.checkpoint_every == 0:
                 trainer.save()
-    except KeyboardInterrupt:
-        trainer.note_interrupt()
-        bar.write("interrupted: saving a checkpoint" if trainer.can_save_at_exit else
-                  "interrupted: data-parallel ranks keep their last periodic checkpoint")
-        if trainer.dist is not None:
-            raise  # no collective after this: the ranks stopped at different points
-    except Exception as error:
-        trainer.note_failure(error)
-        raise
-    finally:
-        if trainer.can_save_at_exit:
-            trainer.save()
-        bar.close()
-    trainer.check_ranks_in_sync()
     if eval_env is not None and last_eval_step != counters["grad_steps"]:
         eval_result = trainer.evaluate(eval_env, counters["grad_steps"])
     if last_gif_step != counters["grad_steps"] and trainer.is_main:
