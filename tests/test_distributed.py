@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.states import assert_states_equal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tensordict import TensorDict
@@ -32,6 +33,30 @@ torch.set_num_threads(1)
 
 HELPERS = Path(__file__).parent / "helpers"
 REPO = HELPERS.parents[1]
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=2 ARGS` from the repository root, one thread per rank."""
+    return subprocess.run([*TORCHRUN_2, *args], cwd=REPO, env=ONE_THREAD, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _train_cli(*args: str) -> list[str]:
+    """`d4func train ARGS` as torchrun's program."""
+    return ["-m", "d4func.cli", "train", *args]
+
+
+@pytest.fixture(scope="module")
+def reach_data(tmp_path_factory) -> Path:
+    """A 120-step Reach dataset (seconds to record), read by the command-line tests."""
+    from d4func.cli import main
+
+    data = tmp_path_factory.mktemp("reach") / "data"
+    assert main(["collect", "--env", "reach", "--out", str(data), "--steps", "120", "--image-size", "16",
+                 "--action-repeat", "1"]) == 0
+    return data
 
 
 def test_rank_seeds_are_deterministic_and_distinct() -> None:
@@ -81,12 +106,7 @@ def test_two_gloo_ranks_match_single_process_full_batch(tmp_path) -> None:
     from helpers.dp_step import N_STEPS, initial_params, single_process_steps
 
     out = tmp_path / "dp.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(HELPERS / "dp_step.py"), str(out)],
-        env=env, capture_output=True, text=True, timeout=240,
-    )
+    result = _torchrun(str(HELPERS / "dp_step.py"), str(out), timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]
     got = torch.load(out, weights_only=False)
     assert got["world"] == 2 and got["n_rng"] == 2
@@ -136,12 +156,7 @@ def test_real_train_steps_on_two_gloo_ranks_average_shard_gradients(tmp_path) ->
     H = _real_steps_helper()
 
     out = tmp_path / "dp_real.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(HELPERS / "dp_real_steps.py"), str(out)],
-        env=env, capture_output=True, text=True, timeout=240,
-    )
+    result = _torchrun(str(HELPERS / "dp_real_steps.py"), str(out), timeout=240)
     assert result.returncode == 0, _failure_report(result)
     got = torch.load(out, weights_only=False)
 
@@ -242,25 +257,19 @@ def test_steps_route_gradients_through_grad_fn() -> None:
         assert any(not torch.equal(value, reference[key]) for key, value in _leaves(scaled["params"]).items()), name
 
 
-def test_d4func_train_offline_under_torchrun_writes_once_and_resumes(tmp_path):
+def test_d4func_train_offline_under_torchrun_writes_once_and_resumes(tmp_path, reach_data):
     """The command line under torchrun: 2 gloo ranks train offline on Reach data, rank 0 alone writes (one
     metrics file, checkpoints holding both ranks' RNG states), the ranks end bitwise in sync (the loop checks),
     a resume under torchrun continues, and a single-process resume of a 2-rank run is refused by name."""
-    from d4func.cli import main
     from d4func.train import checkpoint
 
-    data, run = tmp_path / "data", tmp_path / "run"
-    assert main(["collect", "--env", "reach", "--out", str(data), "--steps", "120", "--image-size", "16",
-                 "--action-repeat", "1"]) == 0
-    args = ["--config", "experiments/configs/reach.yaml", "--quiet", f"run_dir={run}", f"loop.offline_data={data}",
-            "loop.agent_start=2", "loop.checkpoint_every=2", "loop.log_every=1", "loop.eval_every=1000",
-            "env.eval_episodes=0", "loop.gif_every=1000"]
+    run = tmp_path / "run"
+    args = ["--config", "experiments/configs/reach.yaml", "--quiet", f"run_dir={run}",
+            f"loop.offline_data={reach_data}", "loop.agent_start=2", "loop.checkpoint_every=2", "loop.log_every=1",
+            "loop.eval_every=1000", "env.eval_episodes=0", "loop.gif_every=1000"]
 
     def torchrun(steps: int) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "d4func.cli",
-             "train", *args, f"loop.offline_steps={steps}"],
-            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+        return _torchrun(*_train_cli(*args, f"loop.offline_steps={steps}"))
 
     first = torchrun(4)
     assert first.returncode == 0, _failure_report(first)
@@ -296,10 +305,7 @@ def test_online_training_under_torchrun_resumes_exactly(tmp_path):
               "env.eval_episodes=1", "env.eval_max_steps=5", "replay.batch_size=2", "loop.eval_bc=false"]
 
     def torchrun(run_dir, steps: int) -> None:
-        result = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "d4func.cli",
-             "train", *common, f"run_dir={run_dir}", f"loop.env_steps={steps}"],
-            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+        result = _torchrun(*_train_cli(*common, f"run_dir={run_dir}", f"loop.env_steps={steps}"))
         assert result.returncode == 0, _failure_report(result)
 
     torchrun(tmp_path / "whole", 40)
@@ -312,17 +318,12 @@ def test_online_training_under_torchrun_resumes_exactly(tmp_path):
     # the ranks played different episodes: their collectors' current observations differ
     first, second = (part["online"]["carrier"]["pixels"] for part in whole["ranks"])
     assert not torch.equal(first, second)
-    assert _leaves_equal(whole["states"], split["states"])
+    assert_states_equal(whole["states"], split["states"])
     for mine, theirs in zip(whole["ranks"], split["ranks"], strict=True):
         assert mine["counters"] == theirs["counters"]
         assert mine["replay"]["rng"] is not None and torch.equal(mine["replay"]["rng"], theirs["replay"]["rng"])
         assert torch.equal(mine["online"]["carrier"]["pixels"], theirs["online"]["carrier"]["pixels"])
 
-
-def _leaves_equal(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(
-        torch.equal(leaf, b[name].get(key))
-        for name, state in a.items() for key, leaf in state.items(include_nested=True, leaves_only=True))
 
 
 def _children(pid: int) -> list[int]:
@@ -339,25 +340,21 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def test_ctrl_c_on_one_rank_ends_the_whole_torchrun_job(tmp_path):
+def test_ctrl_c_on_one_rank_ends_the_whole_torchrun_job(tmp_path, reach_data):
     """SIGINT to one data-parallel worker: no collective may wait for it. The job must end within a minute (it
     used to hang in the exit save, and then in the final sync check), keeping its periodic checkpoints."""
     import signal
     import time
 
-    from d4func.cli import main
     from d4func.train import checkpoint
 
-    data, run = tmp_path / "data", tmp_path / "run"
-    assert main(["collect", "--env", "reach", "--out", str(data), "--steps", "120", "--image-size", "16",
-                 "--action-repeat", "1"]) == 0
+    run = tmp_path / "run"
     job = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "d4func.cli",
-         "train", "--config", "experiments/configs/reach.yaml", "--quiet", f"run_dir={run}",
-         f"loop.offline_data={data}", "loop.agent_start=2", "loop.checkpoint_every=5", "loop.log_every=1",
-         "loop.eval_every=100000", "env.eval_episodes=0", "loop.gif_every=100000", "loop.offline_steps=100000"],
-        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True)
+        [*TORCHRUN_2, *_train_cli(
+            "--config", "experiments/configs/reach.yaml", "--quiet", f"run_dir={run}",
+            f"loop.offline_data={reach_data}", "loop.agent_start=2", "loop.checkpoint_every=5", "loop.log_every=1",
+            "loop.eval_every=100000", "env.eval_episodes=0", "loop.gif_every=100000", "loop.offline_steps=100000")],
+        cwd=REPO, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and job.poll() is None and not checkpoint.list_checkpoints(run):
         time.sleep(0.2)

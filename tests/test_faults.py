@@ -298,6 +298,8 @@ def test_sigkilled_online_loop_resumes_from_its_last_checkpoint_exactly(tmp_path
     """`d4func train` itself (online on Reach: memmapped replay, TorchRL collector) killed with SIGKILL mid-run: its
     checkpoints all load, and resuming from the newest one ends bitwise where an uninterrupted run ends, although
     the killed process had written replay rows and log lines past that checkpoint."""
+    from helpers.states import assert_states_equal
+
     from d4func.train.loop import train
     from d4func.train.run_config import load_run_config
 
@@ -340,6 +342,4 @@ def test_sigkilled_online_loop_resumes_from_its_last_checkpoint_exactly(tmp_path
     resumed = C.load_checkpoint(C.latest_checkpoint(killed)).payload
     uninterrupted = C.load_checkpoint(C.latest_checkpoint(whole)).payload
     assert resumed["counters"] == uninterrupted["counters"] and resumed["counters"]["env_steps"] == target
-    for name, state in uninterrupted["states"].items():
-        for key, leaf in state.items(include_nested=True, leaves_only=True):
-            assert torch.equal(leaf, resumed["states"][name].get(key)), (name, key)
+    assert_states_equal(uninterrupted["states"], resumed["states"])

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers.states import assert_states_equal
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from d4func.cli import main
@@ -156,10 +157,8 @@ def test_offline_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
 
     a = load_checkpoint(latest_checkpoint(tmp_path / "whole")).payload["states"]
     b = load_checkpoint(latest_checkpoint(tmp_path / "split")).payload["states"]
-    assert set(a) == set(b) == {"tokenizer", "world_model", "agent"}
-    for name in a:
-        for key in a[name].keys(include_nested=True, leaves_only=True):
-            assert torch.equal(a[name].get(key), b[name].get(key)), (name, key)
+    assert set(a) == {"tokenizer", "world_model", "agent"}
+    assert_states_equal(a, b)
 
 
 def test_acting_policy_runs_in_a_multi_process_collector():
@@ -190,13 +189,6 @@ def test_acting_policy_runs_in_a_multi_process_collector():
     assert torch.cat([b.get(("collector", "traj_ids")).reshape(-1) for b in batches]).unique().numel() == 2
 
 
-def _assert_states_equal(a: dict, b: dict) -> None:
-    assert set(a) == set(b)
-    for name in a:
-        for key in a[name].keys(include_nested=True, leaves_only=True):
-            assert torch.equal(a[name].get(key), b[name].get(key)), (name, key)
-
-
 def test_online_resume_with_a_seeded_env_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     # Reach keeps its whole runtime state (d4func.envs.resumable), so the resumed run continues the interrupted
     # episode: 5-step rounds against 12-step episodes put the stop mid-episode.
@@ -215,7 +207,7 @@ def test_online_resume_with_a_seeded_env_is_bitwise_equal_to_an_uninterrupted_ru
     whole = load_checkpoint(latest_checkpoint(tmp_path / "whole")).payload
     split = load_checkpoint(latest_checkpoint(tmp_path / "split")).payload
     assert whole["counters"] == split["counters"] and whole["counters"]["grad_steps"] == 12
-    _assert_states_equal(whole["states"], split["states"])
+    assert_states_equal(whole["states"], split["states"])
     assert set(whole["states"]) == {"tokenizer", "world_model", "agent"}
 
     def train_rows(run: str) -> list[dict]:
