@@ -13,6 +13,9 @@ into them; queries read everything) -> linear to patch pixels -> unpatchify.
 Time layers are causal, so the latents of frame t depend on frames <= t only: the tokenizer can encode a live
 stream frame by frame.
 
+`latent_attention="local"` (not the paper's default) gives each latent one block of the patch grid: it reads only
+those patches in the encoder, and only that block's patch queries read it in the decoder (`d4func.latent_regions`).
+
 Multi-camera: every camera runs through the same weights as its own stream (cameras are folded into the batch), told
 apart by a learned camera embedding added to its patch tokens and its decoder queries. The per-camera latents are
 concatenated along the spatial token axis, camera-major, for the dynamics model: `[B, T, n_cams * S, Dz]`.
@@ -33,6 +36,7 @@ from torch import Tensor, nn
 
 from d4func.config import TransformerConfig
 from d4func.functional import apply, runs_value_checks
+from d4func.latent_regions import LATENT_ATTENTION, latent_grid, local_patch_latent_mask
 from d4func.patches import check_patch_size, num_patches, patch_dim, patchify, unpatchify
 from d4func.transformer import BlockCausalTransformer, TokenLayout, empty_cache
 
@@ -55,6 +59,9 @@ class TokenizerConfig:
     latent_dim: int = 16
     n_cameras: int = 1
     max_mask_prob: float = 0.9  # MAE: per image p ~ U(0, max_mask_prob) (paper: 0.9)
+    # "global": every latent reads every patch (paper). "local": latent j reads only its block of patches and the
+    # decoder's patch queries of block j read only latent j (d4func.latent_regions explains when this matters).
+    latent_attention: str = "global"
     encoder: TransformerConfig = field(default_factory=_default_transformer)
     decoder: TransformerConfig = field(default_factory=_default_transformer)
 
@@ -69,6 +76,15 @@ class TokenizerConfig:
             raise ValueError(f"TokenizerConfig: {error}") from None
         if not 0.0 <= self.max_mask_prob < 1.0:
             raise ValueError(f"TokenizerConfig.max_mask_prob must lie in [0, 1), got {self.max_mask_prob}")
+        if self.latent_attention not in LATENT_ATTENTION:
+            raise ValueError(
+                f"TokenizerConfig.latent_attention must be one of {LATENT_ATTENTION}, got {self.latent_attention!r}"
+            )
+        if self.latent_attention == "local":
+            try:
+                latent_grid(*self.patch_grid, self.n_latents)
+            except ValueError as error:
+                raise ValueError(f"TokenizerConfig: {error}") from None
 
     @property
     def n_patches(self) -> int:
@@ -77,6 +93,11 @@ class TokenizerConfig:
     @property
     def patch_dim(self) -> int:
         return patch_dim(self.channels, self.patch_size)
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        """Patch rows and columns of one image."""
+        return self.height // self.patch_size, self.width // self.patch_size
 
     @property
     def latent_tokens(self) -> int:
@@ -92,6 +113,24 @@ class TokenizerConfig:
     def layout(self) -> TokenLayout:
         """Tokens of one camera at one timestep, in both encoder and decoder."""
         return TokenLayout.of(patches=self.n_patches, latents=self.n_latents)
+
+    def space_mask(self, part: str, device: torch.device | str | None = None) -> Tensor:
+        """Boolean `[N, N]` space mask of the `part` ("encoder" or "decoder"), True where a query may read a key.
+
+        "global": the layout's mask (latents read every patch in the encoder; patch queries read every latent in
+        the decoder). "local" further restricts those latent-patch reads to each latent's own block.
+        """
+        mask = self.layout.space_mask(part, device=device)
+        if self.latent_attention == "global":
+            return mask
+        owns = local_patch_latent_mask(*self.patch_grid, self.n_latents).to(mask.device)
+        patches, latents = self.layout.slice("patches"), self.layout.slice("latents")
+        mask = mask.clone()
+        if part == "encoder":
+            mask[latents, patches] = owns.T
+        else:
+            mask[patches, latents] = owns
+        return mask
 
 
 def mae_drop_mask(
@@ -151,7 +190,7 @@ class TokenizerEncoder(nn.Module):
         latents = repeat(self.latent_tokens, "s d -> b t k s d", b=batch, t=frames.shape[1], k=cfg.n_cameras)
         latents = latents + self.camera_embed[:, None, :]
         x = rearrange(torch.cat((tokens, latents), dim=-2), "b t k n d -> (b k) t n d")
-        y, cache = self.transformer(x, space_mask=cfg.layout.space_mask("encoder", device=x.device), cache=cache)
+        y, cache = self.transformer(x, space_mask=cfg.space_mask("encoder", device=x.device), cache=cache)
         z = torch.tanh(self.to_bottleneck(y[:, :, cfg.layout.slice("latents")]))
         return rearrange(z, "(b k) t s z -> b t k s z", b=batch), cache
 
@@ -183,7 +222,7 @@ class TokenizerDecoder(nn.Module):
         queries = repeat(self.patch_queries, "p d -> b t k p d", b=batch, t=steps, k=cfg.n_cameras)
         queries = queries + self.camera_embed[:, None, :]
         x = rearrange(torch.cat((queries, lat), dim=-2), "b t k n d -> (b k) t n d")
-        y, _ = self.transformer(x, space_mask=cfg.layout.space_mask("decoder", device=x.device))
+        y, _ = self.transformer(x, space_mask=cfg.space_mask("decoder", device=x.device))
         pixels = self.to_pixels(y[:, :, cfg.layout.slice("patches")])
         return (
             rearrange(pixels, "(b k) t p c -> b t k p c", b=batch),

@@ -104,6 +104,17 @@ def psnr(reconstruction: Tensor, target: Tensor) -> Tensor:
     return (10.0 * torch.log10(1.0 / err.clamp_min(1e-10))).mean()
 
 
+def latent_spread(latents: Tensor) -> Tensor:
+    """Mean over latent coordinates of their standard deviation across all frames of the batch. Latents `[B, T, S, Dz]`.
+
+    A collapse detector: near 0 the encoder gives every frame the same latents, so the decoder can only output the
+    mean frame, whatever its PSNR says (on a static background with a small moving object, e.g. cartpole at 64x64,
+    the mean frame alone scores about 27 dB). One frame in all gives 0.
+    """
+    flat = rearrange(latents.detach(), "b t s z -> (b t) (s z)")
+    return flat.std(dim=0, correction=0).mean()
+
+
 def _images(frames: Tensor) -> Tensor:
     """`[..., C, H, W]` -> `[N, C, H, W]`."""
     return rearrange(frames, "... c h w -> (...) c h w")
@@ -126,15 +137,15 @@ def tokenizer_loss(
 ) -> tuple[Tensor, dict[str, Any]]:
     """Normalised MSE + LPIPS of the (MAE-masked when `cfg.mask`) reconstruction of `frames`.
 
-    Returns `(loss, metrics)`; metrics hold the raw terms (`mse`, `lpips` when used), `psnr`, `mask_rate` and
-    `loss_rms`, the updated running statistics to store in the train state.
+    Returns `(loss, metrics)`; metrics hold the raw terms (`mse`, `lpips` when used), `psnr`, `mask_rate`,
+    `latent_spread` (see `latent_spread`) and `loss_rms`, the updated running statistics to store in the train state.
     """
     if cfg.lpips_weight > 0 and lpips_fn is None:
         raise ValueError(
             f"TokenizerLossConfig.lpips_weight={cfg.lpips_weight} needs an lpips_fn "
             "(d4func.lpips_loss.make_lpips); set lpips_weight=0 to train on MSE alone"
         )
-    recon, _, drop = apply(template, params, frames, mode="autoencode", generator=generator, mask=cfg.mask)
+    recon, latents, drop = apply(template, params, frames, mode="autoencode", generator=generator, mask=cfg.mask)
     terms = {"mse": (recon - frames).square().mean()}
     if cfg.lpips_weight > 0:
         terms["lpips"] = lpips_fn(_images(recon), _images(frames)).mean()
@@ -145,6 +156,7 @@ def tokenizer_loss(
     metrics: dict[str, Any] = {name: value.detach() for name, value in terms.items()}
     metrics["psnr"] = psnr(recon, frames)
     metrics["mask_rate"] = drop.float().mean() if drop is not None else torch.zeros(())
+    metrics["latent_spread"] = latent_spread(latents)
     metrics["loss_rms"] = new_rms
     return loss, metrics
 

@@ -45,6 +45,7 @@ from d4func.tokenizer import (
 from d4func.tokenizer_loss import (
     TokenizerLossConfig,
     init_loss_rms,
+    latent_spread,
     loss_rms_value,
     new_tokenizer_train_state,
     psnr,
@@ -344,8 +345,20 @@ def test_train_step_carries_loss_statistics_in_the_state():
     assert new_state["loss_rms", "lpips", "count"].item() == 0
     key = ("decoder", "to_pixels", "weight")
     assert not torch.equal(new_state["params"][key], params[key])
-    assert set(metrics) >= {"loss", "mse", "psnr", "mask_rate", "grad_norm"}
+    assert set(metrics) >= {"loss", "mse", "psnr", "mask_rate", "latent_spread", "grad_norm"}
     assert "loss_rms" not in metrics
+
+
+def test_latent_spread_is_zero_for_identical_frames_and_positive_for_distinct_ones():
+    """The collapse detector: the same frame everywhere gives one latent (spread 0, also through the causal time
+    layers, which then average equal values); distinct frames give distinct latents at init."""
+    model, params = build(tiny_cfg())
+    one_frame = rand_frames(1, 1, 3, 16, 16)
+    same = one_frame.expand(2, 3, 3, 16, 16)
+    distinct = rand_frames(2, 3, 3, 16, 16)
+    assert latent_spread(encode(model, params, same)) < 1e-5
+    assert latent_spread(encode(model, params, distinct)) > 1e-3
+    assert latent_spread(torch.randn(1, 1, 4, 8)) == 0  # one frame in all
 
 
 # ---------------------------------------------------------------------------------------------------------------
