@@ -185,10 +185,10 @@ def test_changing_future_frames_never_changes_past_latents(seed, steps, masked, 
     torch.testing.assert_close(recon[:, : t + 1], recon_changed[:, : t + 1], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("n_cameras", [1, 2])
-def test_frame_by_frame_cached_encoding_equals_encoding_the_clip(n_cameras):
+@pytest.mark.parametrize(("n_cameras", "latent_attention"), [(1, "global"), (2, "global"), (2, "local")])
+def test_frame_by_frame_cached_encoding_equals_encoding_the_clip(n_cameras, latent_attention):
     block = TransformerConfig(d_model=32, n_layers=4, n_heads=2, n_kv_heads=2, time_every=2, logit_cap=None)
-    cfg = tiny_cfg(n_cameras=n_cameras, encoder=block)
+    cfg = tiny_cfg(n_cameras=n_cameras, encoder=block, latent_attention=latent_attention)
     model, params = build(cfg)
     shape = (2, 4, n_cameras, 3, 16, 16) if n_cameras > 1 else (2, 4, 3, 16, 16)
     frames = rand_frames(*shape)
