@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from d4func.config import TransformerConfig
 from d4func.functional import apply, runs_value_checks
-from d4func.latent_regions import LATENT_ATTENTION, latent_grid, local_patch_latent_mask
+from d4func.latent_regions import LATENT_ATTENTION, PARTS, latent_grid, local_space_mask
 from d4func.patches import check_patch_size, num_patches, patch_dim, patchify, unpatchify
 from d4func.transformer import BlockCausalTransformer, TokenLayout, empty_cache
 
@@ -120,17 +120,11 @@ class TokenizerConfig:
         "global": the layout's mask (latents read every patch in the encoder; patch queries read every latent in
         the decoder). "local" further restricts those latent-patch reads to each latent's own block.
         """
-        mask = self.layout.space_mask(part, device=device)
+        if part not in PARTS:
+            raise ValueError(f"TokenizerConfig.space_mask part must be one of {PARTS}, got {part!r}")
         if self.latent_attention == "global":
-            return mask
-        owns = local_patch_latent_mask(*self.patch_grid, self.n_latents).to(mask.device)
-        patches, latents = self.layout.slice("patches"), self.layout.slice("latents")
-        mask = mask.clone()
-        if part == "encoder":
-            mask[latents, patches] = owns.T
-        else:
-            mask[patches, latents] = owns
-        return mask
+            return self.layout.space_mask(part, device=device)
+        return local_space_mask(self.layout, part, *self.patch_grid).to(device)
 
 
 def mae_drop_mask(

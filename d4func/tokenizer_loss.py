@@ -109,7 +109,9 @@ def latent_spread(latents: Tensor) -> Tensor:
 
     A collapse detector: near 0 the encoder gives every frame the same latents, so the decoder can only output the
     mean frame, whatever its PSNR says (on a static background with a small moving object, e.g. cartpole at 64x64,
-    the mean frame alone scores about 27 dB). One frame in all gives 0.
+    the mean frame alone scores about 27 dB). One frame in all gives 0. Measure it on unmasked latents (as
+    `reconstruction_metrics` and the training loop do): MAE's random drop pattern alone spreads the latents of
+    identical frames.
     """
     flat = rearrange(latents.detach(), "b t s z -> (b t) (s z)")
     return flat.std(dim=0, correction=0).mean()
@@ -137,15 +139,15 @@ def tokenizer_loss(
 ) -> tuple[Tensor, dict[str, Any]]:
     """Normalised MSE + LPIPS of the (MAE-masked when `cfg.mask`) reconstruction of `frames`.
 
-    Returns `(loss, metrics)`; metrics hold the raw terms (`mse`, `lpips` when used), `psnr`, `mask_rate`,
-    `latent_spread` (see `latent_spread`) and `loss_rms`, the updated running statistics to store in the train state.
+    Returns `(loss, metrics)`; metrics hold the raw terms (`mse`, `lpips` when used), `psnr`, `mask_rate` and
+    `loss_rms`, the updated running statistics to store in the train state.
     """
     if cfg.lpips_weight > 0 and lpips_fn is None:
         raise ValueError(
             f"TokenizerLossConfig.lpips_weight={cfg.lpips_weight} needs an lpips_fn "
             "(d4func.lpips_loss.make_lpips); set lpips_weight=0 to train on MSE alone"
         )
-    recon, latents, drop = apply(template, params, frames, mode="autoencode", generator=generator, mask=cfg.mask)
+    recon, _, drop = apply(template, params, frames, mode="autoencode", generator=generator, mask=cfg.mask)
     terms = {"mse": (recon - frames).square().mean()}
     if cfg.lpips_weight > 0:
         terms["lpips"] = lpips_fn(_images(recon), _images(frames)).mean()
@@ -156,7 +158,6 @@ def tokenizer_loss(
     metrics: dict[str, Any] = {name: value.detach() for name, value in terms.items()}
     metrics["psnr"] = psnr(recon, frames)
     metrics["mask_rate"] = drop.float().mean() if drop is not None else torch.zeros(())
-    metrics["latent_spread"] = latent_spread(latents)
     metrics["loss_rms"] = new_rms
     return loss, metrics
 
@@ -205,9 +206,14 @@ def tokenizer_train_step(
 def reconstruction_metrics(
     template: Tokenizer, params: TensorDictBase, frames: Tensor, lpips_fn: LPIPSFn | None = None
 ) -> tuple[dict[str, Tensor], Tensor]:
-    """Unmasked (inference) reconstruction of `frames`: metrics `mse`, `psnr` (and `lpips`) and the reconstruction."""
-    recon, _, _ = apply(template, params, frames, mode="autoencode")
-    metrics = {"mse": (recon - frames).square().mean(), "psnr": psnr(recon, frames)}
+    """Unmasked (inference) reconstruction of `frames`: metrics `mse`, `psnr`, `latent_spread` (and `lpips`) and the
+    reconstruction."""
+    recon, latents, _ = apply(template, params, frames, mode="autoencode")
+    metrics = {
+        "mse": (recon - frames).square().mean(),
+        "psnr": psnr(recon, frames),
+        "latent_spread": latent_spread(latents),
+    }
     if lpips_fn is not None:
         metrics["lpips"] = lpips_fn(_images(recon.clamp(0, 1)), _images(frames)).mean()
     return metrics, recon

@@ -57,7 +57,7 @@ def test_the_blocks_follow_the_grid_shape():
 
 
 def test_config_rejects_latents_that_cannot_tile_and_unknown_modes():
-    with pytest.raises(ValueError, match="n_latents=3"):
+    with pytest.raises(ValueError, match=r"n_latents=3 .*counts that fit: \[1, 2, 4, 8, 16\]"):
         TokenizerConfig(height=16, width=16, patch_size=4, n_latents=3, latent_attention="local")
     with pytest.raises(ValueError, match="'everywhere'"):
         TokenizerConfig(height=16, width=16, patch_size=4, n_latents=4, latent_attention="everywhere")
@@ -97,3 +97,41 @@ def test_decoder_draws_each_block_from_its_own_latent_when_local(latent_attentio
         assert outside.max() == 0
     else:
         assert outside.max() > 1e-4
+
+
+def test_space_mask_names_an_unknown_part():
+    cfg = TokenizerConfig(height=16, width=16, patch_size=4, n_latents=4, latent_attention="local")
+    with pytest.raises(ValueError, match="'world_model'"):
+        cfg.space_mask("world_model")
+
+
+def test_every_block_maps_to_its_own_latent_on_wide_frames_with_two_cameras():
+    """16x32 frames, 4x4 patches: a 4x8 patch grid; 8 latents in a 2x4 grid, each owning a 2x2 block of patches
+    (8x8 pixels) on its own camera. Every block, on either camera, moves exactly its latent, and each latent
+    redraws exactly its block: this pins the raster order of patches, latents and cameras together."""
+    cfg = TokenizerConfig(
+        height=16, width=32, channels=3, patch_size=4, n_latents=8, latent_dim=6, n_cameras=2,
+        encoder=BLOCK, decoder=BLOCK, latent_attention="local",
+    )  # fmt: skip
+    model = template(Tokenizer, cfg)
+    params = init(model, 0)
+    clean = torch.rand(1, 1, 2, 3, 16, 32, generator=torch.Generator().manual_seed(0))
+    base = encode(model, params, clean)  # [1, 1, 2 cameras * 8 latents, Dz], camera-major
+    base_frames = decode(model, params, base)
+    for camera in range(2):
+        for latent in range(8):
+            row, col = divmod(latent, 4)
+            rows, cols = slice(8 * row, 8 * row + 8), slice(8 * col, 8 * col + 8)
+            dirty = clean.clone()
+            dirty[..., camera, :, rows, cols] = 1.0 - dirty[..., camera, :, rows, cols]
+            moved = (encode(model, params, dirty) - base).abs().amax(dim=(0, 1, 3)) > 1e-6
+            expected = torch.zeros(16, dtype=torch.bool)
+            expected[camera * 8 + latent] = True
+            assert moved.tolist() == expected.tolist(), (camera, latent)
+
+            shifted = base.clone()
+            shifted[:, :, camera * 8 + latent] = -shifted[:, :, camera * 8 + latent]
+            change = (decode(model, params, shifted) - base_frames).abs().amax(dim=(0, 1, 3))  # [cameras, H, W]
+            assert change[camera, rows, cols].max() > 1e-4, (camera, latent)
+            change[camera, rows, cols] = 0
+            assert change.max() == 0, (camera, latent)

@@ -33,6 +33,8 @@ def test_online_loop_on_dmc_writes_checkpoint_logs_gif_and_resumes(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("world_model/loss" in row for row in rows) and any("eval/mean_return" in row for row in rows)
     assert any("agent/policy_loss" in row or "agent/loss" in row for row in rows)
+    spreads = [row["tokenizer/latent_spread"] for row in rows if "world_model/loss" in row]
+    assert spreads and all(spread > 0 for spread in spreads)  # unmasked, on every gradient step's batch
     assert (tmp_path / "logs" / "scalars").is_dir()  # TorchRL's CSV logger
 
     # Resume: the same run directory with a larger budget continues from the checkpoint, never from scratch.

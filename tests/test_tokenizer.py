@@ -345,7 +345,7 @@ def test_train_step_carries_loss_statistics_in_the_state():
     assert new_state["loss_rms", "lpips", "count"].item() == 0
     key = ("decoder", "to_pixels", "weight")
     assert not torch.equal(new_state["params"][key], params[key])
-    assert set(metrics) >= {"loss", "mse", "psnr", "mask_rate", "latent_spread", "grad_norm"}
+    assert set(metrics) >= {"loss", "mse", "psnr", "mask_rate", "grad_norm"}
     assert "loss_rms" not in metrics
 
 
@@ -359,6 +359,8 @@ def test_latent_spread_is_zero_for_identical_frames_and_positive_for_distinct_on
     assert latent_spread(encode(model, params, same)) < 1e-5
     assert latent_spread(encode(model, params, distinct)) > 1e-3
     assert latent_spread(torch.randn(1, 1, 4, 8)) == 0  # one frame in all
+    # reconstruction_metrics (the unmasked evaluation) reports the same detector
+    assert reconstruction_metrics(model, params, same)[0]["latent_spread"] < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -582,7 +584,7 @@ def test_train_script_runs_the_debug_config_and_writes_outputs(
     assert int(checkpoint["loss_rms"]["lpips"]["count"]) == (3 if with_lpips else 0)
     scalars = {p.stem for p in (run / "scalars").glob("*.csv")}
     assert {"train_mse", "train_psnr", "eval_psnr"} <= scalars
-    expected = {"eval_mse", "eval_psnr"} | ({"eval_lpips"} if with_lpips else set())
+    expected = {"eval_mse", "eval_psnr", "eval_latent_spread"} | ({"eval_lpips"} if with_lpips else set())
     assert set(final) == expected and ("train_lpips" in scalars) == with_lpips
 
 

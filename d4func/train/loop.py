@@ -44,7 +44,7 @@ from d4func.envs.resumable import get_env_state, set_env_state, supports_resume_
 from d4func.functional import count_params, grad_and_value, init, template
 from d4func.heads import AgentHeads
 from d4func.tokenizer import Tokenizer, encode
-from d4func.tokenizer_loss import new_tokenizer_train_state, tokenizer_train_step
+from d4func.tokenizer_loss import latent_spread, new_tokenizer_train_state, tokenizer_train_step
 from d4func.train import checkpoint
 from d4func.train import distributed as dp
 from d4func.train.acting import WorldModelPolicy, agent_params_from_states
@@ -148,6 +148,9 @@ def gradient_step(
         metrics.update({f"tokenizer/{k}": float(v) for k, v in tok.items()})
     with torch.no_grad():
         latents = encode(models.tokenizer, states["tokenizer"]["params"], batch["frames"])
+    # On the unmasked latents the world model trains on; near 0 means a collapsed tokenizer (see latent_spread).
+    # Under torchrun this is each rank's own shard (rank 0's is logged).
+    metrics["tokenizer/latent_spread"] = float(latent_spread(latents))
     wm_batch = {"latents": latents, "actions": batch["actions"], "rewards": batch["rewards"],
                 "is_last": batch["is_last"]}
     states["world_model"], wm = in_phase("world_model", agent_finetune_step)(
