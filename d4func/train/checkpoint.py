@@ -55,6 +55,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "open_run_replay",
     "replay_position",
     "restore",
     "restore_replay_position",
@@ -269,6 +270,39 @@ def restore_replay_position(rb: Any, position: Mapping[str, Any]) -> None:
         if getattr(rb, "_rng", None) is None:
             rb.set_rng(torch.Generator())
         rb._rng.set_state(position["rng"])
+
+
+def open_run_replay(run_dir: str | Path, rank: int = 0, seed: int | None = None) -> Any:
+    """The replay buffer of an online run of the loop as of its newest checkpoint, for reading and sampling.
+
+    `make_replay(..., path=RUN/replay)` alone reopens the storage with the length recorded at the run's first
+    `extend` (the loop keeps later positions in its checkpoints only), so it would sample from the first batch of
+    transitions. `rank` picks a data-parallel rank's own replay (`replay-rank1`, ...); `seed` reseeds the sampler
+    (default: the sampler RNG as checkpointed). Sampling moves only this buffer's RNG; do not `extend` it while the
+    run may resume.
+    """
+    from d4func.data.replay import make_replay  # torchrl: imported only when a replay is opened
+
+    run_dir = Path(run_dir)
+    newest = latest_checkpoint(run_dir)
+    if newest is None:
+        raise FileNotFoundError(f"no checkpoint in {run_dir}: the replay's position is only recorded in checkpoints")
+    payload = load_checkpoint(newest).payload
+    if "ranks" in payload:
+        if not 0 <= rank < len(payload["ranks"]):
+            raise ValueError(f"rank={rank} is not one of the {len(payload['ranks'])} ranks of {newest}")
+        payload = {**payload, **payload["ranks"][rank]}
+    elif rank != 0:
+        raise ValueError(f"rank={rank}: {newest} comes from a single-process run (rank 0 only)")
+    if "replay" not in payload or payload["replay"].get("path") is None:
+        raise ValueError(f"{newest} holds no replay position (an offline run, or a replay without a directory)")
+    replay_cfg = payload["config"]["replay"]
+    rb = make_replay(replay_cfg["capacity"], replay_cfg["seq_len"], replay_cfg["batch_size"],
+                     path=run_dir / ("replay" if rank == 0 else f"replay-rank{rank}"))
+    restore_replay_position(rb, payload["replay"])
+    if seed is not None:
+        rb.set_rng(torch.Generator().manual_seed(seed))
+    return rb
 
 
 # ----------------------------------------------------------------------------------------------------------------
