@@ -68,11 +68,10 @@ def local_patch_latent_mask(grid_h: int, grid_w: int, n_latents: int) -> Tensor:
 
 @lru_cache(maxsize=64)
 def local_space_mask(layout: TokenLayout, part: str, grid_h: int, grid_w: int) -> Tensor:
-    """The tokenizer's `[N, N]` space mask for `part` ("encoder" or "decoder") under local latent attention: the
-    layout's mask with the latent-patch reads cut down to each latent's block. Built once per shape (CPU)."""
-    if part not in PARTS:
-        raise ValueError(f"tokenizer space mask part must be one of {PARTS}, got {part!r}")
-    owns = local_patch_latent_mask(grid_h, grid_w, layout.n_tokens - grid_h * grid_w)
+    """The tokenizer's `[N, N]` space mask for `part` ("encoder" or "decoder", which `TokenizerConfig.space_mask`
+    checks) under local latent attention: the layout's mask with the latent-patch reads cut down to each latent's
+    block. Built once per shape (CPU)."""
+    owns = local_patch_latent_mask(grid_h, grid_w, dict(layout.modalities)["latents"])
     mask = layout.space_mask(part).clone()
     patches, latents = layout.slice("patches"), layout.slice("latents")
     if part == "encoder":

@@ -56,10 +56,12 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "open_run_replay",
+    "rank_payload",
     "replay_position",
     "restore",
     "restore_replay_position",
     "restore_rng_state",
+    "run_replay_dir",
     "save_checkpoint",
 ]
 
@@ -272,6 +274,22 @@ def restore_replay_position(rb: Any, position: Mapping[str, Any]) -> None:
         rb._rng.set_state(position["rng"])
 
 
+def run_replay_dir(run_dir: str | Path, rank: int = 0) -> Path:
+    """Where rank `rank` of an online run keeps its memmapped replay: `replay`, then `replay-rank1`, ..."""
+    return Path(run_dir) / ("replay" if rank == 0 else f"replay-rank{rank}")
+
+
+def rank_payload(payload: Mapping[str, Any], rank: int) -> dict[str, Any]:
+    """A checkpoint payload with data-parallel rank `rank`'s own part (counters, replay position, collector state)
+    merged in and `ranks` dropped; a single-process payload is returned as it is."""
+    if "ranks" not in payload:
+        return dict(payload)
+    ranks = payload["ranks"]
+    if not 0 <= rank < len(ranks):
+        raise ValueError(f"rank={rank} is not one of the {len(ranks)} ranks this checkpoint was saved with")
+    return {**{key: value for key, value in payload.items() if key != "ranks"}, **ranks[rank]}
+
+
 def open_run_replay(run_dir: str | Path, rank: int = 0, seed: int | None = None) -> Any:
     """The replay buffer of an online run of the loop as of its newest checkpoint, for reading and sampling.
 
@@ -288,17 +306,14 @@ def open_run_replay(run_dir: str | Path, rank: int = 0, seed: int | None = None)
     if newest is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir}: the replay's position is only recorded in checkpoints")
     payload = load_checkpoint(newest).payload
-    if "ranks" in payload:
-        if not 0 <= rank < len(payload["ranks"]):
-            raise ValueError(f"rank={rank} is not one of the {len(payload['ranks'])} ranks of {newest}")
-        payload = {**payload, **payload["ranks"][rank]}
-    elif rank != 0:
+    if "ranks" not in payload and rank != 0:
         raise ValueError(f"rank={rank}: {newest} comes from a single-process run (rank 0 only)")
+    payload = rank_payload(payload, rank)
     if "replay" not in payload or payload["replay"].get("path") is None:
         raise ValueError(f"{newest} holds no replay position (an offline run, or a replay without a directory)")
     replay_cfg = payload["config"]["replay"]
     rb = make_replay(replay_cfg["capacity"], replay_cfg["seq_len"], replay_cfg["batch_size"],
-                     path=run_dir / ("replay" if rank == 0 else f"replay-rank{rank}"))
+                     path=run_replay_dir(run_dir, rank))
     restore_replay_position(rb, payload["replay"])
     if seed is not None:
         rb.set_rng(torch.Generator().manual_seed(seed))

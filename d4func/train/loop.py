@@ -431,9 +431,7 @@ class Trainer:
         found = checkpoint.restore(self.run_dir, self.generators())
         if found is None:
             return None
-        payload = dict(found.payload)
-        if "ranks" in payload:
-            payload.update(payload.pop("ranks")[self.dist.rank if self.dist is not None else 0])
+        payload = checkpoint.rank_payload(found.payload, self.dist.rank if self.dist is not None else 0)
         self.states = {name: state.to(self.device) for name, state in payload["states"].items()}
         self.counters.update(payload["counters"])
         if self.replay is not None and "replay" in payload:
@@ -533,7 +531,7 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
                             action_repeat=cfg.env.action_repeat, max_episode_steps=cfg.env.max_episode_steps)
     check_env_fits(cfg, env, cfg.env.name)
     rank = 0 if dist_info is None else dist_info.rank
-    replay_dir = trainer.run_dir / ("replay" if rank == 0 else f"replay-rank{rank}")
+    replay_dir = checkpoint.run_replay_dir(trainer.run_dir, rank)
     resuming = checkpoint.latest_checkpoint(trainer.run_dir) is not None and (replay_dir / "storage").exists()
     trainer.replay = make_replay(cfg.replay.capacity, cfg.replay.seq_len, cfg.replay.batch_size, path=replay_dir,
                                  seed=trainer.rank_seed(cfg.seed + 4, "replay"))
