@@ -343,3 +343,31 @@ def test_sigkilled_online_loop_resumes_from_its_last_checkpoint_exactly(tmp_path
     uninterrupted = C.load_checkpoint(C.latest_checkpoint(whole)).payload
     assert resumed["counters"] == uninterrupted["counters"] and resumed["counters"]["env_steps"] == target
     assert_states_equal(uninterrupted["states"], resumed["states"])
+
+
+def test_online_run_stopped_before_its_first_checkpoint_starts_over_with_a_fresh_replay(tmp_path):
+    """A run killed before its first checkpoint left replay rows that no checkpoint accounts for: rerunning it
+    starts from scratch, replay included (reusing those rows would clash episode ids), and ends where a run in a
+    new directory ends."""
+    from helpers.states import assert_states_equal
+
+    from d4func.train.loop import train
+    from d4func.train.run_config import load_run_config
+
+    reach = "experiments/configs/reach.yaml"
+    common = ["loop.mode=online", "loop.offline_data=null", "loop.prefill_steps=10", "loop.collect_steps=5",
+              "loop.train_ratio=0.4", "loop.agent_start=20", "loop.eval_every=100000", "loop.gif_every=100000",
+              "loop.checkpoint_every=100000", "loop.log_every=1", "env.eval_episodes=0", "replay.batch_size=2",
+              "loop.env_steps=30"]
+    stopped, fresh = tmp_path / "stopped", tmp_path / "fresh"
+    train(load_run_config(reach, [f"run_dir={stopped}", *common, "loop.env_steps=25"]), progress=False)
+    for path in C.list_checkpoints(stopped):
+        path.unlink()  # as if killed before any checkpoint was written
+    assert (stopped / "replay" / "storage").exists()
+    train(load_run_config(reach, [f"run_dir={stopped}", *common]), progress=False)
+    train(load_run_config(reach, [f"run_dir={fresh}", *common]), progress=False)
+    rerun = C.load_checkpoint(C.latest_checkpoint(stopped)).payload
+    reference = C.load_checkpoint(C.latest_checkpoint(fresh)).payload
+    assert rerun["counters"] == reference["counters"] and rerun["counters"]["env_steps"] == 30
+    assert rerun["replay"]["len"] == reference["replay"]["len"] == 30
+    assert_states_equal(reference["states"], rerun["states"])

@@ -38,8 +38,8 @@ def test_online_loop_on_dmc_writes_checkpoint_logs_gif_and_resumes(tmp_path):
     assert (tmp_path / "logs" / "scalars").is_dir()  # TorchRL's CSV logger
 
     # The replay as of the newest checkpoint: all 200 transitions. The storage metadata on disk records only the
-    # first extend, so a bare make_replay(path=...) would sample from those alone.
-    from d4func.data.replay import make_replay
+    # first extend, so a bare make_replay(path=...) samples from those alone, and warns.
+    from d4func.data.replay import StaleReplayPositionWarning, make_replay
     from d4func.train.checkpoint import open_run_replay
 
     assert len(open_run_replay(tmp_path, seed=0)) == 200
@@ -47,7 +47,8 @@ def test_online_loop_on_dmc_writes_checkpoint_logs_gif_and_resumes(tmp_path):
         open_run_replay(tmp_path, rank=1)  # a single-process run has rank 0 only
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         open_run_replay(tmp_path / "logs")
-    assert len(make_replay(load_run_config(DEBUG).replay.capacity, 8, 2, path=tmp_path / "replay")) < 200
+    with pytest.warns(StaleReplayPositionWarning, match=r"kept in the checkpoints of .*open_run_replay"):
+        assert len(make_replay(load_run_config(DEBUG).replay.capacity, 8, 2, path=tmp_path / "replay")) < 200
 
     # Resume: the same run directory with a larger budget continues from the checkpoint, never from scratch.
     resumed = train(load_run_config(DEBUG, [f"run_dir={tmp_path}", *SHORT, "loop.env_steps=250"]), progress=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from d4func.data.offline import (
     read_metadata,
     record_episodes,
 )
-from d4func.data.replay import make_replay, save_replay
+from d4func.data.replay import StaleReplayPositionWarning, make_replay, save_replay
 from d4func.envs.crafter_env import make_crafter_env
 
 torch.set_num_threads(1)
@@ -180,6 +181,21 @@ def test_reopen_from_disk_and_keep_writing(tmp_path):
     _assert_slices_within_episodes(again.sample(), {0: a, 1: b}, 3)
     with pytest.raises(ValueError, match="capacity"):
         make_replay(50, 3, 4, path=tmp_path / "rb")
+
+
+def test_reopening_a_buffer_whose_position_is_kept_elsewhere_warns(tmp_path):
+    rb = make_replay(40, 3, 4, path=tmp_path / "rb", seed=0)
+    rb.extend(_episode(0, 9, 0))
+    save_replay(rb, position_kept_in="the checkpoints of RUN")
+    rb.extend(_episode(1, 7, 50))  # recorded by its owner, not on disk
+    with pytest.warns(StaleReplayPositionWarning, match="kept in the checkpoints of RUN"):
+        assert len(make_replay(40, 3, 4, path=tmp_path / "rb")) == 9
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a plain save leaves no note: reopening it is silent
+        plain = make_replay(40, 3, 4, path=tmp_path / "plain", seed=0)
+        plain.extend(_episode(0, 9, 0))
+        save_replay(plain)
+        assert len(make_replay(40, 3, 4, path=tmp_path / "plain")) == 9
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -26,11 +26,16 @@ multiples of 1/255 raises rather than silently losing precision.
 
 On disk (``path`` given): ``path/storage/`` holds the memmapped tensors (written in place, no copies);
 ``rb.dumps(path)`` (or :func:`save_replay`) records length, write cursor and RNG state, and
-:func:`make_replay` with the same ``path`` reopens it.
+:func:`make_replay` with the same ``path`` reopens it. A buffer whose owner keeps its position elsewhere (the
+training loop records it once, then in every checkpoint: ``save_replay(rb, position_kept_in=...)``) carries a
+note saying so, and reopening it with :func:`make_replay` alone warns (:class:`StaleReplayPositionWarning`),
+since the length and cursor on disk are those of the first save.
 """
 
 from __future__ import annotations
 
+import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,12 +49,20 @@ __all__ = [
     "DEFAULT_TRAJ_KEY",
     "PixelsAsUint8",
     "SequenceReplayBuffer",
+    "StaleReplayPositionWarning",
     "make_replay",
     "save_replay",
 ]
 
 DEFAULT_TRAJ_KEY: NestedKey = ("collector", "traj_ids")
 DEFAULT_PIXEL_KEYS: tuple[NestedKey, ...] = ("pixels", ("next", "pixels"))
+# Written by save_replay(rb, position_kept_in=...): the buffer's current length and cursor are kept elsewhere.
+POSITION_NOTE = "position_kept_in.json"
+
+
+class StaleReplayPositionWarning(UserWarning):
+    """A replay directory was reopened with the length and cursor of its first save, while its owner (e.g. a
+    training run) records the current ones elsewhere; the note in the directory says where."""
 
 
 class PixelsAsUint8(Transform):
@@ -178,6 +191,15 @@ def make_replay(
         prefetch=prefetch,
     )
     if path is not None and (path / "storage" / "storage_metadata.json").exists():
+        note = path / POSITION_NOTE
+        if note.exists():
+            kept_in = json.loads(note.read_text())["position_kept_in"]
+            warnings.warn(
+                f"{path} was reopened as of its first save: its current length and write cursor are kept in "
+                f"{kept_in}. For a d4func run's replay use d4func.train.checkpoint.open_run_replay(run_dir).",
+                StaleReplayPositionWarning,
+                stacklevel=2,
+            )
         rb.loads(path)
         # loads() restores the saved batch size; the caller's batch shape wins.
         rb._batch_size = batch_size * seq_len
@@ -190,9 +212,14 @@ def make_replay(
     return rb
 
 
-def save_replay(rb: SequenceReplayBuffer) -> Path:
-    """Record a path-backed buffer's length, cursor and RNG state next to its memmaps (data is already there)."""
+def save_replay(rb: SequenceReplayBuffer, position_kept_in: str | None = None) -> Path:
+    """Record a path-backed buffer's length, cursor and RNG state next to its memmaps (data is already there).
+
+    ``position_kept_in``: where the owner records the position from now on (e.g. a run's checkpoints), for a
+    buffer saved once and then extended; reopening it with :func:`make_replay` alone then warns, naming it."""
     if rb.path is None:
         raise ValueError("this replay buffer has no path; build it with make_replay(..., path=DIR) to save it")
     rb.dumps(rb.path)
+    if position_kept_in is not None:
+        (rb.path / POSITION_NOTE).write_text(json.dumps({"position_kept_in": position_kept_in}))
     return rb.path

@@ -290,6 +290,16 @@ def rank_payload(payload: Mapping[str, Any], rank: int) -> dict[str, Any]:
     return {**{key: value for key, value in payload.items() if key != "ranks"}, **ranks[rank]}
 
 
+def reopen_run_replay(replay_dir: Path, capacity: int, seq_len: int, batch_size: int, seed: int | None = None) -> Any:
+    """`make_replay` on a run's replay directory, for a caller that restores the position from a checkpoint next
+    (so the reopened buffer's stale length and cursor, and make_replay's warning about them, do not matter)."""
+    from d4func.data.replay import StaleReplayPositionWarning, make_replay
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StaleReplayPositionWarning)
+        return make_replay(capacity, seq_len, batch_size, path=replay_dir, seed=seed)
+
+
 def open_run_replay(run_dir: str | Path, rank: int = 0, seed: int | None = None) -> Any:
     """The replay buffer of an online run of the loop as of its newest checkpoint, for reading and sampling.
 
@@ -299,8 +309,6 @@ def open_run_replay(run_dir: str | Path, rank: int = 0, seed: int | None = None)
     (default: the sampler RNG as checkpointed). Sampling moves only this buffer's RNG; do not `extend` it while the
     run may resume.
     """
-    from d4func.data.replay import make_replay  # torchrl: imported only when a replay is opened
-
     run_dir = Path(run_dir)
     newest = latest_checkpoint(run_dir)
     if newest is None:
@@ -312,8 +320,8 @@ def open_run_replay(run_dir: str | Path, rank: int = 0, seed: int | None = None)
     if "replay" not in payload or payload["replay"].get("path") is None:
         raise ValueError(f"{newest} holds no replay position (an offline run, or a replay without a directory)")
     replay_cfg = payload["config"]["replay"]
-    rb = make_replay(replay_cfg["capacity"], replay_cfg["seq_len"], replay_cfg["batch_size"],
-                     path=run_replay_dir(run_dir, rank))
+    rb = reopen_run_replay(run_replay_dir(run_dir, rank), replay_cfg["capacity"], replay_cfg["seq_len"],
+                           replay_cfg["batch_size"])
     restore_replay_position(rb, payload["replay"])
     if seed is not None:
         rb.set_rng(torch.Generator().manual_seed(seed))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -517,7 +518,7 @@ class Trainer:
 def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo | None = None) -> dict[str, Any]:
     from torchrl.collectors import Collector
 
-    from d4func.data.replay import make_replay, save_replay
+    from d4func.data.replay import save_replay
     from d4func.envs.registry import make_env
 
     trainer = Trainer(cfg, dist_info)
@@ -533,8 +534,12 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
     rank = 0 if dist_info is None else dist_info.rank
     replay_dir = checkpoint.run_replay_dir(trainer.run_dir, rank)
     resuming = checkpoint.latest_checkpoint(trainer.run_dir) is not None and (replay_dir / "storage").exists()
-    trainer.replay = make_replay(cfg.replay.capacity, cfg.replay.seq_len, cfg.replay.batch_size, path=replay_dir,
-                                 seed=trainer.rank_seed(cfg.seed + 4, "replay"))
+    if not resuming and replay_dir.exists():
+        # A run stopped before its first checkpoint: no checkpoint records a position in this replay, and its
+        # episode ids would clash with the new run's. The run starts over, so does its replay.
+        shutil.rmtree(replay_dir)
+    trainer.replay = checkpoint.reopen_run_replay(replay_dir, cfg.replay.capacity, cfg.replay.seq_len,
+                                                  cfg.replay.batch_size, seed=trainer.rank_seed(cfg.seed + 4, "replay"))
     policy = WorldModelPolicy(trainer.models.tokenizer, trainer.models.dynamics, trainer.models.heads,
                               env.action_spec, context=cfg.replay.seq_len,
                               seed=trainer.rank_seed(cfg.seed + 5, "acting"))
@@ -580,7 +585,8 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
             counters["next_traj_id"] = max(counters["next_traj_id"], int(ids.max()) + 1)
             trainer.replay.extend(batch)
             if not saved_replay:
-                save_replay(trainer.replay)  # records the storage layout once; positions go into checkpoints
+                # Records the storage layout once; positions go into checkpoints (open_run_replay reads them).
+                save_replay(trainer.replay, position_kept_in=f"the checkpoints of {trainer.run_dir}")
                 saved_replay = True
             n = batch.numel()
             counters["env_steps"] += n
