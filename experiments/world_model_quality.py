@@ -12,7 +12,12 @@ and `horizon` frames after them.
 * reconstruction: the tokenizer's own encode -> decode of the target frame, the ceiling any prediction decoded by
   this tokenizer can reach;
 * open loop: the whole horizon generated from the context under the real actions with K = `dynamics.sampling_steps`
-  (errors compound, paper Sec. 3.2), per step, with the copy-last baseline per step.
+  (errors compound, paper Sec. 3.2), per step, with the copy-last baseline per step;
+* reward: the reward head (offset 0) on the agent tokens of the real clip, each frame committed as the agent
+  observes one (`imagination.commit_frames`), against the rewards the env gave. Its mean squared error is compared
+  with the best constant prediction (the held-out rewards' own mean, so the baseline is optimistic), as
+  R^2 = 1 - MSE / variance, with the correlation. Imagination learns from these predicted rewards (paper Sec. 3.4):
+  a head that explains none of the variance gives the policy nothing to climb.
 
 PSNR is `d4func.tokenizer_loss.psnr`: the mean over images of per-image PSNR (peak 1), so an image predicted exactly
 counts 100 dB (its error is floored at 1e-10) and copy-last scores high wherever the scene stands still (Reach's
@@ -37,13 +42,16 @@ import torch
 from tensordict import TensorDictBase
 from torch import Tensor
 
-from d4func.dynamics import Dynamics
+from d4func.dynamics import Dynamics, actions_into_frames
+from d4func.heads import AgentHeads, reward_dist
+from d4func.imagination import commit_frames, world_model_fn
 from d4func.tokenizer import Tokenizer, decode, encode
 from d4func.tokenizer_loss import psnr
 from d4func.train import checkpoint
 from d4func.train.loop import build_models
 from d4func.train.run_config import RunConfig
 from d4func.train.video import predict_frames, write_comparison_gif
+from d4func.transformer import empty_cache
 
 K_VALUES = (1, 2, 4)
 # Env seeds: training uses cfg.seed, the loop's evaluation `eval_env_seed(cfg.seed)` (cfg.seed + 10_000); held-out
@@ -66,6 +74,8 @@ class LoadedRun:
     tokenizer_params: TensorDictBase
     dynamics: Dynamics
     dynamics_params: TensorDictBase
+    heads: AgentHeads
+    heads_params: TensorDictBase
 
 
 def load_run(run_dir: str | Path) -> LoadedRun:
@@ -95,6 +105,8 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         tokenizer_params=states["tokenizer"]["params"],
         dynamics=models.dynamics,
         dynamics_params=states["world_model"]["params", "dynamics"],
+        heads=models.heads,
+        heads_params=states["world_model"]["params", "heads"],
     )
 
 
@@ -117,7 +129,8 @@ def held_out_episodes(
 ) -> list[tuple[Tensor, Tensor]]:
     """`episodes` random-policy episodes (at most `max_steps` steps each) of a fresh env on a held-out seed.
 
-    Returns `(frames [T, ...], actions [T, ...])` per episode, TorchRL's convention (action t follows frame t)."""
+    Returns `(frames [T, ...], actions [T, ...], rewards [T])` per episode, TorchRL's convention (action t follows
+    frame t, reward t is that transition's)."""
     from d4func.data.offline import UniformRandomPolicy
     from d4func.envs.registry import make_env
 
@@ -129,33 +142,34 @@ def held_out_episodes(
     try:
         for _ in range(episodes):
             rollout = env.rollout(max_steps, policy, break_when_any_done=True)
-            out.append((rollout.get("pixels").float(), rollout.get("action")))
+            rewards = rollout.get(("next", "reward")).float().reshape(-1)
+            out.append((rollout.get("pixels").float(), rollout.get("action"), rewards))
     finally:
         env.close()
     return out
 
 
-def sample_clips(episodes: list[tuple[Tensor, Tensor]], length: int, clips: int, seed: int) -> tuple[Tensor, Tensor]:
+def sample_clips(episodes: list[tuple[Tensor, ...]], length: int, clips: int, seed: int) -> tuple[Tensor, ...]:
     """`clips` distinct windows of `length` consecutive steps, drawn uniformly from all windows inside episodes.
 
-    Returns frames `[clips, length, ...]` and actions `[clips, length, ...]`."""
-    windows = [(e, start) for e, (frames, _) in enumerate(episodes) for start in range(frames.shape[0] - length + 1)]
+    Each episode is a tuple of per-step tensors of equal length (frames, actions, ...). Returns one tensor per
+    field, `[clips, length, ...]`."""
+    windows = [(e, start) for e, fields in enumerate(episodes) for start in range(fields[0].shape[0] - length + 1)]
     if len(windows) < clips:
-        lengths = [frames.shape[0] for frames, _ in episodes]
+        lengths = [fields[0].shape[0] for fields in episodes]
         raise ValueError(f"the held-out episodes (lengths {lengths}) hold {len(windows)} windows of {length} steps "
                          f"(context + horizon), fewer than clips={clips}; use more episodes, fewer clips or a "
                          "shorter horizon")
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))[:clips]
     picked = [windows[i] for i in order.tolist()]
-    frames = torch.stack([episodes[e][0][s:s + length] for e, s in picked])
-    actions = torch.stack([episodes[e][1][s:s + length] for e, s in picked])
-    return frames, actions
+    n_fields = len(episodes[0])
+    return tuple(torch.stack([episodes[e][f][s:s + length] for e, s in picked]) for f in range(n_fields))
 
 
 def held_out_clips(
     run: LoadedRun, episodes: int, clips: int, horizon: int, seed: int, max_steps: int
-) -> tuple[Tensor, Tensor]:
-    """Clips of `replay.context_len + horizon` frames (and their actions) from held-out episodes."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Clips of `replay.context_len + horizon` frames (with their actions and rewards) from held-out episodes."""
     data = held_out_episodes(run.cfg, run.env_name, episodes, seed, max_steps)
     return sample_clips(data, run.cfg.replay.context_len + horizon, clips, seed)
 
@@ -198,6 +212,35 @@ def next_frame_metrics(run: LoadedRun, frames: Tensor, actions: Tensor, seed: in
 
 
 @torch.no_grad()
+def reward_metrics(run: LoadedRun, frames: Tensor, actions: Tensor, rewards: Tensor, seed: int) -> dict[str, Any]:
+    """The reward head against the env's rewards on real clips (see the module docstring).
+
+    The agent token of frame t, t >= 1, predicts the reward into frame t, `rewards[:, t - 1]` (offset 0,
+    `d4func/train/agent_step.py`); frame 0's incoming transition is not in the clip. R^2 is None when the
+    held-out rewards do not vary."""
+    latents = encode(run.tokenizer, run.tokenizer_params, frames)
+    actions_in, mask_in = actions_into_frames(actions)
+    model_fn = world_model_fn(run.dynamics, run.dynamics_params)
+    generator = torch.Generator(device=frames.device).manual_seed(seed)
+    agent_out, _ = commit_frames(model_fn, run.dynamics.cfg, latents, actions_in, mask_in,
+                                 empty_cache(frames.shape[0], frames.device), generator)
+    predicted = reward_dist(run.heads, run.heads_params["reward"], agent_out[:, 1:]).mean().double().flatten()
+    actual = rewards[:, :-1].double().flatten()
+    variance = float(actual.var(unbiased=False))
+    mse = float((predicted - actual).square().mean())
+    spread = float(predicted.std(unbiased=False)) * variance ** 0.5
+    covariance = float(((predicted - predicted.mean()) * (actual - actual.mean())).mean())
+    return {
+        "reward_mse": mse,
+        "reward_constant_mse": variance,
+        "reward_r2": 1.0 - mse / variance if variance > 0 else None,
+        "reward_corr": covariance / spread if spread > 0 else None,
+        "reward_mean_actual": float(actual.mean()),
+        "reward_mean_predicted": float(predicted.mean()),
+    }
+
+
+@torch.no_grad()
 def open_loop(run: LoadedRun, frames: Tensor, actions: Tensor, seed: int) -> tuple[Tensor, list[float], list[float]]:
     """Generate every frame after the context open loop (K = `dynamics.sampling_steps`) under the real actions.
 
@@ -228,8 +271,9 @@ def evaluate_run(
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     run = load_run(run_dir)
-    frames, actions = held_out_clips(run, episodes, clips, horizon, seed, max_steps)
+    frames, actions, rewards = held_out_clips(run, episodes, clips, horizon, seed, max_steps)
     result: dict[str, Any] = dict(next_frame_metrics(run, frames, actions, seed))
+    result.update(reward_metrics(run, frames, actions, rewards, seed))
     imagined, model, copy_last = open_loop(run, frames, actions, seed)
     result["open_loop_psnr"] = model
     result["open_loop_copy_last"] = copy_last
@@ -264,6 +308,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"clips from {result['episodes']} held-out episodes, context {result['context_len']}",
         f"next-frame PSNR (dB)  {'per image':>10} {'pooled MSE':>11}",
         *(f"  {label:<19} {_db(result[f'psnr_{key}']):>10} {_db(result['pooled'][key]):>11}" for label, key in rows),
+        f"reward head, per step: MSE {result['reward_mse']:.4g} against {result['reward_constant_mse']:.4g} for "
+        f"the best constant (R^2 {_db(result['reward_r2'])}, correlation {_db(result['reward_corr'])})",
         f"open-loop PSNR (dB, per image), K={result['sampling_steps']}",
         f"  {'step':>4} {'model':>8} {'copy last':>10}",
         *(f"  {h + 1:>4} {_db(m):>8} {_db(c):>10}"

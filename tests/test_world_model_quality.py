@@ -61,7 +61,8 @@ def _psnr_by_hand(prediction: torch.Tensor, target: torch.Tensor) -> float:
 
 def test_result_keys_and_values(run_dir, result):
     expected = {"psnr_k1", "psnr_k2", "psnr_k4", "psnr_copy_last", "psnr_reconstruction", "open_loop_psnr",
-                "open_loop_copy_last", "episodes", "clips", "horizon", "seed", "env", "step"}
+                "open_loop_copy_last", "episodes", "clips", "horizon", "seed", "env", "step", "reward_mse",
+                "reward_constant_mse", "reward_r2", "reward_corr"}
     assert expected <= set(result)
     for key in ("psnr_k1", "psnr_k2", "psnr_k4", "psnr_copy_last", "psnr_reconstruction"):
         assert math.isfinite(result[key]), key
@@ -74,7 +75,7 @@ def test_result_keys_and_values(run_dir, result):
 
 def test_copy_last_matches_hand_computation(run_dir, result):
     run = wmq.load_run(run_dir)
-    frames, _ = wmq.held_out_clips(run, EPISODES, CLIPS, HORIZON, SEED, max_steps=200)
+    frames, _, _ = wmq.held_out_clips(run, EPISODES, CLIPS, HORIZON, SEED, max_steps=200)
     context = run.cfg.replay.context_len
     assert frames.shape == (CLIPS, context + HORIZON, 3, 16, 16)
     last = frames[:, context - 1]
@@ -83,6 +84,31 @@ def test_copy_last_matches_hand_computation(run_dir, result):
     assert result["open_loop_copy_last"] == pytest.approx(by_step, abs=1e-3)
     mse = ((last - frames[:, context]).double() ** 2).mean()
     assert result["pooled"]["copy_last"] == pytest.approx(float(10 * torch.log10(1 / mse)), abs=1e-3)
+
+
+def test_reward_metrics_score_each_frame_against_the_reward_into_it(run_dir, result):
+    run = wmq.load_run(run_dir)
+    frames, actions, rewards = wmq.held_out_clips(run, EPISODES, CLIPS, HORIZON, SEED, max_steps=200)
+    base = wmq.reward_metrics(run, frames, actions, rewards, SEED)
+    assert {k: result[k] for k in base} == base  # evaluate_run reports the same figures
+    assert base["reward_constant_mse"] == pytest.approx(float(rewards[:, :-1].double().var(unbiased=False)))
+    if base["reward_r2"] is not None:
+        assert base["reward_r2"] == pytest.approx(1 - base["reward_mse"] / base["reward_constant_mse"])
+    # The last transition of a clip leads into no frame of it: it is never scored. The first one leads into frame 1.
+    last_changed = rewards.clone()
+    last_changed[:, -1] += 5.0
+    assert wmq.reward_metrics(run, frames, actions, last_changed, SEED) == base
+    shift = 0.5
+    first_changed = rewards.clone()
+    first_changed[:, 0] += shift
+    moved = wmq.reward_metrics(run, frames, actions, first_changed, SEED)
+    assert moved["reward_mean_actual"] == pytest.approx(base["reward_mean_actual"] + shift / (rewards.shape[1] - 1))
+    # Shifting every scored reward by c: MSE(c) = MSE(0) - 2 c (mean predicted - mean actual) + c^2, variance kept.
+    shifted = wmq.reward_metrics(run, frames, actions, rewards + shift, SEED)
+    gap = base["reward_mean_predicted"] - base["reward_mean_actual"]
+    assert shifted["reward_mse"] == pytest.approx(base["reward_mse"] - 2 * shift * gap + shift**2, rel=1e-6)
+    assert shifted["reward_constant_mse"] == pytest.approx(base["reward_constant_mse"])
+    assert shifted["reward_mean_predicted"] == base["reward_mean_predicted"]
 
 
 def test_open_loop_first_step_is_next_frame_sample(result):
