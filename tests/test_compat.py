@@ -47,6 +47,13 @@ def test_model_seed_env_and_device_changes_are_refused(key):
     assert len(forbidden) == 1
 
 
+@pytest.mark.parametrize(("saved", "now", "same"), [("cuda", "cuda:0", True), ("cpu", "cpu:0", True),
+                                                    ("cuda:0", "cuda:1", False), ("cpu", "cuda", False)])
+def test_device_spellings_of_one_device_resume(saved, now, same):
+    forbidden, _ = config_changes(_with(BASE, "device", saved), _with(BASE, "device", now))
+    assert forbidden == ([] if same else [f"device: {saved!r} -> {now!r}"])
+
+
 @pytest.mark.parametrize("key", ["loop.env_steps", "loop.offline_steps", "loop.gif_every", "env.eval_episodes"])
 def test_budget_and_reporting_changes_pass_silently(key):
     assert config_changes(BASE, _with(BASE, key, _changed(flatten_config(BASE)[key]))) == ([], [])

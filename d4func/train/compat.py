@@ -68,6 +68,15 @@ def _under(key: str, prefixes: tuple[str, ...]) -> bool:
     return any(key == p or key.startswith(f"{p}.") for p in prefixes)
 
 
+def _same_device(a: Any, b: Any) -> bool:
+    """Two spellings of one device ("cuda" and "cuda:0", "cpu" and "cpu:0"): a bare type means index 0."""
+    try:
+        da, db = torch.device(a), torch.device(b)
+    except (TypeError, RuntimeError):
+        return False
+    return da.type == db.type and (da.index or 0) == (db.index or 0)
+
+
 def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     """`(forbidden, reported)`: the changed keys between two nested config dicts, each as `"key: old -> new"`.
 
@@ -77,7 +86,7 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> tupl
     forbidden, reported = [], []
     for key in sorted(old.keys() | new.keys()):
         before, after = old.get(key, "<absent>"), new.get(key, "<absent>")
-        if before == after or _under(key, RESUME_FREE):
+        if before == after or _under(key, RESUME_FREE) or (key == "device" and _same_device(before, after)):
             continue
         line = f"{key}: {before!r} -> {after!r}"
         (forbidden if _under(key, RESUME_MUST_MATCH) else reported).append(line)
