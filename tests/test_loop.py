@@ -13,6 +13,7 @@ from d4func.cli import main
 from d4func.train import checkpoint
 from d4func.train.loop import build_models, init_states, train
 from d4func.train.run_config import load_run_config
+from d4func.train.state import NonFiniteLossError
 
 DEBUG = "experiments/configs/debug.yaml"
 SHORT = ["loop.env_steps=200", "loop.prefill_steps=50", "loop.collect_steps=50", "loop.agent_start=100",
@@ -292,6 +293,24 @@ def test_nan_in_the_loop_stops_naming_phase_and_step_with_the_last_good_state_sa
     world_model = loaded.payload["states"]["world_model"]
     assert int(world_model["step"]) == failed_at  # the state from before the failing update
     assert all(torch.isfinite(leaf).all() for leaf in world_model["params"].values(True, True))
+
+
+def test_nan_in_the_online_loop_saves_the_unfinished_steps_of_its_round_as_credit(tmp_path):
+    # Online, each round of collected steps pays for its gradient steps up front from counters["train_credit"]; the
+    # state saved at a NaN stop must still owe the steps the round did not finish (a resume then runs them).
+    run = tmp_path / "run"
+    cfg = load_run_config("experiments/configs/reach.yaml", [
+        f"run_dir={run}", "loop.mode=online", "loop.offline_data=null", "loop.prefill_steps=10",
+        "loop.collect_steps=5", "loop.train_ratio=0.8", "loop.agent_start=1000", "loop.env_steps=200",
+        "loop.eval_every=100000", "loop.gif_every=100000", "loop.checkpoint_every=100000", "env.eval_episodes=0",
+        "replay.batch_size=2", "optim.world_model.lr=1e6"])
+    with pytest.raises(NonFiniteLossError, match="loop gradient step"):
+        train(cfg, progress=False)
+    counters = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(run)).payload["counters"]
+    # Credit is earned from the round that completes the prefill (env steps 5-10) on: 0.8 per env step after 5.
+    earned = 0.8 * (counters["env_steps"] - 5)
+    assert counters["grad_steps"] + counters["train_credit"] == pytest.approx(earned)
+    assert counters["train_credit"] >= 1  # at least the failed step itself is owed
 
 
 def test_resume_refuses_a_config_that_changes_the_models_and_warns_on_other_changes(tmp_path, cartpole_data):

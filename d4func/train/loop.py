@@ -440,9 +440,11 @@ class Trainer:
         return payload
 
     # ---- training ----------------------------------------------------------------------------------------------
-    def train_steps(self, n: int, agent_active: bool) -> dict[str, float]:
+    def train_steps(self, n: int, agent_active: bool, from_credit: bool = False) -> dict[str, float]:
+        """`n` gradient steps. `from_credit`: they were paid from `counters["train_credit"]` (online); a NaN stop
+        puts the unfinished ones back before saving, so a resume from the saved state still runs them."""
         metrics: dict[str, float] = {}
-        for _ in range(n):
+        for done in range(n):
             before = self.states
             rng_before = {name: gen.get_state() for name, gen in self.generators().items()}
             replay_before = checkpoint.replay_position(self.replay)  # its sampler's RNG, before drawing this batch
@@ -457,6 +459,8 @@ class Trainer:
                 for name, gen in self.generators().items():
                     gen.set_state(rng_before[name])
                 checkpoint.restore_replay_position(self.replay, replay_before)
+                if from_credit:
+                    self.counters["train_credit"] += n - done
                 path = self.save(before)
                 raise NonFiniteLossError(
                     f"{error} (loop gradient step {self.counters['grad_steps']}); the last good state, with the RNG "
@@ -611,7 +615,7 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
                 counters["train_credit"] += n * cfg.loop.train_ratio
                 steps = int(counters["train_credit"])
                 counters["train_credit"] -= steps
-                metrics = trainer.train_steps(steps, counters["env_steps"] >= cfg.loop.agent_start)
+                metrics = trainer.train_steps(steps, counters["env_steps"] >= cfg.loop.agent_start, from_credit=True)
                 policy.update_params(*acting_params(trainer.states))
             now = time.perf_counter()
             bar.update(n)
