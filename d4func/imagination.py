@@ -36,6 +36,7 @@ __all__ = [
     "commit_frames",
     "imagination_loss",
     "imagine",
+    "center_per_step",
     "lambda_returns",
     "mtp_targets",
     "pmpo_loss",
@@ -87,6 +88,21 @@ def lambda_returns(
         ret = base[..., t] + gamma * lam * continues[..., t] * ret
         out.append(ret)
     return torch.stack(out[::-1], dim=-1)
+
+
+def center_per_step(advantages: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Advantages `[B, H]` minus their (weighted) mean over the batch at each imagined step t.
+
+    A per-step baseline for PMPO's signs (`ImaginationConfig.center_advantages`): any offset shared by every
+    rollout at step t, such as a value head that lags the returns by the same amount everywhere, cancels, so the
+    signs compare each action with the others taken at that step. Steps whose weights sum to 0 are left at 0."""
+    if advantages.dim() != 2:
+        raise ValueError(f"advantages must be [B, H], got shape {tuple(advantages.shape)}")
+    w = torch.ones_like(advantages) if weights is None else weights.to(advantages.dtype)
+    _check_same_shape("advantages", advantages, weights=w)
+    total = w.sum(dim=0, keepdim=True)
+    mean = (w * advantages).sum(dim=0, keepdim=True) / torch.where(total > 0, total, torch.ones_like(total))
+    return torch.where(total > 0, advantages - mean, torch.zeros_like(advantages))
 
 
 def _check_same_shape(reference_name: str, reference: Tensor, **others: Tensor | None) -> None:
@@ -454,6 +470,11 @@ class ImaginationConfig:
     slow_reg: float = 1.0  # weight of the pull towards the slow (EMA) value's prediction
     slow_decay: float = 0.98  # EMA decay of the slow value params per step (DreamerV3)
     sampling_steps: int | None = None  # K per imagined frame; None: DynamicsConfig.sampling_steps
+    # Not in the paper (False keeps Eq. 11 as written): PMPO takes the signs of advantages minus their batch mean at
+    # each imagined step (`center_per_step`). The value head starts at 0 and must climb to about r / (1 - gamma),
+    # ~100 at gamma 0.997, by bootstrapping; until it gets there almost every advantage is positive (logged as
+    # agent/frac_pos) and sign-only PMPO prefers no action over another. The value loss is unchanged.
+    center_advantages: bool = False
 
     def __post_init__(self) -> None:
         if self.horizon < 1:
@@ -483,7 +504,8 @@ def imagination_loss(
 
     head_params: {"policy", "value"} (the trained heads; anything else is ignored); prior_policy: the frozen BC
     policy head params; slow_value: the EMA value head params. Per imagined step t < H:
-      values V_0..V_H from the value head; R = lambda_returns(r, sg(V), c); advantages A_t = R_t - sg(V_t);
+      values V_0..V_H from the value head; R = lambda_returns(r, sg(V), c); advantages A_t = R_t - sg(V_t)
+      (minus their batch mean at step t with `cfg.center_advantages`);
       policy: pmpo_loss(log pi(a_t | h_t), A, KL(pi || prior), alpha, beta) with the optional entropy floor;
       value: twohot CE of V_t towards sg(R_t), plus the slow-value regulariser;
       loss = policy_coef * policy + value_coef * value.
@@ -514,6 +536,8 @@ def imagination_loss(
     returns = lambda_returns(rollout.rewards.detach(), values, continues, cfg.gamma, cfg.lam)
     advantages = returns - values[:, :horizon]
     weights = torch.cumprod(torch.cat([torch.ones_like(continues[:, :1]), continues[:, :-1]], dim=1), dim=1)
+    if cfg.center_advantages:
+        advantages = center_per_step(advantages, weights)
 
     policy_loss, policy_metrics = pmpo_loss(
         log_probs, advantages, kl, cfg.alpha, cfg.beta, weights=weights, entropy=entropy,

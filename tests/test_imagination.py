@@ -275,6 +275,33 @@ def test_imagination_gradients_reach_only_policy_and_value():
             assert torch.count_nonzero(grad) == 0, key
 
 
+def test_centered_advantages_give_pmpo_both_signs_while_the_value_lags_and_leave_the_value_loss_alone():
+    model, heads, params = make(True)
+    batch = toy_batch(True, 6, 3, torch.Generator().manual_seed(0))
+    params = params.clone()
+    gen = torch.Generator().manual_seed(1)
+    # Rewards well above 0 and a value head that still predicts 0: every plain advantage is positive.
+    params["heads", "reward", "out", "weight"] = 0.3 * torch.randn(params["heads", "reward", "out", "weight"].shape,
+                                                                   generator=gen)
+    params["heads", "value", "out", "weight"].zero_()
+    params["heads", "value", "out", "bias"].zero_()
+    rollout = imagine(model, heads, params, batch["latents"], batch["actions"], torch.Generator().manual_seed(2),
+                      horizon=4)
+    rollout = rollout._replace(rewards=rollout.rewards.abs() + 1.0)
+
+    def loss(center: bool):
+        return imagination_loss(params["heads"], rollout, heads=heads, prior_policy=params["heads", "policy"],
+                                slow_value=params["heads", "value"],
+                                cfg=ImaginationConfig(horizon=4, center_advantages=center))
+
+    _, plain = loss(False)
+    _, centered = loss(True)
+    assert plain["frac_pos"] == 1.0
+    assert 0.0 < centered["frac_pos"] < 1.0 and 0.0 < centered["frac_neg"] < 1.0
+    assert abs(float(centered["adv_mean"])) < 1e-5
+    assert centered["value_loss"] == plain["value_loss"] and centered["imagined_return"] == plain["imagined_return"]
+
+
 def test_imagination_step_trains_only_policy_and_value():
     model, heads, params = make(False)
     batch = toy_batch(False, 3, 3, torch.Generator().manual_seed(0))

@@ -19,7 +19,7 @@ from d4func.distributions import (
     twohot_log_prob,
     twohot_mean,
 )
-from d4func.imagination import lambda_returns, mtp_targets, pmpo_loss, reverse_kl, value_loss
+from d4func.imagination import center_per_step, lambda_returns, mtp_targets, pmpo_loss, reverse_kl, value_loss
 
 torch.set_num_threads(1)
 FAST = settings(max_examples=30, deadline=None)
@@ -103,6 +103,27 @@ def test_lambda_returns_shape_errors() -> None:
 
 
 # --- PMPO --------------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), batch=st.integers(2, 6), horizon=st.integers(1, 5))
+def test_center_per_step_cancels_any_offset_shared_at_a_step(seed: int, batch: int, horizon: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    adv = torch.randn(batch, horizon, generator=g, dtype=torch.float64)
+    weights = torch.rand(batch, horizon, generator=g, dtype=torch.float64)
+    centered = center_per_step(adv, weights)
+    assert torch.allclose((weights * centered).sum(0), torch.zeros(horizon, dtype=torch.float64), atol=1e-12)
+    # A value head lagging the returns by c_t at step t (the same for every rollout) changes nothing.
+    lag = 100.0 * torch.rand(1, horizon, generator=g, dtype=torch.float64)
+    assert torch.allclose(center_per_step(adv + lag, weights), centered, atol=1e-9)
+    # Unweighted, hand case: step means 2 and -1.
+    hand = center_per_step(torch.tensor([[1.0, 0.0], [3.0, -2.0]]))
+    assert torch.equal(hand, torch.tensor([[-1.0, 1.0], [1.0, -1.0]]))
+    # A step with no weight (every rollout ended before it) stays at 0, without NaN.
+    zero_at_1 = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert torch.equal(center_per_step(torch.tensor([[1.0, 5.0], [3.0, 7.0]]), zero_at_1)[:, 1], torch.zeros(2))
+    with pytest.raises(ValueError, match=r"\[B, H\]"):
+        center_per_step(torch.zeros(3))
 
 
 def test_pmpo_gradient_weights_each_set_by_alpha_over_its_size() -> None:
