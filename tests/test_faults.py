@@ -364,7 +364,8 @@ def test_online_run_stopped_before_its_first_checkpoint_starts_over_with_a_fresh
     for path in C.list_checkpoints(stopped):
         path.unlink()  # as if killed before any checkpoint was written
     assert (stopped / "replay" / "storage").exists()
-    train(load_run_config(reach, [f"run_dir={stopped}", *common]), progress=False)
+    with pytest.warns(UserWarning, match=r"holds no checkpoint: the run starts over and its replay .* is removed"):
+        train(load_run_config(reach, [f"run_dir={stopped}", *common]), progress=False)
     train(load_run_config(reach, [f"run_dir={fresh}", *common]), progress=False)
     rerun = C.load_checkpoint(C.latest_checkpoint(stopped)).payload
     reference = C.load_checkpoint(C.latest_checkpoint(fresh)).payload

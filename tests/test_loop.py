@@ -295,22 +295,46 @@ def test_nan_in_the_loop_stops_naming_phase_and_step_with_the_last_good_state_sa
     assert all(torch.isfinite(leaf).all() for leaf in world_model["params"].values(True, True))
 
 
-def test_nan_in_the_online_loop_saves_the_unfinished_steps_of_its_round_as_credit(tmp_path):
-    # Online, each round of collected steps pays for its gradient steps up front from counters["train_credit"]; the
-    # state saved at a NaN stop must still owe the steps the round did not finish (a resume then runs them).
-    run = tmp_path / "run"
-    cfg = load_run_config("experiments/configs/reach.yaml", [
-        f"run_dir={run}", "loop.mode=online", "loop.offline_data=null", "loop.prefill_steps=10",
+def _reach_online_with_credit(run_dir, *overrides: str):
+    """Online Reach, 5 env steps per round at train ratio 0.8: each round pays for 4 gradient steps up front from
+    counters["train_credit"], earned from the round that completes the prefill (env steps 5-10) on."""
+    return load_run_config("experiments/configs/reach.yaml", [
+        f"run_dir={run_dir}", "loop.mode=online", "loop.offline_data=null", "loop.prefill_steps=10",
         "loop.collect_steps=5", "loop.train_ratio=0.8", "loop.agent_start=1000", "loop.env_steps=200",
         "loop.eval_every=100000", "loop.gif_every=100000", "loop.checkpoint_every=100000", "env.eval_episodes=0",
-        "replay.batch_size=2", "optim.world_model.lr=1e6"])
-    with pytest.raises(NonFiniteLossError, match="loop gradient step"):
-        train(cfg, progress=False)
-    counters = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(run)).payload["counters"]
-    # Credit is earned from the round that completes the prefill (env steps 5-10) on: 0.8 per env step after 5.
+        "replay.batch_size=2", *overrides])
+
+
+def _assert_unfinished_steps_are_owed(run_dir) -> None:
+    counters = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(run_dir)).payload["counters"]
     earned = 0.8 * (counters["env_steps"] - 5)
     assert counters["grad_steps"] + counters["train_credit"] == pytest.approx(earned)
-    assert counters["train_credit"] >= 1  # at least the failed step itself is owed
+    assert counters["train_credit"] >= 1  # at least the step that was stopped is owed
+
+
+def test_nan_in_the_online_loop_saves_the_unfinished_steps_of_its_round_as_credit(tmp_path):
+    # The state saved at a NaN stop must still owe the steps its round did not finish (a resume then runs them).
+    with pytest.raises(NonFiniteLossError, match="loop gradient step"):
+        train(_reach_online_with_credit(tmp_path, "optim.world_model.lr=1e6"), progress=False)
+    _assert_unfinished_steps_are_owed(tmp_path)
+
+
+def test_ctrl_c_in_the_middle_of_a_round_saves_its_unfinished_steps_as_credit(tmp_path, monkeypatch):
+    from d4func.train import loop
+
+    calls = {"n": 0}
+    real_step = loop.gradient_step
+
+    def interrupted_on_the_sixth(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:  # the second step of the second training round
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "gradient_step", interrupted_on_the_sixth)
+    summary = train(_reach_online_with_credit(tmp_path), progress=False)  # one process: saves, then ends
+    assert summary["grad_steps"] == 5
+    _assert_unfinished_steps_are_owed(tmp_path)
 
 
 def test_resume_refuses_a_config_that_changes_the_models_and_warns_on_other_changes(tmp_path, cartpole_data):
@@ -352,7 +376,5 @@ def test_online_loop_with_two_cameras(tmp_path):
     assert summary["env_steps"] == 100 and summary["grad_steps"] == 6 and "agent" in summary["params"]
     assert len(summary["eval"]["returns"]) == 1
     assert list((tmp_path / "gifs").glob("*.gif"))
-    from d4func.data.replay import make_replay
-
-    replay = make_replay(cfg.replay.capacity, cfg.replay.seq_len, cfg.replay.batch_size, path=tmp_path / "replay")
+    replay = checkpoint.open_run_replay(tmp_path)
     assert tuple(replay.storage[:1]["pixels"].shape) == (1, 2, 3, 32, 32)  # both cameras stored

@@ -441,34 +441,49 @@ class Trainer:
 
     # ---- training ----------------------------------------------------------------------------------------------
     def train_steps(self, n: int, agent_active: bool, from_credit: bool = False) -> dict[str, float]:
-        """`n` gradient steps. `from_credit`: they were paid from `counters["train_credit"]` (online); a NaN stop
-        puts the unfinished ones back before saving, so a resume from the saved state still runs them."""
+        """`n` gradient steps. `from_credit`: they were paid from `counters["train_credit"]` (online); whatever
+        stops them early (a NaN, Ctrl-C, an error) puts the unfinished ones back before any checkpoint is saved, so
+        a resume from that checkpoint still runs them."""
         metrics: dict[str, float] = {}
-        for done in range(n):
-            before = self.states
-            rng_before = {name: gen.get_state() for name, gen in self.generators().items()}
-            replay_before = checkpoint.replay_position(self.replay)  # its sampler's RNG, before drawing this batch
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in replay_batch(self.replay.sample()).items()}
-            try:
-                self.states, metrics = self.step_fn(self.cfg, self.models, self.states, batch, self.generator,
-                                                     self.counters["grad_steps"], agent_active, self.lpips_fn,
-                                                     self.grad_fn)
-            except NonFiniteLossError as error:
-                # Rewind the RNGs and the replay sampler too: the checkpoint then holds the state from just before
-                # this step (offline, a resume draws the same batch and noise again).
-                for name, gen in self.generators().items():
-                    gen.set_state(rng_before[name])
-                checkpoint.restore_replay_position(self.replay, replay_before)
-                if from_credit:
-                    self.counters["train_credit"] += n - done
-                path = self.save(before)
-                raise NonFiniteLossError(
-                    f"{error} (loop gradient step {self.counters['grad_steps']}); the last good state, with the RNG "
-                    f"and replay-sampler states from before this step, is saved in {path}"
-                ) from error
-            self.counters["grad_steps"] += 1
-            if self.counters["grad_steps"] % self.cfg.loop.log_every == 0:
-                self.logger.log(metrics, self.counters["env_steps"] or self.counters["grad_steps"])
+        finished = 0
+        returned = False
+
+        def return_unfinished() -> None:
+            nonlocal returned
+            if from_credit and not returned:
+                self.counters["train_credit"] += n - finished
+                returned = True
+
+        try:
+            for _ in range(n):
+                before = self.states
+                rng_before = {name: gen.get_state() for name, gen in self.generators().items()}
+                replay_before = checkpoint.replay_position(self.replay)  # its sampler's RNG, before this batch
+                batch = {k: v.to(self.device, non_blocking=True)
+                         for k, v in replay_batch(self.replay.sample()).items()}
+                try:
+                    self.states, metrics = self.step_fn(self.cfg, self.models, self.states, batch, self.generator,
+                                                         self.counters["grad_steps"], agent_active, self.lpips_fn,
+                                                         self.grad_fn)
+                except NonFiniteLossError as error:
+                    # Rewind the RNGs and the replay sampler too: the checkpoint then holds the state from just
+                    # before this step (offline, a resume draws the same batch and noise again).
+                    for name, gen in self.generators().items():
+                        gen.set_state(rng_before[name])
+                    checkpoint.restore_replay_position(self.replay, replay_before)
+                    return_unfinished()
+                    path = self.save(before)
+                    raise NonFiniteLossError(
+                        f"{error} (loop gradient step {self.counters['grad_steps']}); the last good state, with the "
+                        f"RNG and replay-sampler states from before this step, is saved in {path}"
+                    ) from error
+                self.counters["grad_steps"] += 1
+                finished += 1
+                if self.counters["grad_steps"] % self.cfg.loop.log_every == 0:
+                    self.logger.log(metrics, self.counters["env_steps"] or self.counters["grad_steps"])
+        except BaseException:
+            return_unfinished()  # before `training`'s exit save (Ctrl-C)
+            raise
         return metrics
 
     def evaluate(self, env, step: int) -> dict[str, Any]:
@@ -541,6 +556,8 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
     if not resuming and replay_dir.exists():
         # A run stopped before its first checkpoint: no checkpoint records a position in this replay, and its
         # episode ids would clash with the new run's. The run starts over, so does its replay.
+        warnings.warn(f"{trainer.run_dir} holds no checkpoint: the run starts over and its replay {replay_dir}, "
+                      "written before any checkpoint, is removed", stacklevel=2)
         shutil.rmtree(replay_dir)
     trainer.replay = checkpoint.reopen_run_replay(replay_dir, cfg.replay.capacity, cfg.replay.seq_len,
                                                   cfg.replay.batch_size, seed=trainer.rank_seed(cfg.seed + 4, "replay"))
