@@ -33,10 +33,10 @@ from d4func.transformer import empty_cache
 __all__ = [
     "ImaginationConfig",
     "Rollout",
+    "center_per_step",
     "commit_frames",
     "imagination_loss",
     "imagine",
-    "center_per_step",
     "lambda_returns",
     "mtp_targets",
     "pmpo_loss",
@@ -95,7 +95,9 @@ def center_per_step(advantages: Tensor, weights: Tensor | None = None) -> Tensor
 
     A per-step baseline for PMPO's signs (`ImaginationConfig.center_advantages`): any offset shared by every
     rollout at step t, such as a value head that lags the returns by the same amount everywhere, cancels, so the
-    signs compare each action with the others taken at that step. Steps whose weights sum to 0 are left at 0."""
+    signs compare each action with the others taken at that step. Steps whose weights sum to 0 are left at 0. The
+    mean is over the rollouts given: with one rollout every advantage becomes 0, and under data parallelism each
+    rank centres its own shard."""
     if advantages.dim() != 2:
         raise ValueError(f"advantages must be [B, H], got shape {tuple(advantages.shape)}")
     w = torch.ones_like(advantages) if weights is None else weights.to(advantages.dtype)
@@ -473,7 +475,8 @@ class ImaginationConfig:
     # Not in the paper (False keeps Eq. 11 as written): PMPO takes the signs of advantages minus their batch mean at
     # each imagined step (`center_per_step`). The value head starts at 0 and must climb to about r / (1 - gamma),
     # ~100 at gamma 0.997, by bootstrapping; until it gets there almost every advantage is positive (logged as
-    # agent/frac_pos) and sign-only PMPO prefers no action over another. The value loss is unchanged.
+    # agent/frac_pos; agent/uncentered_frac_pos when centring) and sign-only PMPO prefers no action over another.
+    # The value loss is unchanged.
     center_advantages: bool = False
 
     def __post_init__(self) -> None:
@@ -536,6 +539,7 @@ def imagination_loss(
     returns = lambda_returns(rollout.rewards.detach(), values, continues, cfg.gamma, cfg.lam)
     advantages = returns - values[:, :horizon]
     weights = torch.cumprod(torch.cat([torch.ones_like(continues[:, :1]), continues[:, :-1]], dim=1), dim=1)
+    uncentered = advantages
     if cfg.center_advantages:
         advantages = center_per_step(advantages, weights)
 
@@ -553,4 +557,8 @@ def imagination_loss(
         "imagined_reward": rollout.rewards.detach().mean(),
         "imagined_return": returns[:, 0].mean(),
     }
+    if cfg.center_advantages:  # the value-lag diagnostic, which the centred frac_pos and adv_mean no longer show
+        total = weights.sum().clamp_min(torch.finfo(weights.dtype).tiny)
+        metrics["uncentered_frac_pos"] = ((uncentered > 0).to(weights.dtype) * weights).sum() / total
+        metrics["uncentered_adv_mean"] = (uncentered * weights).sum() / total
     return loss, metrics

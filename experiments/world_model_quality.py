@@ -126,7 +126,7 @@ def _env_name(cfg: RunConfig) -> str:
 
 def held_out_episodes(
     cfg: RunConfig, env_name: str, episodes: int, seed: int, max_steps: int
-) -> list[tuple[Tensor, Tensor]]:
+) -> list[tuple[Tensor, Tensor, Tensor]]:
     """`episodes` random-policy episodes (at most `max_steps` steps each) of a fresh env on a held-out seed.
 
     Returns `(frames [T, ...], actions [T, ...], rewards [T])` per episode, TorchRL's convention (action t follows
@@ -171,7 +171,8 @@ def held_out_clips(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Clips of `replay.context_len + horizon` frames (with their actions and rewards) from held-out episodes."""
     data = held_out_episodes(run.cfg, run.env_name, episodes, seed, max_steps)
-    return sample_clips(data, run.cfg.replay.context_len + horizon, clips, seed)
+    frames, actions, rewards = sample_clips(data, run.cfg.replay.context_len + horizon, clips, seed)
+    return frames, actions, rewards
 
 
 def _predict(run: LoadedRun, context: Tensor, actions: Tensor, horizon: int, steps: int, seed: int) -> Tensor:
@@ -297,7 +298,7 @@ def evaluate_run(
     return result
 
 
-def _db(value: float | None) -> str:
+def _num(value: float | None) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.2f}"
 
 
@@ -307,12 +308,12 @@ def format_table(result: dict[str, Any]) -> str:
         f"world model of {result['checkpoint']} (step {result['step']}), env {result['env']}: {result['clips']} "
         f"clips from {result['episodes']} held-out episodes, context {result['context_len']}",
         f"next-frame PSNR (dB)  {'per image':>10} {'pooled MSE':>11}",
-        *(f"  {label:<19} {_db(result[f'psnr_{key}']):>10} {_db(result['pooled'][key]):>11}" for label, key in rows),
+        *(f"  {label:<19} {_num(result[f'psnr_{key}']):>10} {_num(result['pooled'][key]):>11}" for label, key in rows),
         f"reward head, per step: MSE {result['reward_mse']:.4g} against {result['reward_constant_mse']:.4g} for "
-        f"the best constant (R^2 {_db(result['reward_r2'])}, correlation {_db(result['reward_corr'])})",
+        f"the best constant (R^2 {_num(result['reward_r2'])}, correlation {_num(result['reward_corr'])})",
         f"open-loop PSNR (dB, per image), K={result['sampling_steps']}",
         f"  {'step':>4} {'model':>8} {'copy last':>10}",
-        *(f"  {h + 1:>4} {_db(m):>8} {_db(c):>10}"
+        *(f"  {h + 1:>4} {_num(m):>8} {_num(c):>10}"
           for h, (m, c) in enumerate(zip(result["open_loop_psnr"], result["open_loop_copy_last"], strict=True))),
     ]
     return "\n".join(lines)

@@ -296,7 +296,8 @@ def test_centered_advantages_give_pmpo_both_signs_while_the_value_lags_and_leave
 
     _, plain = loss(False)
     _, centered = loss(True)
-    assert plain["frac_pos"] == 1.0
+    assert plain["frac_pos"] == 1.0 == centered["uncentered_frac_pos"]
+    assert centered["uncentered_adv_mean"] == pytest.approx(float(plain["adv_mean"]))
     assert 0.0 < centered["frac_pos"] < 1.0 and 0.0 < centered["frac_neg"] < 1.0
     assert abs(float(centered["adv_mean"])) < 1e-5
     assert centered["value_loss"] == plain["value_loss"] and centered["imagined_return"] == plain["imagined_return"]

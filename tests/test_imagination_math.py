@@ -116,7 +116,10 @@ def test_center_per_step_cancels_any_offset_shared_at_a_step(seed: int, batch: i
     # A value head lagging the returns by c_t at step t (the same for every rollout) changes nothing.
     lag = 100.0 * torch.rand(1, horizon, generator=g, dtype=torch.float64)
     assert torch.allclose(center_per_step(adv + lag, weights), centered, atol=1e-9)
-    # Unweighted, hand case: step means 2 and -1.
+
+
+def test_center_per_step_hand_cases_and_errors() -> None:
+    # Unweighted: step means 2 and -1.
     hand = center_per_step(torch.tensor([[1.0, 0.0], [3.0, -2.0]]))
     assert torch.equal(hand, torch.tensor([[-1.0, 1.0], [1.0, -1.0]]))
     # A step with no weight (every rollout ended before it) stays at 0, without NaN.

@@ -191,11 +191,13 @@ def test_reopening_a_buffer_whose_position_is_kept_elsewhere_warns(tmp_path):
     with pytest.warns(StaleReplayPositionWarning, match="kept in the checkpoints of RUN"):
         assert len(make_replay(40, 3, 4, path=tmp_path / "rb")) == 9
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a plain save leaves no note: reopening it is silent
+        warnings.simplefilter("error", StaleReplayPositionWarning)  # a plain save leaves no note: reopening is silent
         plain = make_replay(40, 3, 4, path=tmp_path / "plain", seed=0)
         plain.extend(_episode(0, 9, 0))
         save_replay(plain)
         assert len(make_replay(40, 3, 4, path=tmp_path / "plain")) == 9
+        save_replay(rb)  # saved again by its holder, without a note: the position on disk is current
+        assert len(make_replay(40, 3, 4, path=tmp_path / "rb")) == 16
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -98,6 +98,11 @@ def test_reward_metrics_score_each_frame_against_the_reward_into_it(run_dir, res
     last_changed = rewards.clone()
     last_changed[:, -1] += 5.0
     assert wmq.reward_metrics(run, frames, actions, last_changed, SEED) == base
+    # Frame t's agent token is scored against the reward into it: the last frame's token is scored (a changed last
+    # frame changes the error; the causal model leaves every earlier token as it was).
+    last_frame_changed = frames.clone()
+    last_frame_changed[:, -1] = 1.0 - last_frame_changed[:, -1]
+    assert wmq.reward_metrics(run, last_frame_changed, actions, rewards, SEED)["reward_mse"] != base["reward_mse"]
     shift = 0.5
     first_changed = rewards.clone()
     first_changed[:, 0] += shift

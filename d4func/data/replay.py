@@ -220,6 +220,9 @@ def save_replay(rb: SequenceReplayBuffer, position_kept_in: str | None = None) -
     if rb.path is None:
         raise ValueError("this replay buffer has no path; build it with make_replay(..., path=DIR) to save it")
     rb.dumps(rb.path)
+    note = rb.path / POSITION_NOTE
     if position_kept_in is not None:
-        (rb.path / POSITION_NOTE).write_text(json.dumps({"position_kept_in": position_kept_in}))
+        note.write_text(json.dumps({"position_kept_in": position_kept_in}))
+    else:
+        note.unlink(missing_ok=True)  # the position on disk is current again
     return rb.path

@@ -38,12 +38,15 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from d4func.data.replay import SequenceReplayBuffer  # torchrl: imported only when a replay is opened
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -290,7 +293,9 @@ def rank_payload(payload: Mapping[str, Any], rank: int) -> dict[str, Any]:
     return {**{key: value for key, value in payload.items() if key != "ranks"}, **ranks[rank]}
 
 
-def reopen_run_replay(replay_dir: Path, capacity: int, seq_len: int, batch_size: int, seed: int | None = None) -> Any:
+def reopen_run_replay(
+    replay_dir: Path, capacity: int, seq_len: int, batch_size: int, seed: int | None = None
+) -> SequenceReplayBuffer:
     """`make_replay` on a run's replay directory, for a caller that restores the position from a checkpoint next
     (so the reopened buffer's stale length and cursor, and make_replay's warning about them, do not matter)."""
     from d4func.data.replay import StaleReplayPositionWarning, make_replay
@@ -300,7 +305,7 @@ def reopen_run_replay(replay_dir: Path, capacity: int, seq_len: int, batch_size:
         return make_replay(capacity, seq_len, batch_size, path=replay_dir, seed=seed)
 
 
-def open_run_replay(run_dir: str | Path, rank: int = 0, seed: int | None = None) -> Any:
+def open_run_replay(run_dir: str | Path, rank: int = 0, seed: int | None = None) -> SequenceReplayBuffer:
     """The replay buffer of an online run of the loop as of its newest checkpoint, for reading and sampling.
 
     `make_replay(..., path=RUN/replay)` alone reopens the storage with the length recorded at the run's first
