@@ -13,6 +13,11 @@ and `horizon` frames after them.
   this tokenizer can reach;
 * open loop: the whole horizon generated from the context under the real actions with K = `dynamics.sampling_steps`
   (errors compound, paper Sec. 3.2), per step, with the copy-last baseline per step;
+* action conditioning: the open loop again, from the same context with the same noise, but with the actions from
+  the one leading into the first predicted frame on taken from another clip (rolled by one across the clips).
+  A world model that reads its actions predicts the real frames better under their own actions; one that ignores
+  them predicts the same frames either way (`action_effect`, the mean absolute pixel difference between the two
+  rollouts, is then 0), and its agent can learn nothing in imagination;
 * reward: the reward head (offset 0) on the agent tokens of the real clip, each frame committed as the agent
   observes one (`imagination.commit_frames`), against the rewards the env gave. Its mean squared error is compared
   with the best constant prediction (the held-out rewards' own mean, so the baseline is optimistic), as
@@ -242,6 +247,23 @@ def reward_metrics(run: LoadedRun, frames: Tensor, actions: Tensor, rewards: Ten
 
 
 @torch.no_grad()
+def action_conditioning(run: LoadedRun, frames: Tensor, actions: Tensor, imagined: Tensor, seed: int) -> dict[str, Any]:
+    """`imagined` (the open loop under each clip's own actions) against the open loop under another clip's actions
+    (see the module docstring). Needs 2 or more clips; with one, every entry is None."""
+    context_len = run.cfg.replay.context_len
+    keys = ("open_loop_pooled_own_actions", "open_loop_pooled_other_actions", "action_effect")
+    if frames.shape[0] < 2:
+        return dict.fromkeys(keys)
+    other = actions.clone()
+    other[:, context_len - 1:] = actions.roll(1, dims=0)[:, context_len - 1:]
+    horizon = frames.shape[1] - context_len
+    imagined_other = _predict(run, frames[:, :context_len], other, horizon, run.cfg.dynamics.sampling_steps, seed)
+    real = frames[:, context_len:]
+    return dict(zip(keys, (pooled_psnr(imagined, real), pooled_psnr(imagined_other, real),
+                           float((imagined - imagined_other).abs().mean())), strict=True))
+
+
+@torch.no_grad()
 def open_loop(run: LoadedRun, frames: Tensor, actions: Tensor, seed: int) -> tuple[Tensor, list[float], list[float]]:
     """Generate every frame after the context open loop (K = `dynamics.sampling_steps`) under the real actions.
 
@@ -278,6 +300,7 @@ def evaluate_run(
     imagined, model, copy_last = open_loop(run, frames, actions, seed)
     result["open_loop_psnr"] = model
     result["open_loop_copy_last"] = copy_last
+    result.update(action_conditioning(run, frames, actions, imagined, seed))
     context_len = run.cfg.replay.context_len
     gif = write_comparison_gif(Path(run_dir) / GIF_FILE, frames[:GIF_CLIPS, context_len:], imagined[:GIF_CLIPS])
     result.update({
@@ -299,7 +322,9 @@ def evaluate_run(
 
 
 def _num(value: float | None) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else f"{value:.2f}"
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.2f}" if abs(value) >= 0.1 or value == 0 else f"{value:.2g}"
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -311,6 +336,9 @@ def format_table(result: dict[str, Any]) -> str:
         *(f"  {label:<19} {_num(result[f'psnr_{key}']):>10} {_num(result['pooled'][key]):>11}" for label, key in rows),
         f"reward head, per step: MSE {result['reward_mse']:.4g} against {result['reward_constant_mse']:.4g} for "
         f"the best constant (R^2 {_num(result['reward_r2'])}, correlation {_num(result['reward_corr'])})",
+        f"open loop under other clips' actions: pooled PSNR {_num(result['open_loop_pooled_other_actions'])} dB "
+        f"against {_num(result['open_loop_pooled_own_actions'])} under their own; mean pixel change "
+        f"{_num(result['action_effect'])}",
         f"open-loop PSNR (dB, per image), K={result['sampling_steps']}",
         f"  {'step':>4} {'model':>8} {'copy last':>10}",
         *(f"  {h + 1:>4} {_num(m):>8} {_num(c):>10}"

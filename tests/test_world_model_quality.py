@@ -116,6 +116,25 @@ def test_reward_metrics_score_each_frame_against_the_reward_into_it(run_dir, res
     assert shifted["reward_mean_predicted"] == base["reward_mean_predicted"]
 
 
+def test_action_conditioning_compares_own_with_other_clips_actions(run_dir, result):
+    run = wmq.load_run(run_dir)
+    frames, actions, _ = wmq.held_out_clips(run, EPISODES, CLIPS, HORIZON, SEED, max_steps=200)
+    imagined, _, _ = wmq.open_loop(run, frames, actions, SEED)
+    measured = wmq.action_conditioning(run, frames, actions, imagined, SEED)
+    assert {k: result[k] for k in measured} == measured
+    assert measured["action_effect"] > 0  # the dynamics reads its action tokens, trained or not
+    # Every clip taking the same actions from the first predicted frame on: "another clip's actions" are the same
+    # actions, so the two open loops (same context, same noise) agree exactly.
+    context = run.cfg.replay.context_len
+    same = actions.clone()
+    same[:, context - 1:] = actions[:1, context - 1:]
+    imagined_same, _, _ = wmq.open_loop(run, frames, same, SEED)
+    unchanged = wmq.action_conditioning(run, frames, same, imagined_same, SEED)
+    assert unchanged["action_effect"] == 0.0
+    assert unchanged["open_loop_pooled_own_actions"] == unchanged["open_loop_pooled_other_actions"]
+    assert set(wmq.action_conditioning(run, frames[:1], actions[:1], imagined[:1], SEED).values()) == {None}
+
+
 def test_open_loop_first_step_is_next_frame_sample(result):
     # Same seed and K: the first open-loop frame draws the same noise as the one-frame sample, and the causal
     # decoder gives it the same pixels whatever frames follow.
