@@ -111,6 +111,7 @@ def test_two_gloo_ranks_match_single_process_full_batch(tmp_path) -> None:
     got = torch.load(out, weights_only=False)
     assert got["world"] == 2 and got["n_rng"] == 2
     assert got["drift_caught"], "check_in_sync missed a 1e-12 drift on rank 1"
+    assert got["disagreement"] == "data-parallel ranks disagree on whether to resume (rank 0: True, rank 1: False)"
     assert got["data_states_differ"], "rank generators of rank 0 and 1 coincide"
 
     reference, history = single_process_steps()

@@ -312,6 +312,20 @@ def check_in_sync(tree: TensorDictBase, what: str = "params") -> None:
                                f"{' ...' if len(bad) > 5 else ''}")
 
 
+def check_ranks_agree(value: Any, what: str) -> None:
+    """Raise on every rank, naming each rank's value, if `value` (a picklable decision) differs between ranks.
+
+    For decisions each rank takes from its own files, such as whether to resume: ranks that disagree would train
+    from different states, or wait forever in a collective only some of them enter."""
+    if not _active():
+        return
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    if any(other != gathered[0] for other in gathered):
+        values = ", ".join(f"rank {rank}: {other!r}" for rank, other in enumerate(gathered))
+        raise RuntimeError(f"data-parallel ranks disagree on {what} ({values})")
+
+
 def gather_rng_states(generators: Mapping[str, AnyGenerator] | None = None) -> list[dict[str, Any]] | None:
     """Every rank's `capture_rng_state(generators)`, as a list indexed by rank on rank 0 (None on the others), for
     `save_checkpoint(..., rng=...)`. A single process gets a list of one."""

@@ -553,6 +553,9 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
     rank = 0 if dist_info is None else dist_info.rank
     replay_dir = checkpoint.run_replay_dir(trainer.run_dir, rank)
     resuming = checkpoint.latest_checkpoint(trainer.run_dir) is not None and (replay_dir / "storage").exists()
+    # Each rank looks at its own replay (and, on several nodes, possibly its own view of run_dir).
+    dp.check_ranks_agree(resuming, f"whether {trainer.run_dir} holds a run to resume (a checkpoint and this rank's "
+                                   "replay storage)")
     if not resuming and replay_dir.exists():
         # A run stopped before its first checkpoint: no checkpoint records a position in this replay, and its
         # episode ids would clash with the new run's. The run starts over, so does its replay.

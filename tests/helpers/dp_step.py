@@ -98,9 +98,16 @@ def main(out: str) -> None:
         drift_caught = False
     except RuntimeError:
         drift_caught = True
+    D.check_ranks_agree(True, "a decision every rank took alike")
+    try:
+        D.check_ranks_agree(rank == 0, "whether to resume")
+        disagreement = ""
+    except RuntimeError as error:
+        disagreement = str(error)
     rng = D.gather_rng_states({"data": D.rank_generator(0, rank)})
     if rank == 0:
         torch.save({"state": state.to_dict(), "history": history, "world": world, "drift_caught": drift_caught,
+                    "disagreement": disagreement,
                     "data_states_differ": not torch.equal(rng[0]["generators"]["data"]["state"],
                                                           rng[1]["generators"]["data"]["state"]),
                     "n_rng": len(rng)}, out)
