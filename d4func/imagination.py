@@ -33,6 +33,7 @@ from d4func.transformer import empty_cache
 __all__ = [
     "ImaginationConfig",
     "Rollout",
+    "advantage_stats",
     "center_per_step",
     "commit_frames",
     "imagination_loss",
@@ -182,20 +183,29 @@ def pmpo_loss(
             loss = loss + entropy_floor_coef * penalty
             metrics["entropy_penalty"] = penalty.detach()
 
-    total = w.sum().clamp_min(torch.finfo(w.dtype).tiny)
-    adv_mean = (w * adv).sum() / total
     metrics.update(
         policy_loss=loss.detach(),
         pos_term=pos_term.detach(),
         neg_term=neg_term.detach(),
         kl=kl_mean.detach(),
-        frac_pos=(pos.sum() / total).detach(),
-        frac_neg=(neg.sum() / total).detach(),
-        adv_mean=adv_mean,
-        adv_std=((w * (adv - adv_mean) ** 2).sum() / total).sqrt(),
-        adv_absmax=torch.where(w > 0, adv.abs(), torch.zeros_like(adv)).max(),
+        **advantage_stats(adv, w),
     )
     return loss, metrics
+
+
+def advantage_stats(advantages: Tensor, weights: Tensor) -> dict[str, Tensor]:
+    """Weighted shares of positive and negative advantages and their mean, std and largest magnitude (detached):
+    the signs PMPO sees, logged as agent/frac_pos, frac_neg, adv_mean, adv_std, adv_absmax."""
+    adv, w = advantages.detach(), weights.detach()
+    total = w.sum().clamp_min(torch.finfo(w.dtype).tiny)
+    adv_mean = (w * adv).sum() / total
+    return {
+        "frac_pos": ((adv > 0).to(w.dtype) * w).sum() / total,
+        "frac_neg": ((adv < 0).to(w.dtype) * w).sum() / total,
+        "adv_mean": adv_mean,
+        "adv_std": ((w * (adv - adv_mean) ** 2).sum() / total).sqrt(),
+        "adv_absmax": torch.where(w > 0, adv.abs(), torch.zeros_like(adv)).max(),
+    }
 
 
 def reverse_kl(policy: BoundedNormal | Categorical, prior: BoundedNormal | Categorical) -> Tensor:
@@ -558,7 +568,7 @@ def imagination_loss(
         "imagined_return": returns[:, 0].mean(),
     }
     if cfg.center_advantages:  # the value-lag diagnostic, which the centred frac_pos and adv_mean no longer show
-        total = weights.sum().clamp_min(torch.finfo(weights.dtype).tiny)
-        metrics["uncentered_frac_pos"] = ((uncentered > 0).to(weights.dtype) * weights).sum() / total
-        metrics["uncentered_adv_mean"] = (uncentered * weights).sum() / total
+        plain = advantage_stats(uncentered, weights)
+        metrics["uncentered_frac_pos"] = plain["frac_pos"]
+        metrics["uncentered_adv_mean"] = plain["adv_mean"]
     return loss, metrics
