@@ -199,3 +199,53 @@ def test_sample_clips_are_distinct_windows_inside_episodes(lengths, length, clip
         assert start + length <= lengths[episode]
         starts.add((episode, start))
     assert len(starts) == clips  # no window twice
+
+
+def _load_more_steps_script():
+    spec = importlib.util.spec_from_file_location("more_world_model_steps",
+                                                  REPO / "experiments/more_world_model_steps.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tree_digest(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_more_world_model_steps_trains_a_copy_and_measures_it(run_dir):
+    mws = _load_more_steps_script()
+    assert mws.wmq is wmq  # one LoadedRun class for both scripts
+    watched = [run_dir / "replay", *sorted(run_dir.glob("ckpt-*.pt"))]
+    before = {str(p): _tree_digest(p) if p.is_dir() else p.read_bytes() for p in watched}
+    lines: list[str] = []
+    result = mws.continue_world_model(run_dir, steps=3, eval_every=2, episodes=2, clips=3, horizon=3, seed=SEED,
+                                      log=lines.append)
+    rows = result["rows"]
+    assert [row["extra_steps"] for row in rows] == [0, 2, 3] and len(lines) == 3
+    assert rows[0]["world_model_loss"] is None and all(math.isfinite(row["world_model_loss"]) for row in rows[1:])
+    # Row 0 is the checkpoint's own world model, measured as world_model_quality.py measures it.
+    run = wmq.load_run(run_dir)
+    frames, actions, rewards = wmq.held_out_clips(run, 2, 3, 3, SEED, max_steps=200)
+    imagined, _, _ = wmq.open_loop(run, frames, actions, SEED)
+    assert {k: rows[0][k] for k in ("action_effect", "open_loop_pooled_own_actions")} == {
+        k: wmq.action_conditioning(run, frames, actions, imagined, SEED)[k]
+        for k in ("action_effect", "open_loop_pooled_own_actions")}
+    assert rows[0]["reward_r2"] == wmq.reward_metrics(run, frames, actions, rewards, SEED)["reward_r2"]
+    # The gradient steps change the model (same clips, same noise), copy-last does not move, and the run directory
+    # (checkpoints, replay files) is left byte for byte as it was.
+    assert rows[-1]["open_loop_pooled_own_actions"] != rows[0]["open_loop_pooled_own_actions"]
+    assert rows[-1]["psnr_copy_last_pooled"] == rows[0]["psnr_copy_last_pooled"]
+    assert result["tokenizer"] == "frozen"
+    assert rows[-1]["psnr_reconstruction_pooled"] == rows[0]["psnr_reconstruction_pooled"]
+    trained = mws.continue_world_model(run_dir, steps=1, eval_every=1, episodes=2, clips=3, horizon=3, seed=SEED,
+                                       train_tokenizer=True, log=lines.append)
+    assert trained["tokenizer"] == "trained"
+    assert trained["rows"][1]["psnr_reconstruction_pooled"] != trained["rows"][0]["psnr_reconstruction_pooled"]
+    assert {str(p): _tree_digest(p) if p.is_dir() else p.read_bytes() for p in watched} == before
+    assert "extra steps" in mws.format_table(result)
+    with pytest.raises(ValueError, match="steps must be an int >= 1, got 0"):
+        mws.continue_world_model(run_dir, steps=0, eval_every=1)
+    with pytest.raises(ValueError, match="clips must be an int >= 2, got 1"):
+        mws.continue_world_model(run_dir, steps=1, eval_every=1, clips=1)
