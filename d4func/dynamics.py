@@ -47,6 +47,9 @@ class DynamicsConfig:
     # Share of frames trained with bootstrap targets (d > d_min); None samples k uniformly (see objectives.py).
     bootstrap_fraction: float | None = 0.25
     context_noise: float = 0.1  # tau_ctx: past frames are re-noised by this amount, i.e. to signal 1 - 0.1
+    # Share of training sequences whose history (frames before a random split) sits at tau_ctx as in generation;
+    # 0 is the paper's independent per-frame levels (see objectives.clean_context_levels).
+    clean_context_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("latent_tokens", "latent_dim", "pack", "k_max", "sampling_steps", "n_tasks"):
@@ -73,6 +76,9 @@ class DynamicsConfig:
         if self.bootstrap_fraction is not None and not 0.0 <= self.bootstrap_fraction <= 1.0:
             raise ValueError(f"DynamicsConfig.bootstrap_fraction must lie in [0, 1] or be None, got "
                              f"{self.bootstrap_fraction}")
+        if not 0.0 <= self.clean_context_fraction <= 1.0:
+            raise ValueError(f"DynamicsConfig.clean_context_fraction must lie in [0, 1], got "
+                             f"{self.clean_context_fraction}")
         if not 0.0 <= self.context_noise < 1.0:
             raise ValueError(f"DynamicsConfig.context_noise must lie in [0, 1), got {self.context_noise}")
 

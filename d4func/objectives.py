@@ -65,6 +65,52 @@ def sample_signal_levels(d: Tensor, generator: torch.Generator | None = None) ->
     return index * d
 
 
+def clean_context_levels(
+    d: Tensor,
+    tau: Tensor,
+    fraction: float,
+    context_signal: float,
+    d_min: float,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Give a `fraction` of the sequences a nearly clean history: in each chosen row `[T]` of `d`, `tau` `[B, T]`,
+    every frame before a split c uniform on {1, ..., T - 1} gets (tau_ctx, d_min), the level at which the sampler
+    keeps its context (paper Sec. 3.2); frames from c on keep their own draws.
+
+    Why: with independent per-frame levels (diffusion forcing) a frame's history is almost never as clean as at
+    inference. With k_max = 16, a frame lies at or above tau_ctx = 0.875 with probability 2/16 under flow draws, so
+    4 such context frames in a row come up about once in 4,000 sequences: a small model on a small budget then learns
+    to predict from noisy history and reads the clean context of generation poorly. Returns the new (d, tau); with
+    `fraction` 0 (the paper's recipe) the inputs unchanged, and no random numbers drawn.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"clean-context fraction must lie in [0, 1], got {fraction}")
+    batch, steps = d.shape
+    if fraction == 0.0 or steps < 2:
+        return d, tau
+    chosen = torch.rand(batch, generator=generator, device=d.device) < fraction
+    split = torch.randint(1, steps, (batch,), generator=generator, device=d.device)
+    in_context = chosen[:, None] & (torch.arange(steps, device=d.device)[None, :] < split[:, None])
+    d = torch.where(in_context, torch.full_like(d, d_min), d)
+    return d, torch.where(in_context, torch.full_like(tau, context_signal), tau)
+
+
+def sample_training_levels(
+    shape: tuple[int, int],
+    k_max: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    bootstrap_fraction: float | None = None,
+    clean_context_fraction: float = 0.0,
+    context_signal: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Per-frame (d, tau) `[B, T]` for one training batch: step sizes (`sample_step_sizes`), signal levels on their
+    grids (`sample_signal_levels`), then clean histories for a share of the rows (`clean_context_levels`)."""
+    d = sample_step_sizes(shape, k_max, generator, device, bootstrap_fraction)
+    tau = sample_signal_levels(d, generator)
+    return clean_context_levels(d, tau, clean_context_fraction, context_signal, 1.0 / k_max, generator)
+
+
 def ramp_weight(tau: Tensor) -> Tensor:
     """w(tau) = 0.9 tau + 0.1 (paper Eq. 8): noisier frames, whose targets are less predictable, weigh less."""
     return 0.9 * tau + 0.1
@@ -142,15 +188,18 @@ def shortcut_forcing_loss(
     k_max: int,
     generator: torch.Generator | None = None,
     bootstrap_fraction: float | None = None,
+    clean_context_fraction: float = 0.0,
+    context_signal: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
     """Shortcut forcing loss on clean latents `[B, T, S, Dz]`.
 
     `denoise` is the network with gradient; `denoise_target` the same network for the (stopped) half steps — pass
-    the same callable, or one over detached or EMA params. Returns `(loss, metrics, x_hat)`.
+    the same callable, or one over detached or EMA params. (d, tau) come from `sample_training_levels`. Returns
+    `(loss, metrics, x_hat)`.
     """
     batch, steps = z_clean.shape[:2]
-    d = sample_step_sizes((batch, steps), k_max, generator, z_clean.device, bootstrap_fraction)
-    tau = sample_signal_levels(d, generator)
+    d, tau = sample_training_levels((batch, steps), k_max, generator, z_clean.device, bootstrap_fraction,
+                                    clean_context_fraction, context_signal)
     noise = torch.randn(z_clean.shape, generator=generator, device=z_clean.device, dtype=z_clean.dtype)
     z_tau = add_noise(z_clean, tau, noise)
     x_hat = denoise(z_tau, tau, d)

@@ -14,9 +14,11 @@ from d4func.objectives import (
     add_noise,
     bootstrap_velocity,
     bootstrap_velocity_vmapped,
+    clean_context_levels,
     ramp_weight,
     sample_signal_levels,
     sample_step_sizes,
+    sample_training_levels,
     shortcut_targets,
     velocity_from_x,
     x_from_velocity,
@@ -120,6 +122,50 @@ def test_step_sizes_and_signal_levels_stay_on_the_grid(k_max, fraction, seed):
     index = tau / d
     assert torch.allclose(index, torch.round(index))  # tau on the grid of its own d
     assert (tau >= 0).all() and (tau <= 1 - d + 1e-7).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 12),
+    steps=st.integers(1, 9),
+    fraction=st.sampled_from([0.0, 0.3, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_clean_context_rows_hold_a_strict_prefix_at_the_context_level(batch, steps, fraction, seed):
+    k_max, signal = 16, DynamicsConfig(action_dim=1, k_max=16).context_signal
+    gen = torch.Generator().manual_seed(seed)
+    d0, tau0 = sample_training_levels((batch, steps), k_max, gen, bootstrap_fraction=0.25)
+    before = gen.get_state()
+    d, tau = clean_context_levels(d0, tau0, fraction, signal, 1 / k_max, gen)
+    if fraction == 0.0 or steps == 1:  # the paper's recipe: nothing changes and no random numbers are drawn
+        assert torch.equal(d, d0) and torch.equal(tau, tau0) and torch.equal(gen.get_state(), before)
+        return
+    changed = (d != d0) | (tau != tau0)
+    at_context = (d == 1 / k_max) & (tau == signal)
+    for row in range(batch):
+        # The changed frames lie in a prefix whose frames all sit at (tau_ctx, d_min); the last frame is never
+        # part of it, so every row keeps a frame to predict. (A frame may have drawn tau_ctx, d_min by itself.)
+        split = int(changed[row].nonzero().max()) + 1 if changed[row].any() else 0
+        assert at_context[row, :split].all() and split <= steps - 1
+        assert d[row, -1] == d0[row, -1] and tau[row, -1] == tau0[row, -1]
+        if fraction == 1.0:
+            assert at_context[row, 0]
+    with pytest.raises(ValueError, match="got 1.5"):
+        clean_context_levels(d0, tau0, 1.5, signal, 1 / k_max, gen)
+
+
+def test_clean_context_share_and_split_distribution():
+    gen = torch.Generator().manual_seed(0)
+    d0 = torch.full((20_000, 5), 1 / 16)
+    tau0 = torch.zeros(20_000, 5)
+    d, tau = clean_context_levels(d0, tau0, 0.5, 0.875, 1 / 16, gen)
+    prefix = (tau == 0.875).long().cumprod(1).sum(1)
+    assert abs((prefix > 0).float().mean().item() - 0.5) < 0.02  # half the rows get a clean history
+    lengths = prefix[prefix > 0].bincount(minlength=5)[1:].float() / (prefix > 0).sum()
+    torch.testing.assert_close(lengths, torch.full((4,), 0.25), atol=0.02, rtol=0)  # split uniform on 1..T-1
+    assert torch.equal(d, d0)  # flow frames stay at d_min
+    with pytest.raises(ValueError, match="clean_context_fraction must lie in \\[0, 1\\], got -0.1"):
+        DynamicsConfig(action_dim=1, clean_context_fraction=-0.1)
 
 
 def test_bootstrap_fraction_sets_the_share_of_coarse_steps():

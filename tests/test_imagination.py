@@ -165,8 +165,10 @@ def test_bc_and_reward_targets_are_aligned_and_masked(discrete):
     torch.testing.assert_close(metrics["reward_ce"], reward)
 
 
-def test_dynamics_term_equals_dynamics_loss_without_padding():
+@pytest.mark.parametrize("clean_context", [0.0, 0.5])
+def test_dynamics_term_equals_dynamics_loss_without_padding(clean_context):
     model, heads, params = make(True)
+    model.cfg = dataclasses.replace(model.cfg, clean_context_fraction=clean_context)
     batch = toy_batch(True, 2, 5, torch.Generator().manual_seed(0))
     _, metrics = agent_finetune_loss(params, batch["latents"], batch["actions"], batch["rewards"], None,
                                      torch.Generator().manual_seed(4), model=model, heads=heads)
@@ -174,6 +176,19 @@ def test_dynamics_term_equals_dynamics_loss_without_padding():
     reference, _ = dynamics_loss(params["dynamics"], batch["latents"], actions_in, torch.Generator().manual_seed(4),
                                  model=model, action_mask=mask)
     torch.testing.assert_close(metrics["dynamics_loss"], reference)
+
+
+def test_clean_context_option_reaches_the_finetune_loss():
+    model, heads, params = make(True)
+    batch = toy_batch(True, 4, 5, torch.Generator().manual_seed(0))
+
+    def dynamics_term(fraction: float) -> torch.Tensor:
+        model.cfg = dataclasses.replace(model.cfg, clean_context_fraction=fraction)
+        _, metrics = agent_finetune_loss(params, batch["latents"], batch["actions"], batch["rewards"], None,
+                                         torch.Generator().manual_seed(4), model=model, heads=heads)
+        return metrics["dynamics_loss"]
+
+    assert not torch.equal(dynamics_term(0.0), dynamics_term(1.0))
 
 
 def test_finetune_gradients_reach_dynamics_policy_and_reward_but_not_value():

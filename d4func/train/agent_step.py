@@ -41,7 +41,7 @@ from d4func.dynamics import Dynamics, actions_into_frames
 from d4func.functional import apply, grad_and_value
 from d4func.heads import AgentHeads, policy_dist, reward_dist
 from d4func.imagination import ImaginationConfig, imagination_loss, imagine, mtp_targets
-from d4func.objectives import add_noise, ramp_weight, sample_signal_levels, sample_step_sizes, shortcut_targets
+from d4func.objectives import add_noise, ramp_weight, sample_training_levels, shortcut_targets
 from d4func.optim import AdamWConfig
 from d4func.train.dynamics_step import denoiser
 from d4func.train.state import checked_update, new_train_state
@@ -124,8 +124,8 @@ def agent_finetune_loss(
 
     # --- dynamics: shortcut forcing, drawing d, tau and noise as `shortcut_forcing_loss` does --------------------
     actions_in, mask_in = actions_into_frames(actions)
-    d = sample_step_sizes((batch, steps), dyn_cfg.k_max, generator, device, dyn_cfg.bootstrap_fraction)
-    tau = sample_signal_levels(d, generator)
+    d, tau = sample_training_levels((batch, steps), dyn_cfg.k_max, generator, device, dyn_cfg.bootstrap_fraction,
+                                    dyn_cfg.clean_context_fraction, dyn_cfg.context_signal)
     noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
     z_tau = add_noise(latents, tau, noise)
     x_hat, agent_out, _ = apply(model, params["dynamics"], z_tau, tau, d, actions_in, mask_in, None, tasks)

@@ -44,8 +44,9 @@ def dynamics_loss(
     """Shortcut-forcing loss of the dynamics model on clean latents `[B, T, S, Dz]` and their actions."""
     online = denoiser(model, params, actions, action_mask, tasks)
     stopped = denoiser(model, params.detach(), actions, action_mask, tasks)
-    loss, metrics, _ = shortcut_forcing_loss(online, stopped, latents, model.cfg.k_max, generator,
-                                             model.cfg.bootstrap_fraction)
+    cfg = model.cfg
+    loss, metrics, _ = shortcut_forcing_loss(online, stopped, latents, cfg.k_max, generator, cfg.bootstrap_fraction,
+                                             cfg.clean_context_fraction, cfg.context_signal)
     return loss, metrics
 
 
