@@ -10,7 +10,9 @@ phase (dynamics with shortcut forcing, BC and reward heads: `agent_finetune_step
 freezes it, Sec. 3). `--train-tokenizer` keeps training the tokenizer as the loop does (every
 `loop.tokenizer_every` steps), which separates "too few steps" from "latents that keep moving". `--set KEY=VALUE`
 changes the run's config for these steps (a training option such as `dynamics.clean_context_fraction=0.5` or
-`optim.world_model.lr=1e-4`; nothing that changes a parameter's shape), to try a fix on the same model. Every
+`optim.world_model.lr=1e-4`; nothing that changes a parameter's shape), to try a fix on the same model.
+`--fresh` starts the dynamics and heads from new weights instead (the tokenizer still comes from the checkpoint),
+so architecture options (`dynamics.transformer.rope_base=100`, ...) can be compared on the same latents. Every
 `--eval-every` steps it measures, on one fixed set of held-out clips with one noise seed:
 
 * `open_loop_pooled_own_actions` / `_other_actions`: pooled PSNR of the open-loop rollout under the clips' own
@@ -25,7 +27,7 @@ Nothing in the run directory changes: the replay is only sampled, and the result
 (default `RUN_DIR/more_world_model_steps.json`).
 
     python experiments/more_world_model_steps.py --run runs/results_cartpole --steps 2000 --eval-every 500 \
-        [--train-tokenizer] [--set dynamics.clean_context_fraction=0.5] [--out runs/results_cartpole/more.json]
+        [--train-tokenizer] [--fresh] [--set dynamics.clean_context_fraction=0.5] [--out RUN/more.json]
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from d4func.tokenizer import encode
 from d4func.tokenizer_loss import tokenizer_train_step
 from d4func.train import checkpoint
 from d4func.train.agent_step import agent_finetune_step
-from d4func.train.loop import build_models, make_lpips_fn, replay_batch
+from d4func.train.loop import Models, build_models, init_states, make_lpips_fn, replay_batch
 from d4func.train.run_config import load_run_config
 
 
@@ -81,9 +83,10 @@ def measure(run: Any, frames: torch.Tensor, actions: torch.Tensor, rewards: torc
     }
 
 
-def with_overrides(run: Any, overrides: list[str]) -> Any:
+def with_overrides(run: Any, overrides: list[str], fresh: bool = False) -> Any:
     """`run` with `key.sub=value` overrides applied to its config and its model templates rebuilt from it; raises
-    naming the parameters whose shapes an override would change (the checkpoint's params would not fit)."""
+    naming the parameters whose shapes an override would change, of the tokenizer always and of the dynamics and
+    heads unless they start `fresh` (the checkpoint's params would not fit)."""
     if not overrides:
         return run
     config_file = Path(run.checkpoint).parent / "config.json"
@@ -93,7 +96,7 @@ def with_overrides(run: Any, overrides: list[str]) -> Any:
                            ("heads", run.heads, models.heads)):
         old_shapes = {k: tuple(v.shape) for k, v in old.state_dict().items()}
         new_shapes = {k: tuple(v.shape) for k, v in new.state_dict().items()}
-        if old_shapes != new_shapes:
+        if old_shapes != new_shapes and not (fresh and name != "tokenizer"):
             changed = sorted(k for k in old_shapes.keys() | new_shapes.keys() if old_shapes.get(k) != new_shapes.get(k))
             raise ValueError(f"overrides {overrides} change the {name}'s parameters ({', '.join(changed[:4])}"
                              f"{', ...' if len(changed) > 4 else ''}): the checkpoint's params would not fit")
@@ -111,19 +114,23 @@ def continue_world_model(
     max_steps: int = 200,
     train_tokenizer: bool = False,
     overrides: list[str] | None = None,
+    fresh: bool = False,
     log=print,
 ) -> dict[str, Any]:
     """Train the world-model phase of the run in `run_dir` for `steps` more gradient steps on its replay, its
     tokenizer frozen unless `train_tokenizer`; measure (see the module docstring) at step 0 and every `eval_every`
-    steps. `overrides` (`key.sub=value`) change the run's config for the new steps (see the module docstring)."""
+    steps. `overrides` (`key.sub=value`) change the run's config for the new steps; `fresh` trains the dynamics and
+    heads from new weights (seeded as the loop seeds them) on the checkpoint's tokenizer."""
     for name, value, low in (("steps", steps, 1), ("eval_every", eval_every, 1), ("episodes", episodes, 1),
                              ("clips", clips, 2), ("horizon", horizon, 1), ("seed", seed, 0)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    run = with_overrides(wmq.load_run(run_dir), overrides or [])
+    run = with_overrides(wmq.load_run(run_dir), overrides or [], fresh)
     cfg = run.cfg
     states = checkpoint.load_checkpoint(run.checkpoint).payload["states"]
     state: TensorDictBase = states["world_model"]
+    if fresh:
+        state = init_states(cfg, Models(run.tokenizer, run.dynamics, run.heads))["world_model"]
     tokenizer_state: TensorDictBase = states["tokenizer"]
     lpips_fn = make_lpips_fn(cfg) if train_tokenizer else None
     replay = checkpoint.open_run_replay(run_dir, seed=cfg.seed + seed)
@@ -174,6 +181,7 @@ def continue_world_model(
         "seed": seed,
         "tokenizer": "trained" if train_tokenizer else "frozen",
         "overrides": list(overrides or []),
+        "fresh": fresh,
         "batch": [cfg.replay.batch_size, cfg.replay.seq_len],
         "rows": rows,
     }
@@ -184,7 +192,8 @@ def format_table(result: dict[str, Any]) -> str:
     header = (f"{'extra steps':>11} {'loss':>7} {'own (dB)':>9} {'other (dB)':>11} {'action effect':>14} "
               f"{'K=4 (dB)':>9} {'copy last':>10} {'reward R2':>10}")
     lines = [f"{result['run']} (checkpoint at step {result['run_step']}, {result['replay_transitions']} replay "
-             f"transitions), world model continued with the tokenizer {result['tokenizer']}"
+             f"transitions), {'a fresh' if result['fresh'] else 'the'} world model trained on with the tokenizer "
+             f"{result['tokenizer']}"
              + (f", {' '.join(result['overrides'])}" if result["overrides"] else ""), header]
     for row in result["rows"]:
         lines.append(f"{row['extra_steps']:>11} {num(row['world_model_loss']):>7} "
@@ -207,12 +216,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--train-tokenizer", action="store_true", help="keep training the tokenizer (as the loop)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="change a training option of the run's config for these steps (repeatable)")
+    parser.add_argument("--fresh", action="store_true", help="new dynamics and heads on the run's tokenizer")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--out", default=None, help="JSON path (default RUN/more_world_model_steps.json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = continue_world_model(args.run, args.steps, args.eval_every, args.episodes, args.clips, args.horizon,
-                                  args.seed, args.max_steps, args.train_tokenizer, args.overrides)
+                                  args.seed, args.max_steps, args.train_tokenizer, args.overrides, args.fresh)
     out = Path(args.out) if args.out else Path(args.run) / "more_world_model_steps.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

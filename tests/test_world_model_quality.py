@@ -245,6 +245,21 @@ def test_more_world_model_steps_trains_a_copy_and_measures_it(run_dir):
     assert trained["rows"][1]["psnr_reconstruction_pooled"] != trained["rows"][0]["psnr_reconstruction_pooled"]
     assert {str(p): _tree_digest(p) if p.is_dir() else p.read_bytes() for p in watched} == before
     assert "extra steps" in mws.format_table(result)
+    # --set changes a training option of the same model; a shape-changing one needs --fresh (new dynamics and
+    # heads on the checkpoint's tokenizer), whose step-0 model is an untrained one, unlike the checkpoint's.
+    override = mws.continue_world_model(run_dir, steps=1, eval_every=1, episodes=2, clips=3, horizon=3, seed=SEED,
+                                        overrides=["dynamics.clean_context_fraction=1.0"], log=lines.append)
+    assert override["overrides"] == ["dynamics.clean_context_fraction=1.0"] and override["rows"][0] == rows[0]
+    with pytest.raises(ValueError, match="change the dynamics's parameters"):
+        mws.continue_world_model(run_dir, steps=1, eval_every=1, overrides=["dynamics.n_registers=5"])
+    fresh = mws.continue_world_model(run_dir, steps=1, eval_every=1, episodes=2, clips=3, horizon=3, seed=SEED,
+                                     overrides=["dynamics.transformer.rope_base=100"], fresh=True,
+                                     log=lines.append)
+    assert fresh["fresh"]
+    assert fresh["rows"][0]["open_loop_pooled_own_actions"] != rows[0]["open_loop_pooled_own_actions"]
+    assert fresh["rows"][0]["psnr_reconstruction_pooled"] == rows[0]["psnr_reconstruction_pooled"]
+    with pytest.raises(ValueError, match="change the tokenizer's parameters"):
+        mws.continue_world_model(run_dir, steps=1, eval_every=1, overrides=["tokenizer.encoder.d_model=48"], fresh=True)
     with pytest.raises(ValueError, match="steps must be an int >= 1, got 0"):
         mws.continue_world_model(run_dir, steps=0, eval_every=1)
     with pytest.raises(ValueError, match="clips must be an int >= 2, got 1"):
