@@ -17,10 +17,16 @@ from torch import Tensor, nn
 
 
 class RMSNorm(nn.RMSNorm):
-    """Root-mean-square layer norm with a learned gain (ones at init)."""
+    """Root-mean-square layer norm with a learned gain (`init_gain`, default ones, at init)."""
 
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+    def __init__(self, dim: int, eps: float = 1e-6, init_gain: float = 1.0) -> None:
+        self.init_gain = init_gain
         super().__init__(dim, eps=eps, elementwise_affine=True)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.weight is not None:
+            nn.init.constant_(self.weight, self.init_gain)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,6 +150,7 @@ class Attention(nn.Module):
         qk_norm: bool = True,
         logit_cap: float | None = 50.0,
         rope_base: float = 10_000.0,
+        qk_norm_gain: float = 1.0,
     ) -> None:
         super().__init__()
         if dim % n_heads:
@@ -157,8 +164,10 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(dim, n_heads * self.head_dim, bias=False)
         self.kv_proj = nn.Linear(dim, 2 * n_kv_heads * self.head_dim, bias=False)
         self.out_proj = nn.Linear(n_heads * self.head_dim, dim, bias=False)
-        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        # With QK-norm the logits q.k / sqrt(head_dim) of unit-RMS q and k are at most sqrt(head_dim) until the norm
+        # gains grow; `qk_norm_gain` starts both gains higher (logits scaled by its square). See TransformerConfig.
+        self.q_norm = RMSNorm(self.head_dim, init_gain=qk_norm_gain) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, init_gain=qk_norm_gain) if qk_norm else nn.Identity()
 
     def forward(
         self,

@@ -145,7 +145,7 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model)
         self.attn = Attention(
-            cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.qk_norm, cfg.logit_cap, cfg.rope_base
+            cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.qk_norm, cfg.logit_cap, cfg.rope_base, cfg.qk_norm_gain
         )
         self.mlp_norm = RMSNorm(cfg.d_model)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)

@@ -9,6 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from d4func.config import TransformerConfig
+from d4func.functional import apply, init, template
 from d4func.layers import Attention, apply_rope, attend, attention_logits, rope_angles, softcap
 
 
@@ -138,3 +140,25 @@ def test_attention_returns_cache_that_reproduces_full_pass():
     torch.testing.assert_close(torch.cat([first, second], 1), full, atol=1e-5, rtol=1e-4)
     assert kv[0].shape == (2, 2, 6, 8)
     assert rearrange(kv[0], "b g t d -> b t (g d)").shape == (2, 6, 16)
+
+
+@settings(max_examples=20, deadline=None)
+@given(gain=st.sampled_from([0.5, 1.0, 2.0, 3.0]), seed=st.integers(0, 2**16))
+def test_qk_norm_gain_scales_the_logits_by_its_square(gain, seed):
+    dim, heads, length = 16, 2, 5
+    model = template(Attention, dim, heads, heads, qk_norm=True, logit_cap=None, qk_norm_gain=gain)
+    params = init(model, seed)
+    assert torch.equal(params["q_norm", "weight"], torch.full((dim // heads,), gain))
+    assert torch.equal(params["k_norm", "weight"], torch.full((dim // heads,), gain))
+    x = torch.randn(1, length, dim, generator=torch.Generator().manual_seed(seed))
+    out, _ = apply(model, params, x, None, None, True)
+    # By hand: unit-RMS q and k, logits gain^2 * q.k / sqrt(head_dim), causal softmax.
+    q = rearrange(x @ params["q_proj", "weight"].T, "b l (h d) -> b h l d", h=heads)
+    k, v = rearrange(x @ params["kv_proj", "weight"].T, "b l (two h d) -> two b h l d", two=2, h=heads)
+    unit = lambda t: t * torch.rsqrt(t.square().mean(-1, keepdim=True) + 1e-6)  # noqa: E731
+    logits = gain**2 * unit(q) @ unit(k).transpose(-1, -2) / math.sqrt(dim // heads)
+    logits = logits.masked_fill(~torch.ones(length, length, dtype=torch.bool).tril(), float("-inf"))
+    expected = rearrange(logits.softmax(-1) @ v, "b h l d -> b l (h d)") @ params["out_proj", "weight"].T
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="qk_norm_gain must be > 0, got 0"):
+        TransformerConfig(qk_norm_gain=0)
