@@ -1,0 +1,150 @@
+"""How fast does a dynamics configuration learn to carry the last frame forward? A probe on synthetic latents.
+
+Predicting the next frame starts with carrying the previous one forward; everything an action changes comes on top.
+This probe isolates that skill from any tokenizer or environment. Each training row is a random walk of latents,
+`z_t = tanh(atanh(z_{t-1}) + step_t)`, steps Gaussian with std `--step-std`, the first frame uniform in (-1, 1),
+shaped like the tokenizer's output `[S, Dz]`; actions are random and carry no information. The dynamics trains on
+the shortcut-forcing loss (`dynamics_train_step`, the same update as every other use in d4func), and every
+`--eval-every` steps it predicts frame `t` of fresh rows from pure noise (tau = 0, one step of d_min, the flow
+prediction, i.e. the model's conditional mean) with frames `< t` as context at the sampler's level tau_ctx, and
+reports the mean squared error against:
+
+* `copy_last_mse`: frame `t - 1` itself as the prediction, which a model reading its clean context can match;
+  the walk's steps are unpredictable, so it is also about the best a model can do when its context is clean;
+* `context_mean_mse`: the mean of the context frames, what a model that averages over its history gets.
+
+    python experiments/dynamics_copy_probe.py --config experiments/configs/results_cartpole.yaml --steps 1000
+    python experiments/dynamics_copy_probe.py --config experiments/configs/results_cartpole.yaml \\
+        --set optim.world_model.lr=1e-3 --set dynamics.context_noise=0.0 --out runs/copy_probe_lr.json
+
+The dynamics, batch shape and optimiser come from a loop config (`RunConfig`, with `--set KEY=VALUE` overrides);
+the result is JSON at `--out` and a table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from d4func.dynamics import Dynamics, DynamicsConfig, actions_into_frames
+from d4func.functional import apply, init, template
+from d4func.train.dynamics_step import dynamics_train_step
+from d4func.train.run_config import RunConfig, load_run_config
+from d4func.train.state import new_train_state
+
+
+def random_walk_rows(cfg: DynamicsConfig, batch: int, steps: int, step_std: float,
+                     generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Latents `[B, T, S, Dz]` (a random walk in atanh space, inside (-1, 1) like the tokenizer's tanh bottleneck)
+    and uninformative actions in the dynamics' own format."""
+    first = torch.rand(batch, 1, cfg.latent_tokens, cfg.latent_dim, generator=generator) * 1.8 - 0.9
+    moves = step_std * torch.randn(batch, steps, cfg.latent_tokens, cfg.latent_dim, generator=generator)
+    moves[:, 0] = 0.0
+    latents = torch.tanh(torch.atanh(first) + moves.cumsum(dim=1))
+    if cfg.discrete:
+        actions = torch.randint(0, cfg.n_actions, (batch, steps), generator=generator)
+    else:
+        actions = torch.rand(batch, steps, cfg.action_dim, generator=generator) * 2 - 1
+    return latents, actions
+
+
+@torch.no_grad()
+def next_frame_errors(model: Dynamics, params, latents: Tensor, actions: Tensor, target: int,
+                      generator: torch.Generator) -> dict[str, float]:
+    """Flow prediction of frame `target` from pure noise, frames before it at tau_ctx; and the two baselines."""
+    cfg = model.cfg
+    clip = latents[:, : target + 1]
+    batch = clip.shape[0]
+    tau = torch.full((batch, target + 1), cfg.context_signal)
+    tau[:, target] = 0.0
+    d = torch.full_like(tau, cfg.d_min)
+    noise = torch.randn(clip.shape, generator=generator)
+    noisy = (1 - tau[..., None, None]) * noise + tau[..., None, None] * clip
+    actions_in, mask = actions_into_frames(actions[:, : target + 1])
+    predicted = apply(model, params, noisy, tau, d, actions_in, mask, None, None)[0][:, target]
+    truth = clip[:, target]
+    return {
+        "model_mse": float((predicted - truth).square().mean()),
+        "copy_last_mse": float((clip[:, target - 1] - truth).square().mean()),
+        "context_mean_mse": float((clip[:, :target].mean(dim=1) - truth).square().mean()),
+    }
+
+
+def probe(cfg: RunConfig, steps: int, eval_every: int, step_std: float = 0.15, eval_rows: int = 64,
+          seed: int = 0, log=print) -> dict[str, Any]:
+    """Train `cfg.dynamics` from fresh weights on random walks; measure every `eval_every` steps."""
+    for name, value, low in (("steps", steps, 1), ("eval_every", eval_every, 1), ("eval_rows", eval_rows, 1)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if not step_std > 0:
+        raise ValueError(f"step_std must be > 0, got {step_std}")
+    seq_len = cfg.replay.seq_len
+    if seq_len < 2:
+        raise ValueError(f"replay.seq_len must be >= 2 to have a frame with context, got {seq_len}")
+    model = template(Dynamics, cfg.dynamics)
+    state = new_train_state(init(model, seed))
+    train_gen = torch.Generator().manual_seed(seed + 1)
+    eval_gen = torch.Generator().manual_seed(seed + 2)
+    eval_latents, eval_actions = random_walk_rows(cfg.dynamics, eval_rows, seq_len, step_std, eval_gen)
+    target = seq_len // 2  # half the row as context, as a replay context of `context_len` frames would give
+
+    rows = []
+    seconds = 0.0
+    for step in range(1, steps + 1):
+        started = time.perf_counter()
+        latents, actions = random_walk_rows(cfg.dynamics, cfg.replay.batch_size, seq_len, step_std, train_gen)
+        actions_in, mask = actions_into_frames(actions)
+        state, metrics = dynamics_train_step(state, latents, actions_in, train_gen, model=model,
+                                             opt=cfg.optim.world_model, action_mask=mask)
+        seconds += time.perf_counter() - started
+        if step % eval_every == 0 or step == steps:
+            errors = next_frame_errors(model, state["params"], eval_latents, eval_actions, target,
+                                       torch.Generator().manual_seed(seed + 3))
+            row = {"step": step, "train_seconds": round(seconds, 1), "loss": float(metrics["loss"]), **errors}
+            log(json.dumps(row))
+            rows.append(row)
+    return {"step_std": step_std, "eval_rows": eval_rows, "target_frame": target, "seed": seed,
+            "context_signal": cfg.dynamics.context_signal, "lr": cfg.optim.world_model.lr,
+            "batch": [cfg.replay.batch_size, seq_len], "rows": rows}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [f"next-frame MSE on random-walk latents (frame {result['target_frame']} from pure noise, context at "
+             f"signal {result['context_signal']:g}, lr {result['lr']:g})",
+             f"{'step':>6} {'loss':>8} {'model':>8} {'copy last':>10} {'context mean':>13}"]
+    lines += [f"{r['step']:>6} {r['loss']:>8.4f} {r['model_mse']:>8.4f} {r['copy_last_mse']:>10.4f} "
+              f"{r['context_mean_mse']:>13.4f}" for r in result["rows"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=None, help="a loop config (RunConfig YAML); default: RunConfig()")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--step-std", type=float, default=0.15, help="std of the walk's steps (atanh space)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None, help="JSON path (default: none)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = load_run_config(args.config, args.overrides)
+    result = probe(cfg, args.steps, args.eval_every, args.step_std, seed=args.seed)
+    result.update({"config": args.config, "overrides": args.overrides})
+    print(format_table(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
