@@ -5,13 +5,12 @@ This probe isolates that skill from any tokenizer or environment. Each training 
 `z_t = tanh(atanh(z_{t-1}) + step_t)`, steps Gaussian with std `--step-std`, the first frame uniform in (-1, 1),
 shaped like the tokenizer's output `[S, Dz]`; actions are random and carry no information. The dynamics trains on
 the shortcut-forcing loss (`dynamics_train_step`, the same update as every other use in d4func), and every
-`--eval-every` steps it predicts frame `t` of fresh rows from pure noise (tau = 0, one step of d_min, the flow
-prediction, i.e. the model's conditional mean) with frames `< t` as context at the sampler's level tau_ctx, and
-reports the mean squared error against:
+`--eval-every` steps `d4func.next_latent.next_latent_errors` scores its prediction of the middle frame of fresh rows
+from pure noise against two baselines:
 
-* `copy_last_mse`: frame `t - 1` itself as the prediction, which a model reading its clean context can match;
-  the walk's steps are unpredictable, so it is also about the best a model can do when its context is clean;
-* `context_mean_mse`: the mean of the context frames, what a model that averages over its history gets.
+* `copy_last_mse`: the previous frame itself. The walk's steps are unpredictable, so this is also about the best
+  a model can do;
+* `context_mean_mse`: the mean of the context frames, what a model that blurs its history together gets.
 
     python experiments/dynamics_copy_probe.py --config experiments/configs/results_cartpole.yaml --steps 1000
     python experiments/dynamics_copy_probe.py --config experiments/configs/results_cartpole.yaml \\
@@ -33,7 +32,8 @@ import torch
 from torch import Tensor
 
 from d4func.dynamics import Dynamics, DynamicsConfig, actions_into_frames
-from d4func.functional import apply, init, template
+from d4func.functional import init, template
+from d4func.next_latent import next_latent_errors
 from d4func.train.dynamics_step import dynamics_train_step
 from d4func.train.run_config import RunConfig, load_run_config
 from d4func.train.state import new_train_state
@@ -52,28 +52,6 @@ def random_walk_rows(cfg: DynamicsConfig, batch: int, steps: int, step_std: floa
     else:
         actions = torch.rand(batch, steps, cfg.action_dim, generator=generator) * 2 - 1
     return latents, actions
-
-
-@torch.no_grad()
-def next_frame_errors(model: Dynamics, params, latents: Tensor, actions: Tensor, target: int,
-                      generator: torch.Generator) -> dict[str, float]:
-    """Flow prediction of frame `target` from pure noise, frames before it at tau_ctx; and the two baselines."""
-    cfg = model.cfg
-    clip = latents[:, : target + 1]
-    batch = clip.shape[0]
-    tau = torch.full((batch, target + 1), cfg.context_signal)
-    tau[:, target] = 0.0
-    d = torch.full_like(tau, cfg.d_min)
-    noise = torch.randn(clip.shape, generator=generator)
-    noisy = (1 - tau[..., None, None]) * noise + tau[..., None, None] * clip
-    actions_in, mask = actions_into_frames(actions[:, : target + 1])
-    predicted = apply(model, params, noisy, tau, d, actions_in, mask, None, None)[0][:, target]
-    truth = clip[:, target]
-    return {
-        "model_mse": float((predicted - truth).square().mean()),
-        "copy_last_mse": float((clip[:, target - 1] - truth).square().mean()),
-        "context_mean_mse": float((clip[:, :target].mean(dim=1) - truth).square().mean()),
-    }
 
 
 def probe(cfg: RunConfig, steps: int, eval_every: int, step_std: float = 0.15, eval_rows: int = 64,
@@ -104,8 +82,9 @@ def probe(cfg: RunConfig, steps: int, eval_every: int, step_std: float = 0.15, e
                                              opt=cfg.optim.world_model, action_mask=mask)
         seconds += time.perf_counter() - started
         if step % eval_every == 0 or step == steps:
-            errors = next_frame_errors(model, state["params"], eval_latents, eval_actions, target,
-                                       torch.Generator().manual_seed(seed + 3))
+            actions_in, mask = actions_into_frames(eval_actions)
+            errors = next_latent_errors(model, state["params"], eval_latents, actions_in, mask, target,
+                                        torch.Generator().manual_seed(seed + 3))
             row = {"step": step, "train_seconds": round(seconds, 1), "loss": float(metrics["loss"]), **errors}
             log(json.dumps(row))
             rows.append(row)

@@ -21,7 +21,10 @@ so architecture options (`dynamics.transformer.rope_base=100`, ...) can be compa
   (`experiments/real_action_effect.py`);
 * `psnr_k4_pooled` and `psnr_copy_last_pooled`: the next frame at K = 4 against copying the last frame, and
   `psnr_reconstruction_pooled`, the tokenizer's own ceiling (fixed while the tokenizer is frozen);
-* `reward_r2`: the reward head against the env's rewards (`world_model_quality.reward_metrics`).
+* `reward_r2`: the reward head against the env's rewards (`world_model_quality.reward_metrics`);
+* `latent_next_mse`, `latent_copy_last_mse`, `latent_context_mean_mse`: the first frame after the context
+  predicted in latent space from its history (`d4func.next_latent`), against carrying the last frame forward and
+  against the mean of the history.
 
 Nothing in the run directory changes: the replay is only sampled, and the result is written to `--out`
 (default `RUN_DIR/more_world_model_steps.json`).
@@ -44,6 +47,8 @@ from typing import Any
 import torch
 from tensordict import TensorDictBase
 
+from d4func.dynamics import actions_into_frames
+from d4func.next_latent import next_latent_errors
 from d4func.tokenizer import encode
 from d4func.tokenizer_loss import tokenizer_train_step
 from d4func.train import checkpoint
@@ -74,12 +79,20 @@ def measure(run: Any, frames: torch.Tensor, actions: torch.Tensor, rewards: torc
     imagined, _, _ = wmq.open_loop(run, frames, actions, seed)
     next_frame = wmq.next_frame_metrics(run, frames, actions, seed)
     rewards_fit = wmq.reward_metrics(run, frames, actions, rewards, seed)
+    context_len = run.cfg.replay.context_len
+    latents = encode(run.tokenizer, run.tokenizer_params, frames[:, :context_len + 1])
+    actions_in, mask = actions_into_frames(actions[:, :context_len + 1])
+    latent = next_latent_errors(run.dynamics, run.dynamics_params, latents, actions_in, mask, context_len,
+                                torch.Generator().manual_seed(seed))
     return {
         **wmq.action_conditioning(run, frames, actions, imagined, seed),
         "psnr_k4_pooled": next_frame["pooled"]["k4"],
         "psnr_copy_last_pooled": next_frame["pooled"]["copy_last"],
         "psnr_reconstruction_pooled": next_frame["pooled"]["reconstruction"],
         "reward_r2": rewards_fit["reward_r2"],
+        "latent_next_mse": latent["model_mse"],
+        "latent_copy_last_mse": latent["copy_last_mse"],
+        "latent_context_mean_mse": latent["context_mean_mse"],
     }
 
 
@@ -190,7 +203,8 @@ def continue_world_model(
 def format_table(result: dict[str, Any]) -> str:
     num = wmq._num
     header = (f"{'extra steps':>11} {'loss':>7} {'own (dB)':>9} {'other (dB)':>11} {'action effect':>14} "
-              f"{'K=4 (dB)':>9} {'copy last':>10} {'reward R2':>10}")
+              f"{'K=4 (dB)':>9} {'copy last':>10} {'reward R2':>10} {'latent: model':>14} {'copy last':>10} "
+              f"{'hist. mean':>10}")
     lines = [f"{result['run']} (checkpoint at step {result['run_step']}, {result['replay_transitions']} replay "
              f"transitions), {'a fresh' if result['fresh'] else 'the'} world model trained on with the tokenizer "
              f"{result['tokenizer']}"
@@ -199,7 +213,9 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"{row['extra_steps']:>11} {num(row['world_model_loss']):>7} "
                      f"{num(row['open_loop_pooled_own_actions']):>9} {num(row['open_loop_pooled_other_actions']):>11} "
                      f"{num(row['action_effect']):>14} {num(row['psnr_k4_pooled']):>9} "
-                     f"{num(row['psnr_copy_last_pooled']):>10} {num(row['reward_r2']):>10}")
+                     f"{num(row['psnr_copy_last_pooled']):>10} {num(row['reward_r2']):>10} "
+                     f"{num(row['latent_next_mse']):>14} {num(row['latent_copy_last_mse']):>10} "
+                     f"{num(row['latent_context_mean_mse']):>10}")
     return "\n".join(lines)
 
 

@@ -233,6 +233,11 @@ def test_more_world_model_steps_trains_a_copy_and_measures_it(run_dir):
         k: wmq.action_conditioning(run, frames, actions, imagined, SEED)[k]
         for k in ("action_effect", "open_loop_pooled_own_actions")}
     assert rows[0]["reward_r2"] == wmq.reward_metrics(run, frames, actions, rewards, SEED)["reward_r2"]
+    context = run.cfg.replay.context_len
+    latents = wmq.encode(run.tokenizer, run.tokenizer_params, frames[:, :context + 1])
+    assert rows[0]["latent_copy_last_mse"] == pytest.approx(
+        float((latents[:, context] - latents[:, context - 1]).square().mean()))
+    assert rows[-1]["latent_next_mse"] != rows[0]["latent_next_mse"]
     # The gradient steps change the model (same clips, same noise), copy-last does not move, and the run directory
     # (checkpoints, replay files) is left byte for byte as it was.
     assert rows[-1]["open_loop_pooled_own_actions"] != rows[0]["open_loop_pooled_own_actions"]

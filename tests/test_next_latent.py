@@ -1,0 +1,54 @@
+"""`d4func.next_latent.next_latent_errors`: its baselines by hand, causality, and clear errors."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from d4func.config import TransformerConfig
+from d4func.dynamics import Dynamics, DynamicsConfig, actions_into_frames
+from d4func.functional import init, template
+from d4func.next_latent import next_latent_errors
+
+
+def _model():
+    cfg = DynamicsConfig(transformer=TransformerConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                                       time_every=2),
+                         latent_tokens=4, latent_dim=4, pack=2, n_registers=1, action_dim=2, k_max=8)
+    model = template(Dynamics, cfg)
+    return model, init(model, 0)
+
+
+@settings(max_examples=15, deadline=None)
+@given(steps=st.integers(2, 7), data=st.data(), seed=st.integers(0, 2**16))
+def test_baselines_by_hand_and_future_frames_do_not_count(steps, data, seed):
+    model, params = _model()
+    target = data.draw(st.integers(1, steps - 1))
+    gen = torch.Generator().manual_seed(seed)
+    latents = torch.rand(3, steps, 4, 4, generator=gen) * 2 - 1
+    actions_in, mask = actions_into_frames(torch.rand(3, steps, 2, generator=gen) * 2 - 1)
+    errors = next_latent_errors(model, params, latents, actions_in, mask, target, torch.Generator().manual_seed(1))
+    truth = latents[:, target]
+    assert errors["copy_last_mse"] == pytest.approx(float((latents[:, target - 1] - truth).square().mean()))
+    assert errors["context_mean_mse"] == pytest.approx(float((latents[:, :target].mean(1) - truth).square().mean()))
+    # Frames and actions after the target never enter (the dynamics is causal and they are cut off).
+    later = latents.clone()
+    later[:, target + 1:] = 0.5
+    later_actions = actions_in.clone()
+    later_actions[:, target + 1:] = -1.0
+    assert next_latent_errors(model, params, later, later_actions, mask, target,
+                              torch.Generator().manual_seed(1)) == errors
+    # The target frame is what the prediction is scored against.
+    moved = latents.clone()
+    moved[:, target] += 0.3
+    assert next_latent_errors(model, params, moved, actions_in, mask, target,
+                              torch.Generator().manual_seed(1))["model_mse"] != errors["model_mse"]
+
+
+def test_target_must_have_history():
+    model, params = _model()
+    latents = torch.zeros(1, 4, 4, 4)
+    actions_in = torch.zeros(1, 4, 2)
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match=f"1 <= target < 4, got {bad}"):
+            next_latent_errors(model, params, latents, actions_in, None, bad)
