@@ -33,9 +33,8 @@ class TransformerConfig:
     logit_cap: float | None = 50.0  # attention-logit soft-cap; None disables it (and enables fused SDPA)
     rope_base: float = 10_000.0
     # Initial gain of the q and k RMS norms (qk_norm only). With unit gains a logit is sqrt(head_dim) * cos(q, k),
-    # at most 4.9 for head_dim 24: too flat to single out the previous frame among a dozen similar ones, and the
-    # gains grow slowly (measured on cartpole: +0.05 in 3.6k steps, time attention 0.4-0.5 on the previous frame).
-    # Large models (head_dim 64-128) do not need it; 1.0 is the usual initialisation.
+    # at most 4.9 for head_dim 24, and the gains grow slowly (cartpole: +0.05 in 3.6k steps). 1.0 is the usual
+    # initialisation; 2.0 did not help the cartpole dynamics carry its last frame forward (docs/results.md, Sec. 2).
     qk_norm_gain: float = 1.0
 
     def __post_init__(self) -> None:
