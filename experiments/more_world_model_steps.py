@@ -102,6 +102,10 @@ def with_overrides(run: Any, overrides: list[str], fresh: bool = False) -> Any:
     heads unless they start `fresh` (the checkpoint's params would not fit)."""
     if not overrides:
         return run
+    fixed = [item for item in overrides if item.split("=", 1)[0].startswith(("replay.", "env."))]
+    if fixed:
+        raise ValueError(f"overrides {fixed} cannot apply: the run's replay is reopened as the run saved it and the "
+                         "held-out clips come from the run's own env")
     config_file = Path(run.checkpoint).parent / "config.json"
     cfg = load_run_config(str(config_file), overrides)
     models = build_models(cfg)

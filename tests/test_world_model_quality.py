@@ -255,6 +255,8 @@ def test_more_world_model_steps_trains_a_copy_and_measures_it(run_dir):
     override = mws.continue_world_model(run_dir, steps=1, eval_every=1, episodes=2, clips=3, horizon=3, seed=SEED,
                                         overrides=["dynamics.clean_context_fraction=1.0"], log=lines.append)
     assert override["overrides"] == ["dynamics.clean_context_fraction=1.0"] and override["rows"][0] == rows[0]
+    with pytest.raises(ValueError, match="replay.batch_size=4'] cannot apply"):
+        mws.continue_world_model(run_dir, steps=1, eval_every=1, overrides=["replay.batch_size=4"])
     with pytest.raises(ValueError, match="change the dynamics's parameters"):
         mws.continue_world_model(run_dir, steps=1, eval_every=1, overrides=["dynamics.n_registers=5"])
     fresh = mws.continue_world_model(run_dir, steps=1, eval_every=1, episodes=2, clips=3, horizon=3, seed=SEED,
