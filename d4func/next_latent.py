@@ -7,6 +7,9 @@ model's conditional mean), frames before it sit at the sampler's context level t
 prediction is scored against two predictions that read only the history:
 
 * `copy_last_mse`: frame `target - 1` itself;
+* `copy_noisy_last_mse`: frame `target - 1` as the model sees it, re-noised to tau_ctx (and divided by tau_ctx, so
+  unbiased): where a frame's change is as small as the context noise, as with small latents at tau_ctx = 0.125,
+  this is the better guide to what carrying the last frame forward can reach;
 * `context_mean_mse`: the mean of the frames before `target`, what a model that blurs its history together gets.
 
 A model below `copy_last_mse` uses the last frame and more (motion, actions); one near `context_mean_mse` does not
@@ -46,11 +49,12 @@ def next_latent_errors(
     d = torch.full_like(tau, cfg.d_min)
     noise = torch.randn(clip.shape, generator=generator, device=clip.device, dtype=clip.dtype)
     mask = None if action_mask is None else action_mask[:, : target + 1]
-    predicted = apply(model, params, add_noise(clip, tau, noise), tau, d, actions_in[:, : target + 1], mask, None,
-                      None)[0][:, target]
+    noisy = add_noise(clip, tau, noise)
+    predicted = apply(model, params, noisy, tau, d, actions_in[:, : target + 1], mask, None, None)[0][:, target]
     truth = clip[:, target]
     return {
         "model_mse": float((predicted - truth).square().mean()),
         "copy_last_mse": float((clip[:, target - 1] - truth).square().mean()),
+        "copy_noisy_last_mse": float((noisy[:, target - 1] / cfg.context_signal - truth).square().mean()),
         "context_mean_mse": float((clip[:, :target].mean(dim=1) - truth).square().mean()),
     }

@@ -22,9 +22,9 @@ so architecture options (`dynamics.transformer.rope_base=100`, ...) can be compa
 * `psnr_k4_pooled` and `psnr_copy_last_pooled`: the next frame at K = 4 against copying the last frame, and
   `psnr_reconstruction_pooled`, the tokenizer's own ceiling (fixed while the tokenizer is frozen);
 * `reward_r2`: the reward head against the env's rewards (`world_model_quality.reward_metrics`);
-* `latent_next_mse`, `latent_copy_last_mse`, `latent_context_mean_mse`: the first frame after the context
-  predicted in latent space from its history (`d4func.next_latent`), against carrying the last frame forward and
-  against the mean of the history.
+* `latent_next_mse`, `latent_copy_last_mse`, `latent_copy_noisy_last_mse`, `latent_context_mean_mse`: the first
+  frame after the context predicted in latent space from its history (`d4func.next_latent`), against carrying the
+  last frame forward (clean, and as the model sees it at tau_ctx) and against the mean of the history.
 
 Nothing in the run directory changes: the replay is only sampled, and the result is written to `--out`
 (default `RUN_DIR/more_world_model_steps.json`).
@@ -92,6 +92,7 @@ def measure(run: Any, frames: torch.Tensor, actions: torch.Tensor, rewards: torc
         "reward_r2": rewards_fit["reward_r2"],
         "latent_next_mse": latent["model_mse"],
         "latent_copy_last_mse": latent["copy_last_mse"],
+        "latent_copy_noisy_last_mse": latent["copy_noisy_last_mse"],
         "latent_context_mean_mse": latent["context_mean_mse"],
     }
 

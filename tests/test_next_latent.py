@@ -31,6 +31,11 @@ def test_baselines_by_hand_and_future_frames_do_not_count(steps, data, seed):
     truth = latents[:, target]
     assert errors["copy_last_mse"] == pytest.approx(float((latents[:, target - 1] - truth).square().mean()))
     assert errors["context_mean_mse"] == pytest.approx(float((latents[:, :target].mean(1) - truth).square().mean()))
+    # The noisy copy: the last context frame at tau_ctx with the same noise draw (the first of the generator).
+    noise = torch.randn(latents[:, :target + 1].shape, generator=torch.Generator().manual_seed(1))
+    signal = model.cfg.context_signal
+    seen = signal * latents[:, target - 1] + (1 - signal) * noise[:, target - 1]
+    assert errors["copy_noisy_last_mse"] == pytest.approx(float((seen / signal - truth).square().mean()), rel=1e-5)
     # Frames and actions after the target never enter (the dynamics is causal and they are cut off).
     later = latents.clone()
     later[:, target + 1:] = 0.5
