@@ -343,6 +343,9 @@ def test_sigkilled_online_loop_resumes_from_its_last_checkpoint_exactly(tmp_path
     uninterrupted = C.load_checkpoint(C.latest_checkpoint(whole)).payload
     assert resumed["counters"] == uninterrupted["counters"] and resumed["counters"]["env_steps"] == target
     assert_states_equal(uninterrupted["states"], resumed["states"])
+    # The lines the killed process logged after its last checkpoint are gone: the logs read as one run's.
+    assert (killed / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text()
+    assert _csv_logs(killed) == _csv_logs(whole) and "world_model/loss.csv" in _csv_logs(whole)
 
 
 def test_online_run_stopped_before_its_first_checkpoint_starts_over_with_a_fresh_replay(tmp_path):
@@ -364,7 +367,8 @@ def test_online_run_stopped_before_its_first_checkpoint_starts_over_with_a_fresh
     for path in C.list_checkpoints(stopped):
         path.unlink()  # as if killed before any checkpoint was written
     assert (stopped / "replay" / "storage").exists()
-    with pytest.warns(UserWarning, match=r"holds no checkpoint: the run starts over and its replay .* is removed"):
+    with (pytest.warns(UserWarning, match=r"holds no checkpoint: the run starts over and its replay .* is removed"),
+          pytest.warns(UserWarning, match=r"drops the \d+ lines its metrics.jsonl held")):
         train(load_run_config(reach, [f"run_dir={stopped}", *common]), progress=False)
     train(load_run_config(reach, [f"run_dir={fresh}", *common]), progress=False)
     rerun = C.load_checkpoint(C.latest_checkpoint(stopped)).payload
@@ -372,3 +376,11 @@ def test_online_run_stopped_before_its_first_checkpoint_starts_over_with_a_fresh
     assert rerun["counters"] == reference["counters"] and rerun["counters"]["env_steps"] == 30
     assert rerun["replay"]["len"] == reference["replay"]["len"] == 30
     assert_states_equal(reference["states"], rerun["states"])
+    assert (stopped / "metrics.jsonl").read_text() == (fresh / "metrics.jsonl").read_text()
+    assert _csv_logs(stopped) == _csv_logs(fresh)
+
+
+def _csv_logs(run_dir: Path) -> dict[str, str]:
+    """Every scalar file of TorchRL's CSV logger in a run, by scalar name."""
+    scalars = run_dir / "logs" / "scalars"
+    return {path.relative_to(scalars).as_posix(): path.read_text() for path in sorted(scalars.rglob("*.csv"))}

@@ -378,3 +378,35 @@ def test_online_loop_with_two_cameras(tmp_path):
     assert list((tmp_path / "gifs").glob("*.gif"))
     replay = checkpoint.open_run_replay(tmp_path)
     assert tuple(replay.storage[:1]["pixels"].shape) == (1, 2, 3, 32, 32)  # both cameras stored
+
+
+@pytest.mark.parametrize("kind", ["csv", "tensorboard"])
+def test_run_logger_rewind_drops_rows_logged_after_the_checkpoint(tmp_path, kind):
+    """A checkpoint records how many rows were logged; rewinding to it leaves metrics.jsonl (and the CSV files)
+    exactly as a logger that never logged the later rows would, non-finite values included."""
+    from d4func.train.loop import RunLogger
+
+    cfg = load_run_config(DEBUG, [f"loop.logger={kind}"])
+    rows = [({"a/x": 1.0, "b": 2.0}, 1), ({"a/x": float("nan"), "b": 3.0}, 2), ({"a/x": 4.0}, 3),
+            ({"a/x": 5.0, "b": 6.0}, 4), ({"c": 7.0}, 5)]
+    for name, (keep, later) in {"rewound": (2, 3), "reference": (2, 0)}.items():
+        logger = RunLogger(cfg, tmp_path / name)
+        for metrics, step in rows[:keep + later]:
+            logger.log(metrics, step)
+        logger.close()
+        logger = RunLogger(cfg, tmp_path / name)  # a resumed process opens the same files
+        assert logger.rows == keep + later
+        logger.rewind(keep, step=rows[keep - 1][1])
+        assert logger.rows == keep
+        logger.log({"a/x": 9.0, "b": 9.0}, 3)
+        logger.close()
+    jsonl = {name: (tmp_path / name / "metrics.jsonl").read_text() for name in ("rewound", "reference")}
+    assert jsonl["rewound"] == jsonl["reference"] and len(jsonl["rewound"].splitlines()) == 3
+    if kind == "csv":
+        def csv(name: str) -> dict[str, str]:
+            scalars = tmp_path / name / "logs" / "scalars"
+            return {p.relative_to(scalars).as_posix(): p.read_text() for p in scalars.rglob("*.csv")}
+
+        assert csv("rewound")["a/x.csv"] == "1,1.0\n3,9.0\n"  # the NaN row was never written to CSV
+        assert csv("rewound")["b.csv"] == "1,2.0\n2,3.0\n3,9.0\n"
+        assert csv("rewound") == csv("reference")  # c.csv, logged only after the checkpoint, is gone

@@ -173,20 +173,31 @@ def gradient_step(
 
 
 class RunLogger:
-    """Scalars through a TorchRL logger (CSV or TensorBoard) plus a JSON-lines copy for plots."""
+    """Scalars through a TorchRL logger (CSV or TensorBoard) plus a JSON-lines copy for plots.
+
+    `rows` counts the lines of `metrics.jsonl`; checkpoints record it, and `rewind(rows)` on resume drops the lines
+    (and CSV rows) that a killed process logged after its last checkpoint, so the resumed run's logs read as an
+    uninterrupted run's. TensorBoard event files cannot be cut; there the resumed writer purges events past the
+    checkpoint's step when TensorBoard reads them (`SummaryWriter(purge_step=...)`).
+    """
 
     def __init__(self, cfg: RunConfig, run_dir: Path, enabled: bool = True) -> None:
         from torchrl.record.loggers import CSVLogger, TensorboardLogger
 
         self.enabled = enabled  # data-parallel runs: rank 0 only
+        self.rows = 0
         if not enabled:
             return
-
-        if cfg.loop.logger == "tensorboard":
+        self.run_dir = run_dir
+        self.kind = cfg.loop.logger
+        if self.kind == "tensorboard":
             self.logger = TensorboardLogger(exp_name="logs", log_dir=str(run_dir))
         else:
             self.logger = CSVLogger(exp_name="logs", log_dir=str(run_dir))
-        self.jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
+        self.jsonl_path = run_dir / "metrics.jsonl"
+        if self.jsonl_path.exists():
+            self.rows = len(self.jsonl_path.read_text().splitlines())
+        self.jsonl = open(self.jsonl_path, "a")  # noqa: SIM115 (closed in close())
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
@@ -196,6 +207,38 @@ class RunLogger:
                 self.logger.log_scalar(name, value, step=step)
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
+        self.rows += 1
+
+    def rewind(self, rows: int, step: int) -> None:
+        """Keep the first `rows` lines of `metrics.jsonl` (those a checkpoint at `step` had seen) and, for the CSV
+        logger, the matching rows of each scalar's file; call before anything new is logged."""
+        if not self.enabled or rows >= self.rows:
+            return
+        self.jsonl.close()
+        kept = self.jsonl_path.read_text().splitlines()[:rows]
+        self.jsonl_path.write_text("".join(line + "\n" for line in kept))
+        self.jsonl = open(self.jsonl_path, "a")  # noqa: SIM115 (closed in close())
+        self.rows = rows
+        if self.kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.logger.experiment.close()
+            self.logger.experiment = SummaryWriter(log_dir=self.logger.experiment.get_logdir(), purge_step=step + 1)
+            return
+        # The CSV logger writes one row per finite value to `logs/scalars/<name>.csv`, in metrics.jsonl's order.
+        kept_per_name: dict[str, int] = {}
+        for line in kept:
+            for name, value in json.loads(line).items():
+                if name != "step" and math.isfinite(value):
+                    kept_per_name[name] = kept_per_name.get(name, 0) + 1
+        scalars = Path(self.logger.experiment.log_dir) / "scalars"
+        for path in scalars.rglob("*.csv"):
+            name = path.relative_to(scalars).with_suffix("").as_posix()
+            csv_rows = path.read_text().splitlines()[:kept_per_name.get(name, 0)]
+            if csv_rows:
+                path.write_text("".join(row + "\n" for row in csv_rows))
+            else:  # a scalar first logged after the checkpoint
+                path.unlink()
 
     def close(self) -> None:
         if self.enabled:
@@ -398,6 +441,8 @@ class Trainer:
         """What differs between data-parallel ranks: counters (episodes, trajectory ids), the replay position and
         the online collector's state."""
         part: dict[str, Any] = {"counters": dict(self.counters)}
+        if self.is_main:  # the logging rank: how far its logs had got (see RunLogger.rewind)
+            part["log_rows"] = self.logger.rows
         if self.replay is not None:  # online: length and cursor; both: the sampler's RNG (exact resume)
             part["replay"] = checkpoint.replay_position(self.replay)
         if self.online_state is not None:
@@ -431,13 +476,23 @@ class Trainer:
         payload with this rank's own part."""
         found = checkpoint.restore(self.run_dir, self.generators())
         if found is None:
+            self.forget_logs()
             return None
         payload = checkpoint.rank_payload(found.payload, self.dist.rank if self.dist is not None else 0)
+        if "log_rows" in payload:  # older checkpoints did not record it: their logs stay as they are
+            self.logger.rewind(payload["log_rows"], found.step)
         self.states = {name: state.to(self.device) for name, state in payload["states"].items()}
         self.counters.update(payload["counters"])
         if self.replay is not None and "replay" in payload:
             checkpoint.restore_replay_position(self.replay, payload["replay"])
         return payload
+
+    def forget_logs(self) -> None:
+        """A run that starts over (no checkpoint to resume) drops the log lines of the attempt it replaces."""
+        if self.logger.rows:
+            warnings.warn(f"{self.run_dir} holds no checkpoint: the run starts over and drops the "
+                          f"{self.logger.rows} lines its metrics.jsonl held", stacklevel=3)
+            self.logger.rewind(0, -1)
 
     # ---- training ----------------------------------------------------------------------------------------------
     def train_steps(self, n: int, agent_active: bool, from_credit: bool = False) -> dict[str, float]:
@@ -568,7 +623,11 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
                               env.action_spec, context=cfg.replay.seq_len,
                               seed=trainer.rank_seed(cfg.seed + 5, "acting"))
     trainer.extra_generators["acting"] = policy.generator
-    payload = trainer.try_resume() if resuming else None
+    if resuming:
+        payload = trainer.try_resume()
+    else:
+        payload = None
+        trainer.forget_logs()
     trainer.sync_states()
     progress = progress and trainer.is_main
     counters = trainer.counters
