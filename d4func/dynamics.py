@@ -51,6 +51,11 @@ class DynamicsConfig:
     # 0 is the paper's independent per-frame levels (see objectives.clean_context_levels). Measured on cartpole at
     # 0.5: no better next-frame prediction within 1.5k updates (docs/results.md, Sec. 2).
     clean_context_fraction: float = 0.0
+    # Standard deviation of the noise the flow starts from (tau = 0) and that re-noises context frames. The paper
+    # draws N(0, 1); latent diffusion scales noise (or latents) to the latents' own spread (Rombach et al. 2022's
+    # scale factor). Small tanh latents (spread ~0.3 on cartpole at 64x64) drown at unit noise: tau_ctx's noise is
+    # then as large as a frame's change (docs/results.md, Sec. 2). 1.0 is the paper's.
+    noise_scale: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("latent_tokens", "latent_dim", "pack", "k_max", "sampling_steps", "n_tasks"):
@@ -80,6 +85,8 @@ class DynamicsConfig:
         if not 0.0 <= self.clean_context_fraction <= 1.0:
             raise ValueError(f"DynamicsConfig.clean_context_fraction must lie in [0, 1], got "
                              f"{self.clean_context_fraction}")
+        if not (math.isfinite(self.noise_scale) and self.noise_scale > 0.0):
+            raise ValueError(f"DynamicsConfig.noise_scale must be a finite number > 0, got {self.noise_scale}")
         if not 0.0 <= self.context_noise < 1.0:
             raise ValueError(f"DynamicsConfig.context_noise must lie in [0, 1), got {self.context_noise}")
 

@@ -26,7 +26,7 @@ from d4func.distributions import BoundedNormal, Categorical, kl_divergence, twoh
 from d4func.dynamics import Dynamics, DynamicsConfig, actions_into_frames
 from d4func.functional import apply
 from d4func.heads import AgentHeads, policy_dist, reward_dist
-from d4func.objectives import add_noise
+from d4func.objectives import add_noise, sample_noise
 from d4func.sampler import Frames, WorldModelFn, denoise_frame
 from d4func.transformer import empty_cache
 
@@ -369,7 +369,7 @@ def commit_frames(
         raise ValueError(f"latents must be [B, n, S, Dz], got shape {tuple(latents.shape)}")
     batch, count = latents.shape[:2]
     signal = torch.full((batch, count), cfg.context_signal, device=latents.device)
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    noise = sample_noise(latents, generator, cfg.noise_scale)
     _, agent_out, cache = model_fn(add_noise(latents, signal, noise), signal, torch.full_like(signal, cfg.d_min),
                                    actions, action_mask, cache=cache)
     if agent_out is None:
@@ -444,7 +444,8 @@ def imagine(
             policy = policy_dist(heads, heads_params["policy"], h)
             action = policy.mode() if greedy else policy.sample(generator)
             into = action[:, None]
-            frame, _, cache = denoise_frame(model_fn, nothing_pending, cache, into, known, generator, steps)
+            frame, _, cache = denoise_frame(model_fn, nothing_pending, cache, into, known, generator, steps,
+                                            cfg.noise_scale)
             agent, cache = commit_frames(model_fn, cfg, frame[:, None], into, known, cache, generator)
             h = agent[:, 0]
             features.append(h)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from d4func.dynamics import Dynamics
 from d4func.functional import apply
-from d4func.objectives import add_noise
+from d4func.objectives import add_noise, sample_noise
 
 
 @torch.no_grad()
@@ -47,7 +47,7 @@ def next_latent_errors(
     tau = torch.full(clip.shape[:2], cfg.context_signal, device=clip.device)
     tau[:, target] = 0.0
     d = torch.full_like(tau, cfg.d_min)
-    noise = torch.randn(clip.shape, generator=generator, device=clip.device, dtype=clip.dtype)
+    noise = sample_noise(clip, generator, cfg.noise_scale)
     mask = None if action_mask is None else action_mask[:, : target + 1]
     noisy = add_noise(clip, tau, noise)
     predicted = apply(model, params, noisy, tau, d, actions_in[:, : target + 1], mask, None, None)[0][:, target]

@@ -116,6 +116,13 @@ def ramp_weight(tau: Tensor) -> Tensor:
     return 0.9 * tau + 0.1
 
 
+def sample_noise(like: Tensor, generator: torch.Generator | None, scale: float = 1.0) -> Tensor:
+    """Gaussian noise shaped like `like` with standard deviation `scale` (`DynamicsConfig.noise_scale`): the flow's
+    source at tau = 0 and what re-noises context frames."""
+    noise = torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+    return noise if scale == 1.0 else scale * noise
+
+
 def add_noise(z_clean: Tensor, tau: Tensor, noise: Tensor) -> Tensor:
     """z_tau = (1 - tau) * noise + tau * z_clean with a per-frame tau `[B, T]`."""
     tau = _per_frame(tau)
@@ -190,6 +197,7 @@ def shortcut_forcing_loss(
     bootstrap_fraction: float | None = None,
     clean_context_fraction: float = 0.0,
     context_signal: float = 1.0,
+    noise_scale: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
     """Shortcut forcing loss on clean latents `[B, T, S, Dz]`.
 
@@ -200,8 +208,7 @@ def shortcut_forcing_loss(
     batch, steps = z_clean.shape[:2]
     d, tau = sample_training_levels((batch, steps), k_max, generator, z_clean.device, bootstrap_fraction,
                                     clean_context_fraction, context_signal)
-    noise = torch.randn(z_clean.shape, generator=generator, device=z_clean.device, dtype=z_clean.dtype)
-    z_tau = add_noise(z_clean, tau, noise)
+    z_tau = add_noise(z_clean, tau, sample_noise(z_clean, generator, noise_scale))
     x_hat = denoise(z_tau, tau, d)
     target, is_flow = shortcut_targets(denoise_target, z_clean, z_tau, tau, d, 1.0 / k_max)
     per_frame = (x_hat - target).square().mean(dim=(-2, -1))

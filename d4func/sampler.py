@@ -22,7 +22,7 @@ from tensordict import TensorDict
 from torch import Tensor
 
 from d4func.dynamics import DynamicsConfig
-from d4func.objectives import add_noise
+from d4func.objectives import add_noise, sample_noise
 from d4func.transformer import drop_last_steps, empty_cache
 
 # (z [B,T,S,Dz], tau [B,T], d [B,T], actions, action_mask, cache) -> (x_hat, agent_out, new_cache)
@@ -63,6 +63,7 @@ def denoise_frame(
     action_mask: Tensor | None,
     generator: torch.Generator | None,
     steps: int,
+    noise_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor | None, TensorDict | None]:
     """Sample one new frame `[B, S, Dz]` after the committed frames.
 
@@ -70,7 +71,8 @@ def denoise_frame(
     frame, the agent-token outputs of the last call at the new frame, and the cache with `pending` committed.
     """
     batch, _, tokens, dim = pending.latents.shape
-    z = torch.randn(batch, 1, tokens, dim, generator=generator, device=pending.latents.device)
+    # the flow's source at tau = 0 (`pending` may hold no frames, hence new_empty for the shape)
+    z = sample_noise(pending.latents.new_empty(batch, 1, tokens, dim), generator, noise_scale)
     step = 1.0 / steps
     agent = None
     for k in range(steps):
@@ -121,7 +123,7 @@ def generate(
     def window(x: Tensor | None, start: int, stop: int) -> Tensor | None:
         return None if x is None else x[:, start:stop]
 
-    noise = torch.randn(context.shape, generator=generator, device=context.device)
+    noise = sample_noise(context, generator, cfg.noise_scale)
     signal = torch.full((batch, context_len), context_signal, device=context.device)
     pending = _frames(add_noise(context, signal, noise), context_signal, context_step,
                       window(actions, 0, context_len), window(action_mask, 0, context_len))
@@ -130,9 +132,9 @@ def generate(
     for h in range(horizon):
         t = context_len + h
         frame, _, cache = denoise_frame(model_fn, pending, cache, window(actions, t, t + 1),
-                                        window(action_mask, t, t + 1), generator, steps)
+                                        window(action_mask, t, t + 1), generator, steps, cfg.noise_scale)
         generated.append(frame)
-        noise = torch.randn(frame[:, None].shape, generator=generator, device=frame.device)
+        noise = sample_noise(frame[:, None], generator, cfg.noise_scale)
         renoised = add_noise(frame[:, None], signal[:, :1], noise)
         new = _frames(renoised, context_signal, context_step, window(actions, t, t + 1),
                       window(action_mask, t, t + 1))

@@ -1,5 +1,6 @@
 """Dynamics model, shortcut-forcing math and the sampler."""
 
+import dataclasses
 import functools
 
 import pytest
@@ -19,6 +20,7 @@ from d4func.objectives import (
     sample_signal_levels,
     sample_step_sizes,
     sample_training_levels,
+    shortcut_forcing_loss,
     shortcut_targets,
     velocity_from_x,
     x_from_velocity,
@@ -256,6 +258,56 @@ def test_cached_generation_equals_uncached(steps, discrete):
     torch.testing.assert_close(cached, uncached, atol=1e-5, rtol=1e-4)
     other_seed = generate(fn, z[:, :3], actions, 4, torch.Generator().manual_seed(6), cfg)
     assert not torch.allclose(cached, other_seed)
+
+
+def _scaled(fn, scale: float):
+    """`fn` seen through latents scaled by `scale`: reads z / scale, returns its clean prediction times scale."""
+    def wrapped(z, *args, **kwargs):
+        out = fn(z / scale, *args, **kwargs)
+        return (out[0] * scale, *out[1:]) if isinstance(out, tuple) else out * scale
+
+    return wrapped
+
+
+@settings(max_examples=8, deadline=None)
+@given(scale=st.floats(0.1, 3.0), seed=st.integers(0, 999), use_cache=st.booleans())
+def test_noise_scale_is_the_latent_scale_seen_from_the_other_side(scale, seed, use_cache):
+    """noise_scale = s on latents s * z is the paper's unit noise on z, scaled by s: the sampler applies s to the
+    flow's source and to both context re-noisings, and generation commutes with scaling the latents."""
+    cfg, model, params = make(seed=seed % 7)
+    z, _, _, actions = inputs(cfg, steps=6, seed=seed)
+    fn = functools.partial(apply, model, params)
+    scaled_cfg = dataclasses.replace(cfg, noise_scale=scale)
+    unit = generate(fn, z[:, :3], actions, 3, torch.Generator().manual_seed(seed), cfg, use_cache=use_cache)
+    scaled = generate(_scaled(fn, scale), scale * z[:, :3], actions, 3, torch.Generator().manual_seed(seed),
+                      scaled_cfg, use_cache=use_cache)
+    torch.testing.assert_close(scaled, scale * unit, atol=1e-4, rtol=1e-4)
+
+
+@settings(max_examples=8, deadline=None)
+@given(scale=st.floats(0.1, 3.0), seed=st.integers(0, 999))
+def test_noise_scale_scales_the_shortcut_forcing_loss_covariantly(scale, seed):
+    """The same draw of levels and noise: training on s * z with noise s * eps is training on z with eps, the loss
+    (flow and bootstrap terms alike) times s^2."""
+    cfg, model, params = make(seed=seed % 7)
+    z, _, _, actions = inputs(cfg, steps=5, seed=seed)
+    fn = denoiser(model, params, actions)
+
+    def loss(denoise, latents, noise_scale):
+        return shortcut_forcing_loss(denoise, denoise, latents, cfg.k_max, torch.Generator().manual_seed(seed), 0.5,
+                                     0.0, cfg.context_signal, noise_scale)[:2]
+
+    unit_loss, unit_metrics = loss(fn, z, 1.0)
+    scaled_loss, scaled_metrics = loss(_scaled(fn, scale), scale * z, scale)
+    torch.testing.assert_close(scaled_loss, scale**2 * unit_loss, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(scaled_metrics["bootstrap_mse"], scale**2 * unit_metrics["bootstrap_mse"],
+                               atol=1e-6, rtol=1e-4)
+
+
+def test_noise_scale_must_be_positive():
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="noise_scale"):
+            DynamicsConfig(action_dim=2, noise_scale=bad)
 
 
 def test_one_step_sampler_makes_one_model_call_per_frame():

@@ -41,7 +41,7 @@ from d4func.dynamics import Dynamics, actions_into_frames
 from d4func.functional import apply, grad_and_value
 from d4func.heads import AgentHeads, policy_dist, reward_dist
 from d4func.imagination import ImaginationConfig, imagination_loss, imagine, mtp_targets
-from d4func.objectives import add_noise, ramp_weight, sample_training_levels, shortcut_targets
+from d4func.objectives import add_noise, ramp_weight, sample_noise, sample_training_levels, shortcut_targets
 from d4func.optim import AdamWConfig
 from d4func.train.dynamics_step import denoiser
 from d4func.train.state import checked_update, new_train_state
@@ -126,8 +126,7 @@ def agent_finetune_loss(
     actions_in, mask_in = actions_into_frames(actions)
     d, tau = sample_training_levels((batch, steps), dyn_cfg.k_max, generator, device, dyn_cfg.bootstrap_fraction,
                                     dyn_cfg.clean_context_fraction, dyn_cfg.context_signal)
-    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-    z_tau = add_noise(latents, tau, noise)
+    z_tau = add_noise(latents, tau, sample_noise(latents, generator, dyn_cfg.noise_scale))
     x_hat, agent_out, _ = apply(model, params["dynamics"], z_tau, tau, d, actions_in, mask_in, None, tasks)
     if agent_out is None:
         raise ValueError("the dynamics model has no agent tokens (DynamicsConfig.n_agent_tokens = 0)")
