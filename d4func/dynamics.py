@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 from einops import rearrange, repeat
+from tensordict import TensorDict
 from torch import Tensor, nn
 
 from d4func.config import TransformerConfig
@@ -56,6 +57,12 @@ class DynamicsConfig:
     # scale factor). Small tanh latents (spread ~0.3 on cartpole at 64x64) drown at unit noise: tau_ctx's noise is
     # then as large as a frame's change (docs/results.md, Sec. 2). 1.0 is the paper's.
     noise_scale: float = 1.0
+    # Not in the paper: add the previous frame, as the model sees it, to the clean-latent prediction,
+    # x_hat_t = f(...) + tau_{t-1} * z_{t-1}^{tau_{t-1}} (`previous_frame_skip`), so that carrying the last frame
+    # forward is where the model starts instead of something it must learn through time attention. Small models
+    # learn that slowly (docs/results.md, Sec. 2). A frame without a known previous frame (first of a sequence, or
+    # after `transformer.reset_cache`) gets no skip.
+    previous_frame_skip: bool = False
 
     def __post_init__(self) -> None:
         for name in ("latent_tokens", "latent_dim", "pack", "k_max", "sampling_steps", "n_tasks"):
@@ -238,5 +245,33 @@ class Dynamics(nn.Module):
         out, new_cache = self.transformer(tokens, layout.space_mask("world_model", tokens.device), cache)
         z_pred = rearrange(self.latent_out(out[:, :, layout.slice("latents")]), "b t s (p z) -> b t (s p) z",
                            p=cfg.pack)
+        if cfg.previous_frame_skip:
+            skip, new_cache = previous_frame_skip(z_noisy, tau, cache, new_cache)
+            z_pred = z_pred + skip
         agent_out = out[:, :, layout.slice("agent")] if cfg.n_agent_tokens else None
         return z_pred, agent_out, new_cache
+
+
+def previous_frame_skip(z_noisy: Tensor, tau: Tensor, cache: TensorDict | None,
+                        new_cache: TensorDict | None) -> tuple[Tensor, TensorDict | None]:
+    """`DynamicsConfig.previous_frame_skip`: for every frame, tau_{t-1} * z_{t-1}^{tau_{t-1}}, the previous frame's
+    input scaled by its signal level (0 for a frame with no previous one), and the cache with this call's frames'
+    contributions appended under `"previous_frame_skip"` (`[B, 1, T, S * Dz]`: the time axis second to last, so
+    `transformer.keep_last_steps` / `drop_last_steps` slice it with the keys and values)."""
+    batch, steps, tokens, dim = z_noisy.shape
+    contribution = z_noisy * rearrange(tau, "b t -> b t 1 1").to(z_noisy.dtype)
+    earlier = torch.zeros_like(contribution[:, :1])
+    if cache is not None and "previous_frame_skip" in cache.keys() and cache["valid"].shape[1]:
+        last = rearrange(cache["previous_frame_skip"][:, 0, -1], "b (s z) -> b 1 s z", s=tokens)
+        known = rearrange(cache["valid"][:, -1], "b -> b 1 1 1")  # False after an episode reset
+        earlier = torch.where(known, last, earlier)
+    skip = torch.cat([earlier, contribution[:, :-1]], dim=1)
+    if new_cache is not None:
+        flat = rearrange(contribution, "b t s z -> b 1 t (s z)")
+        if "previous_frame_skip" in cache.keys():
+            flat = torch.cat([cache["previous_frame_skip"], flat], dim=2)
+        elif cache["valid"].shape[1]:
+            raise ValueError("the cache holds frames from a model without previous_frame_skip: start from an "
+                             "empty cache")
+        new_cache["previous_frame_skip"] = flat
+    return skip, new_cache

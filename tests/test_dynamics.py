@@ -29,12 +29,13 @@ from d4func.sampler import generate
 from d4func.train.dynamics_step import denoiser
 
 
-def make(discrete=False, agent=0, logit_cap=30.0, k_max=8, seed=0, steps=4):
+def make(discrete=False, agent=0, logit_cap=30.0, k_max=8, seed=0, steps=4, skip=False):
     cfg = DynamicsConfig(
         transformer=TransformerConfig(d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, time_every=2,
                                       logit_cap=logit_cap),
         latent_tokens=6, latent_dim=4, pack=2, n_registers=2, n_agent_tokens=agent,
         action_dim=0 if discrete else 3, n_actions=5 if discrete else 0, k_max=k_max, sampling_steps=steps,
+        previous_frame_skip=skip,
     )
     model = template(Dynamics, cfg)
     return cfg, model, init(model, seed)
@@ -53,9 +54,10 @@ def inputs(cfg, batch=2, steps=5, seed=0, discrete=False):
 
 
 @settings(max_examples=10, deadline=None)
-@given(discrete=st.booleans(), agent=st.sampled_from([0, 2]), seed=st.integers(0, 999), data=st.data())
-def test_future_latents_and_actions_never_change_past_predictions(discrete, agent, seed, data):
-    cfg, model, params = make(discrete=discrete, agent=agent, seed=seed)
+@given(discrete=st.booleans(), agent=st.sampled_from([0, 2]), seed=st.integers(0, 999), skip=st.booleans(),
+       data=st.data())
+def test_future_latents_and_actions_never_change_past_predictions(discrete, agent, seed, skip, data):
+    cfg, model, params = make(discrete=discrete, agent=agent, seed=seed, skip=skip)
     z, tau, d, actions = inputs(cfg, seed=seed, discrete=discrete)
     t = data.draw(st.integers(0, 3), label="t")
     z2, actions2, tau2 = z.clone(), actions.clone(), tau.clone()
@@ -247,9 +249,9 @@ def test_flow_frames_regress_to_clean_latents():
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])
-@pytest.mark.parametrize("discrete", [False, True])
-def test_cached_generation_equals_uncached(steps, discrete):
-    cfg, model, params = make(discrete=discrete, agent=2, steps=steps)
+@pytest.mark.parametrize("discrete, skip", [(False, False), (True, False), (False, True)])
+def test_cached_generation_equals_uncached(steps, discrete, skip):
+    cfg, model, params = make(discrete=discrete, agent=2, steps=steps, skip=skip)
     z, _, _, actions = inputs(cfg, steps=7, discrete=discrete)
     fn = functools.partial(apply, model, params)
     cached = generate(fn, z[:, :3], actions, 4, torch.Generator().manual_seed(5), cfg)
@@ -308,6 +310,50 @@ def test_noise_scale_must_be_positive():
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="noise_scale"):
             DynamicsConfig(action_dim=2, noise_scale=bad)
+
+
+def _without_output_layer(params):
+    """The dynamics' params with its latent output layer zeroed: predictions are then the skip alone."""
+    params = params.clone()
+    params["latent_out"] = params["latent_out"].apply(torch.zeros_like)
+    return params
+
+
+def test_previous_frame_skip_adds_the_previous_frame_as_the_model_sees_it():
+    cfg, model, params = make(skip=True)
+    z, tau, d, actions = inputs(cfg, steps=5)
+    z_tau = add_noise(z, tau, torch.randn_like(z))
+    x, _, _ = apply(model, _without_output_layer(params), z_tau, tau, d, actions)
+    torch.testing.assert_close(x[:, 0], torch.zeros_like(x[:, 0]))  # no previous frame
+    torch.testing.assert_close(x[:, 1:], tau[:, :-1, None, None] * z_tau[:, :-1])
+    plain = apply(template(Dynamics, dataclasses.replace(cfg, previous_frame_skip=False)), params, z_tau, tau, d,
+                  actions)[0]
+    with_skip = apply(model, params, z_tau, tau, d, actions)[0]
+    torch.testing.assert_close(with_skip - plain, x)  # the same network, plus the skip
+
+
+def test_previous_frame_skip_in_the_cache_follows_resets_and_windows():
+    """Frame by frame through the KV cache equals one pass; after `reset_cache` an entry's next frame has no
+    previous frame (as the first frame of a pass), the other entry keeps its own."""
+    from d4func.transformer import empty_cache, keep_last_steps, reset_cache
+
+    cfg, model, params = make(skip=True)
+    z, tau, d, actions = inputs(cfg, steps=6)
+    z_tau = add_noise(z, tau, torch.randn_like(z))
+    zeroed = _without_output_layer(params)
+    full, _, _ = apply(model, params, z_tau, tau, d, actions)
+    cache = empty_cache(2)
+    for t in range(6):
+        step, _, cache = apply(model, params, z_tau[:, t:t + 1], tau[:, t:t + 1], d[:, t:t + 1],
+                               actions[:, t:t + 1], None, cache)
+        torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-5, rtol=1e-4)
+    assert cache["previous_frame_skip"].shape == (2, 1, 6, cfg.latent_tokens * cfg.latent_dim)
+    windowed = keep_last_steps(cache, 2)
+    assert windowed["previous_frame_skip"].shape[2] == 2
+    reset = reset_cache(windowed, torch.tensor([True, False]))
+    x, _, _ = apply(model, zeroed, z_tau[:, :1], tau[:, :1], d[:, :1], actions[:, :1], None, reset)
+    torch.testing.assert_close(x[0], torch.zeros_like(x[0]))
+    torch.testing.assert_close(x[1, 0], tau[1, 5] * z_tau[1, 5])
 
 
 def test_one_step_sampler_makes_one_model_call_per_frame():
