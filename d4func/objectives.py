@@ -116,10 +116,11 @@ def ramp_weight(tau: Tensor) -> Tensor:
     return 0.9 * tau + 0.1
 
 
-def sample_noise(like: Tensor, generator: torch.Generator | None, scale: float = 1.0) -> Tensor:
-    """Gaussian noise shaped like `like` with standard deviation `scale` (`DynamicsConfig.noise_scale`): the flow's
-    source at tau = 0 and what re-noises context frames."""
-    noise = torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+def sample_noise(like: Tensor, generator: torch.Generator | None, scale: float = 1.0,
+                 dtype: torch.dtype | None = None) -> Tensor:
+    """Gaussian noise shaped like `like` (in `like`'s dtype unless `dtype` is given) with standard deviation `scale`
+    (`DynamicsConfig.noise_scale`): the flow's source at tau = 0 and what re-noises context frames."""
+    noise = torch.randn(like.shape, generator=generator, device=like.device, dtype=dtype or like.dtype)
     return noise if scale == 1.0 else scale * noise
 
 

@@ -72,7 +72,7 @@ def denoise_frame(
     """
     batch, _, tokens, dim = pending.latents.shape
     # the flow's source at tau = 0 (`pending` may hold no frames, hence new_empty for the shape)
-    z = sample_noise(pending.latents.new_empty(batch, 1, tokens, dim), generator, noise_scale)
+    z = sample_noise(pending.latents.new_empty(batch, 1, tokens, dim), generator, noise_scale, torch.float32)
     step = 1.0 / steps
     agent = None
     for k in range(steps):
@@ -123,7 +123,7 @@ def generate(
     def window(x: Tensor | None, start: int, stop: int) -> Tensor | None:
         return None if x is None else x[:, start:stop]
 
-    noise = sample_noise(context, generator, cfg.noise_scale)
+    noise = sample_noise(context, generator, cfg.noise_scale, torch.float32)
     signal = torch.full((batch, context_len), context_signal, device=context.device)
     pending = _frames(add_noise(context, signal, noise), context_signal, context_step,
                       window(actions, 0, context_len), window(action_mask, 0, context_len))
@@ -134,7 +134,7 @@ def generate(
         frame, _, cache = denoise_frame(model_fn, pending, cache, window(actions, t, t + 1),
                                         window(action_mask, t, t + 1), generator, steps, cfg.noise_scale)
         generated.append(frame)
-        noise = sample_noise(frame[:, None], generator, cfg.noise_scale)
+        noise = sample_noise(frame[:, None], generator, cfg.noise_scale, torch.float32)
         renoised = add_noise(frame[:, None], signal[:, :1], noise)
         new = _frames(renoised, context_signal, context_step, window(actions, t, t + 1),
                       window(action_mask, t, t + 1))
