@@ -55,7 +55,8 @@ class DynamicsConfig:
     # Standard deviation of the noise the flow starts from (tau = 0) and that re-noises context frames. The paper
     # draws N(0, 1); latent diffusion scales noise (or latents) to the latents' own spread (Rombach et al. 2022's
     # scale factor). Small tanh latents (spread ~0.3 on cartpole at 64x64) drown at unit noise: tau_ctx's noise is
-    # then as large as a frame's change (docs/results.md, Sec. 2). 1.0 is the paper's.
+    # then as large as a frame's change (docs/results.md, Sec. 2). 1.0 is the paper's; for small latents, the
+    # spread the loop logs as `tokenizer/latent_spread` is a starting point.
     noise_scale: float = 1.0
     # Not in the paper: add the previous frame, as the model sees it, to the clean-latent prediction,
     # x_hat_t = f(...) + tau_{t-1} * z_{t-1}^{tau_{t-1}} (`previous_frame_skip`), so that carrying the last frame
