@@ -410,3 +410,22 @@ def test_run_logger_rewind_drops_rows_logged_after_the_checkpoint(tmp_path, kind
         assert csv("rewound")["a/x.csv"] == "1,1.0\n3,9.0\n"  # the NaN row was never written to CSV
         assert csv("rewound")["b.csv"] == "1,2.0\n2,3.0\n3,9.0\n"
         assert csv("rewound") == csv("reference")  # c.csv, logged only after the checkpoint, is gone
+
+
+def test_online_loop_with_noise_scale_and_previous_frame_skip(tmp_path):
+    """The opt-in dynamics options through the whole online loop on Reach: the acting policy's KV cache carries the
+    skip across episode resets and sliding windows, imagination and the world-model losses use the scaled noise."""
+    reach = "experiments/configs/reach.yaml"
+    cfg = load_run_config(reach, [f"run_dir={tmp_path}", "loop.mode=online", "loop.offline_data=null",
+                                  "loop.prefill_steps=10", "loop.collect_steps=10", "loop.train_ratio=0.3",
+                                  "loop.agent_start=20", "loop.env_steps=60", "loop.eval_every=60",
+                                  "loop.gif_every=100000", "loop.checkpoint_every=100000", "loop.log_every=1",
+                                  "env.eval_episodes=1", "replay.batch_size=2", "dynamics.noise_scale=0.3",
+                                  "dynamics.previous_frame_skip=true"])
+    summary = train(cfg, progress=False)
+    assert summary["env_steps"] == 60 and summary["grad_steps"] == 18 and summary["episodes"] >= 2
+    assert set(summary["params"]) == {"tokenizer", "world_model", "agent"}
+    saved = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(tmp_path)).payload["config"]["dynamics"]
+    assert saved["noise_scale"] == 0.3 and saved["previous_frame_skip"] is True
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(row["world_model/loss"]) for row in rows if "world_model/loss" in row)
