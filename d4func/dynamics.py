@@ -259,7 +259,7 @@ def previous_frame_skip(z_noisy: Tensor, tau: Tensor, cache: TensorDict | None,
     input scaled by its signal level (0 for a frame with no previous one), and the cache with this call's frames'
     contributions appended under `"previous_frame_skip"` (`[B, 1, T, S * Dz]`: the time axis second to last, so
     `transformer.keep_last_steps` / `drop_last_steps` slice it with the keys and values)."""
-    batch, steps, tokens, dim = z_noisy.shape
+    tokens = z_noisy.shape[2]
     contribution = z_noisy * rearrange(tau, "b t -> b t 1 1").to(z_noisy.dtype)
     earlier = torch.zeros_like(contribution[:, :1])
     if cache is not None and "previous_frame_skip" in cache.keys() and cache["valid"].shape[1]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.logs import csv_logs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tensordict import TensorDict
@@ -345,7 +346,7 @@ def test_sigkilled_online_loop_resumes_from_its_last_checkpoint_exactly(tmp_path
     assert_states_equal(uninterrupted["states"], resumed["states"])
     # The lines the killed process logged after its last checkpoint are gone: the logs read as one run's.
     assert (killed / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text()
-    assert _csv_logs(killed) == _csv_logs(whole) and "world_model/loss.csv" in _csv_logs(whole)
+    assert csv_logs(killed) == csv_logs(whole) and "world_model/loss.csv" in csv_logs(whole)
 
 
 def test_online_run_stopped_before_its_first_checkpoint_starts_over_with_a_fresh_replay(tmp_path):
@@ -377,10 +378,4 @@ def test_online_run_stopped_before_its_first_checkpoint_starts_over_with_a_fresh
     assert rerun["replay"]["len"] == reference["replay"]["len"] == 30
     assert_states_equal(reference["states"], rerun["states"])
     assert (stopped / "metrics.jsonl").read_text() == (fresh / "metrics.jsonl").read_text()
-    assert _csv_logs(stopped) == _csv_logs(fresh)
-
-
-def _csv_logs(run_dir: Path) -> dict[str, str]:
-    """Every scalar file of TorchRL's CSV logger in a run, by scalar name."""
-    scalars = run_dir / "logs" / "scalars"
-    return {path.relative_to(scalars).as_posix(): path.read_text() for path in sorted(scalars.rglob("*.csv"))}
+    assert csv_logs(stopped) == csv_logs(fresh)

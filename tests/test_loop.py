@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers.logs import csv_logs
 from helpers.states import assert_states_equal
 from omegaconf.errors import ConfigKeyError, ValidationError
 
@@ -403,13 +404,10 @@ def test_run_logger_rewind_drops_rows_logged_after_the_checkpoint(tmp_path, kind
     jsonl = {name: (tmp_path / name / "metrics.jsonl").read_text() for name in ("rewound", "reference")}
     assert jsonl["rewound"] == jsonl["reference"] and len(jsonl["rewound"].splitlines()) == 3
     if kind == "csv":
-        def csv(name: str) -> dict[str, str]:
-            scalars = tmp_path / name / "logs" / "scalars"
-            return {p.relative_to(scalars).as_posix(): p.read_text() for p in scalars.rglob("*.csv")}
-
-        assert csv("rewound")["a/x.csv"] == "1,1.0\n3,9.0\n"  # the NaN row was never written to CSV
-        assert csv("rewound")["b.csv"] == "1,2.0\n2,3.0\n3,9.0\n"
-        assert csv("rewound") == csv("reference")  # c.csv, logged only after the checkpoint, is gone
+        rewound = csv_logs(tmp_path / "rewound")
+        assert rewound["a/x.csv"] == "1,1.0\n3,9.0\n"  # the NaN row was never written to CSV
+        assert rewound["b.csv"] == "1,2.0\n2,3.0\n3,9.0\n"
+        assert rewound == csv_logs(tmp_path / "reference")  # c.csv, logged only after the checkpoint, is gone
 
 
 def test_online_loop_with_noise_scale_and_previous_frame_skip(tmp_path):

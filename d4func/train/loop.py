@@ -188,7 +188,6 @@ class RunLogger:
         self.rows = 0
         if not enabled:
             return
-        self.run_dir = run_dir
         self.kind = cfg.loop.logger
         if self.kind == "tensorboard":
             self.logger = TensorboardLogger(exp_name="logs", log_dir=str(run_dir))
