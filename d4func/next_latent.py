@@ -28,7 +28,7 @@ from d4func.objectives import add_noise, sample_noise
 
 
 @torch.no_grad()
-def next_latent_errors(
+def predict_next_latent(
     model: Dynamics,
     params: TensorDictBase,
     latents: Tensor,
@@ -36,9 +36,11 @@ def next_latent_errors(
     action_mask: Tensor | None,
     target: int,
     generator: torch.Generator | None = None,
-) -> dict[str, float]:
-    """MSE of the flow prediction of frame `target` of clean `latents` `[B, T, S, Dz]` (actions `actions_in` in the
-    dynamics' convention, leading into each frame) and of the two history baselines (module docstring)."""
+) -> tuple[Tensor, Tensor]:
+    """The flow prediction `[B, S, Dz]` of frame `target` of clean `latents` `[B, T, S, Dz]` from pure noise, with
+    the frames before it at tau_ctx (actions `actions_in` in the dynamics' convention, leading into each frame), and
+    the noisy clip `[B, target + 1, S, Dz]` the model saw. Two calls with generators seeded alike see the same noise,
+    so they differ only by what else differs (the actions, the params)."""
     steps = latents.shape[1]
     if not 1 <= target < steps:
         raise ValueError(f"target must index a frame with history, 1 <= target < {steps}, got {target}")
@@ -51,10 +53,27 @@ def next_latent_errors(
     mask = None if action_mask is None else action_mask[:, : target + 1]
     noisy = add_noise(clip, tau, noise)
     predicted = apply(model, params, noisy, tau, d, actions_in[:, : target + 1], mask, None, None)[0][:, target]
+    return predicted, noisy
+
+
+@torch.no_grad()
+def next_latent_errors(
+    model: Dynamics,
+    params: TensorDictBase,
+    latents: Tensor,
+    actions_in: Tensor,
+    action_mask: Tensor | None,
+    target: int,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """MSE of the flow prediction of frame `target` of clean `latents` `[B, T, S, Dz]` (actions `actions_in` in the
+    dynamics' convention, leading into each frame) and of the two history baselines (module docstring)."""
+    predicted, noisy = predict_next_latent(model, params, latents, actions_in, action_mask, target, generator)
+    clip = latents[:, : target + 1]
     truth = clip[:, target]
     return {
         "model_mse": float((predicted - truth).square().mean()),
         "copy_last_mse": float((clip[:, target - 1] - truth).square().mean()),
-        "copy_noisy_last_mse": float((noisy[:, target - 1] / cfg.context_signal - truth).square().mean()),
+        "copy_noisy_last_mse": float((noisy[:, target - 1] / model.cfg.context_signal - truth).square().mean()),
         "context_mean_mse": float((clip[:, :target].mean(dim=1) - truth).square().mean()),
     }

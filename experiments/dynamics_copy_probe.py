@@ -36,35 +36,90 @@ from torch import Tensor
 
 from d4func.dynamics import Dynamics, DynamicsConfig, actions_into_frames
 from d4func.functional import init, template
-from d4func.next_latent import next_latent_errors
+from d4func.next_latent import next_latent_errors, predict_next_latent
 from d4func.train.dynamics_step import dynamics_train_step
 from d4func.train.run_config import RunConfig, load_run_config
 from d4func.train.state import new_train_state
 
 
-def random_walk_rows(cfg: DynamicsConfig, batch: int, steps: int, step_std: float,
-                     generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Latents `[B, T, S, Dz]` (a random walk in atanh space, inside (-1, 1) like the tokenizer's tanh bottleneck)
-    and uninformative actions in the dynamics' own format."""
+def action_directions(cfg: DynamicsConfig, generator: torch.Generator) -> Tensor:
+    """How the actions move the latents in `--action-gain` rows: one fixed random direction per action component
+    (`[action_dim, S, Dz]`, applied as `a @ W`) or per discrete action (`[n_actions, S, Dz]`, centred over the
+    actions so that a uniformly random action moves nothing on average), elements of unit scale."""
+    count = cfg.n_actions if cfg.discrete else cfg.action_dim
+    directions = torch.randn(count, cfg.latent_tokens, cfg.latent_dim, generator=generator)
+    if cfg.discrete:
+        return directions - directions.mean(dim=0, keepdim=True)
+    return directions / count**0.5
+
+
+def action_moves(actions: Tensor, directions: Tensor, discrete: bool) -> Tensor:
+    """The move `[..., S, Dz]` each action (`[...]` indices or `[..., A]` vectors) makes."""
+    if discrete:
+        return directions[actions]
+    return torch.einsum("...a,asd->...sd", actions, directions)
+
+
+def random_walk_rows(cfg: DynamicsConfig, batch: int, steps: int, step_std: float, generator: torch.Generator,
+                     action_gain: float = 0.0, directions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Latents `[B, T, S, Dz]` (a random walk in atanh space, inside (-1, 1) like the tokenizer's tanh bottleneck),
+    random actions in TorchRL's convention (`actions[:, t]` taken after frame t), and the walk itself (atanh space).
+    With `action_gain` > 0 each action adds `action_gain` times its move (`action_moves`) to the next step."""
     first = torch.rand(batch, 1, cfg.latent_tokens, cfg.latent_dim, generator=generator) * 1.8 - 0.9
     moves = step_std * torch.randn(batch, steps, cfg.latent_tokens, cfg.latent_dim, generator=generator)
     moves[:, 0] = 0.0
-    latents = torch.tanh(torch.atanh(first) + moves.cumsum(dim=1))
     if cfg.discrete:
         actions = torch.randint(0, cfg.n_actions, (batch, steps), generator=generator)
     else:
         actions = torch.rand(batch, steps, cfg.action_dim, generator=generator) * 2 - 1
-    return latents, actions
+    if action_gain > 0:
+        if directions is None:
+            raise ValueError("action_gain > 0 needs the action directions (action_directions)")
+        moves[:, 1:] += action_gain * action_moves(actions[:, :-1], directions, cfg.discrete)
+    walk = torch.atanh(first) + moves.cumsum(dim=1)
+    return torch.tanh(walk), actions, walk
+
+
+def action_effects(model: Dynamics, params, walk: Tensor, actions: Tensor, target: int, action_gain: float,
+                   directions: Tensor, seed: int) -> dict[str, float]:
+    """How much the model's prediction of frame `target` moves when only the action into it is swapped for another
+    row's, against how much the truth moves (mean absolute change over elements); how much of the true change the
+    model's change explains (`action_effect_r2`); and the MSE of the oracle that knows the action but not the walk's
+    random step (the floor a model can reach)."""
+    cfg = model.cfg
+    other = actions.clone()
+    other[:, target - 1] = actions.roll(1, dims=0)[:, target - 1]
+    latents = torch.tanh(walk)
+    predictions = []
+    for acts in (actions, other):
+        actions_in, mask = actions_into_frames(acts)
+        predicted, _ = predict_next_latent(model, params, latents, actions_in, mask, target,
+                                           torch.Generator().manual_seed(seed))
+        predictions.append(predicted)
+    move = action_moves(actions[:, target - 1], directions, cfg.discrete)
+    other_move = action_moves(other[:, target - 1], directions, cfg.discrete)
+    truth = latents[:, target]
+    moved_truth = torch.tanh(walk[:, target] + action_gain * (other_move - move))
+    oracle = torch.tanh(walk[:, target - 1] + action_gain * move)
+    model_change, true_change = predictions[1] - predictions[0], moved_truth - truth
+    return {"model_action_effect": float(model_change.abs().mean()),
+            "true_action_effect": float(true_change.abs().mean()),
+            # 1: the model's change is the true one; 0: it ignores the action; < 0: it responds, but wrongly.
+            "action_effect_r2": float(1 - (model_change - true_change).square().sum() / true_change.square().sum()),
+            "action_oracle_mse": float((oracle - truth).square().mean())}
 
 
 def probe(cfg: RunConfig, steps: int, eval_every: int, step_std: float = 0.15, eval_rows: int = 64,
-          seed: int = 0, log=print) -> dict[str, Any]:
-    """Train `cfg.dynamics` from fresh weights on random walks; measure every `eval_every` steps."""
-    for name, value, low in (("steps", steps, 1), ("eval_every", eval_every, 1), ("eval_rows", eval_rows, 1)):
+          seed: int = 0, action_gain: float = 0.0, log=print) -> dict[str, Any]:
+    """Train `cfg.dynamics` from fresh weights on random walks; measure every `eval_every` steps. With
+    `action_gain` > 0 the actions move the walk (`random_walk_rows`) and each row also scores `action_effects`."""
+    for name, value, low in (("steps", steps, 1), ("eval_every", eval_every, 1), ("eval_rows", eval_rows, 2)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if not step_std > 0:
         raise ValueError(f"step_std must be > 0, got {step_std}")
+    if not action_gain >= 0:
+        raise ValueError(f"action_gain must be >= 0, got {action_gain}")
     seq_len = cfg.replay.seq_len
     if seq_len < 2:
         raise ValueError(f"replay.seq_len must be >= 2 to have a frame with context, got {seq_len}")
@@ -72,14 +127,17 @@ def probe(cfg: RunConfig, steps: int, eval_every: int, step_std: float = 0.15, e
     state = new_train_state(init(model, seed))
     train_gen = torch.Generator().manual_seed(seed + 1)
     eval_gen = torch.Generator().manual_seed(seed + 2)
-    eval_latents, eval_actions = random_walk_rows(cfg.dynamics, eval_rows, seq_len, step_std, eval_gen)
+    directions = action_directions(cfg.dynamics, torch.Generator().manual_seed(seed + 4))
+    eval_latents, eval_actions, eval_walk = random_walk_rows(cfg.dynamics, eval_rows, seq_len, step_std, eval_gen,
+                                                             action_gain, directions)
     target = seq_len // 2  # half the row as context, as a replay context of `context_len` frames would give
 
     rows = []
     seconds = 0.0
     for step in range(1, steps + 1):
         started = time.perf_counter()
-        latents, actions = random_walk_rows(cfg.dynamics, cfg.replay.batch_size, seq_len, step_std, train_gen)
+        latents, actions, _ = random_walk_rows(cfg.dynamics, cfg.replay.batch_size, seq_len, step_std, train_gen,
+                                               action_gain, directions)
         actions_in, mask = actions_into_frames(actions)
         state, metrics = dynamics_train_step(state, latents, actions_in, train_gen, model=model,
                                              opt=cfg.optim.world_model, action_mask=mask)
@@ -88,20 +146,30 @@ def probe(cfg: RunConfig, steps: int, eval_every: int, step_std: float = 0.15, e
             actions_in, mask = actions_into_frames(eval_actions)
             errors = next_latent_errors(model, state["params"], eval_latents, actions_in, mask, target,
                                         torch.Generator().manual_seed(seed + 3))
+            if action_gain > 0:
+                errors.update(action_effects(model, state["params"], eval_walk, eval_actions, target, action_gain,
+                                             directions, seed + 3))
             row = {"step": step, "train_seconds": round(seconds, 1), "loss": float(metrics["loss"]), **errors}
             log(json.dumps(row))
             rows.append(row)
-    return {"step_std": step_std, "eval_rows": eval_rows, "target_frame": target, "seed": seed,
-            "context_signal": cfg.dynamics.context_signal, "lr": cfg.optim.world_model.lr,
+    return {"step_std": step_std, "action_gain": action_gain, "eval_rows": eval_rows, "target_frame": target,
+            "seed": seed, "context_signal": cfg.dynamics.context_signal, "lr": cfg.optim.world_model.lr,
             "batch": [cfg.replay.batch_size, seq_len], "rows": rows}
 
 
 def format_table(result: dict[str, Any]) -> str:
+    acting = result.get("action_gain", 0.0) > 0
     lines = [f"next-frame MSE on random-walk latents (frame {result['target_frame']} from pure noise, context at "
-             f"signal {result['context_signal']:g}, lr {result['lr']:g})",
-             f"{'step':>6} {'loss':>8} {'model':>8} {'copy last':>10} {'copy noisy last':>16} {'context mean':>13}"]
-    lines += [f"{r['step']:>6} {r['loss']:>8.4f} {r['model_mse']:>8.4f} {r['copy_last_mse']:>10.4f} "
-              f"{r['copy_noisy_last_mse']:>16.4f} {r['context_mean_mse']:>13.4f}" for r in result["rows"]]
+             f"signal {result['context_signal']:g}, lr {result['lr']:g}, action gain {result.get('action_gain', 0):g})",
+             f"{'step':>6} {'loss':>8} {'model':>8} {'copy last':>10} {'copy noisy last':>16} {'context mean':>13}"
+             + (f" {'oracle':>8} {'effect model/true':>18} {'effect R2':>9}" if acting else "")]
+    for r in result["rows"]:
+        line = (f"{r['step']:>6} {r['loss']:>8.4f} {r['model_mse']:>8.4f} {r['copy_last_mse']:>10.4f} "
+                f"{r['copy_noisy_last_mse']:>16.4f} {r['context_mean_mse']:>13.4f}")
+        if acting:
+            line += (f" {r['action_oracle_mse']:>8.4f} {r['model_action_effect']:>11.4f}/{r['true_action_effect']:.4f}"
+                     f" {r['action_effect_r2']:>9.3f}")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -112,13 +180,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--step-std", type=float, default=0.15, help="std of the walk's steps (atanh space)")
+    parser.add_argument("--action-gain", type=float, default=0.0,
+                        help="how far each action moves the walk (0: actions carry no information)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="JSON path (default: none)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = load_run_config(args.config, args.overrides)
-    result = probe(cfg, args.steps, args.eval_every, args.step_std, seed=args.seed)
+    result = probe(cfg, args.steps, args.eval_every, args.step_std, seed=args.seed,
+                   action_gain=args.action_gain)
     result.update({"config": args.config, "overrides": args.overrides})
     print(format_table(result))
     if args.out:

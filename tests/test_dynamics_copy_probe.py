@@ -22,12 +22,30 @@ CONFIG = str(REPO / "experiments/configs/reach.yaml")
 
 def test_random_walk_rows_stay_inside_the_bottleneck_and_take_the_given_steps():
     cfg = load_run_config(CONFIG).dynamics
-    latents, actions = probe_script.random_walk_rows(cfg, 64, 6, 0.2, torch.Generator().manual_seed(0))
+    latents, actions, walk = probe_script.random_walk_rows(cfg, 64, 6, 0.2, torch.Generator().manual_seed(0))
+    assert torch.equal(latents, torch.tanh(walk))
     assert latents.shape == (64, 6, cfg.latent_tokens, cfg.latent_dim)
     assert latents.abs().max() < 1
     moves = torch.atanh(latents[:, 1:]) - torch.atanh(latents[:, :-1])
     assert moves.std().item() == pytest.approx(0.2, rel=0.05)
     assert actions.shape == ((64, 6) if cfg.discrete else (64, 6, cfg.action_dim))
+
+
+@pytest.mark.parametrize("config", [CONFIG, str(REPO / "experiments/configs/results_cartpole.yaml")])
+def test_actions_move_the_walk_by_their_directions(config):
+    cfg = load_run_config(config).dynamics
+    directions = probe_script.action_directions(cfg, torch.Generator().manual_seed(0))
+    count = cfg.n_actions if cfg.discrete else cfg.action_dim
+    assert directions.shape == (count, cfg.latent_tokens, cfg.latent_dim)
+    if cfg.discrete:  # a uniformly random action moves nothing on average
+        assert directions.mean(dim=0).abs().max() < 1e-6
+    gen = torch.Generator().manual_seed(1)
+    _, actions, walk = probe_script.random_walk_rows(cfg, 16, 5, 1e-6, gen, 0.3, directions)
+    steps = walk[:, 1:] - walk[:, :-1]
+    expected = 0.3 * probe_script.action_moves(actions[:, :-1], directions, cfg.discrete)
+    assert torch.allclose(steps, expected, atol=1e-4)
+    with pytest.raises(ValueError, match="action_gain > 0 needs the action directions"):
+        probe_script.random_walk_rows(cfg, 2, 3, 0.1, gen, 0.3)
 
 
 def test_probe_rows_and_baselines(tmp_path):
@@ -37,7 +55,7 @@ def test_probe_rows_and_baselines(tmp_path):
     assert [row["step"] for row in result["rows"]] == [2, 3] and len(lines) == 2
     assert result["target_frame"] == 3 and result["context_signal"] == cfg.dynamics.context_signal
     # The baselines, by hand on the same evaluation rows (drawn from seed + 2).
-    latents, _ = probe_script.random_walk_rows(cfg.dynamics, 8, 6, 0.15, torch.Generator().manual_seed(3))
+    latents, _, _ = probe_script.random_walk_rows(cfg.dynamics, 8, 6, 0.15, torch.Generator().manual_seed(3))
     copy_last = float((latents[:, 2] - latents[:, 3]).square().mean())
     context_mean = float((latents[:, :3].mean(dim=1) - latents[:, 3]).square().mean())
     for row in result["rows"]:
@@ -50,6 +68,31 @@ def test_probe_rows_and_baselines(tmp_path):
     printed = probe_script.main(["--config", CONFIG, "--steps", "1", "--eval-every", "1", "--out", str(out),
                                  "--set", "replay.seq_len=4"])
     assert json.loads(out.read_text())["rows"] == printed["rows"]
+
+
+@pytest.mark.parametrize("config", [CONFIG, str(REPO / "experiments/configs/results_cartpole.yaml")])
+def test_probe_with_informative_actions_scores_their_effect(config):
+    cfg = load_run_config(config, ["replay.seq_len=6", "replay.batch_size=4"])
+    result = probe_script.probe(cfg, steps=2, eval_every=2, eval_rows=8, seed=1, action_gain=0.5, log=lambda _: None)
+    row = result["rows"][0]
+    # By hand: swapping the action into frame 3 for the previous row's moves the truth by the difference of moves.
+    directions = probe_script.action_directions(cfg.dynamics, torch.Generator().manual_seed(5))
+    _, actions, walk = probe_script.random_walk_rows(cfg.dynamics, 8, 6, 0.15, torch.Generator().manual_seed(3),
+                                                     0.5, directions)
+    move = probe_script.action_moves(actions[:, 2], directions, cfg.dynamics.discrete)
+    other = probe_script.action_moves(actions.roll(1, dims=0)[:, 2], directions, cfg.dynamics.discrete)
+    moved = torch.tanh(walk[:, 3] + 0.5 * (other - move))
+    assert row["true_action_effect"] == pytest.approx(float((moved - torch.tanh(walk[:, 3])).abs().mean()), rel=1e-5)
+    oracle = torch.tanh(walk[:, 2] + 0.5 * move)
+    assert row["action_oracle_mse"] == pytest.approx(float((oracle - torch.tanh(walk[:, 3])).square().mean()),
+                                                     rel=1e-5)
+    assert row["action_oracle_mse"] < row["copy_last_mse"]
+    # A model reads its actions: swapping one changes its prediction (it starts with random weights), but not by
+    # the true change, which it has not learned.
+    assert row["model_action_effect"] > 0 and row["action_effect_r2"] < 0.5
+    assert "effect model/true" in probe_script.format_table(result)
+    with pytest.raises(ValueError, match="action_gain must be >= 0, got -0.1"):
+        probe_script.probe(cfg, steps=1, eval_every=1, action_gain=-0.1)
 
 
 def test_probe_rejects_bad_arguments():
