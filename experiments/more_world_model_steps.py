@@ -19,6 +19,9 @@ so architecture options (`dynamics.transformer.rope_base=100`, ...) can be compa
   actions and under another clip's (`world_model_quality.action_conditioning`);
 * `action_effect`: the mean absolute pixel change between those two rollouts; compare it with the real env's
   (`experiments/real_action_effect.py`);
+* `counterfactual_action_r2`: how much of the real env's change between two action sequences from one state the
+  model's change explains (`world_model_quality.counterfactual_action_metrics`; None for envs that cannot restore
+  a state), on `--clips` fixed states;
 * `psnr_k4_pooled` and `psnr_copy_last_pooled`: the next frame at K = 4 against copying the last frame, and
   `psnr_reconstruction_pooled`, the tokenizer's own ceiling (fixed while the tokenizer is frozen);
 * `reward_r2`: the reward head against the env's rewards (`world_model_quality.reward_metrics`);
@@ -74,8 +77,10 @@ wmq = _load_quality_module()
 
 
 @torch.no_grad()
-def measure(run: Any, frames: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, seed: int) -> dict[str, Any]:
-    """The world model of `run` on fixed held-out clips (one noise seed, so two calls differ only by the params)."""
+def measure(run: Any, frames: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, seed: int,
+            counterfactual: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """The world model of `run` on fixed held-out clips (one noise seed, so two calls differ only by the params),
+    and on fixed `counterfactual` clips (`world_model_quality.counterfactual_clips_for`) when there are some."""
     imagined, _, _ = wmq.open_loop(run, frames, actions, seed)
     next_frame = wmq.next_frame_metrics(run, frames, actions, seed)
     rewards_fit = wmq.reward_metrics(run, frames, actions, rewards, seed)
@@ -86,6 +91,8 @@ def measure(run: Any, frames: torch.Tensor, actions: torch.Tensor, rewards: torc
                                 torch.Generator().manual_seed(seed))
     return {
         **wmq.action_conditioning(run, frames, actions, imagined, seed),
+        "counterfactual_action_r2": wmq.counterfactual_action_metrics(run, counterfactual, seed)[
+            "counterfactual_action_r2"],
         "psnr_k4_pooled": next_frame["pooled"]["k4"],
         "psnr_copy_last_pooled": next_frame["pooled"]["copy_last"],
         "psnr_reconstruction_pooled": next_frame["pooled"]["reconstruction"],
@@ -153,6 +160,7 @@ def continue_world_model(
     lpips_fn = make_lpips_fn(cfg) if train_tokenizer else None
     replay = checkpoint.open_run_replay(run_dir, seed=cfg.seed + seed)
     frames, actions, rewards = wmq.held_out_clips(run, episodes, clips, horizon, seed, max_steps)
+    counterfactual = wmq.counterfactual_clips_for(run, clips, horizon, seed, max_steps)
     generator = torch.Generator().manual_seed(cfg.seed + seed + 7)
 
     def evaluate(step: int, seconds: float, losses: list[float]) -> dict[str, Any]:
@@ -161,7 +169,7 @@ def continue_world_model(
                                       heads_params=state["params", "heads"])
         row = {"extra_steps": step, "train_seconds": round(seconds, 1),
                "world_model_loss": sum(losses) / len(losses) if losses else None,
-               **measure(current, frames, actions, rewards, seed)}
+               **measure(current, frames, actions, rewards, seed, counterfactual)}
         log(json.dumps(row))
         return row
 
@@ -208,6 +216,7 @@ def continue_world_model(
 def format_table(result: dict[str, Any]) -> str:
     num = wmq._num
     header = (f"{'extra steps':>11} {'loss':>7} {'own (dB)':>9} {'other (dB)':>11} {'action effect':>14} "
+              f"{'cf. R2':>7} "
               f"{'K=4 (dB)':>9} {'copy last':>10} {'reward R2':>10} {'latent: model':>14} {'copy last':>10} "
               f"{'hist. mean':>10}")
     lines = [f"{result['run']} (checkpoint at step {result['run_step']}, {result['replay_transitions']} replay "
@@ -217,7 +226,8 @@ def format_table(result: dict[str, Any]) -> str:
     for row in result["rows"]:
         lines.append(f"{row['extra_steps']:>11} {num(row['world_model_loss']):>7} "
                      f"{num(row['open_loop_pooled_own_actions']):>9} {num(row['open_loop_pooled_other_actions']):>11} "
-                     f"{num(row['action_effect']):>14} {num(row['psnr_k4_pooled']):>9} "
+                     f"{num(row['action_effect']):>14} {num(row['counterfactual_action_r2']):>7} "
+                     f"{num(row['psnr_k4_pooled']):>9} "
                      f"{num(row['psnr_copy_last_pooled']):>10} {num(row['reward_r2']):>10} "
                      f"{num(row['latent_next_mse']):>14} {num(row['latent_copy_last_mse']):>10} "
                      f"{num(row['latent_context_mean_mse']):>10}")

@@ -18,6 +18,13 @@ and `horizon` frames after them.
   A world model that reads its actions predicts the real frames better under their own actions; one that ignores
   them predicts the same frames either way (`action_effect`, the mean absolute pixel difference between the two
   rollouts, is then 0), and its agent can learn nothing in imagination;
+* counterfactual actions (envs that can restore a state mid-episode: DMControl, Reach;
+  `d4func.envs.counterfactual`): from one real state, the env plays two random action sequences, and the world
+  model predicts both from the same real history and noise. `counterfactual_action_r2` is how much of the real
+  change between the two rollouts the model's change explains, 1 - sum((model change - real change)^2) /
+  sum(real change^2) over all pixels of the horizon: 1 when the model knows what the actions change, 0 when it
+  ignores them, below 0 when it responds but wrongly. Unlike `action_effect`, an untrained model that responds
+  at random does not score well;
 * reward: the reward head (offset 0) on the agent tokens of the real clip, each frame committed as the agent
   observes one (`imagination.commit_frames`), against the rewards the env gave. Its mean squared error is compared
   with the best constant prediction (the held-out rewards' own mean, so the baseline is optimistic), as
@@ -44,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from einops import rearrange
 from tensordict import TensorDictBase
 from torch import Tensor
 
@@ -263,6 +271,58 @@ def action_conditioning(run: LoadedRun, frames: Tensor, actions: Tensor, imagine
                            float((imagined - imagined_other).abs().mean())), strict=True))
 
 
+def counterfactual_clips_for(run: LoadedRun, clips: int, horizon: int, seed: int, max_steps: int
+                             ) -> dict[str, Tensor] | None:
+    """`d4func.envs.counterfactual.counterfactual_clips` on a fresh env of the run on the held-out seed, or None when
+    the env cannot restore a state mid-episode (Crafter) or `clips` is 0."""
+    from d4func.envs.counterfactual import counterfactual_clips, supports_counterfactuals
+    from d4func.envs.registry import make_env
+
+    if clips == 0:
+        return None
+    cfg = run.cfg
+    env = make_env(run.env_name, seed=cfg.seed + HELD_OUT_SEED_OFFSET + seed, image_size=cfg.env.image_size,
+                   action_repeat=cfg.env.action_repeat, max_episode_steps=cfg.env.max_episode_steps)
+    try:
+        if not supports_counterfactuals(env):
+            return None
+        # Warm-ups as long as real_action_effect.py's, within the cap on a held-out episode's steps.
+        warmup = max(0, min(60, max_steps - cfg.replay.context_len - horizon))
+        return counterfactual_clips(env, cfg.replay.context_len, horizon, clips, seed=seed, max_warmup=warmup)
+    finally:
+        env.close()
+
+
+COUNTERFACTUAL_KEYS = ("counterfactual_action_r2", "counterfactual_action_r2_per_step",
+                       "counterfactual_model_change", "counterfactual_real_change")
+
+
+def change_explained(model_change: Tensor, real_change: Tensor) -> tuple[float | None, list[float | None]]:
+    """R^2 of `model_change` against `real_change` (`[N, H, ...]`), 1 - sum((model - real)^2) / sum(real^2), over
+    everything and per step of the horizon (None where the real change is 0)."""
+    miss = rearrange((model_change - real_change).square(), "n h ... -> h (n ...)").sum(dim=1)
+    total = rearrange(real_change.square(), "n h ... -> h (n ...)").sum(dim=1)
+    per_step = [1.0 - m / t if t > 0 else None for m, t in zip(miss.tolist(), total.tolist(), strict=True)]
+    overall = float(1 - miss.sum() / total.sum()) if total.sum() > 0 else None
+    return overall, per_step
+
+
+@torch.no_grad()
+def counterfactual_action_metrics(run: LoadedRun, clips: dict[str, Tensor] | None, seed: int) -> dict[str, Any]:
+    """The world model's change between two action sequences from the same real history against the env's (module
+    docstring); every entry None without `clips`."""
+    if clips is None:
+        return dict.fromkeys(COUNTERFACTUAL_KEYS)
+    horizon = clips["frames"].shape[2]
+    predicted = [_predict(run, clips["context"], actions, horizon, run.cfg.dynamics.sampling_steps, seed).clamp(0, 1)
+                 for actions in clips["actions"]]
+    model_change = predicted[0] - predicted[1]
+    real_change = clips["frames"][0] - clips["frames"][1]
+    overall, per_step = change_explained(model_change, real_change)
+    return dict(zip(COUNTERFACTUAL_KEYS, (overall, per_step, float(model_change.abs().mean()),
+                                          float(real_change.abs().mean())), strict=True))
+
+
 @torch.no_grad()
 def open_loop(run: LoadedRun, frames: Tensor, actions: Tensor, seed: int) -> tuple[Tensor, list[float], list[float]]:
     """Generate every frame after the context open loop (K = `dynamics.sampling_steps`) under the real actions.
@@ -285,12 +345,15 @@ def evaluate_run(
     horizon: int = 8,
     seed: int = 0,
     max_steps: int = 200,
+    counterfactual_clips: int = 16,
 ) -> dict[str, Any]:
     """Evaluate the world model of the run in `run_dir`; writes the JSON and the GIF there and returns the results.
 
-    `max_steps` caps the env steps of one held-out episode (Crafter's episodes run to 10,000 steps)."""
+    `max_steps` caps the env steps of one held-out episode (Crafter's episodes run to 10,000 steps);
+    `counterfactual_clips` states are played under two action sequences each (0: skip that measure)."""
     for name, value, low in (("episodes", episodes, 1), ("clips", clips, 1), ("horizon", horizon, 1),
-                             ("max_steps", max_steps, 1), ("seed", seed, 0)):
+                             ("max_steps", max_steps, 1), ("seed", seed, 0),
+                             ("counterfactual_clips", counterfactual_clips, 0)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     run = load_run(run_dir)
@@ -301,6 +364,9 @@ def evaluate_run(
     result["open_loop_psnr"] = model
     result["open_loop_copy_last"] = copy_last
     result.update(action_conditioning(run, frames, actions, imagined, seed))
+    counterfactual = counterfactual_clips_for(run, counterfactual_clips, horizon, seed, max_steps)
+    result.update(counterfactual_action_metrics(run, counterfactual, seed))
+    result["counterfactual_clips"] = 0 if counterfactual is None else counterfactual_clips
     context_len = run.cfg.replay.context_len
     gif = write_comparison_gif(Path(run_dir) / GIF_FILE, frames[:GIF_CLIPS, context_len:], imagined[:GIF_CLIPS])
     result.update({
@@ -339,6 +405,11 @@ def format_table(result: dict[str, Any]) -> str:
         f"open loop under other clips' actions: pooled PSNR {_num(result['open_loop_pooled_other_actions'])} dB "
         f"against {_num(result['open_loop_pooled_own_actions'])} under their own; mean pixel change "
         f"{_num(result['action_effect'])}",
+        "counterfactual actions: " + ("n/a (the env cannot restore a state)" if result["counterfactual_clips"] == 0
+                                      else f"the model's change explains R^2 {_num(result['counterfactual_action_r2'])}"
+                                      f" of the env's (mean pixel change {_num(result['counterfactual_model_change'])}"
+                                      f" against {_num(result['counterfactual_real_change'])}), "
+                                      f"{result['counterfactual_clips']} states"),
         f"open-loop PSNR (dB, per image), K={result['sampling_steps']}",
         f"  {'step':>4} {'model':>8} {'copy last':>10}",
         *(f"  {h + 1:>4} {_num(m):>8} {_num(c):>10}"
@@ -355,11 +426,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--horizon", type=int, default=8, help="frames predicted after the context")
     parser.add_argument("--seed", type=int, default=0, help="held-out env, clip choice and sampling noise")
     parser.add_argument("--max-steps", type=int, default=200, help="cap on the env steps of one episode")
+    parser.add_argument("--counterfactual-clips", type=int, default=16,
+                        help="states played under two action sequences each (0 skips the measure)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = evaluate_run(args.run, episodes=args.episodes, clips=args.clips, horizon=args.horizon, seed=args.seed,
-                          max_steps=args.max_steps)
+                          max_steps=args.max_steps, counterfactual_clips=args.counterfactual_clips)
     print(format_table(result))
     print(f"wrote {Path(args.run) / RESULT_FILE} and {result['gif']}")
     return result

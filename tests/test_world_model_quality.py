@@ -135,6 +135,36 @@ def test_action_conditioning_compares_own_with_other_clips_actions(run_dir, resu
     assert set(wmq.action_conditioning(run, frames[:1], actions[:1], imagined[:1], SEED).values()) == {None}
 
 
+def test_change_explained_on_hand_cases():
+    real = torch.tensor([[[1.0, -1.0], [2.0, 0.0]]])  # [N=1, H=2, pixels]
+    assert wmq.change_explained(real, real) == (1.0, [1.0, 1.0])
+    assert wmq.change_explained(torch.zeros_like(real), real) == (0.0, [0.0, 0.0])  # ignores the actions
+    # The opposite change misses by twice the real one: 1 - 4 = -3, worse than ignoring the actions.
+    assert wmq.change_explained(-real, real) == (-3.0, [-3.0, -3.0])
+    half = wmq.change_explained(real * torch.tensor([[[1.0], [0.0]]]), real)  # right at step 1, nothing at step 2
+    assert half == (pytest.approx(1 - 4 / 6), [1.0, 0.0])
+    assert wmq.change_explained(real, torch.zeros_like(real)) == (None, [None, None])
+
+
+def test_counterfactual_actions_score_the_models_change_against_the_envs(run_dir, result):
+    run = wmq.load_run(run_dir)
+    clips = wmq.counterfactual_clips_for(run, 16, HORIZON, SEED, max_steps=200)  # Reach restores its state
+    measured = wmq.counterfactual_action_metrics(run, clips, SEED)
+    assert result["counterfactual_clips"] == 16
+    assert {k: result[k] for k in measured} == measured
+    # By hand: the model's two open loops from the same real history, against the env's two rollouts.
+    imagined = [wmq._predict(run, clips["context"], a, HORIZON, run.cfg.dynamics.sampling_steps, SEED).clamp(0, 1)
+                for a in clips["actions"]]
+    model_change, real_change = imagined[0] - imagined[1], clips["frames"][0] - clips["frames"][1]
+    expected = 1 - float((model_change - real_change).square().sum() / real_change.square().sum())
+    assert measured["counterfactual_action_r2"] == pytest.approx(expected, rel=1e-5)
+    assert len(measured["counterfactual_action_r2_per_step"]) == HORIZON
+    assert measured["counterfactual_real_change"] > 0  # Reach's agent moves where its actions send it
+    assert wmq.counterfactual_action_metrics(run, None, SEED) == dict.fromkeys(measured)
+    assert wmq.counterfactual_clips_for(run, 0, HORIZON, SEED, max_steps=200) is None
+    assert "counterfactual actions: the model's change explains R^2" in wmq.format_table(result)
+
+
 def test_open_loop_first_step_is_next_frame_sample(result):
     # Same seed and K: the first open-loop frame draws the same noise as the one-frame sample, and the causal
     # decoder gives it the same pixels whatever frames follow.
@@ -233,6 +263,10 @@ def test_more_world_model_steps_trains_a_copy_and_measures_it(run_dir):
         k: wmq.action_conditioning(run, frames, actions, imagined, SEED)[k]
         for k in ("action_effect", "open_loop_pooled_own_actions")}
     assert rows[0]["reward_r2"] == wmq.reward_metrics(run, frames, actions, rewards, SEED)["reward_r2"]
+    counterfactual = wmq.counterfactual_clips_for(run, 3, 3, SEED, max_steps=200)
+    assert rows[0]["counterfactual_action_r2"] == wmq.counterfactual_action_metrics(run, counterfactual, SEED)[
+        "counterfactual_action_r2"]
+    assert rows[-1]["counterfactual_action_r2"] != rows[0]["counterfactual_action_r2"]
     context = run.cfg.replay.context_len
     latents = wmq.encode(run.tokenizer, run.tokenizer_params, frames[:, :context + 1])
     assert rows[0]["latent_copy_last_mse"] == pytest.approx(

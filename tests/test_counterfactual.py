@@ -1,0 +1,83 @@
+"""`d4func.envs.counterfactual`: a restored state replays the same frames, the clips hold a real history and two
+rollouts from one state, warm-ups shrink to fit short episodes, and envs without a restorable state are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from d4func.data.offline import UniformRandomPolicy
+from d4func.envs.counterfactual import counterfactual_clips, restore_env, snapshot_env, supports_counterfactuals
+from d4func.envs.registry import make_env
+
+ENVS = [("reach", 1), ("dmc:cartpole-swingup", 4)]
+
+
+def _env(name: str, repeat: int, seed: int = 3):
+    return make_env(name, seed=seed, image_size=16, action_repeat=repeat)
+
+
+def _play(env, td, actions):
+    frames = []
+    for action in actions:
+        out = env.step(td.clone(False).set("action", action))
+        frames.append(out.get(("next", "pixels")))
+        td = out.get("next").exclude("reward", "done", "terminated", "truncated")
+    return torch.stack(frames)
+
+
+@pytest.mark.parametrize("name, repeat", ENVS)
+def test_a_restored_state_replays_the_same_frames(name, repeat):
+    env = _env(name, repeat)
+    assert supports_counterfactuals(env)
+    policy = UniformRandomPolicy(env.action_spec, seed=0)
+    td = env.reset()
+    for _ in range(2):
+        td = env.step(policy(td)).get("next").exclude("reward", "done", "terminated", "truncated")
+    snapshot = snapshot_env(env)
+    actions = [policy(td.clone(False)).get("action") for _ in range(4)]
+    first = _play(env, td, actions)
+    restore_env(env, snapshot)
+    torch.testing.assert_close(_play(env, td, actions), first, rtol=0, atol=0)
+    env.close()
+
+
+@pytest.mark.parametrize("name, repeat", ENVS)
+def test_clips_hold_a_real_history_and_two_rollouts_from_one_state(name, repeat):
+    env = _env(name, repeat)
+    clips = counterfactual_clips(env, context_len=3, horizon=4, clips=3, seed=1, max_warmup=5)
+    context, actions, frames = clips["context"], clips["actions"], clips["frames"]
+    assert context.shape == (3, 3, 3, 16, 16) and frames.shape == (2, 3, 4, 3, 16, 16)
+    assert actions.shape[:3] == (2, 3, 7)
+    assert 0.0 <= float(frames.min()) and float(frames.max()) <= 1.0
+    # Both branches share the history's actions, and every clip's two sequences differ somewhere.
+    torch.testing.assert_close(actions[0, :, :2], actions[1, :, :2])
+    assert all(not torch.equal(actions[0, i, 2:6], actions[1, i, 2:6]) for i in range(3))
+    # The same call draws the same clips (seeded policy and warm-ups).
+    again = counterfactual_clips(_env(name, repeat), context_len=3, horizon=4, clips=3, seed=1, max_warmup=5)
+    assert all(torch.equal(clips[k], again[k]) for k in clips)
+    env.close()
+
+
+def test_cartpole_branches_move_apart_under_different_pushes():
+    clips = counterfactual_clips(_env("dmc:cartpole-swingup", 4), context_len=2, horizon=5, clips=4, seed=0,
+                                 max_warmup=3)
+    change = (clips["frames"][0] - clips["frames"][1]).abs().flatten(2).mean(dim=2).mean(dim=0)
+    assert change[-1] > change[0] >= 0  # the rollouts drift apart
+
+
+def test_warmups_shrink_to_fit_short_episodes():
+    # Reach's episodes last 12 steps: warm-ups of up to 60 would all end the episode; later draws fit instead.
+    clips = counterfactual_clips(_env("reach", 1), context_len=3, horizon=6, clips=4, seed=0, max_warmup=60)
+    assert clips["frames"].shape[:3] == (2, 4, 6)
+    with pytest.raises(RuntimeError, match="only 0 of 2 counterfactual clips"):
+        counterfactual_clips(_env("reach", 1), context_len=8, horizon=8, clips=2, seed=0, max_warmup=0)
+
+
+def test_envs_without_a_restorable_state_and_bad_arguments_are_refused():
+    crafter = make_env("crafter", seed=0, image_size=18)
+    assert not supports_counterfactuals(crafter)
+    with pytest.raises(TypeError, match="cannot save its state mid-episode"):
+        counterfactual_clips(crafter, context_len=2, horizon=2, clips=1)
+    with pytest.raises(ValueError, match="horizon must be an int >= 1, got 0"):
+        counterfactual_clips(_env("reach", 1), context_len=2, horizon=0, clips=1)
