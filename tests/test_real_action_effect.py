@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import numpy as np
 import pytest
+
+from d4func.envs.counterfactual import counterfactual_clips
+from d4func.envs.registry import make_env
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("real_action_effect", REPO / "experiments/real_action_effect.py")
@@ -14,23 +16,18 @@ rae = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(rae)
 
 
-def test_the_same_actions_from_the_same_state_replay_the_same_frames_and_others_do_not():
-    env = rae.make_task("dmc:cartpole-swingup", image_size=16, action_repeat=4, seed=0)
-    env.reset()
-    for _ in range(10):
-        env.step(np.array([1.0]))
-    state = env.physics.get_state().copy()
-    pushes = np.ones((3, 1))
-    first = rae.play_from(env, state, pushes)
-    assert first.shape == (3, 16, 16, 3)
-    np.testing.assert_array_equal(rae.play_from(env, state, pushes), first)  # the state is restored exactly
-    assert np.abs(rae.play_from(env, state, -pushes) - first)[-1].mean() > 0  # opposite pushes move the cart
-
-
 def test_effect_is_reported_per_step_and_grows_from_zero():
     result = rae.real_action_effect("dmc:cartpole-swingup", image_size=16, action_repeat=4, horizon=3, states=2)
     per_step = result["action_effect_per_step"]
-    assert len(per_step) == 3 and result["action_effect"] == pytest.approx(float(np.mean(per_step)))
+    assert len(per_step) == 3 and result["action_effect"] == pytest.approx(float(sum(per_step) / 3))
     assert 0 < per_step[0] < per_step[-1]  # the rollouts drift apart
+    # The first step's action share, by hand on the same clips: half the squared difference of the two branches'
+    # first frames (two independent actions) over the squared change from the state's frame.
+    clips = counterfactual_clips(make_env("dmc:cartpole-swingup", seed=0, image_size=16, action_repeat=4),
+                                 context_len=1, horizon=3, clips=2, seed=0, max_warmup=rae.MAX_WARMUP)
+    first, second = clips["frames"][0][:, 0], clips["frames"][1][:, 0]
+    share = float((first - second).square().sum() / 2 / (first - clips["context"][:, 0]).square().sum())
+    assert result["action_share_first_step"] == pytest.approx(share, rel=1e-5)
+    assert 0 < share < 1  # on cartpole the history decides most of a frame's change
     with pytest.raises(ValueError, match="horizon must be an int >= 1, got 0"):
         rae.real_action_effect("dmc:cartpole-swingup", horizon=0)

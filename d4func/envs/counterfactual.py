@@ -6,8 +6,7 @@ should change its prediction the same way. `counterfactual_clips` collects such 
 can be saved and restored mid-episode:
 
 * envs whose base defines `get_resume_state` / `set_resume_state` (`d4func.envs.resumable`, e.g. Reach);
-* DMControl tasks, through dm_control's `physics.get_state` / `set_state` (what `experiments/real_action_effect.py`
-  uses).
+* DMControl tasks, through dm_control's `physics.get_state` / `set_state`.
 
 Crafter has neither (`supports_counterfactuals` is False).
 """
