@@ -97,6 +97,10 @@ class DynamicsConfig:
             raise ValueError(f"DynamicsConfig.noise_scale must be a finite number > 0, got {self.noise_scale}")
         if not 0.0 <= self.context_noise < 1.0:
             raise ValueError(f"DynamicsConfig.context_noise must lie in [0, 1), got {self.context_noise}")
+        if self.context_noise == 0.0 and self.clean_context_fraction == 0.0:
+            raise ValueError("DynamicsConfig.context_noise=0.0 puts the context at tau = 1, a level training samples "
+                             "only in clean-history rows, but clean_context_fraction=0.0: set clean_context_fraction "
+                             "> 0 or context_noise > 0")
 
     @property
     def d_min(self) -> float:
@@ -108,8 +112,15 @@ class DynamicsConfig:
 
     @property
     def context_signal(self) -> float:
-        """Signal level of re-noised context frames, snapped to the tau grid of the signal embedding."""
-        return 1.0 - round(self.context_noise * self.k_max) / self.k_max
+        """Signal level of re-noised context frames, snapped to the tau grid of the signal embedding. A nonzero
+        `context_noise` keeps at least one grid step (1 / k_max): rounded to 0 it would put the context at tau = 1,
+        a level that training samples only in clean-history rows (`clean_context_fraction` > 0), so generation
+        would read its context through an untrained signal embedding. (Before this floor, Reach's k_max = 4 with
+        context_noise 0.1 did exactly that: docs/results.md, Sec. 1.)"""
+        steps = round(self.context_noise * self.k_max)
+        if self.context_noise > 0:
+            steps = max(steps, 1)
+        return 1.0 - steps / self.k_max
 
     @property
     def discrete(self) -> bool:

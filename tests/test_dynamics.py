@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ from d4func.objectives import (
 )
 from d4func.sampler import generate
 from d4func.train.dynamics_step import denoiser
+from d4func.train.run_config import load_run_config
 
 
 def make(discrete=False, agent=0, logit_cap=30.0, k_max=8, seed=0, steps=4, skip=False):
@@ -378,3 +380,28 @@ def test_generation_rejects_bad_arguments():
         generate(fn, z[:, :2], actions, 4, None, cfg)
     with pytest.raises(ValueError, match="steps must be a power of two"):
         generate(fn, z[:, :2], actions, 3, None, cfg, steps=3)
+
+
+@settings(max_examples=30, deadline=None)
+@given(k_exp=st.integers(0, 7), noise=st.floats(1e-4, 0.99))
+def test_the_context_level_is_one_that_training_samples(k_exp, noise):
+    # A nonzero context noise never rounds to tau = 1 (which flow training never draws: tau <= 1 - d_min), and
+    # stays on the d_min grid, the levels whose signal embeddings training reaches.
+    k_max = 2**k_exp
+    cfg = DynamicsConfig(k_max=k_max, sampling_steps=1, context_noise=noise, action_dim=1)
+    levels = {i / k_max for i in range(k_max)}  # sample_signal_levels at d = d_min: {0, ..., 1 - d_min}
+    assert cfg.context_signal in levels
+    assert cfg.context_signal == pytest.approx(1 - max(1, round(noise * k_max)) / k_max)
+
+
+def test_reach_and_debug_configs_keep_their_context_on_the_trained_grid():
+    for name in ("reach", "debug"):
+        cfg = load_run_config(str(Path(__file__).resolve().parents[1] / f"experiments/configs/{name}.yaml")).dynamics
+        assert cfg.context_signal <= 1 - cfg.d_min, name
+
+
+def test_a_clean_context_needs_clean_history_rows():
+    with pytest.raises(ValueError, match="context_noise=0.0 puts the context at tau = 1.*clean_context_fraction=0.0"):
+        DynamicsConfig(context_noise=0.0, action_dim=1)
+    cfg = DynamicsConfig(context_noise=0.0, clean_context_fraction=0.5, action_dim=1)
+    assert cfg.context_signal == 1.0  # trained in the clean-history rows
