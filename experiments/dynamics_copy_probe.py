@@ -17,7 +17,8 @@ from pure noise against two baselines:
 
     python experiments/dynamics_copy_probe.py --config experiments/configs/results_cartpole.yaml --steps 1000
     python experiments/dynamics_copy_probe.py --config experiments/configs/results_cartpole.yaml \\
-        --set optim.world_model.lr=1e-3 --set dynamics.context_noise=0.0 --out runs/copy_probe_lr.json
+        --set optim.world_model.lr=1e-3 --set dynamics.context_noise=0.0 --set dynamics.clean_context_fraction=0.5 \\
+        --out runs/copy_probe_lr.json
 
 The dynamics, batch shape and optimiser come from a loop config (`RunConfig`, with `--set KEY=VALUE` overrides);
 the result is JSON at `--out` and a table on stdout.
