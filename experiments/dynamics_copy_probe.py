@@ -46,7 +46,8 @@ from d4func.train.state import new_train_state
 def action_directions(cfg: DynamicsConfig, generator: torch.Generator) -> Tensor:
     """How the actions move the latents in `--action-gain` rows: one fixed random direction per action component
     (`[action_dim, S, Dz]`, applied as `a @ W`) or per discrete action (`[n_actions, S, Dz]`, centred over the
-    actions so that a uniformly random action moves nothing on average), elements of unit scale."""
+    actions so that a uniformly random action moves nothing on average), elements drawn from N(0, 1) (continuous:
+    divided by sqrt(action_dim)), so a uniform action in [-1, 1] moves each element with variance 1/3."""
     count = cfg.n_actions if cfg.discrete else cfg.action_dim
     directions = torch.randn(count, cfg.latent_tokens, cfg.latent_dim, generator=generator)
     if cfg.discrete:
@@ -105,8 +106,10 @@ def action_effects(model: Dynamics, params, walk: Tensor, actions: Tensor, targe
     model_change, true_change = predictions[1] - predictions[0], moved_truth - truth
     return {"model_action_effect": float(model_change.abs().mean()),
             "true_action_effect": float(true_change.abs().mean()),
-            # 1: the model's change is the true one; 0: it ignores the action; < 0: it responds, but wrongly.
-            "action_effect_r2": float(1 - (model_change - true_change).square().sum() / true_change.square().sum()),
+            # 1: the model's change is the true one; 0: it ignores the action; < 0: it responds, but wrongly. None
+            # when no swap changes the truth (every swapped action equal to the one it replaces).
+            "action_effect_r2": (float(1 - (model_change - true_change).square().sum() / true_change.square().sum())
+                                 if bool(true_change.any()) else None),
             "action_oracle_mse": float((oracle - truth).square().mean())}
 
 
@@ -114,7 +117,9 @@ def probe(cfg: RunConfig, steps: int, eval_every: int, step_std: float = 0.15, e
           seed: int = 0, action_gain: float = 0.0, log=print) -> dict[str, Any]:
     """Train `cfg.dynamics` from fresh weights on random walks; measure every `eval_every` steps. With
     `action_gain` > 0 the actions move the walk (`random_walk_rows`) and each row also scores `action_effects`."""
-    for name, value, low in (("steps", steps, 1), ("eval_every", eval_every, 1), ("eval_rows", eval_rows, 2)):
+    # Swapping actions between evaluation rows needs two of them.
+    for name, value, low in (("steps", steps, 1), ("eval_every", eval_every, 1),
+                             ("eval_rows", eval_rows, 2 if action_gain > 0 else 1)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if not step_std > 0:
@@ -168,8 +173,9 @@ def format_table(result: dict[str, Any]) -> str:
         line = (f"{r['step']:>6} {r['loss']:>8.4f} {r['model_mse']:>8.4f} {r['copy_last_mse']:>10.4f} "
                 f"{r['copy_noisy_last_mse']:>16.4f} {r['context_mean_mse']:>13.4f}")
         if acting:
+            r2 = "n/a" if r["action_effect_r2"] is None else f"{r['action_effect_r2']:.3f}"
             line += (f" {r['action_oracle_mse']:>8.4f} {r['model_action_effect']:>11.4f}/{r['true_action_effect']:.4f}"
-                     f" {r['action_effect_r2']:>9.3f}")
+                     f" {r2:>9}")
         lines.append(line)
     return "\n".join(lines)
 

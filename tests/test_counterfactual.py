@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from d4func.data.offline import UniformRandomPolicy
-from d4func.envs.counterfactual import counterfactual_clips, restore_env, snapshot_env, supports_counterfactuals
+from d4func.envs.counterfactual import (
+    _control_env,
+    _physics,
+    counterfactual_clips,
+    restore_env,
+    snapshot_env,
+    supports_counterfactuals,
+)
+from d4func.envs.reach import reach_positions
 from d4func.envs.registry import make_env
 
 ENVS = [("reach", 1), ("dmc:cartpole-swingup", 4)]
@@ -81,3 +89,33 @@ def test_envs_without_a_restorable_state_and_bad_arguments_are_refused():
         counterfactual_clips(crafter, context_len=2, horizon=2, clips=1)
     with pytest.raises(ValueError, match="horizon must be an int >= 1, got 0"):
         counterfactual_clips(_env("reach", 1), context_len=2, horizon=0, clips=1)
+
+
+def test_reach_clips_follow_their_actions_frame_by_frame():
+    # Reach's agent moves one cell per action (0 left, 1 stay, 2 right, clamped to the track): along the context
+    # and each branch, frame t + 1 is frame t moved by action t, so actions and frames line up as in a replay clip
+    # and each branch starts from the restored state, not from where the other branch ended.
+    clips = counterfactual_clips(_env("reach", 1), context_len=3, horizon=5, clips=6, seed=2, max_warmup=3)
+    for branch in range(2):
+        frames = torch.cat([clips["context"], clips["frames"][branch]], dim=1)
+        agent = torch.stack([reach_positions(frames[:, t], 8)[0] for t in range(frames.shape[1])], dim=1)
+        moves = clips["actions"][branch][:, :-1] - 1
+        torch.testing.assert_close(agent[:, 1:], (agent[:, :-1] + moves).clamp(0, 7))
+
+
+def test_dmcontrol_restore_puts_back_the_step_count_and_time():
+    env = _env("dmc:cartpole-swingup", 4)
+    td = env.reset()
+    for _ in range(3):
+        td = env.step(td.set("action", torch.zeros(1))).get("next").exclude("reward", "done", "terminated",
+                                                                             "truncated")
+    snapshot = snapshot_env(env)
+    control, physics = _control_env(env), _physics(env)
+    count, time = control._step_count, float(physics.data.time)
+    assert count == 12 and time > 0  # 3 decisions at action repeat 4
+    for _ in range(2):
+        td = env.step(td.set("action", torch.ones(1))).get("next").exclude("reward", "done", "terminated",
+                                                                            "truncated")
+    restore_env(env, snapshot)
+    assert control._step_count == count and float(physics.data.time) == time
+    env.close()

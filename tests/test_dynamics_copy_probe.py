@@ -91,6 +91,8 @@ def test_probe_with_informative_actions_scores_their_effect(config):
     # the true change, which it has not learned.
     assert row["model_action_effect"] > 0 and row["action_effect_r2"] < 0.5
     assert "effect model/true" in probe_script.format_table(result)
+    with pytest.raises(ValueError, match="eval_rows must be an int >= 2, got 1"):  # a swap needs another row
+        probe_script.probe(cfg, steps=1, eval_every=1, eval_rows=1, action_gain=0.5)
     with pytest.raises(ValueError, match="action_gain must be >= 0, got -0.1"):
         probe_script.probe(cfg, steps=1, eval_every=1, action_gain=-0.1)
 

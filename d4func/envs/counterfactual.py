@@ -27,12 +27,26 @@ from d4func.envs.resumable import get_env_state, set_env_state, supports_resume_
 __all__ = ["counterfactual_clips", "restore_env", "snapshot_env", "supports_counterfactuals"]
 
 
-def _physics(env: EnvBase) -> Any | None:
-    """The dm_control physics beneath a TorchRL DMControl env (`DMControlWrapper._env.physics`), else None."""
+def _dm_env(env: EnvBase) -> Any | None:
+    """The dm_env beneath a TorchRL DMControl env (`DMControlWrapper._env`), else None."""
     base = env
     while hasattr(base, "base_env"):
         base = base.base_env
-    return getattr(getattr(base, "_env", None), "physics", None)
+    return getattr(base, "_env", None)
+
+
+def _physics(env: EnvBase) -> Any | None:
+    """The dm_control physics beneath a TorchRL DMControl env, else None."""
+    return getattr(_dm_env(env), "physics", None)
+
+
+def _control_env(env: EnvBase) -> Any | None:
+    """The innermost dm_control `control.Environment` (the one that counts steps toward the time limit): wrappers
+    delegate attribute reads to it, so look in each object's own `__dict__`."""
+    inner = _dm_env(env)
+    while inner is not None and "_step_count" not in vars(inner):
+        inner = getattr(inner, "_env", None)
+    return inner
 
 
 def supports_counterfactuals(env: EnvBase) -> bool:
@@ -40,14 +54,17 @@ def supports_counterfactuals(env: EnvBase) -> bool:
 
 
 def snapshot_env(env: EnvBase) -> Any:
-    """The env's state mid-episode, for `restore_env`; raises for an env that cannot restore one."""
+    """The env's state mid-episode, for `restore_env`; raises for an env that cannot restore one. On DMControl:
+    the physics state, its time and the episode's step count (which the task's time limit reads)."""
     if supports_resume_state(env):
         return get_env_state(env)
     physics = _physics(env)
     if physics is None:
         raise TypeError(f"{type(env).__name__} cannot save its state mid-episode (neither get_resume_state nor "
                         "dm_control physics): counterfactual rollouts need one")
-    return physics.get_state().copy()
+    control = _control_env(env)
+    return {"state": physics.get_state().copy(), "time": float(physics.data.time),
+            "step_count": None if control is None else control._step_count}
 
 
 def restore_env(env: EnvBase, snapshot: Any) -> None:
@@ -58,7 +75,11 @@ def restore_env(env: EnvBase, snapshot: Any) -> None:
     if physics is None:
         raise TypeError(f"{type(env).__name__} cannot restore a state mid-episode")
     with physics.reset_context():  # recomputes derived quantities (positions, contacts) from the state
-        physics.set_state(snapshot)
+        physics.set_state(snapshot["state"])
+    physics.data.time = snapshot["time"]  # reset_context zeroes it
+    control = _control_env(env)
+    if control is not None and snapshot["step_count"] is not None:
+        control._step_count = snapshot["step_count"]
 
 
 def _step(env: EnvBase, td: TensorDictBase, action: Tensor) -> tuple[TensorDictBase, Tensor, bool]:
