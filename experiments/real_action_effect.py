@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from d4func.envs.counterfactual import counterfactual_clips
+from d4func.envs.counterfactual import MAX_WARMUP, counterfactual_clips
 from d4func.envs.registry import make_env
-
-MAX_WARMUP = 60  # random decisions before a state is taken (cartpole's episodes hold 250 at action repeat 4)
 
 
 def real_action_effect(

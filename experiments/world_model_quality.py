@@ -137,6 +137,14 @@ def _env_name(cfg: RunConfig) -> str:
     return cfg.env.name
 
 
+def held_out_env(cfg: RunConfig, env_name: str, seed: int):
+    """A fresh env of the run on the held-out seed (`cfg.seed + HELD_OUT_SEED_OFFSET + seed`), as the run made it."""
+    from d4func.envs.registry import make_env
+
+    return make_env(env_name, seed=cfg.seed + HELD_OUT_SEED_OFFSET + seed, image_size=cfg.env.image_size,
+                    action_repeat=cfg.env.action_repeat, max_episode_steps=cfg.env.max_episode_steps)
+
+
 def held_out_episodes(
     cfg: RunConfig, env_name: str, episodes: int, seed: int, max_steps: int
 ) -> list[tuple[Tensor, Tensor, Tensor]]:
@@ -145,12 +153,9 @@ def held_out_episodes(
     Returns `(frames [T, ...], actions [T, ...], rewards [T])` per episode, TorchRL's convention (action t follows
     frame t, reward t is that transition's)."""
     from d4func.data.offline import UniformRandomPolicy
-    from d4func.envs.registry import make_env
 
-    env_seed = cfg.seed + HELD_OUT_SEED_OFFSET + seed
-    env = make_env(env_name, seed=env_seed, image_size=cfg.env.image_size, action_repeat=cfg.env.action_repeat,
-                   max_episode_steps=cfg.env.max_episode_steps)
-    policy = UniformRandomPolicy(env.action_spec, seed=env_seed)
+    env = held_out_env(cfg, env_name, seed)
+    policy = UniformRandomPolicy(env.action_spec, seed=cfg.seed + HELD_OUT_SEED_OFFSET + seed)
     out = []
     try:
         for _ in range(episodes):
@@ -275,19 +280,17 @@ def counterfactual_clips_for(run: LoadedRun, clips: int, horizon: int, seed: int
                              ) -> dict[str, Tensor] | None:
     """`d4func.envs.counterfactual.counterfactual_clips` on a fresh env of the run on the held-out seed, or None when
     the env cannot restore a state mid-episode (Crafter) or `clips` is 0."""
-    from d4func.envs.counterfactual import counterfactual_clips, supports_counterfactuals
-    from d4func.envs.registry import make_env
+    from d4func.envs.counterfactual import MAX_WARMUP, counterfactual_clips, supports_counterfactuals
 
     if clips == 0:
         return None
     cfg = run.cfg
-    env = make_env(run.env_name, seed=cfg.seed + HELD_OUT_SEED_OFFSET + seed, image_size=cfg.env.image_size,
-                   action_repeat=cfg.env.action_repeat, max_episode_steps=cfg.env.max_episode_steps)
+    env = held_out_env(cfg, run.env_name, seed)
     try:
         if not supports_counterfactuals(env):
             return None
-        # Warm-ups as long as real_action_effect.py's, within the cap on a held-out episode's steps.
-        warmup = max(0, min(60, max_steps - cfg.replay.context_len - horizon))
+        # The usual warm-up, within the cap on a held-out episode's steps.
+        warmup = max(0, min(MAX_WARMUP, max_steps - cfg.replay.context_len - horizon))
         return counterfactual_clips(env, cfg.replay.context_len, horizon, clips, seed=seed, max_warmup=warmup)
     finally:
         env.close()

@@ -24,7 +24,9 @@ from torchrl.envs.utils import step_mdp
 from d4func.data.offline import UniformRandomPolicy
 from d4func.envs.resumable import get_env_state, set_env_state, supports_resume_state
 
-__all__ = ["counterfactual_clips", "restore_env", "snapshot_env", "supports_counterfactuals"]
+__all__ = ["MAX_WARMUP", "counterfactual_clips", "restore_env", "snapshot_env", "supports_counterfactuals"]
+
+MAX_WARMUP = 60  # random decisions before a state is taken (cartpole's episodes hold 250 at action repeat 4)
 
 
 def _dm_env(env: EnvBase) -> Any | None:
@@ -95,7 +97,7 @@ def counterfactual_clips(
     horizon: int,
     clips: int,
     seed: int = 0,
-    max_warmup: int = 60,
+    max_warmup: int = MAX_WARMUP,
     max_attempts: int | None = None,
 ) -> dict[str, Tensor]:
     """`clips` states reached by a uniform random policy, each with the `context_len` frames that lead to it and
