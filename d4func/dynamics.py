@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from d4func.config import TransformerConfig
 from d4func.functional import runs_value_checks
+from d4func.objectives import FORCING_MODES, LOSS_WEIGHTS
 from d4func.transformer import BlockCausalTransformer, TokenLayout
 
 
@@ -64,6 +65,12 @@ class DynamicsConfig:
     # learn that slowly (docs/results.md, Sec. 2). A frame without a known previous frame (first of a sequence, or
     # after `transformer.reset_cache`) gets no skip.
     previous_frame_skip: bool = False
+    # Not in the paper: "teacher" trains one target frame per sequence behind a history at tau_ctx, as the sampler
+    # keeps it, instead of the paper's independent per-frame levels ("diffusion"); see
+    # objectives.teacher_forcing_levels. On Reach a small dynamics learns its next frame several times faster.
+    forcing: str = "diffusion"
+    # Per-frame loss weight: the paper's ramp w(tau) = 0.9 tau + 0.1, or "uniform" (objectives.frame_weight).
+    loss_weight: str = "ramp"
 
     def __post_init__(self) -> None:
         for name in ("latent_tokens", "latent_dim", "pack", "k_max", "sampling_steps", "n_tasks"):
@@ -97,10 +104,17 @@ class DynamicsConfig:
             raise ValueError(f"DynamicsConfig.noise_scale must be a finite number > 0, got {self.noise_scale}")
         if not 0.0 <= self.context_noise < 1.0:
             raise ValueError(f"DynamicsConfig.context_noise must lie in [0, 1), got {self.context_noise}")
-        if self.context_noise == 0.0 and self.clean_context_fraction == 0.0:
+        if self.forcing not in FORCING_MODES:
+            raise ValueError(f"DynamicsConfig.forcing must be one of {FORCING_MODES}, got {self.forcing!r}")
+        if self.loss_weight not in LOSS_WEIGHTS:
+            raise ValueError(f"DynamicsConfig.loss_weight must be one of {LOSS_WEIGHTS}, got {self.loss_weight!r}")
+        if self.forcing == "teacher" and self.clean_context_fraction > 0.0:
+            raise ValueError(f"DynamicsConfig.clean_context_fraction={self.clean_context_fraction} applies to "
+                             "forcing='diffusion' only: forcing='teacher' gives every sequence a clean history")
+        if self.context_noise == 0.0 and self.clean_context_fraction == 0.0 and self.forcing == "diffusion":
             raise ValueError("DynamicsConfig.context_noise=0.0 puts the context at tau = 1, a level training samples "
                              "only in clean-history rows, but clean_context_fraction=0.0: set clean_context_fraction "
-                             "> 0 or context_noise > 0")
+                             "> 0, forcing='teacher' or context_noise > 0")
 
     @property
     def d_min(self) -> float:

@@ -1,19 +1,19 @@
 """Is a run's world model short of training? Continue it on the run's own replay and watch what changes.
 
-An online run of `d4func/train/loop.py` trains its tokenizer, dynamics and heads side by side on `train_ratio`
-gradient steps per env step. When its imagination cannot move the policy, the first suspects are a dynamics that
-ignores its actions (`action_effect` in `world_model_quality.py`) and a reward head that explains little. This
-script asks whether more world-model gradient steps on the same data fix them, without new env steps: it loads the
-newest checkpoint, reopens the replay as of that checkpoint (`open_run_replay`), and trains only the world-model
+An online run of `d4func/train/loop.py` trains its tokenizer, dynamics and heads side by side on `train_ratio` gradient
+steps per env step. When its imagination cannot move the policy, the first suspects are a dynamics that ignores its
+actions (`action_effect` in `world_model_quality.py`) and a reward head that explains little. This script asks whether
+more world-model gradient steps on the same data fix them, without new env steps: it loads the newest checkpoint,
+reopens the replay as of that checkpoint (`open_run_replay`; an offline run's dataset), and trains only the world-model
 phase (dynamics with shortcut forcing, BC and reward heads: `agent_finetune_step`, the loop's own update) on the
 **frozen** tokenizer, whose latents then stop moving under the dynamics (the paper trains the tokenizer first and
-freezes it, Sec. 3). `--train-tokenizer` keeps training the tokenizer as the loop does (every
-`loop.tokenizer_every` steps), which separates "too few steps" from "latents that keep moving". `--set KEY=VALUE`
-changes the run's config for these steps (a training option such as `dynamics.clean_context_fraction=0.5` or
-`optim.world_model.lr=1e-4`; nothing that changes a parameter's shape), to try a fix on the same model.
-`--fresh` starts the dynamics and heads from new weights instead (the tokenizer still comes from the checkpoint),
-so architecture options (`dynamics.transformer.rope_base=100`, ...) can be compared on the same latents. Every
-`--eval-every` steps it measures, on one fixed set of held-out clips with one noise seed:
+freezes it, Sec. 3). `--train-tokenizer` keeps training the tokenizer as the loop does (every `loop.tokenizer_every`
+steps), which separates "too few steps" from "latents that keep moving". `--set KEY=VALUE` changes the run's config for
+these steps (a training option such as `dynamics.clean_context_fraction=0.5` or `optim.world_model.lr=1e-4`; nothing
+that changes a parameter's shape), to try a fix on the same model. `--fresh` starts the dynamics and heads from new
+weights instead (the tokenizer still comes from the checkpoint), so architecture options
+(`dynamics.transformer.rope_base=100`, ...) can be compared on the same latents. Every `--eval-every` steps it measures,
+on one fixed set of held-out clips with one noise seed:
 
 * `open_loop_pooled_own_actions` / `_other_actions`: pooled PSNR of the open-loop rollout under the clips' own
   actions and under another clip's (`world_model_quality.action_conditioning`);
@@ -57,7 +57,7 @@ from d4func.tokenizer_loss import tokenizer_train_step
 from d4func.train import checkpoint
 from d4func.train.agent_step import agent_finetune_step
 from d4func.train.loop import Models, build_models, init_states, make_lpips_fn, replay_batch
-from d4func.train.run_config import load_run_config
+from d4func.train.run_config import RunConfig, load_run_config
 
 
 def _load_quality_module():
@@ -128,6 +128,16 @@ def with_overrides(run: Any, overrides: list[str], fresh: bool = False) -> Any:
     return dataclasses.replace(run, cfg=cfg, tokenizer=models.tokenizer, dynamics=models.dynamics, heads=models.heads)
 
 
+def run_replay(run_dir: str | Path, cfg: RunConfig, seed: int):
+    """What the run trained on, for sampling: an online run's replay as of its newest checkpoint, or an offline
+    run's dataset (`loop.offline_data`, a path relative to the directory the run was started from)."""
+    if cfg.loop.mode == "offline":
+        from d4func.data.offline import load_offline
+
+        return load_offline(cfg.loop.offline_data, cfg.replay.seq_len, cfg.replay.batch_size, seed=seed)
+    return checkpoint.open_run_replay(run_dir, seed=seed)
+
+
 def continue_world_model(
     run_dir: str | Path,
     steps: int,
@@ -158,7 +168,7 @@ def continue_world_model(
         state = init_states(cfg, Models(run.tokenizer, run.dynamics, run.heads))["world_model"]
     tokenizer_state: TensorDictBase = states["tokenizer"]
     lpips_fn = make_lpips_fn(cfg) if train_tokenizer else None
-    replay = checkpoint.open_run_replay(run_dir, seed=cfg.seed + seed)
+    replay = run_replay(run_dir, cfg, seed=cfg.seed + seed)
     frames, actions, rewards = wmq.held_out_clips(run, episodes, clips, horizon, seed, max_steps)
     counterfactual = wmq.counterfactual_clips_for(run, clips, horizon, seed, max_steps)
     generator = torch.Generator().manual_seed(cfg.seed + seed + 7)

@@ -294,6 +294,8 @@ def test_d4func_train_offline_under_torchrun_writes_once_and_resumes(tmp_path, r
     assert single.returncode == 2 and "RNG states of 2 ranks" in single.stderr
 
 
+# ~35 s on 2 cores; the offline torchrun resume test above covers the same code path in the default suite.
+@pytest.mark.slow
 def test_online_training_under_torchrun_resumes_exactly(tmp_path):
     """`d4func train` online under torchrun (2 gloo ranks on Reach): each rank collects from its own env into its
     own replay, checkpoints hold every rank's own part, and 30 steps + resume to 40 equal 40 straight (bitwise,

@@ -17,12 +17,15 @@ from d4func.objectives import (
     bootstrap_velocity,
     bootstrap_velocity_vmapped,
     clean_context_levels,
+    frame_weight,
     ramp_weight,
     sample_signal_levels,
     sample_step_sizes,
+    sample_training_frames,
     sample_training_levels,
     shortcut_forcing_loss,
     shortcut_targets,
+    teacher_forcing_levels,
     velocity_from_x,
     x_from_velocity,
 )
@@ -172,6 +175,82 @@ def test_clean_context_share_and_split_distribution():
     assert torch.equal(d, d0)  # flow frames stay at d_min
     with pytest.raises(ValueError, match="clean_context_fraction must lie in \\[0, 1\\], got -0.1"):
         DynamicsConfig(action_dim=1, clean_context_fraction=-0.1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(batch=st.integers(1, 12), steps=st.integers(1, 9), k_exp=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_teacher_forcing_counts_one_frame_per_row_behind_a_context_level_history(batch, steps, k_exp, seed):
+    k_max = 2**k_exp
+    signal = DynamicsConfig(action_dim=1, k_max=k_max, sampling_steps=1).context_signal
+    gen = torch.Generator().manual_seed(seed)
+    d0, tau0 = sample_training_levels((batch, steps), k_max, gen, bootstrap_fraction=0.25)
+    d, tau, counted = teacher_forcing_levels(d0, tau0, signal, 1 / k_max, gen)
+    if steps == 1:  # no history to hold: the one frame is the target, unchanged
+        assert counted.all() and torch.equal(d, d0) and torch.equal(tau, tau0)
+        return
+    assert torch.equal(counted.sum(1), torch.ones(batch, dtype=torch.long))
+    split = counted.long().argmax(1)
+    assert (split >= 1).all()  # every target has a history
+    for row in range(batch):
+        c = int(split[row])
+        assert (tau[row, :c] == signal).all() and (d[row, :c] == 1 / k_max).all()
+        # The target and the frames after it keep their own draws.
+        assert torch.equal(d[row, c:], d0[row, c:]) and torch.equal(tau[row, c:], tau0[row, c:])
+
+
+def test_teacher_forcing_split_is_uniform_and_diffusion_draws_stay_the_papers():
+    gen = torch.Generator().manual_seed(0)
+    d0, tau0 = torch.full((20_000, 5), 1 / 16), torch.zeros(20_000, 5)
+    _, _, counted = teacher_forcing_levels(d0, tau0, 0.875, 1 / 16, gen)
+    share = counted.float().mean(0)
+    torch.testing.assert_close(share, torch.tensor([0.0, 0.25, 0.25, 0.25, 0.25]), atol=0.02, rtol=0)
+    # forcing="diffusion" is sample_training_levels itself: same draws, every frame counted, no extra numbers drawn.
+    first, second = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    d, tau, counted = sample_training_frames((4, 6), 16, first, None, 0.25, 0.5, 0.875, "diffusion")
+    d_ref, tau_ref = sample_training_levels((4, 6), 16, second, None, 0.25, 0.5, 0.875)
+    assert counted is None and torch.equal(d, d_ref) and torch.equal(tau, tau_ref)
+    assert torch.equal(first.get_state(), second.get_state())
+    with pytest.raises(ValueError, match="forcing must be one of .*got 'noisy'"):
+        sample_training_frames((2, 3), 16, forcing="noisy")
+    with pytest.raises(ValueError, match="clean_context_fraction=0.5 applies to forcing='diffusion' only"):
+        sample_training_frames((2, 3), 16, clean_context_fraction=0.5, forcing="teacher")
+
+
+@pytest.mark.parametrize("loss_weight", ["ramp", "uniform"])
+def test_teacher_forced_loss_sees_only_the_target_frame(loss_weight):
+    """Under forcing="teacher" the gradient of the loss reaches the prediction of each row's target frame only,
+    weighted by frame_weight at that frame's level; the loss is their mean."""
+    gen_state = torch.Generator().manual_seed(11).get_state()
+    z = torch.randn(3, 6, 4, 2, generator=torch.Generator().manual_seed(1)).tanh()
+    offset = torch.zeros(3, 6, requires_grad=True)
+
+    def denoise(z_tau, tau, d):  # a per-frame constant prediction: its gradient marks the frames the loss reads
+        return torch.zeros_like(z_tau) + offset[:, :, None, None]
+
+    gen = torch.Generator().set_state(gen_state)
+    loss, metrics, _ = shortcut_forcing_loss(denoise, denoise, z, 8, gen, 0.0, 0.0, 0.875, 1.0, "teacher",
+                                             loss_weight)
+    (grad,) = torch.autograd.grad(loss, offset)
+    d, tau, counted = sample_training_frames((3, 6), 8, torch.Generator().set_state(gen_state), None, 0.0, 0.0,
+                                             0.875, "teacher")
+    assert torch.equal(grad != 0, counted)
+    expected = (frame_weight(tau, loss_weight) * z.square().mean(dim=(-2, -1)) * counted).sum() / 3
+    torch.testing.assert_close(loss, expected)
+    assert metrics["flow_fraction"] == 1.0  # bootstrap_fraction 0: every target is a flow frame
+    with pytest.raises(ValueError, match="loss_weight must be one of .*got 'ramped'"):
+        frame_weight(tau, "ramped")
+    torch.testing.assert_close(frame_weight(tau, "ramp"), ramp_weight(tau))
+
+
+def test_forcing_and_loss_weight_options_are_checked():
+    with pytest.raises(ValueError, match="DynamicsConfig.forcing must be one of .*got 'teach'"):
+        DynamicsConfig(action_dim=1, forcing="teach")
+    with pytest.raises(ValueError, match="DynamicsConfig.loss_weight must be one of .*got 'flat'"):
+        DynamicsConfig(action_dim=1, loss_weight="flat")
+    with pytest.raises(ValueError, match="clean_context_fraction=0.5 applies to forcing='diffusion' only"):
+        DynamicsConfig(action_dim=1, forcing="teacher", clean_context_fraction=0.5)
+    # Teacher forcing trains every history at the context level, so a clean context (tau = 1) is trained too.
+    assert DynamicsConfig(action_dim=1, forcing="teacher", context_noise=0.0).context_signal == 1.0
 
 
 def test_bootstrap_fraction_sets_the_share_of_coarse_steps():

@@ -165,10 +165,13 @@ def test_bc_and_reward_targets_are_aligned_and_masked(discrete):
     torch.testing.assert_close(metrics["reward_ce"], reward)
 
 
-@pytest.mark.parametrize("clean_context", [0.0, 0.5])
-def test_dynamics_term_equals_dynamics_loss_without_padding(clean_context):
+@pytest.mark.parametrize("clean_context, forcing, loss_weight",
+                         [(0.0, "diffusion", "ramp"), (0.5, "diffusion", "ramp"), (0.0, "teacher", "ramp"),
+                          (0.0, "teacher", "uniform"), (0.0, "diffusion", "uniform")])
+def test_dynamics_term_equals_dynamics_loss_without_padding(clean_context, forcing, loss_weight):
     model, heads, params = make(True)
-    model.cfg = dataclasses.replace(model.cfg, clean_context_fraction=clean_context)
+    model.cfg = dataclasses.replace(model.cfg, clean_context_fraction=clean_context, forcing=forcing,
+                                    loss_weight=loss_weight)
     batch = toy_batch(True, 2, 5, torch.Generator().manual_seed(0))
     _, metrics = agent_finetune_loss(params, batch["latents"], batch["actions"], batch["rewards"], None,
                                      torch.Generator().manual_seed(4), model=model, heads=heads)

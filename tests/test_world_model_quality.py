@@ -2,6 +2,7 @@
 recomputed by hand on the same held-out clips, open-loop consistency with next-frame sampling, the GIF, the clip
 sampler, and clear errors for run directories without a config or checkpoint."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -305,3 +306,21 @@ def test_more_world_model_steps_trains_a_copy_and_measures_it(run_dir):
         mws.continue_world_model(run_dir, steps=0, eval_every=1)
     with pytest.raises(ValueError, match="clips must be an int >= 2, got 1"):
         mws.continue_world_model(run_dir, steps=1, eval_every=1, clips=1)
+
+
+def test_more_world_model_steps_samples_an_offline_runs_dataset(tmp_path):
+    """An offline run has no replay of its own: the script samples the dataset the run trained on."""
+    from d4func.data.offline import record_episodes
+    from d4func.envs.reach import make_reach_env
+
+    mws = _load_more_steps_script()
+    meta = record_episodes(make_reach_env(seed=0), tmp_path / "data", n_episodes=3, seed=0, frames_per_batch=12)
+    cfg = load_run_config(str(REPO / "experiments/configs/reach.yaml"),
+                          [f"run_dir={tmp_path / 'run'}", f"loop.offline_data={tmp_path / 'data'}"])
+    replay = mws.run_replay(tmp_path / "run", cfg, seed=0)
+    assert len(replay) == meta["n_steps"] == 36
+    sample = replay.sample()
+    assert sample.batch_size == torch.Size([cfg.replay.batch_size, cfg.replay.seq_len])
+    online = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, mode="online", offline_data=None))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        mws.run_replay(tmp_path / "run", online, seed=0)  # online: the run's own replay, found via its checkpoint

@@ -41,7 +41,7 @@ from d4func.dynamics import Dynamics, actions_into_frames
 from d4func.functional import apply, grad_and_value
 from d4func.heads import AgentHeads, policy_dist, reward_dist
 from d4func.imagination import ImaginationConfig, imagination_loss, imagine, mtp_targets
-from d4func.objectives import add_noise, ramp_weight, sample_noise, sample_training_levels, shortcut_targets
+from d4func.objectives import add_noise, frame_weight, sample_noise, sample_training_frames, shortcut_targets
 from d4func.optim import AdamWConfig
 from d4func.train.dynamics_step import denoiser
 from d4func.train.state import checked_update, new_train_state
@@ -124,8 +124,9 @@ def agent_finetune_loss(
 
     # --- dynamics: shortcut forcing, drawing d, tau and noise as `shortcut_forcing_loss` does --------------------
     actions_in, mask_in = actions_into_frames(actions)
-    d, tau = sample_training_levels((batch, steps), dyn_cfg.k_max, generator, device, dyn_cfg.bootstrap_fraction,
-                                    dyn_cfg.clean_context_fraction, dyn_cfg.context_signal)
+    d, tau, counted = sample_training_frames((batch, steps), dyn_cfg.k_max, generator, device,
+                                             dyn_cfg.bootstrap_fraction, dyn_cfg.clean_context_fraction,
+                                             dyn_cfg.context_signal, dyn_cfg.forcing)
     z_tau = add_noise(latents, tau, sample_noise(latents, generator, dyn_cfg.noise_scale))
     x_hat, agent_out, _ = apply(model, params["dynamics"], z_tau, tau, d, actions_in, mask_in, None, tasks)
     if agent_out is None:
@@ -133,8 +134,9 @@ def agent_finetune_loss(
     stopped = denoiser(model, params["dynamics"].detach(), actions_in, mask_in, tasks)
     target, is_flow = shortcut_targets(stopped, latents, z_tau, tau, d, dyn_cfg.d_min)
     per_frame = (x_hat - target).square().mean(dim=(-2, -1))
-    n_valid = valid_step.sum().clamp(min=1)
-    dyn_loss = (ramp_weight(tau) * per_frame * valid_step).sum() / n_valid
+    dyn_frames = valid_step if counted is None else valid_step & counted
+    n_valid = dyn_frames.sum().clamp(min=1)
+    dyn_loss = (frame_weight(tau, dyn_cfg.loss_weight) * per_frame * dyn_frames).sum() / n_valid
 
     # --- behaviour cloning: h_t -> a_{t+n} ------------------------------------------------------------------------
     L = heads.cfg.mtp
@@ -155,8 +157,8 @@ def agent_finetune_loss(
     reward_ce = _masked_mean(ce, reward_valid)
 
     loss = cfg.dynamics_coef * dyn_loss + cfg.bc_coef * bc + cfg.reward_coef * reward_ce
-    flow_w = (is_flow & valid_step).float()
-    boot_w = (~is_flow & valid_step).float()
+    flow_w = (is_flow & dyn_frames).float()
+    boot_w = (~is_flow & dyn_frames).float()
     metrics = {
         "loss": loss.detach(),
         "dynamics_loss": dyn_loss.detach(),

@@ -46,7 +46,8 @@ def dynamics_loss(
     stopped = denoiser(model, params.detach(), actions, action_mask, tasks)
     cfg = model.cfg
     loss, metrics, _ = shortcut_forcing_loss(online, stopped, latents, cfg.k_max, generator, cfg.bootstrap_fraction,
-                                             cfg.clean_context_fraction, cfg.context_signal, cfg.noise_scale)
+                                             cfg.clean_context_fraction, cfg.context_signal, cfg.noise_scale,
+                                             cfg.forcing, cfg.loss_weight)
     return loss, metrics
 
 
