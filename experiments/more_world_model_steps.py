@@ -19,9 +19,10 @@ on one fixed set of held-out clips with one noise seed:
   actions and under another clip's (`world_model_quality.action_conditioning`);
 * `action_effect`: the mean absolute pixel change between those two rollouts; compare it with the real env's
   (`experiments/real_action_effect.py`);
-* `counterfactual_action_r2`: how much of the real env's change between two action sequences from one state the
-  model's change explains (`world_model_quality.counterfactual_action_metrics`; None for envs that cannot restore
-  a state), on `--clips` fixed states;
+* `counterfactual_action_r2` (pixels) and `counterfactual_latent_r2` (latents): how much of the real env's change
+  between two action sequences from one state the model's change explains
+  (`world_model_quality.counterfactual_action_metrics`; None for envs that cannot restore a state), on `--clips`
+  fixed states;
 * `psnr_k4_pooled` and `psnr_copy_last_pooled`: the next frame at K = 4 against copying the last frame, and
   `psnr_reconstruction_pooled`, the tokenizer's own ceiling (fixed while the tokenizer is frozen);
 * `reward_r2`: the reward head against the env's rewards (`world_model_quality.reward_metrics`);
@@ -78,10 +79,11 @@ wmq = _load_quality_module()
 
 @torch.no_grad()
 def measure(run: Any, frames: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, seed: int,
-            counterfactual: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+            counterfactual_clips: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """The world model of `run` on fixed held-out clips (one noise seed, so two calls differ only by the params),
-    and on fixed `counterfactual` clips (`world_model_quality.counterfactual_clips_for`) when there are some."""
+    and on fixed `counterfactual_clips` (`world_model_quality.counterfactual_clips_for`) when there are some."""
     imagined, _, _ = wmq.open_loop(run, frames, actions, seed)
+    counterfactual = wmq.counterfactual_action_metrics(run, counterfactual_clips, seed)
     next_frame = wmq.next_frame_metrics(run, frames, actions, seed)
     rewards_fit = wmq.reward_metrics(run, frames, actions, rewards, seed)
     context_len = run.cfg.replay.context_len
@@ -91,8 +93,7 @@ def measure(run: Any, frames: torch.Tensor, actions: torch.Tensor, rewards: torc
                                 torch.Generator().manual_seed(seed))
     return {
         **wmq.action_conditioning(run, frames, actions, imagined, seed),
-        "counterfactual_action_r2": wmq.counterfactual_action_metrics(run, counterfactual, seed)[
-            "counterfactual_action_r2"],
+        **{key: counterfactual[key] for key in ("counterfactual_action_r2", "counterfactual_latent_r2")},
         "psnr_k4_pooled": next_frame["pooled"]["k4"],
         "psnr_copy_last_pooled": next_frame["pooled"]["copy_last"],
         "psnr_reconstruction_pooled": next_frame["pooled"]["reconstruction"],
@@ -226,7 +227,7 @@ def continue_world_model(
 def format_table(result: dict[str, Any]) -> str:
     num = wmq._num
     header = (f"{'extra steps':>11} {'loss':>7} {'own (dB)':>9} {'other (dB)':>11} {'action effect':>14} "
-              f"{'cf. R2':>7} "
+              f"{'cf. R2':>7} {'latent cf. R2':>13} "
               f"{'K=4 (dB)':>9} {'copy last':>10} {'reward R2':>10} {'latent: model':>14} {'copy last':>10} "
               f"{'hist. mean':>10}")
     lines = [f"{result['run']} (checkpoint at step {result['run_step']}, {result['replay_transitions']} replay "
@@ -237,7 +238,7 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"{row['extra_steps']:>11} {num(row['world_model_loss']):>7} "
                      f"{num(row['open_loop_pooled_own_actions']):>9} {num(row['open_loop_pooled_other_actions']):>11} "
                      f"{num(row['action_effect']):>14} {num(row['counterfactual_action_r2']):>7} "
-                     f"{num(row['psnr_k4_pooled']):>9} "
+                     f"{num(row.get('counterfactual_latent_r2')):>13} {num(row['psnr_k4_pooled']):>9} "
                      f"{num(row['psnr_copy_last_pooled']):>10} {num(row['reward_r2']):>10} "
                      f"{num(row['latent_next_mse']):>14} {num(row['latent_copy_last_mse']):>10} "
                      f"{num(row['latent_context_mean_mse']):>10}")
@@ -246,7 +247,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", required=True, help="run directory of an online d4func.train.loop run")
+    parser.add_argument("--run", required=True, help="run directory of a d4func.train.loop run (online or offline)")
     parser.add_argument("--steps", type=int, default=2000, help="extra world-model gradient steps")
     parser.add_argument("--eval-every", type=int, default=500, help="gradient steps between measurements")
     parser.add_argument("--episodes", type=int, default=8, help="held-out episodes to roll")

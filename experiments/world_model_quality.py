@@ -24,7 +24,9 @@ and `horizon` frames after them.
   change between the two rollouts the model's change explains, 1 - sum((model change - real change)^2) /
   sum(real change^2) over all pixels of the horizon: 1 when the model knows what the actions change, 0 when it
   ignores them, below 0 when it responds but wrongly. Unlike `action_effect`, an untrained model that responds
-  at random does not score well;
+  at random does not score well. `counterfactual_latent_r2` is the same in latent space: the model's generated
+  latents against the env's frames encoded after the same context. Imagination works on latents, and a decoder
+  that amplifies small latent errors (Reach's) can push the pixel figure below 0 where the latents are right;
 * reward: the reward head (offset 0) on the agent tokens of the real clip, each frame committed as the agent
   observes one (`imagination.commit_frames`), against the rewards the env gave. Its mean squared error is compared
   with the best constant prediction (the held-out rewards' own mean, so the baseline is optimistic), as
@@ -44,6 +46,7 @@ below, up to 4 clips, the horizon open loop), and prints a table.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -56,8 +59,10 @@ from tensordict import TensorDictBase
 from torch import Tensor
 
 from d4func.dynamics import Dynamics, actions_into_frames
+from d4func.functional import apply
 from d4func.heads import AgentHeads, reward_dist
 from d4func.imagination import commit_frames, world_model_fn
+from d4func.sampler import generate
 from d4func.tokenizer import Tokenizer, decode, encode
 from d4func.tokenizer_loss import psnr
 from d4func.train import checkpoint
@@ -198,6 +203,15 @@ def _predict(run: LoadedRun, context: Tensor, actions: Tensor, horizon: int, ste
                           horizon=horizon, steps=steps, seed=seed)
 
 
+def _predict_latents(run: LoadedRun, context: Tensor, actions: Tensor, horizon: int, steps: int, seed: int) -> Tensor:
+    """The latents `[B, horizon, S, Dz]` that `_predict` decodes (same noise for the same seed)."""
+    latents = encode(run.tokenizer, run.tokenizer_params, context)
+    shifted, mask = actions_into_frames(actions)
+    fn = functools.partial(apply, run.dynamics, run.dynamics_params, tasks=None)
+    return generate(fn, latents, shifted, horizon, torch.Generator().manual_seed(seed), run.dynamics.cfg,
+                    steps=steps, action_mask=mask)
+
+
 def pooled_psnr(prediction: Tensor, target: Tensor) -> float:
     """PSNR (peak 1) of the mean squared error over all images: unlike the mean of per-image PSNR, an exactly
     predicted image (a static scene under copy-last) does not count 100 dB, it adds zero error."""
@@ -297,7 +311,7 @@ def counterfactual_clips_for(run: LoadedRun, clips: int, horizon: int, seed: int
 
 
 COUNTERFACTUAL_KEYS = ("counterfactual_action_r2", "counterfactual_action_r2_per_step",
-                       "counterfactual_model_change", "counterfactual_real_change")
+                       "counterfactual_model_change", "counterfactual_real_change", "counterfactual_latent_r2")
 
 
 def change_explained(model_change: Tensor, real_change: Tensor) -> tuple[float | None, list[float | None]]:
@@ -317,13 +331,22 @@ def counterfactual_action_metrics(run: LoadedRun, clips: dict[str, Tensor] | Non
     if clips is None:
         return dict.fromkeys(COUNTERFACTUAL_KEYS)
     horizon = clips["frames"].shape[2]
-    predicted = [_predict(run, clips["context"], actions, horizon, run.cfg.dynamics.sampling_steps, seed).clamp(0, 1)
-                 for actions in clips["actions"]]
+    steps = run.cfg.dynamics.sampling_steps
+    predicted_latents = [_predict_latents(run, clips["context"], actions, horizon, steps, seed)
+                         for actions in clips["actions"]]
+    # The decoder is causal in time: decode each branch after its context, as predict_frames does.
+    context_latents = encode(run.tokenizer, run.tokenizer_params, clips["context"])
+    predicted = [decode(run.tokenizer, run.tokenizer_params, torch.cat([context_latents, latents], dim=1))[
+        :, clips["context"].shape[1]:].clamp(0, 1) for latents in predicted_latents]
     model_change = predicted[0] - predicted[1]
     real_change = clips["frames"][0] - clips["frames"][1]
     overall, per_step = change_explained(model_change, real_change)
+    # The same in latent space, where imagination works: the env's frames encoded after the same context.
+    real_latents = [encode(run.tokenizer, run.tokenizer_params, torch.cat([clips["context"], frames], dim=1))[
+        :, clips["context"].shape[1]:] for frames in clips["frames"]]
+    latent_r2, _ = change_explained(predicted_latents[0] - predicted_latents[1], real_latents[0] - real_latents[1])
     return dict(zip(COUNTERFACTUAL_KEYS, (overall, per_step, float(model_change.abs().mean()),
-                                          float(real_change.abs().mean())), strict=True))
+                                          float(real_change.abs().mean()), latent_r2), strict=True))
 
 
 @torch.no_grad()
@@ -411,7 +434,8 @@ def format_table(result: dict[str, Any]) -> str:
         "counterfactual actions: " + ("n/a (the env cannot restore a state)" if result["counterfactual_clips"] == 0
                                       else f"the model's change explains R^2 {_num(result['counterfactual_action_r2'])}"
                                       f" of the env's (mean pixel change {_num(result['counterfactual_model_change'])}"
-                                      f" against {_num(result['counterfactual_real_change'])}), "
+                                      f" against {_num(result['counterfactual_real_change'])}; in latent space "
+                                      f"R^2 {_num(result.get('counterfactual_latent_r2'))}), "
                                       f"{result['counterfactual_clips']} states"),
         f"open-loop PSNR (dB, per image), K={result['sampling_steps']}",
         f"  {'step':>4} {'model':>8} {'copy last':>10}",

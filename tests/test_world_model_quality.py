@@ -161,6 +161,17 @@ def test_counterfactual_actions_score_the_models_change_against_the_envs(run_dir
     assert measured["counterfactual_action_r2"] == pytest.approx(expected, rel=1e-5)
     assert len(measured["counterfactual_action_r2_per_step"]) == HORIZON
     assert measured["counterfactual_real_change"] > 0  # Reach's agent moves where its actions send it
+    # In latent space: the generated latents against the env's frames encoded after the same context.
+    latents = [wmq._predict_latents(run, clips["context"], a, HORIZON, run.cfg.dynamics.sampling_steps, SEED)
+               for a in clips["actions"]]
+    decoded = wmq.decode(run.tokenizer, run.tokenizer_params,
+                         torch.cat([wmq.encode(run.tokenizer, run.tokenizer_params, clips["context"]), latents[0]], 1))
+    torch.testing.assert_close(decoded[:, clips["context"].shape[1]:].clamp(0, 1), imagined[0])  # what _predict shows
+    real = [wmq.encode(run.tokenizer, run.tokenizer_params, torch.cat([clips["context"], f], 1))[:, -HORIZON:]
+            for f in clips["frames"]]
+    latent_change, real_latent_change = latents[0] - latents[1], real[0] - real[1]
+    expected_latent = 1 - float((latent_change - real_latent_change).square().sum() / real_latent_change.square().sum())
+    assert measured["counterfactual_latent_r2"] == pytest.approx(expected_latent, rel=1e-5)
     assert wmq.counterfactual_action_metrics(run, None, SEED) == dict.fromkeys(measured)
     assert wmq.counterfactual_clips_for(run, 0, HORIZON, SEED, max_steps=200) is None
     assert "counterfactual actions: the model's change explains R^2" in wmq.format_table(result)
@@ -268,6 +279,8 @@ def test_more_world_model_steps_trains_a_copy_and_measures_it(run_dir):
     assert rows[0]["counterfactual_action_r2"] == wmq.counterfactual_action_metrics(run, counterfactual, SEED)[
         "counterfactual_action_r2"]
     assert rows[-1]["counterfactual_action_r2"] != rows[0]["counterfactual_action_r2"]
+    assert rows[0]["counterfactual_latent_r2"] == wmq.counterfactual_action_metrics(run, counterfactual, SEED)[
+        "counterfactual_latent_r2"]
     context = run.cfg.replay.context_len
     latents = wmq.encode(run.tokenizer, run.tokenizer_params, frames[:, :context + 1])
     assert rows[0]["latent_copy_last_mse"] == pytest.approx(
