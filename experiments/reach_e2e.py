@@ -87,7 +87,9 @@ def plot_result(result: dict[str, Any], path: Path) -> Path:
         ax.bar([j + (i - 1.5) * width for j in range(len(rows))], [row[name] for row in rows], width, label=label)
     ax.set_xticks(range(len(rows)), [f"seed {row['seed']}" for row in rows])
     ax.set_ylabel(f"mean return ({rows[0]['episodes']} episodes)")
-    ax.set_title("Reach, offline from noisy demonstrations")
+    epsilon = result.get("epsilon", 0.3)
+    ax.set_title("Reach, offline from random actions" if epsilon >= 1.0
+                 else f"Reach, offline from noisy demonstrations (epsilon {epsilon})")
     ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -258,6 +258,8 @@ def test_steps_route_gradients_through_grad_fn() -> None:
         assert any(not torch.equal(value, reference[key]) for key, value in _leaves(scaled["params"]).items()), name
 
 
+# ~25 s: CI's time budget keeps the default suite to the one-step gradient equality tests above (`-m slow` runs it).
+@pytest.mark.slow
 def test_d4func_train_offline_under_torchrun_writes_once_and_resumes(tmp_path, reach_data):
     """The command line under torchrun: 2 gloo ranks train offline on Reach data, rank 0 alone writes (one
     metrics file, checkpoints holding both ranks' RNG states), the ranks end bitwise in sync (the loop checks),
@@ -294,7 +296,7 @@ def test_d4func_train_offline_under_torchrun_writes_once_and_resumes(tmp_path, r
     assert single.returncode == 2 and "RNG states of 2 ranks" in single.stderr
 
 
-# ~35 s on 2 cores; the offline torchrun resume test above covers the same code path in the default suite.
+# ~35 s on 2 cores; slow, as the offline torchrun resume test above.
 @pytest.mark.slow
 def test_online_training_under_torchrun_resumes_exactly(tmp_path):
     """`d4func train` online under torchrun (2 gloo ranks on Reach): each rank collects from its own env into its

@@ -133,6 +133,8 @@ def test_compiled_loss_and_grad_match_eager() -> None:
     _compile_check("small", timeout=300)
 
 
+# ~18 s of tracing; test_compiled_loss_and_grad_match_eager keeps compile's correctness in the default suite.
+@pytest.mark.slow
 def test_model_forwards_trace_without_graph_breaks() -> None:
     """Dynamics (continuous and discrete actions) and tokenizer forwards are one graph each under torch.compile:
     the input value checks (ranges, NaN), which would break the graph and sync the device on every call, run only
