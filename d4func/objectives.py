@@ -108,9 +108,10 @@ def teacher_forcing_levels(
     get (tau_ctx, d_min), frame c keeps its own (d, tau) draw, and only frame c counts in the loss (the returned
     bool mask `[B, T]`). Frames after c stay in the forward pass (the agent heads read them) but their noisy
     histories teach nothing the sampler uses. Why: under diffusion forcing most frames predict from a history noisier
-    than tau_ctx, and a small model on a small budget then learns to blur its history. Measured on Reach's frozen
-    latents, next-latent MSE after 2,000 updates: 0.34 under diffusion forcing (history mean 0.26), 0.12 with one
-    target per row, 0.07 with uniform weights as well (docs/results.md, Sec. 1). Returns the new (d, tau, counted).
+    than tau_ctx, and a small model on a small budget then learns to blur its history. Measured with a fresh world
+    model on Reach's frozen latents, next-latent MSE after 2,000 updates: 0.33 under diffusion forcing (the history's
+    mean scores 0.31), 0.28 with one target per row, 0.11 with uniform weights as well (`frame_weight`;
+    docs/results.md, Sec. 1). Returns the new (d, tau, counted).
     """
     batch, steps = d.shape
     if steps < 2:
