@@ -90,7 +90,17 @@ def clean_context_levels(
         return d, tau
     chosen = torch.rand(batch, generator=generator, device=d.device) < fraction
     split = torch.randint(1, steps, (batch,), generator=generator, device=d.device)
-    in_context = chosen[:, None] & (torch.arange(steps, device=d.device)[None, :] < split[:, None])
+    return history_at_context_level(d, tau, split, context_signal, d_min, rows=chosen)
+
+
+def history_at_context_level(
+    d: Tensor, tau: Tensor, split: Tensor, context_signal: float, d_min: float, rows: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(d, tau) `[B, T]` with every frame before its row's `split` `[B]` at (tau_ctx, d_min), in the rows marked by
+    the bool `rows` `[B]` (all rows when None); the other frames keep their levels."""
+    in_context = torch.arange(d.shape[1], device=d.device)[None, :] < split[:, None]
+    if rows is not None:
+        in_context = in_context & rows[:, None]
     d = torch.where(in_context, torch.full_like(d, d_min), d)
     return d, torch.where(in_context, torch.full_like(tau, context_signal), tau)
 
@@ -117,11 +127,8 @@ def teacher_forcing_levels(
     if steps < 2:
         return d, tau, torch.ones_like(d, dtype=torch.bool)
     split = torch.randint(1, steps, (batch,), generator=generator, device=d.device)
-    position = torch.arange(steps, device=d.device)[None, :]
-    in_context = position < split[:, None]
-    d = torch.where(in_context, torch.full_like(d, d_min), d)
-    tau = torch.where(in_context, torch.full_like(tau, context_signal), tau)
-    return d, tau, position == split[:, None]
+    d, tau = history_at_context_level(d, tau, split, context_signal, d_min)
+    return d, tau, torch.arange(steps, device=d.device)[None, :] == split[:, None]
 
 
 def sample_training_frames(
@@ -287,11 +294,8 @@ def shortcut_forcing_loss(
     target, is_flow = shortcut_targets(denoise_target, z_clean, z_tau, tau, d, 1.0 / k_max)
     per_frame = (x_hat - target).square().mean(dim=(-2, -1))
     loss = counted_mean(frame_weight(tau, loss_weight) * per_frame, counted)
-    if counted is not None:
-        is_flow = is_flow & counted
-        is_boot = ~is_flow & counted
-    else:
-        is_boot = ~is_flow
+    counted_frames = torch.ones_like(is_flow) if counted is None else counted
+    is_flow, is_boot = is_flow & counted_frames, ~is_flow & counted_frames
     flow_frames, boot_frames = is_flow.sum().clamp(min=1), is_boot.sum().clamp(min=1)
     metrics = {
         "loss": loss.detach(),

@@ -46,7 +46,6 @@ below, up to 4 clips, the horizon open loop), and prints a table.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 from dataclasses import dataclass
@@ -59,16 +58,14 @@ from tensordict import TensorDictBase
 from torch import Tensor
 
 from d4func.dynamics import Dynamics, actions_into_frames
-from d4func.functional import apply
 from d4func.heads import AgentHeads, reward_dist
 from d4func.imagination import commit_frames, world_model_fn
-from d4func.sampler import generate
 from d4func.tokenizer import Tokenizer, decode, encode
 from d4func.tokenizer_loss import psnr
 from d4func.train import checkpoint
 from d4func.train.loop import build_models
 from d4func.train.run_config import RunConfig
-from d4func.train.video import predict_frames, write_comparison_gif
+from d4func.train.video import decode_after_context, predict_frames, predict_latents, write_comparison_gif
 from d4func.transformer import empty_cache
 
 K_VALUES = (1, 2, 4)
@@ -203,13 +200,11 @@ def _predict(run: LoadedRun, context: Tensor, actions: Tensor, horizon: int, ste
                           horizon=horizon, steps=steps, seed=seed)
 
 
-def _predict_latents(run: LoadedRun, context: Tensor, actions: Tensor, horizon: int, steps: int, seed: int) -> Tensor:
-    """The latents `[B, horizon, S, Dz]` that `_predict` decodes (same noise for the same seed)."""
-    latents = encode(run.tokenizer, run.tokenizer_params, context)
-    shifted, mask = actions_into_frames(actions)
-    fn = functools.partial(apply, run.dynamics, run.dynamics_params, tasks=None)
-    return generate(fn, latents, shifted, horizon, torch.Generator().manual_seed(seed), run.dynamics.cfg,
-                    steps=steps, action_mask=mask)
+def _predict_latents(run: LoadedRun, context: Tensor, actions: Tensor, horizon: int, steps: int, seed: int
+                     ) -> tuple[Tensor, Tensor]:
+    """The context's latents and the generated ones that `_predict` decodes (same noise for the same seed)."""
+    return predict_latents(run.tokenizer, run.tokenizer_params, run.dynamics, run.dynamics_params, context, actions,
+                           horizon=horizon, steps=steps, seed=seed)
 
 
 def pooled_psnr(prediction: Tensor, target: Tensor) -> float:
@@ -332,12 +327,9 @@ def counterfactual_action_metrics(run: LoadedRun, clips: dict[str, Tensor] | Non
         return dict.fromkeys(COUNTERFACTUAL_KEYS)
     horizon = clips["frames"].shape[2]
     steps = run.cfg.dynamics.sampling_steps
-    predicted_latents = [_predict_latents(run, clips["context"], actions, horizon, steps, seed)
-                         for actions in clips["actions"]]
-    # The decoder is causal in time: decode each branch after its context, as predict_frames does.
-    context_latents = encode(run.tokenizer, run.tokenizer_params, clips["context"])
-    predicted = [decode(run.tokenizer, run.tokenizer_params, torch.cat([context_latents, latents], dim=1))[
-        :, clips["context"].shape[1]:].clamp(0, 1) for latents in predicted_latents]
+    branches = [_predict_latents(run, clips["context"], actions, horizon, steps, seed) for actions in clips["actions"]]
+    predicted = [decode_after_context(run.tokenizer, run.tokenizer_params, *branch) for branch in branches]
+    predicted_latents = [generated for _, generated in branches]
     model_change = predicted[0] - predicted[1]
     real_change = clips["frames"][0] - clips["frames"][1]
     overall, per_step = change_explained(model_change, real_change)

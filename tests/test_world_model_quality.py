@@ -162,7 +162,7 @@ def test_counterfactual_actions_score_the_models_change_against_the_envs(run_dir
     assert len(measured["counterfactual_action_r2_per_step"]) == HORIZON
     assert measured["counterfactual_real_change"] > 0  # Reach's agent moves where its actions send it
     # In latent space: the generated latents against the env's frames encoded after the same context.
-    latents = [wmq._predict_latents(run, clips["context"], a, HORIZON, run.cfg.dynamics.sampling_steps, SEED)
+    latents = [wmq._predict_latents(run, clips["context"], a, HORIZON, run.cfg.dynamics.sampling_steps, SEED)[1]
                for a in clips["actions"]]
     decoded = wmq.decode(run.tokenizer, run.tokenizer_params,
                          torch.cat([wmq.encode(run.tokenizer, run.tokenizer_params, clips["context"]), latents[0]], 1))

@@ -41,7 +41,14 @@ from d4func.dynamics import Dynamics, actions_into_frames
 from d4func.functional import apply, grad_and_value
 from d4func.heads import AgentHeads, policy_dist, reward_dist
 from d4func.imagination import ImaginationConfig, imagination_loss, imagine, mtp_targets
-from d4func.objectives import add_noise, frame_weight, sample_noise, sample_training_frames, shortcut_targets
+from d4func.objectives import (
+    add_noise,
+    counted_mean,
+    frame_weight,
+    sample_noise,
+    sample_training_frames,
+    shortcut_targets,
+)
 from d4func.optim import AdamWConfig
 from d4func.train.dynamics_step import denoiser
 from d4func.train.state import checked_update, new_train_state
@@ -135,8 +142,7 @@ def agent_finetune_loss(
     target, is_flow = shortcut_targets(stopped, latents, z_tau, tau, d, dyn_cfg.d_min)
     per_frame = (x_hat - target).square().mean(dim=(-2, -1))
     dyn_frames = valid_step if counted is None else valid_step & counted
-    n_valid = dyn_frames.sum().clamp(min=1)
-    dyn_loss = (frame_weight(tau, dyn_cfg.loss_weight) * per_frame * dyn_frames).sum() / n_valid
+    dyn_loss = counted_mean(frame_weight(tau, dyn_cfg.loss_weight) * per_frame, dyn_frames)
 
     # --- behaviour cloning: h_t -> a_{t+n} ------------------------------------------------------------------------
     L = heads.cfg.mtp

@@ -19,6 +19,39 @@ from d4func.tokenizer import Tokenizer, decode, encode
 
 
 @torch.no_grad()
+def predict_latents(
+    tokenizer: Tokenizer,
+    tokenizer_params: TensorDictBase,
+    dynamics: Dynamics,
+    dynamics_params: TensorDictBase,
+    context_frames: Tensor,
+    actions: Tensor,
+    horizon: int,
+    steps: int | None = None,
+    seed: int = 0,
+    tasks: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Encode `context_frames` `[B, T0, ...]` and roll the dynamics `horizon` frames forward under `actions` (TorchRL
+    convention, `[B, T0 + horizon, ...]`: action t is taken after frame t) with K = `steps`.
+
+    Returns the context's latents `[B, T0, S, Dz]` and the generated ones `[B, horizon, S, Dz]`."""
+    latents = encode(tokenizer, tokenizer_params, context_frames)
+    shifted, mask = actions_into_frames(actions)
+    fn = functools.partial(apply, dynamics, dynamics_params, tasks=tasks)
+    generated = generate(fn, latents, shifted, horizon, torch.Generator().manual_seed(seed), dynamics.cfg,
+                         steps=steps, action_mask=mask)
+    return latents, generated
+
+
+def decode_after_context(tokenizer: Tokenizer, tokenizer_params: TensorDictBase, context_latents: Tensor,
+                         generated: Tensor) -> Tensor:
+    """Frames `[B, horizon, ...]` in [0, 1] of `generated` latents. The decoder is causal in time: decode context and
+    prediction together, keep the prediction."""
+    decoded = decode(tokenizer, tokenizer_params, torch.cat([context_latents, generated], dim=1))
+    return decoded[:, context_latents.shape[1]:].clamp(0.0, 1.0)
+
+
+@torch.no_grad()
 def predict_frames(
     tokenizer: Tokenizer,
     tokenizer_params: TensorDictBase,
@@ -31,19 +64,10 @@ def predict_frames(
     seed: int = 0,
     tasks: Tensor | None = None,
 ) -> Tensor:
-    """Encode `context_frames` `[B, T0, ...]`, roll the dynamics `horizon` frames forward under `actions` (TorchRL
-    convention, `[B, T0 + horizon, ...]`: action t is taken after frame t) with K = `steps`, decode.
-
-    Returns predicted frames `[B, horizon, ...]` in [0, 1]."""
-    context_len = context_frames.shape[1]
-    latents = encode(tokenizer, tokenizer_params, context_frames)
-    shifted, mask = actions_into_frames(actions)
-    fn = functools.partial(apply, dynamics, dynamics_params, tasks=tasks)
-    generated = generate(fn, latents, shifted, horizon, torch.Generator().manual_seed(seed), dynamics.cfg,
-                         steps=steps, action_mask=mask)
-    # The decoder is causal in time: decode context and prediction together, keep the prediction.
-    decoded = decode(tokenizer, tokenizer_params, torch.cat([latents, generated], dim=1))
-    return decoded[:, context_len:].clamp(0.0, 1.0)
+    """`predict_latents`, decoded: predicted frames `[B, horizon, ...]` in [0, 1]."""
+    latents, generated = predict_latents(tokenizer, tokenizer_params, dynamics, dynamics_params, context_frames,
+                                         actions, horizon, steps, seed, tasks)
+    return decode_after_context(tokenizer, tokenizer_params, latents, generated)
 
 
 def write_comparison_gif(path: str | Path, real: Tensor, imagined: Tensor, fps: int = 8) -> Path:
