@@ -370,7 +370,8 @@ def phases_section(config: str, ctx: Context) -> dict[str, Any]:
     def imagination() -> None:
         agent = refresh_agent_frozen(states["agent"], states["world_model"])
         states["agent"], _ = imagination_step(agent, im_batch, generator, model=models.dynamics,
-                                              heads=models.heads, opt=cfg.optim.agent, cfg=cfg.imagination)
+                                              heads=models.heads, opt=cfg.optim.agent, cfg=cfg.imagination,
+                                              window=cfg.replay.seq_len)
 
     def whole_step() -> None:
         nonlocal loop_states

@@ -53,6 +53,11 @@ class TransformerConfig:
             (self.d_model // self.n_heads) % 2 == 0,
             f"TransformerConfig head_dim = d_model / n_heads = {self.d_model // self.n_heads} must be even (RoPE)",
         )
+        _require(
+            self.n_layers >= self.time_every,
+            f"TransformerConfig.n_layers={self.n_layers} < time_every={self.time_every} leaves no layer attending "
+            "across time (a model blind to its history): lower time_every or add layers",
+        )
         _require(self.mlp_ratio > 0, f"TransformerConfig.mlp_ratio must be > 0, got {self.mlp_ratio}")
         _require(
             self.logit_cap is None or self.logit_cap > 0,

@@ -111,6 +111,10 @@ class DynamicsConfig:
         if self.forcing == "teacher" and self.clean_context_fraction > 0.0:
             raise ValueError(f"DynamicsConfig.clean_context_fraction={self.clean_context_fraction} applies to "
                              "forcing='diffusion' only: forcing='teacher' gives every sequence a clean history")
+        if self.context_signal <= 0.0:
+            raise ValueError(f"DynamicsConfig.context_noise={self.context_noise} on the signal grid of k_max="
+                             f"{self.k_max} leaves the context at signal {self.context_signal} (pure noise): use "
+                             "k_max >= 2 or context_noise=0")
         if self.context_noise == 0.0 and self.clean_context_fraction == 0.0 and self.forcing == "diffusion":
             raise ValueError("DynamicsConfig.context_noise=0.0 puts the context at tau = 1, a level training samples "
                              "only in clean-history rows, but clean_context_fraction=0.0: set clean_context_fraction "

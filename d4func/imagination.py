@@ -28,7 +28,7 @@ from d4func.functional import apply
 from d4func.heads import AgentHeads, policy_dist, reward_dist
 from d4func.objectives import add_noise, sample_noise
 from d4func.sampler import Frames, WorldModelFn, denoise_frame
-from d4func.transformer import empty_cache
+from d4func.transformer import empty_cache, keep_last_steps
 
 __all__ = [
     "ImaginationConfig",
@@ -377,6 +377,11 @@ def commit_frames(
     return agent_out, cache
 
 
+def _slide(cache: TensorDict, window: int | None) -> TensorDict:
+    """The cache the next imagined frame is generated beside: at most `window - 1` frames (all when None)."""
+    return cache if window is None else keep_last_steps(cache, window - 1)
+
+
 def imagine(
     model: Dynamics,
     heads: AgentHeads,
@@ -390,6 +395,7 @@ def imagine(
     tasks: Tensor | None = None,
     context_action_mask: Tensor | None = None,
     greedy: bool = False,
+    window: int | None = None,
 ) -> Rollout:
     """Roll the policy out for `horizon` steps inside the world model, one rollout per context (paper Sec. 3.4).
 
@@ -397,7 +403,10 @@ def imagine(
     context_actions: their actions in TorchRL's convention (`[B, T0, A]` float or `[B, T0]` long, action t taken
     after frame t; the last one is not used, the policy replaces it), or None for none known;
     context_action_mask `[B, T0]` optionally marks unknown ones. steps: K denoising steps per frame (default
-    `cfg.sampling_steps`). greedy: act with the policy's mode instead of sampling (evaluation).
+    `cfg.sampling_steps`). greedy: act with the policy's mode instead of sampling (evaluation). window: the most
+    frames the world model attends to at once, the length of its training rows (`replay.seq_len`), as the acting
+    policy keeps it (`train.acting`); None attends to the whole rollout. Without it, a context of T0 frames and a
+    horizon H put the last imagined frames H + T0 - seq_len steps beyond any time distance training showed.
 
     Which agent output the policy reads: the one from the call that *commits* a frame at tau_ctx (`commit_frames`),
     not the last denoising call (where the frame is still at signal 1 - 1/K). That is the frame as the world model
@@ -412,6 +421,8 @@ def imagine(
     cfg = model.cfg
     if horizon < 1:
         raise ValueError(f"horizon must be >= 1, got {horizon}")
+    if window is not None and window < 2:
+        raise ValueError(f"window must be >= 2 frames (a history and the frame being generated), got {window}")
     steps = cfg.sampling_steps if steps is None else steps
     if steps < 1 or steps & (steps - 1) or steps > cfg.k_max:
         raise ValueError(f"steps must be a power of two in [1, k_max={cfg.k_max}], got {steps}")
@@ -435,6 +446,7 @@ def imagine(
         model_fn = world_model_fn(model, params["dynamics"], tasks)
         agent, cache = commit_frames(model_fn, cfg, context, actions_in, mask_in, empty_cache(batch, device),
                                      generator)
+        cache = _slide(cache, window)
         h = agent[:, -1]
         nothing_pending = Frames(context[:, :0], torch.zeros(batch, 0, device=device),
                                  torch.zeros(batch, 0, device=device), None, None)
@@ -447,6 +459,7 @@ def imagine(
             frame, _, cache = denoise_frame(model_fn, nothing_pending, cache, into, known, generator, steps,
                                             cfg.noise_scale)
             agent, cache = commit_frames(model_fn, cfg, frame[:, None], into, known, cache, generator)
+            cache = _slide(cache, window)
             h = agent[:, 0]
             features.append(h)
             actions.append(action)

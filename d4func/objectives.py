@@ -302,6 +302,6 @@ def shortcut_forcing_loss(
         "flow_mse": (per_frame * is_flow).sum().detach() / flow_frames,
         "bootstrap_mse": (per_frame * is_boot).sum().detach() / boot_frames,
         "flow_fraction": is_flow.sum() / (is_flow.sum() + is_boot.sum()).clamp(min=1),
-        "clean_mse": (x_hat - z_clean).square().mean().detach(),
+        "clean_mse": counted_mean((x_hat - z_clean).square().mean(dim=(-2, -1)), counted).detach(),
     }
     return loss, metrics, x_hat

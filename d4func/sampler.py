@@ -44,6 +44,9 @@ class Frames(NamedTuple):
 
     def cat(self, other: Frames) -> Frames:
         def join(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+            if (a is None) != (b is None):
+                raise ValueError("Frames.cat: one side has actions (or an action mask) and the other has none; "
+                                 "give both or neither, so no frame's action is silently dropped")
             return None if a is None else torch.cat([a, b], dim=1)
 
         return Frames(*(join(a, b) for a, b in zip(self, other, strict=True)))

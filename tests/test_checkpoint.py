@@ -79,7 +79,7 @@ def test_tensordicts_round_trip_bitwise(tmp_path_factory, tree) -> None:
 
 
 def test_payload_primitives_config_and_batch_sizes(tmp_path) -> None:
-    cfg = DynamicsConfig(transformer=TransformerConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2),
+    cfg = DynamicsConfig(transformer=TransformerConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, time_every=2),
                          latent_tokens=8, action_dim=3)
     state = TensorDict({"params": {"w": torch.randn(4, 3)}, "loss_rms": torch.ones(2),
                         "step": torch.tensor(7)}, [])

@@ -29,7 +29,7 @@ from d4func.objectives import (
     velocity_from_x,
     x_from_velocity,
 )
-from d4func.sampler import generate
+from d4func.sampler import Frames, generate
 from d4func.train.dynamics_step import denoiser
 from d4func.train.run_config import load_run_config
 
@@ -237,6 +237,8 @@ def test_teacher_forced_loss_sees_only_the_target_frame(loss_weight):
     expected = (frame_weight(tau, loss_weight) * z.square().mean(dim=(-2, -1)) * counted).sum() / 3
     torch.testing.assert_close(loss, expected)
     assert metrics["flow_fraction"] == 1.0  # bootstrap_fraction 0: every target is a flow frame
+    # The prediction is 0 everywhere, so clean_mse is the counted frames' mean square of z, not all frames'.
+    torch.testing.assert_close(metrics["clean_mse"], (z.square().mean(dim=(-2, -1)) * counted).sum() / 3)
     with pytest.raises(ValueError, match="loss_weight must be one of .*got 'ramped'"):
         frame_weight(tau, "ramped")
     torch.testing.assert_close(frame_weight(tau, "ramp"), ramp_weight(tau))
@@ -438,7 +440,7 @@ def test_previous_frame_skip_in_the_cache_follows_resets_and_windows():
 
 
 def test_one_step_sampler_makes_one_model_call_per_frame():
-    cfg, model, params = make(k_max=1, steps=1)
+    cfg, model, params = make(k_max=2, steps=1)
     z, _, _, actions = inputs(cfg, steps=6)
     calls = []
 
@@ -467,10 +469,15 @@ def test_the_context_level_is_one_that_training_samples(k_exp, noise):
     # A nonzero context noise never rounds to tau = 1 (which flow training never draws: tau <= 1 - d_min), and
     # stays on the d_min grid, the levels whose signal embeddings training reaches.
     k_max = 2**k_exp
+    expected = 1 - max(1, round(noise * k_max)) / k_max
+    if expected <= 0:  # no signal left in the context: refused (test_a_context_with_no_signal_left_is_refused)
+        with pytest.raises(ValueError, match="pure noise"):
+            DynamicsConfig(k_max=k_max, sampling_steps=1, context_noise=noise, action_dim=1)
+        return
     cfg = DynamicsConfig(k_max=k_max, sampling_steps=1, context_noise=noise, action_dim=1)
     levels = {i / k_max for i in range(k_max)}  # sample_signal_levels at d = d_min: {0, ..., 1 - d_min}
     assert cfg.context_signal in levels
-    assert cfg.context_signal == pytest.approx(1 - max(1, round(noise * k_max)) / k_max)
+    assert cfg.context_signal == pytest.approx(expected)
 
 
 def test_reach_and_debug_configs_keep_their_context_on_the_trained_grid():
@@ -484,3 +491,19 @@ def test_a_clean_context_needs_clean_history_rows():
         DynamicsConfig(context_noise=0.0, action_dim=1)
     cfg = DynamicsConfig(context_noise=0.0, clean_context_fraction=0.5, action_dim=1)
     assert cfg.context_signal == 1.0  # trained in the clean-history rows
+
+
+def test_a_context_with_no_signal_left_is_refused():
+    # k_max = 1: the only signal level is 0, so tau_ctx's one grid step leaves the context pure noise.
+    with pytest.raises(ValueError, match="context_noise=0.1 on the signal grid of k_max=1 .*signal 0.0"):
+        DynamicsConfig(k_max=1, sampling_steps=1, action_dim=1)
+    assert DynamicsConfig(k_max=2, sampling_steps=1, action_dim=1).context_signal == 0.5
+
+
+def test_joining_frames_with_and_without_actions_is_refused():
+    with_actions = Frames(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 1, 1),
+                          torch.ones(1, 1, dtype=torch.bool))
+    without = Frames(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1), torch.zeros(1, 1), None, None)
+    assert with_actions.cat(with_actions).count == 2 and without.cat(without).count == 2
+    with pytest.raises(ValueError, match="Frames.cat: one side has actions"):
+        with_actions.cat(without)

@@ -177,7 +177,9 @@ def test_config_errors_name_the_field_and_overrides_apply(tmp_path):
         TransformerConfig(d_model=100, n_heads=8)
     path = tmp_path / "t.yaml"
     path.write_text("d_model: 64\nn_heads: 4\nn_kv_heads: 2\n")
-    cfg = load_config(TransformerConfig, str(path), ["n_layers=2"])
-    assert (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.n_layers) == (64, 4, 2, 2)
+    cfg = load_config(TransformerConfig, str(path), ["n_layers=2", "time_every=2"])
+    assert (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.n_layers, cfg.time_every) == (64, 4, 2, 2, 2)
+    with pytest.raises(ValueError, match="n_layers=2 < time_every=4"):
+        load_config(TransformerConfig, str(path), ["n_layers=2"])
     with pytest.raises(ValueError, match="n_kv_heads=3"):
         load_config(TransformerConfig, str(path), ["n_kv_heads=3"])

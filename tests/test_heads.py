@@ -104,7 +104,7 @@ def test_params_are_one_tree_with_disjoint_heads_and_no_buffers():
 
 
 def test_for_dynamics_matches_the_world_model():
-    dyn = DynamicsConfig(transformer=TransformerConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=4),
+    dyn = DynamicsConfig(transformer=TransformerConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, time_every=2),
                          latent_tokens=4, latent_dim=4, n_agent_tokens=3, n_actions=7)
     cfg = HeadsConfig.for_dynamics(dyn, hidden=8)
     assert (cfg.d_model, cfg.n_agent_tokens, cfg.n_actions, cfg.action_dim, cfg.hidden) == (32, 3, 7, 0, 8)

@@ -267,6 +267,31 @@ def test_rollout_actions_come_from_the_policy_and_drive_the_world_model():
     assert (rollout.actions[..., 0] > 0.5).all() and (rollout.actions[..., 1] < -0.5).all()
 
 
+def test_rollout_window_forgets_frames_beyond_it_and_a_wide_window_changes_nothing():
+    model, heads, params = make(True)
+    batch = toy_batch(True, 3, 4, torch.Generator().manual_seed(0))
+    bias = torch.full((N_DISC,), -30.0)
+    bias[2] = 30.0
+    params = _biased_policy(params, heads, bias)  # greedy: the same action whatever the frames
+
+    def roll(context, window):
+        return imagine(model, heads, params, context, batch["actions"], torch.Generator().manual_seed(3), horizon=5,
+                       greedy=True, window=window)
+
+    changed = batch["latents"].clone()
+    changed[:, 0] += 1.0
+    unbounded = roll(batch["latents"], None)
+    torch.testing.assert_close(roll(batch["latents"], 4 + 5).latents, unbounded.latents)
+    assert not torch.allclose(roll(changed, None).latents, unbounded.latents)
+    # With a window of 3 frames the first imagined frame already reads only context frames 2 and 3.
+    narrow, narrow_changed = roll(batch["latents"], 3), roll(changed, 3)
+    torch.testing.assert_close(narrow_changed.latents, narrow.latents)
+    torch.testing.assert_close(narrow_changed.rewards, narrow.rewards)
+    assert not torch.allclose(narrow.latents, unbounded.latents)
+    with pytest.raises(ValueError, match="window must be >= 2"):
+        roll(batch["latents"], 1)
+
+
 def test_imagination_gradients_reach_only_policy_and_value():
     model, heads, params = make(True, mtp=2)
     batch = toy_batch(True, 3, 3, torch.Generator().manual_seed(0))

@@ -21,6 +21,7 @@ from d4func.data.offline import (
 )
 from d4func.data.replay import StaleReplayPositionWarning, make_replay, save_replay
 from d4func.envs.crafter_env import make_crafter_env
+from d4func.train.checkpoint import replay_position, restore_replay_position
 
 torch.set_num_threads(1)
 
@@ -181,6 +182,26 @@ def test_reopen_from_disk_and_keep_writing(tmp_path):
     _assert_slices_within_episodes(again.sample(), {0: a, 1: b}, 3)
     with pytest.raises(ValueError, match="capacity"):
         make_replay(50, 3, 4, path=tmp_path / "rb")
+
+
+def test_rewinding_a_sampled_buffer_samples_only_what_is_left():
+    # The loop rewinds a live buffer (after a NaN; after frames written only for a GIF). The sampler's episode
+    # index must forget the slots past the new end, or it draws them (or indexes out of bounds).
+    a, b = _episode(0, 20, 0), _episode(1, 20, 100)
+    rb = make_replay(100, 6, 8, seed=0)
+    rb.extend(a)
+    rb.sample()
+    position = replay_position(rb)
+    rb.extend(b)
+    assert set(rb.sample()[TRAJ].unique().tolist()) == {0, 1}
+    restore_replay_position(rb, position)
+    assert len(rb) == 20
+    for _ in range(5):
+        rows = rb.sample()
+        assert rows["uid"].max() < 20
+        _assert_slices_within_episodes(rows, {0: a}, 6)
+    rb.extend(b)  # writing again after the rewind lands b where it was
+    assert torch.equal(rb[:40]["uid"], torch.cat([a["uid"], b["uid"]]))
 
 
 def test_reopening_a_buffer_whose_position_is_kept_elsewhere_warns(tmp_path):

@@ -249,14 +249,16 @@ def imagination_step(
     opt: AdamWConfig,
     cfg: ImaginationConfig = ImaginationConfig(),  # noqa: B008 (frozen dataclass: immutable default)
     grad_fn: Callable[..., Any] = grad_and_value,
+    window: int | None = None,
 ) -> tuple[TensorDictBase, dict[str, Tensor]]:
     """One phase-3 update: imagine one rollout per replay context (batch "latents" `[B, T0, S, Dz]`, "actions" in
     TorchRL's convention, optional "tasks"), then a PMPO + value step on the policy and value heads only. The slow
     value target is the EMA of the value params (decay `cfg.slow_decay`). `grad_fn` as in `agent_finetune_step`:
-    under data parallelism each rank imagines from its own contexts with its own generator."""
+    under data parallelism each rank imagines from its own contexts with its own generator. `window`: the frames the
+    world model attends to while imagining (`imagine`; the loop passes `replay.seq_len`)."""
     get = batch.get
     rollout = imagine(model, heads, imagination_params(state), batch["latents"], get("actions", None), generator,
-                      horizon=cfg.horizon, steps=cfg.sampling_steps, tasks=get("tasks", None))
+                      horizon=cfg.horizon, steps=cfg.sampling_steps, tasks=get("tasks", None), window=window)
     frozen = state["frozen"]
 
     def loss_fn(trainable: TensorDictBase) -> tuple[Tensor, dict[str, Tensor]]:

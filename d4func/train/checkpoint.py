@@ -265,12 +265,18 @@ def replay_position(rb: Any) -> dict[str, Any]:
 
 
 def restore_replay_position(rb: Any, position: Mapping[str, Any]) -> None:
-    """Set a reopened buffer's length, write cursor and sampler RNG to those of `replay_position` (in place)."""
+    """Set a buffer's length, write cursor and sampler RNG to those of `replay_position` (in place): a reopened one
+    on resume, or a live one rewound (after a NaN, or past frames written only to draw a GIF)."""
     capacity = rb._storage.max_size
     if position["len"] > capacity:
         raise ValueError(f"checkpointed replay length {position['len']} exceeds this buffer's capacity {capacity}")
     rb._storage._len = int(position["len"])  # TorchRL has no public setter; this is what storage.loads does
     rb._writer.load_state_dict(dict(position["writer"]))
+    # SliceSampler(fragmented=True) keeps an index of where each episode's steps sit, updated on writes only: a
+    # buffer sampled before this rewind would still draw slots past the new end. Rebuilt on the next sample.
+    forget_episode_index = getattr(rb._sampler, "_empty", None)
+    if forget_episode_index is not None:
+        forget_episode_index()
     if position["rng"] is not None:
         if getattr(rb, "_rng", None) is None:
             rb.set_rng(torch.Generator())

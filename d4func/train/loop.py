@@ -167,7 +167,7 @@ def gradient_step(
         im_batch = {"latents": latents[:, :context], "actions": batch["actions"][:, :context]}
         states["agent"], im = in_phase("agent", imagination_step)(agent, im_batch, generator, model=models.dynamics,
                                                heads=models.heads, opt=cfg.optim.agent, cfg=cfg.imagination,
-                                                                        grad_fn=grad_fn)
+                                                                        grad_fn=grad_fn, window=cfg.replay.seq_len)
         metrics.update({f"agent/{k}": float(v) for k, v in im.items()})
     return states, metrics
 

@@ -48,7 +48,7 @@ class EnvConfig:
 @dataclass(frozen=True)
 class ReplayConfig:
     capacity: int = 100_000
-    seq_len: int = 16  # T of a training row; also the acting context window
+    seq_len: int = 16  # T of a training row; also the window the acting policy and imagination attend to
     batch_size: int = 16
     context_len: int = 4  # T0: replay frames that start an imagined rollout
 
