@@ -2,7 +2,7 @@
 
     d4func train --config experiments/configs/dmc_cartpole.yaml [key.sub=value ...]
     d4func eval --checkpoint runs/dmc_cartpole [--episodes 5]
-    d4func collect --env dmc:cartpole-swingup --out data/cartpole --steps 5000 [--seed 0]
+    d4func collect --env dmc:cartpole-swingup --out data/cartpole --steps 5000 --action-repeat 4 [--seed 0]
 
 Exit codes: 0 done; 2 a config or input error (bad key or value, missing file, a dataset or env that does not fit
 the models), printed as one line; 3 training stopped on a NaN / inf, with the last good state saved (one line
@@ -40,7 +40,7 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from d4func.envs.registry import make_env
     from d4func.train import checkpoint
-    from d4func.train.loop import build_models, make_eval_policy, run_episodes
+    from d4func.train.loop import build_models, make_eval_policy, run_env_name, run_episodes
     from d4func.train.run_config import RunConfig
 
     path = Path(args.checkpoint)
@@ -49,11 +49,12 @@ def _eval(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no checkpoint (ckpt-*.pt) in {str(path)!r}")
     loaded = checkpoint.load_checkpoint(ckpt_path)
     cfg = checkpoint.config_from_dict(RunConfig, loaded.payload["config"])
-    env = make_env(args.env or cfg.env.name, seed=args.seed, image_size=cfg.env.image_size,
-                   action_repeat=cfg.env.action_repeat)
+    # As the run's own evaluations: its env (an offline run's dataset's), episode length and cap, greedy or not.
+    env = make_env(args.env or run_env_name(cfg), seed=args.seed, image_size=cfg.env.image_size,
+                   action_repeat=cfg.env.action_repeat, max_episode_steps=cfg.env.max_episode_steps)
     models = build_models(cfg)
     policy = make_eval_policy(cfg, models, dict(loaded.payload["states"]), env.action_spec)
-    result = run_episodes(env, policy, args.episodes)
+    result = run_episodes(env, policy, args.episodes, cfg.env.eval_max_steps)
     print(json.dumps({"checkpoint": str(ckpt_path), "step": loaded.step, **result}, indent=2))
     return 0
 
@@ -80,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
 
-    evaluate = commands.add_parser("eval", help="greedy evaluation episodes of a checkpoint")
+    evaluate = commands.add_parser("eval", help="evaluation episodes of a checkpoint, as the run evaluates (greedy "
+                                   "unless it set loop.eval_greedy=false; its env, episode length and step cap)")
     evaluate.add_argument("--checkpoint", required=True, help="a run directory or a ckpt-*.pt file")
     evaluate.add_argument("--episodes", type=int, default=5)
     evaluate.add_argument("--seed", type=int, default=12345)

@@ -63,7 +63,7 @@ from d4func.imagination import commit_frames, world_model_fn
 from d4func.tokenizer import Tokenizer, decode, encode
 from d4func.tokenizer_loss import psnr
 from d4func.train import checkpoint
-from d4func.train.loop import build_models
+from d4func.train.loop import build_models, run_env_name
 from d4func.train.run_config import RunConfig
 from d4func.train.video import decode_after_context, predict_frames, predict_latents, write_comparison_gif
 from d4func.transformer import empty_cache
@@ -126,17 +126,11 @@ def load_run(run_dir: str | Path) -> LoadedRun:
 
 
 def _env_name(cfg: RunConfig) -> str:
-    """The env the world model was trained on: an offline run's dataset names it (the loop evaluates on that one)."""
-    if cfg.loop.mode == "offline" and cfg.loop.offline_data:
-        from d4func.data.offline import read_metadata
-
-        try:
-            name = (read_metadata(cfg.loop.offline_data).get("env_config") or {}).get("name")
-        except (FileNotFoundError, ValueError):
-            name = None
-        if name:
-            return name
-    return cfg.env.name
+    """The env the world model was trained on (`run_env_name`); the run's `env.name` if its dataset has moved."""
+    try:
+        return run_env_name(cfg)
+    except (FileNotFoundError, ValueError):
+        return cfg.env.name
 
 
 def held_out_env(cfg: RunConfig, env_name: str, seed: int):

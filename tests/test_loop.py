@@ -60,16 +60,26 @@ def test_online_loop_on_dmc_writes_checkpoint_logs_gif_and_resumes(tmp_path):
 
 def test_online_loop_on_crafter(tmp_path):
     # Episodes of at most 60 steps: 200 env steps end several (a random player rarely dies that soon).
-    cfg = load_run_config(DEBUG, [f"run_dir={tmp_path}", *SHORT, "env.name=crafter", "env.eval_episodes=0",
-                                  "env.max_episode_steps=60",
-                                  "dynamics.action_dim=0", "dynamics.n_actions=17", "heads.action_dim=0",
-                                  "heads.n_actions=17"])
+    overrides = [f"run_dir={tmp_path}", *SHORT, "env.name=crafter", "env.eval_episodes=0",
+                 "env.max_episode_steps=60", "dynamics.action_dim=0", "dynamics.n_actions=17", "heads.action_dim=0",
+                 "heads.n_actions=17"]
+    cfg = load_run_config(DEBUG, overrides)
     summary = train(cfg, progress=False)
     assert summary["env_steps"] == 200 and summary["grad_steps"] == 10
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     episodes = [row for row in rows if "episode/return" in row]
     assert len(episodes) >= 3
     assert all("episode/achievements" in row and "episode/crafter_score" in row for row in episodes)
+    # Crafter cannot save an episode mid-way, but a resume keeps every finished episode's achievements, so the
+    # logged score stays one over all training episodes.
+    saved = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(tmp_path)).payload
+    assert len(saved["online"]["episode"]["achievements"]) == len(episodes)
+    resumed = train(load_run_config(DEBUG, [*overrides, "loop.env_steps=300"]), progress=False)
+    assert resumed["env_steps"] == 300
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    episodes = [row for row in rows if "episode/return" in row]
+    saved = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(tmp_path)).payload
+    assert len(saved["online"]["episode"]["achievements"]) == len(episodes) > 3
 
 
 def _collect_cartpole(data, steps: int):
@@ -363,6 +373,9 @@ def test_a_dataset_that_does_not_fit_the_models_is_named(tmp_path, cartpole_data
     with pytest.raises(ValueError, match=rf"dataset {cartpole_data} holds continuous actions.*n_actions=17"):
         train(load_run_config(DEBUG, [*common, "dynamics.action_dim=0", "dynamics.n_actions=17",
                                       "heads.action_dim=0", "heads.n_actions=17"]), progress=False)
+    # Recorded at action repeat 4: evaluating at 2 would score the agent in dynamics it never saw.
+    with pytest.raises(ValueError, match=r"recorded at action_repeat=4 but env.action_repeat=2"):
+        train(load_run_config(DEBUG, [*common, "env.action_repeat=2"]), progress=False)
 
 
 def test_online_loop_with_two_cameras(tmp_path):

@@ -57,7 +57,9 @@ def supports_counterfactuals(env: EnvBase) -> bool:
 
 def snapshot_env(env: EnvBase) -> Any:
     """The env's state mid-episode, for `restore_env`; raises for an env that cannot restore one. On DMControl:
-    the physics state, its time and the episode's step count (which the task's time limit reads)."""
+    the physics state, its time, the solver's warm start (the next step's constraint solve starts from it, so
+    without it a restored contact-rich state drifts from the original at round-off level) and the episode's step
+    count (which the task's time limit reads)."""
     if supports_resume_state(env):
         return get_env_state(env)
     physics = _physics(env)
@@ -66,6 +68,7 @@ def snapshot_env(env: EnvBase) -> Any:
                         "dm_control physics): counterfactual rollouts need one")
     control = _control_env(env)
     return {"state": physics.get_state().copy(), "time": float(physics.data.time),
+            "warmstart": physics.data.qacc_warmstart.copy(),
             "step_count": None if control is None else control._step_count}
 
 
@@ -78,10 +81,14 @@ def restore_env(env: EnvBase, snapshot: Any) -> None:
         raise TypeError(f"{type(env).__name__} cannot restore a state mid-episode")
     with physics.reset_context():  # recomputes derived quantities (positions, contacts) from the state
         physics.set_state(snapshot["state"])
-    physics.data.time = snapshot["time"]  # reset_context zeroes it
+    physics.data.time = snapshot["time"]  # reset_context zeroes it, and the warm start
+    physics.data.qacc_warmstart[:] = snapshot["warmstart"]
     control = _control_env(env)
     if control is not None and snapshot["step_count"] is not None:
         control._step_count = snapshot["step_count"]
+        # An episode that ended after the snapshot leaves dm_control set to reset on its next step: the snapshot
+        # was taken mid-episode, so the next step continues it.
+        control._reset_next_step = False
 
 
 def _step(env: EnvBase, td: TensorDictBase, action: Tensor) -> tuple[TensorDictBase, Tensor, bool]:

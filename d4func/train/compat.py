@@ -155,6 +155,13 @@ def check_dataset_fits(cfg: RunConfig, metadata: Mapping[str, Any], path: str) -
     entries = metadata.get("entries", {})
     if "pixels" not in entries or "action" not in entries:
         raise ValueError(f"dataset {path} has no 'pixels' or 'action' entry (has {sorted(entries)})")
+    recorded = metadata.get("env_config") or {}
+    repeat = recorded.get("action_repeat")
+    if recorded.get("kind") == "dmc" and repeat is not None and repeat != cfg.env.action_repeat:
+        # Evaluation and held-out clips are played in a fresh env at env.action_repeat: another repeat than the
+        # data's would score the agent in dynamics (and per-step rewards) it never saw.
+        raise ValueError(f"dataset {path} was recorded at action_repeat={repeat} but env.action_repeat="
+                         f"{cfg.env.action_repeat}: set env.action_repeat={repeat} or record it again")
     pixels = tuple(entries["pixels"]["shape"])
     if pixels != _frame_shape(cfg):
         raise ValueError(f"dataset {path} holds {_frames_message(pixels, cfg)}")

@@ -267,6 +267,18 @@ def crafter_score_of(episode_achievements: list[Tensor]) -> float:
     return crafter_score(achievement_success_rates(torch.stack(episode_achievements)))
 
 
+def run_env_name(cfg: RunConfig) -> str:
+    """The env a run acts and is evaluated in: an offline run's dataset names it (`env_config` in its metadata),
+    otherwise `env.name`."""
+    if cfg.loop.mode == "offline" and cfg.loop.offline_data:
+        from d4func.data.offline import read_metadata
+
+        name = (read_metadata(cfg.loop.offline_data).get("env_config") or {}).get("name")
+        if name:
+            return name
+    return cfg.env.name
+
+
 def eval_env_seed(seed: int) -> int:
     """The evaluation env's seed for a run seeded `seed`: apart from the training env's, and the same at every
     evaluation (the scripts that add baselines on the same starting states use it too)."""
@@ -647,12 +659,17 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
     episode = {"return": 0.0, "last_return": float("nan"), "achievements": [], "id_offset": counters["next_traj_id"]}
     saved_replay = resuming
     exact = supports_resume_state(env)
-    if exact and payload is not None and "online" in payload:
-        restore_collector_state(collector, payload["online"])  # continue the interrupted episode, not a fresh one
-        episode.update({k: payload["online"]["episode"][k] for k in ("return", "last_return", "id_offset")})
+    if payload is not None and "online" in payload:
+        if exact:
+            restore_collector_state(collector, payload["online"])  # continue the interrupted episode, not a new one
+            episode.update({k: payload["online"]["episode"][k] for k in ("return", "last_return", "id_offset")})
         episode["achievements"] = list(payload["online"]["episode"]["achievements"])
     if exact:
         trainer.online_state = lambda: {**collector_state(collector), "episode": dict(episode)}
+    else:
+        # The interrupted episode is lost (the env cannot save it), but not the finished ones' achievements:
+        # `episode/crafter_score` stays a score over every training episode across a resume.
+        trainer.online_state = lambda: {"episode": {"achievements": list(episode["achievements"])}}
     next_eval = (counters["env_steps"] // cfg.loop.eval_every + 1) * cfg.loop.eval_every
     next_ckpt = (counters["env_steps"] // cfg.loop.checkpoint_every + 1) * cfg.loop.checkpoint_every
     next_gif = (counters["env_steps"] // cfg.loop.gif_every + 1) * cfg.loop.gif_every
@@ -759,7 +776,7 @@ def train_offline(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo 
         from d4func.envs.registry import make_env
 
         eval_env = make_env(env_name, seed=eval_env_seed(cfg.seed), image_size=cfg.env.image_size,
-                            action_repeat=cfg.env.action_repeat)
+                            action_repeat=cfg.env.action_repeat, max_episode_steps=cfg.env.max_episode_steps)
         check_env_fits(cfg, eval_env, f"{env_name} (the env of dataset {cfg.loop.offline_data})")
     bar = tqdm(total=cfg.loop.offline_steps, initial=counters["grad_steps"], desc="gradient steps",
                disable=not progress)
