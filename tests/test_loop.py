@@ -3,6 +3,7 @@ dataset, resume, the acting policy inside TorchRL collectors, and config errors 
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -440,3 +441,96 @@ def test_online_loop_with_noise_scale_and_previous_frame_skip(tmp_path):
     assert saved["noise_scale"] == 0.3 and saved["previous_frame_skip"] is True
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(row["world_model/loss"]) for row in rows if "world_model/loss" in row)
+
+
+def _interrupting(real, on_call: int, generator_arg: int | None = None):
+    """`real`, except that call number `on_call` raises KeyboardInterrupt (Ctrl-C), after drawing from the
+    generator among its positional arguments when `generator_arg` says which one (as a step that had begun)."""
+    calls = {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == on_call:
+            if generator_arg is not None:
+                torch.rand(3, generator=args[generator_arg])
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    return wrapped
+
+
+def _final_payload(run_dir) -> dict:
+    return checkpoint.load_checkpoint(checkpoint.latest_checkpoint(run_dir)).payload
+
+
+def _train_rows(run_dir) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if "world_model/loss" in row or "episode/return" in row]
+
+
+def test_ctrl_c_inside_an_offline_step_resumes_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    # The exit save after Ctrl-C must hold the state from before the interrupted step with the replay sampler and
+    # generator from before it too: its batch had been drawn and its noise begun.
+    from d4func.train import loop
+
+    data = _collect_cartpole(tmp_path / "data", steps=40)
+    common = ["loop.mode=offline", f"loop.offline_data={data}", "loop.agent_start=2", "loop.eval_every=1000",
+              "loop.checkpoint_every=1000", "loop.gif_every=1000", "env.eval_episodes=0", "loop.log_every=1",
+              "loop.offline_steps=5"]
+    train(load_run_config(DEBUG, [f"run_dir={tmp_path / 'whole'}", *common]), progress=False)
+    real_step = loop.gradient_step
+    monkeypatch.setattr(loop, "gradient_step", _interrupting(real_step, 4, generator_arg=4))
+    assert train(load_run_config(DEBUG, [f"run_dir={tmp_path / 'split'}", *common]), progress=False)[
+        "grad_steps"] == 3
+    monkeypatch.setattr(loop, "gradient_step", real_step)
+    train(load_run_config(DEBUG, [f"run_dir={tmp_path / 'split'}", *common]), progress=False)
+    whole, split = _final_payload(tmp_path / "whole"), _final_payload(tmp_path / "split")
+    assert whole["counters"] == split["counters"]
+    assert_states_equal(whole["states"], split["states"])
+    assert _train_rows(tmp_path / "whole") == _train_rows(tmp_path / "split")
+
+
+def test_ctrl_c_in_the_middle_of_an_online_round_resumes_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    # Stopped in the second step of a round: the resume takes the round's owed steps before collecting on, as the
+    # uninterrupted run did, with the same params acting afterwards.
+    from d4func.train import loop
+
+    short = ["loop.env_steps=30", "loop.log_every=1"]
+    train(_reach_online_with_credit(tmp_path / "whole", *short), progress=False)
+    real_step = loop.gradient_step
+    monkeypatch.setattr(loop, "gradient_step", _interrupting(real_step, 6, generator_arg=4))
+    assert train(_reach_online_with_credit(tmp_path / "split", *short), progress=False)["grad_steps"] == 5
+    monkeypatch.setattr(loop, "gradient_step", real_step)
+    train(_reach_online_with_credit(tmp_path / "split", *short), progress=False)
+    whole, split = _final_payload(tmp_path / "whole"), _final_payload(tmp_path / "split")
+    assert whole["counters"] == split["counters"]
+    assert_states_equal(whole["states"], split["states"])
+    assert _train_rows(tmp_path / "whole") == _train_rows(tmp_path / "split")
+
+
+def test_ctrl_c_while_collecting_never_stitches_a_gap_into_an_episode(tmp_path, monkeypatch):
+    # Interrupted while the collector steps the env for a batch the replay never receives: the checkpoint keeps
+    # no env state, and the resumed run starts a new episode (a new id) rather than continuing the old one from
+    # an env that had moved on.
+    from d4func.train import loop
+
+    real_forward = loop.WorldModelPolicy.forward
+    monkeypatch.setattr(loop.WorldModelPolicy, "forward", _interrupting(real_forward, 18))
+    train(_reach_online_with_credit(tmp_path, "loop.env_steps=30"), progress=False)
+    saved = _final_payload(tmp_path)
+    assert saved["counters"]["env_steps"] == 15 and "env" not in saved["online"]
+    monkeypatch.setattr(loop.WorldModelPolicy, "forward", real_forward)
+    train(_reach_online_with_credit(tmp_path, "loop.env_steps=30"), progress=False)
+    replay = checkpoint.open_run_replay(tmp_path)
+    steps = replay[: len(replay)]
+    ids, counts = steps.get(("collector", "traj_ids")), steps.get("step_count").reshape(-1)
+    for traj in ids.unique():
+        mine = counts[ids == traj]
+        assert torch.equal(mine, torch.arange(int(mine[0]), int(mine[0]) + mine.numel())), (int(traj), mine)
+
+
+def test_an_online_run_dir_with_checkpoints_but_no_replay_is_refused(tmp_path):
+    train(_reach_online_with_credit(tmp_path, "loop.env_steps=20"), progress=False)
+    shutil.rmtree(tmp_path / "replay")
+    with pytest.raises(ValueError, match=r"holds checkpoints \(newest ckpt-0+20.pt\) but no replay storage"):
+        train(_reach_online_with_credit(tmp_path, "loop.env_steps=30"), progress=False)

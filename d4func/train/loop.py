@@ -380,13 +380,20 @@ class Trainer:
                 if changed:
                     warnings.warn(f"resuming {self.run_dir} with a changed config (so it will not equal an "
                                   f"uninterrupted run): {'; '.join(changed)}", stacklevel=2)
-            config_file.write_text(json.dumps(checkpoint.config_to_dict(cfg), indent=2))
+            # Atomically: a process killed mid-write must not leave a config.json that blocks every later start.
+            partial = config_file.with_name(config_file.name + ".tmp")
+            partial.write_text(json.dumps(checkpoint.config_to_dict(cfg), indent=2))
+            os.replace(partial, config_file)
         if dist_info is not None:
             torch.distributed.barrier()
         torch.manual_seed(cfg.seed)
         self.device = dist_info.device if dist_info is not None else resolve_device(cfg.device)
         self.models = build_models(cfg)
         self.states = {name: state.to(self.device) for name, state in init_states(cfg, self.models).items()}
+        if dist_info is not None:
+            # Every rank initialised the same params from cfg.seed (rank 0's are broadcast anyway); from here on the
+            # global RNG (the prefill's random actions draw from it) gets a stream of its own on each rank.
+            torch.manual_seed(self.rank_seed(cfg.seed, "global"))
         # Noise for the train steps is drawn where the batch lives (a CUDA generator for CUDA tensors); each
         # data-parallel rank draws its own stream.
         self.generator = torch.Generator(device=self.device).manual_seed(self.rank_seed(cfg.seed + 3, "train"))
@@ -513,12 +520,23 @@ class Trainer:
         metrics: dict[str, float] = {}
         finished = 0
         returned = False
+        before: dict[str, TensorDictBase] = self.states
+        rng_before: dict[str, Tensor] = {}
+        replay_before: dict[str, Any] | None = None
 
         def return_unfinished() -> None:
             nonlocal returned
             if from_credit and not returned:
                 self.counters["train_credit"] += n - finished
                 returned = True
+
+        def rewind() -> None:
+            """Back to just before the unfinished step: states, RNGs and the replay sampler (offline, a resume then
+            draws the same batch and noise again)."""
+            self.states = before
+            for name, gen in self.generators().items():
+                gen.set_state(rng_before[name])
+            checkpoint.restore_replay_position(self.replay, replay_before)
 
         try:
             for _ in range(n):
@@ -532,11 +550,8 @@ class Trainer:
                                                          self.counters["grad_steps"], agent_active, self.lpips_fn,
                                                          self.grad_fn)
                 except NonFiniteLossError as error:
-                    # Rewind the RNGs and the replay sampler too: the checkpoint then holds the state from just
-                    # before this step (offline, a resume draws the same batch and noise again).
-                    for name, gen in self.generators().items():
-                        gen.set_state(rng_before[name])
-                    checkpoint.restore_replay_position(self.replay, replay_before)
+                    rewind()
+                    replay_before = None  # rewound already
                     return_unfinished()
                     path = self.save(before)
                     raise NonFiniteLossError(
@@ -545,10 +560,15 @@ class Trainer:
                     ) from error
                 self.counters["grad_steps"] += 1
                 finished += 1
+                replay_before = None  # this step is complete: nothing to rewind
                 if self.counters["grad_steps"] % self.cfg.loop.log_every == 0:
                     self.logger.log(metrics, self.counters["env_steps"] or self.counters["grad_steps"])
-        except BaseException:
-            return_unfinished()  # before `training`'s exit save (Ctrl-C)
+        except BaseException as error:
+            # Ctrl-C or an error inside a step: `training`'s exit save then holds the state from before it, with
+            # the RNGs and the sampler that drew its batch, so a resume runs that step as it would have run.
+            if replay_before is not None and not isinstance(error, NonFiniteLossError):
+                rewind()
+            return_unfinished()
             raise
         return metrics
 
@@ -618,7 +638,14 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
     check_env_fits(cfg, env, cfg.env.name)
     rank = 0 if dist_info is None else dist_info.rank
     replay_dir = checkpoint.run_replay_dir(trainer.run_dir, rank)
-    resuming = checkpoint.latest_checkpoint(trainer.run_dir) is not None and (replay_dir / "storage").exists()
+    newest = checkpoint.latest_checkpoint(trainer.run_dir)
+    if newest is not None and not (replay_dir / "storage").exists():
+        # Starting over here would leave the old run's later checkpoints beside the new run's, and the next start
+        # would resume one of them on the new replay.
+        raise ValueError(f"{trainer.run_dir} holds checkpoints (newest {newest.name}) but no replay storage in "
+                         f"{replay_dir}: an online run resumes from both. Put the replay back, or start in a fresh "
+                         "run_dir")
+    resuming = newest is not None
     # Each rank looks at its own replay (and, on several nodes, possibly its own view of run_dir).
     dp.check_ranks_agree(resuming, f"whether {trainer.run_dir} holds a run to resume (a checkpoint and this rank's "
                                    "replay storage)")
@@ -647,6 +674,12 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
     remaining = cfg.loop.env_steps - counters["env_steps"]
     if remaining <= 0:
         return trainer.summary(started, {"note": "already trained to loop.env_steps"})
+    exact = supports_resume_state(env)
+    continues_episode = exact and payload is not None and "env" in payload.get("online", {})
+    if payload is not None and counters["env_steps"] and not continues_episode:
+        # A resume that cannot continue the interrupted episode starts new ones: seeded as at the start, the env
+        # would replay the run's first worlds (Crafter) or initial states (DMC) after every resume.
+        env.set_seed(trainer.rank_seed(cfg.seed, "env") + counters["env_steps"])
     rng_before = (torch.random.get_rng_state(), policy.generator.get_state())
     collector = Collector(env, policy, frames_per_batch=cfg.loop.collect_steps, total_frames=remaining)
     # The collector calls the policy once while it builds its buffers (torchrl 0.14). Undo that dry run, so the
@@ -658,26 +691,86 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
     bar = tqdm(total=cfg.loop.env_steps, initial=counters["env_steps"], desc="env steps", disable=not progress)
     episode = {"return": 0.0, "last_return": float("nan"), "achievements": [], "id_offset": counters["next_traj_id"]}
     saved_replay = resuming
-    exact = supports_resume_state(env)
     if payload is not None and "online" in payload:
-        if exact:
+        if continues_episode:
             restore_collector_state(collector, payload["online"])  # continue the interrupted episode, not a new one
             episode.update({k: payload["online"]["episode"][k] for k in ("return", "last_return", "id_offset")})
         episode["achievements"] = list(payload["online"]["episode"]["achievements"])
-    if exact:
-        trainer.online_state = lambda: {**collector_state(collector), "episode": dict(episode)}
-    else:
-        # The interrupted episode is lost (the env cannot save it), but not the finished ones' achievements:
-        # `episode/crafter_score` stays a score over every training episode across a resume.
-        trainer.online_state = lambda: {"episode": {"achievements": list(episode["achievements"])}}
-    next_eval = (counters["env_steps"] // cfg.loop.eval_every + 1) * cfg.loop.eval_every
-    next_ckpt = (counters["env_steps"] // cfg.loop.checkpoint_every + 1) * cfg.loop.checkpoint_every
-    next_gif = (counters["env_steps"] // cfg.loop.gif_every + 1) * cfg.loop.gif_every
+    # Whether the env, the replay and the counters agree: not while the collector is stepping the env for a batch
+    # the replay has not received. A checkpoint taken then (the exit save after Ctrl-C) keeps no collector state,
+    # and the resumed run starts a new episode instead of stitching a gap into this one.
+    at_batch_boundary = True
+
+    def online_state() -> dict[str, Any]:
+        finished = {"achievements": list(episode["achievements"])}
+        if exact and at_batch_boundary:
+            return {**collector_state(collector), "episode": {**episode, **finished}}
+        # The interrupted episode is lost (the env cannot save it, or it is mid-batch), but not the finished ones'
+        # achievements: `episode/crafter_score` stays a score over every training episode across a resume.
+        return {"episode": finished}
+
+    trainer.online_state = online_state
+
+    def batches() -> Iterator[TensorDictBase]:
+        nonlocal at_batch_boundary
+        stream = iter(collector)
+        while True:
+            at_batch_boundary = False  # the collector steps the env from here until the batch is stored
+            try:
+                batch = next(stream)
+            except StopIteration:
+                at_batch_boundary = True
+                return
+            yield batch
+
+    # A checkpoint saved mid-round (Ctrl-C, a NaN stop) owes that round's unfinished gradient steps: an
+    # uninterrupted run takes them before collecting on, and then the evaluation, GIF and checkpoint due at this
+    # step. The resumed run does the same, so it continues exactly.
+    owed = resuming and counters["env_steps"] >= cfg.loop.prefill_steps and counters["train_credit"] >= 1
+
+    def first_due(every: int) -> int:
+        due_now = owed and counters["env_steps"] % every == 0
+        return (counters["env_steps"] // every + (0 if due_now else 1)) * every
+
+    next_eval, next_ckpt, next_gif = (first_due(cfg.loop.eval_every), first_due(cfg.loop.checkpoint_every),
+                                      first_due(cfg.loop.gif_every))
     eval_result: dict[str, Any] = {}
     last_eval_step = last_gif_step = -1
     tick = time.perf_counter()
+
+    def train_and_check(n: int) -> None:
+        """The end of a round, once `n` env steps are stored: the gradient steps they pay for, then whatever
+        evaluation, GIF and checkpoint is due."""
+        nonlocal tick, next_eval, next_gif, next_ckpt, eval_result, last_eval_step, last_gif_step
+        if counters["env_steps"] >= cfg.loop.prefill_steps:
+            counters["train_credit"] += n * cfg.loop.train_ratio
+            steps = int(counters["train_credit"])
+            counters["train_credit"] -= steps
+            trainer.train_steps(steps, counters["env_steps"] >= cfg.loop.agent_start, from_credit=True)
+            policy.update_params(*acting_params(trainer.states))
+        now = time.perf_counter()
+        bar.update(n)
+        bar.set_postfix({"return": f"{episode['last_return']:.1f}", "steps/s": f"{n / max(now - tick, 1e-9):.1f}",
+                         "grad": counters["grad_steps"]})
+        tick = now
+        if counters["env_steps"] >= next_eval and counters["grad_steps"]:
+            if eval_env is not None:
+                eval_result = trainer.evaluate(eval_env, counters["env_steps"])
+            last_eval_step = counters["env_steps"]
+            next_eval += cfg.loop.eval_every
+        if counters["env_steps"] >= next_gif and counters["grad_steps"]:
+            if trainer.is_main:
+                trainer.gif(counters["env_steps"])
+            last_gif_step = counters["env_steps"]
+            next_gif += cfg.loop.gif_every
+        if counters["env_steps"] >= next_ckpt:
+            trainer.save()
+            next_ckpt += cfg.loop.checkpoint_every
+
     with trainer.training(bar, collector.shutdown):
-        for batch in collector:
+        if owed:
+            train_and_check(0)  # no new env steps: only the owed credit
+        for batch in batches():
             batch = batch.reshape(-1)
             ids = batch.get(("collector", "traj_ids")) + episode["id_offset"]
             batch.set(("collector", "traj_ids"), ids)
@@ -689,6 +782,7 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
                 saved_replay = True
             n = batch.numel()
             counters["env_steps"] += n
+            at_batch_boundary = True
             rewards = batch.get(("next", "reward")).reshape(-1)
             dones = batch.get(("next", "done")).reshape(-1)
             achievements = batch.get(("next", "achievements"), None)  # Crafter: unlocked so far this episode
@@ -705,32 +799,7 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
                         scalars["episode/crafter_score"] = crafter_score_of(episode["achievements"])
                     trainer.logger.log(scalars, counters["env_steps"])
                     episode["return"] = 0.0
-            metrics: dict[str, float] = {}
-            if counters["env_steps"] >= cfg.loop.prefill_steps:
-                counters["train_credit"] += n * cfg.loop.train_ratio
-                steps = int(counters["train_credit"])
-                counters["train_credit"] -= steps
-                metrics = trainer.train_steps(steps, counters["env_steps"] >= cfg.loop.agent_start, from_credit=True)
-                policy.update_params(*acting_params(trainer.states))
-            now = time.perf_counter()
-            bar.update(n)
-            bar.set_postfix({"return": f"{episode['last_return']:.1f}", "steps/s": f"{n / max(now - tick, 1e-9):.1f}",
-                             "grad": counters["grad_steps"]})
-            tick = now
-            if counters["env_steps"] >= next_eval and counters["grad_steps"]:
-                if eval_env is not None:
-                    eval_result = trainer.evaluate(eval_env, counters["env_steps"])
-                last_eval_step = counters["env_steps"]
-                next_eval += cfg.loop.eval_every
-            if counters["env_steps"] >= next_gif and counters["grad_steps"]:
-                if trainer.is_main:
-                    trainer.gif(counters["env_steps"])
-                last_gif_step = counters["env_steps"]
-                next_gif += cfg.loop.gif_every
-            if counters["env_steps"] >= next_ckpt:
-                trainer.save()
-                next_ckpt += cfg.loop.checkpoint_every
-            del metrics
+            train_and_check(n)
     if eval_env is not None and counters["grad_steps"] and last_eval_step != counters["env_steps"]:
         eval_result = trainer.evaluate(eval_env, counters["env_steps"])
     if trainer.is_main and counters["grad_steps"] and last_gif_step != counters["env_steps"]:
@@ -766,6 +835,9 @@ def train_offline(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo 
     check_dataset_fits(cfg, metadata, str(cfg.loop.offline_data))
     trainer.replay = load_offline(cfg.loop.offline_data, cfg.replay.seq_len, cfg.replay.batch_size,
                                   seed=trainer.rank_seed(cfg.seed + 4, "replay"))
+    # Without a shared run_dir one rank could resume while another starts over: stop instead of hanging.
+    dp.check_ranks_agree(checkpoint.latest_checkpoint(trainer.run_dir) is not None,
+                         f"whether {trainer.run_dir} holds a checkpoint to resume")
     trainer.try_resume()
     trainer.sync_states()
     counters = trainer.counters
