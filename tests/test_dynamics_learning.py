@@ -3,11 +3,13 @@
 Latents here are the frames themselves cut into 4x4 patches and scaled to [-1, 1] (48 floats per token), so the
 test measures the dynamics model and its training alone, without a tokenizer in the loop. Measured when written:
 after 400 steps (about 45 s on one CPU core) the one-step (K = 1) prediction's MSE was 0.088 against 0.116 for
-copying the last frame (76 %); the test asks for at most 90 %.
+copying the last frame (76 %); the test asks for at most 90 %. Marked slow (about 45 s) to keep the default suite
+under CI's 10 minutes; the end-to-end Reach test covers learning in the default suite.
 """
 
 import functools
 
+import pytest
 import torch
 from einops import rearrange
 
@@ -29,6 +31,7 @@ def patch_latents(frames: torch.Tensor) -> torch.Tensor:
     return rearrange(frames, "b t c (h p) (w q) -> b t (h w) (p q c)", p=4, q=4) * 2 - 1
 
 
+@pytest.mark.slow
 def test_tiny_dynamics_beats_copying_the_last_frame():
     cfg = DynamicsConfig(
         transformer=TransformerConfig(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, time_every=2, logit_cap=None),
