@@ -23,7 +23,7 @@ from torch import Tensor
 
 from d4func.dynamics import DynamicsConfig
 from d4func.objectives import add_noise, sample_noise
-from d4func.transformer import drop_last_steps, empty_cache
+from d4func.transformer import drop_last_steps, empty_cache, keep_last_steps
 
 # (z [B,T,S,Dz], tau [B,T], d [B,T], actions, action_mask, cache) -> (x_hat, agent_out, new_cache)
 WorldModelFn = Callable[..., tuple[Tensor, Tensor | None, TensorDict | None]]
@@ -104,14 +104,23 @@ def generate(
     steps: int | None = None,
     action_mask: Tensor | None = None,
     use_cache: bool = True,
+    window: int | None = None,
 ) -> Tensor:
     """Roll forward `horizon` frames after `context` latents `[B, T0, S, Dz]`.
 
     `actions` `[B, T0 + horizon, ...]` holds the action leading into every frame (context and generated), or None
     for action-free video; `action_mask` `[B, T0 + horizon]` marks known actions. Returns latents
     `[B, horizon, S, Dz]`. Decode them with the tokenizer to get pixels. `steps` defaults to
-    `cfg.sampling_steps` (K); context frames carry signal `cfg.context_signal` and step size d_min.
+    `cfg.sampling_steps` (K); context frames carry signal `cfg.context_signal` and step size d_min. `window`: the
+    most frames the model windows to at once, a sliding window over the KV cache as the acting policy and
+    `imagine` keep it (for horizons beyond the training rows' length); None windows to everything. Cached K/V of a
+    kept frame were computed when it was committed, with whatever history it saw then (the usual approximation), so
+    a window needs the cache.
     """
+    if window is not None and window < 2:
+        raise ValueError(f"window must be >= 2 frames (a history and the frame being generated), got {window}")
+    if window is not None and not use_cache:
+        raise ValueError("window needs use_cache=True: it slides over the KV cache")
     steps = cfg.sampling_steps if steps is None else steps
     if steps < 1 or steps & (steps - 1) or steps > cfg.k_max:
         raise ValueError(f"steps must be a power of two in [1, k_max={cfg.k_max}], got {steps}")
@@ -123,23 +132,27 @@ def generate(
         raise ValueError(f"actions must cover context + horizon = {context_len + horizon} steps, "
                          f"got {actions.shape[1]}")
 
-    def window(x: Tensor | None, start: int, stop: int) -> Tensor | None:
+    def span(x: Tensor | None, start: int, stop: int) -> Tensor | None:
         return None if x is None else x[:, start:stop]
 
     noise = sample_noise(context, generator, cfg.noise_scale, torch.float32)
     signal = torch.full((batch, context_len), context_signal, device=context.device)
     pending = _frames(add_noise(context, signal, noise), context_signal, context_step,
-                      window(actions, 0, context_len), window(action_mask, 0, context_len))
+                      span(actions, 0, context_len), span(action_mask, 0, context_len))
+    if window is not None and pending.count > window - 1:  # the noise was drawn for all of it: same draws
+        pending = Frames(*(None if x is None else x[:, -(window - 1):] for x in pending))
     cache = empty_cache(batch, context.device) if use_cache else None
     generated = []
     for h in range(horizon):
         t = context_len + h
-        frame, _, cache = denoise_frame(model_fn, pending, cache, window(actions, t, t + 1),
-                                        window(action_mask, t, t + 1), generator, steps, cfg.noise_scale)
+        if window is not None:
+            cache = keep_last_steps(cache, window - 1 - pending.count)
+        frame, _, cache = denoise_frame(model_fn, pending, cache, span(actions, t, t + 1),
+                                        span(action_mask, t, t + 1), generator, steps, cfg.noise_scale)
         generated.append(frame)
         noise = sample_noise(frame[:, None], generator, cfg.noise_scale, torch.float32)
         renoised = add_noise(frame[:, None], signal[:, :1], noise)
-        new = _frames(renoised, context_signal, context_step, window(actions, t, t + 1),
-                      window(action_mask, t, t + 1))
+        new = _frames(renoised, context_signal, context_step, span(actions, t, t + 1),
+                      span(action_mask, t, t + 1))
         pending = new if use_cache else pending.cat(new)
     return torch.stack(generated, dim=1)

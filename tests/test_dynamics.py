@@ -507,3 +507,35 @@ def test_joining_frames_with_and_without_actions_is_refused():
     assert with_actions.cat(with_actions).count == 2 and without.cat(without).count == 2
     with pytest.raises(ValueError, match="Frames.cat: one side has actions"):
         with_actions.cat(without)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_windowed_generation_forgets_frames_beyond_the_window(skip):
+    cfg, model, params = make(skip=skip)
+    z, _, _, actions = inputs(cfg, steps=9)
+    fn = functools.partial(apply, model, params)
+
+    def roll(context, window):
+        return generate(fn, context, actions, 5, torch.Generator().manual_seed(5), cfg, window=window)
+
+    unbounded = roll(z[:, :4], None)
+    torch.testing.assert_close(roll(z[:, :4], 9), unbounded)  # a window wider than everything changes nothing
+    changed = z[:, :4].clone()
+    changed[:, :2] += 1.0
+    assert not torch.allclose(roll(changed, None), unbounded)
+    # A window of 3: every frame is generated beside at most 2 others, so context frames 0 and 1 never enter.
+    narrow = roll(z[:, :4], 3)
+    torch.testing.assert_close(roll(changed, 3), narrow)
+    assert not torch.allclose(narrow, unbounded)
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append((args[0].shape[1], 0 if kwargs["cache"] is None else kwargs["cache"]["valid"].shape[1]))
+        return apply(model, params, *args, **kwargs)
+
+    generate(counting, z[:, :4], actions, 5, torch.Generator().manual_seed(5), cfg, steps=1, window=3)
+    assert all(new + cached <= 3 for new, cached in calls), calls
+    with pytest.raises(ValueError, match="window must be >= 2"):
+        roll(z[:, :4], 1)
+    with pytest.raises(ValueError, match="window needs use_cache=True"):
+        generate(fn, z[:, :4], actions, 5, None, cfg, use_cache=False, window=3)
