@@ -17,7 +17,7 @@ from d4func.functional import (
     template,
     tree_norm,
 )
-from d4func.optim import AdamWConfig, adamw_init, adamw_update
+from d4func.optim import AdamWConfig, adamw_init, adamw_update, clip_gradients
 from d4func.train.state import apply_gradients, new_train_state
 from d4func.transformer import BlockCausalTransformer, TokenLayout
 
@@ -168,6 +168,18 @@ def test_global_norm_clipping_and_train_state_step():
     # Adam's first step moves each coordinate by ~lr against the gradient sign, whatever the clipping.
     torch.testing.assert_close(new_state["params", "w"], torch.full((4,), -0.1), atol=1e-4, rtol=0)
     torch.testing.assert_close(new_state["ema", "w"], torch.full((4,), -0.05), atol=1e-4, rtol=0)
+
+
+def test_per_part_clipping_clips_each_top_level_entry_by_its_own_norm():
+    grads = TensorDict({"policy": TensorDict({"w": torch.full((4,), 0.1)}),  # norm 0.2: under the limit
+                        "value": TensorDict({"w": torch.full((4,), 3.0)})})  # norm 6
+    together, norm = clip_gradients(grads, AdamWConfig(max_grad_norm=1.0))
+    apart, norm_apart = clip_gradients(grads, AdamWConfig(max_grad_norm=1.0, clip_per_part=True))
+    torch.testing.assert_close(norm, norm_apart)  # the logged norm is the global one, before clipping
+    # One global norm (~6.0) scales the policy's small gradient down too; per part it is left alone.
+    assert together["policy", "w"][0] < 0.02
+    torch.testing.assert_close(apart["policy", "w"], grads["policy", "w"])
+    torch.testing.assert_close(torch.linalg.vector_norm(apart["value", "w"]), torch.tensor(1.0), atol=1e-5, rtol=0)
 
 
 def test_config_errors_name_the_field_and_overrides_apply(tmp_path):
