@@ -112,8 +112,8 @@ def generate(
     for action-free video; `action_mask` `[B, T0 + horizon]` marks known actions. Returns latents
     `[B, horizon, S, Dz]`. Decode them with the tokenizer to get pixels. `steps` defaults to
     `cfg.sampling_steps` (K); context frames carry signal `cfg.context_signal` and step size d_min. `window`: the
-    most frames the model windows to at once, a sliding window over the KV cache as the acting policy and
-    `imagine` keep it (for horizons beyond the training rows' length); None windows to everything. Cached K/V of a
+    most frames the model attends to at once, a sliding window over the KV cache as the acting policy and
+    `imagine` keep it (for horizons beyond the training rows' length); None attends to everything. Cached K/V of a
     kept frame were computed when it was committed, with whatever history it saw then (the usual approximation), so
     a window needs the cache.
     """

@@ -563,10 +563,10 @@ class Trainer:
                 replay_before = None  # this step is complete: nothing to rewind
                 if self.counters["grad_steps"] % self.cfg.loop.log_every == 0:
                     self.logger.log(metrics, self.counters["env_steps"] or self.counters["grad_steps"])
-        except BaseException as error:
+        except BaseException:
             # Ctrl-C or an error inside a step: `training`'s exit save then holds the state from before it, with
             # the RNGs and the sampler that drew its batch, so a resume runs that step as it would have run.
-            if replay_before is not None and not isinstance(error, NonFiniteLossError):
+            if replay_before is not None:
                 rewind()
             return_unfinished()
             raise
