@@ -3,6 +3,7 @@
     d4func train --config experiments/configs/dmc_cartpole.yaml [key.sub=value ...]
     d4func eval --checkpoint runs/dmc_cartpole [--episodes 5]
     d4func collect --env dmc:cartpole-swingup --out data/cartpole --steps 5000 --action-repeat 4 [--seed 0]
+    d4func import --episodes recorded/ --out data/robot [--pixels front,wrist] [--rewards-on arrival]
 
 Exit codes: 0 done; 2 a config or input error (bad key or value, missing file, a dataset or env that does not fit
 the models), printed as one line; 3 training stopped on a NaN / inf, with the last good state saved (one line
@@ -68,6 +69,28 @@ def _collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import(args: argparse.Namespace) -> int:
+    from d4func.data.import_episodes import import_npz_episodes
+
+    source = Path(args.episodes)
+    if not source.exists():
+        raise FileNotFoundError(f"{str(source)!r} does not exist")
+    files = sorted(source.glob("*.npz")) if source.is_dir() else [source]
+    if not files:
+        raise FileNotFoundError(f"no .npz files in {str(source)!r}")
+    keys = {"pixels": args.pixels.split(",") if "," in args.pixels else args.pixels, "action": args.action,
+            "reward": args.reward, "terminated": args.terminated}
+    env_config = None
+    if args.env:
+        from d4func.envs.registry import env_config as make_env_config
+
+        env_config = make_env_config(args.env, seed=0, image_size=args.image_size, action_repeat=args.action_repeat)
+    metadata = import_npz_episodes(files, args.out, keys=keys, channels_last=not args.channels_first,
+                                   rewards_on=args.rewards_on, env_config=env_config, source=args.source)
+    print(json.dumps(metadata, indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="d4func", description="Dreamer 4 in functional PyTorch",
@@ -97,6 +120,29 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--image-size", type=int, default=64)
     collect.add_argument("--action-repeat", type=int, default=2)
     collect.set_defaults(run=_collect)
+
+    imports = commands.add_parser(
+        "import", help="write recorded episodes (one .npz per episode) as an offline dataset",
+        description="Each .npz file holds one episode: frames [T, H, W, C] uint8 (or float in [0, 1]), actions "
+        "[T, A] in [-1, 1] or [T] integer indices, rewards [T], optionally a terminated flag. See "
+        "d4func.data.import_episodes for the layouts. DreamerV3 episodes: --pixels image --terminated is_terminal "
+        "--rewards-on arrival.")
+    imports.add_argument("--episodes", required=True, help="a directory of .npz files (sorted by name) or one file")
+    imports.add_argument("--out", required=True, help="dataset directory (must not exist yet)")
+    imports.add_argument("--pixels", default="pixels", help="frames array; several cameras as a,b")
+    imports.add_argument("--action", default="action", help="actions array")
+    imports.add_argument("--reward", default="reward", help="rewards array")
+    imports.add_argument("--terminated", default="terminated", help="terminal flag(s), False when absent")
+    imports.add_argument("--rewards-on", choices=["action", "arrival"], default="action",
+                         help="action: reward[t] follows action[t] (TorchRL); arrival: reward[t] came on "
+                         "arriving at frame t (DreamerV3)")
+    imports.add_argument("--channels-first", action="store_true", help="frames are [T, C, H, W]")
+    imports.add_argument("--env", default=None, help="the env the data comes from (e.g. dmc:cartpole-swingup), "
+                         "so offline runs evaluate in it; without one they only train")
+    imports.add_argument("--image-size", type=int, default=64, help="with --env: its frame size")
+    imports.add_argument("--action-repeat", type=int, default=2, help="with --env: its action repeat")
+    imports.add_argument("--source", default="imported", help="who acted (stored as the dataset's policy)")
+    imports.set_defaults(run=_import)
     return parser
 
 

@@ -31,15 +31,17 @@ from d4func.data.replay import DEFAULT_TRAJ_KEY, SequenceReplayBuffer, make_repl
 
 __all__ = [
     "DATASET_FORMAT",
+    "META_FILE",
     "UniformRandomPolicy",
     "collect",
+    "entry_specs",
     "load_offline",
     "read_metadata",
     "record_episodes",
 ]
 
 DATASET_FORMAT = "d4func-replay-v1"
-_META_FILE = "dataset.json"
+META_FILE = "dataset.json"
 
 
 class UniformRandomPolicy(TensorDictModuleBase):
@@ -78,7 +80,7 @@ class UniformRandomPolicy(TensorDictModuleBase):
         return tensordict
 
 
-def _entry_specs(data: TensorDictBase) -> dict[str, dict[str, Any]]:
+def entry_specs(data: TensorDictBase) -> dict[str, dict[str, Any]]:
     """Per-step shape and dtype of every stored entry (batch dim dropped), keyed by ``"a.b"`` paths."""
     out = {}
     for key, value in data.items(include_nested=True, leaves_only=True):
@@ -117,7 +119,7 @@ def record_episodes(
     if frames_per_batch < 1:
         raise ValueError(f"frames_per_batch must be >= 1, got {frames_per_batch}")
     path = Path(path).absolute()
-    if (path / _META_FILE).exists() or (path / "storage").exists():
+    if (path / META_FILE).exists() or (path / "storage").exists():
         raise FileExistsError(f"{path} already holds a dataset; choose a new directory")
     capacity = n_steps if n_steps is not None else max_steps
     if env_config is not None:
@@ -176,16 +178,16 @@ def record_episodes(
         "env_config": env_config,
         "traj_key": list(DEFAULT_TRAJ_KEY),
         "step_key": "step_count",
-        "entries": _entry_specs(stored.exclude("index")),
+        "entries": entry_specs(stored.exclude("index")),
         "versions": {"torch": torch.__version__, "torchrl": torchrl.__version__, "tensordict": tensordict.__version__},
     }
-    (path / _META_FILE).write_text(json.dumps(meta, indent=2))
+    (path / META_FILE).write_text(json.dumps(meta, indent=2))
     return meta
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The ``dataset.json`` of a recorded dataset; raises a clear error for anything else."""
-    meta_file = Path(path) / _META_FILE
+    meta_file = Path(path) / META_FILE
     if not meta_file.exists():
         raise FileNotFoundError(f"{path} is not a d4func dataset: {meta_file} is missing")
     meta = json.loads(meta_file.read_text())

@@ -162,6 +162,11 @@ def check_dataset_fits(cfg: RunConfig, metadata: Mapping[str, Any], path: str) -
         # data's would score the agent in dynamics (and per-step rewards) it never saw.
         raise ValueError(f"dataset {path} was recorded at action_repeat={repeat} but env.action_repeat="
                          f"{cfg.env.action_repeat}: set env.action_repeat={repeat} or record it again")
+    longest = metadata.get("longest_episode")
+    if longest is not None and cfg.replay.seq_len > longest:
+        # Sequences never cross an episode boundary, so no [B, T] slice could be drawn.
+        raise ValueError(f"dataset {path}'s longest episode has {longest} steps, fewer than replay.seq_len="
+                         f"{cfg.replay.seq_len}: lower replay.seq_len")
     pixels = tuple(entries["pixels"]["shape"])
     if pixels != _frame_shape(cfg):
         raise ValueError(f"dataset {path} holds {_frames_message(pixels, cfg)}")
@@ -172,6 +177,10 @@ def check_dataset_fits(cfg: RunConfig, metadata: Mapping[str, Any], path: str) -
             f"dataset {path} holds discrete actions ({action['dtype']}) but the config's dynamics.n_actions=0 "
             "(continuous actions)"
         )
+    largest = metadata.get("largest_discrete_action")
+    if discrete and largest is not None and largest >= cfg.dynamics.n_actions:
+        raise ValueError(f"dataset {path} holds discrete action {largest}, but dynamics.n_actions="
+                         f"{cfg.dynamics.n_actions} allows 0 .. {cfg.dynamics.n_actions - 1}")
     if not discrete:
         if cfg.dynamics.n_actions > 0:
             raise ValueError(

@@ -269,13 +269,16 @@ def crafter_score_of(episode_achievements: list[Tensor]) -> float:
 
 def run_env_name(cfg: RunConfig) -> str:
     """The env a run acts and is evaluated in: an offline run's dataset names it (`env_config` in its metadata),
-    otherwise `env.name`."""
+    otherwise `env.name`. A dataset that names none (episodes imported without `--env`) has no env to act in:
+    its run trains without evaluations, and evaluating it needs an env named explicitly (a ValueError here)."""
     if cfg.loop.mode == "offline" and cfg.loop.offline_data:
         from d4func.data.offline import read_metadata
 
         name = (read_metadata(cfg.loop.offline_data).get("env_config") or {}).get("name")
-        if name:
-            return name
+        if not name:
+            raise ValueError(f"the run's dataset {cfg.loop.offline_data} names no env to evaluate in; name one "
+                             "(d4func eval --env NAME)")
+        return name
     return cfg.env.name
 
 

@@ -1,0 +1,334 @@
+"""Import episodes recorded outside d4func (a robot's logs, another RL library's replay) as an offline dataset.
+
+Dreamer 4 is meant to learn from recorded videos and actions (paper Sec. 3-4), and most such data never passed
+through a TorchRL env. :func:`import_episodes` writes plain per-episode arrays into the same on-disk format as
+``d4func collect`` (:mod:`d4func.data.offline`), so ``loop.mode=offline`` trains on them unchanged.
+
+One episode is a mapping with
+
+- ``"pixels"``: ``[T, H, W, C]`` frames (``[T, C, H, W]`` with ``channels_last=False``), uint8 or float in
+  [0, 1]; several cameras as ``[T, V, H, W, C]`` or as a list of per-camera arrays (stacked in the given order);
+- ``"action"``: ``[T, A]`` float in [-1, 1] (continuous; ``[T]`` is read as A = 1), or ``[T]`` integer indices
+  (discrete). Rescale continuous actions to [-1, 1] first: the policy's distributions live there;
+- ``"reward"``: ``[T]``;
+- ``"terminated"`` (optional, default False): whether the episode ended in a terminal state (no bootstrapping
+  past it) rather than being cut off; a bool, or one flag per step of which only the last may be True.
+
+Time alignment, ``rewards_on``:
+
+- ``"action"`` (TorchRL's and d4func's layout): ``reward[t]`` and ``terminated[t]`` follow ``action[t]``, taken at
+  ``pixels[t]``. ``pixels`` may hold one frame more than the actions (the frame after the last action); d4func
+  stores the frame before each action only, so that last frame is dropped.
+- ``"arrival"`` (DreamerV3's layout): ``reward[t]`` and ``terminated[t]`` were received on arriving at
+  ``pixels[t]``, so ``reward[0]`` is ignored and the last frame's action has no outcome: an episode of T frames
+  gives T - 1 transitions.
+
+Frames are stored as uint8 (float frames are rounded to multiples of 1/255), as in every d4func dataset. Every
+episode must share the first one's frame shape and action kind; a bad value stops the import with a message
+naming the episode and the value.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensordict
+import torch
+import torchrl
+from einops import rearrange
+from tensordict import TensorDict
+from torch import Tensor
+
+from d4func.data.offline import DATASET_FORMAT, META_FILE, entry_specs
+from d4func.data.replay import DEFAULT_TRAJ_KEY, make_replay, save_replay
+
+__all__ = ["REWARD_ALIGNMENTS", "episode_transitions", "import_episodes", "import_npz_episodes"]
+
+REWARD_ALIGNMENTS = ("action", "arrival")
+
+
+def _as_tensor(value: Any, what: str) -> Tensor:
+    try:
+        return torch.as_tensor(np.asarray(value))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} cannot be read as an array: {e}") from e
+
+
+def _frames(pixels: Any, channels_last: bool, where: str) -> Tensor:
+    """Any accepted pixel layout -> uint8 ``[T, C, H, W]`` or ``[T, V, C, H, W]``."""
+    if isinstance(pixels, (list, tuple)):
+        cameras = [_as_tensor(p, f"{where} camera {i}") for i, p in enumerate(pixels)]
+        if any(c.shape != cameras[0].shape for c in cameras):
+            raise ValueError(f"{where}: cameras have different shapes {[list(c.shape) for c in cameras]}")
+        if cameras[0].dim() != 4:
+            raise ValueError(f"{where}: each camera must be [T, H, W, C] or [T, C, H, W], got {list(cameras[0].shape)}")
+        frames = torch.stack(cameras, dim=1)
+    else:
+        frames = _as_tensor(pixels, where)
+    if frames.dim() not in (4, 5):
+        raise ValueError(f"{where} must be [T, H, W, C] (one camera) or [T, V, H, W, C] (V cameras), got shape "
+                         f"{list(frames.shape)}")
+    if channels_last:
+        channels, other = frames.shape[-1], frames.shape[-3]
+        if channels > 4 and other <= 4:
+            raise ValueError(f"{where} has shape {list(frames.shape)}: {channels} channels last looks like channels "
+                             f"first ({other} channels); pass channels_last=False (--channels-first)")
+        frames = rearrange(frames, "... h w c -> ... c h w")
+    if frames.dtype == torch.uint8:
+        return frames
+    if not torch.is_floating_point(frames):
+        raise ValueError(f"{where} must be uint8 or float in [0, 1], got dtype {frames.dtype}")
+    if not torch.isfinite(frames).all() or frames.min() < 0 or frames.max() > 1:
+        raise ValueError(f"{where} must lie in [0, 1] as floats, got min {frames.min().item():.6g}, max "
+                         f"{frames.max().item():.6g} (pass uint8 for 0-255 values)")
+    return frames.float().mul(255).round_().to(torch.uint8)
+
+
+def _actions(action: Any, where: str) -> Tensor:
+    """-> int64 ``[T]`` (discrete) or float32 ``[T, A]`` in [-1, 1] (continuous)."""
+    actions = _as_tensor(action, where)
+    if actions.dtype == torch.bool:
+        raise ValueError(f"{where} is bool; give discrete actions as integer indices")
+    if not torch.is_floating_point(actions):
+        if actions.dim() != 1:
+            raise ValueError(f"{where}: discrete actions must be [T] integer indices, got shape {list(actions.shape)}")
+        if actions.numel() and actions.min() < 0:
+            raise ValueError(f"{where}: discrete actions must be >= 0, got {actions.min().item()}")
+        return actions.long()
+    if actions.dim() == 1:
+        actions = actions[:, None]
+    if actions.dim() != 2:
+        raise ValueError(f"{where}: continuous actions must be [T, A] or [T], got shape {list(actions.shape)}")
+    if not torch.isfinite(actions).all():
+        raise ValueError(f"{where} holds NaN or inf")
+    low, high = actions.min().item() if actions.numel() else 0.0, actions.max().item() if actions.numel() else 0.0
+    if low < -1 or high > 1:
+        raise ValueError(f"{where}: continuous actions must lie in [-1, 1], got min {low:.6g}, max {high:.6g}; "
+                         "rescale them (the policy acts in [-1, 1])")
+    return actions.float()
+
+
+def _per_step(value: Any, where: str, dtype: torch.dtype) -> Tensor:
+    tensor = _as_tensor(value, where)
+    if tensor.dim() == 2 and tensor.shape[1] == 1:
+        tensor = tensor[:, 0]
+    if tensor.dim() != 1:
+        raise ValueError(f"{where} must be [T], got shape {list(tensor.shape)}")
+    if dtype == torch.float32 and not torch.isfinite(tensor.float()).all():
+        raise ValueError(f"{where} holds NaN or inf")
+    return tensor.to(dtype)
+
+
+def _terminal_flag(terminated: Any, n_flags: int, ignore_first: bool, where: str) -> bool:
+    """Whether the episode ends in a terminal state, from a bool or per-step flags (only the last may be set)."""
+    if terminated is None:
+        return False
+    flags = _as_tensor(terminated, where).reshape(-1).bool()
+    if flags.numel() == 1:
+        return bool(flags.item())
+    if flags.numel() != n_flags:
+        raise ValueError(f"{where} has {flags.numel()} flags for {n_flags} steps; give one per step or one bool")
+    early = flags[1 if ignore_first else 0 : -1].nonzero().reshape(-1)
+    if early.numel():
+        raise ValueError(f"{where} is set at step {int(early[0]) + int(ignore_first)} before the episode's last step "
+                         f"{n_flags - 1}: split the episode there")
+    return bool(flags[-1])
+
+
+def episode_transitions(
+    episode: Mapping[str, Any],
+    episode_id: int,
+    *,
+    channels_last: bool = True,
+    rewards_on: str = "action",
+) -> TensorDict:
+    """One recorded episode -> its ``[T]`` transitions in d4func's replay layout (see the module docstring)."""
+    if rewards_on not in REWARD_ALIGNMENTS:
+        raise ValueError(f"rewards_on must be one of {REWARD_ALIGNMENTS}, got {rewards_on!r}")
+    where = f"episode {episode_id}"
+    missing = [key for key in ("pixels", "action", "reward") if key not in episode]
+    if missing:
+        raise ValueError(f"{where} has no {missing} (has {sorted(episode)})")
+    frames = _frames(episode["pixels"], channels_last, f"{where} pixels")
+    actions = _actions(episode["action"], f"{where} action")
+    rewards = _per_step(episode["reward"], f"{where} reward", torch.float32)
+    n_frames, n_actions, n_rewards = frames.shape[0], actions.shape[0], rewards.shape[0]
+    if rewards_on == "action":
+        if n_rewards != n_actions or n_frames not in (n_actions, n_actions + 1):
+            raise ValueError(f"{where}: rewards_on='action' needs as many actions as rewards and as many frames or "
+                             f"one more, got {n_frames} frames, {n_actions} actions, {n_rewards} rewards")
+        steps = n_actions
+        frames = frames[:steps]
+        terminal = _terminal_flag(episode.get("terminated"), steps, False, f"{where} terminated")
+    else:
+        if not n_frames == n_actions == n_rewards:
+            raise ValueError(f"{where}: rewards_on='arrival' needs one frame, action and reward per step, got "
+                             f"{n_frames} frames, {n_actions} actions, {n_rewards} rewards")
+        steps = n_frames - 1
+        # Transition t: frame t, action t, and what arriving at frame t + 1 gave.
+        frames, actions, rewards = frames[:steps], actions[:steps], rewards[1:]
+        terminal = _terminal_flag(episode.get("terminated"), n_frames, True, f"{where} terminated")
+    if steps < 1:
+        raise ValueError(f"{where} has no transition ({n_frames} frames, rewards_on={rewards_on!r})")
+    last = torch.zeros(steps, 1, dtype=torch.bool)
+    last[-1] = True
+    first = torch.zeros(steps, 1, dtype=torch.bool)
+    first[0] = True
+    return TensorDict(
+        {
+            "pixels": frames,
+            "action": actions,
+            "step_count": torch.arange(steps, dtype=torch.int64)[:, None],
+            "is_init": first,
+            "next": {
+                "reward": rewards[:, None],
+                "done": last,
+                "terminated": last & terminal,
+                "truncated": last & (not terminal),
+            },
+            "collector": {"traj_ids": torch.full((steps,), episode_id, dtype=torch.int64)},
+        },
+        batch_size=[steps],
+    )
+
+
+def _signature(transitions: TensorDict) -> str:
+    """What every episode of a dataset must share: frame shape and action kind."""
+    action = transitions["action"]
+    kind = f"{action.shape[1]}-dim continuous" if torch.is_floating_point(action) else "discrete"
+    return f"frames {list(transitions['pixels'].shape[1:])} and {kind} actions"
+
+
+def import_episodes(
+    episodes: Iterable[Mapping[str, Any]],
+    path: str | Path,
+    *,
+    channels_last: bool = True,
+    rewards_on: str = "action",
+    capacity: int | None = None,
+    env_config: Mapping[str, Any] | None = None,
+    source: str = "imported",
+) -> dict[str, Any]:
+    """Write recorded ``episodes`` (see the module docstring) as a d4func dataset at ``path``; returns its metadata.
+
+    ``capacity``: the transitions to make room for. ``None`` counts them, which holds every episode in memory
+    first; give it to stream episodes one at a time. ``env_config`` (:func:`d4func.envs.registry.env_config`)
+    names an env the data comes from, so offline runs evaluate their policy in it; without one they train only.
+    ``source`` is recorded as the dataset's policy (who acted).
+    """
+    if rewards_on not in REWARD_ALIGNMENTS:
+        raise ValueError(f"rewards_on must be one of {REWARD_ALIGNMENTS}, got {rewards_on!r}")
+    path = Path(path).absolute()
+    if (path / META_FILE).exists() or (path / "storage").exists():
+        raise FileExistsError(f"{path} already holds a dataset; choose a new directory")
+    if env_config is not None:
+        try:
+            json.dumps(dict(env_config))
+        except TypeError as e:
+            raise TypeError(f"env_config must be JSON-serialisable, got {env_config!r}") from e
+    convert = dict(channels_last=channels_last, rewards_on=rewards_on)
+    all_transitions: Iterable[TensorDict] = (episode_transitions(ep, i, **convert) for i, ep in enumerate(episodes))
+    if capacity is None:
+        all_transitions = list(all_transitions)
+        capacity = sum(t.shape[0] for t in all_transitions)
+        if capacity < 1:
+            raise ValueError(f"no episodes to import into {path}")
+    elif not isinstance(capacity, int) or capacity < 1:
+        raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+
+    rb = None
+    written = 0
+    lengths: list[int] = []
+    first_signature = None
+    largest_action = -1  # discrete datasets: checked against dynamics.n_actions before training
+    for i, transitions in enumerate(all_transitions):
+        signature = _signature(transitions)
+        if first_signature is None:
+            first_signature = signature
+            rb = make_replay(capacity, 1, 1, path=path)  # seq_len=1: readers pick theirs with load_offline
+        elif signature != first_signature:
+            raise ValueError(f"episode {i} has {signature}, episode 0 has {first_signature}")
+        if written + transitions.shape[0] > capacity:
+            raise ValueError(f"episode {i} does not fit: {written} + {transitions.shape[0]} transitions exceed "
+                             f"capacity={capacity}")
+        rb.extend(transitions)
+        written += transitions.shape[0]
+        lengths.append(transitions.shape[0])
+        if not torch.is_floating_point(transitions["action"]):
+            largest_action = max(largest_action, int(transitions["action"].max()))
+    if rb is None:
+        raise ValueError(f"no episodes to import into {path}")
+
+    save_replay(rb)
+    meta = {
+        "format": DATASET_FORMAT,
+        "capacity": capacity,
+        "n_steps": written,
+        "n_episodes_complete": len(lengths),
+        "seed": None,
+        "policy": source,
+        "env": None,
+        "env_config": None if env_config is None else dict(env_config),
+        "traj_key": list(DEFAULT_TRAJ_KEY),
+        "step_key": "step_count",
+        "entries": entry_specs(rb[:1].exclude("index")),
+        "longest_episode": max(lengths),
+        "largest_discrete_action": None if largest_action < 0 else largest_action,
+        "imported": {"rewards_on": rewards_on, "channels_last": channels_last,
+                     "shortest_episode": min(lengths)},
+        "versions": {"torch": torch.__version__, "torchrl": torchrl.__version__, "tensordict": tensordict.__version__},
+    }
+    (path / META_FILE).write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def import_npz_episodes(
+    files: Sequence[str | Path],
+    path: str | Path,
+    *,
+    keys: Mapping[str, str | Sequence[str]] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """``d4func import``: one episode per ``.npz`` file (read in the given order) -> a dataset at ``path``.
+
+    ``keys`` maps d4func's names (``pixels``, ``action``, ``reward``, ``terminated``) to the files' own, e.g.
+    ``{"pixels": "image", "terminated": "is_terminal"}`` for DreamerV3's episodes (with ``rewards_on="arrival"``);
+    ``pixels`` may name several arrays, one per camera. A ``terminated`` key absent from a file means False.
+    ``options`` go to :func:`import_episodes`. Files are read one at a time (their lengths first, to size the
+    storage), so a dataset larger than memory imports.
+    """
+    if not files:
+        raise ValueError("no .npz episode files given")
+    names: dict[str, str | Sequence[str]] = {"pixels": "pixels", "action": "action", "reward": "reward",
+                                             "terminated": "terminated"}
+    unknown = set(keys or {}) - set(names)
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)}; d4func's names are {sorted(names)}")
+    names.update(keys or {})
+    arrival = options.get("rewards_on", "action") == "arrival"
+
+    def read(file: str | Path) -> dict[str, Any]:
+        with np.load(file) as data:
+            def need(name: str) -> np.ndarray:
+                if name not in data:
+                    raise ValueError(f"{file} has no array {name!r} (has {sorted(data.files)})")
+                return data[name]
+
+            pixel_names = names["pixels"]
+            pixels = ([need(n) for n in pixel_names] if not isinstance(pixel_names, str) else need(pixel_names))
+            episode = {"pixels": pixels, "action": need(names["action"]), "reward": need(names["reward"])}
+            if names["terminated"] in data:
+                episode["terminated"] = data[names["terminated"]]
+            return episode
+
+    capacity = 0
+    for file in files:
+        with np.load(file) as data:
+            if names["reward"] not in data:
+                raise ValueError(f"{file} has no array {names['reward']!r} (has {sorted(data.files)})")
+            capacity += len(data[names["reward"]]) - int(arrival)
+    return import_episodes((read(f) for f in files), path, capacity=max(capacity, 1), **options)

@@ -1,0 +1,226 @@
+"""Importing recorded episodes (`d4func import`): exact round trip, the two reward alignments, bad input, and an
+offline run on imported data that has no env behind it."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from d4func.cli import main
+from d4func.data.import_episodes import episode_transitions, import_episodes
+from d4func.data.offline import load_offline, read_metadata
+from d4func.train.compat import check_dataset_fits
+from d4func.train.loop import train
+from d4func.train.run_config import load_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = str(ROOT / "experiments/configs/debug.yaml")
+MULTICAM = str(ROOT / "experiments/configs/dmc_multicam.yaml")
+
+
+def _episode(rng: np.random.Generator, steps: int, *, cameras: int = 1, channels: int = 3, size: int = 4,
+             discrete: bool = False, extra_frame: bool = False) -> dict[str, np.ndarray]:
+    frames = steps + int(extra_frame)
+    shape = (frames, size, size, channels) if cameras == 1 else (frames, cameras, size, size, channels)
+    action = rng.integers(0, 5, size=steps) if discrete else rng.uniform(-1, 1, size=(steps, 2)).astype(np.float32)
+    return {"pixels": rng.integers(0, 256, size=shape, dtype=np.uint8), "action": action,
+            "reward": rng.normal(size=steps).astype(np.float32)}
+
+
+def _stored_episodes(path: Path) -> dict[int, dict[str, torch.Tensor]]:
+    """Every stored transition, grouped by episode id and ordered by step."""
+    rb = load_offline(path, 1, 1)
+    data = rb[: len(rb)]
+    out = {}
+    for episode_id in data["collector", "traj_ids"].unique().tolist():
+        rows = data[data["collector", "traj_ids"] == episode_id]
+        rows = rows[rows["step_count"].reshape(-1).argsort()]
+        out[episode_id] = rows
+    return out
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lengths=st.lists(st.integers(1, 7), min_size=1, max_size=4), cameras=st.sampled_from([1, 2]),
+       channels=st.sampled_from([1, 3]), discrete=st.booleans(), extra_frame=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_imported_episodes_are_stored_exactly(lengths, cameras, channels, discrete, extra_frame, seed):
+    rng = np.random.default_rng(seed)
+    episodes = [_episode(rng, n, cameras=cameras, channels=channels, discrete=discrete, extra_frame=extra_frame)
+                for n in lengths]
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = import_episodes(episodes, Path(tmp) / "data")
+        stored = _stored_episodes(Path(tmp) / "data")
+    assert meta["n_steps"] == sum(lengths) and meta["n_episodes_complete"] == len(lengths)
+    assert meta["longest_episode"] == max(lengths)
+    frame_shape = [channels, 4, 4] if cameras == 1 else [cameras, channels, 4, 4]
+    assert meta["entries"]["pixels"]["shape"] == frame_shape
+    assert sorted(stored) == list(range(len(lengths)))
+    for i, episode in enumerate(episodes):
+        rows, steps = stored[i], lengths[i]
+        frames = torch.as_tensor(episode["pixels"][:steps])
+        expected = frames.permute(0, 3, 1, 2) if cameras == 1 else frames.permute(0, 1, 4, 2, 3)
+        assert torch.equal(rows["pixels"], expected.float() / 255)  # float32 k/255, as the envs give
+        assert torch.equal(rows["action"], torch.as_tensor(episode["action"]).to(rows["action"].dtype))
+        assert torch.equal(rows["next", "reward"].reshape(-1), torch.as_tensor(episode["reward"]))
+        last = torch.arange(steps) == steps - 1
+        assert torch.equal(rows["next", "done"].reshape(-1), last)
+        assert torch.equal(rows["next", "truncated"].reshape(-1), last)  # no terminal flag given: cut off
+        assert not rows["next", "terminated"].any()
+        assert torch.equal(rows["is_init"].reshape(-1), torch.arange(steps) == 0)
+
+
+def test_sampled_sequences_stay_inside_one_imported_episode(tmp_path):
+    rng = np.random.default_rng(0)
+    episodes = [_episode(rng, n) for n in (5, 9, 3, 12)]
+    import_episodes(episodes, tmp_path / "data")
+    rb = load_offline(tmp_path / "data", 4, 16, seed=0)
+    for _ in range(5):
+        batch = rb.sample()
+        ids = batch["collector", "traj_ids"]
+        assert (ids == ids[:, :1]).all()
+        steps = batch["step_count"].reshape(batch.shape)
+        assert (steps.diff(dim=1) == 1).all()
+        assert not (ids == 2).any()  # the 3-step episode is shorter than a sequence: never drawn
+        for row in range(batch.shape[0]):
+            episode, start = int(ids[row, 0]), int(steps[row, 0])
+            expected = torch.as_tensor(episodes[episode]["reward"][start:start + 4])
+            assert torch.equal(batch["next", "reward"][row].reshape(-1), expected)
+
+
+def test_arrival_layout_shifts_rewards_and_terminal_onto_the_action_before():
+    # DreamerV3's layout: reward[t] and is_terminal[t] came on arriving at frame t.
+    pixels = np.arange(4, dtype=np.uint8)[:, None, None, None].repeat(2, 1).repeat(2, 2).repeat(3, 3)
+    episode = {"pixels": pixels, "action": np.array([[0.1], [0.2], [0.3], [0.0]], dtype=np.float32),
+               "reward": np.array([0.0, 1.0, 2.0, 3.0], dtype=np.float32),
+               "terminated": np.array([False, False, False, True])}
+    out = episode_transitions(episode, 7, rewards_on="arrival")
+    assert out.shape == (3,)
+    assert out["pixels"][:, 0, 0, 0].tolist() == [0, 1, 2]
+    assert out["action"].reshape(-1).tolist() == pytest.approx([0.1, 0.2, 0.3])
+    assert out["next", "reward"].reshape(-1).tolist() == [1.0, 2.0, 3.0]
+    assert out["next", "terminated"].reshape(-1).tolist() == [False, False, True]
+    assert not out["next", "truncated"].any()
+    assert out["collector", "traj_ids"].tolist() == [7, 7, 7]
+    # the same episode in TorchRL's layout keeps every step and its own rewards
+    same = episode_transitions(episode, 7, rewards_on="action")
+    assert same["next", "reward"].reshape(-1).tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert same["next", "terminated"].reshape(-1).tolist() == [False, False, False, True]
+
+
+def test_float_frames_channels_first_and_camera_lists():
+    rng = np.random.default_rng(1)
+    uint8 = rng.integers(0, 256, size=(3, 3, 5, 6), dtype=np.uint8)  # [T, C, H, W]
+    out = episode_transitions({"pixels": uint8 / 255.0, "action": np.zeros(3), "reward": np.zeros(3)}, 0,
+                              channels_last=False)
+    assert out["pixels"].dtype == torch.uint8 and torch.equal(out["pixels"], torch.as_tensor(uint8))
+    front, wrist = (rng.integers(0, 256, size=(2, 5, 6, 3), dtype=np.uint8) for _ in range(2))
+    out = episode_transitions({"pixels": [front, wrist], "action": np.zeros((2, 1)), "reward": np.zeros(2)}, 0)
+    assert out["pixels"].shape == (2, 2, 3, 5, 6)
+    assert torch.equal(out["pixels"][:, 1], torch.as_tensor(wrist).permute(0, 3, 1, 2))
+
+
+def _bad(**changes):
+    episode = {"pixels": np.zeros((4, 8, 8, 3), dtype=np.uint8), "action": np.zeros((4, 2), dtype=np.float32),
+               "reward": np.zeros(4, dtype=np.float32)}
+    episode.update(changes)
+    return {k: v for k, v in episode.items() if v is not None}
+
+
+@pytest.mark.parametrize(("episode", "options", "message"), [
+    (_bad(action=np.full((4, 2), 1.5, dtype=np.float32)), {}, "max 1.5"),
+    (_bad(action=np.array([[0.0, np.nan]] * 4, dtype=np.float32)), {}, "NaN"),
+    (_bad(action=np.array([0, 1, -2, 0])), {}, "-2"),
+    (_bad(reward=np.zeros(3, dtype=np.float32)), {}, "4 frames, 4 actions, 3 rewards"),
+    (_bad(pixels=np.zeros((6, 8, 8, 3), dtype=np.uint8)), {}, "6 frames"),
+    (_bad(pixels=np.full((4, 8, 8, 3), 2.0)), {}, "max 2"),
+    (_bad(pixels=np.zeros((4, 8, 8, 3), dtype=np.int32)), {}, "int32"),
+    (_bad(pixels=np.zeros((4, 8, 8), dtype=np.uint8)), {}, "[4, 8, 8]"),
+    (_bad(pixels=np.zeros((4, 3, 8, 8), dtype=np.uint8)), {}, "channels_last=False"),
+    (_bad(reward=None), {}, "['reward']"),
+    (_bad(terminated=np.array([False, True, False, True])), {}, "step 1"),
+    (_bad(), {"rewards_on": "before"}, "'before'"),
+    (_bad(pixels=np.zeros((1, 8, 8, 3), dtype=np.uint8), action=np.zeros((1, 2)), reward=np.zeros(1)),
+     {"rewards_on": "arrival"}, "no transition"),
+])
+def test_bad_episodes_are_refused_naming_the_value(episode, options, message):
+    with pytest.raises(ValueError, match="episode 3|rewards_on") as error:
+        episode_transitions(episode, 3, **options)
+    assert message in str(error.value)
+
+
+def test_episodes_that_disagree_are_refused_naming_both(tmp_path):
+    rng = np.random.default_rng(2)
+    episodes = [_episode(rng, 3), _episode(rng, 3, discrete=True)]
+    with pytest.raises(ValueError, match=r"episode 1 has frames \[3, 4, 4\] and discrete actions, "
+                       r"episode 0 has frames \[3, 4, 4\] and 2-dim continuous"):
+        import_episodes(episodes, tmp_path / "mixed")
+    with pytest.raises(ValueError, match="capacity=4"):
+        import_episodes([_episode(rng, 3), _episode(rng, 3)], tmp_path / "small", capacity=4)
+    import_episodes([_episode(rng, 3)], tmp_path / "once")
+    with pytest.raises(FileExistsError, match="already holds a dataset"):
+        import_episodes([_episode(rng, 3)], tmp_path / "once")
+
+
+def test_dataset_checks_use_the_imported_episode_lengths_and_actions(tmp_path):
+    episode = _episode(np.random.default_rng(3), 5, size=32, discrete=True)
+    episode["action"] = np.array([0, 1, 4, 2, 0])
+    import_episodes([episode], tmp_path / "data")
+    meta = read_metadata(tmp_path / "data")
+    assert meta["largest_discrete_action"] == 4 and meta["entries"]["action"]["dtype"] == "int64"
+    discrete = ["dynamics.n_actions=3", "dynamics.action_dim=0", "heads.n_actions=3", "heads.action_dim=0"]
+    cfg = load_run_config(DEBUG, discrete)
+    with pytest.raises(ValueError, match="longest episode has 5 steps, fewer than replay.seq_len=8"):
+        check_dataset_fits(cfg, meta, "d")
+    cfg = load_run_config(DEBUG, [*discrete, "replay.seq_len=5", "replay.context_len=2"])
+    with pytest.raises(ValueError, match="discrete action 4, but dynamics.n_actions=3"):
+        check_dataset_fits(cfg, meta, "d")
+
+
+def test_camera_lists_import_for_the_multicamera_config(tmp_path):
+    rng = np.random.default_rng(4)
+    cfg = load_run_config(MULTICAM, [])
+    size = cfg.tokenizer.height
+    front, wrist = (rng.integers(0, 256, size=(20, size, size, 3), dtype=np.uint8) for _ in range(2))
+    episode = {"pixels": [front, wrist], "action": rng.uniform(-1, 1, (20, cfg.dynamics.action_dim)),
+               "reward": np.zeros(20)}
+    meta = import_episodes([episode], tmp_path / "data")
+    check_dataset_fits(cfg, meta, "multicam")  # [2, 3, H, W] is what the two-camera tokenizer takes
+
+
+def test_import_command_then_offline_training_without_an_env(tmp_path, capsys):
+    # DreamerV3-style episodes: "image" frames, rewards and terminal flags on arrival.
+    rng = np.random.default_rng(5)
+    (tmp_path / "episodes").mkdir()
+    for i, steps in enumerate((14, 11, 16)):
+        np.savez(tmp_path / "episodes" / f"ep{i:03d}.npz",
+                 image=rng.integers(0, 256, size=(steps, 32, 32, 3), dtype=np.uint8),
+                 action=rng.uniform(-1, 1, size=(steps, 1)).astype(np.float32),
+                 reward=rng.normal(size=steps).astype(np.float32),
+                 is_terminal=np.arange(steps) == steps - 1 if i == 0 else np.zeros(steps, dtype=bool))
+    data = tmp_path / "data"
+    code = main(["import", "--episodes", str(tmp_path / "episodes"), "--out", str(data), "--pixels", "image",
+                 "--terminated", "is_terminal", "--rewards-on", "arrival", "--source", "teleoperator"])
+    assert code == 0, capsys.readouterr().err
+    meta = read_metadata(data)
+    assert meta["n_steps"] == 13 + 10 + 15 and meta["policy"] == "teleoperator" and meta["env_config"] is None
+    stored = _stored_episodes(data)
+    assert stored[0]["next", "terminated"].reshape(-1)[-1] and not stored[1]["next", "terminated"].any()
+
+    cfg = load_run_config(DEBUG, [f"run_dir={tmp_path / 'run'}", "loop.mode=offline", f"loop.offline_data={data}",
+                                  "loop.offline_steps=3", "loop.agent_start=2", "loop.gif_every=3",
+                                  "loop.checkpoint_every=3"])
+    summary = train(cfg, progress=False)
+    assert summary["grad_steps"] == 3 and summary["eval"] == {}  # no env to evaluate in: training only
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--episodes", "1"]) == 2
+    assert "names no env to evaluate in" in capsys.readouterr().err
+
+    assert main(["import", "--episodes", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert main(["import", "--episodes", str(tmp_path / "episodes"), "--out", str(tmp_path / "y")]) == 2
+    assert "no array 'pixels'" in capsys.readouterr().err
