@@ -230,3 +230,20 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(C, "restore_rng_state", lambda *args, **kwargs: None)
     _, diverged = run(tmp_path / "resumed", n + m, every=0)
     assert torch.equal(diverged[:n], ref_history[:n]) and not torch.equal(diverged[n:], ref_history[n:])
+
+
+def test_sync_replay_files_fsyncs_every_storage_file(tmp_path, monkeypatch) -> None:
+    from d4func.data.replay import make_replay
+
+    rb = make_replay(16, 2, 1, path=tmp_path / "replay")
+    rb.extend(TensorDict({"pixels": torch.zeros(4, 3, 2, 2), "step_count": torch.arange(4)[:, None],
+                          "collector": {"traj_ids": torch.zeros(4, dtype=torch.int64)}}, batch_size=[4]))
+    fsynced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: fsynced.append(Path(os.readlink(f"/proc/self/fd/{fd}"))) or
+                        real_fsync(fd))
+    files = C.sync_replay_files(rb)
+    storage = tmp_path / "replay" / "storage"
+    assert storage / "pixels.memmap" in files and storage / "step_count.memmap" in files
+    assert [f.resolve() for f in files] == [f.resolve() for f in fsynced]
+    assert C.sync_replay_files(make_replay(16, 2, 1)) == []  # in memory: nothing to sync

@@ -23,9 +23,15 @@ SHORT = ["loop.env_steps=200", "loop.prefill_steps=50", "loop.collect_steps=50",
          "env.eval_max_steps=15"]
 
 
-def test_online_loop_on_dmc_writes_checkpoint_logs_gif_and_resumes(tmp_path):
+def test_online_loop_on_dmc_writes_checkpoint_logs_gif_and_resumes(tmp_path, monkeypatch):
+    from d4func.train import checkpoint as checkpoint_module
+
+    synced = []  # the replay files fsynced before each checkpoint
+    sync = checkpoint_module.sync_replay_files
+    monkeypatch.setattr(checkpoint_module, "sync_replay_files", lambda rb: synced.append(sync(rb)) or synced[-1])
     # Through the command line, as a user runs it.
     assert main(["train", "--config", DEBUG, "--quiet", f"run_dir={tmp_path}", *SHORT]) == 0
+    assert synced and all(tmp_path / "replay" / "storage" / "pixels.memmap" in files for files in synced)
     summary = json.loads((tmp_path / "summary.json").read_text())
     # training starts with the batch that completes the 50 prefill steps; 4 batches x 50 steps x 0.05 = 10
     assert summary["env_steps"] == 200 and summary["grad_steps"] == 10

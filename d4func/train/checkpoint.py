@@ -4,7 +4,8 @@ A checkpoint is one file `run_dir/ckpt-<step>.pt` holding
 
 * `payload`: whatever the loop passes, typically the train states of its models (TensorDicts: params, AdamW
   moments, EMA, step, running loss statistics), step counters, the config as a plain dict
-  (`config_to_dict`) and the replay buffer's position (`replay_position`; the memmapped data stays on disk);
+  (`config_to_dict`) and the replay buffer's position (`replay_position`; the memmapped data stays on disk, and
+  the loop `fsync`s it with `sync_replay_files` before writing the checkpoint that counts it);
 * `rng`: every RNG state, one entry per data-parallel rank: torch CPU, CUDA (all devices, when available),
   numpy's global RNG, python's `random`, and the explicit generators the loop names (`torch.Generator`,
   `numpy.random.Generator`, `random.Random`).
@@ -65,6 +66,7 @@ __all__ = [
     "restore_replay_position",
     "restore_rng_state",
     "run_replay_dir",
+    "sync_replay_files",
     "save_checkpoint",
 ]
 
@@ -281,6 +283,28 @@ def restore_replay_position(rb: Any, position: Mapping[str, Any]) -> None:
         if getattr(rb, "_rng", None) is None:
             rb.set_rng(torch.Generator())
         rb._rng.set_state(position["rng"])
+
+
+def sync_replay_files(rb: Any) -> list[Path]:
+    """`fsync` every file of a replay's memmapped storage; returns the files synced (none for an in-memory one).
+
+    A killed process loses no memmapped write (the pages sit in the OS's page cache), but an OS crash or power
+    loss may lose transitions that a checkpoint's `replay_position` already counts. Called before each checkpoint
+    is written, so the data a checkpoint points at is on disk first. On Linux, fsync of the file flushes pages
+    dirtied through a shared mapping of it (the same page cache).
+    """
+    path = getattr(rb, "path", None)
+    if path is None or not (Path(path) / "storage").is_dir():
+        return []
+    synced = []
+    for file in sorted(p for p in (Path(path) / "storage").rglob("*") if p.is_file()):
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        synced.append(file)
+    return synced
 
 
 def run_replay_dir(run_dir: str | Path, rank: int = 0) -> Path:

@@ -466,6 +466,8 @@ class Trainer:
             part["log_rows"] = self.logger.rows
         if self.replay is not None:  # online: length and cursor; both: the sampler's RNG (exact resume)
             part["replay"] = checkpoint.replay_position(self.replay)
+            if self.cfg.loop.mode == "online":  # the transitions it counts reach the disk before the checkpoint
+                checkpoint.sync_replay_files(self.replay)
         if self.online_state is not None:
             part["online"] = self.online_state()
         return part
