@@ -496,16 +496,19 @@ def test_ctrl_c_inside_an_offline_step_resumes_as_an_uninterrupted_run(tmp_path,
     assert _train_rows(tmp_path / "whole") == _train_rows(tmp_path / "split")
 
 
-def test_ctrl_c_in_the_middle_of_an_online_round_resumes_as_an_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stopped_at", [6, 18])
+def test_ctrl_c_in_the_middle_of_an_online_round_resumes_as_an_uninterrupted_run(tmp_path, monkeypatch, stopped_at):
     # Stopped in the second step of a round: the resume takes the round's owed steps before collecting on, as the
-    # uninterrupted run did, with the same params acting afterwards.
+    # uninterrupted run did, with the same params acting afterwards. Step 18 lies in the last round (env steps
+    # 25-30): the resume has nothing left to collect but still owes that round's steps and final evaluation.
     from d4func.train import loop
 
     short = ["loop.env_steps=30", "loop.log_every=1"]
     train(_reach_online_with_credit(tmp_path / "whole", *short), progress=False)
     real_step = loop.gradient_step
-    monkeypatch.setattr(loop, "gradient_step", _interrupting(real_step, 6, generator_arg=4))
-    assert train(_reach_online_with_credit(tmp_path / "split", *short), progress=False)["grad_steps"] == 5
+    monkeypatch.setattr(loop, "gradient_step", _interrupting(real_step, stopped_at, generator_arg=4))
+    assert train(_reach_online_with_credit(tmp_path / "split", *short), progress=False)["grad_steps"] == (
+        stopped_at - 1)
     monkeypatch.setattr(loop, "gradient_step", real_step)
     train(_reach_online_with_credit(tmp_path / "split", *short), progress=False)
     whole, split = _final_payload(tmp_path / "whole"), _final_payload(tmp_path / "split")

@@ -677,7 +677,11 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
     policy.random_until = max(0, cfg.loop.prefill_steps - counters["env_steps"])
     policy.update_params(*acting_params(trainer.states))
     remaining = cfg.loop.env_steps - counters["env_steps"]
-    if remaining <= 0:
+    # A checkpoint saved mid-round (Ctrl-C, a NaN stop) owes that round's unfinished gradient steps: an
+    # uninterrupted run takes them before collecting on, and then the evaluation, GIF and checkpoint due at this
+    # step. The resumed run does the same, so it continues exactly, also when that round was the run's last.
+    owed = resuming and counters["env_steps"] >= cfg.loop.prefill_steps and counters["train_credit"] >= 1
+    if remaining <= 0 and not owed:
         return trainer.summary(started, {"note": "already trained to loop.env_steps"})
     exact = supports_resume_state(env)
     continues_episode = exact and payload is not None and "env" in payload.get("online", {})
@@ -685,19 +689,21 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
         # A resume that cannot continue the interrupted episode starts new ones: seeded as at the start, the env
         # would replay the run's first worlds (Crafter) or initial states (DMC) after every resume.
         env.set_seed(trainer.rank_seed(cfg.seed, "env") + counters["env_steps"])
-    rng_before = (torch.random.get_rng_state(), policy.generator.get_state())
-    collector = Collector(env, policy, frames_per_batch=cfg.loop.collect_steps, total_frames=remaining)
-    # The collector calls the policy once while it builds its buffers (torchrl 0.14). Undo that dry run, so the
-    # prefill counts real steps only and the RNGs stand where the checkpoint left them (exact resume).
-    torch.random.set_rng_state(rng_before[0])
-    policy.generator.set_state(rng_before[1])
-    policy.steps_taken = 0
-    policy.reset_context()
+    collector = None  # none when the run only owes its last round's gradient steps: nothing is left to collect
+    if remaining > 0:
+        rng_before = (torch.random.get_rng_state(), policy.generator.get_state())
+        collector = Collector(env, policy, frames_per_batch=cfg.loop.collect_steps, total_frames=remaining)
+        # The collector calls the policy once while it builds its buffers (torchrl 0.14). Undo that dry run, so
+        # the prefill counts real steps only and the RNGs stand where the checkpoint left them (exact resume).
+        torch.random.set_rng_state(rng_before[0])
+        policy.generator.set_state(rng_before[1])
+        policy.steps_taken = 0
+        policy.reset_context()
     bar = tqdm(total=cfg.loop.env_steps, initial=counters["env_steps"], desc="env steps", disable=not progress)
     episode = {"return": 0.0, "last_return": float("nan"), "achievements": [], "id_offset": counters["next_traj_id"]}
     saved_replay = resuming
     if payload is not None and "online" in payload:
-        if continues_episode:
+        if continues_episode and collector is not None:
             restore_collector_state(collector, payload["online"])  # continue the interrupted episode, not a new one
             episode.update({k: payload["online"]["episode"][k] for k in ("return", "last_return", "id_offset")})
         episode["achievements"] = list(payload["online"]["episode"]["achievements"])
@@ -708,6 +714,9 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
 
     def online_state() -> dict[str, Any]:
         finished = {"achievements": list(episode["achievements"])}
+        if collector is None:  # the env has not moved since the checkpoint this run resumed: keep its state
+            saved = payload["online"] if payload is not None and "online" in payload else {}
+            return {**saved, "episode": {**saved.get("episode", {}), **finished}}
         if exact and at_batch_boundary:
             return {**collector_state(collector), "episode": {**episode, **finished}}
         # The interrupted episode is lost (the env cannot save it, or it is mid-batch), but not the finished ones'
@@ -718,6 +727,8 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
 
     def batches() -> Iterator[TensorDictBase]:
         nonlocal at_batch_boundary
+        if collector is None:
+            return
         stream = iter(collector)
         while True:
             at_batch_boundary = False  # the collector steps the env from here until the batch is stored
@@ -727,11 +738,6 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
                 at_batch_boundary = True
                 return
             yield batch
-
-    # A checkpoint saved mid-round (Ctrl-C, a NaN stop) owes that round's unfinished gradient steps: an
-    # uninterrupted run takes them before collecting on, and then the evaluation, GIF and checkpoint due at this
-    # step. The resumed run does the same, so it continues exactly.
-    owed = resuming and counters["env_steps"] >= cfg.loop.prefill_steps and counters["train_credit"] >= 1
 
     def first_due(every: int) -> int:
         due_now = owed and counters["env_steps"] % every == 0
@@ -772,7 +778,7 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
             trainer.save()
             next_ckpt += cfg.loop.checkpoint_every
 
-    with trainer.training(bar, collector.shutdown):
+    with trainer.training(bar, *([] if collector is None else [collector.shutdown])):
         if owed:
             train_and_check(0)  # no new env steps: only the owed credit
         for batch in batches():
