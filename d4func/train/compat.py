@@ -34,6 +34,8 @@ RESUME_MUST_MATCH = (
     "heads",
     "loop.mode",
 )
+# Not free: loop.threads (CPU kernels split their reductions by thread count, so the resumed run may differ from an
+# uninterrupted one in the last bits), and anything that changes what or how the run trains.
 RESUME_FREE = (
     "run_dir",
     "loop.env_steps",
@@ -46,7 +48,6 @@ RESUME_FREE = (
     "loop.log_every",
     "loop.gif_every",
     "loop.logger",
-    "loop.threads",
     "env.eval_episodes",
     "env.eval_max_steps",
 )
