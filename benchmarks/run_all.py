@@ -319,8 +319,9 @@ def load_config(name: str, overrides: Collection[str] = ()):
 
 def random_replay_batch(cfg, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """A replay-shaped batch [B, T] as `loop.replay_batch` returns it: frames in [0, 1], actions in the action
-    space, rewards, and no episode end inside the rows."""
-    b, t = cfg.replay.batch_size, cfg.replay.seq_len
+    space, rewards, and no episode end inside the rows; with `replay.final_frame`, T = seq_len + 1 frames, the
+    last taking no action."""
+    b, t = cfg.replay.batch_size, cfg.replay.seq_len + int(cfg.replay.final_frame)
     tok = cfg.tokenizer
     cameras = (tok.n_cameras,) if tok.n_cameras > 1 else ()
     frames = torch.rand(b, t, *cameras, tok.channels, tok.height, tok.width, generator=generator)
@@ -328,8 +329,11 @@ def random_replay_batch(cfg, generator: torch.Generator) -> dict[str, torch.Tens
         actions = torch.randint(0, cfg.dynamics.n_actions, (b, t), generator=generator)
     else:
         actions = torch.rand(b, t, cfg.dynamics.action_dim, generator=generator) * 2 - 1
-    return {"frames": frames, "actions": actions, "rewards": torch.randn(b, t, generator=generator),
-            "is_last": torch.zeros(b, t, dtype=torch.bool)}
+    batch = {"frames": frames, "actions": actions, "rewards": torch.randn(b, t, generator=generator),
+             "is_last": torch.zeros(b, t, dtype=torch.bool)}
+    if cfg.replay.final_frame:
+        batch["action_valid"] = (torch.arange(t) < t - 1).expand(b, t).clone()  # the appended frame acts not
+    return batch
 
 
 def phases_section(config: str, ctx: Context) -> dict[str, Any]:
@@ -337,7 +341,7 @@ def phases_section(config: str, ctx: Context) -> dict[str, Any]:
     from d4func.tokenizer import encode
     from d4func.tokenizer_loss import tokenizer_train_step
     from d4func.train.agent_step import agent_finetune_step, imagination_step, new_imagination_state
-    from d4func.train.loop import build_models, gradient_step, init_states, refresh_agent_frozen
+    from d4func.train.loop import build_models, gradient_step, init_states, refresh_agent_frozen, world_model_batch
 
     overrides = ctx.budget.phase_overrides[config]
     cfg = load_config(config, overrides)
@@ -348,8 +352,7 @@ def phases_section(config: str, ctx: Context) -> dict[str, Any]:
     with torch.no_grad():
         latents = encode(models.tokenizer, states["tokenizer"]["params"], batch["frames"])
     context = cfg.replay.context_len
-    wm_batch = {"latents": latents, "actions": batch["actions"], "rewards": batch["rewards"],
-                "is_last": batch["is_last"]}
+    wm_batch = world_model_batch(latents, batch)
     im_batch = {"latents": latents[:, :context], "actions": batch["actions"][:, :context]}
     states["agent"] = new_imagination_state(states["world_model"]["params"])
     loop_states = dict(states)

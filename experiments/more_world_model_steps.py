@@ -57,7 +57,7 @@ from d4func.tokenizer import encode
 from d4func.tokenizer_loss import tokenizer_train_step
 from d4func.train import checkpoint
 from d4func.train.agent_step import agent_finetune_step
-from d4func.train.loop import Models, build_models, init_states, make_lpips_fn, replay_batch
+from d4func.train.loop import Models, build_models, init_states, make_lpips_fn, replay_batch, world_model_batch
 from d4func.train.run_config import RunConfig, load_run_config
 
 
@@ -189,15 +189,14 @@ def continue_world_model(
     seconds = 0.0
     for step in range(1, steps + 1):
         started = time.perf_counter()
-        batch = replay_batch(replay.sample())
+        batch = replay_batch(replay.sample(), cfg.replay.final_frame)
         if train_tokenizer and step % cfg.loop.tokenizer_every == 0:
             tokenizer_state, _ = tokenizer_train_step(tokenizer_state, batch["frames"], generator,
                                                       template=run.tokenizer, cfg=cfg.tokenizer_loss,
                                                       optim=cfg.optim.tokenizer, lpips_fn=lpips_fn)
         with torch.no_grad():
             latents = encode(run.tokenizer, tokenizer_state["params"], batch["frames"])
-        wm_batch = {"latents": latents, "actions": batch["actions"], "rewards": batch["rewards"],
-                    "is_last": batch["is_last"]}
+        wm_batch = world_model_batch(latents, batch)
         state, metrics = agent_finetune_step(state, wm_batch, generator, model=run.dynamics, heads=run.heads,
                                              opt=cfg.optim.world_model, cfg=cfg.finetune,
                                              ema_decay=cfg.optim.ema_decay)

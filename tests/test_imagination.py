@@ -123,7 +123,7 @@ def test_data_after_an_episode_end_changes_no_loss_term(discrete, k, seed):
     assert not torch.allclose(la, lb)
 
 
-def _reference_terms(heads, params, batch, is_last, discrete):
+def _reference_terms(heads, params, batch, is_last, discrete, action_valid=None):
     """BC and reward losses of input-independent heads, from explicit loops over (row, step, offset)."""
     cfg = heads.cfg
     L = cfg.mtp
@@ -137,7 +137,8 @@ def _reference_terms(heads, params, batch, is_last, discrete):
         end = next((t for t in range(steps) if is_last[b, t]), steps - 1)  # last frame of the row's episode
         for t in range(end + 1):
             for n in range(L):
-                if t + n <= end:  # the action at frame t + n, within the episode
+                took_action = action_valid is None or bool(action_valid[b, t + n]) if t + n < steps else False
+                if t + n <= end and took_action:  # the action at frame t + n, within the episode
                     if discrete:
                         dist = Categorical(policy_bias[n], unimix=cfg.unimix)
                         nll.append(-dist.log_prob(actions[b, t + n]))
@@ -163,6 +164,58 @@ def test_bc_and_reward_targets_are_aligned_and_masked(discrete):
     bc, reward = _reference_terms(heads, params, batch, is_last, discrete)
     torch.testing.assert_close(metrics["bc_nll"], bc)
     torch.testing.assert_close(metrics["reward_ce"], reward)
+
+
+@pytest.mark.parametrize("discrete", [True, False])
+def test_final_frame_rows_learn_the_last_reward_and_clone_no_action_there(discrete):
+    from d4func.train.loop import replay_batch
+
+    model, heads, params = make(discrete, mtp=3)
+    gen = torch.Generator().manual_seed(1)
+    rows, steps = 3, 5
+    toy = toy_batch(discrete, rows, steps, gen)
+    pixels = torch.rand(rows, steps + 1, 3, 4, 4, generator=gen)  # frames 0..T: the row's and the one after
+    done = torch.zeros(rows, steps, 1, dtype=torch.bool)
+    done[1, -1] = True  # row 1 ends its episode: its last reward is that episode's terminal one
+    sample = TensorDict({"pixels": pixels[:, :-1], "action": toy["actions"],
+                         "next": {"pixels": pixels[:, 1:], "reward": torch.randn(rows, steps, 1, generator=gen),
+                                  "done": done}}, batch_size=[rows, steps])
+    plain, final = replay_batch(sample), replay_batch(sample, final_frame=True)
+    assert torch.equal(final["frames"], pixels) and torch.equal(final["frames"][:, :steps], plain["frames"])
+    assert torch.equal(final["actions"][:, :steps], plain["actions"]) and not final["actions"][:, steps].any()
+    assert torch.equal(final["rewards"][:, :steps], plain["rewards"])
+    assert final["action_valid"].tolist() == [[True] * steps + [False]] * rows
+    assert final["is_last"].tolist() == [[False] * steps + [row == 1] for row in range(rows)]
+    with pytest.raises(ValueError, match="replay.final_frame=false"):
+        replay_batch(sample.exclude(("next", "pixels")), final_frame=True)
+
+    # The loss: no BC target at the appended frame, and the row's last reward is a target (at that frame).
+    constant = with_constant_heads(heads, params, seed=3)
+    latents = torch.randn(rows, steps + 1, 4, 4, generator=gen).tanh()
+    _, metrics = agent_finetune_loss(constant, latents, final["actions"], final["rewards"], final["is_last"], gen,
+                                     model=model, heads=heads, action_valid=final["action_valid"])
+    bc, reward = _reference_terms(heads, constant, final, final["is_last"], discrete, final["action_valid"])
+    torch.testing.assert_close(metrics["bc_nll"], bc)
+    torch.testing.assert_close(metrics["reward_ce"], reward)
+
+    def loss(actions, rewards):
+        return agent_finetune_loss(params, latents, actions, rewards, final["is_last"],
+                                   torch.Generator().manual_seed(7), model=model, heads=heads,
+                                   action_valid=final["action_valid"])[0]
+
+    live = params.clone()
+    live["heads", "reward", "out", "weight"] = torch.randn(live["heads", "reward", "out", "weight"].shape,
+                                                           generator=gen)
+    params = live
+    other_action = final["actions"].clone()
+    other_action[:, steps] = 1 if discrete else 0.5  # the appended frame's placeholder action: read by nothing
+    torch.testing.assert_close(loss(other_action, final["rewards"]), loss(final["actions"], final["rewards"]))
+    last_reward = final["rewards"].clone()
+    last_reward[:, steps - 1] += 5.0  # the reward of each row's last transition: now a target
+    assert not torch.allclose(loss(final["actions"], last_reward), loss(final["actions"], final["rewards"]))
+    with pytest.raises(ValueError, match="action_valid must be bool"):
+        agent_finetune_loss(params, latents, final["actions"], final["rewards"], final["is_last"], gen, model=model,
+                            heads=heads, action_valid=final["action_valid"][:, :steps])
 
 
 @pytest.mark.parametrize("clean_context, forcing, loss_weight",

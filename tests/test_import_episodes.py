@@ -66,6 +66,12 @@ def test_imported_episodes_are_stored_exactly(lengths, cameras, channels, discre
         frames = torch.as_tensor(episode["pixels"][:steps])
         expected = frames.permute(0, 3, 1, 2) if cameras == 1 else frames.permute(0, 1, 4, 2, 3)
         assert torch.equal(rows["pixels"], expected.float() / 255)  # float32 k/255, as the envs give
+        if extra_frame:  # the frame after each action, the last one's included
+            after = torch.as_tensor(episode["pixels"][1:])
+            after = after.permute(0, 3, 1, 2) if cameras == 1 else after.permute(0, 1, 4, 2, 3)
+            assert torch.equal(rows["next", "pixels"], after.float() / 255)
+        else:
+            assert ("next", "pixels") not in rows.keys(include_nested=True)
         assert torch.equal(rows["action"], torch.as_tensor(episode["action"]).to(rows["action"].dtype))
         assert torch.equal(rows["next", "reward"].reshape(-1), torch.as_tensor(episode["reward"]))
         last = torch.arange(steps) == steps - 1
@@ -102,6 +108,7 @@ def test_arrival_layout_shifts_rewards_and_terminal_onto_the_action_before():
     out = episode_transitions(episode, 7, rewards_on="arrival")
     assert out.shape == (3,)
     assert out["pixels"][:, 0, 0, 0].tolist() == [0, 1, 2]
+    assert out["next", "pixels"][:, 0, 0, 0].tolist() == [1, 2, 3]  # the frame each action led to
     assert out["action"].reshape(-1).tolist() == pytest.approx([0.1, 0.2, 0.3])
     assert out["next", "reward"].reshape(-1).tolist() == [1.0, 2.0, 3.0]
     assert out["next", "terminated"].reshape(-1).tolist() == [False, False, True]
@@ -157,8 +164,8 @@ def test_bad_episodes_are_refused_naming_the_value(episode, options, message):
 def test_episodes_that_disagree_are_refused_naming_both(tmp_path):
     rng = np.random.default_rng(2)
     episodes = [_episode(rng, 3), _episode(rng, 3, discrete=True)]
-    with pytest.raises(ValueError, match=r"episode 1 has frames \[3, 4, 4\] and discrete actions, "
-                       r"episode 0 has frames \[3, 4, 4\] and 2-dim continuous"):
+    with pytest.raises(ValueError, match=r"episode 1 has frames \[3, 4, 4\], discrete actions, without .*, "
+                       r"episode 0 has frames \[3, 4, 4\], 2-dim continuous"):
         import_episodes(episodes, tmp_path / "mixed")
     with pytest.raises(ValueError, match="capacity=4"):
         import_episodes([_episode(rng, 3), _episode(rng, 3)], tmp_path / "small", capacity=4)
@@ -168,7 +175,7 @@ def test_episodes_that_disagree_are_refused_naming_both(tmp_path):
 
 
 def test_dataset_checks_use_the_imported_episode_lengths_and_actions(tmp_path):
-    episode = _episode(np.random.default_rng(3), 5, size=32, discrete=True)
+    episode = _episode(np.random.default_rng(3), 5, size=32, discrete=True, extra_frame=True)
     episode["action"] = np.array([0, 1, 4, 2, 0])
     import_episodes([episode], tmp_path / "data")
     meta = read_metadata(tmp_path / "data")
@@ -182,11 +189,21 @@ def test_dataset_checks_use_the_imported_episode_lengths_and_actions(tmp_path):
         check_dataset_fits(cfg, meta, "d")
 
 
+def test_without_final_frames_training_needs_final_frame_off(tmp_path):
+    rng = np.random.default_rng(6)
+    meta = import_episodes([_episode(rng, 12, size=32, extra_frame=False)], tmp_path / "data")
+    assert "next.pixels" not in meta["entries"]
+    overrides = ["dynamics.action_dim=2", "heads.action_dim=2"]
+    with pytest.raises(ValueError, match="replay.final_frame=false"):
+        check_dataset_fits(load_run_config(DEBUG, overrides), meta, "d")
+    check_dataset_fits(load_run_config(DEBUG, [*overrides, "replay.final_frame=false"]), meta, "d")
+
+
 def test_camera_lists_import_for_the_multicamera_config(tmp_path):
     rng = np.random.default_rng(4)
     cfg = load_run_config(MULTICAM, [])
     size = cfg.tokenizer.height
-    front, wrist = (rng.integers(0, 256, size=(20, size, size, 3), dtype=np.uint8) for _ in range(2))
+    front, wrist = (rng.integers(0, 256, size=(21, size, size, 3), dtype=np.uint8) for _ in range(2))
     episode = {"pixels": [front, wrist], "action": rng.uniform(-1, 1, (20, cfg.dynamics.action_dim)),
                "reward": np.zeros(20)}
     meta = import_episodes([episode], tmp_path / "data")

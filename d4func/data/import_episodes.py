@@ -17,11 +17,12 @@ One episode is a mapping with
 Time alignment, ``rewards_on``:
 
 - ``"action"`` (TorchRL's and d4func's layout): ``reward[t]`` and ``terminated[t]`` follow ``action[t]``, taken at
-  ``pixels[t]``. ``pixels`` may hold one frame more than the actions (the frame after the last action); d4func
-  stores the frame before each action only, so that last frame is dropped.
+  ``pixels[t]``. ``pixels`` holds one frame more than the actions (the frame after the last action, stored as
+  each transition's ``("next", "pixels")``), or as many: then training needs ``replay.final_frame=false``, and the
+  reward of each episode's last action is never learned (it has no frame to be predicted at).
 - ``"arrival"`` (DreamerV3's layout): ``reward[t]`` and ``terminated[t]`` were received on arriving at
   ``pixels[t]``, so ``reward[0]`` is ignored and the last frame's action has no outcome: an episode of T frames
-  gives T - 1 transitions.
+  gives T - 1 transitions, and the last frame is the one after the last of them.
 
 Frames are stored as uint8 (float frames are rounded to multiples of 1/255), as in every d4func dataset. Every
 episode must share the first one's frame shape and action kind; a bad value stops the import with a message
@@ -162,6 +163,8 @@ def episode_transitions(
             raise ValueError(f"{where}: rewards_on='action' needs as many actions as rewards and as many frames or "
                              f"one more, got {n_frames} frames, {n_actions} actions, {n_rewards} rewards")
         steps = n_actions
+        # The frame after each action, the last one included, when given: `replay.final_frame` trains on it.
+        next_frames = frames[1:] if n_frames == n_actions + 1 else None
         frames = frames[:steps]
         terminal = _terminal_flag(episode.get("terminated"), steps, False, f"{where} terminated")
     else:
@@ -170,7 +173,7 @@ def episode_transitions(
                              f"{n_frames} frames, {n_actions} actions, {n_rewards} rewards")
         steps = n_frames - 1
         # Transition t: frame t, action t, and what arriving at frame t + 1 gave.
-        frames, actions, rewards = frames[:steps], actions[:steps], rewards[1:]
+        frames, next_frames, actions, rewards = frames[:steps], frames[1:], actions[:steps], rewards[1:]
         terminal = _terminal_flag(episode.get("terminated"), n_frames, True, f"{where} terminated")
     if steps < 1:
         raise ValueError(f"{where} has no transition ({n_frames} frames, rewards_on={rewards_on!r})")
@@ -178,7 +181,7 @@ def episode_transitions(
     last[-1] = True
     first = torch.zeros(steps, 1, dtype=torch.bool)
     first[0] = True
-    return TensorDict(
+    transitions = TensorDict(
         {
             "pixels": frames,
             "action": actions,
@@ -194,13 +197,17 @@ def episode_transitions(
         },
         batch_size=[steps],
     )
+    if next_frames is not None:
+        transitions["next", "pixels"] = next_frames
+    return transitions
 
 
 def _signature(transitions: TensorDict) -> str:
     """What every episode of a dataset must share: frame shape and action kind."""
     action = transitions["action"]
     kind = f"{action.shape[1]}-dim continuous" if torch.is_floating_point(action) else "discrete"
-    return f"frames {list(transitions['pixels'].shape[1:])} and {kind} actions"
+    final = "with" if ("next", "pixels") in transitions.keys(include_nested=True) else "without"
+    return f"frames {list(transitions['pixels'].shape[1:])}, {kind} actions, {final} the frame after the last action"
 
 
 def import_episodes(

@@ -14,7 +14,8 @@ action leading *into* each frame (`actions_into_frames`), so the agent token h_t
 * reward, offset n: h_t predicts the reward *into* frame t+n, r_{t+n-1} (offset 0 is the reward of the transition
   that produced frame t, which h_t sees together with its action). In imagination the reward of a_t is therefore
   read at the next frame's agent token. The reward of the transition out of a row's last frame has no frame in the
-  row and is never a target: keep the final observation as a frame if terminal rewards matter.
+  row; `replay.final_frame` (on by default) appends that next frame to every row (`loop.replay_batch`), with
+  `action_valid` False at it, so an episode's last reward is learned too.
 A target is valid when it lies inside the row and in frame t's episode (`mtp_targets` on `is_last`); steps after a
 row's first `is_last` are padding (a replay row never crosses an episode boundary, `d4func/data/replay.py`): they
 contribute to no loss term, the dynamics term included, and since the transformer is causal nothing before them
@@ -106,11 +107,14 @@ def agent_finetune_loss(
     heads: AgentHeads,
     cfg: FinetuneConfig = FinetuneConfig(),  # noqa: B008 (frozen dataclass: immutable default)
     tasks: Tensor | None = None,
+    action_valid: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Phase-2 loss: shortcut forcing + behaviour cloning (all L offsets) + reward prediction (twohot CE).
 
     params: {"dynamics", "heads"}; latents: clean latents `[B, T, S, Dz]`; actions, rewards, is_last: see the
     module docstring (TorchRL convention; is_last None means every row is one episode with no end inside).
+    action_valid: bool `[B, T]`, False where a frame took no action (the final frame `replay.final_frame` appends):
+    no behaviour-cloning target there; None means every frame took one.
 
     One forward pass of the dynamics model at the sampled (tau, d) gives both the denoising prediction and the
     agent-token outputs. The draws (d, tau, noise) are made in the same order as `shortcut_forcing_loss`, so with
@@ -146,11 +150,17 @@ def agent_finetune_loss(
 
     # --- behaviour cloning: h_t -> a_{t+n} ------------------------------------------------------------------------
     L = heads.cfg.mtp
-    action_targets, action_valid = mtp_targets(actions, is_last, L)
-    action_valid = action_valid & valid_step[:, :, None]
+    action_targets, bc_valid = mtp_targets(actions, is_last, L)
+    bc_valid = bc_valid & valid_step[:, :, None]
+    if action_valid is not None:
+        if action_valid.shape != (batch, steps) or action_valid.dtype != torch.bool:
+            raise ValueError(f"action_valid must be bool [B, T] = {[batch, steps]}, got {action_valid.dtype} "
+                             f"{list(action_valid.shape)}")
+        target_taken, _ = mtp_targets(action_valid.float(), is_last, L)
+        bc_valid = bc_valid & (target_taken > 0.5)
     policy = policy_dist(heads, params["heads", "policy"], agent_out, offset=None)  # batch [B, T, L]
     nll = -policy.log_prob(action_targets)
-    bc = _masked_mean(nll, action_valid)
+    bc = _masked_mean(nll, bc_valid)
 
     # --- reward: h_t -> reward into frame t+n = rewards[t+n-1] ------------------------------------------------------
     rewards_in = torch.cat([torch.zeros_like(rewards[:, :1]), rewards[:, :-1]], dim=1)
@@ -171,7 +181,7 @@ def agent_finetune_loss(
         "flow_mse": _masked_mean(per_frame.detach(), flow_w > 0),
         "bootstrap_mse": _masked_mean(per_frame.detach(), boot_w > 0),
         "bc_nll": bc.detach(),
-        "bc_nll_0": _masked_mean(nll[:, :, 0].detach(), action_valid[:, :, 0]),
+        "bc_nll_0": _masked_mean(nll[:, :, 0].detach(), bc_valid[:, :, 0]),
         "reward_ce": reward_ce.detach(),
         "reward_ce_0": _masked_mean(ce[:, :, 0].detach(), reward_valid[:, :, 0]),
         "policy_entropy": _masked_mean(policy.entropy()[:, :, 0].detach(), valid_step),
@@ -192,7 +202,7 @@ def agent_finetune_step(
     grad_fn: Callable[..., Any] = grad_and_value,
 ) -> tuple[TensorDictBase, dict[str, Tensor]]:
     """One phase-2 update of `state` (params {"dynamics", "heads"}) on a batch with "latents", "actions",
-    "rewards" and optionally "is_last" and "tasks" (see the module docstring for their alignment).
+    "rewards" and optionally "is_last", "tasks" and "action_valid" (see the module docstring for their alignment).
 
     `grad_fn(loss_fn, has_aux=True)(params, *args) -> (grads, (loss, metrics))`: `functional.grad_and_value`, or
     `distributed.data_parallel_grad_and_value` for a data-parallel step on this rank's shard. The loss terms are
@@ -200,7 +210,7 @@ def agent_finetune_step(
     get = batch.get
     grads, (_, metrics) = grad_fn(agent_finetune_loss, has_aux=True)(
         state["params"], batch["latents"], batch["actions"], batch["rewards"], get("is_last", None), generator,
-        model=model, heads=heads, cfg=cfg, tasks=get("tasks", None),
+        model=model, heads=heads, cfg=cfg, tasks=get("tasks", None), action_valid=get("action_valid", None),
     )
     return checked_update(state, grads, metrics, opt, ema_decay)
 

@@ -163,6 +163,10 @@ def check_dataset_fits(cfg: RunConfig, metadata: Mapping[str, Any], path: str) -
         # data's would score the agent in dynamics (and per-step rewards) it never saw.
         raise ValueError(f"dataset {path} was recorded at action_repeat={repeat} but env.action_repeat="
                          f"{cfg.env.action_repeat}: set env.action_repeat={repeat} or record it again")
+    if cfg.replay.final_frame and "next.pixels" not in entries:
+        raise ValueError(f"dataset {path} does not store the frame after each transition ('next.pixels'), which "
+                         "replay.final_frame=true trains on: set replay.final_frame=false, or import the episodes "
+                         "with their final frames")
     longest = metadata.get("longest_episode")
     if longest is not None and cfg.replay.seq_len > longest:
         # Sequences never cross an episode boundary, so no [B, T] slice could be drawn.

@@ -83,16 +83,49 @@ def init_states(cfg: RunConfig, models: Models) -> dict[str, TensorDictBase]:
     }
 
 
-def replay_batch(sample: TensorDictBase) -> dict[str, Tensor]:
-    """A replay sample `[B, T]` in TorchRL's layout -> the tensors the train steps read."""
+def replay_batch(sample: TensorDictBase, final_frame: bool = False) -> dict[str, Tensor]:
+    """A replay sample `[B, T]` in TorchRL's layout -> the tensors the train steps read.
+
+    `final_frame` (`replay.final_frame`): append the frame after the row's last transition (its stored
+    `("next", "pixels")`), giving `T + 1` frames, so the reward of that transition has a frame to be predicted at,
+    an episode's terminal reward included. Actions and rewards get a zero entry at the new frame, which takes no
+    action (`action_valid` False there: no behaviour-cloning target), and it is the row's last frame (`is_last`)
+    when the row ends its episode.
+    """
     reward = sample.get(("next", "reward"))
     done = sample.get(("next", "done"))
-    return {
+    batch = {
         "frames": sample.get("pixels"),
         "actions": sample.get("action"),
         "rewards": reward.reshape(reward.shape[:2]).float(),
         "is_last": done.reshape(done.shape[:2]),
     }
+    if not final_frame:
+        return batch
+    next_frames = sample.get(("next", "pixels"), None)
+    if next_frames is None:
+        raise ValueError("replay.final_frame=true needs the frame after each transition (('next', 'pixels')), which "
+                         "this replay does not store: set replay.final_frame=false")
+
+    def pad(x: Tensor) -> Tensor:
+        return torch.cat([x, torch.zeros_like(x[:, :1])], dim=1)
+
+    has_action = torch.ones_like(batch["is_last"])
+    return {
+        "frames": torch.cat([batch["frames"], next_frames[:, -1:]], dim=1),
+        "actions": pad(batch["actions"]),
+        "rewards": pad(batch["rewards"]),
+        # The appended frame ends the episode iff the row's last transition did; before it nothing ends (a row
+        # never crosses an episode boundary).
+        "is_last": torch.cat([torch.zeros_like(batch["is_last"]), batch["is_last"][:, -1:]], dim=1),
+        "action_valid": pad(has_action),
+    }
+
+
+def world_model_batch(latents: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The phase-2 batch (`agent_finetune_step`): a `replay_batch`'s frames replaced by their latents."""
+    keys = ("actions", "rewards", "is_last", "action_valid")
+    return {"latents": latents, **{key: batch[key] for key in keys if key in batch}}
 
 
 def refresh_agent_frozen(agent: TensorDictBase, world_model: TensorDictBase) -> TensorDictBase:
@@ -152,10 +185,8 @@ def gradient_step(
     # On the unmasked latents the world model trains on; near 0 means a collapsed tokenizer (see latent_spread).
     # Under torchrun this is each rank's own shard (rank 0's is logged).
     metrics["tokenizer/latent_spread"] = float(latent_spread(latents))
-    wm_batch = {"latents": latents, "actions": batch["actions"], "rewards": batch["rewards"],
-                "is_last": batch["is_last"]}
     states["world_model"], wm = in_phase("world_model", agent_finetune_step)(
-        states["world_model"], wm_batch, generator, model=models.dynamics, heads=models.heads,
+        states["world_model"], world_model_batch(latents, batch), generator, model=models.dynamics, heads=models.heads,
         opt=cfg.optim.world_model, cfg=cfg.finetune, ema_decay=cfg.optim.ema_decay, grad_fn=grad_fn,
     )
     metrics.update({f"world_model/{k}": float(v) for k, v in wm.items()})
@@ -549,7 +580,7 @@ class Trainer:
                 rng_before = {name: gen.get_state() for name, gen in self.generators().items()}
                 replay_before = checkpoint.replay_position(self.replay)  # its sampler's RNG, before this batch
                 batch = {k: v.to(self.device, non_blocking=True)
-                         for k, v in replay_batch(self.replay.sample()).items()}
+                         for k, v in replay_batch(self.replay.sample(), self.cfg.replay.final_frame).items()}
                 try:
                     self.states, metrics = self.step_fn(self.cfg, self.models, self.states, batch, self.generator,
                                                          self.counters["grad_steps"], agent_active, self.lpips_fn,
