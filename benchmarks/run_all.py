@@ -374,7 +374,7 @@ def phases_section(config: str, ctx: Context) -> dict[str, Any]:
         agent = refresh_agent_frozen(states["agent"], states["world_model"])
         states["agent"], _ = imagination_step(agent, im_batch, generator, model=models.dynamics,
                                               heads=models.heads, opt=cfg.optim.agent, cfg=cfg.imagination,
-                                              window=cfg.replay.seq_len)
+                                              window=cfg.replay.row_frames)
 
     def whole_step() -> None:
         nonlocal loop_states
@@ -426,7 +426,7 @@ def acting_section(config: str, ctx: Context) -> dict[str, Any]:
 
     def policy() -> WorldModelPolicy:  # random weights: the cost of acting does not depend on their values
         module = WorldModelPolicy(models.tokenizer, models.dynamics, models.heads, raw_env.action_spec,
-                                  context=cfg.replay.seq_len, seed=cfg.seed)
+                                  context=cfg.replay.row_frames, seed=cfg.seed)
         module.update_params(states["tokenizer"]["params"], agent_params_from_states(states["world_model"], None))
         return module
 

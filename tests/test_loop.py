@@ -153,6 +153,18 @@ def test_acting_policy_runs_in_a_torchrl_collector():
     assert policy._state["dyn_cache"]["valid"].shape[1] <= 3
 
 
+def test_acting_keeps_as_many_frames_as_a_training_row_holds():
+    from d4func.envs.registry import make_env
+    from d4func.train.loop import make_eval_policy
+
+    for final_frame, frames in (("true", 9), ("false", 8)):
+        cfg = load_run_config(DEBUG, [f"replay.final_frame={final_frame}"])
+        assert cfg.replay.seq_len == 8 and cfg.replay.row_frames == frames
+        models = build_models(cfg)
+        env = make_env(cfg.env.name, seed=0, image_size=cfg.env.image_size, action_repeat=cfg.env.action_repeat)
+        assert make_eval_policy(cfg, models, init_states(cfg, models), env.action_spec).context == frames
+
+
 @pytest.mark.parametrize("name", ["debug", "dmc_cartpole", "crafter", "dmc_multicam", "offline"])
 def test_shipped_run_configs_load(name):
     cfg = load_run_config(f"experiments/configs/{name}.yaml")

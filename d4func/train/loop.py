@@ -198,7 +198,7 @@ def gradient_step(
         im_batch = {"latents": latents[:, :context], "actions": batch["actions"][:, :context]}
         states["agent"], im = in_phase("agent", imagination_step)(agent, im_batch, generator, model=models.dynamics,
                                                heads=models.heads, opt=cfg.optim.agent, cfg=cfg.imagination,
-                                                                        grad_fn=grad_fn, window=cfg.replay.seq_len)
+                                                                        grad_fn=grad_fn, window=cfg.replay.row_frames)
         metrics.update({f"agent/{k}": float(v) for k, v in im.items()})
     return states, metrics
 
@@ -330,7 +330,7 @@ def make_eval_policy(
     cfg: RunConfig, models: Models, states: dict[str, TensorDictBase], action_spec
 ) -> WorldModelPolicy:
     policy = WorldModelPolicy(models.tokenizer, models.dynamics, models.heads, action_spec,
-                              context=cfg.replay.seq_len, seed=cfg.seed + 7, greedy=cfg.loop.eval_greedy)
+                              context=cfg.replay.row_frames, seed=cfg.seed + 7, greedy=cfg.loop.eval_greedy)
     policy.update_params(*acting_params(states))
     return policy
 
@@ -694,7 +694,7 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
     trainer.replay = checkpoint.reopen_run_replay(replay_dir, cfg.replay.capacity, cfg.replay.seq_len,
                                                   cfg.replay.batch_size, seed=trainer.rank_seed(cfg.seed + 4, "replay"))
     policy = WorldModelPolicy(trainer.models.tokenizer, trainer.models.dynamics, trainer.models.heads,
-                              env.action_spec, context=cfg.replay.seq_len,
+                              env.action_spec, context=cfg.replay.row_frames,
                               seed=trainer.rank_seed(cfg.seed + 5, "acting"))
     trainer.extra_generators["acting"] = policy.generator
     if resuming:

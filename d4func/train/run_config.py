@@ -48,13 +48,19 @@ class EnvConfig:
 @dataclass(frozen=True)
 class ReplayConfig:
     capacity: int = 100_000
-    seq_len: int = 16  # T of a training row; also the window the acting policy and imagination attend to
+    seq_len: int = 16  # T: transitions in a training row (frames: `row_frames`)
     batch_size: int = 16
     context_len: int = 4  # T0: replay frames that start an imagined rollout
     # Train on the frame after a row's last transition too (the stored `("next", "pixels")`), so a row of T
     # transitions has T + 1 frames: without it the reward of an episode's last transition (a terminal success or
     # failure) has no frame to be predicted at and is never learned. The extra frame has no action to clone.
     final_frame: bool = True
+
+    @property
+    def row_frames(self) -> int:
+        """Frames in a training row (`seq_len`, plus the final frame): the longest window the world model learns,
+        and the one the acting policy and imagined rollouts keep."""
+        return self.seq_len + int(self.final_frame)
 
     def __post_init__(self) -> None:
         for name in ("capacity", "seq_len", "batch_size", "context_len"):
