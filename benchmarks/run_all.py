@@ -394,7 +394,7 @@ def phases_section(config: str, ctx: Context) -> dict[str, Any]:
     }
     figures = {f"{name}_steps_per_s": 1 / t[name].median for name in fns}
     figures["tokenizer_autoencode_frames_per_s"] = autoencode.output
-    b, tt = cfg.replay.batch_size, cfg.replay.seq_len
+    b, tt = cfg.replay.batch_size, cfg.replay.row_frames
     rows = [Row(label, 1 / t[name].median, "steps/s", t[name].peak_mib) for name, label in labels.items()]
     rows.append(Row("tokenizer encode+decode, no grad", autoencode.output, "frames/s", autoencode.peak_mib))
     params = {"tokenizer": count_params(states["tokenizer"]["params"]),
@@ -403,7 +403,8 @@ def phases_section(config: str, ctx: Context) -> dict[str, Any]:
     rows[0].note = (f"B={b} T={tt} {cfg.tokenizer.height}px; params tok {params['tokenizer'] / 1e6:.2f}M, "
                     f"wm {params['world_model'] / 1e6:.2f}M")
     return section(rows, figures, {"config": str(CONFIGS[config].relative_to(REPO)), "overrides": list(overrides),
-                                   "batch": b, "seq_len": tt, "params": params, "repeats": ctx.budget.phase_repeats})
+                                   "batch": b, "seq_len": cfg.replay.seq_len, "row_frames": tt, "params": params,
+                                   "repeats": ctx.budget.phase_repeats})
 
 
 def acting_section(config: str, ctx: Context) -> dict[str, Any]:

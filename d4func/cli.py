@@ -5,10 +5,10 @@
     d4func collect --env dmc:cartpole-swingup --out data/cartpole --steps 5000 --action-repeat 4 [--seed 0]
     d4func import --episodes recorded/ --out data/robot [--pixels front,wrist] [--rewards-on arrival]
 
-Exit codes: 0 done; 2 a config or input error (bad key or value, missing file, a dataset or env that does not fit
-the models), printed as one line; 3 training stopped on a NaN / inf, with the last good state saved (one line
-naming the phase, loss term and step). Set D4FUNC_TRACEBACK=1 to get the full traceback instead of the line
-(exit code 1 then).
+Exit codes: 0 done; 2 a config or input error (bad key or value, missing or existing file, a dataset or env that
+does not fit the models), printed as one line; 3 training stopped on a NaN / inf, with the last good state saved
+(one line naming the phase, loss term and step). Set D4FUNC_TRACEBACK=1 to get the full traceback instead of the
+line (exit code 1 then).
 """
 
 from __future__ import annotations
@@ -42,14 +42,14 @@ def _eval(args: argparse.Namespace) -> int:
     from d4func.envs.registry import make_env
     from d4func.train import checkpoint
     from d4func.train.loop import build_models, make_eval_policy, run_env_name, run_episodes
-    from d4func.train.run_config import RunConfig
+    from d4func.train.run_config import saved_run_config
 
     path = Path(args.checkpoint)
     ckpt_path = path if path.is_file() else checkpoint.latest_checkpoint(path)
     if ckpt_path is None:
         raise FileNotFoundError(f"no checkpoint (ckpt-*.pt) in {str(path)!r}")
     loaded = checkpoint.load_checkpoint(ckpt_path)
-    cfg = checkpoint.config_from_dict(RunConfig, loaded.payload["config"])
+    cfg = saved_run_config(loaded.payload["config"])
     # As the run's own evaluations: its env (an offline run's dataset's), episode length and cap, greedy or not.
     env = make_env(args.env or run_env_name(cfg), seed=args.seed, image_size=cfg.env.image_size,
                    action_repeat=cfg.env.action_repeat, max_episode_steps=cfg.env.max_episode_steps)
@@ -79,7 +79,9 @@ def _import(args: argparse.Namespace) -> int:
     if not files:
         raise FileNotFoundError(f"no .npz files in {str(source)!r}")
     keys = {"pixels": args.pixels.split(",") if "," in args.pixels else args.pixels, "action": args.action,
-            "reward": args.reward, "terminated": args.terminated}
+            "reward": args.reward, "is_first": args.is_first}
+    if args.terminated is not None:  # named: every file must hold it (a misspelling would mean "never terminal")
+        keys["terminated"] = args.terminated
     env_config = None
     if args.env:
         from d4func.envs.registry import env_config as make_env_config
@@ -125,14 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
         "import", help="write recorded episodes (one .npz per episode) as an offline dataset",
         description="Each .npz file holds one episode: frames [T, H, W, C] uint8 (or float in [0, 1]), actions "
         "[T, A] in [-1, 1] or [T] integer indices, rewards [T], optionally a terminated flag. See "
-        "d4func.data.import_episodes for the layouts. DreamerV3 episodes: --pixels image --terminated is_terminal "
+        "d4func.data.import_episodes for the layouts. DreamerV3's replay: --pixels image --terminated is_terminal "
         "--rewards-on arrival.")
     imports.add_argument("--episodes", required=True, help="a directory of .npz files (sorted by name) or one file")
     imports.add_argument("--out", required=True, help="dataset directory (must not exist yet)")
     imports.add_argument("--pixels", default="pixels", help="frames array; several cameras as a,b")
     imports.add_argument("--action", default="action", help="actions array")
     imports.add_argument("--reward", default="reward", help="rewards array")
-    imports.add_argument("--terminated", default="terminated", help="terminal flag(s), False when absent")
+    imports.add_argument("--terminated", default=None, help="terminal flag(s); when not given, an array "
+                         "'terminated' is read where present (False elsewhere)")
+    imports.add_argument("--is-first", default="is_first", help="episode-start flags, where present: a file is "
+                         "split into episodes at them (DreamerV3's chunks); never joined across files")
     imports.add_argument("--rewards-on", choices=["action", "arrival"], default="action",
                          help="action: reward[t] follows action[t] (TorchRL); arrival: reward[t] came on "
                          "arriving at frame t (DreamerV3)")
@@ -150,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (OmegaConfBaseException, ValueError, FileNotFoundError, NonFiniteLossError) as error:
+    except (OmegaConfBaseException, ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError) as error:
         # Config and input errors, and a NaN / inf stop (its state is saved): one clear line naming the bad key,
         # value or loss term, no traceback (unless asked for: a ValueError deep in a run may be a bug).
         if os.environ.get("D4FUNC_TRACEBACK", "").lower() in ("1", "true", "yes"):

@@ -404,9 +404,10 @@ def imagine(
     after frame t; the last one is not used, the policy replaces it), or None for none known;
     context_action_mask `[B, T0]` optionally marks unknown ones. steps: K denoising steps per frame (default
     `cfg.sampling_steps`). greedy: act with the policy's mode instead of sampling (evaluation). window: the most
-    frames the world model attends to at once, the length of its training rows (`replay.seq_len`), as the acting
-    policy keeps it (`train.acting`); None attends to the whole rollout. Without it, a context of T0 frames and a
-    horizon H put the last imagined frames H + T0 - seq_len steps beyond any time distance training showed.
+    frames the world model attends to at once, the length of its training rows (`replay.row_frames`), as the
+    acting policy keeps it (`train.acting`); None attends to the whole rollout. Without it, a context of T0 frames
+    and a horizon H put the last imagined frames H + T0 - row_frames steps beyond any time distance training
+    showed.
 
     Which agent output the policy reads: the one from the call that *commits* a frame at tau_ctx (`commit_frames`),
     not the last denoising call (where the frame is still at signal 1 - 1/K). That is the frame as the world model

@@ -64,7 +64,7 @@ from d4func.tokenizer import Tokenizer, decode, encode
 from d4func.tokenizer_loss import psnr
 from d4func.train import checkpoint
 from d4func.train.loop import build_models, run_env_name
-from d4func.train.run_config import RunConfig
+from d4func.train.run_config import RunConfig, saved_run_config
 from d4func.train.video import decode_after_context, predict_frames, predict_latents, write_comparison_gif
 from d4func.transformer import empty_cache
 
@@ -101,7 +101,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     config_file = run_dir / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} is missing: {run_dir} is not a run of d4func.train.loop")
-    cfg = checkpoint.config_from_dict(RunConfig, json.loads(config_file.read_text()))
+    cfg = saved_run_config(json.loads(config_file.read_text()))
     path = checkpoint.latest_checkpoint(run_dir)
     if path is None:
         raise FileNotFoundError(f"no checkpoint (ckpt-*.pt) in {run_dir}: the run has not saved one yet")

@@ -72,3 +72,13 @@ def test_an_unchanged_config_resumes_silently_and_a_changed_model_is_refused_by_
     changed = _with(BASE, "dynamics.transformer.d_model", 999)
     with pytest.raises(ValueError, match=r"runs/x .*dynamics.transformer.d_model: \d+ -> 999"):
         check_resume_config(BASE, changed, "runs/x")
+
+
+def test_a_config_saved_before_final_frame_existed_keeps_the_old_row_layout():
+    from d4func.train.run_config import saved_run_config
+
+    current = checkpoint.config_to_dict(load_run_config("experiments/configs/debug.yaml"))
+    saved = checkpoint.config_to_dict(load_run_config("experiments/configs/debug.yaml"))
+    del saved["replay"]["final_frame"]  # as written by d4func before the option
+    assert saved_run_config(saved).replay.final_frame is False and current["replay"]["final_frame"] is True
+    assert check_resume_config(saved, current, "run") == ["replay.final_frame: False -> True"]

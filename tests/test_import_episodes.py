@@ -154,6 +154,9 @@ def _bad(**changes):
     (_bad(), {"rewards_on": "before"}, "'before'"),
     (_bad(pixels=np.zeros((1, 8, 8, 3), dtype=np.uint8), action=np.zeros((1, 2)), reward=np.zeros(1)),
      {"rewards_on": "arrival"}, "no transition"),
+    (_bad(pixels=np.zeros((0, 8, 8, 3)), action=np.zeros((0, 2)), reward=np.zeros(0)), {}, "no frames"),
+    (_bad(action=np.eye(2, dtype=np.float32)[[0, 1, 1, 0]]), {}, "one-hot"),
+    (_bad(pixels=np.zeros((4, 8, 8, 3), dtype=np.uint8)), {"channels_last": False}, "channels_last=True"),
 ])
 def test_bad_episodes_are_refused_naming_the_value(episode, options, message):
     with pytest.raises(ValueError, match="episode 3|rewards_on") as error:
@@ -241,3 +244,79 @@ def test_import_command_then_offline_training_without_an_env(tmp_path, capsys):
     assert "nowhere" in capsys.readouterr().err
     assert main(["import", "--episodes", str(tmp_path / "episodes"), "--out", str(tmp_path / "y")]) == 2
     assert "no array 'pixels'" in capsys.readouterr().err
+
+
+def test_integer_actions_of_shape_t_by_1_are_indices():
+    out = episode_transitions({"pixels": np.zeros((3, 4, 4, 3), dtype=np.uint8), "action": np.array([[2], [0], [1]]),
+                               "reward": np.zeros(3)}, 0)
+    assert out["action"].tolist() == [2, 0, 1]
+
+
+def _chunk(rng, steps, first_at, terminal_at=()):
+    """A DreamerV3-style replay chunk: rewards and terminal flags on arrival, episode starts marked."""
+    is_first = np.zeros(steps, dtype=bool)
+    is_first[list(first_at)] = True
+    is_terminal = np.zeros(steps, dtype=bool)
+    is_terminal[list(terminal_at)] = True
+    return {"image": rng.integers(0, 256, size=(steps, 32, 32, 3), dtype=np.uint8),
+            "action": rng.uniform(-1, 1, size=(steps, 1)).astype(np.float32),
+            "reward": np.arange(steps, dtype=np.float32), "is_first": is_first, "is_terminal": is_terminal}
+
+
+def test_chunks_are_split_at_is_first_and_never_joined_across_files(tmp_path):
+    rng = np.random.default_rng(7)
+    (tmp_path / "chunks").mkdir()
+    # chunk 0: an episode at 0..5 ending in a terminal state, a second one from 6 on; chunk 1 continues it (no
+    # is_first at 0), then a third episode starts at 4.
+    np.savez(tmp_path / "chunks" / "a.npz", **_chunk(rng, 10, [0, 6], terminal_at=[5]))
+    np.savez(tmp_path / "chunks" / "b.npz", **_chunk(rng, 9, [4]))
+    out = tmp_path / "data"
+    assert main(["import", "--episodes", str(tmp_path / "chunks"), "--out", str(out), "--pixels", "image",
+                 "--terminated", "is_terminal", "--rewards-on", "arrival"]) == 0
+    stored = _stored_episodes(out)
+    # frames per episode 6, 4, 4, 5 -> transitions 5, 3, 3, 4 (arrival drops each episode's last action)
+    assert [stored[i].shape[0] for i in range(4)] == [5, 3, 3, 4]
+    assert stored[0]["next", "reward"].reshape(-1).tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert stored[0]["next", "terminated"].reshape(-1).tolist() == [False] * 4 + [True]
+    assert stored[1]["next", "reward"].reshape(-1).tolist() == [7.0, 8.0, 9.0]  # rewards on arrival at 7, 8, 9
+    assert not stored[1]["next", "terminated"].any() and stored[1]["next", "truncated"].reshape(-1)[-1]
+    assert stored[2]["next", "reward"].reshape(-1).tolist() == [1.0, 2.0, 3.0]  # chunk b's head: its own episode
+
+
+def test_a_failed_import_leaves_no_partial_dataset_and_names_the_file(tmp_path, capsys):
+    rng = np.random.default_rng(8)
+    (tmp_path / "episodes").mkdir()
+    for i in range(3):
+        episode = _episode(rng, 5, size=8, extra_frame=True)
+        if i == 2:
+            episode["action"][3, 0] = 3.0
+        np.savez(tmp_path / "episodes" / f"ep{i}.npz", **episode)
+    out = tmp_path / "data"
+    assert main(["import", "--episodes", str(tmp_path / "episodes"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "ep2.npz, steps 0..4" in err and "max 3" in err
+    assert not out.exists()
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # a directory the user made: only what the import wrote goes
+    assert main(["import", "--episodes", str(tmp_path / "episodes"), "--out", str(out)]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    (out / "storage").mkdir()
+    assert main(["import", "--episodes", str(tmp_path / "episodes"), "--out", str(out)]) == 2
+    assert "no dataset.json (an interrupted import?)" in capsys.readouterr().err
+    # a terminal-flag array named on the command line must be in every file
+    assert main(["import", "--episodes", str(tmp_path / "episodes"), "--out", str(tmp_path / "x"),
+                 "--terminated", "is_terminal"]) == 2
+    assert "no array 'is_terminal'" in capsys.readouterr().err
+
+
+def test_frames_must_match_the_named_env(tmp_path):
+    from d4func.envs.registry import env_config
+
+    rng = np.random.default_rng(9)
+    with pytest.raises(ValueError, match=r"frames are \[8, 8\] pixels, but env_config says image_size=64"):
+        import_episodes([_episode(rng, 3, size=8)], tmp_path / "a", env_config=env_config("dmc:cartpole-swingup"))
+    with pytest.raises(ValueError, match="2 camera"):
+        import_episodes([_episode(rng, 3, size=64)], tmp_path / "b",
+                        env_config=env_config("dmc:cartpole-swingup@0,1"))
+    import_episodes([_episode(rng, 3, size=64, cameras=2)], tmp_path / "c",
+                    env_config=env_config("dmc:cartpole-swingup@0,1"))

@@ -12,7 +12,8 @@ One episode is a mapping with
   (discrete). Rescale continuous actions to [-1, 1] first: the policy's distributions live there;
 - ``"reward"``: ``[T]``;
 - ``"terminated"`` (optional, default False): whether the episode ended in a terminal state (no bootstrapping
-  past it) rather than being cut off; a bool, or one flag per step of which only the last may be True.
+  past it) rather than being cut off; a bool, or one flag per step of which only the last may be True;
+- ``"name"`` (optional): how error messages refer to the episode (e.g. its file).
 
 Time alignment, ``rewards_on``:
 
@@ -32,7 +33,8 @@ naming the episode and the value.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+import shutil
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +81,11 @@ def _frames(pixels: Any, channels_last: bool, where: str) -> Tensor:
             raise ValueError(f"{where} has shape {list(frames.shape)}: {channels} channels last looks like channels "
                              f"first ({other} channels); pass channels_last=False (--channels-first)")
         frames = rearrange(frames, "... h w c -> ... c h w")
+    elif frames.shape[-3] > 4 and frames.shape[-1] <= 4:
+        raise ValueError(f"{where} has shape {list(frames.shape)}: {frames.shape[-3]} channels first looks like "
+                         f"channels last ({frames.shape[-1]} channels); pass channels_last=True (no --channels-first)")
+    if frames.shape[0] == 0:
+        raise ValueError(f"{where} holds no frames")
     if frames.dtype == torch.uint8:
         return frames
     if not torch.is_floating_point(frames):
@@ -95,6 +102,8 @@ def _actions(action: Any, where: str) -> Tensor:
     if actions.dtype == torch.bool:
         raise ValueError(f"{where} is bool; give discrete actions as integer indices")
     if not torch.is_floating_point(actions):
+        if actions.dim() == 2 and actions.shape[1] == 1:
+            actions = actions[:, 0]
         if actions.dim() != 1:
             raise ValueError(f"{where}: discrete actions must be [T] integer indices, got shape {list(actions.shape)}")
         if actions.numel() and actions.min() < 0:
@@ -104,6 +113,10 @@ def _actions(action: Any, where: str) -> Tensor:
         actions = actions[:, None]
     if actions.dim() != 2:
         raise ValueError(f"{where}: continuous actions must be [T, A] or [T], got shape {list(actions.shape)}")
+    if actions.shape[1] > 1 and actions.numel() and ((actions == 0) | (actions == 1)).all() and (
+            actions.sum(dim=1) == 1).all():
+        raise ValueError(f"{where} looks one-hot ({actions.shape[1]} columns of 0/1, one 1 per step); give discrete "
+                         "actions as integer indices (argmax)")
     if not torch.isfinite(actions).all():
         raise ValueError(f"{where} holds NaN or inf")
     low, high = actions.min().item() if actions.numel() else 0.0, actions.max().item() if actions.numel() else 0.0
@@ -150,7 +163,7 @@ def episode_transitions(
     """One recorded episode -> its ``[T]`` transitions in d4func's replay layout (see the module docstring)."""
     if rewards_on not in REWARD_ALIGNMENTS:
         raise ValueError(f"rewards_on must be one of {REWARD_ALIGNMENTS}, got {rewards_on!r}")
-    where = f"episode {episode_id}"
+    where = f"episode {episode_id}" + (f" ({episode['name']})" if episode.get("name") else "")
     missing = [key for key in ("pixels", "action", "reward") if key not in episode]
     if missing:
         raise ValueError(f"{where} has no {missing} (has {sorted(episode)})")
@@ -230,8 +243,11 @@ def import_episodes(
     if rewards_on not in REWARD_ALIGNMENTS:
         raise ValueError(f"rewards_on must be one of {REWARD_ALIGNMENTS}, got {rewards_on!r}")
     path = Path(path).absolute()
-    if (path / META_FILE).exists() or (path / "storage").exists():
+    if (path / META_FILE).exists():
         raise FileExistsError(f"{path} already holds a dataset; choose a new directory")
+    if (path / "storage").exists():
+        raise FileExistsError(f"{path} holds replay storage but no {META_FILE} (an interrupted import?): delete "
+                              f"{path / 'storage'} or choose a new directory")
     if env_config is not None:
         try:
             json.dumps(dict(env_config))
@@ -247,6 +263,34 @@ def import_episodes(
     elif not isinstance(capacity, int) or capacity < 1:
         raise ValueError(f"capacity must be a positive int, got {capacity!r}")
 
+    existing = set(path.iterdir()) if path.is_dir() else None
+    try:
+        return _write_dataset(all_transitions, path, capacity, env_config, source,
+                              {"rewards_on": rewards_on, "channels_last": channels_last})
+    except BaseException:
+        # A bad episode stops the import: leave the directory as it was, so a corrected rerun can write there.
+        if existing is None:
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            for entry in set(path.iterdir()) - existing:
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        raise
+
+
+def _check_env_frames(env_config: Mapping[str, Any], frame_shape: Sequence[int]) -> None:
+    """Frames `[(V,) C, H, W]` against the size and cameras of the env the dataset says it comes from."""
+    size = env_config.get("image_size")
+    if size is not None and tuple(frame_shape[-2:]) != (size, size):
+        raise ValueError(f"frames are {list(frame_shape[-2:])} pixels, but env_config says image_size={size} "
+                         f"({env_config.get('name')}): pass the env's size (--image-size)")
+    cameras = len(env_config.get("camera_ids") or [0])
+    if cameras != (frame_shape[0] if len(frame_shape) == 4 else 1):
+        raise ValueError(f"frames of shape {list(frame_shape)} do not have the {cameras} camera(s) of env "
+                         f"{env_config.get('name')}")
+
+
+def _write_dataset(all_transitions: Iterable[TensorDict], path: Path, capacity: int,
+                   env_config: Mapping[str, Any] | None, source: str, layout: dict[str, Any]) -> dict[str, Any]:
     rb = None
     written = 0
     lengths: list[int] = []
@@ -256,6 +300,8 @@ def import_episodes(
         signature = _signature(transitions)
         if first_signature is None:
             first_signature = signature
+            if env_config is not None:
+                _check_env_frames(env_config, transitions["pixels"].shape[1:])
             rb = make_replay(capacity, 1, 1, path=path)  # seq_len=1: readers pick theirs with load_offline
         elif signature != first_signature:
             raise ValueError(f"episode {i} has {signature}, episode 0 has {first_signature}")
@@ -285,12 +331,15 @@ def import_episodes(
         "entries": entry_specs(rb[:1].exclude("index")),
         "longest_episode": max(lengths),
         "largest_discrete_action": None if largest_action < 0 else largest_action,
-        "imported": {"rewards_on": rewards_on, "channels_last": channels_last,
-                     "shortest_episode": min(lengths)},
+        "imported": {**layout, "shortest_episode": min(lengths)},
         "versions": {"torch": torch.__version__, "torchrl": torchrl.__version__, "tensordict": tensordict.__version__},
     }
     (path / META_FILE).write_text(json.dumps(meta, indent=2))
     return meta
+
+
+NPZ_NAMES = {"pixels": "pixels", "action": "action", "reward": "reward", "terminated": "terminated",
+             "is_first": "is_first"}
 
 
 def import_npz_episodes(
@@ -300,42 +349,72 @@ def import_npz_episodes(
     keys: Mapping[str, str | Sequence[str]] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """``d4func import``: one episode per ``.npz`` file (read in the given order) -> a dataset at ``path``.
+    """``d4func import``: episodes from ``.npz`` files (read in the given order) -> a dataset at ``path``.
 
-    ``keys`` maps d4func's names (``pixels``, ``action``, ``reward``, ``terminated``) to the files' own, e.g.
-    ``{"pixels": "image", "terminated": "is_terminal"}`` for DreamerV3's episodes (with ``rewards_on="arrival"``);
-    ``pixels`` may name several arrays, one per camera. A ``terminated`` key absent from a file means False.
-    ``options`` go to :func:`import_episodes`. Files are read one at a time (their lengths first, to size the
-    storage), so a dataset larger than memory imports.
+    ``keys`` maps d4func's names (``pixels``, ``action``, ``reward``, ``terminated``, ``is_first``) to the files'
+    own, e.g. ``{"pixels": "image", "terminated": "is_terminal"}`` for DreamerV3's replay (with
+    ``rewards_on="arrival"``); ``pixels`` may name several arrays, one per camera. A file holds one episode, or
+    several when it has an ``is_first`` array: it is split where ``is_first`` is set. Episodes are never joined
+    across files: the part of a file before its first ``is_first`` (an episode begun in another file, as in
+    DreamerV3's fixed-size chunks) becomes an episode of its own. ``terminated`` absent from a file means False,
+    unless its name was given in ``keys`` (then it must be there). ``options`` go to :func:`import_episodes`.
+    Files are read one at a time (a first pass reads only the rewards and ``is_first``, to size the storage), so
+    a dataset larger than memory imports. Errors name the file and step range.
     """
     if not files:
         raise ValueError("no .npz episode files given")
-    names: dict[str, str | Sequence[str]] = {"pixels": "pixels", "action": "action", "reward": "reward",
-                                             "terminated": "terminated"}
-    unknown = set(keys or {}) - set(names)
+    if "capacity" in options:
+        raise ValueError("capacity is counted from the files; do not pass it")
+    unknown = set(keys or {}) - set(NPZ_NAMES)
     if unknown:
-        raise ValueError(f"unknown keys {sorted(unknown)}; d4func's names are {sorted(names)}")
-    names.update(keys or {})
+        raise ValueError(f"unknown keys {sorted(unknown)}; d4func's names are {sorted(NPZ_NAMES)}")
+    names: dict[str, Any] = {**NPZ_NAMES, **(keys or {})}
+    terminated_required = "terminated" in (keys or {})
     arrival = options.get("rewards_on", "action") == "arrival"
 
-    def read(file: str | Path) -> dict[str, Any]:
-        with np.load(file) as data:
-            def need(name: str) -> np.ndarray:
-                if name not in data:
-                    raise ValueError(f"{file} has no array {name!r} (has {sorted(data.files)})")
-                return data[name]
+    def need(data: Any, file: str | Path, name: str) -> np.ndarray:
+        if name not in data:
+            raise ValueError(f"{file} has no array {name!r} (has {sorted(data.files)})")
+        return data[name]
 
-            pixel_names = names["pixels"]
-            pixels = ([need(n) for n in pixel_names] if not isinstance(pixel_names, str) else need(pixel_names))
-            episode = {"pixels": pixels, "action": need(names["action"]), "reward": need(names["reward"])}
-            if names["terminated"] in data:
-                episode["terminated"] = data[names["terminated"]]
-            return episode
+    def episode_starts(data: Any, file: str | Path, length: int) -> list[int]:
+        if names["is_first"] not in data:
+            return [0]
+        flags = np.asarray(data[names["is_first"]]).reshape(-1).astype(bool)
+        if flags.shape[0] != length:
+            raise ValueError(f"{file}: {names['is_first']!r} has {flags.shape[0]} flags for {length} steps")
+        return sorted({0, *np.flatnonzero(flags).tolist()})
 
-    capacity = 0
-    for file in files:
+    def lengths(file: str | Path) -> list[int]:
         with np.load(file) as data:
-            if names["reward"] not in data:
-                raise ValueError(f"{file} has no array {names['reward']!r} (has {sorted(data.files)})")
-            capacity += len(data[names["reward"]]) - int(arrival)
-    return import_episodes((read(f) for f in files), path, capacity=max(capacity, 1), **options)
+            reward = need(data, file, names["reward"])
+            if reward.ndim == 0:
+                raise ValueError(f"{file}: {names['reward']!r} must be [T], got a scalar")
+            bounds = [*episode_starts(data, file, len(reward)), len(reward)]
+            return [end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def episodes() -> Iterator[dict[str, Any]]:
+        for file in files:
+            with np.load(file) as data:
+                pixel_names = names["pixels"]
+                pixels = (need(data, file, pixel_names) if isinstance(pixel_names, str)
+                          else np.stack([need(data, file, n) for n in pixel_names], axis=1))
+                arrays = {"pixels": pixels, "action": need(data, file, names["action"]),
+                          "reward": need(data, file, names["reward"])}
+                if names["terminated"] in data:
+                    arrays["terminated"] = np.asarray(data[names["terminated"]]).reshape(-1)
+                elif terminated_required:
+                    need(data, file, names["terminated"])
+                length = len(arrays["reward"])
+                bounds = [*episode_starts(data, file, length), length]
+            for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+                # Frames may hold one more than the steps (the final frame) only in a single-episode file.
+                stop = len(arrays["pixels"]) if len(bounds) == 2 else end
+                episode = {"pixels": arrays["pixels"][start:stop], "action": arrays["action"][start:end],
+                           "reward": arrays["reward"][start:end], "name": f"{file}, steps {start}..{end - 1}"}
+                if "terminated" in arrays:
+                    episode["terminated"] = arrays["terminated"][start:end]
+                yield episode
+
+    capacity = sum(max(n - int(arrival), 0) for file in files for n in lengths(file))
+    return import_episodes(episodes(), path, capacity=max(capacity, 1), **options)

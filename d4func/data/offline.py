@@ -4,9 +4,11 @@ Dreamer 4 learns its world model from offline videos and actions (paper Sec. 3-4
 saved :func:`d4func.data.replay.make_replay` buffer, so offline training reads the same ``[B, T]`` within-episode
 slices as online training. A dataset directory holds
 
-- ``storage/``: the memmapped transitions (TorchRL layout: ``pixels``, ``action``, ``("next", "reward")``,
+- ``storage/``: the memmapped transitions (TorchRL layout: ``pixels``, ``action``, ``("next", "pixels")`` (the
+  frame each action led to: ``replay.final_frame`` trains on a row's last one), ``("next", "reward")``,
   ``("next", "done" | "terminated" | "truncated")``, ``step_count``, ``is_init``, ``("collector", "traj_ids")``,
-  env-specific entries such as Crafter's ``achievements``; pixels stored as uint8);
+  env-specific entries such as Crafter's ``achievements``; pixels stored as uint8). Episodes recorded elsewhere
+  are written in this format by :mod:`d4func.data.import_episodes`;
 - the buffer's own state files (``buffer_metadata.json``, ``writer/``, ...) from ``rb.dumps``;
 - ``dataset.json``: what was recorded (env name and config, policy, seed, step and episode counts, entry specs).
 """

@@ -184,7 +184,8 @@ def agent_finetune_loss(
         "bc_nll_0": _masked_mean(nll[:, :, 0].detach(), bc_valid[:, :, 0]),
         "reward_ce": reward_ce.detach(),
         "reward_ce_0": _masked_mean(ce[:, :, 0].detach(), reward_valid[:, :, 0]),
-        "policy_entropy": _masked_mean(policy.entropy()[:, :, 0].detach(), valid_step),
+        "policy_entropy": _masked_mean(policy.entropy()[:, :, 0].detach(),
+                                       valid_step if action_valid is None else valid_step & action_valid),
     }
     return loss, metrics
 
@@ -265,7 +266,7 @@ def imagination_step(
     TorchRL's convention, optional "tasks"), then a PMPO + value step on the policy and value heads only. The slow
     value target is the EMA of the value params (decay `cfg.slow_decay`). `grad_fn` as in `agent_finetune_step`:
     under data parallelism each rank imagines from its own contexts with its own generator. `window`: the frames the
-    world model attends to while imagining (`imagine`; the loop passes `replay.seq_len`)."""
+    world model attends to while imagining (`imagine`; the loop passes `replay.row_frames`)."""
     get = batch.get
     rollout = imagine(model, heads, imagination_params(state), batch["latents"], get("actions", None), generator,
                       horizon=cfg.horizon, steps=cfg.sampling_steps, tasks=get("tasks", None), window=window)

@@ -297,13 +297,16 @@ def sync_replay_files(rb: Any) -> list[Path]:
     if path is None or not (Path(path) / "storage").is_dir():
         return []
     synced = []
-    for file in sorted(p for p in (Path(path) / "storage").rglob("*") if p.is_file()):
+    storage = Path(path) / "storage"
+    for file in sorted(p for p in storage.rglob("*") if p.is_file()):
         fd = os.open(file, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
         synced.append(file)
+    for directory in [storage, *(p for p in storage.rglob("*") if p.is_dir())]:
+        _fsync_dir(directory)  # the files' entries too: a memmap created since the last checkpoint
     return synced
 
 

@@ -95,12 +95,14 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> tupl
 
 
 def with_defaults(saved: Mapping[str, Any]) -> Mapping[str, Any]:
-    """A config dict written by an older d4func, with every key added since filled in at its default (a key
-    that no longer exists stays, and shows up as a change)."""
-    from d4func.train.checkpoint import config_from_dict, config_to_dict
+    """A config dict written by an older d4func, with every key added since filled in at its default, or at the
+    behaviour the run had for keys in `run_config.LEGACY_VALUES` (a key that no longer exists stays, and shows up
+    as a change)."""
+    from d4func.train.checkpoint import config_to_dict
+    from d4func.train.run_config import saved_run_config
 
     try:
-        return config_to_dict(config_from_dict(RunConfig, saved))
+        return config_to_dict(saved_run_config(saved))
     except Exception:  # noqa: BLE001 (a removed or renamed key: compare the raw dicts, which names it)
         return saved
 

@@ -115,9 +115,10 @@ def replay_batch(sample: TensorDictBase, final_frame: bool = False) -> dict[str,
         "frames": torch.cat([batch["frames"], next_frames[:, -1:]], dim=1),
         "actions": pad(batch["actions"]),
         "rewards": pad(batch["rewards"]),
-        # The appended frame ends the episode iff the row's last transition did; before it nothing ends (a row
-        # never crosses an episode boundary).
-        "is_last": torch.cat([torch.zeros_like(batch["is_last"]), batch["is_last"][:, -1:]], dim=1),
+        # The appended frame ends the episode iff the row's last transition did, and frame T - 1 is then no
+        # longer the last; an earlier end (a padded row) stays where it is.
+        "is_last": torch.cat([batch["is_last"][:, :-1], torch.zeros_like(batch["is_last"][:, :1]),
+                              batch["is_last"][:, -1:]], dim=1),
         "action_valid": pad(has_action),
     }
 
@@ -809,7 +810,8 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
             trainer.save()
             next_ckpt += cfg.loop.checkpoint_every
 
-    with trainer.training(bar, *([] if collector is None else [collector.shutdown])):
+    # The collector closes the env when it shuts down; without one, close it here.
+    with trainer.training(bar, env.close if collector is None else collector.shutdown):
         if owed:
             train_and_check(0)  # no new env steps: only the owed credit
         for batch in batches():

@@ -8,7 +8,10 @@ specs when the loop starts.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -188,3 +191,25 @@ def resolve_device(name: str) -> torch.device:
 def load_run_config(yaml_path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
     """The run config from a YAML file and `key.sub=value` overrides (unknown keys and bad values raise)."""
     return load_config(RunConfig, yaml_path, overrides)
+
+
+# Keys whose default changed what a run does, with the value that runs saved before the key existed had: a saved
+# config without one is read with that value, so resuming or evaluating an older run keeps its behaviour.
+LEGACY_VALUES: dict[tuple[str, ...], object] = {("replay", "final_frame"): False}
+
+
+def saved_run_config(data: Mapping[str, Any]) -> RunConfig:
+    """A run's saved config (`config.json`, a checkpoint's `config`) as a `RunConfig`: keys added since it was
+    saved take their defaults, except `LEGACY_VALUES`, which take the behaviour the run had."""
+    from d4func.train.checkpoint import config_from_dict
+
+    data = copy.deepcopy(dict(data))
+    for path, value in LEGACY_VALUES.items():
+        node = data
+        for key in path[:-1]:
+            node = node.setdefault(key, {}) if isinstance(node, dict) else None
+            if node is None:
+                break
+        if isinstance(node, dict) and path[-1] not in node:
+            node[path[-1]] = value
+    return config_from_dict(RunConfig, data)
