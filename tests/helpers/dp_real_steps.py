@@ -92,13 +92,15 @@ def tokenizer_batches() -> list[Tensor]:
 
 
 def agent_batches() -> list[dict[str, Tensor]]:
-    """`N_STEPS` full phase-2 batches (latents, continuous actions, rewards), float64, no episode ends."""
+    """`N_STEPS` full phase-2 batches (latents, continuous actions, rewards), float64, no episode ends; the last
+    frame takes no action (`action_valid`), as in rows with `replay.final_frame`."""
     gen = torch.Generator().manual_seed(99)
     out = []
     for _ in range(N_STEPS):
         latents = torch.rand(AGENT_BATCH, AGENT_T, 4, 4, generator=gen, dtype=torch.float64) * 2 - 1
         actions = torch.rand(AGENT_BATCH, AGENT_T, 2, generator=gen, dtype=torch.float64) * 2 - 1
-        out.append({"latents": latents, "actions": actions, "rewards": actions[..., 0].clone()})
+        acted = (torch.arange(AGENT_T) < AGENT_T - 1).expand(AGENT_BATCH, AGENT_T).clone()
+        out.append({"latents": latents, "actions": actions, "rewards": actions[..., 0].clone(), "action_valid": acted})
     return out
 
 
@@ -181,7 +183,7 @@ def reference_finetune() -> tuple[TensorDictBase, list[dict[str, Tensor]]]:
             part = shard_batch(batch, r)
             outs.append(grad_and_value(agent_finetune_loss, has_aux=True)(
                 state["params"], part["latents"], part["actions"], part["rewards"], None, gens[r],
-                model=model, heads=heads))
+                model=model, heads=heads, action_valid=part["action_valid"]))
         history.append(_mean_metrics([metrics for _, (_, metrics) in outs]))
         state, _ = apply_gradients(state, _mean([g for g, _ in outs]), OPT, EMA)
     return state, history
