@@ -321,7 +321,7 @@ def random_replay_batch(cfg, generator: torch.Generator) -> dict[str, torch.Tens
     """A replay-shaped batch [B, T] as `loop.replay_batch` returns it: frames in [0, 1], actions in the action
     space, rewards, and no episode end inside the rows; with `replay.final_frame`, T = seq_len + 1 frames, the
     last taking no action."""
-    b, t = cfg.replay.batch_size, cfg.replay.seq_len + int(cfg.replay.final_frame)
+    b, t = cfg.replay.batch_size, cfg.replay.row_frames
     tok = cfg.tokenizer
     cameras = (tok.n_cameras,) if tok.n_cameras > 1 else ()
     frames = torch.rand(b, t, *cameras, tok.channels, tok.height, tok.width, generator=generator)

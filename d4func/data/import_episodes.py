@@ -126,15 +126,17 @@ def _actions(action: Any, where: str) -> Tensor:
     return actions.float()
 
 
-def _per_step(value: Any, where: str, dtype: torch.dtype) -> Tensor:
+def _rewards(value: Any, where: str) -> Tensor:
+    """-> float32 ``[T]`` (``[T, 1]`` accepted), finite."""
     tensor = _as_tensor(value, where)
     if tensor.dim() == 2 and tensor.shape[1] == 1:
         tensor = tensor[:, 0]
     if tensor.dim() != 1:
         raise ValueError(f"{where} must be [T], got shape {list(tensor.shape)}")
-    if dtype == torch.float32 and not torch.isfinite(tensor.float()).all():
+    tensor = tensor.float()
+    if not torch.isfinite(tensor).all():
         raise ValueError(f"{where} holds NaN or inf")
-    return tensor.to(dtype)
+    return tensor
 
 
 def _terminal_flag(terminated: Any, n_flags: int, ignore_first: bool, where: str) -> bool:
@@ -169,7 +171,7 @@ def episode_transitions(
         raise ValueError(f"{where} has no {missing} (has {sorted(episode)})")
     frames = _frames(episode["pixels"], channels_last, f"{where} pixels")
     actions = _actions(episode["action"], f"{where} action")
-    rewards = _per_step(episode["reward"], f"{where} reward", torch.float32)
+    rewards = _rewards(episode["reward"], f"{where} reward")
     n_frames, n_actions, n_rewards = frames.shape[0], actions.shape[0], rewards.shape[0]
     if rewards_on == "action":
         if n_rewards != n_actions or n_frames not in (n_actions, n_actions + 1):
@@ -255,11 +257,9 @@ def import_episodes(
             raise TypeError(f"env_config must be JSON-serialisable, got {env_config!r}") from e
     convert = dict(channels_last=channels_last, rewards_on=rewards_on)
     all_transitions: Iterable[TensorDict] = (episode_transitions(ep, i, **convert) for i, ep in enumerate(episodes))
-    if capacity is None:
+    if capacity is None:  # no episodes: _write_dataset says so
         all_transitions = list(all_transitions)
         capacity = sum(t.shape[0] for t in all_transitions)
-        if capacity < 1:
-            raise ValueError(f"no episodes to import into {path}")
     elif not isinstance(capacity, int) or capacity < 1:
         raise ValueError(f"capacity must be a positive int, got {capacity!r}")
 
@@ -377,21 +377,21 @@ def import_npz_episodes(
             raise ValueError(f"{file} has no array {name!r} (has {sorted(data.files)})")
         return data[name]
 
-    def episode_starts(data: Any, file: str | Path, length: int) -> list[int]:
+    def episode_bounds(data: Any, file: str | Path, length: int) -> list[int]:
+        """Where the file's episodes start, then its length: episode k is steps bounds[k] .. bounds[k+1] - 1."""
         if names["is_first"] not in data:
-            return [0]
+            return [0, length]
         flags = np.asarray(data[names["is_first"]]).reshape(-1).astype(bool)
         if flags.shape[0] != length:
             raise ValueError(f"{file}: {names['is_first']!r} has {flags.shape[0]} flags for {length} steps")
-        return sorted({0, *np.flatnonzero(flags).tolist()})
+        return [*sorted({0, *np.flatnonzero(flags).tolist()}), length]
 
     def lengths(file: str | Path) -> list[int]:
         with np.load(file) as data:
             reward = need(data, file, names["reward"])
             if reward.ndim == 0:
                 raise ValueError(f"{file}: {names['reward']!r} must be [T], got a scalar")
-            bounds = [*episode_starts(data, file, len(reward)), len(reward)]
-            return [end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+            return np.diff(episode_bounds(data, file, len(reward))).tolist()
 
     def episodes() -> Iterator[dict[str, Any]]:
         for file in files:
@@ -405,8 +405,7 @@ def import_npz_episodes(
                     arrays["terminated"] = np.asarray(data[names["terminated"]]).reshape(-1)
                 elif terminated_required:
                     need(data, file, names["terminated"])
-                length = len(arrays["reward"])
-                bounds = [*episode_starts(data, file, length), length]
+                bounds = episode_bounds(data, file, len(arrays["reward"]))
             for start, end in zip(bounds[:-1], bounds[1:], strict=True):
                 # Frames may hold one more than the steps (the final frame) only in a single-episode file.
                 stop = len(arrays["pixels"]) if len(bounds) == 2 else end

@@ -294,10 +294,10 @@ def sync_replay_files(rb: Any) -> list[Path]:
     dirtied through a shared mapping of it (the same page cache).
     """
     path = getattr(rb, "path", None)
-    if path is None or not (Path(path) / "storage").is_dir():
+    storage = None if path is None else Path(path) / "storage"
+    if storage is None or not storage.is_dir():
         return []
     synced = []
-    storage = Path(path) / "storage"
     for file in sorted(p for p in storage.rglob("*") if p.is_file()):
         fd = os.open(file, os.O_RDONLY)
         try:

@@ -204,12 +204,9 @@ def saved_run_config(data: Mapping[str, Any]) -> RunConfig:
     from d4func.train.checkpoint import config_from_dict
 
     data = copy.deepcopy(dict(data))
-    for path, value in LEGACY_VALUES.items():
+    for (*sections, key), value in LEGACY_VALUES.items():
         node = data
-        for key in path[:-1]:
-            node = node.setdefault(key, {}) if isinstance(node, dict) else None
-            if node is None:
-                break
-        if isinstance(node, dict) and path[-1] not in node:
-            node[path[-1]] = value
+        for section in sections:
+            node = node.setdefault(section, {})
+        node.setdefault(key, value)
     return config_from_dict(RunConfig, data)
