@@ -10,6 +10,8 @@ Sections (benchmarks/README.md explains each figure):
                       whole `gradient_step`, at the debug and the default (dmc_cartpole) run configs
   acting_CONFIG       raw env steps/s (DMControl, rendered) vs acting-policy calls/s vs both in a TorchRL Collector
   online_CONFIG       env steps/s of the online loop `train_online` in its steady state (start-up excluded)
+  replay              the memmapped replay with each frame stored once vs next frames stored per transition:
+                      disk bytes per transition, write and sample rates
   gpu_paper_scale     CUDA only: tokens/s and model FLOP utilisation of a world-model train step, generated
                       frames/s, at a paper-like size (skipped without a GPU)
 
@@ -32,6 +34,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -51,7 +54,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 CONFIGS = {"debug": REPO / "experiments/configs/debug.yaml", "default": REPO / "experiments/configs/dmc_cartpole.yaml"}
 SECTION_NAMES = ("functional", "kv_cache", "bootstrap_targets", "phases_debug", "phases_default", "acting_debug",
-                 "acting_default", "online_debug", "online_default", "gpu_paper_scale")
+                 "acting_default", "online_debug", "online_default", "replay", "gpu_paper_scale")
 # Dense bf16 peak of the GPUs we know (vendor spec sheets, SXM parts); anything else needs --peak-tflops for MFU.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 NO_EPISODE_WORK = 10**9  # eval / GIF / checkpoint period longer than any benchmark run
@@ -82,6 +85,8 @@ class Budget:
     acting_repeats: int
     online_steps: dict[str, tuple[int, int]]  # per config: (short, long) env-step budgets; rate from the difference
     online_overrides: dict[str, tuple[str, ...]]
+    replay: tuple[int, int, int]  # transitions written, episode length, frame size (3 x size x size)
+    replay_repeats: int
 
 
 FULL = Budget(
@@ -92,6 +97,8 @@ FULL = Budget(
     # Both budgets end after agent_start, so the difference is the steady state with every phase training.
     online_steps={"debug": (200, 400), "default": (200, 400)},
     online_overrides={"debug": (), "default": ("loop.prefill_steps=100", "loop.agent_start=100")},
+    # cartpole at the main demo's action repeat 4: 250-step episodes of 64x64 frames
+    replay=(5000, 250, 64), replay_repeats=3,
 )
 QUICK = Budget(
     functional=(32, 2, 2, 4), functional_repeats=2,
@@ -103,6 +110,7 @@ QUICK = Budget(
     online_overrides={name: ("loop.collect_steps=30", "loop.prefill_steps=30", "loop.agent_start=30",
                              "replay.seq_len=4", "replay.context_len=2", "imagination.horizon=2")
                       for name in CONFIGS},
+    replay=(200, 50, 32), replay_repeats=1,
 )
 
 
@@ -619,6 +627,58 @@ def gpu_section(ctx: Context) -> dict[str, Any]:
     return section(rows, f, {"device": name, "untested_before_first_gpu_run": True})
 
 
+def replay_section(ctx: Context) -> dict[str, Any]:
+    from d4func.data.replay import make_replay
+
+    n, episode_len, size = ctx.budget.replay
+    cfg = load_config("default")
+    batch, seq_len = cfg.replay.batch_size, cfg.replay.seq_len
+    generator = torch.Generator().manual_seed(0)
+    steps = torch.arange(n)
+    frames = torch.randint(0, 256, (n + n // episode_len + 1, 3, size, size), generator=generator,
+                           dtype=torch.uint8).div(255)
+    # Frame i + episode: each episode has one frame more than its transitions (the one after its last).
+    episode, step = steps // episode_len, steps % episode_len
+    done = (step == episode_len - 1) | (steps == n - 1)
+    data = TensorDict({"pixels": frames[steps + episode], ("next", "pixels"): frames[steps + episode + 1],
+                       "action": torch.rand(n, 1, generator=generator), ("next", "reward"): torch.rand(n, 1),
+                       ("next", "done"): done[:, None], ("next", "truncated"): done[:, None],
+                       "is_init": (step == 0)[:, None], "step_count": step[:, None],
+                       ("collector", "traj_ids"): episode}, [n])
+    layouts = {"shared": True, "per_transition": False}
+    tmp = Path(tempfile.mkdtemp(prefix="d4func_replay_bench_"))
+    counter = iter(range(10**6))
+
+    def write(share: bool):
+        rb = make_replay(2 * n, seq_len, batch, path=tmp / f"rb{next(counter)}", share_next_pixels=share)
+        for start in range(0, n, 100):  # collector-sized batches
+            rb.extend(data[start:start + 100])
+        disk = sum(f.stat().st_blocks * 512 for f in (rb.path / "storage").rglob("*") if f.is_file())
+        return rb, disk
+
+    written = measure({name: (lambda share=share: write(share)) for name, share in layouts.items()},
+                      ctx.budget.replay_repeats)
+    buffers = {name: written[name].output[0] for name in layouts}
+    sampled = measure({name: buffers[name].sample for name in layouts}, 5 * ctx.budget.replay_repeats)
+    figures: dict[str, Any] = {}
+    rows = []
+    for name in layouts:
+        disk = written[name].output[1]
+        figures.update({f"{name}_disk_bytes_per_transition": disk / n,
+                        f"{name}_write_transitions_per_s": n / written[name].median,
+                        f"{name}_sample_rows_per_s": batch / sampled[name].median})
+        rows += [Row(f"disk per transition, next frames {name}", disk / n / 1024, "KiB"),
+                 Row(f"write, next frames {name}", n / written[name].median, "steps/s", written[name].peak_mib),
+                 Row(f"sample [{batch}, {seq_len}] rows, next frames {name}", batch / sampled[name].median, "rows/s",
+                     sampled[name].peak_mib)]
+    figures["disk_ratio_shared_over_per_transition"] = (figures["shared_disk_bytes_per_transition"]
+                                                        / figures["per_transition_disk_bytes_per_transition"])
+    rows.append(Row("disk, shared / per transition", figures["disk_ratio_shared_over_per_transition"], "x"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return section(rows, figures, {"transitions": n, "episode_len": episode_len, "frame": [3, size, size],
+                                   "batch": batch, "seq_len": seq_len, "repeats": ctx.budget.replay_repeats})
+
+
 def gpu_skipped() -> dict[str, Any]:
     note = "skipped: no CUDA device"
     rows = [Row("world-model train step tokens/s (paper-like size)", None, "tokens/s", note=note),
@@ -637,6 +697,7 @@ SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "acting_default": lambda ctx: acting_section("default", ctx),
     "online_debug": lambda ctx: online_section("debug", ctx),
     "online_default": lambda ctx: online_section("default", ctx),
+    "replay": replay_section,
     "gpu_paper_scale": gpu_section,
 }
 assert tuple(SECTIONS) == SECTION_NAMES

@@ -3,14 +3,15 @@
 Three small MLP heads read the agent-token outputs `h_t` (`Dynamics.forward`'s `agent_out`, `[..., n_agent, D]`,
 flattened to `[..., n_agent * D]`):
 
-* policy: a_{t+n} for the L = `mtp` offsets n = 0 .. L-1 (multi-token prediction). Continuous actions use
+* policy: a_{t+n} for the `mtp` offsets n = 0 .. mtp-1 (multi-token prediction; the paper's L = 8 sums Eq. 9
+  over n = 0 .. L, so its setting is `mtp = 9`, the default). Continuous actions use
   `BoundedNormal.from_raw` (loc via tanh, log-std bounded between `min_std` and `max_std`), discrete ones a
   `Categorical` with uniform mixing `unimix`.
 * reward: the reward *into* frame t+n (the reward of the transition that produced frame t+n; see
-  `d4func/train/agent_step.py` for the alignment) for the same L offsets, as a symexp-twohot distribution.
+  `d4func/train/agent_step.py` for the alignment) for the same `mtp` offsets, as a symexp-twohot distribution.
 * value: V(h_t), symexp twohot, one output (a value has no future offsets).
 
-Multi-token prediction design: one MLP trunk per head and a single output layer producing all L offsets at once
+Multi-token prediction design: one MLP trunk per head and a single output layer producing all `mtp` offsets at once
 (reshaped to `[..., L, out]`), i.e. L linear read-outs of one shared feature. The offsets describe the same state
 from different lags, so they share what the trunk extracts; the extra offsets cost only L-times a linear layer,
 and offset 0 (the one the policy acts with and the reward head annotates imagined steps with) gets the same trunk
@@ -60,7 +61,7 @@ class HeadsConfig:
     n_agent_tokens: int = 1
     hidden: int = 256
     n_blocks: int = 1  # pre-norm SwiGLU residual blocks per trunk
-    mtp: int = 8  # L: predicted offsets n = 0 .. L-1 of the policy and reward heads (paper: L = 8)
+    mtp: int = 9  # predicted offsets n = 0 .. mtp-1 of the policy and reward heads (paper: L = 8, n = 0 .. 8)
     action_dim: int = 0  # continuous action size; 0 for discrete actions
     n_actions: int = 0  # discrete action count; 0 for continuous actions
     n_bins: int = 255  # twohot bins of the reward and value heads (DreamerV3: 255 over symlog +-20)
@@ -151,7 +152,7 @@ class ResidualSwiGLU(nn.Module):
 
 class MLPHead(nn.Module):
     """RMSNorm -> Linear(in, hidden) -> n_blocks residual SwiGLU blocks -> RMSNorm -> Linear(hidden, groups * out),
-    reshaped to `[..., groups, out]` (`groups` = L offsets for the MTP heads), or `[..., out]` with no offset axis
+    reshaped to `[..., groups, out]` (`groups` = `mtp`, the MTP heads' offsets), or `[..., out]` with no offset axis
     when `groups` is None (the value head)."""
 
     def __init__(

@@ -210,7 +210,7 @@ def continue_world_model(
         "checkpoint": str(run.checkpoint),
         "run_step": run.step,
         "env": run.env_name,
-        "replay_transitions": len(replay),
+        "replay_transitions": replay.transition_count(),
         "episodes": episodes,
         "clips": clips,
         "horizon": horizon,

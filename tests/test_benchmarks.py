@@ -32,6 +32,9 @@ EXPECTED = {
     "acting_default": ACTING,
     "online_debug": ONLINE,
     "online_default": ONLINE,
+    "replay": {f"{layout}_{figure}" for layout in ("shared", "per_transition")
+               for figure in ("disk_bytes_per_transition", "write_transitions_per_s", "sample_rows_per_s")}
+    | {"disk_ratio_shared_over_per_transition"},
     "gpu_paper_scale": {"tokens_per_s", "mfu", "gen_frames_per_s"},
 }
 
@@ -71,6 +74,7 @@ def test_run_all_quick_prints_one_table_and_writes_every_figure(tmp_path):
     # The compared variants compute the same thing: identical generations, identical bootstrap targets.
     assert figures["kv_cache"]["cached_vs_uncached_max_abs_diff"] < 1e-4
     assert figures["bootstrap_targets"]["targets_folded_vs_vmapped_max_abs_diff"] < 1e-5
+    assert figures["replay"]["disk_ratio_shared_over_per_transition"] < 0.6  # each frame once, not twice
     assert figures["online_debug"]["window_env_steps"] == 30 and figures["online_debug"]["window_grad_steps"] >= 1
     if sys.platform == "linux":  # per-call peak memory on every timed CPU row
         timed = sections["phases_debug"]["rows"] + sections["acting_debug"]["rows"]

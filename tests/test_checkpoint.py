@@ -235,7 +235,7 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path, monkeypatch) -> None:
 def test_sync_replay_files_fsyncs_every_storage_file(tmp_path, monkeypatch) -> None:
     from d4func.data.replay import make_replay
 
-    rb = make_replay(16, 2, 1, path=tmp_path / "replay")
+    rb = make_replay(16, 2, 1, path=tmp_path / "replay", share_next_pixels=False)
     rb.extend(TensorDict({"pixels": torch.zeros(4, 3, 2, 2), "step_count": torch.arange(4)[:, None],
                           "collector": {"traj_ids": torch.zeros(4, dtype=torch.int64)}}, batch_size=[4]))
     fsynced = []

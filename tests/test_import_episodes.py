@@ -36,7 +36,7 @@ def _episode(rng: np.random.Generator, steps: int, *, cameras: int = 1, channels
 def _stored_episodes(path: Path) -> dict[int, dict[str, torch.Tensor]]:
     """Every stored transition, grouped by episode id and ordered by step."""
     rb = load_offline(path, 1, 1)
-    data = rb[: len(rb)]
+    data = rb.stored_transitions()
     out = {}
     for episode_id in data["collector", "traj_ids"].unique().tolist():
         rows = data[data["collector", "traj_ids"] == episode_id]

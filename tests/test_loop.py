@@ -48,10 +48,11 @@ def test_online_loop_on_dmc_writes_checkpoint_logs_gif_and_resumes(tmp_path, mon
 
     # The replay as of the newest checkpoint: all 200 transitions. The storage metadata on disk records only the
     # first extend, so a bare make_replay(path=...) samples from those alone, and warns.
-    from d4func.data.replay import StaleReplayPositionWarning, make_replay
+    from d4func.data.replay import END_FRAME_KEY, StaleReplayPositionWarning, make_replay
     from d4func.train.checkpoint import open_run_replay
 
-    assert len(open_run_replay(tmp_path, seed=0)) == 200
+    replay = open_run_replay(tmp_path, seed=0)
+    assert replay.share_next_pixels and int((~replay[: len(replay)][END_FRAME_KEY]).sum()) == 200
     with pytest.raises(ValueError, match="rank=1"):
         open_run_replay(tmp_path, rank=1)  # a single-process run has rank 0 only
     with pytest.raises(FileNotFoundError, match="no checkpoint"):

@@ -19,7 +19,14 @@ from d4func.data.offline import (
     read_metadata,
     record_episodes,
 )
-from d4func.data.replay import StaleReplayPositionWarning, make_replay, save_replay
+from d4func.data.replay import (
+    END_FRAME_KEY,
+    StaleReplayPositionWarning,
+    make_replay,
+    replay_layout,
+    save_replay,
+    with_episode_end_frames,
+)
 from d4func.envs.crafter_env import make_crafter_env
 from d4func.train.checkpoint import replay_position, restore_replay_position
 
@@ -28,20 +35,27 @@ torch.set_num_threads(1)
 TRAJ = ("collector", "traj_ids")
 
 
-def _episode(traj_id: int, length: int, uid0: int, size: int = 4) -> TensorDict:
-    """A synthetic episode: ids, step counts, a unique id per transition and k/255 pixels derived from it."""
-    uid = torch.arange(uid0, uid0 + length)
+def _frames(uid: torch.Tensor, size: int) -> torch.Tensor:
+    """k/255 frames derived from transition ids."""
     k = ((uid[:, None, None, None] * 7 + torch.arange(3 * size * size).reshape(1, 3, size, size)) % 256).to(torch.uint8)
+    return k.div(255)
+
+
+def _episode(traj_id: int, length: int, uid0: int, size: int = 4) -> TensorDict:
+    """A synthetic episode: ids, step counts, a unique id per transition and k/255 pixels derived from it; the next
+    frame of a step is the following step's frame (a final one after the last)."""
+    uid = torch.arange(uid0, uid0 + length)
+    frames = _frames(torch.arange(uid0, uid0 + length + 1), size)
     step = torch.arange(length)
     done = step == length - 1
     return TensorDict(
         {
-            "pixels": k.div(255),
+            "pixels": frames[:-1],
             "uid": uid,
             "step_count": step.unsqueeze(-1),
             "is_init": (step == 0).unsqueeze(-1),
             TRAJ: torch.full((length,), traj_id),
-            ("next", "pixels"): k.div(255),
+            ("next", "pixels"): frames[1:].clone(),
             ("next", "done"): done.unsqueeze(-1),
             ("next", "truncated"): done.unsqueeze(-1),
         },
@@ -74,6 +88,7 @@ def _assert_slices_within_episodes(sample: TensorDict, reference: dict[int, Tens
         want = ep[s0 : s0 + seq_len]
         assert torch.equal(sample["uid"][row], want["uid"])
         assert torch.equal(sample["pixels"][row], want["pixels"])  # bitwise after uint8 storage
+        assert torch.equal(sample["next", "pixels"][row], want["next", "pixels"])  # stored or rebuilt
         assert torch.equal(sample["is_init"][row], want["is_init"])  # stored flags untouched by the sampler
 
 
@@ -85,25 +100,28 @@ def _assert_slices_within_episodes(sample: TensorDict, reference: dict[int, Tens
     chunk=st.integers(1, 10),
     capacity_frac=st.floats(0.3, 1.5),
     seed=st.integers(0, 1000),
+    share=st.booleans(),
 )
-def test_slices_never_cross_episodes(lengths, seq_len, n_streams, chunk, capacity_frac, seed):
+def test_slices_never_cross_episodes(lengths, seq_len, n_streams, chunk, capacity_frac, seed, share):
     total = sum(lengths)
-    capacity = max(seq_len, int(total * capacity_frac))
+    capacity = max(seq_len + 1, int(total * capacity_frac))
     episodes, uid0 = [], 0
     for i, n in enumerate(lengths):
         episodes.append(_episode(i, n, uid0))
         uid0 += n
     reference = dict(enumerate(episodes))
-    rb = make_replay(capacity, seq_len, 4, seed=seed)
+    rb = make_replay(capacity, seq_len, 4, seed=seed, share_next_pixels=share)
     writes = _interleave(episodes, n_streams, chunk)
     for w in writes:
         rb.extend(w)
-    live = torch.cat(writes)[-capacity:]  # what survives the ring buffer
-    # a window of seq_len consecutive steps of one episode must still be stored for sampling to be possible
+    # What survives the ring buffer: stored entries (with share, each ended episode's final frame is one more).
+    stored = [with_episode_end_frames(w).exclude("episode_end_frame") if share else w for w in writes]
+    live = torch.cat(stored)[-capacity:]
+    # a window of slice_len consecutive stored steps of one episode must be there for sampling to be possible
     key = live[TRAJ] * 10_000 + live["step_count"][:, 0]
     present = set(key.tolist())
     possible = any(
-        all((t * 10_000 + s + j) in present for j in range(seq_len))
+        all((t * 10_000 + s + j) in present for j in range(rb.slice_len))
         for t, s in zip(live[TRAJ].tolist(), live["step_count"][:, 0].tolist(), strict=True)
     )
     if not possible:
@@ -130,22 +148,58 @@ def test_multi_env_batch_is_flattened_and_sampled_per_episode():
     assert (s["step_count"][:, 0, 0] % 6 != 0).any()
 
 
-def test_pixel_storage_is_uint8_and_input_untouched():
+@pytest.mark.parametrize("share", [True, False])
+def test_pixel_storage_is_uint8_and_input_untouched(share):
     ep = _episode(0, 10, 0)
     before = ep.clone()
-    rb = make_replay(20, 5, 2, seed=0)
+    rb = make_replay(20, 5, 2, seed=0, share_next_pixels=share)
     rb.extend(ep)
-    assert rb.storage._storage["pixels"].dtype == torch.uint8
-    assert rb.storage._storage["next", "pixels"].dtype == torch.uint8
-    assert (ep == before).all() and "index" not in ep.keys()  # the caller's batch is not modified
-    back = rb[:10]
+    stored = rb.storage._storage
+    assert stored["pixels"].dtype == torch.uint8
+    if share:  # each frame once: 10 transitions and the episode's final frame
+        assert ("next", "pixels") not in stored.keys(True) and len(rb) == 11
+        assert stored[END_FRAME_KEY][:11].tolist() == [False] * 10 + [True]
+    else:
+        assert stored["next", "pixels"].dtype == torch.uint8 and len(rb) == 10
+    assert (ep == before).all() and set(ep.keys(True)) == set(before.keys(True))  # the caller's batch is unchanged
+    back = rb.stored_transitions()
     assert back["pixels"].dtype == torch.float32
     assert torch.equal(back["pixels"], ep["pixels"]) and torch.equal(back["next", "pixels"], ep["next", "pixels"])
+
+
+def test_shared_next_frames_sample_as_stored_ones_and_halve_the_frames():
+    episodes = [_episode(i, n, 100 * i) for i, n in enumerate((9, 5, 12))]
+    shared = make_replay(64, 4, 32, seed=3)
+    per_transition = make_replay(64, 4, 32, seed=3, share_next_pixels=False)
+    for ep in episodes:
+        shared.extend(ep)
+        per_transition.extend(ep)
+    # 26 transitions + 3 final frames stored once, against 26 frames and 26 next frames
+    assert len(shared) == 29 and len(per_transition) == 26
+    assert shared.transition_count() == per_transition.transition_count() == 26
+    reference = dict(enumerate(episodes))
+    for rb in (shared, per_transition):
+        rows = rb.sample()
+        assert rows.shape == (32, 4) and END_FRAME_KEY not in rows.keys()
+        _assert_slices_within_episodes(rows, reference, 4)
+    # both layouts draw the same rows: an episode of n transitions has n - T + 1 of them either way
+    assert torch.equal(shared.sample()["uid"], per_transition.sample()["uid"])
+
+
+def test_a_next_frame_that_is_not_the_following_frame_is_refused():
+    ep = _episode(0, 6, 0)
+    ep["next", "pixels"][2] = ep["pixels"][0]
+    with pytest.raises(ValueError, match="episode 0: the next frame of step 2 differs"):
+        make_replay(20, 2, 1).extend(ep)
+    with pytest.raises(ValueError, match="no \\('next', 'pixels'\\)"):
+        make_replay(20, 2, 1).extend(ep.exclude(("next", "pixels")))
+    make_replay(20, 2, 1, share_next_pixels=False).extend(ep)  # stored as given
 
 
 def test_lossy_pixels_rejected_and_float_storage_option():
     ep = _episode(0, 6, 0)
     ep["pixels"] = ep["pixels"] + 1e-3
+    ep["next", "pixels"] = ep["next", "pixels"] + 1e-3
     with pytest.raises(ValueError, match="multiples of 1/255"):
         make_replay(10, 2, 1).extend(ep)
     rb = make_replay(10, 2, 1, compress_pixels=False)
@@ -155,7 +209,7 @@ def test_lossy_pixels_rejected_and_float_storage_option():
 
 
 def test_exclude_keys_drops_next_pixels():
-    rb = make_replay(10, 2, 1, exclude_keys=[("next", "pixels")])
+    rb = make_replay(10, 2, 1, exclude_keys=[("next", "pixels")], share_next_pixels=False)
     rb.extend(_episode(0, 6, 0))
     assert ("next", "pixels") not in rb.storage._storage.keys(True)
     assert "pixels" in rb.storage._storage.keys()
@@ -166,6 +220,9 @@ def test_bad_arguments():
         make_replay(10, 0, 1)
     with pytest.raises(ValueError, match="cannot exceed capacity"):
         make_replay(4, 5, 1)
+    with pytest.raises(ValueError, match="6 stored entries per row"):
+        make_replay(5, 5, 1)  # the row's final frame is one more stored entry
+    make_replay(5, 5, 1, share_next_pixels=False)
 
 
 def test_reopen_from_disk_and_keep_writing(tmp_path):
@@ -174,14 +231,30 @@ def test_reopen_from_disk_and_keep_writing(tmp_path):
     rb.extend(a)
     save_replay(rb)
     again = make_replay(40, 3, 4, path=tmp_path / "rb", seed=0)
-    assert again is not rb and len(again) == 9
-    assert torch.equal(again[:9]["uid"], a["uid"]) and torch.equal(again[:9]["pixels"], a["pixels"])
+    assert again is not rb and len(again) == 10 and again.share_next_pixels
+    back = again.stored_transitions()
+    assert torch.equal(back["uid"], a["uid"]) and torch.equal(back["pixels"], a["pixels"])
     again.extend(b)  # the write cursor was restored: b lands after a
-    assert len(again) == 16
-    assert torch.equal(again[:16]["uid"], torch.cat([a["uid"], b["uid"]]))
+    assert len(again) == 18
+    assert torch.equal(again.stored_transitions()["uid"], torch.cat([a["uid"], b["uid"]]))
     _assert_slices_within_episodes(again.sample(), {0: a, 1: b}, 3)
     with pytest.raises(ValueError, match="capacity"):
         make_replay(50, 3, 4, path=tmp_path / "rb")
+    with pytest.raises(ValueError, match="stores next frames 'shared', got share_next_pixels=False"):
+        make_replay(40, 3, 4, path=tmp_path / "rb", share_next_pixels=False)
+
+
+def test_a_buffer_saved_before_the_layout_file_reopens_with_per_transition_next_frames(tmp_path):
+    a = _episode(0, 9, 0)
+    rb = make_replay(40, 3, 4, path=tmp_path / "rb", seed=0, share_next_pixels=False)
+    rb.extend(a)
+    save_replay(rb)
+    (tmp_path / "rb" / "replay_layout.json").unlink()  # as written by d4func before the layout was recorded
+    assert replay_layout(tmp_path / "rb") == "per_transition"
+    again = make_replay(40, 3, 4, path=tmp_path / "rb", seed=0)
+    assert not again.share_next_pixels and len(again) == 9
+    _assert_slices_within_episodes(again.sample(), {0: a}, 3)
+    assert replay_layout(tmp_path / "new") is None
 
 
 def test_rewinding_a_sampled_buffer_samples_only_what_is_left():
@@ -195,13 +268,13 @@ def test_rewinding_a_sampled_buffer_samples_only_what_is_left():
     rb.extend(b)
     assert set(rb.sample()[TRAJ].unique().tolist()) == {0, 1}
     restore_replay_position(rb, position)
-    assert len(rb) == 20
+    assert len(rb) == 21  # a's 20 transitions and its final frame
     for _ in range(5):
         rows = rb.sample()
         assert rows["uid"].max() < 20
         _assert_slices_within_episodes(rows, {0: a}, 6)
     rb.extend(b)  # writing again after the rewind lands b where it was
-    assert torch.equal(rb[:40]["uid"], torch.cat([a["uid"], b["uid"]]))
+    assert torch.equal(rb.stored_transitions()["uid"], torch.cat([a["uid"], b["uid"]]))
 
 
 def test_reopening_a_buffer_whose_position_is_kept_elsewhere_warns(tmp_path):
@@ -210,15 +283,15 @@ def test_reopening_a_buffer_whose_position_is_kept_elsewhere_warns(tmp_path):
     save_replay(rb, position_kept_in="the checkpoints of RUN")
     rb.extend(_episode(1, 7, 50))  # recorded by its owner, not on disk
     with pytest.warns(StaleReplayPositionWarning, match="kept in the checkpoints of RUN"):
-        assert len(make_replay(40, 3, 4, path=tmp_path / "rb")) == 9
+        assert len(make_replay(40, 3, 4, path=tmp_path / "rb")) == 10
     with warnings.catch_warnings():
         warnings.simplefilter("error", StaleReplayPositionWarning)  # a plain save leaves no note: reopening is silent
         plain = make_replay(40, 3, 4, path=tmp_path / "plain", seed=0)
         plain.extend(_episode(0, 9, 0))
         save_replay(plain)
-        assert len(make_replay(40, 3, 4, path=tmp_path / "plain")) == 9
+        assert len(make_replay(40, 3, 4, path=tmp_path / "plain")) == 10
         save_replay(rb)  # saved again by its holder, without a note: the position on disk is current
-        assert len(make_replay(40, 3, 4, path=tmp_path / "rb")) == 16
+        assert len(make_replay(40, 3, 4, path=tmp_path / "rb")) == 18
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -238,23 +311,27 @@ def _reference_rollout(n_steps: int, frames_per_batch: int, seed: int) -> Tensor
 def test_offline_round_trip_is_bitwise(tmp_path):
     n, fpb, seed = 50, 20, 4
     meta = record_episodes(make_crafter_env(seed=seed), tmp_path / "ds", n_steps=n, seed=seed, frames_per_batch=fpb)
-    assert meta["n_steps"] == n and meta["capacity"] == n
+    # one final frame per ended episode: here only the last, cut short by the recording (marked truncated)
+    assert meta["n_steps"] == n and meta["stored_entries"] == n + 1 and meta["next_pixels"] == "shared"
     assert meta["entries"]["pixels"] == {"shape": [3, 64, 64], "dtype": "float32"}
+    assert meta["entries"]["next.pixels"] == meta["entries"]["pixels"]
     assert json.loads((tmp_path / "ds" / "dataset.json").read_text()) == meta
     ref = _reference_rollout(n, fpb, seed)  # same seeds -> the same transitions, regenerated in memory
+    assert not ref["next", "done"].any()
+    ref["next", "done"][-1] = ref["next", "truncated"][-1] = True
 
     def check(rb):
-        assert len(rb) == n
-        back = rb[:n].exclude("index")
+        assert len(rb) == n + 1
+        back = rb.stored_transitions()
         assert set(back.keys(True, True)) == set(ref.keys(True, True))
         for key, value in ref.items(True, True):
             assert value.dtype == back[key].dtype, key
             assert torch.equal(value, back[key]), key
         s = rb.sample()
         assert s.shape == (2, 8)
-        idx = s["index"].reshape(-1)
-        assert torch.equal(s["pixels"].reshape(-1, 3, 64, 64), ref["pixels"][idx])
-        assert torch.equal(s["action"].reshape(-1), ref["action"][idx])
+        step = s["step_count"].reshape(-1)  # one episode: the step is the transition's index
+        for key in ("pixels", ("next", "pixels"), "action", ("next", "reward")):
+            assert torch.equal(s[key].reshape(16, *ref[key].shape[1:]), ref[key][step]), key
 
     first = load_offline(tmp_path / "ds", seq_len=8, batch_size=2, seed=0)
     check(first)

@@ -331,7 +331,8 @@ def test_more_world_model_steps_samples_an_offline_runs_dataset(tmp_path):
     cfg = load_run_config(str(REPO / "experiments/configs/reach.yaml"),
                           [f"run_dir={tmp_path / 'run'}", f"loop.offline_data={tmp_path / 'data'}"])
     replay = mws.run_replay(tmp_path / "run", cfg, seed=0)
-    assert len(replay) == meta["n_steps"] == 36
+    assert replay.transition_count() == meta["n_steps"] == 36
+    assert len(replay) == meta["stored_entries"] == 39  # and the final frame of each episode
     sample = replay.sample()
     assert sample.batch_size == torch.Size([cfg.replay.batch_size, cfg.replay.seq_len])
     online = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, mode="online", offline_data=None))

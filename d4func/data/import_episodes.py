@@ -18,9 +18,10 @@ One episode is a mapping with
 Time alignment, ``rewards_on``:
 
 - ``"action"`` (TorchRL's and d4func's layout): ``reward[t]`` and ``terminated[t]`` follow ``action[t]``, taken at
-  ``pixels[t]``. ``pixels`` holds one frame more than the actions (the frame after the last action, stored as
-  each transition's ``("next", "pixels")``), or as many: then training needs ``replay.final_frame=false``, and the
-  reward of each episode's last action is never learned (it has no frame to be predicted at).
+  ``pixels[t]``. ``pixels`` holds one frame more than the actions (the frame after the last action; samples
+  read each transition's next frame as ``("next", "pixels")``, every frame stored once), or as many: then
+  training needs ``replay.final_frame=false``, and the reward of each episode's last action is never learned (it
+  has no frame to be predicted at).
 - ``"arrival"`` (DreamerV3's layout): ``reward[t]`` and ``terminated[t]`` were received on arriving at
   ``pixels[t]``, so ``reward[0]`` is ignored and the last frame's action has no outcome: an episode of T frames
   gives T - 1 transitions, and the last frame is the one after the last of them.
@@ -46,7 +47,7 @@ from einops import rearrange
 from tensordict import TensorDict
 from torch import Tensor
 
-from d4func.data.offline import DATASET_FORMAT, META_FILE, entry_specs
+from d4func.data.offline import DATASET_FORMAT, META_FILE, storage_metadata
 from d4func.data.replay import DEFAULT_TRAJ_KEY, make_replay, save_replay
 
 __all__ = ["REWARD_ALIGNMENTS", "episode_transitions", "import_episodes", "import_npz_episodes"]
@@ -237,8 +238,9 @@ def import_episodes(
 ) -> dict[str, Any]:
     """Write recorded ``episodes`` (see the module docstring) as a d4func dataset at ``path``; returns its metadata.
 
-    ``capacity``: the transitions to make room for. ``None`` counts them, which holds every episode in memory
-    first; give it to stream episodes one at a time. ``env_config`` (:func:`d4func.envs.registry.env_config`)
+    ``capacity``: the stored entries to make room for: the transitions, plus one per episode given with its final
+    frame (stored as an episode-end entry). ``None`` counts them, which holds every episode in memory first; give
+    it to stream episodes one at a time. ``env_config`` (:func:`d4func.envs.registry.env_config`)
     names an env the data comes from, so offline runs evaluate their policy in it; without one they train only.
     ``source`` is recorded as the dataset's policy (who acted).
     """
@@ -259,7 +261,7 @@ def import_episodes(
     all_transitions: Iterable[TensorDict] = (episode_transitions(ep, i, **convert) for i, ep in enumerate(episodes))
     if capacity is None:  # no episodes: _write_dataset says so
         all_transitions = list(all_transitions)
-        capacity = sum(t.shape[0] for t in all_transitions)
+        capacity = sum(t.shape[0] + 1 for t in all_transitions)  # + 1: an episode's final frame, if given
     elif not isinstance(capacity, int) or capacity < 1:
         raise ValueError(f"capacity must be a positive int, got {capacity!r}")
 
@@ -294,6 +296,7 @@ def _write_dataset(all_transitions: Iterable[TensorDict], path: Path, capacity: 
     rb = None
     written = 0
     lengths: list[int] = []
+    has_final = False
     first_signature = None
     largest_action = -1  # discrete datasets: checked against dynamics.n_actions before training
     for i, transitions in enumerate(all_transitions):
@@ -302,12 +305,16 @@ def _write_dataset(all_transitions: Iterable[TensorDict], path: Path, capacity: 
             first_signature = signature
             if env_config is not None:
                 _check_env_frames(env_config, transitions["pixels"].shape[1:])
-            rb = make_replay(capacity, 1, 1, path=path)  # seq_len=1: readers pick theirs with load_offline
+            # Final frames given: each frame is stored once (d4func.data.replay), the last as an episode-end entry.
+            has_final = ("next", "pixels") in transitions.keys(include_nested=True)
+            # seq_len=1: readers pick theirs with load_offline.
+            rb = make_replay(capacity, 1, 1, path=path, share_next_pixels=has_final)
         elif signature != first_signature:
             raise ValueError(f"episode {i} has {signature}, episode 0 has {first_signature}")
-        if written + transitions.shape[0] > capacity:
-            raise ValueError(f"episode {i} does not fit: {written} + {transitions.shape[0]} transitions exceed "
-                             f"capacity={capacity}")
+        entries = transitions.shape[0] + int(has_final)
+        if len(rb) + entries > capacity:
+            raise ValueError(f"episode {i} does not fit: {len(rb)} + {entries} stored entries (its transitions"
+                             f"{', and its final frame' if has_final else ''}) exceed capacity={capacity}")
         rb.extend(transitions)
         written += transitions.shape[0]
         lengths.append(transitions.shape[0])
@@ -328,7 +335,7 @@ def _write_dataset(all_transitions: Iterable[TensorDict], path: Path, capacity: 
         "env_config": None if env_config is None else dict(env_config),
         "traj_key": list(DEFAULT_TRAJ_KEY),
         "step_key": "step_count",
-        "entries": entry_specs(rb[:1].exclude("index")),
+        **storage_metadata(rb),
         "longest_episode": max(lengths),
         "largest_discrete_action": None if largest_action < 0 else largest_action,
         "imported": {**layout, "shortest_episode": min(lengths)},
@@ -415,5 +422,6 @@ def import_npz_episodes(
                     episode["terminated"] = arrays["terminated"][start:end]
                 yield episode
 
-    capacity = sum(max(n - int(arrival), 0) for file in files for n in lengths(file))
+    # Each episode's transitions, plus its final frame where given (stored as an episode-end entry).
+    capacity = sum(max(n - int(arrival), 0) + 1 for file in files for n in lengths(file))
     return import_episodes(episodes(), path, capacity=max(capacity, 1), **options)

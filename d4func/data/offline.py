@@ -7,8 +7,10 @@ slices as online training. A dataset directory holds
 - ``storage/``: the memmapped transitions (TorchRL layout: ``pixels``, ``action``, ``("next", "pixels")`` (the
   frame each action led to: ``replay.final_frame`` trains on a row's last one), ``("next", "reward")``,
   ``("next", "done" | "terminated" | "truncated")``, ``step_count``, ``is_init``, ``("collector", "traj_ids")``,
-  env-specific entries such as Crafter's ``achievements``; pixels stored as uint8). Episodes recorded elsewhere
-  are written in this format by :mod:`d4func.data.import_episodes`;
+  env-specific entries such as Crafter's ``achievements``; pixels stored as uint8). Each frame is stored once:
+  ``("next", "pixels")`` is rebuilt from the next step's entry, or from an episode-end frame entry
+  (:mod:`d4func.data.replay`); ``replay_layout.json`` says so. Episodes recorded elsewhere are written in this
+  format by :mod:`d4func.data.import_episodes`;
 - the buffer's own state files (``buffer_metadata.json``, ``writer/``, ...) from ``rb.dumps``;
 - ``dataset.json``: what was recorded (env name and config, policy, seed, step and episode counts, entry specs).
 """
@@ -29,7 +31,16 @@ from torchrl.collectors import Collector
 from torchrl.data import Bounded, Categorical, OneHot, TensorSpec
 from torchrl.envs import EnvBase
 
-from d4func.data.replay import DEFAULT_TRAJ_KEY, SequenceReplayBuffer, make_replay, save_replay
+from d4func.data.replay import (
+    DEFAULT_TRAJ_KEY,
+    END_FRAME_KEY,
+    NEXT_PIXELS,
+    PER_TRANSITION,
+    SHARED,
+    SequenceReplayBuffer,
+    make_replay,
+    save_replay,
+)
 
 __all__ = [
     "DATASET_FORMAT",
@@ -40,6 +51,8 @@ __all__ = [
     "load_offline",
     "read_metadata",
     "record_episodes",
+    "sampled_entry_specs",
+    "storage_metadata",
 ]
 
 DATASET_FORMAT = "d4func-replay-v1"
@@ -91,6 +104,21 @@ def entry_specs(data: TensorDictBase) -> dict[str, dict[str, Any]]:
     return out
 
 
+def sampled_entry_specs(rb: SequenceReplayBuffer) -> dict[str, dict[str, Any]]:
+    """:func:`entry_specs` of what a sampled transition of ``rb`` holds (``("next", "pixels")`` included where the
+    buffer rebuilds it from shared frames), from its first stored entry."""
+    specs = entry_specs(rb[:1].exclude("index", END_FRAME_KEY))
+    if rb.share_next_pixels:
+        specs[".".join(NEXT_PIXELS)] = specs["pixels"]
+    return specs
+
+
+def storage_metadata(rb: SequenceReplayBuffer) -> dict[str, Any]:
+    """The dataset.json fields that describe ``rb``'s storage: entries stored, next-frame layout, entry specs."""
+    return {"stored_entries": len(rb), "next_pixels": SHARED if rb.share_next_pixels else PER_TRANSITION,
+            "entries": sampled_entry_specs(rb)}
+
+
 def record_episodes(
     env: EnvBase | Callable[[], EnvBase],
     path: str | Path,
@@ -107,7 +135,8 @@ def record_episodes(
     """Record transitions of ``env`` into a dataset directory at ``path`` and return its metadata.
 
     Stops after ``n_steps`` transitions, or after ``n_episodes`` complete episodes (exactly one of the two);
-    in step mode the last episode may be cut short (it is still stored and sampled within its stored part).
+    in step mode the last episode may be cut short: its last stored step is then marked truncated (``done``),
+    as the recording ended it, so its next frame is kept.
     ``policy`` defaults to :class:`UniformRandomPolicy` seeded with ``seed``. ``max_steps`` caps the storage in
     episode mode. ``env_config`` (e.g. from :func:`d4func.envs.registry.env_config`) is saved in the metadata.
     The collector closes ``env`` when recording ends.
@@ -138,8 +167,9 @@ def record_episodes(
     policy_name = policy_name or type(policy).__name__
     env_repr = repr(env)
 
-    # seq_len=1 only because make_replay needs one; readers pick their own with load_offline.
-    rb = make_replay(capacity, 1, 1, path=path)
+    # seq_len=1 only because make_replay needs one; readers pick their own with load_offline. Room for an
+    # episode-end frame per transition, the worst case: memmaps are sparse files, so unused room takes no disk.
+    rb = make_replay(2 * capacity, 1, 1, path=path)
     collector = Collector(env, policy, frames_per_batch=min(frames_per_batch, capacity), total_frames=-1)
     written = 0
     completed = 0
@@ -159,6 +189,8 @@ def record_episodes(
                         f"({completed} complete after {written} steps); raise max_steps"
                     )
             batch = batch[:room]
+            if n_steps is not None and batch.shape[0] == room and not batch["next", "done"][-1].any():
+                batch = _end_recording(batch)
             rb.extend(batch)
             written += batch.shape[0]
             completed += int(batch["next", "done"].sum())
@@ -168,10 +200,9 @@ def record_episodes(
         collector.shutdown()
 
     save_replay(rb)
-    stored = rb[:1]
     meta = {
         "format": DATASET_FORMAT,
-        "capacity": capacity,
+        "capacity": 2 * capacity,
         "n_steps": written,
         "n_episodes_complete": completed,
         "seed": seed,
@@ -180,11 +211,20 @@ def record_episodes(
         "env_config": env_config,
         "traj_key": list(DEFAULT_TRAJ_KEY),
         "step_key": "step_count",
-        "entries": entry_specs(stored.exclude("index")),
+        **storage_metadata(rb),
         "versions": {"torch": torch.__version__, "torchrl": torchrl.__version__, "tensordict": tensordict.__version__},
     }
     (path / META_FILE).write_text(json.dumps(meta, indent=2))
     return meta
+
+
+def _end_recording(batch: TensorDictBase) -> TensorDictBase:
+    """The recording's last batch with its last step marked truncated: the recording, not the env, ended it."""
+    batch = batch.clone()
+    for key in ("done", "truncated"):
+        if ("next", key) in batch.keys(include_nested=True):
+            batch["next", key][-1] = True
+    return batch
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -207,8 +247,9 @@ def load_offline(
     """
     meta = read_metadata(path)
     rb = make_replay(meta["capacity"], seq_len, batch_size, path=path, seed=seed)
-    if len(rb) != meta["n_steps"]:
-        raise RuntimeError(f"dataset at {path} should hold {meta['n_steps']} transitions, found {len(rb)}")
+    stored = meta.get("stored_entries", meta["n_steps"])  # datasets written before the key: one per transition
+    if len(rb) != stored:
+        raise RuntimeError(f"dataset at {path} should hold {stored} stored entries, found {len(rb)}")
     return rb
 
 

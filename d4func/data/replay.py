@@ -30,11 +30,23 @@ On disk (``path`` given): ``path/storage/`` holds the memmapped tensors (written
 training loop records it once, then in every checkpoint: ``save_replay(rb, position_kept_in=...)``) carries a
 note saying so, and reopening it with :func:`make_replay` alone warns (:class:`StaleReplayPositionWarning`),
 since the length and cursor on disk are those of the first save.
+
+Each frame is stored once (``share_next_pixels``, the default for new buffers). A transition's
+``("next", "pixels")`` is the next transition's ``"pixels"`` within its episode, so storing it per transition
+doubles the frames on disk and in the page cache. Instead, :meth:`SequenceReplayBuffer.extend` drops it and, where
+a transition ends its episode (``("next", "done")``), stores its next frame as one extra *episode-end frame* entry
+(``"episode_end_frame"`` True, step ``last + 1``). ``sample()`` draws ``T + 1`` consecutive entries and rebuilds
+``("next", "pixels")`` of its ``T`` transitions from them, so rows read back exactly as from a buffer that stored
+the next frames (``replay.final_frame`` needs them; the rebuild is tested bitwise). ``capacity`` counts stored
+entries: transitions plus one per ended episode. The last transition of an unfinished episode has no stored next
+frame yet, so a row ending there is drawn only once the episode goes on. Buffers written before this layout
+(``replay_layout.json`` absent) keep per-transition next frames and are read as they were.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,17 +59,25 @@ from torchrl.envs import Transform
 __all__ = [
     "DEFAULT_PIXEL_KEYS",
     "DEFAULT_TRAJ_KEY",
+    "END_FRAME_KEY",
     "PixelsAsUint8",
     "SequenceReplayBuffer",
     "StaleReplayPositionWarning",
     "make_replay",
+    "replay_layout",
     "save_replay",
+    "with_episode_end_frames",
 ]
 
 DEFAULT_TRAJ_KEY: NestedKey = ("collector", "traj_ids")
 DEFAULT_PIXEL_KEYS: tuple[NestedKey, ...] = ("pixels", ("next", "pixels"))
 # Written by save_replay(rb, position_kept_in=...): the buffer's current length and cursor are kept elsewhere.
 POSITION_NOTE = "position_kept_in.json"
+# Written when a path-backed buffer is created: how it stores the frame after each transition.
+LAYOUT_FILE = "replay_layout.json"
+SHARED, PER_TRANSITION = "shared", "per_transition"
+END_FRAME_KEY = "episode_end_frame"
+NEXT_PIXELS: NestedKey = ("next", "pixels")
 
 
 class StaleReplayPositionWarning(UserWarning):
@@ -110,24 +130,135 @@ class SequenceReplayBuffer(TensorDictReplayBuffer):
     """``TensorDictReplayBuffer`` whose ``sample()`` returns ``[B, T]`` sequences instead of ``[B * T]``.
 
     ``extend`` accepts ``[N]`` or ``[n_envs, N]`` batches (multi-env collector output is flattened; the
-    fragmented slice sampler re-assembles episodes from their ids and step counts).
+    fragmented slice sampler re-assembles episodes from their ids and step counts). With ``share_next_pixels``
+    (module docstring) each frame is stored once; ``sample()`` returns the same rows either way.
     """
 
-    def __init__(self, *, seq_len: int, path: str | Path | None = None, **kwargs) -> None:
+    def __init__(self, *, seq_len: int, path: str | Path | None = None, share_next_pixels: bool = False,
+                 traj_key: NestedKey = DEFAULT_TRAJ_KEY, step_key: NestedKey = "step_count", **kwargs) -> None:
         super().__init__(**kwargs)
         self.seq_len = seq_len
         self.path = None if path is None else Path(path)
+        self.share_next_pixels = share_next_pixels
+        self.traj_key = traj_key
+        self.step_key = step_key
+
+    @property
+    def slice_len(self) -> int:
+        """Stored entries behind one sampled row: ``seq_len``, plus the entry holding the last next frame."""
+        return self.seq_len + int(self.share_next_pixels)
 
     def extend(self, tensordicts: TensorDictBase, **kwargs) -> torch.Tensor:
         if tensordicts.ndim > 1:
             tensordicts = tensordicts.reshape(-1)
+        if self.share_next_pixels:
+            tensordicts = with_episode_end_frames(tensordicts, self.traj_key, self.step_key)
         return super().extend(tensordicts, **kwargs)
 
     def sample(self, batch_size: int | None = None, return_info: bool = False, **kwargs):
+        """``[B, seq_len]`` rows (``batch_size`` counts stored entries, ``B * slice_len``; default: the buffer's).
+        With ``return_info``, the info describes the ``slice_len`` stored entries behind each row."""
         out = super().sample(batch_size, return_info=return_info, **kwargs)
         data, info = out if return_info else (out, None)
-        data = data.reshape(-1, self.seq_len)
+        data = data.reshape(-1, self.slice_len)
+        if self.share_next_pixels:
+            data = self._rows_with_next_pixels(data)
         return (data, info) if return_info else data
+
+    def transition_count(self) -> int:
+        """Stored transitions: ``len(self)`` counts entries, episode-end frames included."""
+        if not self.share_next_pixels or len(self) == 0:
+            return len(self)
+        return len(self) - int(self.storage[: len(self)].get(END_FRAME_KEY).sum())
+
+    def stored_transitions(self) -> TensorDictBase:
+        """Every stored transition, in storage order, as a buffer that stores next frames per transition holds them.
+
+        With ``share_next_pixels``, episode-end frame entries are left out and each transition's
+        ``("next", "pixels")`` is rebuilt from the entry of its episode's next step; the last transition of an
+        unfinished episode, whose next frame is not stored yet, is left out too."""
+        entries = self[: len(self)].exclude("index")
+        if not self.share_next_pixels:
+            return entries
+        traj, step = entries.get(self.traj_key).reshape(-1), entries.get(self.step_key).reshape(-1)
+        key = traj * (int(step.max()) + 2) + step  # (episode, step) -> one sortable number
+        sorted_keys, order = key.sort()
+        at = torch.searchsorted(sorted_keys, key + 1).clamp(max=key.numel() - 1)
+        keep = ~entries.get(END_FRAME_KEY) & (sorted_keys[at] == key + 1)
+        out = entries[keep].exclude(END_FRAME_KEY)
+        out.set(NEXT_PIXELS, entries.get("pixels")[order[at[keep]]])
+        return out
+
+    def _rows_with_next_pixels(self, entries: TensorDictBase) -> TensorDictBase:
+        """``[B, T + 1]`` consecutive stored entries -> ``[B, T]`` transitions with their ``("next", "pixels")``."""
+        T = self.seq_len
+        if entries.get(END_FRAME_KEY)[:, :T].any():
+            # An episode-end frame is its episode's last entry, so it can only be the (T+1)-th of a slice.
+            raise RuntimeError("a sampled row holds an episode-end frame before its last entry: the stored steps "
+                               f"of an episode ({self.step_key!r}) are not consecutive")
+        rows = entries[:, :T].exclude(END_FRAME_KEY)
+        rows.set(NEXT_PIXELS, entries.get("pixels")[:, 1:])
+        return rows
+
+
+def with_episode_end_frames(
+    transitions: TensorDictBase, traj_key: NestedKey = DEFAULT_TRAJ_KEY, step_key: NestedKey = "step_count"
+) -> TensorDictBase:
+    """``[N]`` transitions -> the entries a shared-next-frame buffer stores (module docstring).
+
+    ``("next", "pixels")`` is dropped; every transition that ends its episode is followed by an episode-end frame
+    entry holding its next frame (step + 1, zero action and reward, ``END_FRAME_KEY`` True). Within the batch, a
+    next frame that differs from the following step's frame of the same episode raises, naming the episode and
+    step: dropping it would lose data. The input is not modified.
+    """
+    keys = transitions.keys(include_nested=True)
+    if NEXT_PIXELS not in keys:
+        raise ValueError("this replay stores each frame once and rebuilds ('next', 'pixels') from the following "
+                         "step; the transitions given have no ('next', 'pixels'). Build it with "
+                         "share_next_pixels=False to store transitions without their next frames")
+    pixels, next_pixels = transitions.get("pixels"), transitions.get(NEXT_PIXELS)
+    traj, step = transitions.get(traj_key).reshape(-1), transitions.get(step_key).reshape(-1)
+    follows = ((traj[1:] == traj[:-1]) & (step[1:] == step[:-1] + 1)).nonzero().reshape(-1)
+    if follows.numel():
+        differ = (next_pixels[follows] != pixels[follows + 1]).flatten(1).any(1)
+        if differ.any():
+            i = int(follows[differ.nonzero()[0, 0]])
+            raise ValueError(f"episode {int(traj[i])}: the next frame of step {int(step[i])} differs from the frame "
+                             f"stored at step {int(step[i]) + 1}; a replay that stores each frame once needs them "
+                             "equal (use share_next_pixels=False)")
+    ends = transitions.get(("next", "done")).reshape(-1).nonzero().reshape(-1)
+    n, m = transitions.shape[0], ends.numel()
+    marked = transitions.copy()  # shallow: the caller's TensorDict keeps its keys
+    marked.set(END_FRAME_KEY, torch.zeros(n, dtype=torch.bool))
+    end_frames = marked[ends].clone()
+    end_frames.set("pixels", end_frames.get(NEXT_PIXELS))
+    end_frames.set(step_key, end_frames.get(step_key) + 1)
+    end_frames.set(END_FRAME_KEY, torch.ones(m, dtype=torch.bool))
+    for key in ("action", ("next", "reward"), "is_init"):
+        if key in keys:  # the end frame takes no action and is no first step
+            end_frames.set(key, torch.zeros_like(end_frames.get(key)))
+    # Each end frame right after its transition: transition i moves down by the end frames before it.
+    position = torch.cat([torch.arange(n) + torch.searchsorted(ends, torch.arange(n)), ends + torch.arange(m) + 1])
+    order = torch.empty(n + m, dtype=torch.long)
+    order[position] = torch.arange(n + m)
+    return torch.cat([marked, end_frames]).exclude(NEXT_PIXELS)[order]
+
+
+def replay_layout(path: str | Path) -> str | None:
+    """How the buffer at ``path`` stores next frames (``"shared"`` / ``"per_transition"``), None if none is there."""
+    path = Path(path)
+    if (path / LAYOUT_FILE).exists():
+        return json.loads((path / LAYOUT_FILE).read_text())["next_pixels"]
+    if (path / "storage" / "storage_metadata.json").exists():
+        return PER_TRANSITION  # saved before the layout was recorded: next frames were stored per transition
+    return None
+
+
+def _write_layout(path: Path, layout: str) -> None:
+    with open(path / LAYOUT_FILE, "w") as f:
+        f.write(json.dumps({"next_pixels": layout}))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def make_replay(
@@ -141,34 +272,46 @@ def make_replay(
     compress_pixels: bool = True,
     pixel_keys: Sequence[NestedKey] = DEFAULT_PIXEL_KEYS,
     exclude_keys: Sequence[NestedKey] = (),
+    share_next_pixels: bool | None = None,
     seed: int | None = None,
     prefetch: int | None = None,
 ) -> SequenceReplayBuffer:
-    """Replay of up to ``capacity`` transitions; ``sample()`` gives ``[batch_size, seq_len]`` within-episode slices.
+    """Replay of up to ``capacity`` entries; ``sample()`` gives ``[batch_size, seq_len]`` within-episode slices.
 
     ``path``: directory for the memmapped storage (``path/storage``); a buffer saved there with
     :func:`save_replay` is reopened (its stored capacity must equal ``capacity``). ``None`` uses a temporary
     directory removed at exit. ``seed`` seeds the sampler's generator (reproducible batches).
-    See the module docstring for the episode-boundary rule and the pixel storage format.
+    ``share_next_pixels``: store each frame once (see the module docstring); ``None`` keeps the layout of the
+    buffer at ``path``, and shares for a new one. See the module docstring for the episode-boundary rule and the
+    pixel storage format.
     """
     for name, value in (("capacity", capacity), ("seq_len", seq_len), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if seq_len > capacity:
-        raise ValueError(f"seq_len ({seq_len}) cannot exceed capacity ({capacity})")
     if prefetch is not None and prefetch < 1:
         raise ValueError(f"prefetch must be None or >= 1, got {prefetch}")
 
     path = None if path is None else Path(path).absolute()
+    on_disk = None if path is None else replay_layout(path)
+    if share_next_pixels is None:
+        share_next_pixels = on_disk != PER_TRANSITION
+    elif on_disk is not None and share_next_pixels != (on_disk == SHARED):
+        raise ValueError(f"replay at {path} stores next frames {on_disk!r}, got share_next_pixels={share_next_pixels}")
+    slice_len = seq_len + int(share_next_pixels)
+    if slice_len > capacity:
+        raise ValueError(f"seq_len ({seq_len}, {slice_len} stored entries per row) cannot exceed capacity "
+                         f"({capacity})")
     if path is not None:
         path.mkdir(parents=True, exist_ok=True)
+        if on_disk is None:
+            _write_layout(path, SHARED if share_next_pixels else PER_TRANSITION)
     storage = LazyMemmapStorage(
         capacity,
         scratch_dir=None if path is None else path / "storage",
         existsok=True,
     )
     sampler = SliceSampler(
-        slice_len=seq_len,
+        slice_len=slice_len,
         traj_key=traj_key,
         step_key=step_key,
         fragmented=True,
@@ -183,9 +326,12 @@ def make_replay(
     rb = SequenceReplayBuffer(
         seq_len=seq_len,
         path=path,
+        share_next_pixels=share_next_pixels,
+        traj_key=traj_key,
+        step_key=step_key,
         storage=storage,
         sampler=sampler,
-        batch_size=batch_size * seq_len,
+        batch_size=batch_size * slice_len,
         transform=transform,
         generator=generator,
         prefetch=prefetch,
@@ -202,7 +348,7 @@ def make_replay(
             )
         rb.loads(path)
         # loads() restores the saved batch size; the caller's batch shape wins.
-        rb._batch_size = batch_size * seq_len
+        rb._batch_size = batch_size * slice_len
         stored = rb.storage.max_size if not rb.storage.initialized else rb.storage._storage.shape[0]
         if stored != capacity:
             raise ValueError(f"replay at {path} was created with capacity {stored}, got capacity={capacity}")

@@ -109,7 +109,7 @@ def agent_finetune_loss(
     tasks: Tensor | None = None,
     action_valid: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Phase-2 loss: shortcut forcing + behaviour cloning (all L offsets) + reward prediction (twohot CE).
+    """Phase-2 loss: shortcut forcing + behaviour cloning (all `mtp` offsets) + reward prediction (twohot CE).
 
     params: {"dynamics", "heads"}; latents: clean latents `[B, T, S, Dz]`; actions, rewards, is_last: see the
     module docstring (TorchRL convention; is_last None means every row is one episode with no end inside).

@@ -50,11 +50,11 @@ class EnvConfig:
 
 @dataclass(frozen=True)
 class ReplayConfig:
-    capacity: int = 100_000
+    capacity: int = 100_000  # stored entries: the transitions, plus one final frame per ended episode
     seq_len: int = 16  # T: transitions in a training row (frames: `row_frames`)
     batch_size: int = 16
     context_len: int = 4  # T0: replay frames that start an imagined rollout
-    # Train on the frame after a row's last transition too (the stored `("next", "pixels")`), so a row of T
+    # Train on the frame after a row's last transition too (its `("next", "pixels")`), so a row of T
     # transitions has T + 1 frames: without it the reward of an episode's last transition (a terminal success or
     # failure) has no frame to be predicted at and is never learned. The extra frame has no action to clone.
     final_frame: bool = True

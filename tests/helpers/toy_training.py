@@ -75,7 +75,7 @@ def run(
     env_gen = torch.Generator().manual_seed(seed + 1)
     loss_gen = torch.Generator().manual_seed(seed + 2)
     generators = {"env": env_gen, "loss": loss_gen}
-    rb = make_replay(256, EPISODE, BATCH, path=run_dir / "replay", seed=seed + 3)
+    rb = make_replay(256, EPISODE, BATCH, path=run_dir / "replay", seed=seed + 3, share_next_pixels=False)
     ckpt = checkpoint.restore(run_dir, generators)
     if ckpt is None:
         torch.manual_seed(seed)
