@@ -114,6 +114,18 @@ def test_offline_loop_on_a_recorded_dataset(tmp_path, cartpole_data):
     assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--episodes", "1"]) == 0
 
 
+def test_resuming_an_offline_run_on_a_dataset_recorded_again_is_refused(tmp_path):
+    data = _collect_cartpole(tmp_path / "data", steps=30)
+    run = [f"run_dir={tmp_path / 'run'}", "loop.mode=offline", f"loop.offline_data={data}", "loop.agent_start=100",
+           "loop.eval_every=100", "loop.gif_every=100", "loop.checkpoint_every=2", "env.eval_episodes=0"]
+    train(load_run_config(DEBUG, [*run, "loop.offline_steps=2"]), progress=False)
+    shutil.rmtree(data)
+    _collect_cartpole(data, steps=40)  # the same path, recorded again: the checkpoint's replay length is stale
+    # 30 and 40 steps within one 250-step episode, each ending in the final frame the recording cut it at
+    with pytest.raises(ValueError, match="holds 41 stored entries, but the run's checkpoint recorded 31"):
+        train(load_run_config(DEBUG, [*run, "loop.offline_steps=4"]), progress=False)
+
+
 def test_config_errors_name_the_bad_key_or_value(tmp_path, capsys):
     with pytest.raises(ConfigKeyError, match="bogus"):
         load_run_config(DEBUG, ["loop.bogus=1"])

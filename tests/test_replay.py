@@ -247,14 +247,47 @@ def test_reopen_from_disk_and_keep_writing(tmp_path):
 def test_a_buffer_saved_before_the_layout_file_reopens_with_per_transition_next_frames(tmp_path):
     a = _episode(0, 9, 0)
     rb = make_replay(40, 3, 4, path=tmp_path / "rb", seed=0, share_next_pixels=False)
+    rb.entries_written = None  # as written by d4func before entries were numbered ...
     rb.extend(a)
     save_replay(rb)
-    (tmp_path / "rb" / "replay_layout.json").unlink()  # as written by d4func before the layout was recorded
+    (tmp_path / "rb" / "replay_layout.json").unlink()  # ... and before the layout was recorded
     assert replay_layout(tmp_path / "rb") == "per_transition"
     again = make_replay(40, 3, 4, path=tmp_path / "rb", seed=0)
-    assert not again.share_next_pixels and len(again) == 9
+    assert not again.share_next_pixels and len(again) == 9 and again.entries_written is None
     _assert_slices_within_episodes(again.sample(), {0: a}, 3)
     assert replay_layout(tmp_path / "new") is None
+
+
+def test_a_shared_buffer_that_lost_its_layout_file_is_read_from_its_storage(tmp_path):
+    a = _episode(0, 9, 0)
+    rb = make_replay(40, 3, 4, path=tmp_path / "rb", seed=0)
+    rb.extend(a)
+    save_replay(rb)
+    (tmp_path / "rb" / "replay_layout.json").unlink()
+    assert replay_layout(tmp_path / "rb") == "shared"
+    again = make_replay(40, 3, 4, path=tmp_path / "rb", seed=0)
+    assert again.share_next_pixels and len(again) == 10 and again.entries_written == 10
+    _assert_slices_within_episodes(again.sample(), {0: a}, 3)
+    (tmp_path / "rb" / "replay_layout.json").write_text(json.dumps({"next_pixels": "per_transition"}))
+    with pytest.raises(ValueError, match="says next frames are stored per transition, its storage says otherwise"):
+        make_replay(40, 3, 4, path=tmp_path / "rb")
+    with pytest.raises(ValueError, match="multiple of slice_len=4"):
+        again.sample(6)
+
+
+def test_a_recording_cut_short_ends_each_running_episode_and_counts_only_the_envs_ends(tmp_path):
+    from d4func.data.offline import _end_recording
+    from d4func.envs.reach import make_reach_env
+
+    meta = record_episodes(make_reach_env(seed=0), tmp_path / "one", n_steps=5, seed=0)  # 12-step episodes
+    assert meta["n_episodes_complete"] == 0 and meta["n_steps"] == 5 and meta["stored_entries"] == 6
+    back = load_offline(tmp_path / "one", 2, 1).stored_transitions()
+    assert back.shape == (5,) and back["next", "truncated"].reshape(-1).tolist() == [False] * 4 + [True]
+    # a batch of two envs, flattened env by env: every running episode's last step is marked, an ended one's kept
+    batch = torch.cat([_episode(0, 4, 0), _episode(1, 3, 10)[:2], _episode(2, 5, 20)[:3]])
+    done = _end_recording(batch)["next", "done"].reshape(-1)
+    assert done.nonzero().reshape(-1).tolist() == [3, 5, 8]
+    assert not batch["next", "done"].reshape(-1)[[5, 8]].any()  # the input is not modified
 
 
 def test_rewinding_a_sampled_buffer_samples_only_what_is_left():
@@ -407,3 +440,27 @@ def test_multisync_collector_into_replay():
     for row in range(s.shape[0]):
         ep = episodes[int(traj[row, 0])]
         assert torch.equal(s["pixels"][row], ep["pixels"][int(steps[row, 0]) : int(steps[row, 0]) + 4])
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_a_resumed_wrapped_buffer_never_samples_what_a_killed_run_wrote_after_its_checkpoint(share):
+    # A run checkpoints (position), writes on and is killed; the resumed run restores the position and writes again
+    # under the same episode ids. Once the ring has wrapped, the killed run's entries past the cursor are still
+    # stored: they must not be joined to the resumed run's episodes (duplicate steps, or rows mixing the two).
+    rb = make_replay(30, 3, 64, seed=0, share_next_pixels=share)
+    kept = {i: _episode(i, 9, 100 * i) for i in range(4)}  # 36 transitions: the ring has wrapped
+    for ep in kept.values():
+        rb.extend(ep)
+    position = replay_position(rb)
+    for i in (4, 5):  # the killed run's episodes after the checkpoint
+        rb.extend(_episode(i, 5, 10_000 + 100 * i))
+    restore_replay_position(rb, position)
+    resumed = _episode(4, 7, 20_000)  # the resumed run's episode 4: fewer entries than the killed run wrote
+    rb.extend(resumed)
+    live = rb.storage._storage[: len(rb)]
+    assert ((live["uid"] >= 10_000) & (live["uid"] < 20_000)).any()  # some of the killed run's entries remain
+    reference = {**kept, 4: resumed}
+    for _ in range(20):
+        rows = rb.sample()
+        assert (rows["uid"] < 10_000).logical_or(rows["uid"] >= 20_000).all(), "a killed run's entry was sampled"
+        _assert_slices_within_episodes(rows, reference, 3)

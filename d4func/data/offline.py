@@ -4,15 +4,18 @@ Dreamer 4 learns its world model from offline videos and actions (paper Sec. 3-4
 saved :func:`d4func.data.replay.make_replay` buffer, so offline training reads the same ``[B, T]`` within-episode
 slices as online training. A dataset directory holds
 
-- ``storage/``: the memmapped transitions (TorchRL layout: ``pixels``, ``action``, ``("next", "pixels")`` (the
-  frame each action led to: ``replay.final_frame`` trains on a row's last one), ``("next", "reward")``,
+- ``storage/``: the memmapped transitions (TorchRL layout: ``pixels``, ``action``, ``("next", "reward")``,
   ``("next", "done" | "terminated" | "truncated")``, ``step_count``, ``is_init``, ``("collector", "traj_ids")``,
   env-specific entries such as Crafter's ``achievements``; pixels stored as uint8). Each frame is stored once:
-  ``("next", "pixels")`` is rebuilt from the next step's entry, or from an episode-end frame entry
-  (:mod:`d4func.data.replay`); ``replay_layout.json`` says so. Episodes recorded elsewhere are written in this
-  format by :mod:`d4func.data.import_episodes`;
+  samples rebuild a transition's ``("next", "pixels")`` (the frame its action led to: ``replay.final_frame``
+  trains on a row's last one) from the next step's entry or, after an episode's last step, from an episode-end
+  frame entry (``episode_end_frame`` True; :mod:`d4func.data.replay`); ``replay_layout.json`` says so. Episodes
+  recorded elsewhere are written in this format by :mod:`d4func.data.import_episodes`;
 - the buffer's own state files (``buffer_metadata.json``, ``writer/``, ...) from ``rb.dumps``;
-- ``dataset.json``: what was recorded (env name and config, policy, seed, step and episode counts, entry specs).
+- ``dataset.json``: what was recorded (env name and config, policy, seed, step and episode counts, the stored
+  entries ``stored_entries`` (transitions plus episode-end frames) and ``next_pixels`` layout, the specs of what
+  a sampled transition holds, and ``capacity``: room for twice the steps, the worst case of one end frame per
+  step, free in sparse memmap files).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from d4func.data.replay import (
     NEXT_PIXELS,
     PER_TRANSITION,
     SHARED,
+    WRITE_INDEX_KEY,
     SequenceReplayBuffer,
     make_replay,
     save_replay,
@@ -107,7 +111,7 @@ def entry_specs(data: TensorDictBase) -> dict[str, dict[str, Any]]:
 def sampled_entry_specs(rb: SequenceReplayBuffer) -> dict[str, dict[str, Any]]:
     """:func:`entry_specs` of what a sampled transition of ``rb`` holds (``("next", "pixels")`` included where the
     buffer rebuilds it from shared frames), from its first stored entry."""
-    specs = entry_specs(rb[:1].exclude("index", END_FRAME_KEY))
+    specs = entry_specs(rb[:1].exclude("index", END_FRAME_KEY, WRITE_INDEX_KEY))
     if rb.share_next_pixels:
         specs[".".join(NEXT_PIXELS)] = specs["pixels"]
     return specs
@@ -189,11 +193,11 @@ def record_episodes(
                         f"({completed} complete after {written} steps); raise max_steps"
                     )
             batch = batch[:room]
-            if n_steps is not None and batch.shape[0] == room and not batch["next", "done"][-1].any():
+            completed += int(batch["next", "done"].sum())  # the env's ends, not the recording's
+            if n_steps is not None and batch.shape[0] == room:
                 batch = _end_recording(batch)
             rb.extend(batch)
             written += batch.shape[0]
-            completed += int(batch["next", "done"].sum())
             if written >= capacity or (n_episodes is not None and completed >= n_episodes):
                 break
     finally:
@@ -219,11 +223,17 @@ def record_episodes(
 
 
 def _end_recording(batch: TensorDictBase) -> TensorDictBase:
-    """The recording's last batch with its last step marked truncated: the recording, not the env, ended it."""
+    """The recording's last ``[N]`` batch with the last step of every episode still running marked truncated (the
+    recording, not the env, ended them), so their next frames are stored (:mod:`d4func.data.replay`)."""
+    traj = batch.get(DEFAULT_TRAJ_KEY).reshape(-1)
+    done = batch.get(("next", "done")).reshape(-1)
+    position = torch.arange(traj.numel())
+    last_of_episode = torch.stack([position[traj == t].max() for t in traj.unique()])
+    cut = last_of_episode[~done[last_of_episode]]
     batch = batch.clone()
     for key in ("done", "truncated"):
         if ("next", key) in batch.keys(include_nested=True):
-            batch["next", key][-1] = True
+            batch["next", key][cut] = True
     return batch
 
 

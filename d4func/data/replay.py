@@ -9,8 +9,9 @@ may read the whole row). This is TorchRL's ``SliceSampler`` with
 - ``fragmented=True`` with ``step_key="step_count"`` (written by the envs' ``StepCounter``): an episode is
   rebuilt from (episode id, step) pairs, so transitions of one episode need not be adjacent in storage (the
   batches of several collector workers interleave) and ring-buffer wrap-around is handled,
-- ``strict_length=True``: a slice is drawn only where ``T`` consecutive steps of one episode are stored; shorter
-  episodes (and the overwritten head of the oldest one) are never sampled.
+- ``strict_length=True``: a slice is drawn only where ``T`` consecutive steps of one episode are stored (and,
+  with each frame stored once, the entry after them: see below); shorter episodes (and the overwritten head of
+  the oldest one) are never sampled.
 
 Slices are drawn by picking a stored episode run uniformly, then a start uniformly within it. The sampler leaves
 stored data untouched (``init_key=None``, ``truncated_key=None``): ``"is_init"`` stays True only at the real
@@ -78,6 +79,10 @@ LAYOUT_FILE = "replay_layout.json"
 SHARED, PER_TRANSITION = "shared", "per_transition"
 END_FRAME_KEY = "episode_end_frame"
 NEXT_PIXELS: NestedKey = ("next", "pixels")
+# Every stored entry's number in write order: which entries a resumed run's checkpoint does not account for.
+WRITE_INDEX_KEY = "write_index"
+# Episode ids given to entries retired by `forget_writes_since` (one each; collectors count from 0 upwards).
+RETIRED_TRAJ_BASE = 2**62
 
 
 class StaleReplayPositionWarning(UserWarning):
@@ -142,6 +147,8 @@ class SequenceReplayBuffer(TensorDictReplayBuffer):
         self.share_next_pixels = share_next_pixels
         self.traj_key = traj_key
         self.step_key = step_key
+        # Entries written so far (numbered in `WRITE_INDEX_KEY`); None for a storage written before the numbering.
+        self.entries_written: int | None = 0
 
     @property
     def slice_len(self) -> int:
@@ -153,16 +160,46 @@ class SequenceReplayBuffer(TensorDictReplayBuffer):
             tensordicts = tensordicts.reshape(-1)
         if self.share_next_pixels:
             tensordicts = with_episode_end_frames(tensordicts, self.traj_key, self.step_key)
+        if self.entries_written is not None:
+            n = tensordicts.shape[0]
+            tensordicts = tensordicts.copy()  # shallow: the caller's TensorDict keeps its keys
+            tensordicts.set(WRITE_INDEX_KEY, torch.arange(self.entries_written, self.entries_written + n))
+            self.entries_written += n
         return super().extend(tensordicts, **kwargs)
+
+    def forget_writes_since(self, entries_written: int) -> int:
+        """Make entries written after the first ``entries_written`` (by a run killed after its last checkpoint) never
+        part of a sampled row; returns how many are still stored.
+
+        A resumed run restores the checkpoint's length and write cursor and overwrites those entries as it writes,
+        but once the ring buffer has wrapped they stay among the sampled entries until then, and the resumed run
+        reuses their episode ids (it continues from the checkpoint's). Each gets an episode id of its own, so no
+        slice joins them to another entry (with each frame stored once, every slice spans two or more)."""
+        if self.entries_written is None:
+            return 0  # a storage from before the numbering: nothing to tell them apart by
+        self.entries_written = entries_written
+        if len(self) == 0:
+            return 0
+        stored = self.storage._storage
+        numbers = stored.get(WRITE_INDEX_KEY)[: len(self)]
+        stale = (numbers >= entries_written).nonzero().reshape(-1)
+        if stale.numel():
+            stored.get(self.traj_key)[stale] = RETIRED_TRAJ_BASE + numbers[stale]
+        return stale.numel()
 
     def sample(self, batch_size: int | None = None, return_info: bool = False, **kwargs):
         """``[B, seq_len]`` rows (``batch_size`` counts stored entries, ``B * slice_len``; default: the buffer's).
         With ``return_info``, the info describes the ``slice_len`` stored entries behind each row."""
+        if batch_size is not None and batch_size % self.slice_len:
+            raise ValueError(f"batch_size counts stored entries, a multiple of slice_len={self.slice_len} "
+                             f"(seq_len={self.seq_len} plus the row's final frame when shared), got {batch_size}")
         out = super().sample(batch_size, return_info=return_info, **kwargs)
         data, info = out if return_info else (out, None)
         data = data.reshape(-1, self.slice_len)
         if self.share_next_pixels:
             data = self._rows_with_next_pixels(data)
+        else:
+            data = data.exclude(WRITE_INDEX_KEY)
         return (data, info) if return_info else data
 
     def transition_count(self) -> int:
@@ -177,7 +214,7 @@ class SequenceReplayBuffer(TensorDictReplayBuffer):
         With ``share_next_pixels``, episode-end frame entries are left out and each transition's
         ``("next", "pixels")`` is rebuilt from the entry of its episode's next step; the last transition of an
         unfinished episode, whose next frame is not stored yet, is left out too."""
-        entries = self[: len(self)].exclude("index")
+        entries = self[: len(self)].exclude("index", WRITE_INDEX_KEY)
         if not self.share_next_pixels:
             return entries
         traj, step = entries.get(self.traj_key).reshape(-1), entries.get(self.step_key).reshape(-1)
@@ -196,7 +233,7 @@ class SequenceReplayBuffer(TensorDictReplayBuffer):
             # An episode-end frame is its episode's last entry, so it can only be the (T+1)-th of a slice.
             raise RuntimeError("a sampled row holds an episode-end frame before its last entry: the stored steps "
                                f"of an episode ({self.step_key!r}) are not consecutive")
-        rows = entries[:, :T].exclude(END_FRAME_KEY)
+        rows = entries[:, :T].exclude(END_FRAME_KEY, WRITE_INDEX_KEY)
         rows.set(NEXT_PIXELS, entries.get("pixels")[:, 1:])
         return rows
 
@@ -226,6 +263,9 @@ def with_episode_end_frames(
             raise ValueError(f"episode {int(traj[i])}: the next frame of step {int(step[i])} differs from the frame "
                              f"stored at step {int(step[i]) + 1}; a replay that stores each frame once needs them "
                              "equal (use share_next_pixels=False)")
+    if ("next", "done") not in keys:
+        raise ValueError("a replay that stores each frame once needs ('next', 'done') to find episode ends; the "
+                         "transitions given have none")
     ends = transitions.get(("next", "done")).reshape(-1).nonzero().reshape(-1)
     n, m = transitions.shape[0], ends.numel()
     marked = transitions.copy()  # shallow: the caller's TensorDict keeps its keys
@@ -249,6 +289,8 @@ def replay_layout(path: str | Path) -> str | None:
     path = Path(path)
     if (path / LAYOUT_FILE).exists():
         return json.loads((path / LAYOUT_FILE).read_text())["next_pixels"]
+    if (path / "storage" / f"{END_FRAME_KEY}.memmap").exists():
+        return SHARED  # the layout file was lost; the storage says it
     if (path / "storage" / "storage_metadata.json").exists():
         return PER_TRANSITION  # saved before the layout was recorded: next frames were stored per transition
     return None
@@ -347,6 +389,14 @@ def make_replay(
                 stacklevel=2,
             )
         rb.loads(path)
+        if rb.storage.initialized:
+            keys = rb.storage._storage.keys()
+            if (END_FRAME_KEY in keys) != share_next_pixels:
+                raise ValueError(f"replay at {path}: {LAYOUT_FILE} says next frames are stored "
+                                 f"{'once' if share_next_pixels else 'per transition'}, its storage says otherwise")
+            numbered = WRITE_INDEX_KEY in keys and len(rb) > 0
+            rb.entries_written = (int(rb.storage._storage.get(WRITE_INDEX_KEY)[: len(rb)].max()) + 1 if numbered
+                              else None if WRITE_INDEX_KEY not in keys else 0)
         # loads() restores the saved batch size; the caller's batch shape wins.
         rb._batch_size = batch_size * slice_len
         stored = rb.storage.max_size if not rb.storage.initialized else rb.storage._storage.shape[0]

@@ -86,7 +86,7 @@ def init_states(cfg: RunConfig, models: Models) -> dict[str, TensorDictBase]:
 def replay_batch(sample: TensorDictBase, final_frame: bool = False) -> dict[str, Tensor]:
     """A replay sample `[B, T]` in TorchRL's layout -> the tensors the train steps read.
 
-    `final_frame` (`replay.final_frame`): append the frame after the row's last transition (its stored
+    `final_frame` (`replay.final_frame`): append the frame after the row's last transition (its
     `("next", "pixels")`), giving `T + 1` frames, so the reward of that transition has a frame to be predicted at,
     an episode's terminal reward included. Actions and rewards get a zero entry at the new frame, which takes no
     action (`action_valid` False there: no behaviour-cloning target), and it is the row's last frame (`is_last`)
@@ -539,6 +539,12 @@ class Trainer:
         self.states = {name: state.to(self.device) for name, state in payload["states"].items()}
         self.counters.update(payload["counters"])
         if self.replay is not None and "replay" in payload:
+            recorded = payload["replay"]["len"]
+            if self.cfg.loop.mode == "offline" and recorded != len(self.replay):
+                # A dataset is never written to: another length means it was recorded again (or replaced).
+                raise ValueError(f"dataset {self.cfg.loop.offline_data} holds {len(self.replay)} stored entries, but "
+                                 f"the run's checkpoint recorded {recorded}: it changed since the run started. "
+                                 "Restore it, or start a fresh run_dir")
             checkpoint.restore_replay_position(self.replay, payload["replay"])
         return payload
 
