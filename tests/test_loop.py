@@ -135,6 +135,8 @@ def test_config_errors_name_the_bad_key_or_value(tmp_path, capsys):
         load_run_config(DEBUG, ["dynamics.latent_dim=3"])
     with pytest.raises(ValueError, match="'sideways'"):
         load_run_config(DEBUG, ["loop.mode=sideways"])
+    with pytest.raises(ValueError, match="loop.prefill_steps=8 must exceed replay.seq_len=8"):
+        load_run_config(DEBUG, ["loop.prefill_steps=8"])
     assert main(["train", "--config", DEBUG, "loop.bogus=1"]) == 2
     assert "bogus" in capsys.readouterr().err
     # a two-camera env under the single-camera debug tokenizer stops before training, naming both shapes
