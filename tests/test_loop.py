@@ -570,3 +570,29 @@ def test_an_online_run_dir_with_checkpoints_but_no_replay_is_refused(tmp_path):
     shutil.rmtree(tmp_path / "replay")
     with pytest.raises(ValueError, match=r"holds checkpoints \(newest ckpt-0+20.pt\) but no replay storage"):
         train(_reach_online_with_credit(tmp_path, "loop.env_steps=30"), progress=False)
+
+
+def test_a_resumed_online_run_retires_what_a_killed_process_wrote_past_its_checkpoint(tmp_path):
+    # The killed process's rows past the checkpoint, on a ring that has wrapped, under the episode ids the resumed
+    # run hands out again: without retiring them, slices would join them to the resumed run's episodes.
+    from d4func.data.replay import RETIRED_TRAJ_BASE, with_episode_end_frames
+
+    train(_reach_online_with_credit(tmp_path, "loop.env_steps=40", "replay.capacity=30"), progress=False)
+    payload = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(tmp_path)).payload
+    replay = checkpoint.open_run_replay(tmp_path)
+    assert len(replay) == 30  # wrapped: 40 steps and 3 end frames through 30 slots
+    stale = replay.stored_transitions()[-6:]  # a copy of the newest steps as the killed run's next episode
+    stale.set(("collector", "traj_ids"), torch.full((6,), payload["counters"]["next_traj_id"]))
+    stale.set("step_count", torch.arange(6)[:, None])
+    stale["next", "pixels"][:-1] = stale["pixels"][1:]
+    stale["next", "done"][-1] = True
+    replay.extend(stale)
+    numbered = with_episode_end_frames(stale).shape[0]
+    train(_reach_online_with_credit(tmp_path, "loop.env_steps=45", "replay.capacity=30"), progress=False)
+    replay = checkpoint.open_run_replay(tmp_path)
+    ids = replay.storage._storage[: len(replay)]["collector", "traj_ids"]
+    # the resumed run's 5 steps overwrote the first of the killed run's 7 entries; the rest stay, retired
+    assert 0 < int((ids >= RETIRED_TRAJ_BASE).sum()) < numbered
+    resumed = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(tmp_path)).payload
+    assert resumed["counters"]["env_steps"] == 45
+    assert resumed["counters"]["grad_steps"] > payload["counters"]["grad_steps"]

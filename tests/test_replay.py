@@ -455,6 +455,9 @@ def test_a_resumed_wrapped_buffer_never_samples_what_a_killed_run_wrote_after_it
     for i in (4, 5):  # the killed run's episodes after the checkpoint
         rb.extend(_episode(i, 5, 10_000 + 100 * i))
     restore_replay_position(rb, position)
+    # 36 transitions (and 4 end frames) before the checkpoint; the killed run's 10 (and 2) after it
+    assert rb.entries_written == position["written"] == (40 if share else 36)
+    assert rb.retire_unrecorded_writes() == (12 if share else 10)
     resumed = _episode(4, 7, 20_000)  # the resumed run's episode 4: fewer entries than the killed run wrote
     rb.extend(resumed)
     live = rb.storage._storage[: len(rb)]

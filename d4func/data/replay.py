@@ -81,7 +81,7 @@ END_FRAME_KEY = "episode_end_frame"
 NEXT_PIXELS: NestedKey = ("next", "pixels")
 # Every stored entry's number in write order: which entries a resumed run's checkpoint does not account for.
 WRITE_INDEX_KEY = "write_index"
-# Episode ids given to entries retired by `forget_writes_since` (one each; collectors count from 0 upwards).
+# Episode ids given to entries retired by `retire_unrecorded_writes` (one each; collectors count from 0 upwards).
 RETIRED_TRAJ_BASE = 2**62
 
 
@@ -167,22 +167,20 @@ class SequenceReplayBuffer(TensorDictReplayBuffer):
             self.entries_written += n
         return super().extend(tensordicts, **kwargs)
 
-    def forget_writes_since(self, entries_written: int) -> int:
-        """Make entries written after the first ``entries_written`` (by a run killed after its last checkpoint) never
-        part of a sampled row; returns how many are still stored.
+    def retire_unrecorded_writes(self) -> int:
+        """Make the stored entries numbered at or past ``entries_written`` (after ``restore_replay_position``: those
+        a run killed after its last checkpoint wrote) never part of a sampled row; returns how many there are.
 
         A resumed run restores the checkpoint's length and write cursor and overwrites those entries as it writes,
         but once the ring buffer has wrapped they stay among the sampled entries until then, and the resumed run
         reuses their episode ids (it continues from the checkpoint's). Each gets an episode id of its own, so no
-        slice joins them to another entry (with each frame stored once, every slice spans two or more)."""
-        if self.entries_written is None:
-            return 0  # a storage from before the numbering: nothing to tell them apart by
-        self.entries_written = entries_written
-        if len(self) == 0:
-            return 0
+        slice joins them to another entry (with each frame stored once, every slice spans two or more). This
+        writes to the storage: only the run that owns the buffer calls it, never a reader of a live run's replay."""
+        if self.entries_written is None or len(self) == 0:
+            return 0  # a storage from before the numbering has nothing to tell them apart by
         stored = self.storage._storage
         numbers = stored.get(WRITE_INDEX_KEY)[: len(self)]
-        stale = (numbers >= entries_written).nonzero().reshape(-1)
+        stale = (numbers >= self.entries_written).nonzero().reshape(-1)
         if stale.numel():
             stored.get(self.traj_key)[stale] = RETIRED_TRAJ_BASE + numbers[stale]
         return stale.numel()

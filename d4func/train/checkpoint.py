@@ -252,7 +252,7 @@ def replay_position(rb: Any) -> dict[str, Any]:
 
     The transitions themselves live in the memmapped storage, written in place. Reopen the buffer with
     `make_replay(capacity, ..., path=same)` and call `restore_replay_position`; entries written after the checkpoint
-    are then overwritten by the resumed run, and never sampled before (`forget_writes_since`). Reopening needs the
+    are then overwritten by the resumed run, and never sampled before (`retire_unrecorded_writes`). Reopening needs the
     storage metadata, which TorchRL writes in `save_replay(rb)`: call it once after the first `extend` (its files
     are not written atomically, so do not repeat it at every checkpoint; the checkpoint carries the position). Exact
     resume also needs the buffer not to have wrapped past the checkpoint's cursor since, or the overwritten
@@ -276,10 +276,8 @@ def restore_replay_position(rb: Any, position: Mapping[str, Any]) -> None:
         raise ValueError(f"checkpointed replay length {position['len']} exceeds this buffer's capacity {capacity}")
     rb._storage._len = int(position["len"])  # TorchRL has no public setter; this is what storage.loads does
     rb._writer.load_state_dict(dict(position["writer"]))
-    if position.get("written") is not None and hasattr(rb, "forget_writes_since"):
-        # Entries a killed run wrote after this position stay sampled once the ring has wrapped, under episode
-        # ids this run hands out again: retire them (checkpoints from before the numbering have no "written").
-        rb.forget_writes_since(int(position["written"]))
+    if position.get("written") is not None and getattr(rb, "entries_written", None) is not None:
+        rb.entries_written = int(position["written"])  # the next entry's number (checkpoints before it: none)
     # SliceSampler(fragmented=True) keeps an index of where each episode's steps sit, updated on writes only: a
     # buffer sampled before this rewind would still draw slots past the new end. Rebuilt on the next sample.
     forget_episode_index = getattr(rb._sampler, "_empty", None)

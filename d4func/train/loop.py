@@ -546,6 +546,10 @@ class Trainer:
                                  f"the run's checkpoint recorded {recorded}: it changed since the run started. "
                                  "Restore it, or start a fresh run_dir")
             checkpoint.restore_replay_position(self.replay, payload["replay"])
+            if self.cfg.loop.mode == "online":
+                # What the killed process wrote after this checkpoint stays sampled on a wrapped ring, under the
+                # episode ids this run hands out again.
+                self.replay.retire_unrecorded_writes()
         return payload
 
     def forget_logs(self) -> None:
