@@ -13,6 +13,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 from d4func.cli import main
 from d4func.train import checkpoint
+from d4func.train.compat import check_first_batch
 from d4func.train.loop import build_models, init_states, train
 from d4func.train.run_config import load_run_config
 from d4func.train.state import NonFiniteLossError
@@ -135,8 +136,11 @@ def test_config_errors_name_the_bad_key_or_value(tmp_path, capsys):
         load_run_config(DEBUG, ["dynamics.latent_dim=3"])
     with pytest.raises(ValueError, match="'sideways'"):
         load_run_config(DEBUG, ["loop.mode=sideways"])
-    with pytest.raises(ValueError, match="loop.prefill_steps=8 must exceed replay.seq_len=8"):
-        load_run_config(DEBUG, ["loop.prefill_steps=8"])
+    # the first batch is drawn after the round that completes the prefill: 2 x 4 steps, no row of 8 + 1
+    code = main(["train", "--config", DEBUG, "--quiet", f"run_dir={tmp_path / 'short'}", "loop.prefill_steps=5",
+                 "loop.collect_steps=4"])
+    assert code == 2 and "training starts after 8 env steps" in capsys.readouterr().err
+    check_first_batch(load_run_config(DEBUG, ["loop.prefill_steps=0", "loop.collect_steps=50"]))  # one 50-step round
     assert main(["train", "--config", DEBUG, "loop.bogus=1"]) == 2
     assert "bogus" in capsys.readouterr().err
     # a two-camera env under the single-camera debug tokenizer stops before training, naming both shapes

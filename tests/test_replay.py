@@ -455,6 +455,7 @@ def test_a_resumed_wrapped_buffer_never_samples_what_a_killed_run_wrote_after_it
     for i in (4, 5):  # the killed run's episodes after the checkpoint
         rb.extend(_episode(i, 5, 10_000 + 100 * i))
     restore_replay_position(rb, position)
+    rb.sample()  # an episode index built before retiring must not survive it
     # 36 transitions (and 4 end frames) before the checkpoint; the killed run's 10 (and 2) after it
     assert rb.entries_written == position["written"] == (40 if share else 36)
     assert rb.retire_unrecorded_writes() == (12 if share else 10)
@@ -467,3 +468,8 @@ def test_a_resumed_wrapped_buffer_never_samples_what_a_killed_run_wrote_after_it
         rows = rb.sample()
         assert (rows["uid"] < 10_000).logical_or(rows["uid"] >= 20_000).all(), "a killed run's entry was sampled"
         _assert_slices_within_episodes(rows, reference, 3)
+    kept_steps = rb.stored_transitions()  # the retired entries are no episode's steps
+    assert ((kept_steps["uid"] < 10_000) | (kept_steps["uid"] >= 20_000)).all()
+    for row in range(kept_steps.shape[0]):
+        episode, step = reference[int(kept_steps[TRAJ][row])], int(kept_steps["step_count"][row])
+        assert torch.equal(kept_steps["next", "pixels"][row], episode["next", "pixels"][step])

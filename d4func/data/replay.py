@@ -17,8 +17,9 @@ Slices are drawn by picking a stored episode run uniformly, then a start uniform
 stored data untouched (``init_key=None``, ``truncated_key=None``): ``"is_init"`` stays True only at the real
 first step of an episode (the env's ``InitTracker``), and ``("next", "truncated")`` is the env's own flag.
 
-Ids must be unique over the buffer's life: when an online run resumes with a restored buffer, restore the
-collector's state (its trajectory-id counter) too; reused ids make the sampler raise a duplicate-record error.
+Ids must be unique over the buffer's life: reused ids make the sampler raise a duplicate-record error, or join
+two episodes. The training loop shifts a resumed run's ids past every id its checkpoint recorded, and retires
+(:meth:`SequenceReplayBuffer.retire_unrecorded_writes`) what a killed run stored after that checkpoint.
 
 Storage: float pixel entries in [0, 1] are stored as uint8 (``k / 255`` -> ``k``) and turned back into float32
 on sampling as ``k / 255`` in float32, the value TorchRL's ``ToTensorImage`` produces, so frames read back are
@@ -81,7 +82,7 @@ END_FRAME_KEY = "episode_end_frame"
 NEXT_PIXELS: NestedKey = ("next", "pixels")
 # Every stored entry's number in write order: which entries a resumed run's checkpoint does not account for.
 WRITE_INDEX_KEY = "write_index"
-# Episode ids given to entries retired by `retire_unrecorded_writes` (one each; collectors count from 0 upwards).
+# Episode ids of entries retired by `retire_unrecorded_writes`: this plus the slot (collectors count from 0 up).
 RETIRED_TRAJ_BASE = 2**62
 
 
@@ -160,30 +161,43 @@ class SequenceReplayBuffer(TensorDictReplayBuffer):
             tensordicts = tensordicts.reshape(-1)
         if self.share_next_pixels:
             tensordicts = with_episode_end_frames(tensordicts, self.traj_key, self.step_key)
-        if self.entries_written is not None:
-            n = tensordicts.shape[0]
-            tensordicts = tensordicts.copy()  # shallow: the caller's TensorDict keeps its keys
-            tensordicts.set(WRITE_INDEX_KEY, torch.arange(self.entries_written, self.entries_written + n))
-            self.entries_written += n
-        return super().extend(tensordicts, **kwargs)
+        if self.entries_written is None:
+            return super().extend(tensordicts, **kwargs)
+        n = tensordicts.shape[0]
+        tensordicts = tensordicts.copy()  # shallow: the caller's TensorDict keeps its keys
+        tensordicts.set(WRITE_INDEX_KEY, torch.arange(self.entries_written, self.entries_written + n))
+        index = super().extend(tensordicts, **kwargs)
+        self.entries_written += n  # only once written: a write that raised numbered nothing
+        return index
 
-    def retire_unrecorded_writes(self) -> int:
-        """Make the stored entries numbered at or past ``entries_written`` (after ``restore_replay_position``: those
-        a run killed after its last checkpoint wrote) never part of a sampled row; returns how many there are.
+    def retire_unrecorded_writes(self, first_unrecorded_episode: int | None = None) -> int:
+        """Make the stored entries a checkpoint does not account for never part of a sampled row; returns how many
+        are stored. Call it right after ``restore_replay_position``, before sampling.
 
-        A resumed run restores the checkpoint's length and write cursor and overwrites those entries as it writes,
-        but once the ring buffer has wrapped they stay among the sampled entries until then, and the resumed run
-        reuses their episode ids (it continues from the checkpoint's). Each gets an episode id of its own, so no
-        slice joins them to another entry (with each frame stored once, every slice spans two or more). This
-        writes to the storage: only the run that owns the buffer calls it, never a reader of a live run's replay."""
-        if self.entries_written is None or len(self) == 0:
-            return 0  # a storage from before the numbering has nothing to tell them apart by
+        Those are the entries numbered at or past ``entries_written`` (the checkpoint's count) and, given
+        ``first_unrecorded_episode`` (the checkpoint's next episode id), those of episodes it had not started:
+        what a run killed after its last checkpoint wrote (the id test also covers storages from before the
+        numbering, and a numbering column an OS crash lost). A resumed run overwrites them as it writes, but once
+        the ring buffer has wrapped they stay among the sampled entries until then, and the resumed run reuses
+        their episode ids. Each gets an episode id of its own (``RETIRED_TRAJ_BASE`` + its slot), so no slice joins
+        it to another entry (with each frame stored once, every slice spans two or more). This writes to the
+        storage: only the run that owns the buffer calls it, never a reader of a live run's replay."""
+        if len(self) == 0:
+            return 0
         stored = self.storage._storage
-        numbers = stored.get(WRITE_INDEX_KEY)[: len(self)]
-        stale = (numbers >= self.entries_written).nonzero().reshape(-1)
-        if stale.numel():
-            stored.get(self.traj_key)[stale] = RETIRED_TRAJ_BASE + numbers[stale]
-        return stale.numel()
+        traj = stored.get(self.traj_key)
+        stale = torch.zeros(len(self), dtype=torch.bool)
+        if self.entries_written is not None:
+            stale |= stored.get(WRITE_INDEX_KEY)[: len(self)].reshape(-1) >= self.entries_written
+        if first_unrecorded_episode is not None:
+            stale |= traj[: len(self)].reshape(-1) >= first_unrecorded_episode
+        slots = stale.nonzero().reshape(-1)
+        if slots.numel():
+            traj[slots] = RETIRED_TRAJ_BASE + slots.to(traj.dtype).reshape(traj[slots].shape)
+            forget_episode_index = getattr(self._sampler, "_empty", None)
+            if forget_episode_index is not None:  # the fragmented sampler's index still holds the old ids
+                forget_episode_index()
+        return slots.numel()
 
     def sample(self, batch_size: int | None = None, return_info: bool = False, **kwargs):
         """``[B, seq_len]`` rows (``batch_size`` counts stored entries, ``B * slice_len``; default: the buffer's).
@@ -201,21 +215,30 @@ class SequenceReplayBuffer(TensorDictReplayBuffer):
         return (data, info) if return_info else data
 
     def transition_count(self) -> int:
-        """Stored transitions: ``len(self)`` counts entries, episode-end frames included."""
-        if not self.share_next_pixels or len(self) == 0:
-            return len(self)
-        return len(self) - int(self.storage[: len(self)].get(END_FRAME_KEY).sum())
+        """Stored transitions of the buffer's episodes: ``len(self)`` counts entries, episode-end frames and
+        retired entries (``retire_unrecorded_writes``) included."""
+        if len(self) == 0:
+            return 0
+        stored = self.storage[: len(self)]
+        steps = stored.get(self.traj_key).reshape(-1) < RETIRED_TRAJ_BASE
+        if self.share_next_pixels:
+            steps &= ~stored.get(END_FRAME_KEY).reshape(-1)
+        return int(steps.sum())
 
     def stored_transitions(self) -> TensorDictBase:
         """Every stored transition, in storage order, as a buffer that stores next frames per transition holds them.
 
         With ``share_next_pixels``, episode-end frame entries are left out and each transition's
         ``("next", "pixels")`` is rebuilt from the entry of its episode's next step; the last transition of an
-        unfinished episode, whose next frame is not stored yet, is left out too."""
+        unfinished episode, whose next frame is not stored yet, is left out too. Retired entries
+        (``retire_unrecorded_writes``) belong to no episode and are left out."""
         entries = self[: len(self)].exclude("index", WRITE_INDEX_KEY)
+        entries = entries[entries.get(self.traj_key).reshape(-1) < RETIRED_TRAJ_BASE]
         if not self.share_next_pixels:
             return entries
-        traj, step = entries.get(self.traj_key).reshape(-1), entries.get(self.step_key).reshape(-1)
+        # Episode ranks, not ids, keep the (episode, step) -> number map below int64's range (retired ids are huge).
+        traj = torch.unique(entries.get(self.traj_key).reshape(-1), return_inverse=True)[1]
+        step = entries.get(self.step_key).reshape(-1)
         key = traj * (int(step.max()) + 2) + step  # (episode, step) -> one sortable number
         sorted_keys, order = key.sort()
         at = torch.searchsorted(sorted_keys, key + 1).clamp(max=key.numel() - 1)

@@ -252,11 +252,11 @@ def replay_position(rb: Any) -> dict[str, Any]:
 
     The transitions themselves live in the memmapped storage, written in place. Reopen the buffer with
     `make_replay(capacity, ..., path=same)` and call `restore_replay_position`; entries written after the checkpoint
-    are then overwritten by the resumed run, and never sampled before (`retire_unrecorded_writes`). Reopening needs the
-    storage metadata, which TorchRL writes in `save_replay(rb)`: call it once after the first `extend` (its files
-    are not written atomically, so do not repeat it at every checkpoint; the checkpoint carries the position). Exact
-    resume also needs the buffer not to have wrapped past the checkpoint's cursor since, or the overwritten
-    transitions are gone.
+    are then overwritten by the resumed run; the run that owns the buffer retires them first, right after this
+    restore (`retire_unrecorded_writes`). Reopening needs the storage metadata, which TorchRL writes in
+    `save_replay(rb)`: call it once after the first `extend` (its files are not written atomically, so do not repeat
+    it at every checkpoint; the checkpoint carries the position). Exact resume also needs the buffer not to have
+    wrapped past the checkpoint's cursor since, or the overwritten transitions are gone.
     """
     rng = getattr(rb, "_rng", None)
     return {

@@ -133,6 +133,17 @@ def _frames_message(shape: tuple[int, ...], cfg: RunConfig) -> str:
     )
 
 
+def check_first_batch(cfg: RunConfig) -> None:
+    """Online: the replay must hold a row when training starts, after the collection round that completes
+    `loop.prefill_steps`; a row needs `replay.seq_len` steps of one episode and the frame after them."""
+    rounds = max(1, -(-cfg.loop.prefill_steps // cfg.loop.collect_steps))
+    stored = rounds * cfg.loop.collect_steps
+    if stored <= cfg.replay.seq_len:
+        raise ValueError(f"training starts after {stored} env steps (loop.prefill_steps={cfg.loop.prefill_steps}, "
+                         f"loop.collect_steps={cfg.loop.collect_steps}), too few for one row of replay.seq_len="
+                         f"{cfg.replay.seq_len} steps and the frame after them: raise loop.prefill_steps")
+
+
 def check_env_fits(cfg: RunConfig, env: Any, env_name: str) -> None:
     """The env's pixel frames and action space must be the models' (`env_name` names the env in the message)."""
     pixels = tuple(env.observation_spec["pixels"].shape)

@@ -55,7 +55,8 @@ from d4func.train.agent_step import (
     imagination_step,
     new_imagination_state,
 )
-from d4func.train.compat import check_dataset_fits, check_env_fits, check_resume_config
+from d4func.train.compat import check_dataset_fits, check_env_fits, check_first_batch, check_resume_config
+from d4func.train.interrupts import sigint_deferred
 from d4func.train.precision import load_compiler_before_rendering, wrap_step
 from d4func.train.run_config import RunConfig, resolve_device
 from d4func.train.state import NonFiniteLossError, new_train_state
@@ -549,7 +550,7 @@ class Trainer:
             if self.cfg.loop.mode == "online":
                 # What the killed process wrote after this checkpoint stays sampled on a wrapped ring, under the
                 # episode ids this run hands out again.
-                self.replay.retire_unrecorded_writes()
+                self.replay.retire_unrecorded_writes(payload["counters"]["next_traj_id"])
         return payload
 
     def forget_logs(self) -> None:
@@ -673,6 +674,7 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
     from d4func.data.replay import save_replay
     from d4func.envs.registry import make_env
 
+    check_first_batch(cfg)
     trainer = Trainer(cfg, dist_info)
     started = time.perf_counter()
     # Data parallel: every rank collects from its own env into its own replay; rank 0 alone evaluates.
@@ -792,11 +794,10 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
     tick = time.perf_counter()
 
     def train_and_check(n: int) -> None:
-        """The end of a round, once `n` env steps are stored: the gradient steps they pay for, then whatever
-        evaluation, GIF and checkpoint is due."""
+        """The end of a round, once `n` env steps are stored and credited: the gradient steps they pay for, then
+        whatever evaluation, GIF and checkpoint is due."""
         nonlocal tick, next_eval, next_gif, next_ckpt, eval_result, last_eval_step, last_gif_step
         if counters["env_steps"] >= cfg.loop.prefill_steps:
-            counters["train_credit"] += n * cfg.loop.train_ratio
             steps = int(counters["train_credit"])
             counters["train_credit"] -= steps
             trainer.train_steps(steps, counters["env_steps"] >= cfg.loop.agent_start, from_credit=True)
@@ -825,34 +826,38 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
         if owed:
             train_and_check(0)  # no new env steps: only the owed credit
         for batch in batches():
-            batch = batch.reshape(-1)
-            ids = batch.get(("collector", "traj_ids")) + episode["id_offset"]
-            batch.set(("collector", "traj_ids"), ids)
-            counters["next_traj_id"] = max(counters["next_traj_id"], int(ids.max()) + 1)
-            trainer.replay.extend(batch)
-            if not saved_replay:
-                # Records the storage layout once; positions go into checkpoints (open_run_replay reads them).
-                save_replay(trainer.replay, position_kept_in=f"the checkpoints of {trainer.run_dir}")
-                saved_replay = True
-            n = batch.numel()
-            counters["env_steps"] += n
-            at_batch_boundary = True
-            rewards = batch.get(("next", "reward")).reshape(-1)
-            dones = batch.get(("next", "done")).reshape(-1)
-            achievements = batch.get(("next", "achievements"), None)  # Crafter: unlocked so far this episode
-            for i, (r, d) in enumerate(zip(rewards.tolist(), dones.tolist(), strict=True)):
-                episode["return"] += r
-                if d:
-                    counters["episodes"] += 1
-                    episode["last_return"] = episode["return"]
-                    scalars = {"episode/return": episode["return"]}
-                    if achievements is not None:
-                        unlocked = achievements.reshape(rewards.numel(), -1)[i]
-                        episode["achievements"].append(unlocked)
-                        scalars["episode/achievements"] = float(unlocked.sum())
-                        scalars["episode/crafter_score"] = crafter_score_of(episode["achievements"])
-                    trainer.logger.log(scalars, counters["env_steps"])
-                    episode["return"] = 0.0
+            # Stored and counted as one: a Ctrl-C lands before or after, never between (interrupts.py).
+            with sigint_deferred():
+                batch = batch.reshape(-1)
+                ids = batch.get(("collector", "traj_ids")) + episode["id_offset"]
+                batch.set(("collector", "traj_ids"), ids)
+                counters["next_traj_id"] = max(counters["next_traj_id"], int(ids.max()) + 1)
+                trainer.replay.extend(batch)
+                if not saved_replay:
+                    # Records the storage layout once; positions go into checkpoints (open_run_replay reads them).
+                    save_replay(trainer.replay, position_kept_in=f"the checkpoints of {trainer.run_dir}")
+                    saved_replay = True
+                n = batch.numel()
+                counters["env_steps"] += n
+                if counters["env_steps"] >= cfg.loop.prefill_steps:
+                    counters["train_credit"] += n * cfg.loop.train_ratio  # paid by train_and_check, or on resume
+                at_batch_boundary = True
+                rewards = batch.get(("next", "reward")).reshape(-1)
+                dones = batch.get(("next", "done")).reshape(-1)
+                achievements = batch.get(("next", "achievements"), None)  # Crafter: unlocked so far this episode
+                for i, (r, d) in enumerate(zip(rewards.tolist(), dones.tolist(), strict=True)):
+                    episode["return"] += r
+                    if d:
+                        counters["episodes"] += 1
+                        episode["last_return"] = episode["return"]
+                        scalars = {"episode/return": episode["return"]}
+                        if achievements is not None:
+                            unlocked = achievements.reshape(rewards.numel(), -1)[i]
+                            episode["achievements"].append(unlocked)
+                            scalars["episode/achievements"] = float(unlocked.sum())
+                            scalars["episode/crafter_score"] = crafter_score_of(episode["achievements"])
+                        trainer.logger.log(scalars, counters["env_steps"])
+                        episode["return"] = 0.0
             train_and_check(n)
     if eval_env is not None and counters["grad_steps"] and last_eval_step != counters["env_steps"]:
         eval_result = trainer.evaluate(eval_env, counters["env_steps"])

@@ -175,11 +175,6 @@ class RunConfig:
         if dyn.n_agent_tokens < 1:
             raise ValueError("RunConfig: dynamics.n_agent_tokens must be >= 1 (the agent reads agent tokens), got "
                              f"{dyn.n_agent_tokens}")
-        if self.loop.mode == "online" and self.loop.prefill_steps <= self.replay.seq_len:
-            # The first training batch is drawn right after the prefill: a row needs seq_len steps of one episode
-            # and the frame after them, or the sampler finds no row to draw.
-            raise ValueError(f"RunConfig: loop.prefill_steps={self.loop.prefill_steps} must exceed replay.seq_len="
-                             f"{self.replay.seq_len} (the first batch's rows need seq_len steps and the frame after)")
         if self.imagination.horizon + 1 > self.replay.seq_len * 4:
             raise ValueError(f"RunConfig: imagination.horizon={self.imagination.horizon} is far beyond the "
                              f"training context replay.seq_len={self.replay.seq_len}")
