@@ -8,7 +8,16 @@ import pytest
 from d4func.train.interrupts import sigint_deferred
 
 
-def test_a_ctrl_c_inside_the_block_is_delivered_after_it() -> None:
+@pytest.fixture
+def sigint_handler():
+    """Install a SIGINT handler for the test (earlier tests and libraries may have replaced Python's), then restore."""
+    previous = signal.getsignal(signal.SIGINT)
+    yield lambda handler: signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_ctrl_c_inside_the_block_is_delivered_after_it(sigint_handler) -> None:
+    sigint_handler(signal.default_int_handler)
     done = []
     with pytest.raises(KeyboardInterrupt):
         with sigint_deferred():
@@ -18,13 +27,16 @@ def test_a_ctrl_c_inside_the_block_is_delivered_after_it() -> None:
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
-def test_no_ctrl_c_no_interrupt_and_an_ignored_one_stays_ignored() -> None:
+def test_a_custom_handler_runs_after_the_block_and_an_ignored_signal_stays_ignored(sigint_handler) -> None:
+    order = []
+    sigint_handler(lambda signum, frame: order.append("handler"))
     with sigint_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        order.append("block")
+    assert order == ["block", "handler"]
+    sigint_handler(signal.SIG_IGN)
+    with sigint_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    with sigint_deferred():  # no signal, nothing delivered
         pass
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        with sigint_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
-        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
-    finally:
-        signal.signal(signal.SIGINT, previous)

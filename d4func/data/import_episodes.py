@@ -238,9 +238,8 @@ def import_episodes(
 ) -> dict[str, Any]:
     """Write recorded ``episodes`` (see the module docstring) as a d4func dataset at ``path``; returns its metadata.
 
-    ``capacity``: the stored entries to make room for: the transitions, plus one per episode given with its final
-    frame (stored as an episode-end entry). ``None`` counts them, which holds every episode in memory first; give
-    it to stream episodes one at a time. ``env_config`` (:func:`d4func.envs.registry.env_config`)
+    ``capacity``: the transitions to make room for. ``None`` counts them, which holds every episode in memory
+    first; give it to stream episodes one at a time. ``env_config`` (:func:`d4func.envs.registry.env_config`)
     names an env the data comes from, so offline runs evaluate their policy in it; without one they train only.
     ``source`` is recorded as the dataset's policy (who acted).
     """
@@ -261,7 +260,7 @@ def import_episodes(
     all_transitions: Iterable[TensorDict] = (episode_transitions(ep, i, **convert) for i, ep in enumerate(episodes))
     if capacity is None:  # no episodes: _write_dataset says so
         all_transitions = list(all_transitions)
-        capacity = sum(t.shape[0] + 1 for t in all_transitions)  # + 1: an episode's final frame, if given
+        capacity = sum(t.shape[0] for t in all_transitions)
     elif not isinstance(capacity, int) or capacity < 1:
         raise ValueError(f"capacity must be a positive int, got {capacity!r}")
 
@@ -307,14 +306,14 @@ def _write_dataset(all_transitions: Iterable[TensorDict], path: Path, capacity: 
                 _check_env_frames(env_config, transitions["pixels"].shape[1:])
             # Final frames given: each frame is stored once (d4func.data.replay), the last as an episode-end entry.
             has_final = ("next", "pixels") in transitions.keys(include_nested=True)
-            # seq_len=1: readers pick theirs with load_offline.
-            rb = make_replay(capacity, 1, 1, path=path, share_next_pixels=has_final)
+            # seq_len=1: readers pick theirs with load_offline. Room for an episode-end frame per transition, the
+            # worst case (one-step episodes): memmaps are sparse files, so unused room takes no disk.
+            rb = make_replay(2 * capacity, 1, 1, path=path, share_next_pixels=has_final)
         elif signature != first_signature:
             raise ValueError(f"episode {i} has {signature}, episode 0 has {first_signature}")
-        entries = transitions.shape[0] + int(has_final)
-        if len(rb) + entries > capacity:
-            raise ValueError(f"episode {i} does not fit: {len(rb)} + {entries} stored entries (its transitions"
-                             f"{', and its final frame' if has_final else ''}) exceed capacity={capacity}")
+        if written + transitions.shape[0] > capacity:
+            raise ValueError(f"episode {i} does not fit: {written} + {transitions.shape[0]} transitions exceed "
+                             f"capacity={capacity}")
         rb.extend(transitions)
         written += transitions.shape[0]
         lengths.append(transitions.shape[0])
@@ -326,7 +325,7 @@ def _write_dataset(all_transitions: Iterable[TensorDict], path: Path, capacity: 
     save_replay(rb)
     meta = {
         "format": DATASET_FORMAT,
-        "capacity": capacity,
+        "capacity": 2 * capacity,
         "n_steps": written,
         "n_episodes_complete": len(lengths),
         "seed": None,
@@ -422,6 +421,5 @@ def import_npz_episodes(
                     episode["terminated"] = arrays["terminated"][start:end]
                 yield episode
 
-    # Each episode's transitions, plus its final frame where given (stored as an episode-end entry).
-    capacity = sum(max(n - int(arrival), 0) + 1 for file in files for n in lengths(file))
+    capacity = sum(max(n - int(arrival), 0) for file in files for n in lengths(file))
     return import_episodes(episodes(), path, capacity=max(capacity, 1), **options)

@@ -180,8 +180,9 @@ class SequenceReplayBuffer(TensorDictReplayBuffer):
         numbering, and a numbering column an OS crash lost). A resumed run overwrites them as it writes, but once
         the ring buffer has wrapped they stay among the sampled entries until then, and the resumed run reuses
         their episode ids. Each gets an episode id of its own (``RETIRED_TRAJ_BASE`` + its slot), so no slice joins
-        it to another entry (with each frame stored once, every slice spans two or more). This writes to the
-        storage: only the run that owns the buffer calls it, never a reader of a live run's replay."""
+        it to another entry: every slice spans two or more entries with each frame stored once (or ``seq_len`` >=
+        2), while a one-entry slice could still draw it alone. This writes to the storage: only the run that owns
+        the buffer calls it, never a reader of a live run's replay."""
         if len(self) == 0:
             return 0
         stored = self.storage._storage
