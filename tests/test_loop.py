@@ -121,8 +121,16 @@ def test_resuming_an_offline_run_on_a_dataset_recorded_again_is_refused(tmp_path
            "loop.eval_every=100", "loop.gif_every=100", "loop.checkpoint_every=2", "env.eval_episodes=0"]
     train(load_run_config(DEBUG, [*run, "loop.offline_steps=2"]), progress=False)
     shutil.rmtree(data)
-    _collect_cartpole(data, steps=40)  # the same path, recorded again: the checkpoint's replay length is stale
-    # 30 and 40 steps within one 250-step episode, each ending in the final frame the recording cut it at
+    _collect_cartpole(data, steps=30)  # the same path and size, recorded again
+    with pytest.raises(ValueError, match="is not the recording the run trained on"):
+        train(load_run_config(DEBUG, [*run, "loop.offline_steps=4"]), progress=False)
+    # A dataset from before dataset_ids is told apart by its length alone: 30 and 40 steps within one 250-step
+    # episode, each ending in the final frame the recording cut it at.
+    shutil.rmtree(data)
+    _collect_cartpole(data, steps=40)
+    meta = json.loads((data / "dataset.json").read_text())
+    del meta["dataset_id"]
+    (data / "dataset.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="holds 41 stored entries, but the run's checkpoint recorded 31"):
         train(load_run_config(DEBUG, [*run, "loop.offline_steps=4"]), progress=False)
 

@@ -21,6 +21,7 @@ slices as online training. A dataset directory holds
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -118,9 +119,12 @@ def sampled_entry_specs(rb: SequenceReplayBuffer) -> dict[str, dict[str, Any]]:
 
 
 def storage_metadata(rb: SequenceReplayBuffer) -> dict[str, Any]:
-    """The dataset.json fields that describe ``rb``'s storage: entries stored, next-frame layout, entry specs."""
+    """The dataset.json fields that describe ``rb``'s storage: entries stored, next-frame layout, entry specs, and
+    a fresh ``dataset_id``."""
     return {"stored_entries": len(rb), "next_pixels": SHARED if rb.share_next_pixels else PER_TRANSITION,
-            "entries": sampled_entry_specs(rb)}
+            "entries": sampled_entry_specs(rb),
+            # New for every dataset written: a run resuming on a dataset recorded again at its path is refused.
+            "dataset_id": uuid.uuid4().hex}
 
 
 def record_episodes(

@@ -443,6 +443,7 @@ class Trainer:
         self.counters = {"env_steps": 0, "grad_steps": 0, "episodes": 0, "next_traj_id": 0, "train_credit": 0.0}
         self.logger = RunLogger(cfg, self.run_dir, enabled=self.is_main)
         self.replay = None
+        self.dataset_id: str | None = None  # offline: the dataset's `dataset_id` (datasets from before it: None)
         self.extra_generators: dict[str, torch.Generator] = {}  # e.g. the acting policy's (online)
         self.online_state = None  # online: a callable giving the collector's runtime state for checkpoints
 
@@ -499,6 +500,8 @@ class Trainer:
             part["log_rows"] = self.logger.rows
         if self.replay is not None:  # online: length and cursor; both: the sampler's RNG (exact resume)
             part["replay"] = checkpoint.replay_position(self.replay)
+            if self.dataset_id is not None:  # offline: which recording (resuming on another one is refused)
+                part["replay"]["dataset_id"] = self.dataset_id
             if self.cfg.loop.mode == "online":  # the transitions it counts reach the disk before the checkpoint
                 checkpoint.sync_replay_files(self.replay)
         if self.online_state is not None:
@@ -540,7 +543,12 @@ class Trainer:
         self.states = {name: state.to(self.device) for name, state in payload["states"].items()}
         self.counters.update(payload["counters"])
         if self.replay is not None and "replay" in payload:
-            recorded = payload["replay"]["len"]
+            recorded, saved_id = payload["replay"]["len"], payload["replay"].get("dataset_id")
+            replaced = None not in (saved_id, self.dataset_id) and saved_id != self.dataset_id
+            if self.cfg.loop.mode == "offline" and replaced:
+                raise ValueError(f"dataset {self.cfg.loop.offline_data} is not the recording the run trained on "
+                                 f"(dataset_id {self.dataset_id}, the checkpoint's {saved_id}): it was recorded again "
+                                 "or replaced. Restore it, or start a fresh run_dir")
             if self.cfg.loop.mode == "offline" and recorded != len(self.replay):
                 # A dataset is never written to: another length means it was recorded again (or replaced).
                 raise ValueError(f"dataset {self.cfg.loop.offline_data} holds {len(self.replay)} stored entries, but "
@@ -894,6 +902,7 @@ def train_offline(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo 
     check_dataset_fits(cfg, metadata, str(cfg.loop.offline_data))
     trainer.replay = load_offline(cfg.loop.offline_data, cfg.replay.seq_len, cfg.replay.batch_size,
                                   seed=trainer.rank_seed(cfg.seed + 4, "replay"))
+    trainer.dataset_id = metadata.get("dataset_id")
     # Without a shared run_dir one rank could resume while another starts over: stop instead of hanging.
     dp.check_ranks_agree(checkpoint.latest_checkpoint(trainer.run_dir) is not None,
                          f"whether {trainer.run_dir} holds a checkpoint to resume")
