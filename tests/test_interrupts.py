@@ -40,3 +40,15 @@ def test_a_custom_handler_runs_after_the_block_and_an_ignored_signal_stays_ignor
     assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     with sigint_deferred():  # no signal, nothing delivered
         pass
+
+
+def test_under_the_default_action_a_held_ctrl_c_still_ends_the_process(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    script = ("import os, signal\nfrom d4func.train.interrupts import sigint_deferred\n"
+              "signal.signal(signal.SIGINT, signal.SIG_DFL)\n"
+              "with sigint_deferred():\n    os.kill(os.getpid(), signal.SIGINT)\n    print('block done', flush=True)\n"
+              "print('after the block', flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGINT and proc.stdout == "block done\n"

@@ -116,23 +116,36 @@ def test_offline_loop_on_a_recorded_dataset(tmp_path, cartpole_data):
 
 
 def test_resuming_an_offline_run_on_a_dataset_recorded_again_is_refused(tmp_path):
-    data = _collect_cartpole(tmp_path / "data", steps=30)
-    run = [f"run_dir={tmp_path / 'run'}", "loop.mode=offline", f"loop.offline_data={data}", "loop.agent_start=100",
-           "loop.eval_every=100", "loop.gif_every=100", "loop.checkpoint_every=2", "env.eval_episodes=0"]
-    train(load_run_config(DEBUG, [*run, "loop.offline_steps=2"]), progress=False)
-    shutil.rmtree(data)
-    _collect_cartpole(data, steps=30)  # the same path and size, recorded again
+    data = tmp_path / "data"
+
+    def record(steps: int, with_id: bool = True) -> None:
+        shutil.rmtree(data, ignore_errors=True)
+        _collect_cartpole(data, steps=steps)
+        if not with_id:  # as written before datasets carried one
+            meta = json.loads((data / "dataset.json").read_text())
+            del meta["dataset_id"]
+            (data / "dataset.json").write_text(json.dumps(meta))
+
+    def run(name: str, steps: int) -> None:
+        train(load_run_config(DEBUG, [
+            f"run_dir={tmp_path / name}", "loop.mode=offline", f"loop.offline_data={data}", "loop.agent_start=100",
+            "loop.eval_every=100", "loop.gif_every=100", "loop.checkpoint_every=2", "env.eval_episodes=0",
+            f"loop.offline_steps={steps}"]), progress=False)
+
+    record(30)
+    run("a", 2)
+    record(30)  # the same path and size, recorded again
     with pytest.raises(ValueError, match="is not the recording the run trained on"):
-        train(load_run_config(DEBUG, [*run, "loop.offline_steps=4"]), progress=False)
-    # A dataset from before dataset_ids is told apart by its length alone: 30 and 40 steps within one 250-step
-    # episode, each ending in the final frame the recording cut it at.
-    shutil.rmtree(data)
-    _collect_cartpole(data, steps=40)
-    meta = json.loads((data / "dataset.json").read_text())
-    del meta["dataset_id"]
-    (data / "dataset.json").write_text(json.dumps(meta))
+        run("a", 4)
+    record(30, with_id=False)
+    with pytest.raises(ValueError, match="is not the recording the run trained on"):
+        run("a", 4)
+    # Without ids on either side, the length tells them apart: 30 and 40 steps within one 250-step episode, each
+    # ending in the final frame the recording cut it at.
+    run("b", 2)
+    record(40, with_id=False)
     with pytest.raises(ValueError, match="holds 41 stored entries, but the run's checkpoint recorded 31"):
-        train(load_run_config(DEBUG, [*run, "loop.offline_steps=4"]), progress=False)
+        run("b", 4)
 
 
 def test_config_errors_name_the_bad_key_or_value(tmp_path, capsys):

@@ -20,9 +20,10 @@ __all__ = ["sigint_deferred"]
 
 @contextmanager
 def sigint_deferred() -> Iterator[None]:
-    """Run the block with SIGINT held back; deliver it afterwards. Outside the main thread (where Python delivers
-    signals) the block runs unchanged."""
-    if threading.current_thread() is not threading.main_thread():
+    """Run the block with SIGINT held back; deliver it afterwards, to whatever handler was in place (Python's raises
+    KeyboardInterrupt, SIG_DFL ends the process, SIG_IGN drops it). Outside the main thread (where Python delivers
+    signals), or under a handler Python did not install (it cannot put one back), the block runs unchanged."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
         yield
         return
     received: list[int] = []
@@ -31,9 +32,5 @@ def sigint_deferred() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-    if not received:
-        return
-    if callable(previous):
-        previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt here
-    elif previous == signal.SIG_DFL:
-        raise KeyboardInterrupt
+    if received:
+        signal.raise_signal(signal.SIGINT)

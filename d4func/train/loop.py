@@ -544,7 +544,7 @@ class Trainer:
         self.counters.update(payload["counters"])
         if self.replay is not None and "replay" in payload:
             recorded, saved_id = payload["replay"]["len"], payload["replay"].get("dataset_id")
-            replaced = None not in (saved_id, self.dataset_id) and saved_id != self.dataset_id
+            replaced = saved_id is not None and saved_id != self.dataset_id
             if self.cfg.loop.mode == "offline" and replaced:
                 raise ValueError(f"dataset {self.cfg.loop.offline_data} is not the recording the run trained on "
                                  f"(dataset_id {self.dataset_id}, the checkpoint's {saved_id}): it was recorded again "
