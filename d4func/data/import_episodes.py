@@ -47,7 +47,7 @@ from einops import rearrange
 from tensordict import TensorDict
 from torch import Tensor
 
-from d4func.data.offline import DATASET_FORMAT, META_FILE, storage_metadata
+from d4func.data.offline import DATASET_FORMAT, META_FILE, dataset_capacity, storage_metadata
 from d4func.data.replay import DEFAULT_TRAJ_KEY, make_replay, save_replay
 
 __all__ = ["REWARD_ALIGNMENTS", "episode_transitions", "import_episodes", "import_npz_episodes"]
@@ -306,9 +306,8 @@ def _write_dataset(all_transitions: Iterable[TensorDict], path: Path, capacity: 
                 _check_env_frames(env_config, transitions["pixels"].shape[1:])
             # Final frames given: each frame is stored once (d4func.data.replay), the last as an episode-end entry.
             has_final = ("next", "pixels") in transitions.keys(include_nested=True)
-            # seq_len=1: readers pick theirs with load_offline. Room for an episode-end frame per transition, the
-            # worst case (one-step episodes): memmaps are sparse files, so unused room takes no disk.
-            rb = make_replay(2 * capacity, 1, 1, path=path, share_next_pixels=has_final)
+            # seq_len=1: readers pick theirs with load_offline.
+            rb = make_replay(dataset_capacity(capacity), 1, 1, path=path, share_next_pixels=has_final)
         elif signature != first_signature:
             raise ValueError(f"episode {i} has {signature}, episode 0 has {first_signature}")
         if written + transitions.shape[0] > capacity:
@@ -325,7 +324,7 @@ def _write_dataset(all_transitions: Iterable[TensorDict], path: Path, capacity: 
     save_replay(rb)
     meta = {
         "format": DATASET_FORMAT,
-        "capacity": 2 * capacity,
+        "capacity": dataset_capacity(capacity),
         "n_steps": written,
         "n_episodes_complete": len(lengths),
         "seed": None,

@@ -52,6 +52,7 @@ __all__ = [
     "META_FILE",
     "UniformRandomPolicy",
     "collect",
+    "dataset_capacity",
     "entry_specs",
     "load_offline",
     "read_metadata",
@@ -107,6 +108,12 @@ def entry_specs(data: TensorDictBase) -> dict[str, dict[str, Any]]:
         name = key if isinstance(key, str) else ".".join(key)
         out[name] = {"shape": list(value.shape[1:]), "dtype": str(value.dtype).removeprefix("torch.")}
     return out
+
+
+def dataset_capacity(transitions: int) -> int:
+    """Stored entries to make room for in a dataset of up to ``transitions`` steps: one episode-end frame per step,
+    the worst case (one-step episodes). Memmaps are sparse files, so unused room takes no disk."""
+    return 2 * transitions
 
 
 def sampled_entry_specs(rb: SequenceReplayBuffer) -> dict[str, dict[str, Any]]:
@@ -175,9 +182,8 @@ def record_episodes(
     policy_name = policy_name or type(policy).__name__
     env_repr = repr(env)
 
-    # seq_len=1 only because make_replay needs one; readers pick their own with load_offline. Room for an
-    # episode-end frame per transition, the worst case: memmaps are sparse files, so unused room takes no disk.
-    rb = make_replay(2 * capacity, 1, 1, path=path)
+    # seq_len=1 only because make_replay needs one; readers pick their own with load_offline.
+    rb = make_replay(dataset_capacity(capacity), 1, 1, path=path)
     collector = Collector(env, policy, frames_per_batch=min(frames_per_batch, capacity), total_frames=-1)
     written = 0
     completed = 0
@@ -210,7 +216,7 @@ def record_episodes(
     save_replay(rb)
     meta = {
         "format": DATASET_FORMAT,
-        "capacity": 2 * capacity,
+        "capacity": dataset_capacity(capacity),
         "n_steps": written,
         "n_episodes_complete": completed,
         "seed": seed,

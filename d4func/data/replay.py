@@ -65,6 +65,7 @@ __all__ = [
     "PixelsAsUint8",
     "SequenceReplayBuffer",
     "StaleReplayPositionWarning",
+    "forget_episode_index",
     "make_replay",
     "replay_layout",
     "save_replay",
@@ -195,9 +196,7 @@ class SequenceReplayBuffer(TensorDictReplayBuffer):
         slots = stale.nonzero().reshape(-1)
         if slots.numel():
             traj[slots] = RETIRED_TRAJ_BASE + slots.to(traj.dtype).reshape(traj[slots].shape)
-            forget_episode_index = getattr(self._sampler, "_empty", None)
-            if forget_episode_index is not None:  # the fragmented sampler's index still holds the old ids
-                forget_episode_index()
+            forget_episode_index(self)  # it still holds the old ids
         return slots.numel()
 
     def sample(self, batch_size: int | None = None, return_info: bool = False, **kwargs):
@@ -304,6 +303,15 @@ def with_episode_end_frames(
     order = torch.empty(n + m, dtype=torch.long)
     order[position] = torch.arange(n + m)
     return torch.cat([marked, end_frames]).exclude(NEXT_PIXELS)[order]
+
+
+def forget_episode_index(rb: TensorDictReplayBuffer) -> None:
+    """Drop the index of where each episode's steps sit that ``SliceSampler(fragmented=True)`` keeps and updates on
+    writes only: after the storage changes otherwise (a rewound length, rewritten ids) it would still draw what
+    is no longer there. The sampler rebuilds it on the next sample."""
+    empty = getattr(rb._sampler, "_empty", None)
+    if empty is not None:
+        empty()
 
 
 def replay_layout(path: str | Path) -> str | None:
@@ -416,9 +424,10 @@ def make_replay(
             if (END_FRAME_KEY in keys) != share_next_pixels:
                 raise ValueError(f"replay at {path}: {LAYOUT_FILE} says next frames are stored "
                                  f"{'once' if share_next_pixels else 'per transition'}, its storage says otherwise")
-            numbered = WRITE_INDEX_KEY in keys and len(rb) > 0
-            rb.entries_written = (int(rb.storage._storage.get(WRITE_INDEX_KEY)[: len(rb)].max()) + 1 if numbered
-                              else None if WRITE_INDEX_KEY not in keys else 0)
+            if WRITE_INDEX_KEY not in keys:
+                rb.entries_written = None  # written before entries were numbered
+            elif len(rb):
+                rb.entries_written = int(rb.storage._storage.get(WRITE_INDEX_KEY)[: len(rb)].max()) + 1
         # loads() restores the saved batch size; the caller's batch shape wins.
         rb._batch_size = batch_size * slice_len
         stored = rb.storage.max_size if not rb.storage.initialized else rb.storage._storage.shape[0]

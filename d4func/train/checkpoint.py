@@ -278,11 +278,9 @@ def restore_replay_position(rb: Any, position: Mapping[str, Any]) -> None:
     rb._writer.load_state_dict(dict(position["writer"]))
     if position.get("written") is not None and getattr(rb, "entries_written", None) is not None:
         rb.entries_written = int(position["written"])  # the next entry's number (checkpoints before it: none)
-    # SliceSampler(fragmented=True) keeps an index of where each episode's steps sit, updated on writes only: a
-    # buffer sampled before this rewind would still draw slots past the new end. Rebuilt on the next sample.
-    forget_episode_index = getattr(rb._sampler, "_empty", None)
-    if forget_episode_index is not None:
-        forget_episode_index()
+    from d4func.data.replay import forget_episode_index
+
+    forget_episode_index(rb)  # a buffer sampled before this rewind would still draw slots past the new end
     if position["rng"] is not None:
         if getattr(rb, "_rng", None) is None:
             rb.set_rng(torch.Generator())

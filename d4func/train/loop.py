@@ -543,23 +543,27 @@ class Trainer:
         self.states = {name: state.to(self.device) for name, state in payload["states"].items()}
         self.counters.update(payload["counters"])
         if self.replay is not None and "replay" in payload:
-            recorded, saved_id = payload["replay"]["len"], payload["replay"].get("dataset_id")
-            replaced = saved_id is not None and saved_id != self.dataset_id
-            if self.cfg.loop.mode == "offline" and replaced:
-                raise ValueError(f"dataset {self.cfg.loop.offline_data} is not the recording the run trained on "
-                                 f"(dataset_id {self.dataset_id}, the checkpoint's {saved_id}): it was recorded again "
-                                 "or replaced. Restore it, or start a fresh run_dir")
-            if self.cfg.loop.mode == "offline" and recorded != len(self.replay):
-                # A dataset is never written to: another length means it was recorded again (or replaced).
-                raise ValueError(f"dataset {self.cfg.loop.offline_data} holds {len(self.replay)} stored entries, but "
-                                 f"the run's checkpoint recorded {recorded}: it changed since the run started. "
-                                 "Restore it, or start a fresh run_dir")
+            if self.cfg.loop.mode == "offline":
+                self.check_same_dataset(payload["replay"])
             checkpoint.restore_replay_position(self.replay, payload["replay"])
             if self.cfg.loop.mode == "online":
                 # What the killed process wrote after this checkpoint stays sampled on a wrapped ring, under the
                 # episode ids this run hands out again.
                 self.replay.retire_unrecorded_writes(payload["counters"]["next_traj_id"])
         return payload
+
+    def check_same_dataset(self, position: dict[str, Any]) -> None:
+        """An offline run resumes on the recording its checkpoint names (`dataset_id`), and a dataset is never
+        written to: another id, or another length (datasets from before ids), means it was recorded again."""
+        saved_id = position.get("dataset_id")
+        if saved_id is not None and saved_id != self.dataset_id:
+            raise ValueError(f"dataset {self.cfg.loop.offline_data} is not the recording the run trained on "
+                             f"(dataset_id {self.dataset_id}, the checkpoint's {saved_id}): it was recorded again "
+                             "or replaced. Restore it, or start a fresh run_dir")
+        if position["len"] != len(self.replay):
+            raise ValueError(f"dataset {self.cfg.loop.offline_data} holds {len(self.replay)} stored entries, but "
+                             f"the run's checkpoint recorded {position['len']}: it changed since the run started. "
+                             "Restore it, or start a fresh run_dir")
 
     def forget_logs(self) -> None:
         """A run that starts over (no checkpoint to resume) drops the log lines of the attempt it replaces."""
