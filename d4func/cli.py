@@ -87,7 +87,8 @@ def _import(args: argparse.Namespace) -> int:
         from d4func.envs.registry import env_config as make_env_config
 
         env_config = make_env_config(args.env, seed=0, image_size=args.image_size, action_repeat=args.action_repeat)
-    metadata = import_npz_episodes(files, args.out, keys=keys, channels_last=not args.channels_first,
+    metadata = import_npz_episodes(files, args.out, keys=keys, join_chunks=args.join_chunks,
+                                   channels_last=not args.channels_first,
                                    rewards_on=args.rewards_on, env_config=env_config, source=args.source)
     print(json.dumps(metadata, indent=2, default=str))
     return 0
@@ -128,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Each .npz file holds one episode: frames [T, H, W, C] uint8 (or float in [0, 1]), actions "
         "[T, A] in [-1, 1] or [T] integer indices, rewards [T], optionally a terminated flag. See "
         "d4func.data.import_episodes for the layouts. DreamerV3's replay: --pixels image --terminated is_terminal "
-        "--rewards-on arrival.")
+        "--rewards-on arrival --join-chunks.")
     imports.add_argument("--episodes", required=True, help="a directory of .npz files (sorted by name) or one file")
     imports.add_argument("--out", required=True, help="dataset directory (must not exist yet)")
     imports.add_argument("--pixels", default="pixels", help="frames array; several cameras as a,b")
@@ -137,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     imports.add_argument("--terminated", default=None, help="terminal flag(s); when not given, an array "
                          "'terminated' is read where present (False elsewhere)")
     imports.add_argument("--is-first", default="is_first", help="episode-start flags, where present: a file is "
-                         "split into episodes at them (DreamerV3's chunks); never joined across files")
+                         "split into episodes at them; not joined across files unless --join-chunks")
+    imports.add_argument("--join-chunks", action="store_true", help="the files are DreamerV3 replay chunks "
+                         "({time}-{uuid}-{successor}-{length}.npz): follow the successor links, so an episode that "
+                         "goes on in the next chunk imports whole")
     imports.add_argument("--rewards-on", choices=["action", "arrival"], default="action",
                          help="action: reward[t] follows action[t] (TorchRL); arrival: reward[t] came on "
                          "arriving at frame t (DreamerV3)")

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from d4func.cli import main
-from d4func.data.import_episodes import episode_transitions, import_episodes
+from d4func.data.chunk_chains import chain_chunks
+from d4func.data.import_episodes import episode_transitions, import_episodes, import_npz_episodes
 from d4func.data.offline import load_offline, read_metadata
 from d4func.train.compat import check_dataset_fits
 from d4func.train.loop import train
@@ -320,3 +321,97 @@ def test_frames_must_match_the_named_env(tmp_path):
                         env_config=env_config("dmc:cartpole-swingup@0,1"))
     import_episodes([_episode(rng, 3, size=64, cameras=2)], tmp_path / "c",
                     env_config=env_config("dmc:cartpole-swingup@0,1"))
+
+
+def _write_stream_as_chunks(directory: Path, stream: dict[str, np.ndarray], cuts: list[int], tag: str,
+                            start_time: int) -> list[str]:
+    """Cut one recorded stream into DreamerV3-named chunks linked by successor uuids; returns the file names."""
+    bounds = [0, *cuts, len(stream["reward"])]
+    uuids = [f"{tag}{i:04d}" for i in range(len(bounds) - 1)] + ["0" * 8]  # all zeros: no successor
+    names = []
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        name = f"{start_time + i:014d}-{uuids[i]}-{uuids[i + 1]}-{end - start}.npz"
+        np.savez(directory / name, **{key: value[start:end] for key, value in stream.items()})
+        names.append(name)
+    return names
+
+
+def _stream(rng: np.random.Generator, episode_lengths: list[int], terminal_last: bool) -> dict[str, np.ndarray]:
+    """A DreamerV3-style stream (arrival layout, one entry per step) of episodes of the given frame counts."""
+    steps = sum(episode_lengths)
+    chunk = _chunk(rng, steps, np.cumsum([0, *episode_lengths[:-1]]).tolist())
+    chunk["image"] = chunk["image"][:, :4, :4]
+    ends = np.cumsum(episode_lengths) - 1
+    chunk["is_terminal"][:] = False
+    chunk["is_terminal"][ends[:-1] if not terminal_last else ends] = True  # one still running, or all ended
+    chunk["reward"] = rng.normal(size=steps).astype(np.float32)
+    return chunk
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(episodes=st.lists(st.lists(st.integers(2, 9), min_size=1, max_size=3), min_size=1, max_size=2),
+       cut_seed=st.integers(0, 2**16), terminal_last=st.booleans())
+def test_joined_chunks_import_the_same_episodes_as_whole_files(episodes, cut_seed, terminal_last):
+    """Invariant: cutting streams into chained chunks anywhere, and listing the files in any order, imports exactly
+    the episodes of the uncut streams (each stream's episodes given as whole files)."""
+    rng = np.random.default_rng(cut_seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "chunks").mkdir()
+        (tmp / "whole").mkdir()
+        whole = []
+        for s, lengths in enumerate(episodes):
+            stream = _stream(rng, lengths, terminal_last)
+            steps = len(stream["reward"])
+            cuts = sorted(rng.choice(np.arange(1, steps), size=min(3, steps - 1), replace=False).tolist())
+            _write_stream_as_chunks(tmp / "chunks", stream, cuts, tag=f"s{s}", start_time=100 * s)
+            for start, end in zip(np.cumsum([0, *lengths[:-1]]), np.cumsum(lengths), strict=True):
+                whole.append(tmp / "whole" / f"{len(whole):03d}.npz")
+                np.savez(whole[-1], **{key: value[start:end] for key, value in stream.items()})
+        files = list((tmp / "chunks").glob("*.npz"))
+        rng.shuffle(files)
+        options = dict(keys={"pixels": "image", "terminated": "is_terminal"}, rewards_on="arrival")
+        import_npz_episodes(files, tmp / "joined", join_chunks=True, **options)
+        import_npz_episodes(whole, tmp / "reference", **options)
+        joined, reference = _stored_episodes(tmp / "joined"), _stored_episodes(tmp / "reference")
+        assert sorted(joined) == sorted(reference) == list(range(sum(len(lengths) for lengths in episodes)))
+        for i in reference:
+            for key in ("pixels", "action", ("next", "reward"), ("next", "terminated"), ("next", "truncated"),
+                        ("next", "pixels")):
+                assert torch.equal(joined[i][key], reference[i][key]), (i, key)
+        assert read_metadata(tmp / "joined")["n_steps"] == read_metadata(tmp / "reference")["n_steps"]
+
+
+def test_chunk_chains_refuse_bad_names_forks_cycles_and_wrong_lengths(tmp_path):
+    rng = np.random.default_rng(11)
+    stream = _stream(rng, [5, 4], terminal_last=True)
+
+    def save(name: str, start: int = 0, end: int = 9) -> Path:
+        np.savez(tmp_path / name, **{key: value[start:end] for key, value in stream.items()})
+        return tmp_path / name
+
+    with pytest.raises(ValueError, match="'.*episode.npz' is not named like a DreamerV3 chunk"):
+        chain_chunks([save("episode.npz")])
+    # the first episode (frames 0..4) runs on from chunk a (0..2) into chunk b (3..8)
+    a, b, c = save("1-aa-bb-3.npz", 0, 3), save("2-bb-00-6.npz", 3, 9), save("3-cc-bb-3.npz", 0, 3)
+    with pytest.raises(ValueError, match="both name .*2-bb-00-6.npz' as their successor"):
+        chain_chunks([a, b, c])
+    with pytest.raises(ValueError, match="share the uuid aa"):
+        chain_chunks([a, save("5-aa-00-3.npz", 0, 3)])
+    with pytest.raises(ValueError, match="form a cycle"):
+        chain_chunks([save("6-xx-yy-3.npz", 0, 3), save("7-yy-xx-6.npz", 3, 9), b])
+    assert [[chunk.path.name for chunk in s] for s in chain_chunks([b, a])] == [["1-aa-bb-3.npz", "2-bb-00-6.npz"]]
+    with pytest.raises(ValueError, match="its name says 7 steps, 'reward' holds 4"):
+        import_npz_episodes([save("8-pp-qq-7.npz", 0, 4)], tmp_path / "data", join_chunks=True,
+                            keys={"pixels": "image"}, rewards_on="arrival")
+    assert not (tmp_path / "data").exists()
+    # the command line: an episode running over two chunks imports as one with --join-chunks, as two without
+    (tmp_path / "replay").mkdir()
+    for file in (a, b):
+        file.rename(tmp_path / "replay" / file.name)
+    flags = ["--pixels", "image", "--terminated", "is_terminal", "--rewards-on", "arrival"]
+    assert main(["import", "--episodes", str(tmp_path / "replay"), "--out", str(tmp_path / "j"), *flags,
+                 "--join-chunks"]) == 0
+    assert main(["import", "--episodes", str(tmp_path / "replay"), "--out", str(tmp_path / "n"), *flags]) == 0
+    assert read_metadata(tmp_path / "j")["n_episodes_complete"] == 2
+    assert read_metadata(tmp_path / "n")["n_episodes_complete"] == 3

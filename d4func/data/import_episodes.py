@@ -47,6 +47,7 @@ from einops import rearrange
 from tensordict import TensorDict
 from torch import Tensor
 
+from d4func.data.chunk_chains import chain_chunks
 from d4func.data.offline import DATASET_FORMAT, META_FILE, dataset_capacity, storage_metadata
 from d4func.data.replay import DEFAULT_TRAJ_KEY, make_replay, save_replay
 
@@ -352,6 +353,7 @@ def import_npz_episodes(
     path: str | Path,
     *,
     keys: Mapping[str, str | Sequence[str]] | None = None,
+    join_chunks: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
     """``d4func import``: episodes from ``.npz`` files (read in the given order) -> a dataset at ``path``.
@@ -359,12 +361,19 @@ def import_npz_episodes(
     ``keys`` maps d4func's names (``pixels``, ``action``, ``reward``, ``terminated``, ``is_first``) to the files'
     own, e.g. ``{"pixels": "image", "terminated": "is_terminal"}`` for DreamerV3's replay (with
     ``rewards_on="arrival"``); ``pixels`` may name several arrays, one per camera. A file holds one episode, or
-    several when it has an ``is_first`` array: it is split where ``is_first`` is set. Episodes are never joined
-    across files: the part of a file before its first ``is_first`` (an episode begun in another file, as in
-    DreamerV3's fixed-size chunks) becomes an episode of its own. ``terminated`` absent from a file means False,
-    unless its name was given in ``keys`` (then it must be there). ``options`` go to :func:`import_episodes`.
-    Files are read one at a time (a first pass reads only the rewards and ``is_first``, to size the storage), so
-    a dataset larger than memory imports. Errors name the file and step range.
+    several when it has an ``is_first`` array: it is split where ``is_first`` is set. ``terminated`` absent from a
+    file means False, unless its name was given in ``keys`` (then it must be there).
+
+    Without ``join_chunks``, episodes are never joined across files: the part of a file before its first
+    ``is_first`` (an episode begun in another file) becomes an episode of its own. With it, the files are
+    DreamerV3 replay chunks, named ``{time}-{uuid}-{successor}-{length}.npz``: they are chained into the streams
+    they were recorded as (:func:`d4func.data.chunk_chains.chain_chunks`, whatever order they are given in), and an
+    episode that goes on in its stream's next chunk is imported whole. Every array of a chained chunk holds one
+    entry per step, and the name's length must match them.
+
+    ``options`` go to :func:`import_episodes`. Files are read one at a time (a first pass reads only the rewards
+    and ``is_first``, to size the storage), so a dataset larger than memory imports. Errors name the file and step
+    range.
     """
     if not files:
         raise ValueError("no .npz episode files given")
@@ -376,49 +385,91 @@ def import_npz_episodes(
     names: dict[str, Any] = {**NPZ_NAMES, **(keys or {})}
     terminated_required = "terminated" in (keys or {})
     arrival = options.get("rewards_on", "action") == "arrival"
+    # Each stream: its files in recording order, with the step count a chunk's name promises (None: unnamed).
+    streams: list[list[tuple[Path, int | None]]] = (
+        [[(chunk.path, chunk.length) for chunk in stream] for stream in chain_chunks(files)] if join_chunks
+        else [[(Path(file), None)] for file in files])
 
-    def need(data: Any, file: str | Path, name: str) -> np.ndarray:
+    def need(data: Any, file: Path, name: str) -> np.ndarray:
         if name not in data:
             raise ValueError(f"{file} has no array {name!r} (has {sorted(data.files)})")
         return data[name]
 
-    def episode_bounds(data: Any, file: str | Path, length: int) -> list[int]:
-        """Where the file's episodes start, then its length: episode k is steps bounds[k] .. bounds[k+1] - 1."""
-        if names["is_first"] not in data:
-            return [0, length]
-        flags = np.asarray(data[names["is_first"]]).reshape(-1).astype(bool)
-        if flags.shape[0] != length:
-            raise ValueError(f"{file}: {names['is_first']!r} has {flags.shape[0]} flags for {length} steps")
-        return [*sorted({0, *np.flatnonzero(flags).tolist()}), length]
+    def step_count(data: Any, file: Path, named_length: int | None) -> int:
+        reward = need(data, file, names["reward"])
+        if reward.ndim == 0:
+            raise ValueError(f"{file}: {names['reward']!r} must be [T], got a scalar")
+        if len(reward) == 0:
+            raise ValueError(f"{file} holds no steps ({names['reward']!r} is empty)")
+        if named_length is not None and named_length != len(reward):
+            raise ValueError(f"{file}: its name says {named_length} steps, {names['reward']!r} holds {len(reward)}")
+        return len(reward)
 
-    def lengths(file: str | Path) -> list[int]:
+    def segment_bounds(data: Any, file: Path, length: int) -> tuple[list[int], set[int]]:
+        """The file cut where episodes start: segment k is steps bounds[k] .. bounds[k+1] - 1; and those starts."""
+        starts: set[int] = set()
+        if names["is_first"] in data:
+            flags = np.asarray(data[names["is_first"]]).reshape(-1).astype(bool)
+            if flags.shape[0] != length:
+                raise ValueError(f"{file}: {names['is_first']!r} has {flags.shape[0]} flags for {length} steps")
+            starts = set(np.flatnonzero(flags).tolist())
+        return sorted({0, *starts, length}), starts
+
+    def episode_lengths(stream: list[tuple[Path, int | None]]) -> list[int]:
+        starts, offset = {0}, 0
+        for file, named_length in stream:
+            with np.load(file) as data:
+                length = step_count(data, file, named_length)
+                starts |= {offset + step for step in segment_bounds(data, file, length)[1]}
+                offset += length
+        return np.diff([*sorted(starts), offset]).tolist()
+
+    def read(file: Path, named_length: int | None) -> tuple[dict[str, np.ndarray], list[int], set[int]]:
+        """A file's arrays, with its segment bounds and episode starts (``segment_bounds``)."""
         with np.load(file) as data:
-            reward = need(data, file, names["reward"])
-            if reward.ndim == 0:
-                raise ValueError(f"{file}: {names['reward']!r} must be [T], got a scalar")
-            return np.diff(episode_bounds(data, file, len(reward))).tolist()
+            length = step_count(data, file, named_length)
+            pixel_names = names["pixels"]
+            pixels = (need(data, file, pixel_names) if isinstance(pixel_names, str)
+                      else np.stack([need(data, file, n) for n in pixel_names], axis=1))
+            arrays = {"pixels": pixels, "action": need(data, file, names["action"]),
+                      "reward": need(data, file, names["reward"])}
+            if names["terminated"] in data:
+                arrays["terminated"] = np.asarray(data[names["terminated"]]).reshape(-1)
+            elif terminated_required:
+                need(data, file, names["terminated"])
+            return arrays, *segment_bounds(data, file, length)
+
+    def joined(pieces: list[tuple[dict[str, np.ndarray], str]]) -> dict[str, Any]:
+        """One episode from its consecutive pieces (several when it spans chained chunks)."""
+        episode: dict[str, Any] = {key: np.concatenate([piece[key] for piece, _ in pieces])
+                                   for key in ("pixels", "action", "reward")}
+        if any("terminated" in piece for piece, _ in pieces):
+            episode["terminated"] = np.concatenate([
+                piece["terminated"] if "terminated" in piece else np.zeros(len(piece["reward"]), dtype=bool)
+                for piece, _ in pieces])
+        episode["name"] = " + ".join(where for _, where in pieces)
+        return episode
 
     def episodes() -> Iterator[dict[str, Any]]:
-        for file in files:
-            with np.load(file) as data:
-                pixel_names = names["pixels"]
-                pixels = (need(data, file, pixel_names) if isinstance(pixel_names, str)
-                          else np.stack([need(data, file, n) for n in pixel_names], axis=1))
-                arrays = {"pixels": pixels, "action": need(data, file, names["action"]),
-                          "reward": need(data, file, names["reward"])}
-                if names["terminated"] in data:
-                    arrays["terminated"] = np.asarray(data[names["terminated"]]).reshape(-1)
-                elif terminated_required:
-                    need(data, file, names["terminated"])
-                bounds = episode_bounds(data, file, len(arrays["reward"]))
-            for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-                # Frames may hold one more than the steps (the final frame) only in a single-episode file.
-                stop = len(arrays["pixels"]) if len(bounds) == 2 else end
-                episode = {"pixels": arrays["pixels"][start:stop], "action": arrays["action"][start:end],
-                           "reward": arrays["reward"][start:end], "name": f"{file}, steps {start}..{end - 1}"}
-                if "terminated" in arrays:
-                    episode["terminated"] = arrays["terminated"][start:end]
-                yield episode
+        for stream in streams:
+            pending: list[tuple[dict[str, np.ndarray], str]] = []  # the pieces of the episode running so far
+            for file, named_length in stream:
+                arrays, bounds, starts = read(file, named_length)
+                if len(stream) > 1 and len(arrays["pixels"]) != bounds[-1]:
+                    raise ValueError(f"{file} holds {len(arrays['pixels'])} frames for {bounds[-1]} steps: a chained "
+                                     "chunk holds one frame per step")
+                for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+                    if start in starts and pending:
+                        yield joined(pending)
+                        pending = []
+                    # Frames may hold one more than the steps (the final frame) only in a single-episode file.
+                    stop = len(arrays["pixels"]) if len(bounds) == 2 else end
+                    piece = {"pixels": arrays["pixels"][start:stop], "action": arrays["action"][start:end],
+                             "reward": arrays["reward"][start:end]}
+                    if "terminated" in arrays:
+                        piece["terminated"] = arrays["terminated"][start:end]
+                    pending.append((piece, f"{file}, steps {start}..{end - 1}"))
+            yield joined(pending)
 
-    capacity = sum(max(n - int(arrival), 0) for file in files for n in lengths(file))
+    capacity = sum(max(n - int(arrival), 0) for stream in streams for n in episode_lengths(stream))
     return import_episodes(episodes(), path, capacity=max(capacity, 1), **options)
