@@ -169,7 +169,7 @@ def test_episodes_that_disagree_are_refused_naming_both(tmp_path):
     rng = np.random.default_rng(2)
     episodes = [_episode(rng, 3), _episode(rng, 3, discrete=True)]
     with pytest.raises(ValueError, match=r"episode 1 has frames \[3, 4, 4\], discrete actions, without .*, "
-                       r"episode 0 has frames \[3, 4, 4\], 2-dim continuous"):
+                       r"the first episode has frames \[3, 4, 4\], 2-dim continuous"):
         import_episodes(episodes, tmp_path / "mixed")
     with pytest.raises(ValueError, match="capacity=4"):
         import_episodes([_episode(rng, 3), _episode(rng, 3)], tmp_path / "small", capacity=4)
@@ -415,3 +415,18 @@ def test_chunk_chains_refuse_bad_names_forks_cycles_and_wrong_lengths(tmp_path):
     assert main(["import", "--episodes", str(tmp_path / "replay"), "--out", str(tmp_path / "n"), *flags]) == 0
     assert read_metadata(tmp_path / "j")["n_episodes_complete"] == 2
     assert read_metadata(tmp_path / "n")["n_episodes_complete"] == 3
+
+
+def test_chunk_pieces_without_a_transition_are_skipped_and_counted(tmp_path):
+    # An episode that starts on a chunk's last step leaves a one-frame piece: no transition under arrival rewards.
+    rng = np.random.default_rng(12)
+    np.savez(tmp_path / "chunk.npz", **_chunk(rng, 6, [0, 5]))
+    with pytest.warns(UserWarning, match=r"1 episode\(s\) hold no transition .*steps 5..5"):
+        meta = import_npz_episodes([tmp_path / "chunk.npz"], tmp_path / "data", keys={"pixels": "image"},
+                                   rewards_on="arrival")
+    assert meta["n_episodes_complete"] == 1 and meta["n_steps"] == 4
+    assert meta["imported"]["skipped_without_transition"] == 1
+    np.savez(tmp_path / "last.npz", **_chunk(rng, 1, [0]))
+    with pytest.raises(ValueError, match="no episodes to import .*: all 1 hold no transition"):
+        import_npz_episodes([tmp_path / "last.npz"], tmp_path / "none", keys={"pixels": "image"},
+                            rewards_on="arrival")

@@ -28,6 +28,7 @@ from d4func.data.replay import (
     with_episode_end_frames,
 )
 from d4func.envs.crafter_env import make_crafter_env
+from d4func.envs.reach import make_reach_env
 from d4func.train.checkpoint import replay_position, restore_replay_position
 
 torch.set_num_threads(1)
@@ -206,6 +207,12 @@ def test_lossy_pixels_rejected_and_float_storage_option():
     rb.extend(ep)
     assert rb.storage._storage["pixels"].dtype == torch.float32
     assert torch.equal(rb[:6]["pixels"], ep["pixels"])
+    exact = _episode(0, 6, 0)  # k/255 in float64 is exact at float64's precision: stored, and read back as k/255
+    for key in ("pixels", ("next", "pixels")):
+        exact[key] = exact[key].mul(255).round().double().div(255)
+    rb = make_replay(10, 2, 1)
+    rb.extend(exact)
+    assert torch.equal(rb[:6]["pixels"], exact["pixels"].float())
 
 
 def test_exclude_keys_drops_next_pixels():
@@ -277,7 +284,6 @@ def test_a_shared_buffer_that_lost_its_layout_file_is_read_from_its_storage(tmp_
 
 def test_a_recording_cut_short_ends_each_running_episode_and_counts_only_the_envs_ends(tmp_path):
     from d4func.data.offline import _end_recording
-    from d4func.envs.reach import make_reach_env
 
     meta = record_episodes(make_reach_env(seed=0), tmp_path / "one", n_steps=5, seed=0)  # 12-step episodes
     assert meta["n_episodes_complete"] == 0 and meta["n_steps"] == 5 and meta["stored_entries"] == 6
@@ -473,3 +479,27 @@ def test_a_resumed_wrapped_buffer_never_samples_what_a_killed_run_wrote_after_it
     for row in range(kept_steps.shape[0]):
         episode, step = reference[int(kept_steps[TRAJ][row])], int(kept_steps["step_count"][row])
         assert torch.equal(kept_steps["next", "pixels"][row], episode["next", "pixels"][step])
+
+
+def test_stored_transitions_of_a_buffer_whose_entries_are_all_retired_is_empty():
+    rb = make_replay(8, 2, 1)
+    rb.extend(_episode(0, 3, 0))
+    position = replay_position(rb)
+    rb.extend(_episode(1, 7, 100))  # a killed run wraps the ring, overwriting every entry the checkpoint knew
+    restore_replay_position(rb, position)
+    assert len(rb) == 4 and rb.retire_unrecorded_writes(1) == 4
+    empty = rb.stored_transitions()
+    assert empty.shape == (0,) and empty["next", "pixels"].shape == (0, 3, 4, 4)
+
+
+def test_episodes_that_do_not_fit_stop_the_recording_and_leave_no_dataset(tmp_path):
+    # Reach episodes last 12 steps: 2 need 24 transitions. With max_steps a multiple of the batch, or a batch that
+    # cuts the second episode off, the recording used to return 1 complete episode without a word.
+    for frames_per_batch in (20, 8):
+        with pytest.raises(RuntimeError, match=r"2 episodes do not fit in max_steps=20 .*1 complete after 20 steps"):
+            record_episodes(make_reach_env(seed=0), tmp_path / "ds", n_episodes=2, max_steps=20,
+                            frames_per_batch=frames_per_batch)
+        assert not (tmp_path / "ds").exists()
+    meta = record_episodes(make_reach_env(seed=0), tmp_path / "ds", n_episodes=2, max_steps=24, frames_per_batch=20)
+    assert meta["n_episodes_complete"] == 2 and meta["n_steps"] == 24
+    assert load_offline(tmp_path / "ds", 2, 1).stored_transitions().shape[0] == 24

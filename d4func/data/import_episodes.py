@@ -34,7 +34,7 @@ naming the episode and the value.
 from __future__ import annotations
 
 import json
-import shutil
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,12 +48,24 @@ from tensordict import TensorDict
 from torch import Tensor
 
 from d4func.data.chunk_chains import chain_chunks
-from d4func.data.offline import DATASET_FORMAT, META_FILE, dataset_capacity, storage_metadata
+from d4func.data.offline import (
+    DATASET_FORMAT,
+    META_FILE,
+    dataset_capacity,
+    removed_on_failure,
+    storage_metadata,
+)
 from d4func.data.replay import DEFAULT_TRAJ_KEY, make_replay, save_replay
 
-__all__ = ["REWARD_ALIGNMENTS", "episode_transitions", "import_episodes", "import_npz_episodes"]
+__all__ = ["REWARD_ALIGNMENTS", "NoTransitionError", "episode_transitions", "import_episodes", "import_npz_episodes"]
 
 REWARD_ALIGNMENTS = ("action", "arrival")
+
+
+class NoTransitionError(ValueError):
+    """An episode too short to hold a transition: one frame under ``rewards_on="arrival"``, no action under
+    ``"action"``. Such a piece is routine in chunked recordings (an episode that starts on a chunk's last step),
+    so :func:`import_episodes` skips it and counts it."""
 
 
 def _as_tensor(value: Any, what: str) -> Tensor:
@@ -193,7 +205,7 @@ def episode_transitions(
         frames, next_frames, actions, rewards = frames[:steps], frames[1:], actions[:steps], rewards[1:]
         terminal = _terminal_flag(episode.get("terminated"), n_frames, True, f"{where} terminated")
     if steps < 1:
-        raise ValueError(f"{where} has no transition ({n_frames} frames, rewards_on={rewards_on!r})")
+        raise NoTransitionError(f"{where} has no transition ({n_frames} frames, rewards_on={rewards_on!r})")
     last = torch.zeros(steps, 1, dtype=torch.bool)
     last[-1] = True
     first = torch.zeros(steps, 1, dtype=torch.bool)
@@ -257,26 +269,26 @@ def import_episodes(
             json.dumps(dict(env_config))
         except TypeError as e:
             raise TypeError(f"env_config must be JSON-serialisable, got {env_config!r}") from e
-    convert = dict(channels_last=channels_last, rewards_on=rewards_on)
-    all_transitions: Iterable[TensorDict] = (episode_transitions(ep, i, **convert) for i, ep in enumerate(episodes))
+    skipped: list[str] = []  # episodes without a transition (NoTransitionError): left out, counted
+
+    def convert_all() -> Iterator[TensorDict]:
+        for i, episode in enumerate(episodes):
+            try:
+                yield episode_transitions(episode, i, channels_last=channels_last, rewards_on=rewards_on)
+            except NoTransitionError as e:
+                skipped.append(str(e))
+
+    all_transitions: Iterable[TensorDict] = convert_all()
     if capacity is None:  # no episodes: _write_dataset says so
         all_transitions = list(all_transitions)
         capacity = sum(t.shape[0] for t in all_transitions)
     elif not isinstance(capacity, int) or capacity < 1:
         raise ValueError(f"capacity must be a positive int, got {capacity!r}")
 
-    existing = set(path.iterdir()) if path.is_dir() else None
-    try:
+    # A bad episode stops the import: leave the directory as it was, so a corrected rerun can write there.
+    with removed_on_failure(path):
         return _write_dataset(all_transitions, path, capacity, env_config, source,
-                              {"rewards_on": rewards_on, "channels_last": channels_last})
-    except BaseException:
-        # A bad episode stops the import: leave the directory as it was, so a corrected rerun can write there.
-        if existing is None:
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            for entry in set(path.iterdir()) - existing:
-                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-        raise
+                              {"rewards_on": rewards_on, "channels_last": channels_last}, skipped)
 
 
 def _check_env_frames(env_config: Mapping[str, Any], frame_shape: Sequence[int]) -> None:
@@ -292,14 +304,16 @@ def _check_env_frames(env_config: Mapping[str, Any], frame_shape: Sequence[int])
 
 
 def _write_dataset(all_transitions: Iterable[TensorDict], path: Path, capacity: int,
-                   env_config: Mapping[str, Any] | None, source: str, layout: dict[str, Any]) -> dict[str, Any]:
+                   env_config: Mapping[str, Any] | None, source: str, layout: dict[str, Any],
+                   skipped: list[str]) -> dict[str, Any]:
     rb = None
     written = 0
     lengths: list[int] = []
     has_final = False
     first_signature = None
     largest_action = -1  # discrete datasets: checked against dynamics.n_actions before training
-    for i, transitions in enumerate(all_transitions):
+    for transitions in all_transitions:
+        i = int(transitions["collector", "traj_ids"][0])  # the episode's index among those given
         signature = _signature(transitions)
         if first_signature is None:
             first_signature = signature
@@ -310,7 +324,7 @@ def _write_dataset(all_transitions: Iterable[TensorDict], path: Path, capacity: 
             # seq_len=1: readers pick theirs with load_offline.
             rb = make_replay(dataset_capacity(capacity), 1, 1, path=path, share_next_pixels=has_final)
         elif signature != first_signature:
-            raise ValueError(f"episode {i} has {signature}, episode 0 has {first_signature}")
+            raise ValueError(f"episode {i} has {signature}, the first episode has {first_signature}")
         if written + transitions.shape[0] > capacity:
             raise ValueError(f"episode {i} does not fit: {written} + {transitions.shape[0]} transitions exceed "
                              f"capacity={capacity}")
@@ -320,7 +334,11 @@ def _write_dataset(all_transitions: Iterable[TensorDict], path: Path, capacity: 
         if not torch.is_floating_point(transitions["action"]):
             largest_action = max(largest_action, int(transitions["action"].max()))
     if rb is None:
-        raise ValueError(f"no episodes to import into {path}")
+        raise ValueError(f"no episodes to import into {path}" + (
+            f": all {len(skipped)} hold no transition ({skipped[0]})" if skipped else ""))
+    if skipped:
+        warnings.warn(f"{len(skipped)} episode(s) hold no transition and were left out, e.g. {skipped[0]}",
+                      stacklevel=3)
 
     save_replay(rb)
     meta = {
@@ -337,7 +355,7 @@ def _write_dataset(all_transitions: Iterable[TensorDict], path: Path, capacity: 
         **storage_metadata(rb),
         "longest_episode": max(lengths),
         "largest_discrete_action": None if largest_action < 0 else largest_action,
-        "imported": {**layout, "shortest_episode": min(lengths)},
+        "imported": {**layout, "shortest_episode": min(lengths), "skipped_without_transition": len(skipped)},
         "versions": {"torch": torch.__version__, "torchrl": torchrl.__version__, "tensordict": tensordict.__version__},
     }
     (path / META_FILE).write_text(json.dumps(meta, indent=2))

@@ -21,8 +21,10 @@ slices as online training. A dataset directory holds
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +136,22 @@ def storage_metadata(rb: SequenceReplayBuffer) -> dict[str, Any]:
             "dataset_id": uuid.uuid4().hex}
 
 
+@contextmanager
+def removed_on_failure(path: Path) -> Iterator[None]:
+    """What the block writes under ``path`` is removed if it raises (Ctrl-C included), so that a corrected rerun
+    can write there; entries that were there before it stay."""
+    existing = set(path.iterdir()) if path.is_dir() else None
+    try:
+        yield
+    except BaseException:
+        if existing is None:
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            for entry in set(path.iterdir()) - existing:
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        raise
+
+
 def record_episodes(
     env: EnvBase | Callable[[], EnvBase],
     path: str | Path,
@@ -180,8 +198,16 @@ def record_episodes(
         policy = UniformRandomPolicy(env.action_spec, seed=seed)
         policy_name = policy_name or "uniform_random"
     policy_name = policy_name or type(policy).__name__
-    env_repr = repr(env)
 
+    with removed_on_failure(path):
+        return _record(env, policy, path, capacity, n_steps, n_episodes, frames_per_batch, {
+            "format": DATASET_FORMAT, "capacity": dataset_capacity(capacity), "seed": seed, "policy": policy_name,
+            "env": repr(env), "env_config": env_config})
+
+
+def _record(env: EnvBase, policy: TensorDictModuleBase, path: Path, capacity: int, n_steps: int | None,
+            n_episodes: int | None, frames_per_batch: int, meta: dict[str, Any]) -> dict[str, Any]:
+    """:func:`record_episodes` once its arguments are checked: fill the storage, then write its metadata."""
     # seq_len=1 only because make_replay needs one; readers pick their own with load_offline.
     rb = make_replay(dataset_capacity(capacity), 1, 1, path=path)
     collector = Collector(env, policy, frames_per_batch=min(frames_per_batch, capacity), total_frames=-1)
@@ -190,21 +216,14 @@ def record_episodes(
     try:
         for batch in collector:
             batch = batch.reshape(-1)
-            room = capacity - written
-            done = batch["next", "done"].reshape(-1)
             if n_episodes is not None:
-                ends = done.nonzero().reshape(-1)
+                ends = batch["next", "done"].reshape(-1).nonzero().reshape(-1)
                 need = n_episodes - completed
                 if ends.numel() >= need:
                     batch = batch[: int(ends[need - 1]) + 1]
-                elif batch.shape[0] > room:
-                    raise RuntimeError(
-                        f"{n_episodes} episodes do not fit in max_steps={max_steps} transitions "
-                        f"({completed} complete after {written} steps); raise max_steps"
-                    )
-            batch = batch[:room]
+            batch = batch[: capacity - written]
             completed += int(batch["next", "done"].sum())  # the env's ends, not the recording's
-            if n_steps is not None and batch.shape[0] == room:
+            if n_steps is not None and written + batch.shape[0] == capacity:
                 batch = _end_recording(batch)
             rb.extend(batch)
             written += batch.shape[0]
@@ -212,17 +231,15 @@ def record_episodes(
                 break
     finally:
         collector.shutdown()
+    if n_episodes is not None and completed < n_episodes:
+        raise RuntimeError(f"{n_episodes} episodes do not fit in max_steps={capacity} transitions ({completed} "
+                           f"complete after {written} steps); raise max_steps")
 
     save_replay(rb)
     meta = {
-        "format": DATASET_FORMAT,
-        "capacity": dataset_capacity(capacity),
+        **meta,
         "n_steps": written,
         "n_episodes_complete": completed,
-        "seed": seed,
-        "policy": policy_name,
-        "env": env_repr,
-        "env_config": env_config,
         "traj_key": list(DEFAULT_TRAJ_KEY),
         "step_key": "step_count",
         **storage_metadata(rb),

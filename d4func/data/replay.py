@@ -123,7 +123,7 @@ class PixelsAsUint8(Transform):
             if not torch.is_floating_point(value):
                 raise TypeError(f"pixel entry {key!r} must be float in [0, 1] or uint8, got dtype {value.dtype}")
             quantized = value.mul(255).round_().clamp_(0, 255).to(torch.uint8)
-            if not torch.equal(quantized.div(255).to(value.dtype), value):
+            if not torch.equal(quantized.to(value.dtype).div_(255), value):  # k/255 in the value's own precision
                 raise ValueError(
                     f"pixel entry {key!r} holds values that are not multiples of 1/255 in [0, 1] "
                     f"(min {value.min().item():.6g}, max {value.max().item():.6g}); storing them as uint8 would "
@@ -236,6 +236,8 @@ class SequenceReplayBuffer(TensorDictReplayBuffer):
         entries = entries[entries.get(self.traj_key).reshape(-1) < RETIRED_TRAJ_BASE]
         if not self.share_next_pixels:
             return entries
+        if entries.shape[0] == 0:  # nothing stored, or every entry retired
+            return entries.exclude(END_FRAME_KEY).set(NEXT_PIXELS, entries.get("pixels"))
         # Episode ranks, not ids, keep the (episode, step) -> number map below int64's range (retired ids are huge).
         traj = torch.unique(entries.get(self.traj_key).reshape(-1), return_inverse=True)[1]
         step = entries.get(self.step_key).reshape(-1)
