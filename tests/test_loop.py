@@ -621,3 +621,32 @@ def test_a_resumed_online_run_retires_what_a_killed_process_wrote_past_its_check
     resumed = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(tmp_path)).payload
     assert resumed["counters"]["env_steps"] == 45
     assert resumed["counters"]["grad_steps"] > payload["counters"]["grad_steps"]
+
+
+def test_ctrl_c_during_an_evaluation_that_a_round_made_due_resumes_with_that_evaluation(tmp_path, monkeypatch):
+    # Train ratio 0.1: each 5-step round earns half a gradient step, so the round that reaches step 25 leaves no
+    # whole step unpaid. Its evaluation (due from step 24, every 12) is stopped by Ctrl-C: the resumed run must
+    # still hold it at step 25, as the uninterrupted run did, and then continue exactly.
+    from d4func.train import loop
+
+    short = ["loop.env_steps=40", "loop.train_ratio=0.1", "loop.eval_every=12", "env.eval_episodes=1",
+             "env.eval_max_steps=3", "loop.eval_bc=false", "loop.log_every=1"]
+    train(_reach_online_with_credit(tmp_path / "whole", *short), progress=False)
+    real_evaluate = loop.Trainer.evaluate
+    monkeypatch.setattr(loop.Trainer, "evaluate", _interrupting(real_evaluate, 2))
+    train(_reach_online_with_credit(tmp_path / "split", *short), progress=False)
+    stopped = _final_payload(tmp_path / "split")["counters"]
+    assert stopped["env_steps"] == 25 and stopped["train_credit"] < 1 and stopped["round_pending"] == 5
+    monkeypatch.setattr(loop.Trainer, "evaluate", real_evaluate)
+    train(_reach_online_with_credit(tmp_path / "split", *short), progress=False)
+    whole, split = _final_payload(tmp_path / "whole"), _final_payload(tmp_path / "split")
+    assert whole["counters"] == split["counters"]
+    assert_states_equal(whole["states"], split["states"])
+
+    def eval_rows(run_dir):
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [(row["step"], row["eval/mean_return"]) for row in rows if "eval/mean_return" in row]
+
+    assert [step for step, _ in eval_rows(tmp_path / "whole")] == [15, 25, 40]
+    assert eval_rows(tmp_path / "whole") == eval_rows(tmp_path / "split")
+    assert _train_rows(tmp_path / "whole") == _train_rows(tmp_path / "split")

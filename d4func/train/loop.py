@@ -440,7 +440,10 @@ class Trainer:
         self.step_fn = wrap_step(gradient_step, cfg.precision, self.device)
         # next_traj_id: episode ids in the replay must never repeat; a resumed run's collector counts from 0 again,
         # so its ids are shifted past every id already stored.
-        self.counters = {"env_steps": 0, "grad_steps": 0, "episodes": 0, "next_traj_id": 0, "train_credit": 0.0}
+        # round_pending (online): the env steps of the round last stored, from storing its batch until its gradient
+        # steps, evaluation and GIF are done (0 otherwise), so a run stopped in between owes them on resume.
+        self.counters = {"env_steps": 0, "grad_steps": 0, "episodes": 0, "next_traj_id": 0, "train_credit": 0.0,
+                         "round_pending": 0}
         self.logger = RunLogger(cfg, self.run_dir, enabled=self.is_main)
         self.replay = None
         self.dataset_id: str | None = None  # offline: the dataset's `dataset_id` (datasets from before it: None)
@@ -733,10 +736,15 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
     policy.random_until = max(0, cfg.loop.prefill_steps - counters["env_steps"])
     policy.update_params(*acting_params(trainer.states))
     remaining = cfg.loop.env_steps - counters["env_steps"]
-    # A checkpoint saved mid-round (Ctrl-C, a NaN stop) owes that round's unfinished gradient steps: an
-    # uninterrupted run takes them before collecting on, and then the evaluation, GIF and checkpoint due at this
-    # step. The resumed run does the same, so it continues exactly, also when that round was the run's last.
-    owed = resuming and counters["env_steps"] >= cfg.loop.prefill_steps and counters["train_credit"] >= 1
+    # A checkpoint saved mid-round (Ctrl-C, a NaN stop) owes the rest of that round: its unfinished gradient steps,
+    # then the evaluation, GIF and checkpoint due at this step, as an uninterrupted run takes them before collecting
+    # on. The resumed run does the same, so it continues exactly, also when that round was the run's last.
+    if "round_pending" in counters:
+        owed = resuming and bool(counters["round_pending"])
+    else:  # a checkpoint from before the counter: only a round's unpaid gradient steps tell that it was cut short
+        owed = resuming and counters["env_steps"] >= cfg.loop.prefill_steps and counters["train_credit"] >= 1
+        counters["round_pending"] = (counters["env_steps"] % cfg.loop.collect_steps or cfg.loop.collect_steps
+                                     if owed else 0)
     if remaining <= 0 and not owed:
         return trainer.summary(started, {"note": "already trained to loop.env_steps"})
     exact = supports_resume_state(env)
@@ -796,7 +804,10 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
             yield batch
 
     def first_due(every: int) -> int:
-        due_now = owed and counters["env_steps"] % every == 0
+        """The next env step at which something done every `every` steps is due: the owed round's own step when
+        the round crossed a multiple of `every` (as the uninterrupted run found it due there)."""
+        round_start = counters["env_steps"] - (counters["round_pending"] if owed else 0)
+        due_now = owed and counters["env_steps"] // every > round_start // every
         return (counters["env_steps"] // every + (0 if due_now else 1)) * every
 
     next_eval, next_ckpt, next_gif = (first_due(cfg.loop.eval_every), first_due(cfg.loop.checkpoint_every),
@@ -829,6 +840,7 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
                 trainer.gif(counters["env_steps"])
             last_gif_step = counters["env_steps"]
             next_gif += cfg.loop.gif_every
+        counters["round_pending"] = 0  # before the checkpoint: a run resumed from it owes nothing of this round
         if counters["env_steps"] >= next_ckpt:
             trainer.save()
             next_ckpt += cfg.loop.checkpoint_every
@@ -851,6 +863,7 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
                     saved_replay = True
                 n = batch.numel()
                 counters["env_steps"] += n
+                counters["round_pending"] = n
                 if counters["env_steps"] >= cfg.loop.prefill_steps:
                     counters["train_credit"] += n * cfg.loop.train_ratio  # paid by train_and_check, or on resume
                 at_batch_boundary = True
