@@ -6,7 +6,8 @@ Tokens of one timestep, in order (a `TokenLayout`):
 
 * action: the action that led *into* this frame (`actions[:, t]` is applied between frames t-1 and t), a linear
   embedding of a continuous vector or an embedding of a discrete index; a learned "no action" embedding stands in
-  where there is none (action-free video, the first frame of an episode).
+  where there is none (action-free video, the first frame of an episode, and the first frame of every
+  training row or context, whose incoming action lies before the row).
 * signal: the signal level tau and step size d as one token, the concatenation of two discrete embeddings
   (tau on the grid of d_min = 1 / k_max, d as log2(1/d)).
 * latents: the tokenizer's latents `[S, Dz]` packed into S / pack wider tokens of pack * Dz floats (the paper packs

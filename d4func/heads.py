@@ -4,7 +4,8 @@ Three small MLP heads read the agent-token outputs `h_t` (`Dynamics.forward`'s `
 flattened to `[..., n_agent * D]`):
 
 * policy: a_{t+n} for the `mtp` offsets n = 0 .. mtp-1 (multi-token prediction; the paper's L = 8 sums Eq. 9
-  over n = 0 .. L, so its setting is `mtp = 9`, the default). Continuous actions use
+  over n = 0 .. L, so its setting is `mtp = 9`, the default; the losses average over the offsets, see
+  `d4func.train.agent_step.FinetuneConfig`). Continuous actions use
   `BoundedNormal.from_raw` (loc via tanh, log-std bounded between `min_std` and `max_std`), discrete ones a
   `Categorical` with uniform mixing `unimix`.
 * reward: the reward *into* frame t+n (the reward of the transition that produced frame t+n; see

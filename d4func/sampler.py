@@ -128,6 +128,8 @@ def generate(
     batch, context_len = context.shape[:2]
     if horizon < 1:
         raise ValueError(f"horizon must be >= 1, got {horizon}")
+    if context_len < 1:
+        raise ValueError(f"context must hold at least one frame to continue from, got shape {list(context.shape)}")
     if actions is not None and actions.shape[1] != context_len + horizon:
         raise ValueError(f"actions must cover context + horizon = {context_len + horizon} steps, "
                          f"got {actions.shape[1]}")

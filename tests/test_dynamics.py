@@ -539,3 +539,5 @@ def test_windowed_generation_forgets_frames_beyond_the_window(skip):
         roll(z[:, :4], 1)
     with pytest.raises(ValueError, match="window needs use_cache=True"):
         generate(fn, z[:, :4], actions, 5, None, cfg, use_cache=False, window=3)
+    with pytest.raises(ValueError, match=r"at least one frame to continue from, got shape \[2, 0, "):
+        generate(fn, z[:, :0], actions[:, 4:], 5, None, cfg)  # it used to drop every frame it made

@@ -65,6 +65,13 @@ __all__ = [
 
 @dataclass(frozen=True)
 class FinetuneConfig:
+    """Weights of the world-model phase's three terms (`finetune.*` in the run config).
+
+    Each term is a mean: the dynamics loss over frames, behaviour cloning and reward over the valid (row, frame,
+    offset) entries, so the weights do not change with `heads.mtp`. The paper sums Eq. 9-10 over the offsets
+    n = 0..L instead, which weighs those two terms `mtp` times more against the dynamics loss: set `bc_coef` and
+    `reward_coef` to `heads.mtp` for that balance."""
+
     dynamics_coef: float = 1.0
     bc_coef: float = 1.0
     reward_coef: float = 1.0
