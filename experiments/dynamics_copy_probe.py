@@ -126,9 +126,7 @@ def probe(cfg: RunConfig, steps: int, eval_every: int, step_std: float = 0.15, e
         raise ValueError(f"step_std must be > 0, got {step_std}")
     if not action_gain >= 0:
         raise ValueError(f"action_gain must be >= 0, got {action_gain}")
-    seq_len = cfg.replay.seq_len
-    if seq_len < 2:
-        raise ValueError(f"replay.seq_len must be >= 2 to have a frame with context, got {seq_len}")
+    seq_len = cfg.replay.seq_len  # >= 2: the run config keeps context_len (>= 1) below it
     model = template(Dynamics, cfg.dynamics)
     state = new_train_state(init(model, seed))
     train_gen = torch.Generator().manual_seed(seed + 1)

@@ -19,6 +19,7 @@ from d4func.train.run_config import load_run_config
 from d4func.train.state import NonFiniteLossError
 
 DEBUG = "experiments/configs/debug.yaml"
+REACH = "experiments/configs/reach.yaml"
 SHORT = ["loop.env_steps=200", "loop.prefill_steps=50", "loop.collect_steps=50", "loop.agent_start=100",
          "loop.train_ratio=0.05", "loop.eval_every=200", "loop.checkpoint_every=100", "loop.gif_every=200",
          "env.eval_max_steps=15"]
@@ -162,6 +163,16 @@ def test_config_errors_name_the_bad_key_or_value(tmp_path, capsys):
                  "loop.collect_steps=4"])
     assert code == 2 and "training starts after 8 env steps" in capsys.readouterr().err
     check_first_batch(load_run_config(DEBUG, ["loop.prefill_steps=0", "loop.collect_steps=50"]))  # one 50-step round
+    reach_online = ["loop.mode=online", "loop.offline_data=null"]
+    with pytest.raises(ValueError, match=r"last at most 12 env steps \(Reach's episode length\), fewer than a row's "
+                       "replay.seq_len=16"):
+        check_first_batch(load_run_config(REACH, [*reach_online, "replay.seq_len=16"]))
+    with pytest.raises(ValueError, match=r"at most 6 env steps \(env.max_episode_steps\)"):
+        check_first_batch(load_run_config(REACH, [*reach_online, "env.max_episode_steps=6"]))
+    with pytest.raises(ValueError, match="replay.capacity=12 entries cannot hold a round .* at least 109"):
+        check_first_batch(load_run_config(REACH, [*reach_online, "replay.capacity=12"]))
+    with pytest.raises(ValueError, match="context_len=8 must be < seq_len=8"):
+        load_run_config(REACH, ["replay.context_len=8"])
     assert main(["train", "--config", DEBUG, "loop.bogus=1"]) == 2
     assert "bogus" in capsys.readouterr().err
     # a two-camera env under the single-camera debug tokenizer stops before training, naming both shapes
@@ -650,3 +661,86 @@ def test_ctrl_c_during_an_evaluation_that_a_round_made_due_resumes_with_that_eva
     assert [step for step, _ in eval_rows(tmp_path / "whole")] == [15, 25, 40]
     assert eval_rows(tmp_path / "whole") == eval_rows(tmp_path / "split")
     assert _train_rows(tmp_path / "whole") == _train_rows(tmp_path / "split")
+
+
+def _eval_steps(run_dir) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(row["step"], row["eval/mean_return"]) for row in rows if "eval/mean_return" in row]
+
+
+def test_ctrl_c_in_the_first_round_leaves_a_run_dir_that_starts_over(tmp_path, monkeypatch):
+    # Nothing stored and nothing trained: no checkpoint is written (it would name an empty replay and make the
+    # run_dir refuse every later start), and the rerun is the run from the start.
+    from d4func.train import loop
+
+    real_forward = loop.WorldModelPolicy.forward
+    monkeypatch.setattr(loop.WorldModelPolicy, "forward", _interrupting(real_forward, 3))
+    assert train(_reach_online_with_credit(tmp_path / "split", "loop.env_steps=20"), progress=False)["env_steps"] == 0
+    assert checkpoint.latest_checkpoint(tmp_path / "split") is None
+    monkeypatch.setattr(loop.WorldModelPolicy, "forward", real_forward)
+    train(_reach_online_with_credit(tmp_path / "split", "loop.env_steps=20"), progress=False)
+    train(_reach_online_with_credit(tmp_path / "whole", "loop.env_steps=20"), progress=False)
+    assert_states_equal(_final_payload(tmp_path / "whole")["states"], _final_payload(tmp_path / "split")["states"])
+
+
+def test_ctrl_c_during_a_rounds_gif_neither_repeats_nor_drops_its_evaluation(tmp_path, monkeypatch):
+    from d4func.train import loop
+
+    short = ["loop.env_steps=30", "loop.eval_every=15", "loop.gif_every=15", "env.eval_episodes=1",
+             "env.eval_max_steps=3", "loop.eval_bc=false", "loop.log_every=1"]
+    train(_reach_online_with_credit(tmp_path / "whole", *short), progress=False)
+    real_gif = loop.Trainer.gif
+    monkeypatch.setattr(loop.Trainer, "gif", _interrupting(real_gif, 1))  # the GIF at env step 15
+    train(_reach_online_with_credit(tmp_path / "split", *short), progress=False)
+    stopped = _final_payload(tmp_path / "split")["counters"]
+    assert stopped["round_pending"] == 5 and stopped["round_done"] == loop.ROUND_EVALUATED
+    monkeypatch.setattr(loop.Trainer, "gif", real_gif)
+    train(_reach_online_with_credit(tmp_path / "split", *short), progress=False)
+    assert [step for step, _ in _eval_steps(tmp_path / "whole")] == [15, 30]
+    assert _eval_steps(tmp_path / "split") == _eval_steps(tmp_path / "whole")
+    assert sorted(p.name for p in (tmp_path / "split" / "gifs").iterdir()) == sorted(
+        p.name for p in (tmp_path / "whole" / "gifs").iterdir())
+
+
+def test_an_evaluation_schedule_below_the_prefill_resumes_as_it_runs(tmp_path):
+    # eval_every (6) below prefill (15): the evaluations held back until the first gradient step must not come in
+    # a catch-up burst that a resumed run, which recomputes the schedule, would skip.
+    common = ["loop.prefill_steps=15", "loop.eval_every=6", "env.eval_episodes=1", "env.eval_max_steps=3",
+              "loop.eval_bc=false", "loop.checkpoint_every=20", "loop.log_every=1"]
+    train(_reach_online_with_credit(tmp_path / "whole", *common, "loop.env_steps=40"), progress=False)
+    train(_reach_online_with_credit(tmp_path / "split", *common, "loop.env_steps=20"), progress=False)
+    train(_reach_online_with_credit(tmp_path / "split", *common, "loop.env_steps=40"), progress=False)
+    assert [step for step, _ in _eval_steps(tmp_path / "whole")] == [15, 20, 25, 30, 40]  # 6, 18, 24, 30, 36
+    assert _eval_steps(tmp_path / "split") == _eval_steps(tmp_path / "whole")
+
+
+def test_rerunning_a_finished_online_run_keeps_its_final_evaluation(tmp_path):
+    over = ["loop.env_steps=30", "env.eval_episodes=1", "env.eval_max_steps=3", "loop.eval_bc=false"]
+    train(_reach_online_with_credit(tmp_path, *over), progress=False)
+    logged, summary = _eval_steps(tmp_path), json.loads((tmp_path / "summary.json").read_text())
+    assert [step for step, _ in logged] == [30] and "eval" in summary
+    again = train(_reach_online_with_credit(tmp_path, *over), progress=False)
+    assert again["note"] == "already trained to loop.env_steps" and again["eval"] == summary["eval"]
+    assert _eval_steps(tmp_path) == logged
+
+
+def test_ctrl_c_during_an_offline_evaluation_resumes_with_that_evaluation(tmp_path, monkeypatch):
+    from d4func.train import loop
+
+    data = tmp_path / "data"
+    assert main(["collect", "--env", "reach", "--out", str(data), "--steps", "120", "--image-size", "16",
+                 "--action-repeat", "1"]) == 0
+    common = [f"loop.offline_data={data}", "loop.offline_steps=6", "loop.agent_start=1000", "loop.eval_every=2",
+              "env.eval_episodes=1", "env.eval_max_steps=3", "loop.eval_bc=false", "loop.checkpoint_every=1000",
+              "loop.gif_every=1000", "loop.log_every=1", "replay.batch_size=2"]
+    train(load_run_config(REACH, [f"run_dir={tmp_path / 'whole'}", *common]), progress=False)
+    real_evaluate = loop.Trainer.evaluate
+    monkeypatch.setattr(loop.Trainer, "evaluate", _interrupting(real_evaluate, 2))  # the evaluation at step 4
+    train(load_run_config(REACH, [f"run_dir={tmp_path / 'split'}", *common]), progress=False)
+    stopped = _final_payload(tmp_path / "split")["counters"]
+    assert stopped["grad_steps"] == 4 and stopped["round_pending"] == 1
+    monkeypatch.setattr(loop.Trainer, "evaluate", real_evaluate)
+    train(load_run_config(REACH, [f"run_dir={tmp_path / 'split'}", *common]), progress=False)
+    assert [step for step, _ in _eval_steps(tmp_path / "whole")] == [2, 4, 6]
+    assert _eval_steps(tmp_path / "split") == _eval_steps(tmp_path / "whole")
+    assert_states_equal(_final_payload(tmp_path / "whole")["states"], _final_payload(tmp_path / "split")["states"])

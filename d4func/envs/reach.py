@@ -29,6 +29,7 @@ from torchrl.envs import Compose, EnvBase, InitTracker, StepCounter, ToTensorIma
 from d4func.envs.actions import categorical_action
 
 __all__ = [
+    "REACH_LENGTH",
     "REACH_N_ACTIONS",
     "ReachEnv",
     "ReachExpertPolicy",
@@ -37,13 +38,15 @@ __all__ = [
 ]
 
 REACH_N_ACTIONS = 3  # left, stay, right
+REACH_LENGTH = 12  # env steps per episode
 _MOVES = (-1, 0, 1)
 
 
 class ReachEnv(EnvBase):
     """The raw env: uint8 ``[H, W, 3]`` pixels (use :func:`make_reach_env` for model-ready frames)."""
 
-    def __init__(self, image_size: int = 16, n_cells: int = 8, length: int = 12, seed: int = 0, device="cpu") -> None:
+    def __init__(self, image_size: int = 16, n_cells: int = 8, length: int = REACH_LENGTH, seed: int = 0,
+                 device="cpu") -> None:
         if n_cells < 2:
             raise ValueError(f"n_cells must be >= 2 (agent and goal start apart), got {n_cells}")
         if image_size < n_cells or image_size % n_cells:
@@ -107,7 +110,7 @@ class ReachEnv(EnvBase):
         self.generator.set_state(state["generator"])
 
 
-def make_reach_env(image_size: int = 16, n_cells: int = 8, length: int = 12, seed: int = 0,
+def make_reach_env(image_size: int = 16, n_cells: int = 8, length: int = REACH_LENGTH, seed: int = 0,
                    device="cpu") -> TransformedEnv:
     """Reach with float ``[3, H, W]`` frames in [0, 1], step counter and episode-start flag."""
     base = ReachEnv(image_size=image_size, n_cells=n_cells, length=length, seed=seed, device=device)

@@ -142,6 +142,29 @@ def check_first_batch(cfg: RunConfig) -> None:
         raise ValueError(f"training starts after {stored} env steps (loop.prefill_steps={cfg.loop.prefill_steps}, "
                          f"loop.collect_steps={cfg.loop.collect_steps}), too few for one row of replay.seq_len="
                          f"{cfg.replay.seq_len} steps and the frame after them: raise loop.prefill_steps")
+    longest = longest_episode(cfg)
+    if longest is not None and longest[0] < cfg.replay.seq_len:
+        raise ValueError(f"episodes of {cfg.env.name!r} last at most {longest[0]} env steps ({longest[1]}), fewer "
+                         f"than a row's replay.seq_len={cfg.replay.seq_len}: no row fits in one episode")
+    needed = cfg.loop.collect_steps + cfg.replay.seq_len + 1
+    if cfg.replay.capacity < needed:
+        raise ValueError(f"replay.capacity={cfg.replay.capacity} entries cannot hold a round (loop.collect_steps="
+                         f"{cfg.loop.collect_steps}) beside a row of replay.seq_len={cfg.replay.seq_len} and the "
+                         f"frame after it: give at least {needed}")
+
+
+def longest_episode(cfg: RunConfig) -> tuple[int, str] | None:
+    """The most env steps an episode of the run's env lasts, and why, where that is known before it runs:
+    `env.max_episode_steps`, or the env's own length (Reach's 12 steps)."""
+    from d4func.envs.reach import REACH_LENGTH
+    from d4func.envs.registry import env_config
+
+    limits = []
+    if cfg.env.max_episode_steps is not None:
+        limits.append((cfg.env.max_episode_steps, "env.max_episode_steps"))
+    if env_config(cfg.env.name)["kind"] == "reach":
+        limits.append((REACH_LENGTH, "Reach's episode length"))
+    return min(limits) if limits else None
 
 
 def check_env_fits(cfg: RunConfig, env: Any, env_name: str) -> None:

@@ -205,6 +205,13 @@ def gradient_step(
     return states, metrics
 
 
+def replace_text(path: Path, text: str) -> None:
+    """Write `path` whole or not at all (a temporary file renamed over it): a kill mid-write keeps the old file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 class RunLogger:
     """Scalars through a TorchRL logger (CSV or TensorBoard) plus a JSON-lines copy for plots.
 
@@ -248,7 +255,7 @@ class RunLogger:
             return
         self.jsonl.close()
         kept = self.jsonl_path.read_text().splitlines()[:rows]
-        self.jsonl_path.write_text("".join(line + "\n" for line in kept))
+        replace_text(self.jsonl_path, "".join(line + "\n" for line in kept))
         self.jsonl = open(self.jsonl_path, "a")  # noqa: SIM115 (closed in close())
         self.rows = rows
         if self.kind == "tensorboard":
@@ -268,7 +275,7 @@ class RunLogger:
             name = path.relative_to(scalars).with_suffix("").as_posix()
             csv_rows = path.read_text().splitlines()[:kept_per_name.get(name, 0)]
             if csv_rows:
-                path.write_text("".join(row + "\n" for row in csv_rows))
+                replace_text(path, "".join(row + "\n" for row in csv_rows))
             else:  # a scalar first logged after the checkpoint
                 path.unlink()
 
@@ -440,15 +447,17 @@ class Trainer:
         self.step_fn = wrap_step(gradient_step, cfg.precision, self.device)
         # next_traj_id: episode ids in the replay must never repeat; a resumed run's collector counts from 0 again,
         # so its ids are shifted past every id already stored.
-        # round_pending (online): the env steps of the round last stored, from storing its batch until its gradient
-        # steps, evaluation and GIF are done (0 otherwise), so a run stopped in between owes them on resume.
+        # round_pending: from the end of a round (online: its batch stored, counting its env steps; offline: a
+        # gradient step, 1) until its evaluation, GIF and checkpoint are done, and 0 otherwise, so a run stopped in
+        # between owes them on resume; round_done: which of those checks it has done (ROUND_EVALUATED, ROUND_GIF).
         self.counters = {"env_steps": 0, "grad_steps": 0, "episodes": 0, "next_traj_id": 0, "train_credit": 0.0,
-                         "round_pending": 0}
+                         "round_pending": 0, "round_done": 0}
         self.logger = RunLogger(cfg, self.run_dir, enabled=self.is_main)
         self.replay = None
         self.dataset_id: str | None = None  # offline: the dataset's `dataset_id` (datasets from before it: None)
         self.extra_generators: dict[str, torch.Generator] = {}  # e.g. the acting policy's (online)
         self.online_state = None  # online: a callable giving the collector's runtime state for checkpoints
+        self.logs_at_checkpoint: tuple[int, int] | None = None  # (rows, step) for rewind_logs
 
     def rank_seed(self, seed: int, stream: str) -> int:
         """`seed` in a single process; a per-rank seed of `stream` under data parallelism."""
@@ -477,7 +486,9 @@ class Trainer:
             save_at_exit = self.dist is None and not isinstance(error, NonFiniteLossError)
             raise
         finally:
-            if save_at_exit:
+            # Nothing trained or stored yet (stopped in the first round): a checkpoint would name a replay that
+            # holds nothing, and a rerun starting over is the same run.
+            if save_at_exit and (self.counters["env_steps"] or self.counters["grad_steps"]):
                 self.save()
             for fn in close:
                 fn()
@@ -533,16 +544,19 @@ class Trainer:
         torch.distributed.barrier()  # no rank reads or moves on before the file is there
         return path
 
-    def try_resume(self) -> dict[str, Any] | None:
+    def try_resume(self, rewind_logs: bool = True) -> dict[str, Any] | None:
         """Restore the newest checkpoint (states, and this rank's counters, RNGs and replay position); returns the
-        payload with this rank's own part."""
+        payload with this rank's own part. The logs go back to what the checkpoint had seen, now or, with
+        `rewind_logs=False`, at `rewind_logs()` (a finished run that only reports does not touch them)."""
         found = checkpoint.restore(self.run_dir, self.generators())
         if found is None:
             self.forget_logs()
             return None
         payload = checkpoint.rank_payload(found.payload, self.dist.rank if self.dist is not None else 0)
         if "log_rows" in payload:  # older checkpoints did not record it: their logs stay as they are
-            self.logger.rewind(payload["log_rows"], found.step)
+            self.logs_at_checkpoint = (payload["log_rows"], found.step)
+        if rewind_logs:
+            self.rewind_logs()
         self.states = {name: state.to(self.device) for name, state in payload["states"].items()}
         self.counters.update(payload["counters"])
         if self.replay is not None and "replay" in payload:
@@ -554,6 +568,12 @@ class Trainer:
                 # episode ids this run hands out again.
                 self.replay.retire_unrecorded_writes(payload["counters"]["next_traj_id"])
         return payload
+
+    def rewind_logs(self) -> None:
+        """The logs back to the resumed checkpoint's (`try_resume`), before anything new is logged."""
+        if self.logs_at_checkpoint is not None:
+            self.logger.rewind(*self.logs_at_checkpoint)
+            self.logs_at_checkpoint = None
 
     def check_same_dataset(self, position: dict[str, Any]) -> None:
         """An offline run resumes on the recording its checkpoint names (`dataset_id`), and a dataset is never
@@ -726,7 +746,7 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
                               seed=trainer.rank_seed(cfg.seed + 5, "acting"))
     trainer.extra_generators["acting"] = policy.generator
     if resuming:
-        payload = trainer.try_resume()
+        payload = trainer.try_resume(rewind_logs=False)  # rewound below, unless the run is finished
     else:
         payload = None
         trainer.forget_logs()
@@ -739,14 +759,21 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
     # A checkpoint saved mid-round (Ctrl-C, a NaN stop) owes the rest of that round: its unfinished gradient steps,
     # then the evaluation, GIF and checkpoint due at this step, as an uninterrupted run takes them before collecting
     # on. The resumed run does the same, so it continues exactly, also when that round was the run's last.
-    if "round_pending" in counters:
+    if payload is None or "round_pending" in payload["counters"]:
         owed = resuming and bool(counters["round_pending"])
     else:  # a checkpoint from before the counter: only a round's unpaid gradient steps tell that it was cut short
         owed = resuming and counters["env_steps"] >= cfg.loop.prefill_steps and counters["train_credit"] >= 1
         counters["round_pending"] = (counters["env_steps"] % cfg.loop.collect_steps or cfg.loop.collect_steps
                                      if owed else 0)
     if remaining <= 0 and not owed:
-        return trainer.summary(started, {"note": "already trained to loop.env_steps"})
+        # Finished: its logs and summary (with the final evaluation, logged after the last checkpoint) stand.
+        for opened in (env, eval_env):
+            if opened is not None:
+                opened.close()
+        trainer.logger.close()
+        return trainer.summary(started, {**previous_summary(trainer.run_dir, ("eval", "returns_plot")),
+                                         "note": "already trained to loop.env_steps"})
+    trainer.rewind_logs()
     exact = supports_resume_state(env)
     continues_episode = exact and payload is not None and "env" in payload.get("online", {})
     if payload is not None and counters["env_steps"] and not continues_episode:
@@ -803,15 +830,17 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
                 return
             yield batch
 
-    def first_due(every: int) -> int:
+    def first_due(every: int, done: int = 0) -> int:
         """The next env step at which something done every `every` steps is due: the owed round's own step when
-        the round crossed a multiple of `every` (as the uninterrupted run found it due there)."""
+        the round crossed a multiple of `every` (as the uninterrupted run found it due there) and had not done it
+        (`done`, a `round_done` flag) before it was stopped."""
         round_start = counters["env_steps"] - (counters["round_pending"] if owed else 0)
-        due_now = owed and counters["env_steps"] // every > round_start // every
+        due_now = (owed and not counters["round_done"] & done
+                   and counters["env_steps"] // every > round_start // every)
         return (counters["env_steps"] // every + (0 if due_now else 1)) * every
 
-    next_eval, next_ckpt, next_gif = (first_due(cfg.loop.eval_every), first_due(cfg.loop.checkpoint_every),
-                                      first_due(cfg.loop.gif_every))
+    next_eval, next_ckpt, next_gif = (first_due(cfg.loop.eval_every, ROUND_EVALUATED),
+                                      first_due(cfg.loop.checkpoint_every), first_due(cfg.loop.gif_every, ROUND_GIF))
     eval_result: dict[str, Any] = {}
     last_eval_step = last_gif_step = -1
     tick = time.perf_counter()
@@ -830,20 +859,24 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
         bar.set_postfix({"return": f"{episode['last_return']:.1f}", "steps/s": f"{n / max(now - tick, 1e-9):.1f}",
                          "grad": counters["grad_steps"]})
         tick = now
+        # Each is due from the first multiple of its interval on (held back until the first gradient step), then
+        # from the multiple after the step it ran at: the rule first_due applies on resume.
         if counters["env_steps"] >= next_eval and counters["grad_steps"]:
             if eval_env is not None:
                 eval_result = trainer.evaluate(eval_env, counters["env_steps"])
             last_eval_step = counters["env_steps"]
-            next_eval += cfg.loop.eval_every
+            next_eval = next_multiple(counters["env_steps"], cfg.loop.eval_every)
+            counters["round_done"] |= ROUND_EVALUATED
         if counters["env_steps"] >= next_gif and counters["grad_steps"]:
             if trainer.is_main:
                 trainer.gif(counters["env_steps"])
             last_gif_step = counters["env_steps"]
-            next_gif += cfg.loop.gif_every
+            next_gif = next_multiple(counters["env_steps"], cfg.loop.gif_every)
+            counters["round_done"] |= ROUND_GIF
         counters["round_pending"] = 0  # before the checkpoint: a run resumed from it owes nothing of this round
         if counters["env_steps"] >= next_ckpt:
             trainer.save()
-            next_ckpt += cfg.loop.checkpoint_every
+            next_ckpt = next_multiple(counters["env_steps"], cfg.loop.checkpoint_every)
 
     # The collector closes the env when it shuts down; without one, close it here.
     with trainer.training(bar, env.close if collector is None else collector.shutdown):
@@ -863,7 +896,7 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
                     saved_replay = True
                 n = batch.numel()
                 counters["env_steps"] += n
-                counters["round_pending"] = n
+                counters["round_pending"], counters["round_done"] = n, 0
                 if counters["env_steps"] >= cfg.loop.prefill_steps:
                     counters["train_credit"] += n * cfg.loop.train_ratio  # paid by train_and_check, or on resume
                 at_batch_boundary = True
@@ -891,6 +924,21 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
     trainer.logger.close()
     plot = plot_returns(trainer.run_dir) if trainer.is_main else None
     return trainer.summary(started, {"eval": eval_result, "returns_plot": str(plot) if plot else None})
+
+
+ROUND_EVALUATED, ROUND_GIF = 1, 2  # counters["round_done"] flags
+
+
+def next_multiple(step: int, every: int) -> int:
+    """The first multiple of `every` after `step`."""
+    return (step // every + 1) * every
+
+
+def previous_summary(run_dir: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """`keys` of the run's summary.json, where it has them."""
+    path = run_dir / "summary.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    return {key: saved[key] for key in keys if key in saved}
 
 
 def collector_state(collector) -> dict[str, Any]:
@@ -939,20 +987,31 @@ def train_offline(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo 
                disable=not progress)
     eval_result: dict[str, Any] = {}
     last_eval_step = last_gif_step = -1
+
+    def checks(step: int) -> None:
+        """What gradient step `step` makes due, each once (`round_done` survives a Ctrl-C in between)."""
+        nonlocal eval_result, last_eval_step, last_gif_step
+        if eval_env is not None and step % cfg.loop.eval_every == 0 and not counters["round_done"] & ROUND_EVALUATED:
+            eval_result = trainer.evaluate(eval_env, step)
+            last_eval_step = step
+            bar.set_postfix({"eval_return": f"{eval_result['mean_return']:.1f}"})
+            counters["round_done"] |= ROUND_EVALUATED
+        if step % cfg.loop.gif_every == 0 and trainer.is_main and not counters["round_done"] & ROUND_GIF:
+            trainer.gif(step)
+            last_gif_step = step
+            counters["round_done"] |= ROUND_GIF
+        counters["round_pending"] = counters["round_done"] = 0  # before the checkpoint: nothing more is owed
+        if step % cfg.loop.checkpoint_every == 0:
+            trainer.save()
+
     with trainer.training(bar):
+        if counters["round_pending"]:  # stopped during the checks of its last step: they come first
+            checks(counters["grad_steps"])
         while counters["grad_steps"] < cfg.loop.offline_steps:
             trainer.train_steps(1, counters["grad_steps"] >= cfg.loop.agent_start)
+            counters["round_pending"], counters["round_done"] = 1, 0
             bar.update(1)
-            step = counters["grad_steps"]
-            if eval_env is not None and step % cfg.loop.eval_every == 0:
-                eval_result = trainer.evaluate(eval_env, step)
-                last_eval_step = step
-                bar.set_postfix({"eval_return": f"{eval_result['mean_return']:.1f}"})
-            if step % cfg.loop.gif_every == 0 and trainer.is_main:
-                trainer.gif(step)
-                last_gif_step = step
-            if step % cfg.loop.checkpoint_every == 0:
-                trainer.save()
+            checks(counters["grad_steps"])
     if eval_env is not None and last_eval_step != counters["grad_steps"]:
         eval_result = trainer.evaluate(eval_env, counters["grad_steps"])
     if last_gif_step != counters["grad_steps"] and trainer.is_main:

@@ -69,8 +69,10 @@ class ReplayConfig:
         for name in ("capacity", "seq_len", "batch_size", "context_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ReplayConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.context_len > self.seq_len:
-            raise ValueError(f"ReplayConfig.context_len={self.context_len} must be <= seq_len={self.seq_len}")
+        if self.context_len >= self.seq_len:
+            # The world model's GIFs and quality checks predict a row's frames after its context.
+            raise ValueError(f"ReplayConfig.context_len={self.context_len} must be < seq_len={self.seq_len}: a "
+                             "row needs frames after the context to compare the world model's predictions with")
 
 
 @dataclass(frozen=True)
