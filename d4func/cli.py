@@ -41,18 +41,25 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from d4func.envs.registry import make_env
     from d4func.train import checkpoint
-    from d4func.train.loop import build_models, make_eval_policy, run_env_name, run_episodes
+    from d4func.train.compat import check_env_fits
+    from d4func.train.loop import build_models, eval_env_seed, make_eval_policy, run_env_name, run_episodes
     from d4func.train.run_config import saved_run_config
 
+    if args.episodes < 1:
+        raise ValueError(f"--episodes must be >= 1, got {args.episodes}")
     path = Path(args.checkpoint)
     ckpt_path = path if path.is_file() else checkpoint.latest_checkpoint(path)
     if ckpt_path is None:
         raise FileNotFoundError(f"no checkpoint (ckpt-*.pt) in {str(path)!r}")
     loaded = checkpoint.load_checkpoint(ckpt_path)
     cfg = saved_run_config(loaded.payload["config"])
-    # As the run's own evaluations: its env (an offline run's dataset's), episode length and cap, greedy or not.
-    env = make_env(args.env or run_env_name(cfg), seed=args.seed, image_size=cfg.env.image_size,
-                   action_repeat=cfg.env.action_repeat, max_episode_steps=cfg.env.max_episode_steps)
+    # As the run's own evaluations: its env (an offline run's dataset's), starting states (its evaluation seed),
+    # episode length and cap, greedy or not.
+    env_name = args.env or run_env_name(cfg)
+    env = make_env(env_name, seed=eval_env_seed(cfg.seed) if args.seed is None else args.seed,
+                   image_size=cfg.env.image_size, action_repeat=cfg.env.action_repeat,
+                   max_episode_steps=cfg.env.max_episode_steps)
+    check_env_fits(cfg, env, env_name)
     models = build_models(cfg)
     policy = make_eval_policy(cfg, models, dict(loaded.payload["states"]), env.action_spec)
     result = run_episodes(env, policy, args.episodes, cfg.env.eval_max_steps)
@@ -111,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "unless it set loop.eval_greedy=false; its env, episode length and step cap)")
     evaluate.add_argument("--checkpoint", required=True, help="a run directory or a ckpt-*.pt file")
     evaluate.add_argument("--episodes", type=int, default=5)
-    evaluate.add_argument("--seed", type=int, default=12345)
+    evaluate.add_argument("--seed", type=int, default=None, help="the eval env's seed (default: the run's own "
+                          "evaluation seed, so the episodes start as its logged evaluations did)")
     evaluate.add_argument("--env", default=None, help="override the run's env name")
     evaluate.set_defaults(run=_eval)
 
@@ -159,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (OmegaConfBaseException, ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError) as error:
+    except (OmegaConfBaseException, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            NonFiniteLossError) as error:
         # Config and input errors, and a NaN / inf stop (its state is saved): one clear line naming the bad key,
         # value or loss term, no traceback (unless asked for: a ValueError deep in a run may be a bug).
         if os.environ.get("D4FUNC_TRACEBACK", "").lower() in ("1", "true", "yes"):

@@ -7,9 +7,11 @@ overrides into them (`load_config`).
 from __future__ import annotations
 
 from dataclasses import dataclass, is_dataclass
+from pathlib import Path
 from typing import TypeVar
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 
 C = TypeVar("C")
 
@@ -77,13 +79,28 @@ class TransformerConfig:
         return index % self.time_every == self.time_every - 1
 
 
+def _read_yaml(path: str) -> DictConfig:
+    """A YAML config file as a mapping; a missing file, a directory, bad YAML or a top level that is not a mapping
+    stop with a message naming the file."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"config {path!r} is not a file")
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as error:
+        raise ValueError(f"config {path!r} is not valid YAML: {error}") from error
+    if not isinstance(loaded, DictConfig):
+        raise ValueError(f"config {path!r} must hold a mapping of sections (env:, replay:, ...), got a "
+                         f"{type(loaded).__name__}")
+    return loaded
+
+
 def load_config(schema: type[C], yaml_path: str | None = None, overrides: list[str] | None = None) -> C:
     """Merge a YAML file and `a.b=value` overrides into the dataclass `schema`, then validate by constructing it."""
     if not is_dataclass(schema):
         raise TypeError(f"load_config needs a dataclass type, got {schema!r}")
     merged = OmegaConf.structured(schema)
     if yaml_path is not None:
-        merged = OmegaConf.merge(merged, OmegaConf.load(yaml_path))
+        merged = OmegaConf.merge(merged, _read_yaml(yaml_path))
     if overrides:
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
     # to_object instantiates the (nested) dataclasses, so each __post_init__ validates its own fields.

@@ -430,3 +430,13 @@ def test_chunk_pieces_without_a_transition_are_skipped_and_counted(tmp_path):
     with pytest.raises(ValueError, match="no episodes to import .*: all 1 hold no transition"):
         import_npz_episodes([tmp_path / "last.npz"], tmp_path / "none", keys={"pixels": "image"},
                             rewards_on="arrival")
+
+
+def test_files_that_are_not_npz_archives_are_named(tmp_path):
+    (tmp_path / "text.npz").write_text("not an archive")
+    with open(tmp_path / "array.npz", "wb") as f:
+        np.save(f, np.zeros(3))  # one .npy array under an .npz name
+    with pytest.raises(ValueError, match="text.npz cannot be read as .npz"):
+        import_npz_episodes([tmp_path / "text.npz"], tmp_path / "a")
+    with pytest.raises(ValueError, match="array.npz holds one array"):
+        import_npz_episodes([tmp_path / "array.npz"], tmp_path / "b")

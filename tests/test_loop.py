@@ -105,7 +105,7 @@ def cartpole_data(tmp_path_factory):
     return _collect_cartpole(tmp_path_factory.mktemp("cartpole") / "data", steps=60)
 
 
-def test_offline_loop_on_a_recorded_dataset(tmp_path, cartpole_data):
+def test_offline_loop_on_a_recorded_dataset(tmp_path, cartpole_data, capsys):
     data = cartpole_data
     cfg = load_run_config(DEBUG, [f"run_dir={tmp_path / 'run'}", "loop.mode=offline", f"loop.offline_data={data}",
                                   "loop.offline_steps=6", "loop.agent_start=3", "loop.eval_every=6",
@@ -113,7 +113,19 @@ def test_offline_loop_on_a_recorded_dataset(tmp_path, cartpole_data):
     summary = train(cfg, progress=False)
     assert summary["grad_steps"] == 6 and "agent" in summary["params"]
     assert summary["eval"]["returns"]
-    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--episodes", "1"]) == 0
+    capsys.readouterr()
+    # `d4func eval` starts its episodes as the run's own evaluations did (the run's evaluation seed)
+    episodes = str(len(summary["eval"]["returns"]))
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--episodes", episodes]) == 0
+    assert json.loads(capsys.readouterr().out)["returns"] == summary["eval"]["returns"]
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--episodes", "0"]) == 2
+    assert "--episodes must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--env", "dmc:cartpole-swingup@0,1"]) == 2
+    assert "'dmc:cartpole-swingup@0,1' gives" in capsys.readouterr().err  # not a shape error inside the policy
+    broken = tmp_path / "run" / "ckpt-broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    assert main(["eval", "--checkpoint", str(broken)]) == 2
+    assert "cannot be read" in capsys.readouterr().err
 
 
 def test_resuming_an_offline_run_on_a_dataset_recorded_again_is_refused(tmp_path):
@@ -175,6 +187,14 @@ def test_config_errors_name_the_bad_key_or_value(tmp_path, capsys):
         load_run_config(REACH, ["replay.context_len=8"])
     assert main(["train", "--config", DEBUG, "loop.bogus=1"]) == 2
     assert "bogus" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("env: {name: [unclosed\n")
+    (tmp_path / "list.yaml").write_text("- env\n- replay\n")
+    for config, message in [(tmp_path / "bad.yaml", "is not valid YAML"), (tmp_path, "is not a file"),
+                            (tmp_path / "list.yaml", "must hold a mapping of sections")]:
+        assert main(["train", "--config", str(config)]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["collect", "--env", "reach", "--out", str(tmp_path / "bad.yaml" / "data"), "--steps", "3"]) == 2
+    assert "NotADirectoryError" in capsys.readouterr().err
     # a two-camera env under the single-camera debug tokenizer stops before training, naming both shapes
     code = main(["train", "--config", DEBUG, "--quiet", f"run_dir={tmp_path / 'cams'}",
                  "env.name=dmc:cartpole-swingup@0,1"])

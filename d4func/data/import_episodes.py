@@ -413,6 +413,15 @@ def import_npz_episodes(
             raise ValueError(f"{file} has no array {name!r} (has {sorted(data.files)})")
         return data[name]
 
+    def open_npz(file: Path) -> Any:
+        try:
+            data = np.load(file)
+        except Exception as error:  # not a file numpy reads: name it
+            raise ValueError(f"{file} cannot be read as .npz ({type(error).__name__}: {error})") from error
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError(f"{file} holds one array ({type(data).__name__}), not an .npz archive of named arrays")
+        return data
+
     def step_count(data: Any, file: Path, named_length: int | None) -> int:
         reward = need(data, file, names["reward"])
         if reward.ndim == 0:
@@ -436,7 +445,7 @@ def import_npz_episodes(
     def episode_lengths(stream: list[tuple[Path, int | None]]) -> list[int]:
         starts, offset = {0}, 0
         for file, named_length in stream:
-            with np.load(file) as data:
+            with open_npz(file) as data:
                 length = step_count(data, file, named_length)
                 starts |= {offset + step for step in segment_bounds(data, file, length)[1]}
                 offset += length
@@ -444,7 +453,7 @@ def import_npz_episodes(
 
     def read(file: Path, named_length: int | None) -> tuple[dict[str, np.ndarray], list[int], set[int]]:
         """A file's arrays, with its segment bounds and episode starts (``segment_bounds``)."""
-        with np.load(file) as data:
+        with open_npz(file) as data:
             length = step_count(data, file, named_length)
             pixel_names = names["pixels"]
             pixels = (need(data, file, pixel_names) if isinstance(pixel_names, str)

@@ -507,7 +507,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
     try:
         blob = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:
-        raise RuntimeError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error})") from error
+        # A ValueError, as for any unusable input: the command line reports it in one line (exit code 2).
+        raise ValueError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error})") from error
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
         found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
         raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} file (found {found!r})")

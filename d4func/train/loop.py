@@ -328,6 +328,12 @@ def eval_env_seed(seed: int) -> int:
     return seed + 10_000
 
 
+def resume_env_seed(seed: int, env_steps: int) -> int:
+    """The training env's seed for a resume at `env_steps` that starts new episodes: new starting states at every
+    resume, never those of the evaluation env (`eval_env_seed`, which lies below 2**30 for any usual seed)."""
+    return seed + 2**30 + env_steps
+
+
 def acting_params(states: dict[str, TensorDictBase]) -> tuple[TensorDictBase, TensorDictBase]:
     """(tokenizer params, agent params) for a `WorldModelPolicy`, on the CPU: the envs and the acting policy run
     there whatever `device` the learner uses."""
@@ -779,7 +785,7 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
     if payload is not None and counters["env_steps"] and not continues_episode:
         # A resume that cannot continue the interrupted episode starts new ones: seeded as at the start, the env
         # would replay the run's first worlds (Crafter) or initial states (DMC) after every resume.
-        env.set_seed(trainer.rank_seed(cfg.seed, "env") + counters["env_steps"])
+        env.set_seed(resume_env_seed(trainer.rank_seed(cfg.seed, "env"), counters["env_steps"]))
     collector = None  # none when the run only owes its last round's gradient steps: nothing is left to collect
     if remaining > 0:
         rng_before = (torch.random.get_rng_state(), policy.generator.get_state())
