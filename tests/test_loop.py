@@ -449,6 +449,9 @@ def test_resume_refuses_a_config_that_changes_the_models_and_warns_on_other_chan
     with pytest.raises(ValueError, match=r"seed: 0 -> 1"):
         train(load_run_config(DEBUG, [*common, "loop.offline_steps=3", "seed=1"]), progress=False)
     assert (tmp_path / "config.json").read_text() == saved_config  # a refused resume leaves the run as it was
+    (tmp_path / "config.json").unlink()  # lost: the newest checkpoint's own config is compared instead
+    with pytest.raises(ValueError, match=r"seed: 0 -> 1"):
+        train(load_run_config(DEBUG, [*common, "loop.offline_steps=3", "seed=1"]), progress=False)
     with pytest.warns(UserWarning, match=r"optim.world_model.lr: 0.0003 -> 0.0001"):
         summary = train(load_run_config(DEBUG, [*common, "loop.offline_steps=3", "optim.world_model.lr=1e-4"]),
                         progress=False)

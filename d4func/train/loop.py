@@ -423,9 +423,12 @@ class Trainer:
         config_file = self.run_dir / "config.json"
         if self.is_main:
             # Rank 0 alone reads and rewrites config.json; an error here ends rank 0, and torchrun stops the rest.
-            if config_file.exists() and checkpoint.latest_checkpoint(self.run_dir) is not None:
-                changed = check_resume_config(json.loads(config_file.read_text()), checkpoint.config_to_dict(cfg),
-                                              str(self.run_dir))
+            newest = checkpoint.latest_checkpoint(self.run_dir)
+            if newest is not None:
+                # config.json, or (deleted, or lost in a copy) the config the newest checkpoint holds
+                saved = (json.loads(config_file.read_text()) if config_file.exists()
+                         else checkpoint.load_checkpoint(newest).payload["config"])
+                changed = check_resume_config(saved, checkpoint.config_to_dict(cfg), str(self.run_dir))
                 if changed:
                     warnings.warn(f"resuming {self.run_dir} with a changed config (so it will not equal an "
                                   f"uninterrupted run): {'; '.join(changed)}", stacklevel=2)
