@@ -121,7 +121,14 @@ def drop_last_steps(cache: TensorDict, n: int) -> TensorDict:
 
 
 def keep_last_steps(cache: TensorDict, n: int) -> TensorDict:
-    """A sliding window: keep only the newest `n` cached timesteps (positions stay absolute; RoPE is relative)."""
+    """A sliding window: keep only the newest `n` cached timesteps (positions stay absolute; RoPE is relative).
+
+    Every time attention then spans at most `n + 1` steps, so no query meets a time distance longer than the
+    training rows showed. It is not a fresh encoding of those steps: with more than one time layer, a deeper
+    layer's cached keys and values were computed when their step was new, from a window that reached further
+    back, so older steps still reach the output through them (as in Transformer-XL), up to (time layers) x
+    window steps back, and the first steps of a window carry more history than a training row's first steps.
+    With one time layer (every shipped tokenizer) it is exact."""
     if n < 0:
         raise ValueError(f"keep_last_steps needs n >= 0, got {n}")
     length = cache["valid"].shape[1]

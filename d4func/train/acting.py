@@ -1,7 +1,8 @@
 """The acting policy: the functional tokenizer, dynamics model and policy head as a TorchRL policy module.
 
 State lives here, at the edge (DESIGN principle 4): per environment, the tokenizer encoder's and the dynamics
-model's time-layer KV caches (a sliding window of `context` frames) and the previous action. Each call
+model's time-layer KV caches (a sliding window of `context` frames: `transformer.keep_last_steps`, which says
+where a trimmed cache differs from encoding the window afresh) and the previous action. Each call
 
 1. encodes the new frame with the tokenizer's cache (`tokenizer.encode_step`: the tokenizer is causal in time);
 2. commits it to the dynamics model's cache at the context signal level, with the action that led into it
