@@ -25,14 +25,15 @@ import lpips
 import torch
 from torch import Tensor, nn
 
+from d4func.tokenizer_loss import LPIPS_MIN_SIDE
+
 # torchvision's file name for each trunk's ImageNet weights (torchvision.models.*_Weights.IMAGENET1K_V1.url).
 BACKBONE_FILES = {
     "alex": "alexnet-owt-7be5be79.pth",
     "vgg": "vgg16-397923af.pth",
     "squeeze": "squeezenet1_1-b8a52dc0.pth",
 }
-# Smallest image side each trunk can run on (its strided convolutions and poolings need at least this many pixels).
-MIN_SIDE = {"alex": 31, "vgg": 16, "squeeze": 17}
+MIN_SIDE = LPIPS_MIN_SIDE  # smallest image side each trunk runs on
 
 
 class LPIPSWeightsMissing(FileNotFoundError):

@@ -29,6 +29,11 @@ LOSS_TERMS = ("mse", "lpips")
 LPIPSFn = Any  # callable (x [N, 3, H, W], y [N, 3, H, W]) in [0, 1] -> distances [N]; see d4func.lpips_loss
 
 
+# Smallest image side each LPIPS trunk can run on (its strided convolutions and poolings need at least this many
+# pixels); here rather than in d4func.lpips_loss so that configs are checked without importing lpips.
+LPIPS_MIN_SIDE = {"alex": 31, "vgg": 16, "squeeze": 17}
+
+
 @dataclass(frozen=True)
 class TokenizerLossConfig:
     mse_weight: float = 1.0
@@ -49,6 +54,9 @@ class TokenizerLossConfig:
             raise ValueError(f"TokenizerLossConfig.rms_decay must lie in [0, 1), got {self.rms_decay}")
         if self.rms_eps <= 0:
             raise ValueError(f"TokenizerLossConfig.rms_eps must be > 0, got {self.rms_eps}")
+        if self.lpips_net not in LPIPS_MIN_SIDE:
+            raise ValueError(f"TokenizerLossConfig.lpips_net must be one of {sorted(LPIPS_MIN_SIDE)}, got "
+                             f"{self.lpips_net!r}")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -185,6 +185,11 @@ def test_config_errors_name_the_bad_key_or_value(tmp_path, capsys):
         check_first_batch(load_run_config(REACH, [*reach_online, "replay.capacity=12"]))
     with pytest.raises(ValueError, match="context_len=8 must be < seq_len=8"):
         load_run_config(REACH, ["replay.context_len=8"])
+    # LPIPS's trunk needs RGB frames of a least side: refused at load, not at the first tokenizer step
+    with pytest.raises(ValueError, match="lpips_net='alex' needs frames of side >= 31, got 16x16"):
+        load_run_config(REACH, ["tokenizer_loss.lpips_weight=0.2"])
+    with pytest.raises(ValueError, match="lpips_net must be one of"):
+        load_run_config(REACH, ["tokenizer_loss.lpips_net=resnet"])
     assert main(["train", "--config", DEBUG, "loop.bogus=1"]) == 2
     assert "bogus" in capsys.readouterr().err
     (tmp_path / "bad.yaml").write_text("env: {name: [unclosed\n")

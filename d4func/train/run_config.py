@@ -21,7 +21,7 @@ from d4func.heads import HeadsConfig
 from d4func.imagination import ImaginationConfig
 from d4func.optim import AdamWConfig
 from d4func.tokenizer import TokenizerConfig
-from d4func.tokenizer_loss import TokenizerLossConfig
+from d4func.tokenizer_loss import LPIPS_MIN_SIDE, TokenizerLossConfig
 from d4func.train.agent_step import FinetuneConfig
 from d4func.train.precision import PrecisionConfig, check_attention_config
 
@@ -174,6 +174,16 @@ class RunConfig:
         for name, value, other_name, other in checks:
             if value != other:
                 raise ValueError(f"RunConfig: {name}={value} must equal {other_name}={other}")
+        loss = self.tokenizer_loss
+        if loss.lpips_weight > 0:  # refused here rather than at the first tokenizer step
+            if tok.channels != 3:
+                raise ValueError(f"RunConfig: tokenizer_loss.lpips_weight={loss.lpips_weight} needs RGB frames, but "
+                                 f"tokenizer.channels={tok.channels}; set tokenizer_loss.lpips_weight=0")
+            side = LPIPS_MIN_SIDE[loss.lpips_net]
+            if min(tok.height, tok.width) < side:
+                raise ValueError(f"RunConfig: tokenizer_loss.lpips_net={loss.lpips_net!r} needs frames of side >= "
+                                 f"{side}, got {tok.height}x{tok.width}; set tokenizer_loss.lpips_weight=0 or use "
+                                 "another lpips_net")
         if dyn.n_agent_tokens < 1:
             raise ValueError("RunConfig: dynamics.n_agent_tokens must be >= 1 (the agent reads agent tokens), got "
                              f"{dyn.n_agent_tokens}")
