@@ -4,7 +4,9 @@ the last frame, open-loop PSNR over a horizon, and a GIF of real vs imagined rol
 The run is one of `d4func/train/loop.py` (online or offline): its `config.json` and newest `ckpt-*.pt`. Clips come
 from held-out episodes: a fresh env on a seed neither training (`cfg.seed`) nor the loop's evaluation
 (`cfg.seed + 10_000`) used, driven by a uniform random policy. Every clip holds `replay.context_len` context frames
-and `horizon` frames after them.
+and `horizon` frames after them. Clips longer than a training row (`replay.row_frames`) are predicted and decoded
+through a sliding window of that many frames, as imagination and the acting policy see them (before this, Reach's
+3 + 8 frames were predicted with the whole 11-frame span its 8-frame rows never showed: steps 6-8 changed).
 
 * next-frame PSNR, K = 1, 2, 4: the first frame after the context, sampled with K shortcut steps (paper Sec. 3.2:
   K = 4 is the paper's inference setting; fewer steps test how far the shortcut objective carries), decoded;
@@ -66,7 +68,7 @@ from d4func.train import checkpoint
 from d4func.train.loop import build_models, run_env_name
 from d4func.train.run_config import RunConfig, saved_run_config
 from d4func.train.video import decode_after_context, predict_frames, predict_latents, write_comparison_gif
-from d4func.transformer import empty_cache
+from d4func.transformer import empty_cache, keep_last_steps
 
 K_VALUES = (1, 2, 4)
 # Env seeds: training uses cfg.seed, the loop's evaluation `eval_env_seed(cfg.seed)` (cfg.seed + 10_000); held-out
@@ -191,14 +193,14 @@ def held_out_clips(
 
 def _predict(run: LoadedRun, context: Tensor, actions: Tensor, horizon: int, steps: int, seed: int) -> Tensor:
     return predict_frames(run.tokenizer, run.tokenizer_params, run.dynamics, run.dynamics_params, context, actions,
-                          horizon=horizon, steps=steps, seed=seed)
+                          horizon=horizon, steps=steps, seed=seed, window=run.cfg.replay.row_frames)
 
 
 def _predict_latents(run: LoadedRun, context: Tensor, actions: Tensor, horizon: int, steps: int, seed: int
                      ) -> tuple[Tensor, Tensor]:
     """The context's latents and the generated ones that `_predict` decodes (same noise for the same seed)."""
     return predict_latents(run.tokenizer, run.tokenizer_params, run.dynamics, run.dynamics_params, context, actions,
-                           horizon=horizon, steps=steps, seed=seed)
+                           horizon=horizon, steps=steps, seed=seed, window=run.cfg.replay.row_frames)
 
 
 def pooled_psnr(prediction: Tensor, target: Tensor) -> float:
@@ -244,8 +246,17 @@ def reward_metrics(run: LoadedRun, frames: Tensor, actions: Tensor, rewards: Ten
     actions_in, mask_in = actions_into_frames(actions)
     model_fn = world_model_fn(run.dynamics, run.dynamics_params)
     generator = torch.Generator(device=frames.device).manual_seed(seed)
-    agent_out, _ = commit_frames(model_fn, run.dynamics.cfg, latents, actions_in, mask_in,
-                                 empty_cache(frames.shape[0], frames.device), generator)
+    cache = empty_cache(frames.shape[0], frames.device)
+    window = run.cfg.replay.row_frames
+    if frames.shape[1] <= window:
+        agent_out, _ = commit_frames(model_fn, run.dynamics.cfg, latents, actions_in, mask_in, cache, generator)
+    else:  # longer than a training row: frame by frame beside at most `window - 1` others, as the policy acts
+        outs = []
+        for t in range(frames.shape[1]):
+            out, cache = commit_frames(model_fn, run.dynamics.cfg, latents[:, t:t + 1], actions_in[:, t:t + 1],
+                                       mask_in[:, t:t + 1], keep_last_steps(cache, window - 1), generator)
+            outs.append(out)
+        agent_out = torch.cat(outs, dim=1)
     predicted = reward_dist(run.heads, run.heads_params["reward"], agent_out[:, 1:]).mean().double().flatten()
     actual = rewards[:, :-1].double().flatten()
     variance = float(actual.var(unbiased=False))
@@ -322,7 +333,8 @@ def counterfactual_action_metrics(run: LoadedRun, clips: dict[str, Tensor] | Non
     horizon = clips["frames"].shape[2]
     steps = run.cfg.dynamics.sampling_steps
     branches = [_predict_latents(run, clips["context"], actions, horizon, steps, seed) for actions in clips["actions"]]
-    predicted = [decode_after_context(run.tokenizer, run.tokenizer_params, *branch) for branch in branches]
+    predicted = [decode_after_context(run.tokenizer, run.tokenizer_params, *branch, run.cfg.replay.row_frames)
+                 for branch in branches]
     predicted_latents = [generated for _, generated in branches]
     model_change = predicted[0] - predicted[1]
     real_change = clips["frames"][0] - clips["frames"][1]

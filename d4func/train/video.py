@@ -30,25 +30,35 @@ def predict_latents(
     steps: int | None = None,
     seed: int = 0,
     tasks: Tensor | None = None,
+    window: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Encode `context_frames` `[B, T0, ...]` and roll the dynamics `horizon` frames forward under `actions` (TorchRL
-    convention, `[B, T0 + horizon, ...]`: action t is taken after frame t) with K = `steps`.
+    convention, `[B, T0 + horizon, ...]`: action t is taken after frame t) with K = `steps`. `window`: generate
+    each frame beside at most `window - 1` earlier ones (`sampler.generate`), as imagination and acting do.
 
     Returns the context's latents `[B, T0, S, Dz]` and the generated ones `[B, horizon, S, Dz]`."""
     latents = encode(tokenizer, tokenizer_params, context_frames)
     shifted, mask = actions_into_frames(actions)
     fn = functools.partial(apply, dynamics, dynamics_params, tasks=tasks)
     generated = generate(fn, latents, shifted, horizon, torch.Generator().manual_seed(seed), dynamics.cfg,
-                         steps=steps, action_mask=mask)
+                         steps=steps, action_mask=mask, window=window)
     return latents, generated
 
 
 def decode_after_context(tokenizer: Tokenizer, tokenizer_params: TensorDictBase, context_latents: Tensor,
-                         generated: Tensor) -> Tensor:
+                         generated: Tensor, window: int | None = None) -> Tensor:
     """Frames `[B, horizon, ...]` in [0, 1] of `generated` latents. The decoder is causal in time: decode context and
-    prediction together, keep the prediction."""
-    decoded = decode(tokenizer, tokenizer_params, torch.cat([context_latents, generated], dim=1))
-    return decoded[:, context_latents.shape[1]:].clamp(0.0, 1.0)
+    prediction together, keep the prediction. `window`: decode each frame beside at most `window - 1` earlier ones
+    (no longer time span than the training rows); frames within the first `window` decode as without (to
+    rounding)."""
+    latents = torch.cat([context_latents, generated], dim=1)
+    start, total = context_latents.shape[1], latents.shape[1]
+    if window is None or total <= window:
+        decoded = decode(tokenizer, tokenizer_params, latents)[:, start:]
+    else:
+        decoded = torch.stack([decode(tokenizer, tokenizer_params, latents[:, max(0, t - window + 1):t + 1])[:, -1]
+                               for t in range(start, total)], dim=1)
+    return decoded.clamp(0.0, 1.0)
 
 
 @torch.no_grad()
@@ -63,11 +73,12 @@ def predict_frames(
     steps: int | None = None,
     seed: int = 0,
     tasks: Tensor | None = None,
+    window: int | None = None,
 ) -> Tensor:
-    """`predict_latents`, decoded: predicted frames `[B, horizon, ...]` in [0, 1]."""
+    """`predict_latents`, decoded (both with `window`): predicted frames `[B, horizon, ...]` in [0, 1]."""
     latents, generated = predict_latents(tokenizer, tokenizer_params, dynamics, dynamics_params, context_frames,
-                                         actions, horizon, steps, seed, tasks)
-    return decode_after_context(tokenizer, tokenizer_params, latents, generated)
+                                         actions, horizon, steps, seed, tasks, window)
+    return decode_after_context(tokenizer, tokenizer_params, latents, generated, window)
 
 
 def write_comparison_gif(path: str | Path, real: Tensor, imagined: Tensor, fps: int = 8) -> Path:
