@@ -26,16 +26,30 @@ from d4func.train.loop import eval_env_seed, metric_series, read_metrics, run_ep
 
 
 def random_baseline(config: dict[str, Any], episodes: int, max_steps: int) -> dict[str, Any]:
-    """A uniform random policy on the run's evaluation env (`eval_env_seed`: the starts of every evaluation)."""
+    """A uniform random policy scored as the run's evaluations are: blocks of `env.eval_episodes` episodes, the
+    evaluation env reseeded before each (`eval_env_seed`), so every block starts where every evaluation starts;
+    `episodes` is rounded up to whole blocks. The figure is the mean of the block scores, with their spread: a
+    Crafter score (a geometric mean over episodes' success rates) over more episodes than an evaluation holds would
+    run higher than any evaluation could, and episodes past an evaluation's count would start elsewhere."""
     env_cfg = config["env"]
+    per_block = env_cfg["eval_episodes"] or episodes
+    blocks = max(1, -(-episodes // per_block))
     env = make_env(env_cfg["name"], seed=eval_env_seed(config["seed"]), image_size=env_cfg["image_size"],
                    action_repeat=env_cfg["action_repeat"], max_episode_steps=env_cfg.get("max_episode_steps"))
-    result = run_episodes(env, UniformRandomPolicy(env.action_spec, seed=config["seed"]), episodes, max_steps)
-    returns = result["returns"]
-    out = {"episodes": episodes, "mean_return": result["mean_return"],
-           "std_return": statistics.pstdev(returns) if len(returns) > 1 else 0.0}
-    if "crafter_score" in result:
-        out["crafter_score"] = result["crafter_score"]
+    policy = UniformRandomPolicy(env.action_spec, seed=config["seed"])
+    results = []
+    for _ in range(blocks):
+        env.set_seed(eval_env_seed(config["seed"]))  # as Trainer.evaluate does before every evaluation
+        results.append(run_episodes(env, policy, per_block, max_steps))
+    out: dict[str, Any] = {"episodes": blocks * per_block, "blocks": blocks, "episodes_per_block": per_block,
+                           "returns": [r for result in results for r in result["returns"]]}
+    for key in ("mean_return", "crafter_score"):
+        if key in results[0]:
+            values = [result[key] for result in results]
+            out[key] = statistics.fmean(values)
+            out[f"{key}_blocks"] = values
+            out[f"{key}_std_over_blocks"] = statistics.pstdev(values) if blocks > 1 else 0.0
+    out["std_return"] = statistics.pstdev(out["returns"]) if len(out["returns"]) > 1 else 0.0
     return out
 
 
@@ -82,7 +96,8 @@ def plot(run_dir: Path, out_dir: Path, random_episodes: int) -> dict[str, Any]:
     for (name, points), style in zip(curves.items(), ("o-", "s--", "."), strict=True):
         if points:
             ax.plot(*zip(*points, strict=True), style, label=name, alpha=0.45 if style == "." else 1.0)
-    ax.axhline(random[metric], color="gray", linestyle=":", label=f"random policy ({random_episodes} episodes)")
+    ax.axhline(random[metric], color="gray", linestyle=":",
+               label=f"random policy ({random['blocks']} x {random['episodes_per_block']} episodes)")
     ax.set_xlabel("env steps")
     ax.set_ylabel(label)
     ax.set_title(config["env"]["name"])
@@ -134,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, type=Path)
     parser.add_argument("--out", default=Path("docs/results"), type=Path)
-    parser.add_argument("--random-episodes", type=int, default=10)
+    parser.add_argument("--random-episodes", type=int, default=10, help="episodes of the random baseline, rounded "
+                        "up to whole blocks of env.eval_episodes (each block on the evaluation starts)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--filmstrip", type=Path, help="also turn this real-vs-imagined GIF into OUT/<run>_wm.png")
     args = parser.parse_args(argv)

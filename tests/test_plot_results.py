@@ -38,10 +38,18 @@ def test_plot_results_writes_figure_table_and_filmstrip(tmp_path):
     assert json.loads((tmp_path / "out" / "reach_run.json").read_text()) == table
     assert [row["env_steps"] for row in table["eval"]] == [20, 40]
     assert all(row["bc"] is not None for row in table["eval"])
-    # The random baseline runs on the loop's evaluation env (seed + 10000) with the run's seed for its actions.
+    # The random baseline is scored as the evaluations are: blocks of eval_episodes (2) episodes, the evaluation
+    # env (seed + 10000) reseeded before each, the run's seed for its actions; 3 episodes round up to 2 blocks.
     env = make_env("reach", seed=10_000, image_size=16)
-    expected = run_episodes(env, UniformRandomPolicy(env.action_spec, seed=0), 3)["mean_return"]
-    assert table["random"]["mean_return"] == pytest.approx(expected)
+    policy = UniformRandomPolicy(env.action_spec, seed=0)
+    blocks = []
+    for _ in range(2):
+        env.set_seed(10_000)
+        blocks.append(run_episodes(env, policy, 2)["mean_return"])
+    random = table["random"]
+    assert (random["blocks"], random["episodes_per_block"], random["episodes"]) == (2, 2, 4)
+    assert random["mean_return_blocks"] == pytest.approx(blocks)
+    assert random["mean_return"] == pytest.approx(sum(blocks) / 2)
     gif = sorted((run / "gifs").glob("*.gif"))[-1]
     png = plot_results.gif_to_filmstrip(gif, tmp_path / "strip.png", max_frames=3, max_clips=1)
     strip, first = imageio.imread(png), imageio.mimread(gif)[0]
