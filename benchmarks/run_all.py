@@ -56,7 +56,10 @@ CONFIGS = {"debug": REPO / "experiments/configs/debug.yaml", "default": REPO / "
 SECTION_NAMES = ("functional", "kv_cache", "bootstrap_targets", "phases_debug", "phases_default", "acting_debug",
                  "acting_default", "online_debug", "online_default", "replay", "gpu_paper_scale")
 # Dense bf16 peak of the GPUs we know (vendor spec sheets, SXM parts); anything else needs --peak-tflops for MFU.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+# Dense bf16 peaks by device name; the most specific name that the device's contains wins (an "H100 PCIe" is not
+# an SXM H100).
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H200": 989e12, "H100": 989e12,
+                   "A100": 312e12}
 NO_EPISODE_WORK = 10**9  # eval / GIF / checkpoint period longer than any benchmark run
 
 
@@ -580,11 +583,14 @@ def paper_scale_figures(device: torch.device | str, spec: PaperScale = PaperScal
 
     # FLOPs of the step's forward + backward, counted on `loss.backward()`: FlopCounterMode's module hooks do not
     # support the `torch.autograd.grad` call inside `dynamics_train_step` (the AdamW update is elementwise, which
-    # the counter ignores anyway).
+    # the counter ignores anyway). Averaged over a few draws: a draw without a bootstrap frame skips the targets'
+    # two extra forward passes, which at small sizes happens often enough to skew a single count.
     leaves = state["params"].apply(lambda p: p.detach().requires_grad_())
+    draws = 4
     with FlopCounterMode(display=False) as counter, precision_context(precision, device):
-        dynamics_loss(leaves, latents, actions, generator, model=model)[0].backward()
-    flops = counter.get_total_flops()
+        for _ in range(draws):
+            dynamics_loss(leaves, latents, actions, generator, model=model)[0].backward()
+    flops = counter.get_total_flops() / draws
     del leaves
     t = measure({"train": train_step, "generate": generate_frames}, repeats, device)
     tokens = spec.batch * spec.frames * cfg.layout().n_tokens
@@ -607,13 +613,19 @@ def paper_scale_figures(device: torch.device | str, spec: PaperScale = PaperScal
     }
 
 
+def peak_bf16_flops(device_name: str) -> float | None:
+    """`PEAK_BF16_FLOPS` of the longest name that `device_name` contains; None for a device not listed."""
+    matches = [key for key in PEAK_BF16_FLOPS if key in device_name]
+    return PEAK_BF16_FLOPS[max(matches, key=len)] if matches else None
+
+
 def gpu_section(ctx: Context) -> dict[str, Any]:
     if not torch.cuda.is_available():
         return gpu_skipped()
     name = torch.cuda.get_device_name(0)
     peak = ctx.peak_flops
     if peak is None:
-        peak = next((value for key, value in PEAK_BF16_FLOPS.items() if key in name), None)
+        peak = peak_bf16_flops(name)
     spec = PaperScale() if ctx.budget is FULL else PaperScale(d_model=256, n_layers=4, n_heads=4, n_kv_heads=2,
                                                                batch=1, frames=8, gen_batch=2, gen_frames=4)
     f = paper_scale_figures("cuda", spec, repeats=5 if ctx.budget is FULL else 1, peak_flops=peak)

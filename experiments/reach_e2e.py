@@ -30,14 +30,15 @@ from d4func.data.offline import UniformRandomPolicy, record_episodes
 from d4func.envs.reach import ReachExpertPolicy
 from d4func.envs.registry import env_config, make_env
 from d4func.train.loop import eval_env_seed, run_episodes, train
-from d4func.train.run_config import load_run_config
+from d4func.train.run_config import RunConfig, load_run_config
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "reach.yaml"
 
 
-def baseline_return(policy, seed: int, episodes: int, image_size: int) -> float:
-    env = make_env("reach", seed=seed, image_size=image_size)
-    return run_episodes(env, policy, episodes)["mean_return"]
+def baseline_return(policy, seed: int, cfg: RunConfig) -> float:
+    """`policy`'s mean return on the run's evaluation episodes: its env, episode length and step cap."""
+    env = make_env("reach", seed=seed, image_size=cfg.env.image_size, max_episode_steps=cfg.env.max_episode_steps)
+    return run_episodes(env, policy, cfg.env.eval_episodes, cfg.env.eval_max_steps)["mean_return"]
 
 
 def run_seed(run_dir: Path, seed: int, overrides: list[str], steps: int, epsilon: float,
@@ -63,8 +64,8 @@ def run_seed(run_dir: Path, seed: int, overrides: list[str], steps: int, epsilon
         "seed": seed,
         "final": summary["eval"]["mean_return"],
         "bc": summary["eval"]["bc"]["mean_return"],
-        "random": baseline_return(UniformRandomPolicy(action_spec, seed=seed), eval_seed, episodes, size),
-        "demonstrator": baseline_return(ReachExpertPolicy(epsilon=epsilon, seed=seed), eval_seed, episodes, size),
+        "random": baseline_return(UniformRandomPolicy(action_spec, seed=seed), eval_seed, cfg),
+        "demonstrator": baseline_return(ReachExpertPolicy(epsilon=epsilon, seed=seed), eval_seed, cfg),
         "episodes": episodes,
         "grad_steps": summary["grad_steps"],
         "wall_seconds": time.perf_counter() - started,

@@ -107,3 +107,11 @@ def test_paper_scale_path_runs_on_cpu_at_a_tiny_size():
     assert f["model_flops_per_step"] >= 4 * f["params"] * tokens
     assert f["mfu"] == pytest.approx(f["achieved_tflops"] * 1e12 / 1e12)
     assert f["gen_frames_per_s"] > 0
+
+
+def test_peak_flops_take_the_most_specific_device_name():
+    run_all = load_run_all()
+    assert run_all.peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert run_all.peak_bf16_flops("NVIDIA H100 PCIe") == 756e12  # not the SXM part's peak
+    assert run_all.peak_bf16_flops("NVIDIA H200 NVL") == 835e12
+    assert run_all.peak_bf16_flops("NVIDIA GeForce RTX 4090") is None
