@@ -2,7 +2,8 @@
 
 `experiments/reach_e2e.py` on Reach (16x16 pixels, the goal's position visible only in the image): record 3000
 steps of a noisy demonstrator, train tokenizer, dynamics + BC + reward and then imagination (800 offline gradient
-steps), and evaluate 40 greedy episodes. Two seeds run side by side, one process and one thread each.
+steps), and evaluate 40 greedy episodes. Each seed runs in a process of its own with one thread, started when
+the test is collected (tests/helpers/e2e_runs.py).
 
 The margin: the final policy's mean return must exceed the uniform random policy's by at least 2.0 per 12-step
 episode on every seed (random scores about 1.1, the demonstrator about 7, straight to the goal 10.0). A
@@ -20,36 +21,29 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import e2e_runs
+from helpers.e2e_runs import SEEDS
 
 REPO = Path(__file__).resolve().parents[1]
-SEEDS = (0, 1)
 MARGIN = 2.0
 
 
-def test_pipeline_policy_beats_random_on_reach_on_every_seed(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = {
-        seed: subprocess.Popen(
-            [sys.executable, "experiments/reach_e2e.py", "--seeds", str(seed), "--run-dir", str(tmp_path / str(seed))],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for seed in SEEDS
-    }
-    rows = []
-    for seed, proc in procs.items():
-        out, _ = proc.communicate(timeout=900)
-        assert proc.returncode == 0, out[-3000:]
-        rows.append(json.loads((tmp_path / str(seed) / "result.json").read_text())["seeds"][0])
+def test_pipeline_policy_beats_random_on_reach_on_every_seed():
+    # The runs started when this test was collected (tests/conftest.py, tests/helpers/e2e_runs.py): the seeds run
+    # `experiments/reach_e2e.py` in processes of their own, beside the rest of the suite.
+    runs = e2e_runs.start(side_by_side=True)
+    rows = runs.results()
     report = "\n".join(f"seed {r['seed']}: random {r['random']:.2f}, demonstrator {r['demonstrator']:.2f}, "
                        f"BC {r['bc']:.2f}, final {r['final']:.2f} ({r['wall_seconds']:.0f} s)" for r in rows)
     print(report)
+    assert [row["seed"] for row in rows] == list(SEEDS)
     for row in rows:
         assert row["episodes"] >= 20 and row["grad_steps"] == 800
         assert row["final"] >= row["random"] + MARGIN, report
     # The BC head alone also clears the margin (7.0 and 6.2 on these seeds), so the returns cannot tell whether
     # imagination trained at all: its own metrics must show it did.
     for seed in SEEDS:
-        check_imagination_trained(tmp_path / str(seed) / f"seed{seed}" / "train" / "metrics.jsonl")
+        check_imagination_trained(runs.metrics_file(seed))
 
 
 def check_imagination_trained(metrics_file: Path) -> None:
