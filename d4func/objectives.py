@@ -223,8 +223,11 @@ def bootstrap_velocity(denoise: Denoiser, z_tau: Tensor, tau: Tensor, d: Tensor,
 
     Other frames (the flow frames, d = d_min, which have no half step on the grid) keep their (z_tau, tau, d) in both
     calls, so they act as unchanged context; their returned velocity is that of a plain step and is not used. All
-    frames of a sequence step together, so a frame's second half step sees its context after the context's own first
-    half step — the same joint update that the sampler makes. Computed without gradient (the target is stopped).
+    bootstrap frames of a sequence step together: under diffusion forcing a frame's history may hold bootstrap frames,
+    which take their own half steps too, so its second half step sees that history moved by half a step. The
+    sampler's history does not move (it sits at tau_ctx); the paper leaves the joint form open, and
+    `forcing="teacher"`, whose histories are flow frames, has no such difference. Computed without gradient (the
+    target is stopped).
     """
     with torch.no_grad():
         half = torch.where(bootstrap, d / 2, d)

@@ -15,6 +15,8 @@ stream frame by frame.
 
 `latent_attention="local"` (not the paper's default) gives each latent one block of the patch grid: it reads only
 those patches in the encoder, and only that block's patch queries read it in the decoder (`d4func.latent_regions`).
+Latents still read each other, and with more than one space layer patches mix across blocks, so only with one space
+layer per transformer (every shipped config) is each latent strictly its own block's.
 
 Multi-camera: every camera runs through the same weights as its own stream (cameras are folded into the batch), told
 apart by a learned camera embedding added to its patch tokens and its decoder queries. The per-camera latents are

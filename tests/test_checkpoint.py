@@ -180,7 +180,7 @@ def test_restore_falls_back_from_an_unreadable_checkpoint(tmp_path) -> None:
         ckpt = C.restore(tmp_path)
     assert ckpt.step == 1
     (tmp_path / C.checkpoint_name(1)).write_bytes(b"also broken")
-    with pytest.raises(RuntimeError, match="no readable checkpoint"), pytest.warns(UserWarning):
+    with pytest.raises(ValueError, match="no readable checkpoint"), pytest.warns(UserWarning):
         C.restore(tmp_path)
 
 

@@ -549,9 +549,11 @@ def restore(
             rank, world = _current_rank()
             if len(ckpt.rng) != world:
                 raise ValueError(f"checkpoint {path} holds RNG states of {len(ckpt.rng)} ranks, this run has "
-                                 f"{world}; pass restore_rng=False to resume with fresh RNG streams")
+                                 f"{world}: resume on {len(ckpt.rng)} processes (torchrun --nproc_per_node), or "
+                                 "from Python restore(..., restore_rng=False) for fresh RNG streams")
             restore_rng_state(ckpt.rng[rank], generators)
         return ckpt
     if candidates:
-        raise RuntimeError(f"no readable checkpoint in {run_dir}: " + "; ".join(errors))
+        # A ValueError, as for any unusable input: the command line reports it in one line (exit code 2).
+        raise ValueError(f"no readable checkpoint in {run_dir}: " + "; ".join(errors))
     return None
