@@ -33,7 +33,6 @@ BACKBONE_FILES = {
     "vgg": "vgg16-397923af.pth",
     "squeeze": "squeezenet1_1-b8a52dc0.pth",
 }
-MIN_SIDE = LPIPS_MIN_SIDE  # smallest image side each trunk runs on
 
 
 class LPIPSWeightsMissing(FileNotFoundError):
@@ -137,7 +136,7 @@ class LPIPSDistance(nn.Module):
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         if x.shape != y.shape or x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"LPIPS expects two [N, 3, H, W] images, got {tuple(x.shape)} and {tuple(y.shape)}")
-        side = MIN_SIDE[self.net_name]
+        side = LPIPS_MIN_SIDE[self.net_name]
         if min(x.shape[-2:]) < side:
             raise ValueError(f"LPIPS with the {self.net_name!r} trunk needs images of side >= {side}, got {x.shape}")
         # normalize=True maps [0, 1] to the [-1, 1] range the package expects.

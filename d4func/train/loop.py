@@ -433,9 +433,7 @@ class Trainer:
                     warnings.warn(f"resuming {self.run_dir} with a changed config (so it will not equal an "
                                   f"uninterrupted run): {'; '.join(changed)}", stacklevel=2)
             # Atomically: a process killed mid-write must not leave a config.json that blocks every later start.
-            partial = config_file.with_name(config_file.name + ".tmp")
-            partial.write_text(json.dumps(checkpoint.config_to_dict(cfg), indent=2))
-            os.replace(partial, config_file)
+            replace_text(config_file, json.dumps(checkpoint.config_to_dict(cfg), indent=2))
         if dist_info is not None:
             torch.distributed.barrier()
         torch.manual_seed(cfg.seed)
@@ -846,7 +844,7 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
         round_start = counters["env_steps"] - (counters["round_pending"] if owed else 0)
         due_now = (owed and not counters["round_done"] & done
                    and counters["env_steps"] // every > round_start // every)
-        return (counters["env_steps"] // every + (0 if due_now else 1)) * every
+        return next_multiple(counters["env_steps"], every) - (every if due_now else 0)
 
     next_eval, next_ckpt, next_gif = (first_due(cfg.loop.eval_every, ROUND_EVALUATED),
                                       first_due(cfg.loop.checkpoint_every), first_due(cfg.loop.gif_every, ROUND_GIF))
