@@ -14,6 +14,7 @@ Sections (benchmarks/README.md explains each figure):
                       disk bytes per transition, write and sample rates
   gpu_paper_scale     CUDA only: tokens/s and model FLOP utilisation of a world-model train step, generated
                       frames/s, at a paper-like size (skipped without a GPU)
+  gpu_compiled        CUDA only: that train step eager vs torch.compile'd (`precision.compile`), and the compile time
 
 Each section runs in a fresh subprocess, so one section's allocations and thread pools cannot colour another's and
 each reports its process's peak RSS; inside a section the variants are timed interleaved (A, B, A, B, ...) so that
@@ -54,7 +55,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 CONFIGS = {"debug": REPO / "experiments/configs/debug.yaml", "default": REPO / "experiments/configs/dmc_cartpole.yaml"}
 SECTION_NAMES = ("functional", "kv_cache", "bootstrap_targets", "phases_debug", "phases_default", "acting_debug",
-                 "acting_default", "online_debug", "online_default", "replay", "gpu_paper_scale")
+                 "acting_default", "online_debug", "online_default", "replay", "gpu_paper_scale", "gpu_compiled")
 # Dense bf16 peak of the GPUs we know (vendor spec sheets, SXM parts); anything else needs --peak-tflops for MFU.
 # Dense bf16 peaks by device name; the most specific name that the device's contains wins (an "H100 PCIe" is not
 # an SXM H100).
@@ -205,8 +206,12 @@ def measure(
     no_warmup: Collection[str] = (),
 ) -> dict[str, Timing]:
     """Time `fns` side by side: one untimed warm-up call each (except `no_warmup`), then rounds in which every fn
-    with repeats left runs once, in order. Peak memory is the largest over all of a fn's calls, warm-up included
-    (first calls allocate lazily initialised buffers too); each fn's latest output is kept."""
+    with repeats left runs once, in order. Each fn's latest output is kept.
+
+    Peak memory is taken on each fn's first call only: the warm-up, or for a `no_warmup` fn its first timed call.
+    First calls allocate lazily initialised buffers too, so they hold the peak. Later calls run unmetered: the CPU
+    meter hands freed heap back to the OS first (`malloc_trim`), and a timed call after it would pay for faulting
+    that memory back in (a third more time on the functional section's functorch variant, measured)."""
     counts = repeats if isinstance(repeats, dict) else dict.fromkeys(fns, repeats)
     if set(counts) != set(fns) or min(counts.values()) < 1:
         raise ValueError(f"repeats must give every fn ({sorted(fns)}) at least 1 timed call, got {counts}")
@@ -214,27 +219,27 @@ def measure(
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda *_: None)
     results = {name: Timing() for name in fns}
 
-    def call(name: str, timed: bool) -> None:
+    def call(name: str, timed: bool, metered: bool) -> None:
         record = results[name]
         record.output = None  # the previous output must not count as this call's baseline
-        meter.start()
+        if metered:
+            meter.start()
         start = time.perf_counter()
         record.output = fns[name]()
         sync(device)
         elapsed = time.perf_counter() - start
-        peak = meter.stop()
-        if peak is not None:
-            record.peak_mib = peak if record.peak_mib is None else max(record.peak_mib, peak)
+        if metered:
+            record.peak_mib = meter.stop()
         if timed:
             record.seconds.append(elapsed)
 
     for name in fns:
         if name not in no_warmup:
-            call(name, timed=False)
+            call(name, timed=False, metered=True)
     for round_index in range(max(counts.values())):
         for name in fns:
             if round_index < counts[name]:
-                call(name, timed=True)
+                call(name, timed=True, metered=round_index == 0 and name in no_warmup)
     return results
 
 
@@ -492,8 +497,10 @@ def online_section(config: str, ctx: Context) -> dict[str, Any]:
             return train_online(run_cfg, progress=False)
 
     # Two runs that differ only in their env-step budget: start-up and the end-of-run work (final checkpoint,
-    # evaluation, GIF) cost the same in both, so the difference is the steady-state loop.
-    t = measure({"short": lambda: run(short), "long": lambda: run(long)}, 1, no_warmup=("short", "long"))
+    # evaluation, GIF) cost the same in both, so the difference is the steady-state loop. An untimed short run
+    # first takes the process's one-off costs (lazy imports and initialisation, first allocations), which would
+    # otherwise all land on the timed short run and inflate the difference's rate (by ~20% on the debug config).
+    t = measure({"short": lambda: run(short), "long": lambda: run(long)}, 1, no_warmup=("long",))
     window = long - short
     grad_steps = t["long"].output["grad_steps"] - t["short"].output["grad_steps"]
     seconds = t["long"].median - t["short"].median
@@ -541,19 +548,22 @@ class PaperScale:
                               sampling_steps=4)
 
 
-def paper_scale_figures(device: torch.device | str, spec: PaperScale = PaperScale(), repeats: int = 5,  # noqa: B008
-                        bf16: bool = True, peak_flops: float | None = None) -> dict[str, Any]:
-    """World-model (shortcut forcing) train steps and KV-cached generation at `spec`'s size on `device`: tokens/s,
-    model FLOPs per step (counted by torch's FlopCounterMode: matmuls and attention, masks not discounted, the
-    bootstrap targets' extra forward passes included), MFU = FLOP/s / `peak_flops`, generated frames/s (K = 4)."""
-    from torch.utils.flop_counter import FlopCounterMode
+@dataclass
+class PaperScaleSetup:
+    """A fresh paper-scale world model on a device with one batch of random latents and actions: what the GPU
+    sections train and generate from."""
 
+    model: Any
+    cfg: Any
+    state: Any
+    latents: torch.Tensor
+    actions: torch.Tensor
+    generator: torch.Generator
+
+
+def paper_scale_setup(device: torch.device | str, spec: PaperScale) -> PaperScaleSetup:
     from d4func.dynamics import Dynamics
-    from d4func.functional import apply, count_params, init, template
-    from d4func.optim import AdamWConfig
-    from d4func.sampler import generate
-    from d4func.train.dynamics_step import dynamics_loss, dynamics_train_step
-    from d4func.train.precision import PrecisionConfig, precision_context
+    from d4func.functional import init, template
     from d4func.train.state import new_train_state
 
     device = torch.device(device)
@@ -564,6 +574,26 @@ def paper_scale_figures(device: torch.device | str, spec: PaperScale = PaperScal
     latents = torch.rand(spec.batch, spec.frames, cfg.latent_tokens, cfg.latent_dim, device=device,
                          generator=generator) * 2 - 1
     actions = torch.rand(spec.batch, spec.frames, cfg.action_dim, device=device, generator=generator) * 2 - 1
+    return PaperScaleSetup(model, cfg, state, latents, actions, generator)
+
+
+def paper_scale_figures(device: torch.device | str, spec: PaperScale = PaperScale(), repeats: int = 5,  # noqa: B008
+                        bf16: bool = True, peak_flops: float | None = None) -> dict[str, Any]:
+    """World-model (shortcut forcing) train steps and KV-cached generation at `spec`'s size on `device`: tokens/s,
+    model FLOPs per step (counted by torch's FlopCounterMode: matmuls and attention, masks not discounted, the
+    bootstrap targets' extra forward passes included), MFU = FLOP/s / `peak_flops`, generated frames/s (K = 4)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from d4func.functional import apply, count_params
+    from d4func.optim import AdamWConfig
+    from d4func.sampler import generate
+    from d4func.train.dynamics_step import dynamics_loss, dynamics_train_step
+    from d4func.train.precision import PrecisionConfig, precision_context
+
+    device = torch.device(device)
+    setup = paper_scale_setup(device, spec)
+    model, cfg, state, latents, actions, generator = (setup.model, setup.cfg, setup.state, setup.latents,
+                                                      setup.actions, setup.generator)
     gen_context = latents[:1, : spec.gen_context].expand(spec.gen_batch, -1, -1, -1)
     gen_actions = torch.rand(spec.gen_batch, spec.gen_context + spec.gen_frames, cfg.action_dim, device=device,
                              generator=generator) * 2 - 1
@@ -613,6 +643,69 @@ def paper_scale_figures(device: torch.device | str, spec: PaperScale = PaperScal
     }
 
 
+def compiled_vs_eager_figures(device: torch.device | str, spec: PaperScale = PaperScale(),  # noqa: B008
+                              repeats: int = 5, bf16: bool = True, compile_mode: str = "default",
+                              **compile_kwargs: Any) -> dict[str, Any]:
+    """The world-model train step at `spec`'s size, eager vs compiled as the loop's `precision.compile` compiles it
+    (the loss and its backward, `compiled_grad_fn`), timed interleaved from the same start state: tokens/s of each,
+    the first compiled call's seconds (tracing and code generation), and both first steps' losses (the same draws:
+    equal up to kernel rounding). `compile_kwargs` go to `torch.compile` (tests pass a cheap backend)."""
+    from d4func.functional import grad_and_value
+    from d4func.optim import AdamWConfig
+    from d4func.train.dynamics_step import dynamics_train_step
+    from d4func.train.precision import PrecisionConfig, compiled_grad_fn, precision_context
+
+    device = torch.device(device)
+    setup = paper_scale_setup(device, spec)
+    precision = PrecisionConfig(bf16=bf16)
+    grad_fns = {"eager": grad_and_value,
+                "compiled": compiled_grad_fn(grad_and_value, PrecisionConfig(compile=True, compile_mode=compile_mode),
+                                             **compile_kwargs)}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
+
+    def step(name: str, state: Any, generator: torch.Generator) -> tuple[Any, dict[str, torch.Tensor]]:
+        with precision_context(precision, device):
+            return dynamics_train_step(state, setup.latents, setup.actions, generator, model=setup.model,
+                                       opt=AdamWConfig(), grad_fn=grad_fns[name])
+
+    states, losses, first_seconds = {}, {}, {}
+    for name in grad_fns:
+        sync(device)
+        start = time.perf_counter()
+        states[name], metrics = step(name, setup.state, torch.Generator(device=device).manual_seed(1))
+        sync(device)
+        first_seconds[name] = time.perf_counter() - start
+        losses[name] = float(metrics["loss"])
+
+    def timed(name: str) -> Callable[[], None]:
+        def call() -> None:
+            states[name], _ = step(name, states[name], setup.generator)
+        return call
+
+    t = measure({name: timed(name) for name in grad_fns}, repeats, device)
+    tokens = spec.batch * spec.frames * setup.cfg.layout().n_tokens
+    return {
+        "tokens_per_step": tokens,
+        "eager_tokens_per_s": tokens / t["eager"].median,
+        "compiled_tokens_per_s": tokens / t["compiled"].median,
+        "speedup_compiled_over_eager": t["eager"].median / t["compiled"].median,
+        "compile_seconds": first_seconds["compiled"],
+        "eager_first_step_seconds": first_seconds["eager"],
+        "first_loss_eager": losses["eager"],
+        "first_loss_compiled": losses["compiled"],
+        "eager_peak_mib": t["eager"].peak_mib,
+        "compiled_peak_mib": t["compiled"].peak_mib,
+        "bf16": bf16,
+        "compile_mode": compile_mode,
+        "spec": dataclasses.asdict(spec),
+    }
+
+
+# `--quick` on a GPU: the GPU sections' code paths at a size that compiles and runs in seconds.
+QUICK_PAPER_SCALE = PaperScale(d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, batch=1, frames=8, gen_batch=2,
+                               gen_frames=4)
+
+
 def peak_bf16_flops(device_name: str) -> float | None:
     """`PEAK_BF16_FLOPS` of the longest name that `device_name` contains; None for a device not listed."""
     matches = [key for key in PEAK_BF16_FLOPS if key in device_name]
@@ -621,13 +714,12 @@ def peak_bf16_flops(device_name: str) -> float | None:
 
 def gpu_section(ctx: Context) -> dict[str, Any]:
     if not torch.cuda.is_available():
-        return gpu_skipped()
+        return gpu_skipped("gpu_paper_scale")
     name = torch.cuda.get_device_name(0)
     peak = ctx.peak_flops
     if peak is None:
         peak = peak_bf16_flops(name)
-    spec = PaperScale() if ctx.budget is FULL else PaperScale(d_model=256, n_layers=4, n_heads=4, n_kv_heads=2,
-                                                               batch=1, frames=8, gen_batch=2, gen_frames=4)
+    spec = PaperScale() if ctx.budget is FULL else QUICK_PAPER_SCALE
     f = paper_scale_figures("cuda", spec, repeats=5 if ctx.budget is FULL else 1, peak_flops=peak)
     size = f"{f['params'] / 1e6:.0f}M params, bf16"
     rows = [Row(f"world-model train step tokens/s ({size})", f["tokens_per_s"], "tokens/s", f["train_peak_mib"],
@@ -691,12 +783,37 @@ def replay_section(ctx: Context) -> dict[str, Any]:
                                    "batch": batch, "seq_len": seq_len, "repeats": ctx.budget.replay_repeats})
 
 
-def gpu_skipped() -> dict[str, Any]:
+# Each GPU section's headline figures: key, row label, unit.
+GPU_FIGURES = {
+    "gpu_paper_scale": (("tokens_per_s", "world-model train step tokens/s (paper-like size)", "tokens/s"),
+                        ("mfu", "model FLOP utilisation (MFU)", "fraction"),
+                        ("gen_frames_per_s", "generated frames/s (paper-like size)", "frames/s")),
+    "gpu_compiled": (("eager_tokens_per_s", "world-model train step, eager", "tokens/s"),
+                     ("compiled_tokens_per_s", "world-model train step, torch.compile", "tokens/s"),
+                     ("speedup_compiled_over_eager", "speedup torch.compile over eager", "x")),
+}
+
+
+def gpu_skipped(name: str) -> dict[str, Any]:
+    """Section `name` (one of GPU_FIGURES) without a CUDA device: its figures are None, and a row says why."""
     note = "skipped: no CUDA device"
-    rows = [Row("world-model train step tokens/s (paper-like size)", None, "tokens/s", note=note),
-            Row("model FLOP utilisation (MFU)", None, "fraction", note=note),
-            Row("generated frames/s (paper-like size)", None, "frames/s", note=note)]
-    return {**section(rows, {"tokens_per_s": None, "mfu": None, "gen_frames_per_s": None}, {}), "skipped": note}
+    rows = [Row(label, None, unit, note=note) for _, label, unit in GPU_FIGURES[name]]
+    return {**section(rows, {key: None for key, _, _ in GPU_FIGURES[name]}, {}), "skipped": note}
+
+
+def gpu_compiled_section(ctx: Context) -> dict[str, Any]:
+    if not torch.cuda.is_available():
+        return gpu_skipped("gpu_compiled")
+    name = torch.cuda.get_device_name(0)
+    spec = PaperScale() if ctx.budget is FULL else QUICK_PAPER_SCALE
+    f = compiled_vs_eager_figures("cuda", spec, repeats=5 if ctx.budget is FULL else 1)
+    size = f"B={spec.batch} T={spec.frames}, d={spec.d_model} x {spec.n_layers} layers, bf16"
+    rows = [Row("world-model train step, eager", f["eager_tokens_per_s"], "tokens/s", f["eager_peak_mib"], size),
+            Row("world-model train step, torch.compile", f["compiled_tokens_per_s"], "tokens/s",
+                f["compiled_peak_mib"], f"first call (compiling) {f['compile_seconds']:.0f} s"),
+            Row("speedup torch.compile over eager", f["speedup_compiled_over_eager"], "x", None,
+                f"first-step losses {f['first_loss_eager']:.4f} / {f['first_loss_compiled']:.4f}")]
+    return section(rows, f, {"device": name, "untested_before_first_gpu_run": True})
 
 
 SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
@@ -711,6 +828,7 @@ SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "online_default": lambda ctx: online_section("default", ctx),
     "replay": replay_section,
     "gpu_paper_scale": gpu_section,
+    "gpu_compiled": gpu_compiled_section,
 }
 assert tuple(SECTIONS) == SECTION_NAMES
 
@@ -769,9 +887,10 @@ def orchestrate(args: argparse.Namespace) -> int:
         raise SystemExit(f"unknown section(s) {unknown}; choose from {', '.join(SECTION_NAMES)}")
     started, load_before = time.perf_counter(), os.getloadavg()
     results: dict[str, Any] = {}
-    if "gpu_paper_scale" in names and not torch.cuda.is_available():
-        names.remove("gpu_paper_scale")
-        results["gpu_paper_scale"] = gpu_skipped()
+    for name in GPU_FIGURES:
+        if name in names and not torch.cuda.is_available():
+            names.remove(name)
+            results[name] = gpu_skipped(name)
     # --quick: one subprocess for everything (one interpreter start-up instead of one per section).
     groups = [names] if args.quick else [[name] for name in names]
     flags = ["--threads", str(args.threads)] + (["--quick"] if args.quick else [])
@@ -803,7 +922,9 @@ def orchestrate(args: argparse.Namespace) -> int:
         "load_average_1min_before_after": [load_before[0], load_after[0]], "torch": torch.__version__,
         "machine": platform.machine(), "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "memory_method": PeakMemory("cuda" if torch.cuda.is_available() else "cpu").method,
+        # Every section measures host memory, except the gpu_* sections, which measure the GPU's.
+        "memory_method": PeakMemory("cpu").method,
+        "gpu_memory_method": PeakMemory("cuda").method if torch.cuda.is_available() else None,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     header = (f"d4func benchmarks{' (--quick: smoke run, not results)' if args.quick else ''}: torch "

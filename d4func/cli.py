@@ -134,8 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     imports = commands.add_parser(
         "import", help="write recorded episodes (one .npz per episode) as an offline dataset",
-        description="Each .npz file holds one episode: frames [T, H, W, C] uint8 (or float in [0, 1]), actions "
-        "[T, A] in [-1, 1] or [T] integer indices, rewards [T], optionally a terminated flag. See "
+        description="Each .npz file holds one episode: frames [T + 1, H, W, C] uint8 (or float in [0, 1]; the "
+        "frame after the last action included, so the last reward is learned; [T, ...] imports too and then needs "
+        "replay.final_frame=false), actions [T, A] in [-1, 1] or [T] integer indices, rewards [T], optionally a "
+        "terminated flag. See "
         "d4func.data.import_episodes for the layouts. DreamerV3's replay: --pixels image --terminated is_terminal "
         "--rewards-on arrival --join-chunks.")
     imports.add_argument("--episodes", required=True, help="a directory of .npz files (sorted by name) or one file")
@@ -164,7 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse takes one run of positionals: overrides after an option (`... a=1 --quiet b=2`) come back unparsed.
+    if extra and hasattr(args, "overrides") and all("=" in arg and not arg.startswith("-") for arg in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.run(args)
     except (OmegaConfBaseException, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
@@ -173,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         # value or loss term, no traceback (unless asked for: a ValueError deep in a run may be a bug).
         if os.environ.get("D4FUNC_TRACEBACK", "").lower() in ("1", "true", "yes"):
             raise  # the full traceback, exit code 1
-        print(f"d4func {args.command}: {type(error).__name__}: {error}", file=sys.stderr)
+        # OmegaConf appends full_key / reference_type / object_type lines: the first line names the key already.
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        print(f"d4func {args.command}: {type(error).__name__}: {message}", file=sys.stderr)
         return EXIT_NON_FINITE if isinstance(error, NonFiniteLossError) else EXIT_INPUT_ERROR
 
 

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from d4func.functional import runs_value_checks
+
 __all__ = [
     "BoundedNormal",
     "Categorical",
@@ -98,7 +100,8 @@ def symexp_bins(
 def _check_bins(bins: Tensor) -> None:
     if bins.dim() != 1 or bins.numel() < 2:
         raise ValueError(f"bins must be a 1-D tensor with at least 2 entries, got shape {tuple(bins.shape)}")
-    if not bool((bins[1:] > bins[:-1]).all()):
+    # A value check: eager calls only (under torch.compile it would break the graph at every twohot call).
+    if runs_value_checks(bins) and not bool((bins[1:] > bins[:-1]).all()):
         raise ValueError("bins must be strictly increasing")
 
 

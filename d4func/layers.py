@@ -28,6 +28,12 @@ class RMSNorm(nn.RMSNorm):
         if self.weight is not None:
             nn.init.constant_(self.weight, self.init_gain)
 
+    def forward(self, x: Tensor) -> Tensor:
+        # Under bf16 autocast `x` arrives in bfloat16 while the gain stays float32; rms_norm's fused kernel wants
+        # one dtype and otherwise falls back, with a warning, to a slower composite of elementwise ops.
+        weight = None if self.weight is None else self.weight.to(x.dtype)
+        return F.rms_norm(x, self.normalized_shape, weight, self.eps)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Rotary position embedding

@@ -165,7 +165,7 @@ def tokenizer_loss(
     loss = sum(weights[name] * value for name, value in normed.items())
     metrics: dict[str, Any] = {name: value.detach() for name, value in terms.items()}
     metrics["psnr"] = psnr(recon, frames)
-    metrics["mask_rate"] = drop.float().mean() if drop is not None else torch.zeros(())
+    metrics["mask_rate"] = drop.float().mean() if drop is not None else frames.new_zeros(())
     metrics["loss_rms"] = new_rms
     return loss, metrics
 

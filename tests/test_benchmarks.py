@@ -36,6 +36,7 @@ EXPECTED = {
                for figure in ("disk_bytes_per_transition", "write_transitions_per_s", "sample_rows_per_s")}
     | {"disk_ratio_shared_over_per_transition"},
     "gpu_paper_scale": {"tokens_per_s", "mfu", "gen_frames_per_s"},
+    "gpu_compiled": {"eager_tokens_per_s", "compiled_tokens_per_s", "speedup_compiled_over_eager"},
 }
 
 
@@ -64,7 +65,7 @@ def test_run_all_quick_prints_one_table_and_writes_every_figure(tmp_path):
         assert sections[name]["rows"], name
         assert any(line.startswith(name) for line in proc.stdout.splitlines()), name  # a row in the table
     for name, keys in EXPECTED.items():
-        if name == "gpu_paper_scale" and not torch.cuda.is_available():
+        if name.startswith("gpu_") and not torch.cuda.is_available():
             assert sections[name]["skipped"] and all(sections[name]["figures"][k] is None for k in keys)
             continue
         for key in keys - {"cached_vs_uncached_max_abs_diff", "targets_folded_vs_vmapped_max_abs_diff"}:
@@ -107,6 +108,30 @@ def test_paper_scale_path_runs_on_cpu_at_a_tiny_size():
     assert f["model_flops_per_step"] >= 4 * f["params"] * tokens
     assert f["mfu"] == pytest.approx(f["achieved_tflops"] * 1e12 / 1e12)
     assert f["gen_frames_per_s"] > 0
+
+
+COMPILED_VS_EAGER_ON_CPU = """
+import json, sys
+sys.path.insert(0, "benchmarks")
+import run_all
+spec = run_all.PaperScale(d_model=32, n_layers=4, n_heads=2, n_kv_heads=1, latent_tokens=8, latent_dim=8,
+                          n_registers=1, batch=1, frames=4, gen_batch=1, gen_frames=2, gen_context=2)
+print(json.dumps(run_all.compiled_vs_eager_figures("cpu", spec, repeats=2, bf16=False, backend="aot_eager")))
+"""
+
+
+# ~30 s of tracing; in a subprocess, since compiling loads triton (kept out of processes that render with EGL).
+@pytest.mark.slow
+def test_compiled_vs_eager_path_runs_on_cpu_at_a_tiny_size():
+    """The gpu_compiled section's function on the CPU with a cheap backend: both arms train the same step (equal
+    first losses from the same draws), and every figure comes out."""
+    proc = subprocess.run([sys.executable, "-c", COMPILED_VS_EAGER_ON_CPU], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    f = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert f["first_loss_compiled"] == pytest.approx(f["first_loss_eager"], rel=1e-5)
+    for key in ("eager_tokens_per_s", "compiled_tokens_per_s", "speedup_compiled_over_eager", "compile_seconds"):
+        assert math.isfinite(f[key]) and f[key] > 0, (key, f[key])
 
 
 def test_peak_flops_take_the_most_specific_device_name():

@@ -70,6 +70,26 @@ def test_rank_seeds_are_deterministic_and_distinct() -> None:
         D.rank_seed(7, -1)
 
 
+def test_every_rank_can_seed_a_dmcontrol_env() -> None:
+    """dm_control takes seeds below 2**32 only: the loop's env seeds (per rank, and at a resume) stay there.
+    63-bit rank seeds once stopped every online torchrun run on DMControl at start-up."""
+    from d4func.envs import make_env
+    from d4func.train.loop import ENV_SEED_BITS, eval_env_seed, resume_env_seed
+
+    seeds = [D.rank_seed(seed, rank, "env", bits=ENV_SEED_BITS) for seed in (0, 2**31 - 1) for rank in range(64)]
+    assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**32 for s in seeds)
+    assert max(seeds) >= 2**31  # all 32 bits in use, not a truncation to fewer
+    assert all(0 <= resume_env_seed(s, 10**12) < 2**32 and 0 <= eval_env_seed(s) < 2**32 for s in seeds)
+    with pytest.raises(ValueError, match="bits must be in"):
+        D.rank_seed(7, 0, bits=65)
+    env = make_env("dmc:cartpole-swingup", seed=max(seeds), image_size=16)
+    try:
+        env.reset()
+        env.set_seed(resume_env_seed(max(seeds), 10**12))
+    finally:
+        env.close()
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     sizes=st.lists(st.tuples(st.integers(1, 300), st.sampled_from([torch.float32, torch.float64, torch.bfloat16])),

@@ -541,3 +541,20 @@ def test_windowed_generation_forgets_frames_beyond_the_window(skip):
         generate(fn, z[:, :4], actions, 5, None, cfg, use_cache=False, window=3)
     with pytest.raises(ValueError, match=r"at least one frame to continue from, got shape \[2, 0, "):
         generate(fn, z[:, :0], actions[:, 4:], 5, None, cfg)  # it used to drop every frame it made
+
+
+def test_dynamics_reads_both_tau_and_d():
+    cfg = _tau_d_cfg()
+    model = template(Dynamics, cfg)
+    params = init(model, 0)
+    z = torch.randn(2, 2, 4, 2)
+    tau, d = torch.full((2, 2), 0.5), torch.full((2, 2), 0.25)
+    base = apply(model, params, z, tau, d)[0]
+    assert not torch.allclose(apply(model, params, z, tau, torch.full_like(d, 0.125))[0], base)
+    assert not torch.allclose(apply(model, params, z, torch.full_like(tau, 0.75), d)[0], base)
+
+
+def _tau_d_cfg() -> DynamicsConfig:
+    return DynamicsConfig(transformer=TransformerConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                                        time_every=2),
+                          latent_tokens=4, latent_dim=2, pack=2, n_registers=1, action_dim=2, k_max=8)

@@ -363,6 +363,20 @@ def test_loop_runs_under_bf16_autocast_and_keeps_float32_state(tmp_path):
     assert losses != world_model_losses("fp32")
 
 
+def test_cli_reads_overrides_on_both_sides_of_quiet_and_reports_a_bad_key_in_one_line(tmp_path, capsys):
+    assert main(["train", "--config", DEBUG, f"run_dir={tmp_path}", "--quiet", "loop.bogus_key=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "d4func train: ConfigKeyError: Key 'bogus_key' not in 'LoopConfig'", err
+    with pytest.raises(SystemExit):  # an option it does not know is still refused by argparse
+        main(["train", "--config", DEBUG, "--bogus-flag"])
+
+
+@pytest.mark.parametrize("seed", [-1, 2**31])
+def test_a_run_seed_out_of_range_is_named(tmp_path, seed):
+    with pytest.raises(ValueError, match=f"RunConfig.seed must be in .*got {seed}"):
+        load_run_config(DEBUG, [f"run_dir={tmp_path}", f"seed={seed}"])
+
+
 def test_cuda_device_without_cuda_names_the_device(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")

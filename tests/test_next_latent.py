@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from d4func.config import TransformerConfig
 from d4func.dynamics import Dynamics, DynamicsConfig, actions_into_frames
 from d4func.functional import init, template
-from d4func.next_latent import next_latent_errors
+from d4func.next_latent import next_latent_errors, predict_next_latent
 
 
 def _model():
@@ -57,3 +57,15 @@ def test_target_must_have_history():
     for bad in (0, 4):
         with pytest.raises(ValueError, match=f"1 <= target < 4, got {bad}"):
             next_latent_errors(model, params, latents, actions_in, None, bad)
+
+
+def test_next_latent_prediction_never_sees_the_target_frame():
+    """The target enters at tau = 0 (pure noise): its value cannot change the prediction."""
+    model, params = _model()
+    latents = torch.rand(2, 4, 4, 4) * 2 - 1
+    actions = torch.zeros(2, 4, 2)
+    moved = latents.clone()
+    moved[:, 2] += 0.5
+    a = predict_next_latent(model, params, latents, actions, None, 2, torch.Generator().manual_seed(0))[0]
+    b = predict_next_latent(model, params, moved, actions, None, 2, torch.Generator().manual_seed(0))[0]
+    torch.testing.assert_close(a, b)

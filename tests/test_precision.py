@@ -142,6 +142,14 @@ def test_model_forwards_trace_without_graph_breaks() -> None:
     _compile_check("graph_breaks", timeout=300)
 
 
+# ~1 minute of tracing (three phases' losses); compiled_grad_fn's wiring is in the default suite's "small" check.
+@pytest.mark.slow
+def test_loop_gradient_step_with_compiled_losses_matches_eager() -> None:
+    """What `precision.compile=true` runs in the loop: every phase's loss compiled, the same metrics as eager over
+    six steps, and no recompiles once the imagination phase has run."""
+    _compile_check("loop", timeout=900)
+
+
 @pytest.mark.slow
 def test_compiled_dynamics_train_step_matches_eager() -> None:
     """The real step under torch.compile (inductor, C++ codegen on CPU): minutes to compile, hence slow."""

@@ -173,3 +173,17 @@ def test_sliding_window_equals_a_fresh_pass_over_the_window():
     torch.testing.assert_close(last, window[:, -1:], atol=1e-5, rtol=1e-4)
     full, _ = apply(model, params, x, mask)
     assert not torch.allclose(last, full[:, -1:], atol=1e-4)  # the window did forget steps 0..2
+
+
+def test_time_layers_know_the_order_of_the_history():
+    """With one time layer, swapping two history steps changes the last step's output (RoPE over time); a time
+    layer without positions would be a set operation over the history."""
+    cfg = TransformerConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, time_every=2, logit_cap=None)
+    model = template(BlockCausalTransformer, cfg)
+    params = init(model, 0)
+    x = torch.randn(2, 3, 4, 32)
+    swapped = x[:, [1, 0, 2]]
+    mask = TokenLayout.of(tokens=4).space_mask("full")
+    y, _ = apply(model, params, x, mask)
+    y_swapped, _ = apply(model, params, swapped, mask)
+    assert not torch.allclose(y[:, -1], y_swapped[:, -1], atol=1e-4)

@@ -161,13 +161,16 @@ def shutdown_distributed() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def rank_seed(seed: int, rank: int, stream: str = "data") -> int:
-    """A 63-bit seed for RNG stream `stream` of `rank`, well mixed (numpy SeedSequence), so the ranks' streams
-    (and the streams of one rank) do not overlap the way `seed + rank` streams of related seeds might."""
+def rank_seed(seed: int, rank: int, stream: str = "data", bits: int = 63) -> int:
+    """A `bits`-bit seed for RNG stream `stream` of `rank`, well mixed (numpy SeedSequence), so the ranks' streams
+    (and the streams of one rank) do not overlap the way `seed + rank` streams of related seeds might. Env seeds
+    need `bits=32`: dm_control seeds numpy's RandomState, which takes seeds below 2**32 only."""
     if rank < 0:
         raise ValueError(f"rank must be >= 0, got {rank}")
+    if not 1 <= bits <= 64:
+        raise ValueError(f"bits must be in [1, 64], got {bits}")
     sequence = np.random.SeedSequence(entropy=seed, spawn_key=(rank, zlib.crc32(stream.encode())))
-    return int(sequence.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+    return int(sequence.generate_state(1, dtype=np.uint64)[0] >> np.uint64(64 - bits))
 
 
 def rank_generator(seed: int, rank: int, stream: str = "data", device: torch.device | str = "cpu") -> torch.Generator:

@@ -31,7 +31,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,7 @@ from d4func.train.agent_step import (
 )
 from d4func.train.compat import check_dataset_fits, check_env_fits, check_first_batch, check_resume_config
 from d4func.train.interrupts import sigint_deferred
-from d4func.train.precision import load_compiler_before_rendering, wrap_step
+from d4func.train.precision import compiled_grad_fn, load_compiler_before_rendering, wrap_step
 from d4func.train.run_config import RunConfig, resolve_device
 from d4func.train.state import NonFiniteLossError, new_train_state
 from d4func.train.video import predict_frames, write_comparison_gif
@@ -183,7 +183,9 @@ def gradient_step(
         )
         metrics.update({f"tokenizer/{k}": float(v) for k, v in tok.items()})
     with torch.no_grad():
-        latents = encode(models.tokenizer, states["tokenizer"]["params"], batch["frames"])
+        # float32 even under bf16 autocast: these latents are the world model's targets and imagination's starts,
+        # and acting encodes in float32 (bf16 would round them to ~3 digits and the noise drawn like them too).
+        latents = encode(models.tokenizer, states["tokenizer"]["params"], batch["frames"]).float()
     # On the unmasked latents the world model trains on; near 0 means a collapsed tokenizer (see latent_spread).
     # Under torchrun this is each rank's own shard (rank 0's is logged).
     metrics["tokenizer/latent_spread"] = float(latent_spread(latents))
@@ -322,16 +324,20 @@ def run_env_name(cfg: RunConfig) -> str:
     return cfg.env.name
 
 
+# Env seeds stay below 2**32: dm_control seeds numpy's RandomState, which refuses larger ones.
+ENV_SEED_BITS = 32
+
+
 def eval_env_seed(seed: int) -> int:
     """The evaluation env's seed for a run seeded `seed`: apart from the training env's, and the same at every
     evaluation (the scripts that add baselines on the same starting states use it too)."""
-    return seed + 10_000
+    return (seed + 10_000) % 2**ENV_SEED_BITS
 
 
 def resume_env_seed(seed: int, env_steps: int) -> int:
     """The training env's seed for a resume at `env_steps` that starts new episodes: new starting states at every
     resume, never those of the evaluation env (`eval_env_seed`, which lies below 2**30 for any usual seed)."""
-    return seed + 2**30 + env_steps
+    return (seed + 2**30 + env_steps) % 2**ENV_SEED_BITS
 
 
 def acting_params(states: dict[str, TensorDictBase]) -> tuple[TensorDictBase, TensorDictBase]:
@@ -447,11 +453,13 @@ class Trainer:
         # Noise for the train steps is drawn where the batch lives (a CUDA generator for CUDA tensors); each
         # data-parallel rank draws its own stream.
         self.generator = torch.Generator(device=self.device).manual_seed(self.rank_seed(cfg.seed + 3, "train"))
-        self.grad_fn = dp.data_parallel_grad_and_value if dist_info is not None else grad_and_value
         # bf16 autocast, fused-attention-only SDPA and torch.compile, each behind a `precision` flag; with all
-        # flags off this is `gradient_step` itself.
+        # flags off these are `grad_and_value` and `gradient_step` themselves. torch.compile compiles each phase's
+        # loss (forward and backward), not the whole step (precision.py's module doc says why).
         load_compiler_before_rendering(cfg.precision)  # the envs are built after this
-        self.step_fn = wrap_step(gradient_step, cfg.precision, self.device)
+        grad_fn = dp.data_parallel_grad_and_value if dist_info is not None else grad_and_value
+        self.grad_fn = compiled_grad_fn(grad_fn, cfg.precision)
+        self.step_fn = wrap_step(gradient_step, replace(cfg.precision, compile=False), self.device)
         # next_traj_id: episode ids in the replay must never repeat; a resumed run's collector counts from 0 again,
         # so its ids are shifted past every id already stored.
         # round_pending: from the end of a round (online: its batch stored, counting its env steps; offline: a
@@ -466,9 +474,9 @@ class Trainer:
         self.online_state = None  # online: a callable giving the collector's runtime state for checkpoints
         self.logs_at_checkpoint: tuple[int, int] | None = None  # (rows, step) for rewind_logs
 
-    def rank_seed(self, seed: int, stream: str) -> int:
-        """`seed` in a single process; a per-rank seed of `stream` under data parallelism."""
-        return seed if self.dist is None else dp.rank_seed(seed, self.dist.rank, stream)
+    def rank_seed(self, seed: int, stream: str, bits: int = 63) -> int:
+        """`seed` in a single process; a per-rank `bits`-bit seed of `stream` under data parallelism."""
+        return seed if self.dist is None else dp.rank_seed(seed, self.dist.rank, stream, bits)
 
     @contextmanager
     def training(self, bar: tqdm, *close: Callable[[], Any]) -> Iterator[None]:
@@ -720,8 +728,9 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
     trainer = Trainer(cfg, dist_info)
     started = time.perf_counter()
     # Data parallel: every rank collects from its own env into its own replay; rank 0 alone evaluates.
-    env = make_env(cfg.env.name, seed=trainer.rank_seed(cfg.seed, "env"), image_size=cfg.env.image_size,
-                   action_repeat=cfg.env.action_repeat, max_episode_steps=cfg.env.max_episode_steps)
+    env = make_env(cfg.env.name, seed=trainer.rank_seed(cfg.seed, "env", bits=ENV_SEED_BITS),
+                   image_size=cfg.env.image_size, action_repeat=cfg.env.action_repeat,
+                   max_episode_steps=cfg.env.max_episode_steps)
     eval_env = None
     if trainer.is_main:
         eval_env = make_env(cfg.env.name, seed=eval_env_seed(cfg.seed), image_size=cfg.env.image_size,
@@ -786,7 +795,7 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
     if payload is not None and counters["env_steps"] and not continues_episode:
         # A resume that cannot continue the interrupted episode starts new ones: seeded as at the start, the env
         # would replay the run's first worlds (Crafter) or initial states (DMC) after every resume.
-        env.set_seed(resume_env_seed(trainer.rank_seed(cfg.seed, "env"), counters["env_steps"]))
+        env.set_seed(resume_env_seed(trainer.rank_seed(cfg.seed, "env", bits=ENV_SEED_BITS), counters["env_steps"]))
     collector = None  # none when the run only owes its last round's gradient steps: nothing is left to collect
     if remaining > 0:
         rng_before = (torch.random.get_rng_state(), policy.generator.get_state())

@@ -16,6 +16,10 @@ them) runs plain float32 eager code.
   the env / collector processes and compile only in the learner process. `grad_and_value` calls
   `torch.autograd.grad`, where dynamo breaks the graph: the forward loss is compiled (with its AOT backward) and
   the optimizer update is a second compiled graph; that is the expected shape, not a bug.
+  The training loop compiles less: `compiled_grad_fn` compiles each phase's loss (forward and AOT backward, where
+  the FLOPs are) and leaves the AdamW update, the NaN checks and imagination's no-grad rollout eager. Tracing a
+  whole step mostly traces AdamW over every leaf of the params TensorDict: on the debug config the world-model
+  step's first call took 131 s of dynamo tracing alone (backend "eager"), its loss 26 s, for the same speed after.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ __all__ = [
     "autocast",
     "check_attention_config",
     "compile_step",
+    "compiled_grad_fn",
     "load_compiler_before_rendering",
     "precision_context",
     "sdpa_backends",
@@ -115,6 +120,21 @@ def compile_step(fn: F, cfg: PrecisionConfig, **compile_kwargs: Any) -> F:
     if not cfg.compile:
         return fn
     return torch.compile(fn, mode=cfg.compile_mode, **compile_kwargs)
+
+
+def compiled_grad_fn(grad_fn: Callable[..., Any], cfg: PrecisionConfig, **compile_kwargs: Any) -> Callable[..., Any]:
+    """A train step's `grad_fn` (`functional.grad_and_value` or its data-parallel version) whose loss functions run
+    `torch.compile`d when `cfg.compile`, else `grad_fn` itself (module doc: why the loss, not the step).
+
+    `torch.compile` is applied to each call's `loss_fn` afresh (a step may build it as a closure or a partial); the
+    compiled code is cached on the function's code, so later steps reuse it unless a guard fails."""
+    if not cfg.compile:
+        return grad_fn
+
+    def with_compiled_loss(loss_fn: Callable[..., Any], has_aux: bool = False) -> Callable[..., Any]:
+        return grad_fn(torch.compile(loss_fn, mode=cfg.compile_mode, **compile_kwargs), has_aux=has_aux)
+
+    return with_compiled_loss
 
 
 def wrap_step(step_fn: F, cfg: PrecisionConfig, device: torch.device | str) -> F:

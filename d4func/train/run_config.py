@@ -153,6 +153,8 @@ class RunConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)  # bf16, fused attention, torch.compile
 
     def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2**31:  # env seeds derive from it and must stay below 2**32 (dm_control)
+            raise ValueError(f"RunConfig.seed must be in [0, 2**31), got {self.seed}")
         try:
             torch.device(self.device)
         except RuntimeError as error:
