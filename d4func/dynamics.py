@@ -115,7 +115,8 @@ class DynamicsConfig:
         if self.context_signal <= 0.0:
             raise ValueError(f"DynamicsConfig.context_noise={self.context_noise} on the signal grid of k_max="
                              f"{self.k_max} leaves the context at signal {self.context_signal} (pure noise): use "
-                             "k_max >= 2 or context_noise=0")
+                             f"context_noise < {1 - 0.5 / self.k_max} (it rounds to the signal grid), a larger k_max, "
+                             "or context_noise=0")
         if self.context_noise == 0.0 and self.clean_context_fraction == 0.0 and self.forcing == "diffusion":
             raise ValueError("DynamicsConfig.context_noise=0.0 puts the context at tau = 1, a level training samples "
                              "only in clean-history rows, but clean_context_fraction=0.0: set clean_context_fraction "
@@ -258,6 +259,9 @@ class Dynamics(nn.Module):
             raise ValueError(f"latents must be [B, T, S={cfg.latent_tokens}, Dz={cfg.latent_dim}], got "
                              f"{tuple(z_noisy.shape)}")
         batch, steps = z_noisy.shape[:2]
+        for name, level in (("tau", tau), ("d", d)):
+            if tuple(level.shape) != (batch, steps):
+                raise ValueError(f"{name} must be [B, T] = [{batch}, {steps}] like z_noisy, got {list(level.shape)}")
         tau_index, step_index = self.signal_indices(tau, d)
         signal = torch.cat([self.tau_embed(tau_index), self.step_embed(step_index)], dim=-1)
         parts = [

@@ -441,6 +441,14 @@ def imagine(
                 raise ValueError(f"context_action_mask must be [B, T0] = [{batch}, {context_len}], got "
                                  f"{tuple(context_action_mask.shape)}")
             mask_in = mask_in & actions_into_frames(context_action_mask)[0].bool()
+    if window is not None and context_len > window - 1:
+        # As `sampler.generate`: the history kept beside the first imagined frame is the last window - 1 frames, so
+        # the first policy feature reads no frame outside the window either.
+        keep = slice(context_len - (window - 1), context_len)
+        context = context[:, keep]
+        actions_in = None if actions_in is None else actions_in[:, keep]
+        mask_in = None if mask_in is None else mask_in[:, keep]
+        context_len = window - 1
     heads_params = params["heads"]
     device = context.device
     with torch.no_grad():

@@ -78,8 +78,12 @@ def expand_kv_heads(kv: Tensor, n_heads: int) -> Tensor:
 
 
 def attention_logits(q: Tensor, k: Tensor, logit_cap: float | None = None) -> Tensor:
-    """Scaled dot-product logits `[B, H, Lq, Lk]`, soft-capped when `logit_cap` is set; K already expanded."""
-    logits = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    """Scaled dot-product logits `[B, H, Lq, Lk]` in float32, soft-capped when `logit_cap` is set; K already
+    expanded. Float32 even under bf16 autocast: rounded to bf16 (3 significant digits) before the cap and the
+    softmax, logits of size ~10 move by ~0.05, and the attention output erred 3.5x more than the fused kernels', which
+    keep their scores in float32 internally."""
+    with torch.autocast(q.device.type, enabled=False):
+        logits = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) / math.sqrt(q.shape[-1])
     if logit_cap is not None:
         logits = softcap(logits, logit_cap)
     return logits

@@ -133,6 +133,9 @@ def generate(
     if actions is not None and actions.shape[1] != context_len + horizon:
         raise ValueError(f"actions must cover context + horizon = {context_len + horizon} steps, "
                          f"got {actions.shape[1]}")
+    if action_mask is not None and tuple(action_mask.shape) != (batch, context_len + horizon):
+        raise ValueError(f"action_mask must be [B, context + horizon] = [{batch}, {context_len + horizon}], got "
+                         f"{list(action_mask.shape)}")
 
     def span(x: Tensor | None, start: int, stop: int) -> Tensor | None:
         return None if x is None else x[:, start:stop]

@@ -123,7 +123,8 @@ def drop_last_steps(cache: TensorDict, n: int) -> TensorDict:
 def keep_last_steps(cache: TensorDict, n: int) -> TensorDict:
     """A sliding window: keep only the newest `n` cached timesteps (positions stay absolute; RoPE is relative).
 
-    Every time attention then spans at most `n + 1` steps, so no query meets a time distance longer than the
+    Every time attention then spans at most `n` steps plus those the next call brings (one per generated frame;
+    the sampler's commit call brings two), so no query meets a time distance longer than the
     training rows showed. It is not a fresh encoding of those steps: with more than one time layer, a deeper
     layer's cached keys and values were computed when their step was new, from a window that reached further
     back, so older steps still reach the output through them (as in Transformer-XL), up to (time layers) x
@@ -211,7 +212,8 @@ class BlockCausalTransformer(nn.Module):
         space_pos = torch.arange(n_tokens, device=x.device)
         time_mask, causal = None, True
         if cache is not None:
-            valid = torch.cat([cache["valid"], torch.ones(batch, steps, dtype=torch.bool, device=x.device)], dim=1)
+            new_valid = torch.ones(batch, steps, dtype=torch.bool, device=x.device)
+            valid = torch.cat([cache["valid"].to(x.device), new_valid], dim=1)
             if not bool(valid.all()):
                 # Some batch entries forgot earlier steps (episode reset): causal mask and per-entry key validity.
                 past = valid.shape[1] - steps

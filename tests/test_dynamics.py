@@ -558,3 +558,18 @@ def _tau_d_cfg() -> DynamicsConfig:
     return DynamicsConfig(transformer=TransformerConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                                                         time_every=2),
                           latent_tokens=4, latent_dim=2, pack=2, n_registers=1, action_dim=2, k_max=8)
+
+
+def test_bad_level_and_mask_shapes_are_named():
+    cfg = _tau_d_cfg()
+    model = template(Dynamics, cfg)
+    params = init(model, 0)
+    z = torch.randn(1, 3, 4, 2)
+    with pytest.raises(ValueError, match=r"tau must be \[B, T\] = \[1, 3\] like z_noisy, got \[1, 2\]"):
+        apply(model, params, z, torch.full((1, 2), 0.5), torch.full((1, 3), 0.25), torch.zeros(1, 3, 2))
+    with pytest.raises(ValueError, match=r"action_mask must be \[B, context \+ horizon\] = \[1, 5\], got \[1, 3\]"):
+        generate(functools.partial(apply, model, params), z, torch.zeros(1, 5, 2), 2, None, cfg,
+                 action_mask=torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="use context_noise < 0.9921875"):
+        dataclasses.replace(cfg, k_max=64, context_noise=0.995)
+

@@ -289,6 +289,25 @@ def test_rollout_shapes_and_reproducibility(discrete, n_agent, steps):
     assert not torch.allclose(other.latents, rollout.latents)
 
 
+def test_a_window_cuts_the_context_as_generation_does():
+    """With window W, imagination keeps the last W - 1 context frames beside the first imagined one, as
+    `sampler.generate` does: a frame older than that changes nothing, the newest context frame does."""
+    model, heads, params = make(False)
+    batch = toy_batch(False, 2, 4, torch.Generator().manual_seed(0))
+
+    def rollout(latents):
+        return imagine(model, heads, params, latents, batch["actions"], torch.Generator().manual_seed(1), horizon=3,
+                       window=3)
+
+    base = rollout(batch["latents"])
+    old, new = batch["latents"].clone(), batch["latents"].clone()
+    old[:, 0] += 1.0
+    new[:, -1] += 1.0
+    torch.testing.assert_close(rollout(old).features, base.features)
+    torch.testing.assert_close(rollout(old).latents, base.latents)
+    assert not torch.allclose(rollout(new).features[:, 0], base.features[:, 0])
+
+
 def _biased_policy(params: TensorDict, heads: AgentHeads, bias: torch.Tensor) -> TensorDict:
     params = params.clone()
     weight = params["heads", "policy", "out", "weight"]

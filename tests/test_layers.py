@@ -162,3 +162,18 @@ def test_qk_norm_gain_scales_the_logits_by_its_square(gain, seed):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="qk_norm_gain must be > 0, got 0"):
         TransformerConfig(qk_norm_gain=0)
+
+
+def test_soft_capped_attention_under_bf16_autocast_errs_no_more_than_the_fused_kernel():
+    """Soft-capping takes the explicit path; its logits stay float32 under bf16 autocast, as the fused kernels keep
+    their scores, so both paths err alike against a float64 reference (bf16 logits erred 3.5x more)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 32, generator=gen) * 2 for _ in range(3))
+
+    def error(cap: float | None) -> float:
+        exact = attend(q.double(), k.double(), v.double(), logit_cap=cap)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = attend(q, k, v, logit_cap=cap)
+        return (low.double() - exact).abs().max().item()
+
+    assert error(50.0) <= 1.5 * error(None), (error(50.0), error(None))
