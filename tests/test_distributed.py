@@ -316,6 +316,29 @@ def test_d4func_train_offline_under_torchrun_writes_once_and_resumes(tmp_path, r
     assert single.returncode == 2 and "RNG states of 2 ranks" in single.stderr
 
 
+# ~15 s on 2 cores; slow, as the resume tests (the default suite keeps to its 10 minutes).
+@pytest.mark.slow
+def test_a_nan_on_one_rank_stops_every_rank_with_the_last_good_state_saved(tmp_path, reach_data):
+    """A NaN in rank 1's world-model loss alone: metrics are averaged before the finiteness check, so both ranks
+    stop at the same step with the loss term named (exit 3, nobody left in a collective), and rank 0 saves the
+    states from before the failing step with both ranks' RNG states."""
+    from d4func.train import checkpoint
+
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [*TORCHRUN_2, str(HELPERS / "dp_nan.py"), "train", "--config", "experiments/configs/reach.yaml", "--quiet",
+         f"run_dir={run}", f"loop.offline_data={reach_data}", "loop.offline_steps=20", "loop.agent_start=1000",
+         "loop.checkpoint_every=1000", "loop.eval_every=1000", "env.eval_episodes=0", "loop.gif_every=1000"],
+        cwd=REPO, env={**ONE_THREAD, "NAN_STEP": "3"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0, _failure_report(result)
+    stops = [line for line in result.stderr.splitlines() if "non-finite reward_ce at step 3" in line]
+    assert len(stops) == 2 and all("world_model phase" in line for line in stops), _failure_report(result)
+    saved = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(run))
+    assert saved.step == 3 and len(saved.rng) == 2
+    assert saved.payload["counters"]["grad_steps"] == 3
+    assert int(saved.payload["states"]["world_model"]["step"]) == 3  # before the failing update
+
+
 # ~35 s on 2 cores; slow, as the offline torchrun resume test above.
 @pytest.mark.slow
 def test_online_training_under_torchrun_resumes_exactly(tmp_path):

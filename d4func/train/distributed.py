@@ -248,7 +248,10 @@ def reduce_metrics(metrics: Mapping[str, Tensor]) -> dict[str, Tensor]:
     for name, value in zip(names, values, strict=True):
         if value.ndim != 0:
             raise ValueError(f"reduce_metrics takes scalar metrics; {name!r} has shape {tuple(value.shape)}")
-    stacked = torch.stack([value.to(torch.float64) for value in values])
+    # One device for the collective: a metric computed on the CPU (a constant, say) beside CUDA ones would make
+    # torch.stack fail, and NCCL takes CUDA tensors only.
+    device = next((value.device for value in values if value.device.type != "cpu"), torch.device("cpu"))
+    stacked = torch.stack([value.to(device, torch.float64) for value in values])
     dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
     stacked /= dist.get_world_size()
     return {name: stacked[i].to(value.dtype if value.is_floating_point() else torch.float32)
