@@ -863,7 +863,9 @@ def format_value(value: float | None) -> str:
     return f"{value:.3g}"
 
 
-def table(results: dict[str, Any], header: str) -> str:
+def table(results: dict[str, Any], header: str, shared_process: bool = False) -> str:
+    """The printed table. `shared_process` (`--quick`): all sections ran in one process, so its peak RSS row is a
+    running maximum over the sections so far, not the section's own."""
     lines = [header, f"{'section':<18} {'measurement':<62} {'value':>10} {'unit':<11} {'peak MiB':>9}  note"]
     lines.append("-" * len(lines[1]) + "-" * 30)
     for name, result in results.items():
@@ -875,7 +877,9 @@ def table(results: dict[str, Any], header: str) -> str:
             lines.append(f"{name:<18} {row['what'][:62]:<62} {format_value(row['value']):>10} {row['unit']:<11} "
                          f"{peak:>9}  {row['note']}")
         if "process_peak_rss_mib" in result:
-            lines.append(f"{name:<18} {'(section subprocess: peak RSS / wall time)':<62} "
+            what = ("(shared process: peak RSS so far / wall time)" if shared_process else
+                    "(section subprocess: peak RSS / wall time)")
+            lines.append(f"{name:<18} {what:<62} "
                          f"{result['process_peak_rss_mib']:>10.0f} {'MiB':<11} {'':>9}  {result['seconds']:.1f} s")
     return "\n".join(lines)
 
@@ -931,7 +935,7 @@ def orchestrate(args: argparse.Namespace) -> int:
               f"{torch.__version__}, {args.threads} intra-op thread(s), {os.cpu_count()} CPUs, load average "
               f"{load_before[0]:.1f} -> {load_after[0]:.1f}, {wall:.0f} s; peak MiB = peak above the memory in use "
               "when the measured call started")
-    print(table(results, header), flush=True)
+    print(table(results, header, shared_process=args.quick), flush=True)
     out = Path(args.out) if args.out else BENCH_DIR / "results" / ("run_all_quick.json" if args.quick else
                                                                    "run_all.json")
     out.parent.mkdir(parents=True, exist_ok=True)
