@@ -239,8 +239,13 @@ def broadcast_tree(tree: TensorDictBase, src: int = 0, bucket_mb: float = DEFAUL
     return _bucketed(tree, bucket_mb, lambda flat: dist.broadcast(flat, src=src))
 
 
+# Metrics that are maxima over the batch: their rank reduction is the maximum too, not the mean.
+MAX_METRICS = frozenset({"adv_absmax"})
+
+
 def reduce_metrics(metrics: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Mean of scalar metrics over ranks in one collective (so all ranks log and check the same numbers)."""
+    """Mean of scalar metrics over ranks in one collective (so all ranks log and check the same numbers); the
+    maximum for `MAX_METRICS`, in a second collective when there are any (every rank has the same names)."""
     if not _active() or not metrics:
         return dict(metrics)
     names = list(metrics)
@@ -252,8 +257,14 @@ def reduce_metrics(metrics: Mapping[str, Tensor]) -> dict[str, Tensor]:
     # torch.stack fail, and NCCL takes CUDA tensors only.
     device = next((value.device for value in values if value.device.type != "cpu"), torch.device("cpu"))
     stacked = torch.stack([value.to(device, torch.float64) for value in values])
+    maxima = [i for i, name in enumerate(names) if name in MAX_METRICS]
+    if maxima:
+        largest = stacked[maxima].clone()
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
     dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
     stacked /= dist.get_world_size()
+    if maxima:
+        stacked[maxima] = largest
     return {name: stacked[i].to(value.dtype if value.is_floating_point() else torch.float32)
             for i, (name, value) in enumerate(zip(names, values, strict=True))}
 

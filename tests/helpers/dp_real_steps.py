@@ -130,9 +130,14 @@ def _mean(trees: list[TensorDictBase]) -> TensorDictBase:
 
 
 def _mean_metrics(metrics: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """Per-name mean over shards, in float64 and cast back, as `reduce_metrics` computes it."""
-    return {name: (torch.stack([m[name].double() for m in metrics]).sum() / len(metrics)).to(metrics[0][name].dtype)
-            for name in metrics[0]}
+    """Per-name mean over shards (the maximum for `D.MAX_METRICS`), in float64 and cast back, as `reduce_metrics`
+    computes it."""
+    def reduce(name: str) -> Tensor:
+        values = torch.stack([m[name].double() for m in metrics])
+        value = values.max() if name in D.MAX_METRICS else values.sum() / len(metrics)
+        return value.to(metrics[0][name].dtype)
+
+    return {name: reduce(name) for name in metrics[0]}
 
 
 def reference_dynamics() -> tuple[TensorDictBase, list[dict[str, Tensor]]]:
@@ -252,6 +257,11 @@ def main(out: str) -> None:
         _in_sync(state, metrics, "imagination")
         losses.append(metrics["value_loss"])
     result["imagination"] = {"steps": int(state["step"]), "value_loss": losses}
+
+    # Rank reduction of metrics: means, except maxima over the batch, which stay maxima over the ranks.
+    reduced = D.reduce_metrics({"loss": torch.tensor(rank + 1.0), "adv_absmax": torch.tensor(rank + 1.0)})
+    if (float(reduced["loss"]), float(reduced["adv_absmax"])) != (1.5, 2.0):
+        raise AssertionError(f"rank {rank}: reduce_metrics gave {reduced}, expected loss 1.5 and adv_absmax 2.0")
 
     if rank == 0:
         torch.save(result, out)
