@@ -46,8 +46,9 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
 
 
 def dynamics_model(size: str) -> tuple[DynamicsConfig, Dynamics]:
-    """"debug": the debug config's size (12 tokens per frame). "default": 4x wider latents and 2x the width and
-    depth (38 tokens per frame), where compute rather than per-call overhead sets the cost of a model call."""
+    """"debug": d_model 128, 4 layers, 12 tokens per frame (1.0M params; RunConfig's built-in dynamics size, not
+    debug.yaml's). "default": 4x wider latents and 2x the width and depth (38 tokens per frame, 7.6M params), where
+    compute rather than per-call overhead sets the cost of a model call."""
     if size == "debug":
         transformer = TransformerConfig(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, time_every=2)
         latent_tokens, latent_dim, registers = 16, 16, 2

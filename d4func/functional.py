@@ -4,7 +4,7 @@ A model is an `nn.Module` *template* — normally built on the `meta` device wit
 weights at all — and its parameters live in a `TensorDict` keyed by module path. `init` makes the parameters from
 a seed, `apply` calls the template with them through `torch.func.functional_call`. Gradients come from
 `grad_and_value` below: the signature of `torch.func.grad_and_value`, computed by autograd on the params
-TensorDict's leaves, which measured 1.5x faster than the functorch transform here (docs/ARCHITECTURE.md).
+TensorDict's leaves, which measured 1.04-1.13x faster than the functorch transform here (docs/ARCHITECTURE.md).
 
 The train state is one TensorDict: `params`, optimizer moments `opt`, `ema` params and the `step` counter.
 """
@@ -37,9 +37,17 @@ def init(
     not depend on (and does not disturb) the global RNG state. Every module that owns parameters must define
     `reset_parameters`; otherwise its weights would be left uninitialised and this raises.
     """
+    device = torch.device(device)
     module = copy.deepcopy(template_module).to_empty(device=device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    # Fork and seed only the generator the draws come from: torch.manual_seed would also reseed every CUDA
+    # generator, which fork_rng(devices=[]) would not restore.
+    cuda_index = None
+    if device.type == "cuda":
+        cuda_index = device.index if device.index is not None else torch.cuda.current_device()
+    with torch.random.fork_rng(devices=[] if cuda_index is None else [cuda_index]):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda_index is not None:
+            torch.cuda.default_generators[cuda_index].manual_seed(seed)
         for name, sub in module.named_modules():
             if not any(True for _ in sub.parameters(recurse=False)):
                 continue

@@ -766,6 +766,25 @@ def test_rerunning_a_finished_online_run_keeps_its_final_evaluation(tmp_path):
     assert _eval_steps(tmp_path) == logged
 
 
+def test_rerunning_a_finished_offline_run_only_reports_it(tmp_path):
+    data = tmp_path / "data"
+    assert main(["collect", "--env", "reach", "--out", str(data), "--steps", "60", "--image-size", "16",
+                 "--action-repeat", "1"]) == 0
+    cfg = load_run_config("experiments/configs/reach.yaml", [
+        f"run_dir={tmp_path / 'run'}", f"loop.offline_data={data}", "loop.offline_steps=3", "loop.agent_start=1000",
+        "loop.eval_every=2", "loop.gif_every=2", "loop.checkpoint_every=2", "env.eval_episodes=1",
+        "env.eval_max_steps=3", "loop.eval_bc=false"])
+    summary = train(cfg, progress=False)
+    run = tmp_path / "run"
+    files = {path: path.stat().st_mtime_ns for path in run.rglob("*") if path.is_file() and path.name != "summary.json"}
+    metrics = (run / "metrics.jsonl").read_text()
+    again = train(cfg, progress=False)
+    assert again["note"] == "already trained to loop.offline_steps" and again["eval"] == summary["eval"]
+    assert again["grad_steps"] == 3
+    assert (run / "metrics.jsonl").read_text() == metrics  # no second final evaluation logged
+    assert {path: path.stat().st_mtime_ns for path in files} == files  # no GIF, checkpoint or log rewritten
+
+
 def test_ctrl_c_during_an_offline_evaluation_resumes_with_that_evaluation(tmp_path, monkeypatch):
     from d4func.train import loop
 

@@ -439,7 +439,10 @@ class Trainer:
                     warnings.warn(f"resuming {self.run_dir} with a changed config (so it will not equal an "
                                   f"uninterrupted run): {'; '.join(changed)}", stacklevel=2)
             # Atomically: a process killed mid-write must not leave a config.json that blocks every later start.
-            replace_text(config_file, json.dumps(checkpoint.config_to_dict(cfg), indent=2))
+            # Unchanged text is not rewritten (a finished run's rerun leaves its files as they were).
+            text = json.dumps(checkpoint.config_to_dict(cfg), indent=2)
+            if not (config_file.exists() and config_file.read_text() == text):
+                replace_text(config_file, text)
         if dist_info is not None:
             torch.distributed.barrier()
         torch.manual_seed(cfg.seed)
@@ -987,9 +990,16 @@ def train_offline(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo 
     # Without a shared run_dir one rank could resume while another starts over: stop instead of hanging.
     dp.check_ranks_agree(checkpoint.latest_checkpoint(trainer.run_dir) is not None,
                          f"whether {trainer.run_dir} holds a checkpoint to resume")
-    trainer.try_resume()
+    payload = trainer.try_resume(rewind_logs=False)  # rewound below, unless the run is finished
     trainer.sync_states()
     counters = trainer.counters
+    if payload is not None and counters["grad_steps"] >= cfg.loop.offline_steps and not counters["round_pending"]:
+        # Finished: its logs, last GIF and checkpoint and its summary (with the final evaluation, taken after the
+        # last checkpoint) stand; a rerun only reports them, as online.
+        trainer.logger.close()
+        return trainer.summary(started, {**previous_summary(trainer.run_dir, ("eval", "dataset")),
+                                         "note": "already trained to loop.offline_steps"})
+    trainer.rewind_logs()
     progress = progress and trainer.is_main
     eval_env = None
     env_name = (metadata.get("env_config") or {}).get("name")
