@@ -5,12 +5,14 @@
 #   bash benchmarks/fetch_gpu_wheels.sh                 # once, here: .whl/ (git-ignored, ~5 MiB)
 #   device run: command "bash benchmarks/gpu_session.sh", carry [".whl"], timeout_s 560
 #
-# Steps, each with its own time limit so that a slow one cannot eat the rest (about 8 minutes in all):
-#   1. install the carried wheels into /tmp/site (the machine has torch, einops, hypothesis, pytest; not the rest)
-#   2. tests/test_gpu.py: CUDA float32 vs CPU, bf16 with fused attention only, KV cache, torch.compile, and a short
-#      `d4func train` on Reach with every precision flag (no renderer needed: dm_control does not fit the carry)
-#   3. benchmarks/run_all.py --only gpu_paper_scale,gpu_compiled: tokens/s, MFU, generated frames/s at a
-#      paper-like size, and eager vs torch.compile
+# Steps, most valuable first, each under its own time limit so that a slow one cannot eat the rest (~535 s in all):
+#   setup        install the carried wheels into /tmp/site (the machine has torch, einops, hypothesis, pytest)
+#   test_gpu     tests/test_gpu.py's quick checks: CUDA float32 vs CPU, bf16 with fused attention only, KV cache
+#   paper_scale  run_all.py gpu_paper_scale: tokens/s, MFU and generated frames/s at a paper-like size (554M)
+#   train_gpu    a short `d4func train` on Reach with device=cuda, bf16, fused attention only and torch.compile
+#                (Reach needs no renderer: dm_control does not fit the 64 MiB a call may carry)
+#   compiled     run_all.py gpu_compiled: the train step eager vs compiled, at the paper-like width (4 layers)
+# tests/test_gpu.py's compiled-loss test is left out for time; `compiled` compares compiled and eager losses too.
 # Everything lands in $OUT (the device tool's folder that comes back) or runs/gpu_session.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +29,7 @@ fi
 import platform, torch, tensordict, torchrl
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
 print(f"python {platform.python_version()} torch {torch.__version__} tensordict {tensordict.__version__} "
-      f"torchrl {torchrl.__version__} | {gpu}")
+      f"torchrl {torchrl.__version__} cudnn {torch.backends.cudnn.version()} | {gpu}")
 PY
 failed=()
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $out/NAME.txt, remember failures
@@ -38,9 +40,13 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $out/NAME.txt
   local rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || failed+=("$name (exit $rc)")
 }
-step test_gpu 300 "$python" -m pytest tests/test_gpu.py -q -p no:cacheprovider -o addopts="" --durations=0
-step run_all_gpu 200 "$python" benchmarks/run_all.py --only gpu_paper_scale,gpu_compiled --section-timeout 180 \
-  --out "$out/run_all_gpu.json"
+pytest_gpu=("$python" -m pytest tests/test_gpu.py -v --tb=short -p no:cacheprovider -o addopts="")
+step test_gpu 90 "${pytest_gpu[@]}" -k "float32 or bf16 or kv_cached"
+step paper_scale 120 "$python" benchmarks/run_all.py --only gpu_paper_scale --section-timeout 100 \
+  --out "$out/run_all_gpu_paper_scale.json"
+step train_gpu 180 env D4FUNC_GPU_TEST_TIMEOUT=170 "${pytest_gpu[@]}" -k every_precision_flag
+step compiled 130 "$python" benchmarks/run_all.py --only gpu_compiled --section-timeout 110 \
+  --out "$out/run_all_gpu_compiled.json"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "failed: ${failed[*]}"
   exit 1

@@ -47,7 +47,8 @@ def init(
     with torch.random.fork_rng(devices=[] if cuda_index is None else [cuda_index]):
         torch.random.default_generator.manual_seed(seed)
         if cuda_index is not None:
-            torch.cuda.default_generators[cuda_index].manual_seed(seed)
+            with torch.cuda.device(cuda_index):
+                torch.cuda.manual_seed(seed)
         for name, sub in module.named_modules():
             if not any(True for _ in sub.parameters(recurse=False)):
                 continue

@@ -82,6 +82,16 @@ def test_run_all_quick_prints_one_table_and_writes_every_figure(tmp_path):
         assert all(row["peak_mib"] is not None and row["peak_mib"] >= 0 for row in timed)
 
 
+def test_a_section_past_its_timeout_is_recorded_as_failed_and_the_table_still_comes_out(tmp_path):
+    out = tmp_path / "run_all.json"
+    proc = subprocess.run([sys.executable, str(RUN_ALL), "--only", "bootstrap_targets", "--section-timeout", "0.5",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    error = json.loads(out.read_text())["sections"]["bootstrap_targets"]["error"]
+    assert "--section-timeout 0.5 s" in error, error
+    assert "bootstrap_targets  FAILED" in proc.stdout
+
+
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
 def test_peak_memory_sees_a_64_mib_allocation_and_not_an_earlier_one():
     run_all = load_run_all()

@@ -7,10 +7,11 @@ them) runs plain float32 eager code.
   and gradients stay float32 (autocast casts on the fly; autograd returns float32 gradients for float32 leaves),
   so no loss scaling is needed (bf16 has float32's exponent range). Works on CPU too, which the tests use.
 * Fused attention: `layers.attend` calls `F.scaled_dot_product_attention` whenever `TransformerConfig.logit_cap`
-  is None; soft-capping needs the logits themselves and takes the explicit einsum path. On CUDA, SDPA picks flash
-  attention where it applies (the time layers: causal, no explicit mask) and memory-efficient / cuDNN attention for
-  the masked space layers (flash takes no arbitrary mask). `fused_attention_only=True` forbids SDPA's math
-  fallback on CUDA (it raises instead of silently running the slow kernel) and rejects a logit cap.
+  is None; soft-capping needs the logits themselves and takes the explicit einsum path. On CUDA `sdpa_backends`
+  sets SDPA's priority to flash attention where it applies (the time layers: causal, no explicit mask), then
+  memory-efficient attention (the masked space layers: flash takes no arbitrary mask), then cuDNN.
+  `fused_attention_only=True` forbids SDPA's math fallback on CUDA (it raises instead of silently running the slow
+  kernel) and rejects a logit cap.
 * `torch.compile`: `compile_step(fn, cfg)` compiles a step function when `cfg.compile` is set. Compiling imports
   inductor and triton; never do it in a process that renders with EGL (MuJoCo `MUJOCO_GL=egl`): keep rendering in
   the env / collector processes and compile only in the learner process. `grad_and_value` calls
@@ -78,13 +79,18 @@ def autocast(cfg: PrecisionConfig, device: torch.device | str) -> contextlib.Abs
 
 
 def sdpa_backends(cfg: PrecisionConfig, device: torch.device | str) -> contextlib.AbstractContextManager:
-    """On CUDA with `cfg.fused_attention_only`: allow only flash, memory-efficient and cuDNN SDPA kernels, so an
-    input that would fall back to the math kernel raises. Elsewhere a no-op."""
-    if not (cfg.fused_attention_only and _device_type(device) == "cuda"):
+    """On CUDA: SDPA kernels in the order flash, memory-efficient, cuDNN (then math, unless
+    `cfg.fused_attention_only`, where an input that would fall back to the math kernel raises). Since torch 2.11
+    SDPA tries cuDNN attention first on Hopper GPUs, whose bf16 backward has had NaN bugs reported there; flash and
+    memory-efficient are the kernels this project documents. Elsewhere a no-op."""
+    if _device_type(device) != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION])
+    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    if not cfg.fused_attention_only:
+        order.append(SDPBackend.MATH)
+    return sdpa_kernel(order, set_priority=True)
 
 
 @contextlib.contextmanager

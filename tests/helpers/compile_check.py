@@ -5,9 +5,10 @@
 C++ codegen; seconds), compiled as a step and as the loop compiles it (`compiled_grad_fn`). `python compile_check.py
 graph_breaks`: `torch._dynamo.explain` over the dynamics and tokenizer forwards must find one graph each (the
 eager-only value checks are skipped while tracing). `python compile_check.py loop`: the loop's `gradient_step` with
-compiled losses (`compiled_grad_fn`, aot_eager) against eager (about a minute). `python compile_check.py dynamics
-[DEVICE]`: the real `dynamics_train_step` with the default inductor backend (minutes on CPU), on DEVICE (default
-cpu). Exits non-zero with the mismatch on failure; prints `ok <seconds>` on success.
+compiled losses (`compiled_grad_fn`, aot_eager) against eager (about a minute). `python compile_check.py
+dynamics_loss [DEVICE]`: the world-model loss and gradient compiled as the loop does (inductor) on DEVICE (default
+cpu). `python compile_check.py dynamics [DEVICE]`: the whole `dynamics_train_step` compiled (inductor; minutes on
+CPU). Exits non-zero with the mismatch on failure; prints `ok <seconds>` on success.
 """
 
 from __future__ import annotations
@@ -120,6 +121,34 @@ def loop() -> None:
             assert abs(compiled[key] - value) <= 1e-4 * max(1.0, abs(value)), (step, key, value, compiled[key])
 
 
+def dynamics_loss(device: str = "cpu") -> None:
+    """The world-model loss and its gradient compiled as the loop compiles them (`compiled_grad_fn`, inductor), on
+    DEVICE, against eager. Loss and gradients are compared, not params after an AdamW step: its first update is
+    about lr * sign(gradient), so rounding noise in a near-zero gradient would look like a compile bug."""
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from d4func.dynamics import Dynamics
+    from d4func.train.dynamics_step import dynamics_loss as loss_fn
+    from helpers.toy_training import CFG
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # float32 on both sides
+    model = template(Dynamics, CFG)
+    params = init(model, 0).to(device)
+    z = (torch.rand(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device)
+    actions = (torch.rand(2, 4, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1).to(device)
+    # Eager first: it fills tensordict's lazily built caches, which would otherwise make the second compiled call
+    # recompile (a guard on their size).
+    eager = grad_and_value(functools.partial(loss_fn, model=model), has_aux=True)
+    compiled = compiled_grad_fn(grad_and_value, PrecisionConfig(compile=True))(
+        functools.partial(loss_fn, model=model), has_aux=True)
+    grads_e, (loss_e, _) = eager(params, z, actions, torch.Generator(device=device).manual_seed(3))
+    for _ in range(2):  # the second call runs the cached graphs
+        grads_c, (loss_c, _) = compiled(params, z, actions, torch.Generator(device=device).manual_seed(3))
+    rtol, atol = (1e-5, 1e-7) if torch.device(device).type == "cpu" else (1e-3, 1e-5)
+    torch.testing.assert_close(loss_c, loss_e, rtol=rtol, atol=atol)
+    for key in grads_e.keys(include_nested=True, leaves_only=True):
+        torch.testing.assert_close(grads_c.get(key), grads_e.get(key), rtol=rtol, atol=atol, msg=str(key))
+
+
 def dynamics(device: str = "cpu") -> None:
     sys.path.insert(0, str(Path(__file__).parents[1]))
     from d4func.dynamics import Dynamics
@@ -148,5 +177,7 @@ def dynamics(device: str = "cpu") -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     start = time.perf_counter()
-    {"small": small, "graph_breaks": graph_breaks, "loop": loop, "dynamics": dynamics}[sys.argv[1]](*sys.argv[2:])
+    modes = {"small": small, "graph_breaks": graph_breaks, "loop": loop, "dynamics_loss": dynamics_loss,
+             "dynamics": dynamics}
+    modes[sys.argv[1]](*sys.argv[2:])
     print(f"ok {time.perf_counter() - start:.1f}")
