@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("D4FUNC_TRACEBACK", "").lower() in ("1", "true", "yes"):
             raise  # the full traceback, exit code 1
         # OmegaConf appends full_key / reference_type / object_type lines: the first line names the key already.
-        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        message = (str(error).strip().splitlines() or [""])[0]
         print(f"d4func {args.command}: {type(error).__name__}: {message}", file=sys.stderr)
         return EXIT_NON_FINITE if isinstance(error, NonFiniteLossError) else EXIT_INPUT_ERROR
 

@@ -1,7 +1,6 @@
 """The benchmark suite: `benchmarks/run_all.py --quick` runs every section in a subprocess and writes every figure;
 the memory meter sees a known allocation; the GPU-only paper-scale path runs on the CPU at a tiny size."""
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -10,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.benchmark_scripts import RUN_ALL, load_run_all
 
 REPO = Path(__file__).resolve().parents[1]
-RUN_ALL = REPO / "benchmarks" / "run_all.py"
 
 PHASES = {"tokenizer_steps_per_s", "world_model_steps_per_s", "imagination_steps_per_s", "all_phases_steps_per_s",
           "tokenizer_autoencode_frames_per_s"}
@@ -38,14 +37,6 @@ EXPECTED = {
     "gpu_paper_scale": {"tokens_per_s", "mfu", "gen_frames_per_s"},
     "gpu_compiled": {"eager_tokens_per_s", "compiled_tokens_per_s", "speedup_compiled_over_eager"},
 }
-
-
-def load_run_all():
-    spec = importlib.util.spec_from_file_location("d4func_benchmarks_run_all", RUN_ALL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_run_all_quick_prints_one_table_and_writes_every_figure(tmp_path):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.benchmark_scripts import load_run_all
 
 from d4func.config import TransformerConfig
 from d4func.dynamics import Dynamics, DynamicsConfig
@@ -60,15 +61,8 @@ def _debug_config(tmp_path: Path, *overrides: str):
 
 
 def _replay_shaped_batch(cfg, seed: int) -> dict[str, torch.Tensor]:
-    """Frames in [0, 1], actions in the action space, rewards; rows without an episode end (as `replay_batch`)."""
-    gen = torch.Generator().manual_seed(seed)
-    b, t, tok = cfg.replay.batch_size, cfg.replay.row_frames, cfg.tokenizer
-    batch = {"frames": torch.rand(b, t, tok.channels, tok.height, tok.width, generator=gen),
-             "actions": torch.rand(b, t, cfg.dynamics.action_dim, generator=gen) * 2 - 1,
-             "rewards": torch.randn(b, t, generator=gen),
-             "is_last": torch.zeros(b, t, dtype=torch.bool)}
-    if cfg.replay.final_frame:
-        batch["action_valid"] = (torch.arange(t) < t - 1).expand(b, t).clone()
+    """The benchmarks' random replay-shaped batch (`run_all.random_replay_batch`), on the device."""
+    batch = load_run_all().random_replay_batch(cfg, torch.Generator().manual_seed(seed))
     return {key: value.to(DEVICE) for key, value in batch.items()}
 
 

@@ -259,7 +259,7 @@ def reduce_metrics(metrics: Mapping[str, Tensor]) -> dict[str, Tensor]:
     stacked = torch.stack([value.to(device, torch.float64) for value in values])
     maxima = [i for i, name in enumerate(names) if name in MAX_METRICS]
     if maxima:
-        largest = stacked[maxima].clone()
+        largest = stacked[maxima]  # a copy (advanced indexing)
         dist.all_reduce(largest, op=dist.ReduceOp.MAX)
     dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
     stacked /= dist.get_world_size()

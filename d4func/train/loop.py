@@ -731,8 +731,8 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
     trainer = Trainer(cfg, dist_info)
     started = time.perf_counter()
     # Data parallel: every rank collects from its own env into its own replay; rank 0 alone evaluates.
-    env = make_env(cfg.env.name, seed=trainer.rank_seed(cfg.seed, "env", bits=ENV_SEED_BITS),
-                   image_size=cfg.env.image_size, action_repeat=cfg.env.action_repeat,
+    env_seed = trainer.rank_seed(cfg.seed, "env", bits=ENV_SEED_BITS)
+    env = make_env(cfg.env.name, seed=env_seed, image_size=cfg.env.image_size, action_repeat=cfg.env.action_repeat,
                    max_episode_steps=cfg.env.max_episode_steps)
     eval_env = None
     if trainer.is_main:
@@ -798,7 +798,7 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
     if payload is not None and counters["env_steps"] and not continues_episode:
         # A resume that cannot continue the interrupted episode starts new ones: seeded as at the start, the env
         # would replay the run's first worlds (Crafter) or initial states (DMC) after every resume.
-        env.set_seed(resume_env_seed(trainer.rank_seed(cfg.seed, "env", bits=ENV_SEED_BITS), counters["env_steps"]))
+        env.set_seed(resume_env_seed(env_seed, counters["env_steps"]))
     collector = None  # none when the run only owes its last round's gradient steps: nothing is left to collect
     if remaining > 0:
         rng_before = (torch.random.get_rng_state(), policy.generator.get_state())

@@ -7,8 +7,8 @@ graph_breaks`: `torch._dynamo.explain` over the dynamics and tokenizer forwards 
 eager-only value checks are skipped while tracing). `python compile_check.py loop`: the loop's `gradient_step` with
 compiled losses (`compiled_grad_fn`, aot_eager) against eager (about a minute). `python compile_check.py
 dynamics_loss [DEVICE]`: the world-model loss and gradient compiled as the loop does (inductor) on DEVICE (default
-cpu). `python compile_check.py dynamics [DEVICE]`: the whole `dynamics_train_step` compiled (inductor; minutes on
-CPU). Exits non-zero with the mismatch on failure; prints `ok <seconds>` on success.
+cpu). `python compile_check.py dynamics`: the whole `dynamics_train_step` compiled (inductor; minutes on CPU).
+Exits non-zero with the mismatch on failure; prints `ok <seconds>` on success.
 """
 
 from __future__ import annotations
@@ -93,18 +93,15 @@ def loop() -> None:
     recompile per step would end in dynamo's recompile limit and a silent fall back to eager)."""
     from torch._dynamo.utils import counters
 
+    sys.path.insert(0, str(Path(__file__).parents[1]))
     from d4func.train import loop as training
     from d4func.train.run_config import load_run_config
+    from helpers.benchmark_scripts import load_run_all
 
     root = Path(__file__).parents[2]
     cfg = load_run_config(str(root / "experiments/configs/debug.yaml"), [])
     models = training.build_models(cfg)
-    gen = torch.Generator().manual_seed(0)
-    b, t, tok = cfg.replay.batch_size, cfg.replay.row_frames, cfg.tokenizer
-    batch = {"frames": torch.rand(b, t, tok.channels, tok.height, tok.width, generator=gen),
-             "actions": torch.rand(b, t, cfg.dynamics.action_dim, generator=gen) * 2 - 1,
-             "rewards": torch.rand(b, t, generator=gen), "is_last": torch.zeros(b, t, dtype=torch.bool),
-             "action_valid": (torch.arange(t) < t - 1).expand(b, t).clone()}
+    batch = load_run_all().random_replay_batch(cfg, torch.Generator().manual_seed(0))
     metrics, graphs = {}, []
     for name in ("eager", "compiled"):
         grad_fn = compiled_grad_fn(grad_and_value, PrecisionConfig(compile=name == "compiled"), backend="aot_eager")
@@ -121,20 +118,27 @@ def loop() -> None:
             assert abs(compiled[key] - value) <= 1e-4 * max(1.0, abs(value)), (step, key, value, compiled[key])
 
 
+def _toy_dynamics(device: str) -> tuple:
+    """The toy world model (`helpers.toy_training.CFG`), its params, and a batch of latents and actions on `device`,
+    with float32 matmuls on both sides of a comparison (no TF32)."""
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from d4func.dynamics import Dynamics
+    from helpers.toy_training import CFG
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    model = template(Dynamics, CFG)
+    z = (torch.rand(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device)
+    actions = (torch.rand(2, 4, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1).to(device)
+    return model, init(model, 0).to(device), z, actions
+
+
 def dynamics_loss(device: str = "cpu") -> None:
     """The world-model loss and its gradient compiled as the loop compiles them (`compiled_grad_fn`, inductor), on
     DEVICE, against eager. Loss and gradients are compared, not params after an AdamW step: its first update is
     about lr * sign(gradient), so rounding noise in a near-zero gradient would look like a compile bug."""
-    sys.path.insert(0, str(Path(__file__).parents[1]))
-    from d4func.dynamics import Dynamics
     from d4func.train.dynamics_step import dynamics_loss as loss_fn
-    from helpers.toy_training import CFG
 
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # float32 on both sides
-    model = template(Dynamics, CFG)
-    params = init(model, 0).to(device)
-    z = (torch.rand(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device)
-    actions = (torch.rand(2, 4, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1).to(device)
+    model, params, z, actions = _toy_dynamics(device)
     # Eager first: it fills tensordict's lazily built caches, which would otherwise make the second compiled call
     # recompile (a guard on their size).
     eager = grad_and_value(functools.partial(loss_fn, model=model), has_aux=True)
@@ -143,35 +147,29 @@ def dynamics_loss(device: str = "cpu") -> None:
     grads_e, (loss_e, _) = eager(params, z, actions, torch.Generator(device=device).manual_seed(3))
     for _ in range(2):  # the second call runs the cached graphs
         grads_c, (loss_c, _) = compiled(params, z, actions, torch.Generator(device=device).manual_seed(3))
+    # Inductor's GPU kernels (triton) reduce in another order than eager CUDA kernels: a looser bound there.
     rtol, atol = (1e-5, 1e-7) if torch.device(device).type == "cpu" else (1e-3, 1e-5)
     torch.testing.assert_close(loss_c, loss_e, rtol=rtol, atol=atol)
     for key in grads_e.keys(include_nested=True, leaves_only=True):
         torch.testing.assert_close(grads_c.get(key), grads_e.get(key), rtol=rtol, atol=atol, msg=str(key))
 
 
-def dynamics(device: str = "cpu") -> None:
-    sys.path.insert(0, str(Path(__file__).parents[1]))
-    from d4func.dynamics import Dynamics
+def dynamics() -> None:
+    model, params, z, actions = _toy_dynamics("cpu")  # puts tests/ on the path for helpers.toy_training
     from d4func.train.dynamics_step import dynamics_train_step
     from d4func.train.state import new_train_state
-    from helpers.toy_training import CFG, OPT
+    from helpers.toy_training import OPT
 
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # float32 on both sides
-    model = template(Dynamics, CFG)
-    state = new_train_state(init(model, 0)).to(device)
-    z = (torch.rand(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device)
-    actions = (torch.rand(2, 4, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1).to(device)
+    state = new_train_state(params)
     step = functools.partial(dynamics_train_step, model=model, opt=OPT, ema_decay=0.9)
     compiled = compile_step(step, PrecisionConfig(compile=True))
     for _ in range(2):  # the second call runs the cached graphs
-        new_c, metrics_c = compiled(state, z, actions, torch.Generator(device=device).manual_seed(3))
-    new_e, metrics_e = step(state, z, actions, torch.Generator(device=device).manual_seed(3))
-    # Inductor's GPU kernels (triton) reduce in another order than eager CUDA kernels: a looser bound there.
-    rtol, atol = (1e-4, 1e-6) if torch.device(device).type == "cpu" else (1e-3, 1e-5)
+        new_c, metrics_c = compiled(state, z, actions, torch.Generator().manual_seed(3))
+    new_e, metrics_e = step(state, z, actions, torch.Generator().manual_seed(3))
     for name in metrics_e:
-        torch.testing.assert_close(metrics_c[name], metrics_e[name], rtol=rtol, atol=atol, msg=name)
+        torch.testing.assert_close(metrics_c[name], metrics_e[name], rtol=1e-4, atol=1e-6, msg=name)
     for key in new_e.keys(include_nested=True, leaves_only=True):
-        torch.testing.assert_close(new_c.get(key), new_e.get(key), rtol=rtol, atol=atol, msg=str(key))
+        torch.testing.assert_close(new_c.get(key), new_e.get(key), rtol=1e-4, atol=1e-6, msg=str(key))
 
 
 if __name__ == "__main__":
