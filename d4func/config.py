@@ -60,6 +60,11 @@ class TransformerConfig:
             f"TransformerConfig.n_layers={self.n_layers} < time_every={self.time_every} leaves no layer attending "
             "across time (a model blind to its history): lower time_every or add layers",
         )
+        _require(
+            self.time_every >= 2,
+            f"TransformerConfig.time_every={self.time_every} makes every layer a time layer, so no layer attends "
+            "within a frame (latents would never read their patches): use time_every >= 2 (the paper's is 4)",
+        )
         _require(self.mlp_ratio > 0, f"TransformerConfig.mlp_ratio must be > 0, got {self.mlp_ratio}")
         _require(
             self.logit_cap is None or self.logit_cap > 0,

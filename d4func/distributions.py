@@ -272,13 +272,25 @@ class BoundedNormal:
     def sample(self, generator: torch.Generator) -> Tensor:
         """One action per batch element, [..., A], by inverse-CDF sampling (no gradient)."""
         with torch.no_grad():
-            a, b, _ = self._standardised_bounds()
-            cdf_a, cdf_b = torch.special.ndtr(a), torch.special.ndtr(b)
-            u = torch.rand(self.loc.shape, generator=generator, device=self.loc.device, dtype=self.loc.dtype)
-            # Inverse CDF: a uniform draw between Phi(a) and Phi(b), mapped back through Phi^-1. A draw that rounds
-            # to 1.0 gives +inf, which the final clip maps onto the bound.
-            xi = torch.special.ndtri(cdf_a + u * (cdf_b - cdf_a))
-            return (self.loc + self.std * xi).clamp(ACTION_LOW, ACTION_HIGH)
+            u = torch.rand(self.loc.shape, generator=generator, device=self.loc.device, dtype=torch.float64)
+            return self.quantile(u)
+
+    def quantile(self, u: Tensor) -> Tensor:
+        """The action at cumulative probability `u` in [0, 1] ([..., A], as loc): the inverse CDF that `sample`
+        feeds uniform draws.
+
+        Float64 throughout, and the standardised draw kept inside its bounds [a, b]: in float32 the CDF at a bound
+        more than ~5.3 std from loc rounds to exactly 1 (or 0), so the largest uniform draws mapped to +-inf and the
+        clip put the action on the opposite bound, ~19 std from loc with the smallest std (a density of e^-180),
+        once in 2^24 draws.
+        """
+        a, b, _ = BoundedNormal(self.loc.double(), self.std.double())._standardised_bounds()
+        cdf_a, cdf_b = torch.special.ndtr(a), torch.special.ndtr(b)
+        # Below 1 by one float64 ulp at most: Phi^-1 stays finite (~8.2 std), the mass beyond is ~1e-16.
+        cdf = (cdf_a + u.double() * (cdf_b - cdf_a)).clamp(max=1.0 - torch.finfo(torch.float64).eps / 2)
+        xi = torch.maximum(torch.minimum(torch.special.ndtri(cdf), b), a)
+        x = self.loc.double() + self.std.double() * xi
+        return x.clamp(ACTION_LOW, ACTION_HIGH).to(self.loc.dtype)
 
     def detach(self) -> BoundedNormal:
         return BoundedNormal(self.loc.detach(), self.std.detach())

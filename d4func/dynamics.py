@@ -91,10 +91,7 @@ class DynamicsConfig:
             )
         if self.k_max & (self.k_max - 1):
             raise ValueError(f"DynamicsConfig.k_max must be a power of two, got {self.k_max}")
-        for name in ("sampling_steps",):
-            k = getattr(self, name)
-            if k & (k - 1) or k > self.k_max:
-                raise ValueError(f"DynamicsConfig.{name} must be a power of two <= k_max={self.k_max}, got {k}")
+        self.check_sampling_steps(self.sampling_steps, "DynamicsConfig.sampling_steps")
         if self.bootstrap_fraction is not None and not 0.0 <= self.bootstrap_fraction <= 1.0:
             raise ValueError(f"DynamicsConfig.bootstrap_fraction must lie in [0, 1] or be None, got "
                              f"{self.bootstrap_fraction}")
@@ -121,6 +118,15 @@ class DynamicsConfig:
             raise ValueError("DynamicsConfig.context_noise=0.0 puts the context at tau = 1, a level training samples "
                              "only in clean-history rows, but clean_context_fraction=0.0: set clean_context_fraction "
                              "> 0, forcing='teacher' or context_noise > 0")
+
+    def check_sampling_steps(self, steps: int, name: str = "steps") -> None:
+        """Raise unless `steps` denoising steps per frame are ones training reaches: a power of two in
+        [1, k_max], and k_max itself when `bootstrap_fraction=0.0` (only the step 1/k_max is then ever trained)."""
+        if not isinstance(steps, int) or steps < 1 or steps & (steps - 1) or steps > self.k_max:
+            raise ValueError(f"{name} must be a power of two in [1, k_max={self.k_max}], got {steps!r}")
+        if self.bootstrap_fraction == 0.0 and steps < self.k_max:
+            raise ValueError(f"{name}={steps} samples with step size 1/{steps}, but bootstrap_fraction=0.0 trains "
+                             f"only 1/k_max = 1/{self.k_max}: use {name}={self.k_max} or bootstrap_fraction > 0")
 
     @property
     def d_min(self) -> float:

@@ -425,8 +425,7 @@ def imagine(
     if window is not None and window < 2:
         raise ValueError(f"window must be >= 2 frames (a history and the frame being generated), got {window}")
     steps = cfg.sampling_steps if steps is None else steps
-    if steps < 1 or steps & (steps - 1) or steps > cfg.k_max:
-        raise ValueError(f"steps must be a power of two in [1, k_max={cfg.k_max}], got {steps}")
+    cfg.check_sampling_steps(steps)
     if context.dim() != 4 or context.shape[1] < 1:
         raise ValueError(f"context must be [B, T0 >= 1, S, Dz], got shape {tuple(context.shape)}")
     batch, context_len = context.shape[:2]

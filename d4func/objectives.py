@@ -224,7 +224,9 @@ def bootstrap_velocity(denoise: Denoiser, z_tau: Tensor, tau: Tensor, d: Tensor,
     Other frames (the flow frames, d = d_min, which have no half step on the grid) keep their (z_tau, tau, d) in both
     calls, so they act as unchanged context; their returned velocity is that of a plain step and is not used. All
     bootstrap frames of a sequence step together: under diffusion forcing a frame's history may hold bootstrap frames,
-    which take their own half steps too, so its second half step sees that history moved by half a step. The
+    which take their own half steps too, so its first half step sees them with the step token d / 2 instead of the d
+    the student saw, and its second sees them moved by half a step (a per-frame history would need one pass per
+    target frame, or a [T, 2T] time mask over the student's frames and the stepped ones). The
     sampler's history does not move (it sits at tau_ctx); the paper leaves the joint form open, and
     `forcing="teacher"`, whose histories are flow frames, has no such difference. Computed without gradient (the
     target is stopped).

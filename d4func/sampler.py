@@ -122,8 +122,7 @@ def generate(
     if window is not None and not use_cache:
         raise ValueError("window needs use_cache=True: it slides over the KV cache")
     steps = cfg.sampling_steps if steps is None else steps
-    if steps < 1 or steps & (steps - 1) or steps > cfg.k_max:
-        raise ValueError(f"steps must be a power of two in [1, k_max={cfg.k_max}], got {steps}")
+    cfg.check_sampling_steps(steps)
     context_signal, context_step = cfg.context_signal, cfg.d_min
     batch, context_len = context.shape[:2]
     if horizon < 1:

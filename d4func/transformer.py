@@ -129,7 +129,8 @@ def keep_last_steps(cache: TensorDict, n: int) -> TensorDict:
     layer's cached keys and values were computed when their step was new, from a window that reached further
     back, so older steps still reach the output through them (as in Transformer-XL), up to (time layers) x
     window steps back, and the first steps of a window carry more history than a training row's first steps.
-    With one time layer (every shipped tokenizer) it is exact."""
+    With one time layer (the tokenizers of the shipped `d4func train` configs) it is exact; the default
+    `TokenizerConfig` (8 layers, time_every=4) has two."""
     if n < 0:
         raise ValueError(f"keep_last_steps needs n >= 0, got {n}")
     length = cache["valid"].shape[1]

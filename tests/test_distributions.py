@@ -232,6 +232,32 @@ def test_bounded_normal_samples_in_box_reproducible_and_distributed() -> None:
     torch.testing.assert_close(dist.mode()[0], loc)
 
 
+@settings(max_examples=60, deadline=None)
+@given(loc=st.floats(-0.999, 0.999), std=st.floats(0.1, 1.0),
+       u=st.sampled_from([2.0**-53, 2.0**-24, 1e-6, 0.5, 1 - 1e-6, 1 - 2.0**-24, 1 - 2.0**-53, 1.0]))
+def test_bounded_normal_extreme_draws_stay_near_their_own_tail(loc: float, std: float, u: float) -> None:
+    """The largest (smallest) uniform draws land in the upper (lower) tail, never on the opposite bound: in float32
+    the CDF at a bound ~19 std away rounded to 1, the inverse CDF returned inf and the clip put the action on the
+    far bound (loc -0.9, std 0.1: a draw at +1 with density e^-180, once in 2^24 samples)."""
+    dist = BoundedNormal(torch.tensor([loc]), torch.tensor([std]))
+    x = dist.quantile(torch.tensor([u], dtype=torch.float64)).item()
+    assert -1.0 <= x <= 1.0
+    assert x <= loc + 9 * std + 1e-6, f"u={u} put the action {x} more than 9 std above loc {loc} (std {std})"
+    assert x >= loc - 9 * std - 1e-6, f"u={u} put the action {x} more than 9 std below loc {loc} (std {std})"
+    if u > 0.5:
+        assert x >= dist.quantile(torch.tensor([0.5], dtype=torch.float64)).item()
+
+
+def test_bounded_normal_quantile_is_monotone_and_inverts_the_cdf() -> None:
+    loc, std = torch.tensor([-0.9, 0.2, 0.95]), torch.tensor([0.1, 0.5, 0.3])
+    u = torch.linspace(0, 1, 2001, dtype=torch.float64)[:, None].expand(2001, 3)
+    x = BoundedNormal(loc.expand(2001, 3), std.expand(2001, 3)).quantile(u)
+    assert bool((x[1:] >= x[:-1]).all())
+    for j in range(3):
+        cdf = _scipy_truncnorm(loc[j], std[j]).cdf(x[1:-1, j].double().numpy())
+        np.testing.assert_allclose(cdf, u[1:-1, j].numpy(), atol=2e-6)
+
+
 def test_bounded_normal_kl_matches_numerical_integration_and_is_zero_for_itself() -> None:
     xs = torch.linspace(-1, 1, 100001, dtype=torch.float64).unsqueeze(-1)
     for (lp, sp), (lq, sq) in [((0.5, 0.2), (0.0, 0.3)), ((-0.9, 1.0), (0.7, 0.1)), ((0.0, 0.5), (0.0, 0.5))]:

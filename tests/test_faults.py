@@ -284,6 +284,37 @@ def test_pack_must_divide_latent_tokens(tokens, pack) -> None:
     assert f"pack={pack}" in str(info.value) and f"latent_tokens={tokens}" in str(info.value)
 
 
+@settings(max_examples=10, deadline=None)
+@given(n_layers=st.integers(1, 8))
+def test_a_transformer_without_a_space_layer_is_refused(n_layers) -> None:
+    """time_every=1 makes every layer a time layer: no token would ever read another of its own frame."""
+    with pytest.raises(ValueError) as info:
+        TransformerConfig(d_model=16, n_layers=n_layers, n_heads=2, n_kv_heads=1, time_every=1)
+    assert "time_every=1" in str(info.value)
+
+
+@settings(max_examples=20, deadline=None)
+@given(log_k_max=st.integers(1, 6), data=st.data())
+def test_sampling_steps_training_never_reaches_are_refused(log_k_max, data) -> None:
+    """With bootstrap_fraction=0.0 only the step 1/k_max trains, so any K < k_max would sample with an
+    untrained step embedding and an untrained shortcut: refused in the config and in generate / imagine."""
+    from d4func.imagination import world_model_fn
+    from d4func.sampler import generate
+
+    k_max = 2**log_k_max
+    steps = 2 ** data.draw(st.integers(0, log_k_max - 1))
+    with pytest.raises(ValueError) as info:
+        DynamicsConfig(transformer=TINY, latent_tokens=4, latent_dim=4, pack=2, action_dim=2, k_max=k_max,
+                       sampling_steps=steps, bootstrap_fraction=0.0)
+    assert f"sampling_steps={steps}" in str(info.value) and "bootstrap_fraction=0.0" in str(info.value)
+    cfg = DynamicsConfig(transformer=TINY, latent_tokens=4, latent_dim=4, pack=2, action_dim=2, k_max=k_max,
+                         sampling_steps=k_max, bootstrap_fraction=0.0)
+    model = template(Dynamics, cfg)
+    with pytest.raises(ValueError, match=f"steps={steps} "):
+        generate(world_model_fn(model, init(model, 0)), torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 2), 1,
+                 torch.Generator().manual_seed(0), cfg, steps=steps)
+
+
 @settings(max_examples=5, deadline=None)
 @given(name=st.text(alphabet="abcdefghij_-0123456789", min_size=1, max_size=12))
 def test_missing_dataset_path_is_named(tmp_path_factory, name) -> None:

@@ -97,6 +97,22 @@ def test_rope_dot_product_depends_only_on_relative_offset(pos_q, pos_k, shift, s
     torch.testing.assert_close(score(pos_q, pos_k), score(pos_q + shift, pos_k + shift), atol=1e-4, rtol=1e-4)
 
 
+@settings(max_examples=25, deadline=None)
+@given(start=st.integers(10**5, 10**7), offset=st.integers(0, 64), seed=st.integers(0, 2**16))
+def test_rope_stays_relative_at_the_positions_of_a_long_run(start, offset, seed):
+    """The acting policy's time positions count every step of a run: far along, a query-key score must still be
+    the one at the same offset near 0 (float32 angles drifted by ~1e-2 in the score at position 1e6)."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(2, 1, 16, generator=gen).unbind(0)
+
+    def score(pq, pk):
+        cq, sq = rope_angles(torch.tensor([pq]), 16)
+        ck, sk = rope_angles(torch.tensor([pk]), 16)
+        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
+
+    torch.testing.assert_close(score(start + offset, start), score(offset, 0), atol=2e-5, rtol=2e-5)
+
+
 def test_rope_rotates_and_preserves_norm():
     x = torch.randn(5, 16)
     cos, sin = rope_angles(torch.arange(5), 16)

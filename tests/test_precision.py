@@ -154,3 +154,23 @@ def test_loop_gradient_step_with_compiled_losses_matches_eager() -> None:
 def test_compiled_dynamics_train_step_matches_eager() -> None:
     """The real step under torch.compile (inductor, C++ codegen on CPU): minutes to compile, hence slow."""
     _compile_check("dynamics", timeout=1800)
+
+
+def test_world_model_latents_are_float32_encodes_even_inside_bf16_autocast() -> None:
+    """The train step runs under bf16 autocast, but the latents it hands the world model must be the float32
+    encode acting sees: an encode under autocast rounds its matmuls to bf16 before `.float()` could help."""
+    from d4func.tokenizer import Tokenizer, TokenizerConfig, encode
+    from d4func.train.loop import world_model_latents
+
+    tiny = TransformerConfig(d_model=16, n_layers=2, n_heads=2, n_kv_heads=2, time_every=2)
+    model = template(Tokenizer, TokenizerConfig(height=8, width=8, patch_size=4, n_latents=2, latent_dim=4,
+                                                encoder=tiny, decoder=tiny))
+    params = init(model, 0)
+    frames = torch.rand(2, 3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    reference = encode(model, params, frames)
+    with autocast(PrecisionConfig(bf16=True), "cpu"):
+        rounded = encode(model, params, frames).float()
+        latents = world_model_latents(model, params, frames)
+    assert not torch.equal(rounded, reference), "autocast did not change the encode: the test checks nothing"
+    assert latents.dtype == torch.float32 and not latents.requires_grad
+    torch.testing.assert_close(latents, reference, rtol=0, atol=0)

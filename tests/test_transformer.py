@@ -29,7 +29,7 @@ def make_model(n_layers=4, time_every=2, n_heads=4, n_kv_heads=2, logit_cap=50.0
 configs = st.fixed_dictionaries(
     {
         "n_layers": st.integers(3, 5),
-        "time_every": st.integers(1, 3),
+        "time_every": st.integers(2, 3),
         "n_kv_heads": st.sampled_from([1, 2, 4]),
         "logit_cap": st.sampled_from([None, 30.0]),
         "seed": st.integers(0, 1000),

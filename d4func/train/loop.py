@@ -144,7 +144,16 @@ def make_lpips_fn(cfg: RunConfig):
         return None
     from d4func.lpips_loss import make_lpips
 
-    return make_lpips(cfg.tokenizer_loss.lpips_net, cfg.tokenizer_loss.lpips_backbone_path)
+    # On the learner's device: the tokenizer step compares reconstructions there.
+    return make_lpips(cfg.tokenizer_loss.lpips_net, cfg.tokenizer_loss.lpips_backbone_path, device=cfg.device)
+
+
+def world_model_latents(tokenizer: Tokenizer, params: TensorDictBase, frames: Tensor) -> Tensor:
+    """The latents the world model trains on and imagination starts from: encoded without gradients and in float32
+    even inside the train step's bf16 autocast, as acting encodes them (an encode under autocast runs its matmuls in
+    bf16, so `.float()` afterwards would only widen values already rounded to ~3 digits)."""
+    with torch.no_grad(), torch.autocast(frames.device.type, enabled=False):
+        return encode(tokenizer, params, frames).float()
 
 
 def in_phase(phase: str, step_fn):
@@ -182,10 +191,7 @@ def gradient_step(
             optim=cfg.optim.tokenizer, lpips_fn=lpips_fn, grad_fn=grad_fn,
         )
         metrics.update({f"tokenizer/{k}": float(v) for k, v in tok.items()})
-    with torch.no_grad():
-        # float32 even under bf16 autocast: these latents are the world model's targets and imagination's starts,
-        # and acting encodes in float32 (bf16 would round them to ~3 digits and the noise drawn like them too).
-        latents = encode(models.tokenizer, states["tokenizer"]["params"], batch["frames"]).float()
+    latents = world_model_latents(models.tokenizer, states["tokenizer"]["params"], batch["frames"])
     # On the unmasked latents the world model trains on; near 0 means a collapsed tokenizer (see latent_spread).
     # Under torchrun this is each rank's own shard (rank 0's is logged).
     metrics["tokenizer/latent_spread"] = float(latent_spread(latents))
