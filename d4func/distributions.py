@@ -284,13 +284,13 @@ class BoundedNormal:
         clip put the action on the opposite bound, ~19 std from loc with the smallest std (a density of e^-180),
         once in 2^24 draws.
         """
-        a, b, _ = BoundedNormal(self.loc.double(), self.std.double())._standardised_bounds()
+        wide = BoundedNormal(self.loc.double(), self.std.double())
+        a, b, _ = wide._standardised_bounds()
         cdf_a, cdf_b = torch.special.ndtr(a), torch.special.ndtr(b)
         # Below 1 by one float64 ulp at most: Phi^-1 stays finite (~8.2 std), the mass beyond is ~1e-16.
         cdf = (cdf_a + u.double() * (cdf_b - cdf_a)).clamp(max=1.0 - torch.finfo(torch.float64).eps / 2)
-        xi = torch.maximum(torch.minimum(torch.special.ndtri(cdf), b), a)
-        x = self.loc.double() + self.std.double() * xi
-        return x.clamp(ACTION_LOW, ACTION_HIGH).to(self.loc.dtype)
+        xi = torch.special.ndtri(cdf).clamp(a, b)
+        return (wide.loc + wide.std * xi).clamp(ACTION_LOW, ACTION_HIGH).to(self.loc.dtype)
 
     def detach(self) -> BoundedNormal:
         return BoundedNormal(self.loc.detach(), self.std.detach())

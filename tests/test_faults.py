@@ -303,12 +303,12 @@ def test_sampling_steps_training_never_reaches_are_refused(log_k_max, data) -> N
 
     k_max = 2**log_k_max
     steps = 2 ** data.draw(st.integers(0, log_k_max - 1))
+    sizes = dict(transformer=TINY, latent_tokens=4, latent_dim=4, pack=2, action_dim=2, k_max=k_max,
+                 bootstrap_fraction=0.0)
     with pytest.raises(ValueError) as info:
-        DynamicsConfig(transformer=TINY, latent_tokens=4, latent_dim=4, pack=2, action_dim=2, k_max=k_max,
-                       sampling_steps=steps, bootstrap_fraction=0.0)
+        DynamicsConfig(**sizes, sampling_steps=steps)
     assert f"sampling_steps={steps}" in str(info.value) and "bootstrap_fraction=0.0" in str(info.value)
-    cfg = DynamicsConfig(transformer=TINY, latent_tokens=4, latent_dim=4, pack=2, action_dim=2, k_max=k_max,
-                         sampling_steps=k_max, bootstrap_fraction=0.0)
+    cfg = DynamicsConfig(**sizes, sampling_steps=k_max)
     model = template(Dynamics, cfg)
     with pytest.raises(ValueError, match=f"steps={steps} "):
         generate(world_model_fn(model, init(model, 0)), torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 2), 1,

@@ -76,6 +76,13 @@ def test_kv_heads_must_divide_heads():
         attend(torch.randn(1, 4, 2, 8), torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8))
 
 
+def _rope_score(q, k, pos_q, pos_k):
+    """q · k after rotating q to position pos_q and k to pos_k ([1, 16] each)."""
+    cq, sq = rope_angles(torch.tensor([pos_q]), 16)
+    ck, sk = rope_angles(torch.tensor([pos_k]), 16)
+    return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     pos_q=st.integers(0, 500),
@@ -88,13 +95,8 @@ def test_rope_dot_product_depends_only_on_relative_offset(pos_q, pos_k, shift, s
         shift = -min(pos_q, pos_k)
     gen = torch.Generator().manual_seed(seed)
     q, k = torch.randn(2, 1, 16, generator=gen, dtype=torch.float64).unbind(0)
-
-    def score(pq, pk):
-        cq, sq = rope_angles(torch.tensor([pq]), 16)
-        ck, sk = rope_angles(torch.tensor([pk]), 16)
-        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
-
-    torch.testing.assert_close(score(pos_q, pos_k), score(pos_q + shift, pos_k + shift), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(_rope_score(q, k, pos_q, pos_k), _rope_score(q, k, pos_q + shift, pos_k + shift),
+                               atol=1e-4, rtol=1e-4)
 
 
 @settings(max_examples=25, deadline=None)
@@ -104,13 +106,8 @@ def test_rope_stays_relative_at_the_positions_of_a_long_run(start, offset, seed)
     the one at the same offset near 0 (float32 angles drifted by ~1e-2 in the score at position 1e6)."""
     gen = torch.Generator().manual_seed(seed)
     q, k = torch.randn(2, 1, 16, generator=gen).unbind(0)
-
-    def score(pq, pk):
-        cq, sq = rope_angles(torch.tensor([pq]), 16)
-        ck, sk = rope_angles(torch.tensor([pk]), 16)
-        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
-
-    torch.testing.assert_close(score(start + offset, start), score(offset, 0), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(_rope_score(q, k, start + offset, start), _rope_score(q, k, offset, 0),
+                               atol=2e-5, rtol=2e-5)
 
 
 def test_rope_rotates_and_preserves_norm():

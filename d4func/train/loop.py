@@ -153,7 +153,7 @@ def world_model_latents(tokenizer: Tokenizer, params: TensorDictBase, frames: Te
     even inside the train step's bf16 autocast, as acting encodes them (an encode under autocast runs its matmuls in
     bf16, so `.float()` afterwards would only widen values already rounded to ~3 digits)."""
     with torch.no_grad(), torch.autocast(frames.device.type, enabled=False):
-        return encode(tokenizer, params, frames).float()
+        return encode(tokenizer, params, frames)
 
 
 def in_phase(phase: str, step_fn):
