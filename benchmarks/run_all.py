@@ -89,6 +89,7 @@ class Budget:
     acting_repeats: int
     online_steps: dict[str, tuple[int, int]]  # per config: (short, long) env-step budgets; rate from the difference
     online_overrides: dict[str, tuple[str, ...]]
+    online_warmup: bool  # an untimed short run first (see online_section); a smoke run skips it
     replay: tuple[int, int, int]  # transitions written, episode length, frame size (3 x size x size)
     replay_repeats: int
 
@@ -100,7 +101,7 @@ FULL = Budget(
     env_steps_per_call=100, policy_calls_per_call=50, acting_repeats=3,
     # Both budgets end after agent_start, so the difference is the steady state with every phase training.
     online_steps={"debug": (200, 400), "default": (200, 400)},
-    online_overrides={"debug": (), "default": ("loop.prefill_steps=100", "loop.agent_start=100")},
+    online_overrides={"debug": (), "default": ("loop.prefill_steps=100", "loop.agent_start=100")}, online_warmup=True,
     # cartpole at the main demo's action repeat 4: 250-step episodes of 64x64 frames
     replay=(5000, 250, 64), replay_repeats=3,
 )
@@ -114,6 +115,7 @@ QUICK = Budget(
     online_overrides={name: ("loop.collect_steps=30", "loop.prefill_steps=30", "loop.agent_start=30",
                              "replay.seq_len=4", "replay.context_len=2", "imagination.horizon=2")
                       for name in CONFIGS},
+    online_warmup=False,
     replay=(200, 50, 32), replay_repeats=1,
 )
 
@@ -500,7 +502,8 @@ def online_section(config: str, ctx: Context) -> dict[str, Any]:
     # evaluation, GIF) cost the same in both, so the difference is the steady-state loop. An untimed short run
     # first takes the process's one-off costs (lazy imports and initialisation, first allocations), which would
     # otherwise all land on the timed short run and inflate the difference's rate (by ~20% on the debug config).
-    t = measure({"short": lambda: run(short), "long": lambda: run(long)}, 1, no_warmup=("long",))
+    t = measure({"short": lambda: run(short), "long": lambda: run(long)}, 1,
+                no_warmup=("long",) if ctx.budget.online_warmup else ("short", "long"))
     window = long - short
     grad_steps = t["long"].output["grad_steps"] - t["short"].output["grad_steps"]
     seconds = t["long"].median - t["short"].median

@@ -71,7 +71,8 @@ def training_windows(rows: list[dict[str, float]], window: int) -> list[dict[str
     return out
 
 
-def plot(run_dir: Path, out_dir: Path, random_episodes: int) -> dict[str, Any]:
+def plot(run_dir: Path, out_dir: Path, random_episodes: int, demonstrator: float | None = None) -> dict[str, Any]:
+    """The run's figure and table; `demonstrator` (an offline dataset's mean return) adds a reference line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,7 +99,11 @@ def plot(run_dir: Path, out_dir: Path, random_episodes: int) -> dict[str, Any]:
             ax.plot(*zip(*points, strict=True), style, label=name, alpha=0.45 if style == "." else 1.0)
     ax.axhline(random[metric], color="gray", linestyle=":",
                label=f"random policy ({random['blocks']} x {random['episodes_per_block']} episodes)")
-    ax.set_xlabel("env steps")
+    if demonstrator is not None:
+        ax.axhline(demonstrator, color="black", linestyle="-.", label="demonstrator (the dataset's episodes)")
+    offline = config["loop"]["mode"] == "offline"
+    step_unit = "gradient steps (offline)" if offline else "env steps"
+    ax.set_xlabel(step_unit)
     ax.set_ylabel(label)
     ax.set_title(config["env"]["name"])
     ax.legend(fontsize=7)
@@ -116,6 +121,8 @@ def plot(run_dir: Path, out_dir: Path, random_episodes: int) -> dict[str, Any]:
         "eval": [{"env_steps": step, "policy": value, "bc": bc_by_step.get(step)}
                  for step, value in metric_series(rows, f"eval/{metric}")],
         "eval_actions": how,
+        "step_unit": step_unit,  # what each eval row's "env_steps" counts: an offline run's steps are updates
+        "demonstrator": demonstrator,
         "training_windows": training_windows(rows, window=config["loop"]["eval_every"]),
         "wall_seconds": summary.get("wall_seconds"),
         "grad_steps": summary.get("grad_steps"),
@@ -152,14 +159,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--random-episodes", type=int, default=10, help="episodes of the random baseline, rounded "
                         "up to whole blocks of env.eval_episodes (each block on the evaluation starts)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--demonstrator", type=float, help="the offline dataset's mean episode return (a line)")
     parser.add_argument("--filmstrip", type=Path, help="also turn this real-vs-imagined GIF into OUT/<run>_wm.png")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.filmstrip is not None:
         print("filmstrip:", gif_to_filmstrip(args.filmstrip, args.out / f"{args.run.name}_wm.png"))
-    table = plot(args.run, args.out, args.random_episodes)
+    table = plot(args.run, args.out, args.random_episodes, args.demonstrator)
     print(f"{table['env']}: random {table['random'][table['metric']]:.2f}")
-    print(f"{'env steps':>10} {'policy':>10} {'BC alone':>10}")
+    print(f"{table['step_unit']:>10} {'policy':>10} {'BC alone':>10}")
     for row in table["eval"]:
         bc = "" if row["bc"] is None else f"{row['bc']:.2f}"
         print(f"{row['env_steps']:>10} {row['policy']:>10.2f} {bc:>10}")

@@ -39,9 +39,24 @@ EXPECTED = {
 }
 
 
+# The *_default sections run the *_debug sections' code at the default config's sizes: the default suite runs the
+# debug ones (~25 s less on 2 cores), the slow suite every section.
+DEBUG_SECTIONS = [name for name in EXPECTED if not name.endswith("_default")]
+
+
+def test_run_all_quick_prints_one_table_and_writes_every_debug_figure(tmp_path):
+    check_quick_run(tmp_path, DEBUG_SECTIONS)
+
+
+@pytest.mark.slow
 def test_run_all_quick_prints_one_table_and_writes_every_figure(tmp_path):
+    check_quick_run(tmp_path, list(EXPECTED))
+
+
+def check_quick_run(tmp_path: Path, names: list[str]) -> None:
     out = tmp_path / "run_all.json"
-    proc = subprocess.run([sys.executable, str(RUN_ALL), "--quick", "--out", str(out)], cwd=REPO,
+    only = [] if names == list(EXPECTED) else ["--only", ",".join(names)]
+    proc = subprocess.run([sys.executable, str(RUN_ALL), "--quick", *only, "--out", str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     header_lines = [line for line in proc.stdout.splitlines() if line.startswith("section ")]
@@ -49,13 +64,14 @@ def test_run_all_quick_prints_one_table_and_writes_every_figure(tmp_path):
     result = json.loads(out.read_text())
     assert result["meta"]["quick"] is True
     sections = result["sections"]
-    assert list(sections) == list(EXPECTED)
-    for name, keys in EXPECTED.items():
+    assert list(sections) == names
+    expected = {name: EXPECTED[name] for name in names}
+    for name, keys in expected.items():
         assert "error" not in sections[name], sections[name].get("error")
         assert keys <= set(sections[name]["figures"]), (name, keys - set(sections[name]["figures"]))
         assert sections[name]["rows"], name
         assert any(line.startswith(name) for line in proc.stdout.splitlines()), name  # a row in the table
-    for name, keys in EXPECTED.items():
+    for name, keys in expected.items():
         if name.startswith("gpu_") and not torch.cuda.is_available():
             assert sections[name]["skipped"] and all(sections[name]["figures"][k] is None for k in keys)
             continue

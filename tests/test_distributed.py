@@ -388,6 +388,7 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow  # ~20 s: a two-rank torchrun job, stopped and waited for
 def test_ctrl_c_on_one_rank_ends_the_whole_torchrun_job(tmp_path, reach_data):
     """SIGINT to one data-parallel worker: no collective may wait for it. The job must end within a minute (it
     used to hang in the exit save, and then in the final sync check), keeping its periodic checkpoints."""

@@ -133,14 +133,15 @@ def test_resuming_an_offline_run_on_a_dataset_recorded_again_is_refused(tmp_path
 
     def record(steps: int, with_id: bool = True) -> None:
         shutil.rmtree(data, ignore_errors=True)
-        _collect_cartpole(data, steps=steps)
+        assert main(["collect", "--env", "reach", "--out", str(data), "--steps", str(steps), "--image-size", "16",
+                     "--action-repeat", "1"]) == 0
         if not with_id:  # as written before datasets carried one
             meta = json.loads((data / "dataset.json").read_text())
             del meta["dataset_id"]
             (data / "dataset.json").write_text(json.dumps(meta))
 
     def run(name: str, steps: int) -> None:
-        train(load_run_config(DEBUG, [
+        train(load_run_config(REACH, [
             f"run_dir={tmp_path / name}", "loop.mode=offline", f"loop.offline_data={data}", "loop.agent_start=100",
             "loop.eval_every=100", "loop.gif_every=100", "loop.checkpoint_every=2", "env.eval_episodes=0",
             f"loop.offline_steps={steps}"]), progress=False)
@@ -153,11 +154,11 @@ def test_resuming_an_offline_run_on_a_dataset_recorded_again_is_refused(tmp_path
     record(30, with_id=False)
     with pytest.raises(ValueError, match="is not the recording the run trained on"):
         run("a", 4)
-    # Without ids on either side, the length tells them apart: 30 and 40 steps within one 250-step episode, each
-    # ending in the final frame the recording cut it at.
+    # Without ids on either side, the length tells them apart: 30 and 40 steps of 12-step episodes, each episode
+    # stored with its final frame (the last one where the recording cut it): 30 + 3 and 40 + 4 entries.
     run("b", 2)
     record(40, with_id=False)
-    with pytest.raises(ValueError, match="holds 41 stored entries, but the run's checkpoint recorded 31"):
+    with pytest.raises(ValueError, match="holds 44 stored entries, but the run's checkpoint recorded 33"):
         run("b", 4)
 
 
@@ -226,7 +227,7 @@ def test_acting_policy_runs_in_a_torchrl_collector():
     actions = torch.cat([b.get("action") for b in batches])
     assert actions.shape == (24, 1) and actions.abs().max() <= 1.0 and actions.std() > 0
     # the policy kept a bounded context: the caches never grow beyond the window
-    assert policy._state["dyn_cache"]["valid"].shape[1] <= 3
+    assert policy._caches["dynamics"]["valid"].shape[1] <= 3
 
 
 def test_acting_keeps_as_many_frames_as_a_training_row_holds():
@@ -283,6 +284,7 @@ def test_offline_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     assert_states_equal(a, b)
 
 
+@pytest.mark.slow  # ~15 s: two Crafter worker processes (the single-process collector is tested above)
 def test_acting_policy_runs_in_a_multi_process_collector():
     from functools import partial
 
@@ -495,11 +497,11 @@ def test_online_loop_with_two_cameras(tmp_path):
     # stream per camera) and the acting policy; the GIF and an evaluation come out as on one camera.
     cfg = load_run_config("experiments/configs/dmc_multicam.yaml", [
         f"run_dir={tmp_path}", "env.image_size=32", "tokenizer.height=32", "tokenizer.width=32",
-        "loop.env_steps=100", "loop.prefill_steps=50", "loop.collect_steps=50", "loop.train_ratio=0.06",
+        "loop.env_steps=100", "loop.prefill_steps=50", "loop.collect_steps=50", "loop.train_ratio=0.02",
         "loop.agent_start=50", "loop.eval_every=100", "loop.gif_every=100", "loop.checkpoint_every=100",
         "env.eval_max_steps=8", "loop.threads=1"])
     summary = train(cfg, progress=False)
-    assert summary["env_steps"] == 100 and summary["grad_steps"] == 6 and "agent" in summary["params"]
+    assert summary["env_steps"] == 100 and summary["grad_steps"] == 2 and "agent" in summary["params"]
     assert len(summary["eval"]["returns"]) == 1
     assert list((tmp_path / "gifs").glob("*.gif"))
     replay = checkpoint.open_run_replay(tmp_path)

@@ -36,7 +36,8 @@ def test_plot_results_writes_figure_table_and_filmstrip(tmp_path):
     table = plot_results.plot(run, tmp_path / "out", random_episodes=3)
     assert (tmp_path / "out" / "reach_run.png").stat().st_size > 0
     assert json.loads((tmp_path / "out" / "reach_run.json").read_text()) == table
-    assert [row["env_steps"] for row in table["eval"]] == [20, 40]
+    assert [row["env_steps"] for row in table["eval"]] == [20, 40] and table["step_unit"] == "env steps"
+    assert table["demonstrator"] is None
     assert all(row["bc"] is not None for row in table["eval"])
     # The random baseline is scored as the evaluations are: blocks of eval_episodes (2) episodes, the evaluation
     # env (seed + 10000) reseeded before each, the run's seed for its actions; 3 episodes round up to 2 blocks.

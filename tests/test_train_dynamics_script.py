@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # ~12 s: an experiment script end to end in a subprocess
 def test_train_dynamics_script_on_shapes(tmp_path):
     proc = subprocess.run(
         [sys.executable, "experiments/train_dynamics.py", "--config", "experiments/configs/dynamics_shapes.yaml",

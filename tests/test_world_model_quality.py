@@ -100,10 +100,13 @@ def test_reward_metrics_score_each_frame_against_the_reward_into_it(run_dir, res
     last_changed[:, -1] += 5.0
     assert wmq.reward_metrics(run, frames, actions, last_changed, SEED) == base
     # Frame t's agent token is scored against the reward into it: the last frame's token is scored (a changed last
-    # frame changes the error; the causal model leaves every earlier token as it was).
+    # frame changes the error; the causal model leaves every earlier token as it was). A few updates on rows
+    # without a reward can leave the head's prediction constant, so this asks a head that reads its token.
+    reading = dataclasses.replace(run, heads_params=_perturbed(run.heads_params, "reward"))
     last_frame_changed = frames.clone()
     last_frame_changed[:, -1] = 1.0 - last_frame_changed[:, -1]
-    assert wmq.reward_metrics(run, last_frame_changed, actions, rewards, SEED)["reward_mse"] != base["reward_mse"]
+    assert (wmq.reward_metrics(reading, last_frame_changed, actions, rewards, SEED)["reward_mse"]
+            != wmq.reward_metrics(reading, frames, actions, rewards, SEED)["reward_mse"])
     shift = 0.5
     first_changed = rewards.clone()
     first_changed[:, 0] += shift
@@ -115,6 +118,14 @@ def test_reward_metrics_score_each_frame_against_the_reward_into_it(run_dir, res
     assert shifted["reward_mse"] == pytest.approx(base["reward_mse"] - 2 * shift * gap + shift**2, rel=1e-6)
     assert shifted["reward_constant_mse"] == pytest.approx(base["reward_constant_mse"])
     assert shifted["reward_mean_predicted"] == base["reward_mean_predicted"]
+
+
+def _perturbed(params, key: str):
+    """`params` with `params[key]` moved by seeded noise (0.1 per weight)."""
+    generator = torch.Generator().manual_seed(0)
+    params = params.clone()
+    params[key] = params[key].apply(lambda w: w + 0.1 * torch.randn(w.shape, generator=generator))
+    return params
 
 
 def test_action_conditioning_compares_own_with_other_clips_actions(run_dir, result):

@@ -24,7 +24,8 @@ from torchrl.envs.utils import step_mdp
 from d4func.data.offline import UniformRandomPolicy
 from d4func.envs.resumable import get_env_state, set_env_state, supports_resume_state
 
-__all__ = ["MAX_WARMUP", "counterfactual_clips", "restore_env", "snapshot_env", "supports_counterfactuals"]
+__all__ = ["MAX_WARMUP", "counterfactual_clips", "dm_physics", "restore_env", "snapshot_env",
+           "supports_counterfactuals"]
 
 MAX_WARMUP = 60  # random decisions before a state is taken (cartpole's episodes hold 250 at action repeat 4)
 
@@ -37,7 +38,7 @@ def _dm_env(env: EnvBase) -> Any | None:
     return getattr(base, "_env", None)
 
 
-def _physics(env: EnvBase) -> Any | None:
+def dm_physics(env: EnvBase) -> Any | None:
     """The dm_control physics beneath a TorchRL DMControl env, else None."""
     return getattr(_dm_env(env), "physics", None)
 
@@ -52,7 +53,7 @@ def _control_env(env: EnvBase) -> Any | None:
 
 
 def supports_counterfactuals(env: EnvBase) -> bool:
-    return supports_resume_state(env) or _physics(env) is not None
+    return supports_resume_state(env) or dm_physics(env) is not None
 
 
 def snapshot_env(env: EnvBase) -> Any:
@@ -62,7 +63,7 @@ def snapshot_env(env: EnvBase) -> Any:
     count (which the task's time limit reads)."""
     if supports_resume_state(env):
         return get_env_state(env)
-    physics = _physics(env)
+    physics = dm_physics(env)
     if physics is None:
         raise TypeError(f"{type(env).__name__} cannot save its state mid-episode (neither get_resume_state nor "
                         "dm_control physics): counterfactual rollouts need one")
@@ -76,7 +77,7 @@ def restore_env(env: EnvBase, snapshot: Any) -> None:
     if supports_resume_state(env):
         set_env_state(env, snapshot)
         return
-    physics = _physics(env)
+    physics = dm_physics(env)
     if physics is None:
         raise TypeError(f"{type(env).__name__} cannot restore a state mid-episode")
     with physics.reset_context():  # recomputes derived quantities (positions, contacts) from the state

@@ -821,6 +821,7 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
     if payload is not None and "online" in payload:
         if continues_episode and collector is not None:
             restore_collector_state(collector, payload["online"])  # continue the interrupted episode, not a new one
+            policy.load_window(payload["online"].get("acting_window"))  # and act on its recent frames, as before
             episode.update({k: payload["online"]["episode"][k] for k in ("return", "last_return", "id_offset")})
         episode["achievements"] = list(payload["online"]["episode"]["achievements"])
     # Whether the env, the replay and the counters agree: not while the collector is stepping the env for a batch
@@ -834,7 +835,8 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
             saved = payload["online"] if payload is not None and "online" in payload else {}
             return {**saved, "episode": {**saved.get("episode", {}), **finished}}
         if exact and at_batch_boundary:
-            return {**collector_state(collector), "episode": {**episode, **finished}}
+            return {**collector_state(collector), "acting_window": policy.window_state(),
+                    "episode": {**episode, **finished}}
         # The interrupted episode is lost (the env cannot save it, or it is mid-batch), but not the finished ones'
         # achievements: `episode/crafter_score` stays a score over every training episode across a resume.
         return {"episode": finished}

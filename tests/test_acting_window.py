@@ -1,0 +1,117 @@
+"""The acting policy's window: after a parameter update (or the random prefill) the policy rebuilds its caches from
+the recent frames, so it acts with the history it had, not from one frame."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tensordict import TensorDict
+from torchrl.data import Bounded
+
+from d4func.train.acting import WorldModelPolicy, agent_params_from_states
+from d4func.train.loop import build_models, init_states
+from d4func.train.run_config import load_run_config
+
+DEBUG = "experiments/configs/debug.yaml"
+# A context at signal 1 (no re-noising) makes observing deterministic, so a rebuilt cache can be compared with the
+# cache grown frame by frame.
+CFG = load_run_config(DEBUG, ["dynamics.context_noise=0.0", "dynamics.forcing=teacher"])
+MODELS = build_models(CFG)
+STATES = init_states(CFG, MODELS)
+PARAMS = (STATES["tokenizer"]["params"], agent_params_from_states(STATES["world_model"], None))
+
+
+def make_policy(context: int = 4, random_until: int = 0) -> WorldModelPolicy:
+    policy = WorldModelPolicy(MODELS.tokenizer, MODELS.dynamics, MODELS.heads, Bounded(-1.0, 1.0, shape=(1,)),
+                              context=context, seed=0, greedy=True, random_until=random_until)
+    policy.update_params(*PARAMS)
+    return policy
+
+
+def frames_of(seed: int, steps: int, n_envs: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand((steps, n_envs, 3, 32, 32), generator=generator)
+
+
+def act(policy: WorldModelPolicy, frames: torch.Tensor, is_init: torch.Tensor) -> torch.Tensor:
+    td = TensorDict({"pixels": frames, "is_init": is_init[:, None]}, batch_size=[frames.shape[0]])
+    return policy(td).get("action")
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**16), steps=st.integers(2, 6), context=st.integers(2, 6),
+       starts=st.lists(st.tuples(st.integers(1, 5), st.integers(0, 1)), max_size=3),
+       updates=st.sets(st.integers(1, 5)))
+def test_rebuilt_caches_act_as_caches_grown_frame_by_frame(seed, steps, context, starts, updates):
+    # While every episode fits in the window, the rebuild sees what acting saw. Past that they differ by design:
+    # the causal tokenizer encodes a window's first frame without the frames before it, as it encodes a training
+    # row's first frame, where acting had encoded it with its longer history.
+    steps = min(steps, context)
+    frames = frames_of(seed, steps, n_envs=2)
+    is_init = torch.zeros(steps, 2, dtype=torch.bool)
+    is_init[0] = True
+    for step, env in starts:  # episodes restart at different steps in the two envs: ragged windows
+        if step < steps:
+            is_init[step, env] = True
+    steady, updated = make_policy(context), make_policy(context)
+    for step in range(steps):
+        if step in updates:
+            updated.update_params(*PARAMS)  # same weights: the rebuilt caches must give the same actions
+        torch.testing.assert_close(act(updated, frames[step], is_init[step]), act(steady, frames[step], is_init[step]),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_the_first_action_after_an_update_reads_the_frames_before_it():
+    frames = frames_of(0, 4, n_envs=1)
+    is_init = torch.tensor([[True], [False], [False], [False]])
+    actions = []
+    for first_frame in (frames[0], 1 - frames[0]):
+        policy = make_policy(context=4)
+        for step in range(4):
+            if step == 3:
+                policy.update_params(*PARAMS)
+            action = act(policy, first_frame if step == 0 else frames[step], is_init[step])
+        actions.append(action)
+    assert not torch.allclose(actions[0], actions[1])  # before the window, an update left only the newest frame
+
+
+def test_the_first_model_action_after_the_random_prefill_reads_the_prefill_frames():
+    frames = frames_of(1, 4, n_envs=1)
+    is_init = torch.tensor([[True], [False], [False], [False]])
+    actions = []
+    for first_frame in (frames[0], 1 - frames[0]):
+        torch.manual_seed(0)  # the same random prefill actions (action_spec.rand draws from the global RNG)
+        policy = make_policy(context=4, random_until=3)
+        for step in range(4):
+            action = act(policy, first_frame if step == 0 else frames[step], is_init[step])
+        actions.append(action)
+    assert not torch.allclose(actions[0], actions[1])
+
+
+def test_a_saved_window_resumes_the_same_actions():
+    frames = frames_of(2, 6, n_envs=2)
+    is_init = torch.zeros(6, 2, dtype=torch.bool)
+    is_init[0] = True
+    is_init[2, 1] = True
+    through = make_policy()
+    for step in range(3):
+        act(through, frames[step], is_init[step])
+    resumed = make_policy()
+    resumed.load_window(through.window_state())
+    resumed.generator.set_state(through.generator.get_state())
+    for step in range(3, 6):
+        torch.testing.assert_close(act(resumed, frames[step], is_init[step]), act(through, frames[step], is_init[step]),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_reset_context_forgets_the_window_and_a_bad_window_is_refused():
+    policy = make_policy()
+    act(policy, frames_of(3, 1, n_envs=1)[0], torch.tensor([True]))
+    assert policy.window_state()["length"].tolist() == [1]
+    policy.reset_context()
+    assert policy.window_state() is None
+    try:
+        policy.load_window({"frames": torch.zeros(1)})
+    except ValueError as error:
+        assert "frames" in str(error) and "prev_action" in str(error)
+    else:
+        raise AssertionError("a window without its actions was accepted")
