@@ -115,3 +115,16 @@ def test_reset_context_forgets_the_window_and_a_bad_window_is_refused():
         assert "frames" in str(error) and "prev_action" in str(error)
     else:
         raise AssertionError("a window without its actions was accepted")
+
+
+def test_a_window_saved_under_another_context_is_started_afresh():
+    frames = frames_of(4, 3, n_envs=1)
+    is_init = torch.tensor([[True], [False], [False]])
+    saved = make_policy(context=5)
+    for step in range(2):
+        act(saved, frames[step], is_init[step])
+    resumed = make_policy(context=3)  # e.g. a resume under a shorter replay.seq_len
+    resumed.load_window(saved.window_state())
+    act(resumed, frames[2], is_init[2])
+    window = resumed.window_state()
+    assert window["frames"].shape[1] == 3 and window["length"].tolist() == [1]  # a new episode from this frame

@@ -128,6 +128,17 @@ def test_offline_loop_on_a_recorded_dataset(tmp_path, cartpole_data, capsys):
     assert "cannot be read" in capsys.readouterr().err
 
 
+def test_rows_logged_at_multiples_of_tokenizer_every_carry_the_tokenizer_metrics(tmp_path, cartpole_data):
+    cfg = load_run_config(DEBUG, [f"run_dir={tmp_path}", "loop.mode=offline", f"loop.offline_data={cartpole_data}",
+                                  "loop.offline_steps=4", "loop.agent_start=100", "loop.eval_every=100",
+                                  "loop.gif_every=100", "loop.checkpoint_every=100", "env.eval_episodes=0",
+                                  "loop.tokenizer_every=2", "loop.log_every=2"])
+    train(cfg, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2, 4]
+    assert all("tokenizer/loss" in row and "world_model/loss" in row for row in rows)
+
+
 def test_resuming_an_offline_run_on_a_dataset_recorded_again_is_refused(tmp_path):
     data = tmp_path / "data"
 

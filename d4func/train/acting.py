@@ -146,7 +146,10 @@ class WorldModelPolicy(TensorDictModuleBase):
         -> the episode starts, every env's when the window is new."""
         n_envs = frames.shape[0]
         window = self._window
-        if window is None or window["frames"].shape[0] != n_envs:
+        # A new window for new envs, and for a saved one of another length or frame shape (a resume under a changed
+        # replay.seq_len): sliding would keep its old length and the rebuild would read the wrong slots.
+        if window is None or window["frames"].shape[:2] != (n_envs, self.context) or (
+                window["frames"].shape[2:] != frames.shape[1:]):
             starts = torch.ones_like(starts)
             self._caches = None
             prev = self._random_action(torch.Size([n_envs])).zero_()
@@ -198,19 +201,23 @@ class WorldModelPolicy(TensorDictModuleBase):
         """Fresh caches from the window: its frames observed again, oldest first, with the current weights.
 
         The window holds at most `context` frames, so no cache is trimmed on the way and one call per model observes
-        them all, as encoding a training row does. So, like a row's, the window's first frame is encoded without the
-        frames before it, where acting had encoded it with them: the causal tokenizer's latents differ by that. An
+        them all, as a training row is encoded. Like a row's, the window's first frame is encoded without the frames
+        before it and without the action into it, where acting had both: the latents and agent tokens differ by that. An
         env with a shorter history (a recent episode start) starts at its first frame of this episode: the window is
         cut there, and the frames before are observed by every env and forgotten by that one (`reset_cache`)."""
         window = self._window
         first = self.context - window["length"]
         cuts = sorted(set(first.tolist()))
+        # A training row's first frame has no action leading into it (dynamics.actions_into_frames): nor has the
+        # window's, whose action came from a frame that has slid out.
+        has_action = window["has_action"].clone()
+        has_action[:, 0] = False
         self._caches = None
         agent_out = None
         for begin, end in zip(cuts, [*cuts[1:], self.context], strict=True):
             span = slice(begin, end)
             agent_out = self._observe(window["frames"][:, span], first == begin, window["actions"][:, span],
-                                      window["has_action"][:, span])
+                                      has_action[:, span])
         return agent_out
 
 

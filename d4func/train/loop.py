@@ -185,7 +185,9 @@ def gradient_step(
     gradients and metrics are then averaged over the ranks)."""
     metrics: dict[str, float] = {}
     states = dict(states)
-    if grad_step % cfg.loop.tokenizer_every == 0:
+    # Every tokenizer_every-th step counted from 1 (`grad_step` counts from 0), as logging counts: a row logged at
+    # a multiple of tokenizer_every then carries the tokenizer's metrics (counted from 0, none ever did).
+    if (grad_step + 1) % cfg.loop.tokenizer_every == 0:
         states["tokenizer"], tok = in_phase("tokenizer", tokenizer_train_step)(
             states["tokenizer"], batch["frames"], generator, template=models.tokenizer, cfg=cfg.tokenizer_loss,
             optim=cfg.optim.tokenizer, lpips_fn=lpips_fn, grad_fn=grad_fn,
