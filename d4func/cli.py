@@ -61,9 +61,11 @@ def _eval(args: argparse.Namespace) -> int:
                    max_episode_steps=cfg.env.max_episode_steps)
     check_env_fits(cfg, env, env_name)
     models = build_models(cfg)
-    policy = make_eval_policy(cfg, models, dict(loaded.payload["states"]), env.action_spec)
+    states = {name: state for name, state in loaded.payload["states"].items() if not (args.bc and name == "agent")}
+    policy = make_eval_policy(cfg, models, states, env.action_spec)
     result = run_episodes(env, policy, args.episodes, cfg.env.eval_max_steps)
-    print(json.dumps({"checkpoint": str(ckpt_path), "step": loaded.step, **result}, indent=2))
+    print(json.dumps({"checkpoint": str(ckpt_path), "step": loaded.step, "policy": "bc" if args.bc else "acting",
+                      **result}, indent=2))
     return 0
 
 
@@ -121,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=None, help="the eval env's seed (default: the run's own "
                           "evaluation seed, so the episodes start as its logged evaluations did)")
     evaluate.add_argument("--env", default=None, help="override the run's env name")
+    evaluate.add_argument("--bc", action="store_true", help="the behaviour-cloning policy head alone, as the run's "
+                          "loop.eval_bc evaluations (without it: the imagination-trained policy, once there is one)")
     evaluate.set_defaults(run=_eval)
 
     collect = commands.add_parser("collect", help="record random-policy episodes as an offline dataset")

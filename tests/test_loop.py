@@ -109,15 +109,19 @@ def test_offline_loop_on_a_recorded_dataset(tmp_path, cartpole_data, capsys):
     data = cartpole_data
     cfg = load_run_config(DEBUG, [f"run_dir={tmp_path / 'run'}", "loop.mode=offline", f"loop.offline_data={data}",
                                   "loop.offline_steps=6", "loop.agent_start=3", "loop.eval_every=6",
-                                  "loop.gif_every=6", "loop.checkpoint_every=3", "env.eval_max_steps=10"])
+                                  "loop.gif_every=6", "loop.checkpoint_every=3", "env.eval_max_steps=10",
+                                  "loop.eval_bc=true"])
     summary = train(cfg, progress=False)
     assert summary["grad_steps"] == 6 and "agent" in summary["params"]
     assert summary["eval"]["returns"]
     capsys.readouterr()
-    # `d4func eval` starts its episodes as the run's own evaluations did (the run's evaluation seed)
+    # `d4func eval` starts its episodes as the run's own evaluations did (the run's evaluation seed); `--bc` acts
+    # with the BC head alone, as the run's eval_bc evaluations
     episodes = str(len(summary["eval"]["returns"]))
     assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--episodes", episodes]) == 0
     assert json.loads(capsys.readouterr().out)["returns"] == summary["eval"]["returns"]
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--episodes", episodes, "--bc"]) == 0
+    assert json.loads(capsys.readouterr().out)["returns"] == summary["eval"]["bc"]["returns"]
     assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--episodes", "0"]) == 2
     assert "--episodes must be >= 1, got 0" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--env", "dmc:cartpole-swingup@0,1"]) == 2
