@@ -1,11 +1,12 @@
 """A DMControl demonstrator that plans with the true simulator, and a recorder for an offline dataset of it.
 
 `SimulatorPlanner` is MPPI (model-predictive path integral control): before each decision it plays `samples`
-perturbations of its previous plan (`horizon` decisions ahead, `action_repeat` physics steps each) from the env's
-current physics state, weights them by exp(summed task reward / temperature), and acts the weighted plan's first
-action. The env's state is saved and restored around the search (`d4func.envs.counterfactual`), so the real episode
-goes on exactly as if no search had happened. Gaussian noise on the executed action (`noise`) makes the data show
-recoveries from the demonstrator's own mistakes, which behaviour cloning needs.
+perturbations of its previous plan (`horizon` decisions ahead, each repeated `action_repeat` env steps) from the
+env's current physics state, stepped as the env steps, weights them by exp(return per decision / temperature), and
+acts the weighted plan's first action. The env's state is saved and restored around the search
+(`d4func.envs.counterfactual`), so the real episode goes on exactly as if no search had happened. Gaussian noise on
+the executed action (`noise`) makes the data show recoveries from the demonstrator's own mistakes, which behaviour
+cloning needs.
 
 On cartpole-swingup (action repeat 4, 32 samples, 20 decisions ahead) it scores about 630 per episode, where a
 uniform random policy scores about 30; one episode takes ~30 s of one CPU core, rendering included.
@@ -21,7 +22,6 @@ import json
 import sys
 import time
 
-import mujoco
 import numpy as np
 import torch
 from tensordict import TensorDictBase
@@ -29,21 +29,8 @@ from tensordict.nn import TensorDictModuleBase
 from torchrl.envs import EnvBase
 
 from d4func.data.offline import record_episodes
-from d4func.envs.counterfactual import dm_physics, restore_env, snapshot_env
+from d4func.envs.counterfactual import dm_control_env, restore_env, snapshot_env
 from d4func.envs.registry import env_config, make_env
-
-
-def dm_task(env: EnvBase):
-    """The dm_control task beneath a TorchRL DMControl env (its `get_reward(physics)` scores a simulated state)."""
-    base = env
-    while hasattr(base, "base_env"):
-        base = base.base_env
-    inner = getattr(base, "_env", None)
-    while inner is not None and not hasattr(inner, "task"):
-        inner = getattr(inner, "_env", None)
-    if inner is None:
-        raise TypeError(f"{type(env).__name__} is not a DMControl env: the planner needs its simulator")
-    return inner.task
 
 
 class SimulatorPlanner(TensorDictModuleBase):
@@ -53,9 +40,11 @@ class SimulatorPlanner(TensorDictModuleBase):
                  temperature: float = 0.5, spread: float = 0.6, noise: float = 0.0, seed: int = 0) -> None:
         super().__init__()
         self.in_keys, self.out_keys = [], ["action"]
-        self.env, self.physics, self.task = env, dm_physics(env), dm_task(env)
-        if self.physics is None:
-            raise TypeError(f"{type(env).__name__} has no dm_control physics to plan with")
+        control = dm_control_env(env)
+        if control is None:
+            raise TypeError(f"{type(env).__name__} is not a DMControl env: the planner needs its simulator")
+        # The planner steps the simulator as dm_control's `control.Environment.step` does, sub-steps included.
+        self.env, self.physics, self.task, self.sub_steps = env, control.physics, control.task, control._n_sub_steps
         shape = env.action_spec.shape
         if tuple(shape) != (1,):
             raise ValueError(f"SimulatorPlanner plans one action dimension, the env has action shape {tuple(shape)}")
@@ -69,19 +58,22 @@ class SimulatorPlanner(TensorDictModuleBase):
         self.last_time = float("inf")
 
     def _score(self, actions: np.ndarray) -> float:
-        """Summed task reward of one action sequence from the current physics state (which it leaves moved)."""
-        model, data = self.physics.model.ptr, self.physics.data.ptr
+        """The return of one action sequence from the current physics state (which it leaves moved), stepped as the
+        env steps: each decision repeated `action_repeat` times, each repeat one dm_control step of `sub_steps`
+        physics steps. Divided by `action_repeat`, so that `temperature` reads in rewards per decision."""
         total = 0.0
         for action in actions:
-            self.physics.data.ctrl[:] = action
-            for _ in range(self.action_repeat):
-                mujoco.mj_step(model, data)
-            total += float(self.task.get_reward(self.physics))
-        return total
+            for _ in range(self.action_repeat):  # the env sums the reward of each repeat
+                self.task.before_step(np.array([action]), self.physics)
+                self.physics.step(self.sub_steps)
+                self.task.after_step(self.physics)
+                total += float(self.task.get_reward(self.physics))
+        return total / self.action_repeat
 
     def forward(self, td: TensorDictBase) -> TensorDictBase:
         now = float(self.physics.data.time)
-        if now < self.last_time:  # a new episode: plan from scratch
+        # A new episode (the clock went back, or stands at 0 again after the collector's dry run): plan from scratch.
+        if now < self.last_time or now == 0.0:
             self.plan = np.zeros(self.horizon)
         snapshot = snapshot_env(self.env)
         guess = np.concatenate([self.plan[1:], [0.0]])

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from tensordict import TensorDict
 from torchrl.data import Bounded
 
+from d4func.heads import policy_dist
 from d4func.train.acting import WorldModelPolicy, agent_params_from_states
 from d4func.train.loop import build_models, init_states
 from d4func.train.run_config import load_run_config
@@ -128,3 +129,55 @@ def test_a_window_saved_under_another_context_is_started_afresh():
     act(resumed, frames[2], is_init[2])
     window = resumed.window_state()
     assert window["frames"].shape[1] == 3 and window["length"].tolist() == [1]  # a new episode from this frame
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), context=st.integers(2, 5), extra=st.integers(1, 4),
+       restarts=st.lists(st.tuples(st.integers(1, 8), st.integers(0, 1)), max_size=2))
+def test_a_slid_window_rebuilds_as_its_frames_observed_afresh(seed, context, extra, restarts):
+    # Once episodes outgrow the window, the rebuild must see what a training row sees: the window's (or the
+    # episode's) first frame without an action into it, every later frame with the action acting took before it.
+    steps = context + extra
+    frames = frames_of(seed, steps, n_envs=2)
+    is_init = torch.zeros(steps, 2, dtype=torch.bool)
+    is_init[0] = True
+    for step, env in restarts:
+        if step < steps:
+            is_init[step, env] = True
+    policy = make_policy(context)
+    emitted = []
+    for step in range(steps):
+        if step == steps - 1:
+            policy.update_params(*PARAMS)  # the last action comes from caches rebuilt from the window
+        emitted.append(act(policy, frames[step], is_init[step]))
+    last = steps - 1
+    for env in range(2):
+        episode_start = max(s for s in range(steps) if is_init[s, env])
+        first = max(last - context + 1, episode_start)
+        reference = make_policy(context)
+        span = slice(first, steps)
+        actions = torch.stack([emitted[s - 1][env] if s > first else torch.zeros(1) for s in range(first, steps)])
+        agent_out = reference._observe(frames[span, env][None], torch.tensor([True]), actions[None],
+                                       (torch.arange(first, steps) > first)[None])
+        expected = policy_dist(MODELS.heads, PARAMS[1]["heads", "policy"], agent_out).mode()
+        torch.testing.assert_close(emitted[-1][env], expected[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_window_of_other_frames_or_actions_is_started_afresh():
+    frames = frames_of(5, 2, n_envs=1)
+    is_init = torch.tensor([[True], [False]])
+    saved = make_policy()
+    act(saved, frames[0], is_init[0])
+    for mismatch in ("dtype", "action"):
+        window = saved.window_state()
+        resumed = make_policy()
+        if mismatch == "dtype":  # e.g. a resume whose env now gives uint8 pixels
+            window["frames"] = window["frames"].to(torch.float64)
+        else:  # a resume under another action space
+            window["prev_action"] = torch.zeros(1, 2)
+            window["actions"] = torch.zeros(1, 4, 2)
+        resumed.load_window(window)
+        act(resumed, frames[1], is_init[1])
+        resumed_window = resumed.window_state()
+        assert resumed_window["length"].tolist() == [1], mismatch
+        assert resumed_window["frames"].dtype == frames.dtype and resumed_window["prev_action"].shape == (1, 1)

@@ -8,8 +8,8 @@ import torch
 
 from d4func.data.offline import UniformRandomPolicy
 from d4func.envs.counterfactual import (
-    _control_env,
     counterfactual_clips,
+    dm_control_env,
     dm_physics,
     restore_env,
     snapshot_env,
@@ -110,7 +110,7 @@ def test_dmcontrol_restore_puts_back_the_step_count_and_time():
         td = env.step(td.set("action", torch.zeros(1))).get("next").exclude("reward", "done", "terminated",
                                                                              "truncated")
     snapshot = snapshot_env(env)
-    control, physics = _control_env(env), dm_physics(env)
+    control, physics = dm_control_env(env), dm_physics(env)
     count, time = control._step_count, float(physics.data.time)
     assert count == 12 and time > 0  # 3 decisions at action repeat 4
     for _ in range(2):
@@ -130,7 +130,7 @@ def test_dmcontrol_restore_is_bitwise_with_contacts_and_after_the_episode_ended(
     td = env.reset()
     for _ in range(20):  # long enough to fall onto the floor
         td = env.step(policy(td)).get("next").exclude("reward", "done", "terminated", "truncated")
-    physics, control = dm_physics(env), _control_env(env)
+    physics, control = dm_physics(env), dm_control_env(env)
     snapshot = snapshot_env(env)
     actions = [policy(td.clone(False)).get("action") for _ in range(8)]
     _play(env, td, actions)

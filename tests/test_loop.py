@@ -121,7 +121,9 @@ def test_offline_loop_on_a_recorded_dataset(tmp_path, cartpole_data, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--episodes", episodes]) == 0
     assert json.loads(capsys.readouterr().out)["returns"] == summary["eval"]["returns"]
     assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--episodes", episodes, "--bc"]) == 0
-    assert json.loads(capsys.readouterr().out)["returns"] == summary["eval"]["bc"]["returns"]
+    bc = json.loads(capsys.readouterr().out)
+    assert bc["policy"] == "bc" and bc["returns"] == summary["eval"]["bc"]["returns"]
+    assert summary["eval"]["bc"]["returns"] != summary["eval"]["returns"]  # else --bc could be ignored unnoticed
     assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--episodes", "0"]) == 2
     assert "--episodes must be >= 1, got 0" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--env", "dmc:cartpole-swingup@0,1"]) == 2

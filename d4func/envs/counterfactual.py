@@ -24,7 +24,7 @@ from torchrl.envs.utils import step_mdp
 from d4func.data.offline import UniformRandomPolicy
 from d4func.envs.resumable import get_env_state, set_env_state, supports_resume_state
 
-__all__ = ["MAX_WARMUP", "counterfactual_clips", "dm_physics", "restore_env", "snapshot_env",
+__all__ = ["MAX_WARMUP", "counterfactual_clips", "dm_control_env", "dm_physics", "restore_env", "snapshot_env",
            "supports_counterfactuals"]
 
 MAX_WARMUP = 60  # random decisions before a state is taken (cartpole's episodes hold 250 at action repeat 4)
@@ -43,7 +43,7 @@ def dm_physics(env: EnvBase) -> Any | None:
     return getattr(_dm_env(env), "physics", None)
 
 
-def _control_env(env: EnvBase) -> Any | None:
+def dm_control_env(env: EnvBase) -> Any | None:
     """The innermost dm_control `control.Environment` (the one that counts steps toward the time limit): wrappers
     delegate attribute reads to it, so look in each object's own `__dict__`."""
     inner = _dm_env(env)
@@ -67,7 +67,7 @@ def snapshot_env(env: EnvBase) -> Any:
     if physics is None:
         raise TypeError(f"{type(env).__name__} cannot save its state mid-episode (neither get_resume_state nor "
                         "dm_control physics): counterfactual rollouts need one")
-    control = _control_env(env)
+    control = dm_control_env(env)
     return {"state": physics.get_state().copy(), "time": float(physics.data.time),
             "warmstart": physics.data.qacc_warmstart.copy(),
             "step_count": None if control is None else control._step_count}
@@ -84,7 +84,7 @@ def restore_env(env: EnvBase, snapshot: Any) -> None:
         physics.set_state(snapshot["state"])
     physics.data.time = snapshot["time"]  # reset_context zeroes it, and the warm start
     physics.data.qacc_warmstart[:] = snapshot["warmstart"]
-    control = _control_env(env)
+    control = dm_control_env(env)
     if control is not None and snapshot["step_count"] is not None:
         control._step_count = snapshot["step_count"]
         # An episode that ended after the snapshot leaves dm_control set to reset on its next step: the snapshot

@@ -146,10 +146,10 @@ class WorldModelPolicy(TensorDictModuleBase):
         -> the episode starts, every env's when the window is new."""
         n_envs = frames.shape[0]
         window = self._window
-        # A new window for new envs, and for a saved one of another length or frame shape (a resume under a changed
-        # replay.seq_len): sliding would keep its old length and the rebuild would read the wrong slots.
-        if window is None or window["frames"].shape[:2] != (n_envs, self.context) or (
-                window["frames"].shape[2:] != frames.shape[1:]):
+        # A new window for new envs, and for a saved one that does not fit these frames and actions (a resume under a
+        # changed replay.seq_len, image size or action space): sliding would keep its old length and the rebuild
+        # would read the wrong slots, or the new frames would be cast to the old dtype.
+        if window is None or not self._window_fits(window, frames):
             starts = torch.ones_like(starts)
             self._caches = None
             prev = self._random_action(torch.Size([n_envs])).zero_()
@@ -171,6 +171,13 @@ class WorldModelPolicy(TensorDictModuleBase):
             "prev_action": window["prev_action"],
         }
         return starts
+
+    def _window_fits(self, window: dict[str, Tensor], frames: Tensor) -> bool:
+        """Whether a window can slide on by these frames `[E, ...]` and this policy's actions."""
+        action = self.action_spec.zero(torch.Size([frames.shape[0]]))  # not rand: that would draw from the global RNG
+        return (window["frames"].shape == (frames.shape[0], self.context, *frames.shape[1:])
+                and window["frames"].dtype == frames.dtype
+                and window["prev_action"].shape == action.shape and window["prev_action"].dtype == action.dtype)
 
     def _observe(self, frames: Tensor, starts: Tensor, actions: Tensor, has_action: Tensor) -> Tensor:
         """Frames `[E, n, ...]` per env into the caches (after forgetting an env's history where `starts`), with the
