@@ -39,6 +39,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    import torch
+
     from d4func.envs.registry import make_env
     from d4func.train import checkpoint
     from d4func.train.compat import check_env_fits
@@ -47,6 +49,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {args.episodes}")
+    if args.threads is not None and args.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
     path = Path(args.checkpoint)
     ckpt_path = path if path.is_file() else checkpoint.latest_checkpoint(path)
     if ckpt_path is None:
@@ -60,6 +64,11 @@ def _eval(args: argparse.Namespace) -> int:
                    image_size=cfg.env.image_size, action_repeat=cfg.env.action_repeat,
                    max_episode_steps=cfg.env.max_episode_steps)
     check_env_fits(cfg, env, env_name)
+    # As many threads as the run trained with (loop.threads): two evaluations side by side at torch's default
+    # each take every core and run several times slower than with one thread each.
+    threads = cfg.loop.threads if args.threads is None else args.threads
+    if threads:
+        torch.set_num_threads(threads)
     models = build_models(cfg)
     states = {name: state for name, state in loaded.payload["states"].items() if not (args.bc and name == "agent")}
     policy = make_eval_policy(cfg, models, states, env.action_spec)
@@ -125,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--env", default=None, help="override the run's env name")
     evaluate.add_argument("--bc", action="store_true", help="the behaviour-cloning policy head alone, as the run's "
                           "loop.eval_bc evaluations (without it: the imagination-trained policy, once there is one)")
+    evaluate.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the run's "
+                          "loop.threads; 0: torch's default)")
     evaluate.set_defaults(run=_eval)
 
     collect = commands.add_parser("collect", help="record random-policy episodes as an offline dataset")

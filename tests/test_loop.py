@@ -126,6 +126,17 @@ def test_offline_loop_on_a_recorded_dataset(tmp_path, cartpole_data, capsys):
     assert summary["eval"]["bc"]["returns"] != summary["eval"]["returns"]  # else --bc could be ignored unnoticed
     assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--episodes", "0"]) == 2
     assert "--episodes must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--threads", "-1"]) == 2
+    assert "--threads must be >= 0 (0: torch's default), got -1" in capsys.readouterr().err
+    threads = torch.get_num_threads()
+    try:  # the run's loop.threads (1 in the debug config) unless --threads says otherwise
+        assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--episodes", "1", "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2
+        assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--episodes", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    capsys.readouterr()
     assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--env", "dmc:cartpole-swingup@0,1"]) == 2
     assert "'dmc:cartpole-swingup@0,1' gives" in capsys.readouterr().err  # not a shape error inside the policy
     broken = tmp_path / "run" / "ckpt-broken.pt"
