@@ -98,7 +98,7 @@ FULL = Budget(
     functional=(256, 4, 4, 8), functional_repeats=15,
     generation=("default", 4), generation_repeats=3, target_repeats=5, phase_repeats=5,
     phase_overrides={"debug": (), "default": ()},
-    env_steps_per_call=100, policy_calls_per_call=50, acting_repeats=3,
+    env_steps_per_call=50, policy_calls_per_call=50, acting_repeats=3,
     # Both budgets end after agent_start, so the difference is the steady state with every phase training.
     online_steps={"debug": (200, 400), "default": (200, 400)},
     online_overrides={"debug": (), "default": ("loop.prefill_steps=100", "loop.agent_start=100")}, online_warmup=True,
