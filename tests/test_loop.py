@@ -146,14 +146,32 @@ def test_offline_loop_on_a_recorded_dataset(tmp_path, cartpole_data, capsys):
 
 
 def test_rows_logged_at_multiples_of_tokenizer_every_carry_the_tokenizer_metrics(tmp_path, cartpole_data):
-    cfg = load_run_config(DEBUG, [f"run_dir={tmp_path}", "loop.mode=offline", f"loop.offline_data={cartpole_data}",
-                                  "loop.offline_steps=4", "loop.agent_start=100", "loop.eval_every=100",
-                                  "loop.gif_every=100", "loop.checkpoint_every=100", "env.eval_episodes=0",
-                                  "loop.tokenizer_every=2", "loop.log_every=2"])
-    train(cfg, progress=False)
+    import warnings
+
+    def config(steps: int):
+        return load_run_config(DEBUG, [
+            f"run_dir={tmp_path}", "loop.mode=offline", f"loop.offline_data={cartpole_data}",
+            f"loop.offline_steps={steps}", "loop.agent_start=100", "loop.eval_every=100", "loop.gif_every=100",
+            "loop.checkpoint_every=100", "env.eval_episodes=0", "loop.tokenizer_every=2", "loop.log_every=2"])
+
+    train(config(4), progress=False)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [2, 4]
     assert all("tokenizer/loss" in row and "world_model/loss" in row for row in rows)
+
+    # Checkpoints record the cadence, and one that does resumes silently (4 -> 6 steps). One from before the entry
+    # existed (its tokenizer updated on steps 1, 3, ... counted from 0) resumes with a warning naming both.
+    blob = torch.load(checkpoint.latest_checkpoint(tmp_path), weights_only=True)
+    assert blob["payload"]["tokenizer_cadence"] == "every-nth-counted-from-1"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*cadence.*")
+        train(config(6), progress=False)
+    path = checkpoint.latest_checkpoint(tmp_path)
+    blob = torch.load(path, weights_only=True)
+    del blob["payload"]["tokenizer_cadence"]
+    torch.save(blob, path)
+    with pytest.warns(UserWarning, match="'every-nth-counted-from-0'.*'every-nth-counted-from-1'"):
+        train(config(8), progress=False)
 
 
 def test_resuming_an_offline_run_on_a_dataset_recorded_again_is_refused(tmp_path):

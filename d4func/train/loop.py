@@ -168,6 +168,12 @@ def in_phase(phase: str, step_fn):
     return run
 
 
+# Which gradient steps update the tokenizer when `loop.tokenizer_every` > 1 (see `gradient_step`), as checkpoints
+# record it: checkpoints without the entry were written when the count started at 0, and a run resumed from one
+# updates its tokenizer on other steps than it would have (`Trainer.try_resume` warns).
+TOKENIZER_CADENCE = "every-nth-counted-from-1"
+
+
 def gradient_step(
     cfg: RunConfig,
     models: Models,
@@ -186,7 +192,8 @@ def gradient_step(
     metrics: dict[str, float] = {}
     states = dict(states)
     # Every tokenizer_every-th step counted from 1 (`grad_step` counts from 0), as logging counts: a row logged at
-    # a multiple of tokenizer_every then carries the tokenizer's metrics (counted from 0, none ever did).
+    # a multiple of tokenizer_every then carries the tokenizer's metrics (counted from 0, none ever did). Checkpoints
+    # record this as TOKENIZER_CADENCE.
     if (grad_step + 1) % cfg.loop.tokenizer_every == 0:
         states["tokenizer"], tok = in_phase("tokenizer", tokenizer_train_step)(
             states["tokenizer"], batch["frames"], generator, template=models.tokenizer, cfg=cfg.tokenizer_loss,
@@ -553,6 +560,7 @@ class Trainer:
         payload = {
             "states": dict(states if states is not None else self.states),
             "config": checkpoint.config_to_dict(self.cfg),
+            "tokenizer_cadence": TOKENIZER_CADENCE,
             **part,
         }
         step = self.counters["env_steps"] if self.cfg.loop.mode == "online" else self.counters["grad_steps"]
@@ -579,6 +587,12 @@ class Trainer:
             self.forget_logs()
             return None
         payload = checkpoint.rank_payload(found.payload, self.dist.rank if self.dist is not None else 0)
+        cadence = payload.get("tokenizer_cadence", "every-nth-counted-from-0")
+        if cadence != TOKENIZER_CADENCE and self.cfg.loop.tokenizer_every > 1:
+            warnings.warn(f"checkpoint {found.path} updated the tokenizer on the steps of cadence {cadence!r}, this "
+                          f"version on {TOKENIZER_CADENCE!r} (loop.tokenizer_every={self.cfg.loop.tokenizer_every}): "
+                          "the resumed run updates its tokenizer on other steps than its first part did, so it will "
+                          "not equal an uninterrupted run", stacklevel=2)
         if "log_rows" in payload:  # older checkpoints did not record it: their logs stay as they are
             self.logs_at_checkpoint = (payload["log_rows"], found.step)
         if rewind_logs:
