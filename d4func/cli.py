@@ -112,6 +112,14 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from d4func.data.merge_datasets import merge_datasets
+
+    metadata = merge_datasets(args.datasets, args.out)
+    print(json.dumps(metadata, indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="d4func", description="Dreamer 4 in functional PyTorch",
@@ -177,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     imports.add_argument("--action-repeat", type=int, default=2, help="with --env: its action repeat")
     imports.add_argument("--source", default="imported", help="who acted (stored as the dataset's policy)")
     imports.set_defaults(run=_import)
+
+    merge = commands.add_parser("merge", help="merge datasets of one env (e.g. recorded side by side) into one",
+                                description="Writes the episodes of every DATASET, in order, as one new dataset "
+                                "(frames, actions, rewards, episode ends; env-specific entries such as Crafter's "
+                                "achievements are left out, with a warning). See d4func.data.merge_datasets.")
+    merge.add_argument("datasets", nargs="+", metavar="DATASET", help="dataset directories, two or more")
+    merge.add_argument("--out", required=True, help="the merged dataset's directory (must not exist yet)")
+    merge.set_defaults(run=_merge)
     return parser
 
 
