@@ -1,0 +1,89 @@
+"""experiments/bc_probe.py: its probes find action information where there is some and none where there is none,
+and the script runs end to end on an offline run with a held-out dataset."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from d4func.cli import main as cli
+from d4func.heads import HeadsConfig
+from d4func.train.loop import train
+from d4func.train.run_config import load_run_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("bc_probe", REPO / "experiments/bc_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bc_probe"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+probe = _load_script()
+
+
+def _actions(n: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, 1, generator=generator) * 1.8 - 0.9
+
+
+@pytest.mark.parametrize("informative", [True, False])
+def test_a_probe_beats_the_marginal_exactly_when_its_input_carries_the_action(informative):
+    generator = torch.Generator().manual_seed(0)
+    heads_cfg = HeadsConfig(d_model=8, action_dim=1)
+    train_y, test_y = _actions(2000, generator), _actions(500, generator)
+    if informative:  # the action plus a little noise, among distractors
+        def features(y):
+            return torch.cat([y + 0.05 * torch.randn(y.shape, generator=generator),
+                              torch.randn(y.shape[0], 7, generator=generator)], dim=1)
+    else:
+        def features(y):
+            return torch.randn(y.shape[0], 8, generator=generator)
+    fitted = probe.fit_probe(features(train_y), train_y, features(test_y), test_y, heads_cfg, steps=600,
+                             eval_every=100)
+    marginal = probe.fit_probe(torch.zeros(2000, 1), train_y, torch.zeros(500, 1), test_y, heads_cfg, steps=600,
+                               eval_every=100)
+    # Uniform actions on [-0.9, 0.9]: the marginal's NLL is about log(1.8) = 0.59.
+    assert marginal["held_out_nll"] == pytest.approx(0.6, abs=0.12)
+    if informative:
+        assert fitted["held_out_nll"] < marginal["held_out_nll"] - 0.3
+    else:
+        assert fitted["held_out_nll"] > marginal["held_out_nll"] - 0.05
+    assert [point["step"] for point in fitted["curve"]] == [100, 200, 300, 400, 500, 600]
+    assert fitted["held_out_nll"] == min(point["held_out_nll"] for point in fitted["curve"])
+
+
+def test_the_probe_script_on_an_offline_run_with_a_held_out_dataset(tmp_path, capsys):
+    for name, seed in (("data", 0), ("held_out", 1)):
+        assert cli(["collect", "--env", "reach", "--out", str(tmp_path / name), "--steps", "60", "--seed", str(seed),
+                    "--image-size", "16", "--action-repeat", "1"]) == 0
+    run = tmp_path / "run"
+    train(load_run_config(str(REPO / "experiments/configs/reach.yaml"), [
+        f"run_dir={run}", "loop.mode=offline", f"loop.offline_data={tmp_path / 'data'}", "loop.offline_steps=2",
+        "loop.agent_start=100", "loop.eval_every=100", "loop.gif_every=100", "loop.checkpoint_every=100",
+        "env.eval_episodes=0"]), progress=False)
+    result = probe.main(["--run", str(run), "--held-out", str(tmp_path / "held_out"), "--steps", "20",
+                         "--eval-every", "10", "--history", "2"])
+    assert json.loads((run / probe.RESULT_FILE).read_text()) == result
+    assert result["held_out_seen_by_run"] is False and result["step"] == 2
+    # 60 steps per dataset in windows of replay.seq_len = 8 frames, of which positions 1..7 have 2 frames of history
+    assert result["pairs"]["train"] % 7 == 0 and result["pairs"]["held_out"] % 7 == 0
+    assert 0 < result["pairs"]["held_out"] <= 60 and 0 < result["pairs"]["train"] <= 60
+    assert set(result["probes"]) == {"marginal (no input)", "latents of frame t", "latents of frames t-1..t",
+                                     "agent token at t"}
+    assert all(torch.isfinite(torch.tensor(p["held_out_nll"])) for p in result["probes"].values())
+    assert "| the run's BC head (step 2) |" in capsys.readouterr().out
+
+    split = probe.probe_run(run, steps=10, eval_every=10, history=2, held_out_every=2)
+    assert split["held_out_seen_by_run"] is True
+    with pytest.raises(ValueError, match="held_out_every must be >= 2"):
+        probe.probe_run(run, held_out_every=1)
+    with pytest.raises(ValueError, match="history must be in 1..replay.seq_len=8, got 9"):
+        probe.probe_run(run, history=9)
