@@ -29,6 +29,7 @@ from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from torchrl.envs import EnvBase
 
+from d4func.data.merge_datasets import dataset_episodes
 from d4func.data.offline import record_episodes
 from d4func.envs.counterfactual import dm_control_env, restore_env, snapshot_env
 from d4func.envs.registry import env_config, make_env
@@ -128,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = env_config(args.env, seed=args.seed, image_size=args.image_size, action_repeat=args.action_repeat)
     metadata = record_episodes(env, args.out, n_episodes=args.episodes, policy=planner, seed=args.seed,
                                env_config=cfg, policy_name=f"mppi_simulator_noise{args.noise:g}")
-    print(json.dumps({"out": args.out, "transitions": metadata.get("transitions"),
-                      "seconds": time.perf_counter() - started}, default=str))
+    returns = [float(episode["reward"].sum()) for episode in dataset_episodes(args.out)]
+    print(json.dumps({"out": args.out, "transitions": metadata["n_steps"], "episodes": len(returns),
+                      "mean_return": float(np.mean(returns)), "returns": returns,
+                      "seconds": time.perf_counter() - started}))
     return 0
 
 

@@ -4,12 +4,14 @@ search, scores more than random actions, and refuses envs it cannot plan in."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from d4func.data.offline import load_offline
 from d4func.envs.registry import make_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +46,17 @@ def test_the_planner_scores_more_than_random_actions():
     torch.manual_seed(0)
     random = random_env.rollout(60).get(("next", "reward")).sum()
     assert planned > random + 20.0, (float(planned), float(random))
+
+
+@pytest.mark.slow  # ~10 s: one 250-step episode, rendered
+def test_recording_prints_what_the_dataset_holds(tmp_path, capsys):
+    out = tmp_path / "expert"
+    assert expert.main(["--out", str(out), "--episodes", "1", "--horizon", "2", "--samples", "2",
+                        "--image-size", str(SIZE)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rewards = load_offline(out, 1, 1).stored_transitions().get(("next", "reward"))
+    assert printed["transitions"] == rewards.shape[0] == 250 and printed["episodes"] == 1  # 1000 steps / repeat 4
+    assert printed["mean_return"] == pytest.approx(float(rewards.sum()), rel=1e-5) == printed["returns"][0]
 
 
 def test_envs_without_a_simulator_or_with_bad_settings_are_refused():
