@@ -21,57 +21,66 @@ from typing import Any
 
 import torch
 from tensordict import TensorDictBase
-from torch import Tensor
 
 from d4func.data.import_episodes import import_episodes
 from d4func.data.offline import load_offline, read_metadata
-from d4func.data.replay import NEXT_PIXELS
+from d4func.data.replay import DEFAULT_TRAJ_KEY, END_FRAME_KEY, NEXT_PIXELS, RETIRED_TRAJ_BASE, WRITE_INDEX_KEY
 
 __all__ = ["dataset_episodes", "merge_datasets"]
 
 # Entries every d4func dataset holds (or that the import writes afresh): anything else is env-specific.
-_CARRIED = {"pixels", "action", "step_count", "is_init", "done", "terminated", "truncated", ("next", "reward"),
-            ("next", "done"), ("next", "terminated"), ("next", "truncated"), ("next", "step_count"),
-            ("next", "is_init"), NEXT_PIXELS, ("collector", "traj_ids")}
+_CARRIED = {"pixels", "action", "step_count", "is_init", "done", "terminated", "truncated", "index", END_FRAME_KEY,
+            WRITE_INDEX_KEY, ("next", "reward"), ("next", "done"), ("next", "terminated"), ("next", "truncated"),
+            ("next", "step_count"), ("next", "is_init"), NEXT_PIXELS, DEFAULT_TRAJ_KEY}
 
 
-def _stored_transitions(path: Path) -> TensorDictBase:
-    """Every stored transition of the dataset, each with its next frame (`SequenceReplayBuffer.stored_transitions`)."""
-    return load_offline(path, seq_len=1, batch_size=1).stored_transitions()
+def _stored_entries(path: Path) -> tuple[TensorDictBase, bool]:
+    """The dataset's stored entries as memory maps (nothing is read until indexed: frames stay uint8 on disk), and
+    whether each frame is stored once (episode-end frame entries) rather than beside every transition."""
+    rb = load_offline(path, seq_len=1, batch_size=1)
+    return rb.storage[: len(rb)], rb.share_next_pixels
 
 
-def _dropped_keys(transitions: TensorDictBase) -> list[str]:
-    keys = transitions.keys(include_nested=True, leaves_only=True)
+def _dropped_keys(entries: TensorDictBase) -> list[str]:
+    keys = entries.keys(include_nested=True, leaves_only=True)
     return sorted(".".join(key) if isinstance(key, tuple) else key for key in keys if key not in _CARRIED)
-
-
-def _as_stored(pixels: Tensor) -> Tensor:
-    """Frames as the dataset stores them, uint8: sampling reads them as floats k / 255, which round back exactly."""
-    return pixels if pixels.dtype == torch.uint8 else (pixels * 255).round().to(torch.uint8)
 
 
 def dataset_episodes(path: str | Path) -> Iterator[dict[str, Any]]:
     """The episodes of the dataset at `path`, in the order they were stored, as `import_episodes` reads them
     (`channels_last=False`, rewards on actions): `pixels` `[T + 1, ...]` uint8 (the frame after the last action
     included; `[T, ...]` for a dataset imported without it), `action` `[T, A]` (or `[T]` class indices), `reward`
-    `[T]`, `terminated` and `name`."""
+    `[T]`, `terminated` and `name`. One episode at a time is read from disk.
+
+    As `SequenceReplayBuffer.stored_transitions` does, an episode whose last transition has no next frame stored
+    (the newest episode of a replay still being written) ends one transition early, at that transition's frame."""
     path = Path(path)
-    transitions = _stored_transitions(path)
-    # Datasets imported without the frame after each episode's last action store no next frames at all.
-    has_final = NEXT_PIXELS in transitions.keys(include_nested=True)
-    traj = transitions.get(("collector", "traj_ids")).reshape(-1)
+    entries, shared = _stored_entries(path)
+    traj = entries.get(DEFAULT_TRAJ_KEY).reshape(-1).clone()
+    step = entries.get("step_count").reshape(-1).clone()
+    end_frame = entries.get(END_FRAME_KEY).reshape(-1).clone() if shared else torch.zeros_like(traj, dtype=torch.bool)
+    per_transition_next = not shared and NEXT_PIXELS in entries.keys(include_nested=True)
     for episode_id in dict.fromkeys(traj.tolist()):  # first appearance: the order they were stored in
-        steps = (traj == episode_id).nonzero().reshape(-1)
-        episode = transitions[steps[torch.argsort(transitions.get("step_count")[steps].reshape(-1), stable=True)]]
-        action = episode.get("action")
-        pixels = episode.get("pixels")
-        if has_final:
-            pixels = torch.cat([pixels, episode.get(NEXT_PIXELS)[-1:]])
+        if episode_id >= RETIRED_TRAJ_BASE:  # entries a resumed online run retired: no episode's
+            continue
+        at = (traj == episode_id).nonzero().reshape(-1)
+        steps = at[~end_frame[at]]
+        steps = steps[torch.argsort(step[steps], stable=True)]
+        ends = at[end_frame[at]]
+        frames = entries.get("pixels")[steps]
+        action, reward = entries.get("action")[steps], entries.get(("next", "reward"))[steps].reshape(-1)
+        terminated = entries.get(("next", "terminated"))[steps].reshape(-1)
+        if ends.numel():
+            frames = torch.cat([frames, entries.get("pixels")[ends[:1]]])
+        elif per_transition_next:
+            frames = torch.cat([frames, entries.get(NEXT_PIXELS)[steps[-1:]]])
+        elif shared:  # the last transition's next frame is not stored: its own frame ends the episode
+            action, reward, terminated = action[:-1], reward[:-1], terminated[:-1]
         yield {
-            "pixels": _as_stored(pixels),
+            "pixels": frames,
             "action": action if torch.is_floating_point(action) else action.reshape(-1),
-            "reward": episode.get(("next", "reward")).reshape(-1),
-            "terminated": bool(episode.get(("next", "terminated"))[-1].item()),
+            "reward": reward,
+            "terminated": bool(terminated[-1]) if terminated.numel() else False,
             "name": f"{path} episode {episode_id}",
         }
 
@@ -97,7 +106,7 @@ def merge_datasets(sources: Sequence[str | Path], out: str | Path) -> dict[str, 
     for source, meta in zip(sources[1:], metas[1:], strict=True):
         _same_env(metas[0].get("env_config"), meta.get("env_config"), sources[0], source)
     for source in sources:
-        dropped = _dropped_keys(_stored_transitions(source))
+        dropped = _dropped_keys(_stored_entries(source)[0])
         if dropped:
             warnings.warn(f"{source} holds entries the merged dataset does not carry: {dropped}", stacklevel=2)
     capacity = sum(int(meta["n_steps"]) for meta in metas)
