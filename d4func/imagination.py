@@ -357,18 +357,24 @@ def commit_frames(
     action_mask: Tensor | None,
     cache: TensorDict,
     generator: torch.Generator | None,
+    *,
+    signal_level: float | None = None,
 ) -> tuple[Tensor, TensorDict]:
     """Append clean frames `[B, n, S, Dz]` (with the actions leading into them) to the KV cache, re-noised to the
     context signal level tau_ctx with step size d_min exactly as the sampler keeps its context (paper Sec. 3.2).
 
     Returns the agent-token outputs of those frames `[B, n, n_agent, D]` and the cache with the frames committed.
     This is how the agent observes a frame, whether it comes from replay, from the real environment or from the
-    world model's own imagination: the same call, the same signal level.
+    world model's own imagination: the same call, the same signal level. `signal_level` replaces tau_ctx for
+    diagnostics only (how much the agent tokens read the frames: 0 commits pure noise, 1 the clean frames).
     """
     if latents.dim() != 4:
         raise ValueError(f"latents must be [B, n, S, Dz], got shape {tuple(latents.shape)}")
+    level = cfg.context_signal if signal_level is None else signal_level
+    if not 0.0 <= level <= 1.0:
+        raise ValueError(f"signal_level must be in [0, 1], got {signal_level}")
     batch, count = latents.shape[:2]
-    signal = torch.full((batch, count), cfg.context_signal, device=latents.device)
+    signal = torch.full((batch, count), level, device=latents.device)
     noise = sample_noise(latents, generator, cfg.noise_scale)
     _, agent_out, cache = model_fn(add_noise(latents, signal, noise), signal, torch.full_like(signal, cfg.d_min),
                                    actions, action_mask, cache=cache)

@@ -60,6 +60,18 @@ def test_a_probe_beats_the_marginal_exactly_when_its_input_carries_the_action(in
     assert fitted["held_out_nll"] == min(point["held_out_nll"] for point in fitted["curve"])
 
 
+def test_previous_actions_are_the_k_before_each_step_flagged_and_zero_before_the_start():
+    actions = torch.tensor([[0.1], [0.2], [0.3], [0.4]])
+    history = probe.previous_actions(actions, 2)  # per step: (a_{t-2}, flag, a_{t-1}, flag)
+    expected = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.1, 1.0], [0.1, 1.0, 0.2, 1.0], [0.2, 1.0, 0.3, 1.0]])
+    torch.testing.assert_close(history, expected)
+    discrete = probe.previous_actions(torch.tensor([2, 0, 1]), 1, n_actions=3)
+    torch.testing.assert_close(discrete, torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0],
+                                                       [1.0, 0.0, 0.0, 1.0]]))
+    with pytest.raises(ValueError, match="action history must be >= 1, got 0"):
+        probe.previous_actions(actions, 0)
+
+
 def test_the_probe_script_on_an_offline_run_with_a_held_out_dataset(tmp_path, capsys):
     for name, seed in (("data", 0), ("held_out", 1)):
         assert cli(["collect", "--env", "reach", "--out", str(tmp_path / name), "--steps", "60", "--seed", str(seed),
@@ -77,9 +89,25 @@ def test_the_probe_script_on_an_offline_run_with_a_held_out_dataset(tmp_path, ca
     assert result["pairs"]["train"] % 7 == 0 and result["pairs"]["held_out"] % 7 == 0
     assert 0 < result["pairs"]["held_out"] <= 60 and 0 < result["pairs"]["train"] <= 60
     assert set(result["probes"]) == {"marginal (no input)", "latents of frame t", "latents of frames t-1..t",
-                                     "agent token at t"}
+                                     "agent token at t", "actions t-7..t-1 of the episode"}
+    assert result["action_history"] == 7
     assert all(torch.isfinite(torch.tensor(p["held_out_nll"])) for p in result["probes"].values())
-    assert "| the run's BC head (step 2) |" in capsys.readouterr().out
+    # The BC head at the context level (the acting condition) and at the three levels asked for by default.
+    by_signal = result["bc_head_nll_by_signal"]
+    assert list(by_signal) == ["1", f"{result['context_signal']:g}", "0.5", "0"]
+    assert by_signal[f"{result['context_signal']:g}"] == result["bc_head_nll"]
+    assert by_signal["1"] != by_signal["0"]
+    out = capsys.readouterr().out
+    assert "| the run's BC head (step 2) |" in out and "| the BC head, pure noise for frames |" in out
+
+    only_noise = probe.probe_run(run, held_out_data=tmp_path / "held_out", steps=10, eval_every=10, history=2,
+                                 action_history=3, signal_levels=(0.0,))
+    assert list(only_noise["bc_head_nll_by_signal"]) == [f"{result['context_signal']:g}", "0"]
+    assert only_noise["bc_head_nll_by_signal"]["0"] == by_signal["0"]  # its own noise draws
+    assert only_noise["bc_head_nll"] == result["bc_head_nll"]
+    assert "actions t-3..t-1 of the episode" in only_noise["probes"]
+    with pytest.raises(ValueError, match=r"signal levels must be in \[0, 1\], got \[2.0\]"):
+        probe.probe_run(run, signal_levels=(2.0,))
 
     split = probe.probe_run(run, steps=10, eval_every=10, history=2, held_out_every=2)
     assert split["held_out_seen_by_run"] is True

@@ -21,7 +21,7 @@ from d4func.distributions import BoundedNormal, Categorical, bounded_normal_min_
 from d4func.dynamics import Dynamics, DynamicsConfig, actions_into_frames
 from d4func.functional import grad_and_value, init, template
 from d4func.heads import AgentHeads, HeadsConfig, policy_dist
-from d4func.imagination import ImaginationConfig, imagination_loss, imagine
+from d4func.imagination import ImaginationConfig, commit_frames, imagination_loss, imagine, world_model_fn
 from d4func.optim import AdamWConfig
 from d4func.train.agent_step import (
     FinetuneConfig,
@@ -33,6 +33,7 @@ from d4func.train.agent_step import (
 )
 from d4func.train.dynamics_step import dynamics_loss
 from d4func.train.state import new_train_state
+from d4func.transformer import empty_cache
 
 torch.set_num_threads(1)
 A_CONT, N_DISC = 2, 4
@@ -287,6 +288,31 @@ def test_rollout_shapes_and_reproducibility(discrete, n_agent, steps):
     other = imagine(model, heads, params, batch["latents"], batch["actions"], torch.Generator().manual_seed(2),
                     horizon=5)
     assert not torch.allclose(other.latents, rollout.latents)
+
+
+def test_commit_frames_signal_level_spans_clean_frames_to_pure_noise():
+    """The default level is tau_ctx; at 1 the agent tokens read the clean frames whatever the noise, at 0 only the
+    noise: the frames change nothing (the diagnostic experiments/bc_probe.py reads the BC head with)."""
+    model, _, params = make(False)
+    cfg = model.cfg
+    batch = toy_batch(False, 2, 4, torch.Generator().manual_seed(0))
+    actions_in, mask_in = actions_into_frames(batch["actions"])
+    model_fn = world_model_fn(model, params["dynamics"])
+
+    def agent(latents, seed, **level):
+        out, _ = commit_frames(model_fn, cfg, latents, actions_in, mask_in, empty_cache(2),
+                               torch.Generator().manual_seed(seed), **level)
+        return out
+
+    other = batch["latents"].flip(0)
+    torch.testing.assert_close(agent(batch["latents"], 1), agent(batch["latents"], 1, signal_level=cfg.context_signal))
+    torch.testing.assert_close(agent(batch["latents"], 1, signal_level=1.0), agent(batch["latents"], 2,
+                                                                                    signal_level=1.0))
+    torch.testing.assert_close(agent(batch["latents"], 1, signal_level=0.0), agent(other, 1, signal_level=0.0))
+    assert not torch.allclose(agent(batch["latents"], 1, signal_level=1.0), agent(other, 1, signal_level=1.0))
+    assert not torch.allclose(agent(batch["latents"], 1), agent(batch["latents"], 2))
+    with pytest.raises(ValueError, match="signal_level must be in \\[0, 1\\], got 1.5"):
+        agent(batch["latents"], 1, signal_level=1.5)
 
 
 def test_a_window_cuts_the_context_as_generation_does():
