@@ -109,6 +109,50 @@ def test_dmc_seed_reproducible():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_dmc_resume_state_continues_the_episode_and_the_next_ones_in_a_fresh_env(tmp_path):
+    # The state travels through a weights_only checkpoint load, into an env built with another seed, mid-episode:
+    # the frames, rewards and ends that follow, and the initial states of the episodes after, are bitwise the same.
+    from torchrl.envs.utils import step_mdp
+
+    from d4func.envs.resumable import get_env_state, set_env_state, supports_resume_state
+
+    def make(seed):  # 0.5 s episodes: 12 decisions at action repeat 4 (10 ms control steps)
+        return make_dmc_env("cartpole", "swingup", image_size=16, action_repeat=4, seed=seed, time_limit=0.5)
+
+    generator = torch.Generator().manual_seed(0)
+    actions = [torch.rand(1, generator=generator) * 2 - 1 for _ in range(40)]
+
+    def play(env, td, actions):
+        seen = []
+        for action in actions:
+            td = env.step(td.set("action", action))
+            seen += [td["next", "pixels"].clone(), td["next", "reward"].clone(), td["next", "done"].clone()]
+            done = bool(td["next", "done"])
+            td = step_mdp(td)
+            if done:
+                td = env.reset()
+                seen.append(td["pixels"].clone())
+        return seen
+
+    env = make(3)
+    assert supports_resume_state(env)
+    td = env.reset()
+    play(env, td, actions[:5])  # mid-episode
+    td = step_mdp(env.step(td.set("action", actions[5])))
+    torch.save(get_env_state(env), tmp_path / "state.pt")
+    carried = td.clone()
+    expected = play(env, td, actions[6:])
+    resumed = make(99)
+    resumed.reset()
+    set_env_state(resumed, torch.load(tmp_path / "state.pt", weights_only=True))
+    got = play(resumed, carried, actions[6:])
+    assert len(got) == len(expected) > 3 * len(actions[6:])  # two episodes ended on the way
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    fresh = make(99)
+    fresh.reset()
+    assert not all(torch.equal(a, b) for a, b in zip(play(fresh, carried.clone(), actions[6:]), expected, strict=False))
+
+
 def test_dmc_multicamera():
     multi = make_dmc_env("cartpole", "swingup", image_size=64, camera_ids=(0, 1), seed=2)
     single = make_dmc_env("cartpole", "swingup", image_size=64, camera_ids=(1,), seed=2)

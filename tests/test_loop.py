@@ -65,7 +65,12 @@ def test_online_loop_on_dmc_writes_checkpoint_logs_gif_and_resumes(tmp_path, mon
     # Resume: the same run directory with a larger budget continues from the checkpoint, never from scratch.
     resumed = train(load_run_config(DEBUG, [f"run_dir={tmp_path}", *SHORT, "loop.env_steps=250"]), progress=False)
     assert resumed["env_steps"] == 250 and resumed["grad_steps"] == 12
-    assert resumed["next_traj_id"] > summary["next_traj_id"]  # episode ids never reused in the replay
+    # DMControl resumes exactly: the interrupted episode goes on under its own id, its step count unbroken.
+    assert resumed["next_traj_id"] == summary["next_traj_id"] == 1
+    steps = open_run_replay(tmp_path)[:]
+    ids, counts = steps.get(("collector", "traj_ids")), steps.get("step_count").reshape(-1)
+    assert torch.equal(ids.unique(), torch.tensor([0])) and torch.equal(counts, torch.arange(counts.numel()))
+    assert counts.numel() >= 250
 
 
 def test_online_loop_on_crafter(tmp_path):
@@ -386,6 +391,24 @@ def test_online_resume_with_a_seeded_env_is_bitwise_equal_to_an_uninterrupted_ru
 
     # same losses and episode returns, row by row: a restart instead of a resume would repeat rows
     assert train_rows("whole") == train_rows("split")
+
+
+def test_online_resume_on_dmc_continues_the_episode_bitwise(tmp_path):
+    # DMControl envs keep their physics, step count and task RNG in the checkpoint (ResumableDMControlWrapper): a run
+    # stopped mid-episode and resumed equals the uninterrupted one, episode returns and losses included.
+    common = ["loop.prefill_steps=10", "loop.collect_steps=5", "loop.train_ratio=0.4", "loop.agent_start=20",
+              "loop.eval_every=1000", "loop.gif_every=1000", "loop.checkpoint_every=1000", "loop.log_every=1",
+              "env.eval_episodes=0", "env.max_episode_steps=12", "replay.batch_size=2", "loop.eval_bc=false"]
+    train(load_run_config(DEBUG, [f"run_dir={tmp_path / 'whole'}", *common, "loop.env_steps=30"]), progress=False)
+    train(load_run_config(DEBUG, [f"run_dir={tmp_path / 'split'}", *common, "loop.env_steps=20"]), progress=False)
+    torch.manual_seed(1234)  # scramble the global RNG: the resumed run must not depend on it
+    train(load_run_config(DEBUG, [f"run_dir={tmp_path / 'split'}", *common, "loop.env_steps=30"]), progress=False)
+    whole, split = _final_payload(tmp_path / "whole"), _final_payload(tmp_path / "split")
+    assert whole["counters"] == split["counters"] and whole["counters"]["grad_steps"] == 10
+    assert_states_equal(whole["states"], split["states"])
+    rows = _train_rows(tmp_path / "whole")
+    assert rows == _train_rows(tmp_path / "split")
+    assert sum("episode/return" in row for row in rows) == 2  # episodes of 12 steps: the stop at 20 was mid-episode
 
 
 def test_loop_runs_under_bf16_autocast_and_keeps_float32_state(tmp_path):

@@ -31,6 +31,7 @@ from collections import OrderedDict  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from torchrl.envs import (  # noqa: E402
     Compose,
     DoubleToFloat,
@@ -48,7 +49,8 @@ from dm_control import suite  # noqa: E402
 from dm_control.suite.wrappers import pixels  # noqa: E402
 from dm_env import StepType, specs  # noqa: E402
 
-__all__ = ["ACTION_TOLERANCE", "MultiCameraRepeatWrapper", "check_unit_action", "make_dmc_env", "parse_dmc_name"]
+__all__ = ["ACTION_TOLERANCE", "MultiCameraRepeatWrapper", "ResumableDMControlWrapper", "check_unit_action",
+           "make_dmc_env", "parse_dmc_name"]
 
 # Slack beyond [-1, 1] that is clipped rather than rejected: float32 rounding of an action drawn at the bound
 # (e.g. low + u * (high - low), or a rescaled sample) can land a few ulps outside the box.
@@ -174,6 +176,55 @@ def parse_dmc_name(name: str) -> tuple[str, str, tuple[int, ...]]:
     return domain, task, cams
 
 
+class ResumableDMControlWrapper(DMControlWrapper):
+    """TorchRL's ``DMControlWrapper`` with the runtime state of an episode (``d4func.envs.resumable``), so an online
+    run resumed from a checkpoint continues the interrupted episode, and the episodes after it start from the same
+    random initial states, bitwise as an uninterrupted run.
+
+    The state: the physics state with its time and the solver's warm start (without it a restored contact-rich
+    state drifts at round-off level), dm_control's step count toward the time limit and whether its next step
+    resets, and the task's RNG (initial states of the next episodes). Tensors and primitives only: checkpoints
+    load with ``weights_only=True``.
+    """
+
+    def _control(self):
+        """The innermost dm_control ``control.Environment``; wrappers delegate attribute reads to it, so look in
+        each object's own ``__dict__``."""
+        inner = self._env
+        while inner is not None and "_step_count" not in vars(inner):
+            inner = getattr(inner, "_env", None)
+        if inner is None:
+            raise TypeError(f"no dm_control control.Environment beneath {type(self._env).__name__}")
+        return inner
+
+    def get_resume_state(self) -> dict:
+        control = self._control()
+        physics = control.physics
+        kind, key, pos, has_gauss, gauss = control.task.random.get_state()
+        return {
+            "physics": torch.from_numpy(physics.get_state().copy()),
+            "time": float(physics.data.time),
+            "warmstart": torch.from_numpy(physics.data.qacc_warmstart.copy()),
+            "step_count": int(control._step_count),
+            "reset_next_step": bool(control._reset_next_step),
+            "task_random": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                            "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        }
+
+    def set_resume_state(self, state: dict) -> None:
+        control = self._control()
+        physics = control.physics
+        with physics.reset_context():  # recomputes derived quantities (positions, contacts) from the state
+            physics.set_state(state["physics"].numpy())
+        physics.data.time = state["time"]  # reset_context zeroes it, and the warm start
+        physics.data.qacc_warmstart[:] = state["warmstart"].numpy()
+        control._step_count = state["step_count"]
+        control._reset_next_step = state["reset_next_step"]
+        rng = state["task_random"]
+        control.task.random.set_state((rng["kind"], rng["key"].numpy().astype(np.uint32), rng["pos"],
+                                       rng["has_gauss"], rng["gauss"]))
+
+
 def make_dmc_env(
     domain: str,
     task: str,
@@ -207,7 +258,7 @@ def make_dmc_env(
     wrapped = MultiCameraRepeatWrapper(
         raw, camera_ids=camera_ids, height=image_size, width=image_size, action_repeat=action_repeat
     )
-    base = DMControlWrapper(wrapped, device=device)
+    base = ResumableDMControlWrapper(wrapped, device=device)
     base.set_seed(seed)
     env = TransformedEnv(
         base,
