@@ -393,6 +393,7 @@ def test_online_resume_with_a_seeded_env_is_bitwise_equal_to_an_uninterrupted_ru
     assert train_rows("whole") == train_rows("split")
 
 
+@pytest.mark.slow  # ~30 s; the default suite checks the same continuation in the DMC loop test above
 def test_online_resume_on_dmc_continues_the_episode_bitwise(tmp_path):
     # DMControl envs keep their physics, step count and task RNG in the checkpoint (ResumableDMControlWrapper): a run
     # stopped mid-episode and resumed equals the uninterrupted one, episode returns and losses included.
