@@ -17,6 +17,7 @@ from d4func.envs.counterfactual import (
 )
 from d4func.envs.reach import reach_positions
 from d4func.envs.registry import make_env
+from d4func.envs.resumable import supports_resume_state
 
 ENVS = [("reach", 1), ("dmc:cartpole-swingup", 4)]
 
@@ -121,14 +122,27 @@ def test_dmcontrol_restore_puts_back_the_step_count_and_time():
     env.close()
 
 
-def test_dmcontrol_restore_is_bitwise_with_contacts_and_after_the_episode_ended():
+def _plain_dmc(domain: str, task: str, repeat: int):
+    """A TorchRL DMControl env without a resume state (not built by make_dmc_env): the physics fallback."""
+    from dm_control import suite
+    from torchrl.envs.libs.dm_control import DMControlWrapper
+
+    from d4func.envs.dmc import MultiCameraRepeatWrapper
+
+    raw = suite.load(domain, task, task_kwargs={"random": 3})
+    return DMControlWrapper(MultiCameraRepeatWrapper(raw, camera_ids=(0,), height=16, width=16, action_repeat=repeat))
+
+
+@pytest.mark.parametrize("resume_state", [True, False])
+def test_dmcontrol_restore_is_bitwise_with_contacts_and_after_the_episode_ended(resume_state):
     # Walker touches the floor: the constraint solver's warm start must come back too, or the restored branch
     # drifts from the original at round-off level. And an episode that ended after the snapshot (dm_control then
     # resets on the next step) must continue from the snapshot, not start a new episode.
-    env = _env("dmc:walker-walk", 2)
+    env = _env("dmc:walker-walk", 2) if resume_state else _plain_dmc("walker", "walk", 2)
+    assert supports_resume_state(env) == resume_state
     policy = UniformRandomPolicy(env.action_spec, seed=0)
     td = env.reset()
-    for _ in range(20):  # long enough to fall onto the floor
+    for _ in range(20 if resume_state else 60):  # long enough to fall onto the floor
         td = env.step(policy(td)).get("next").exclude("reward", "done", "terminated", "truncated")
     physics, control = dm_physics(env), dm_control_env(env)
     snapshot = snapshot_env(env)

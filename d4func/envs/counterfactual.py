@@ -23,6 +23,7 @@ from torchrl.envs import EnvBase
 from torchrl.envs.utils import step_mdp
 
 from d4func.data.offline import UniformRandomPolicy
+from d4func.envs.dmc import innermost_control, physics_state, restore_physics_state
 from d4func.envs.resumable import get_env_state, set_env_state, supports_resume_state
 
 __all__ = ["MAX_WARMUP", "counterfactual_clips", "dm_control_env", "dm_physics", "restore_env", "snapshot_env",
@@ -45,12 +46,8 @@ def dm_physics(env: EnvBase) -> Any | None:
 
 
 def dm_control_env(env: EnvBase) -> Any | None:
-    """The innermost dm_control `control.Environment` (the one that counts steps toward the time limit): wrappers
-    delegate attribute reads to it, so look in each object's own `__dict__`."""
-    inner = _dm_env(env)
-    while inner is not None and "_step_count" not in vars(inner):
-        inner = getattr(inner, "_env", None)
-    return inner
+    """The innermost dm_control `control.Environment` beneath a TorchRL DMControl env (`dmc.innermost_control`)."""
+    return innermost_control(_dm_env(env))
 
 
 def supports_counterfactuals(env: EnvBase) -> bool:
@@ -58,20 +55,15 @@ def supports_counterfactuals(env: EnvBase) -> bool:
 
 
 def snapshot_env(env: EnvBase) -> Any:
-    """The env's state mid-episode, for `restore_env`; raises for an env that cannot restore one. On DMControl:
-    the physics state, its time, the solver's warm start (the next step's constraint solve starts from it, so
-    without it a restored contact-rich state drifts from the original at round-off level) and the episode's step
-    count (which the task's time limit reads)."""
+    """The env's state mid-episode, for `restore_env`; raises for an env that cannot restore one. On a DMControl
+    env without a resume state: `dmc.physics_state`."""
     if supports_resume_state(env):
         return get_env_state(env)
     physics = dm_physics(env)
     if physics is None:
         raise TypeError(f"{type(env).__name__} cannot save its state mid-episode (neither get_resume_state nor "
                         "dm_control physics): counterfactual rollouts need one")
-    control = dm_control_env(env)
-    return {"state": physics.get_state().copy(), "time": float(physics.data.time),
-            "warmstart": physics.data.qacc_warmstart.copy(),
-            "step_count": None if control is None else control._step_count}
+    return physics_state(physics, dm_control_env(env))
 
 
 def restore_env(env: EnvBase, snapshot: Any) -> None:
@@ -81,13 +73,9 @@ def restore_env(env: EnvBase, snapshot: Any) -> None:
     physics = dm_physics(env)
     if physics is None:
         raise TypeError(f"{type(env).__name__} cannot restore a state mid-episode")
-    with physics.reset_context():  # recomputes derived quantities (positions, contacts) from the state
-        physics.set_state(snapshot["state"])
-    physics.data.time = snapshot["time"]  # reset_context zeroes it, and the warm start
-    physics.data.qacc_warmstart[:] = snapshot["warmstart"]
     control = dm_control_env(env)
+    restore_physics_state(physics, snapshot, control)
     if control is not None and snapshot["step_count"] is not None:
-        control._step_count = snapshot["step_count"]
         # An episode that ended after the snapshot leaves dm_control set to reset on its next step: the snapshot
         # was taken mid-episode, so the next step continues it.
         control._reset_next_step = False

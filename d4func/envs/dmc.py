@@ -50,7 +50,7 @@ from dm_control.suite.wrappers import pixels  # noqa: E402
 from dm_env import StepType, specs  # noqa: E402
 
 __all__ = ["ACTION_TOLERANCE", "MultiCameraRepeatWrapper", "ResumableDMControlWrapper", "check_unit_action",
-           "make_dmc_env", "parse_dmc_name"]
+           "innermost_control", "make_dmc_env", "parse_dmc_name", "physics_state", "restore_physics_state"]
 
 # Slack beyond [-1, 1] that is clipped rather than rejected: float32 rounding of an action drawn at the bound
 # (e.g. low + u * (high - low), or a rescaled sample) can land a few ulps outside the box.
@@ -176,36 +176,56 @@ def parse_dmc_name(name: str) -> tuple[str, str, tuple[int, ...]]:
     return domain, task, cams
 
 
+def innermost_control(dm_env):
+    """The innermost dm_control ``control.Environment`` beneath a ``dm_env`` (the one that counts steps toward the
+    time limit), else None: wrappers delegate attribute reads to it, so look in each object's own ``__dict__``."""
+    inner = dm_env
+    while inner is not None and "_step_count" not in vars(inner):
+        inner = getattr(inner, "_env", None)
+    return inner
+
+
+def physics_state(physics, control=None) -> dict:
+    """A DMControl episode's state mid-episode, as tensors and primitives: the physics state, its time, the solver's
+    warm start (the next step's constraint solve starts from it, so without it a restored contact-rich state drifts
+    from the original at round-off level) and, with `control`, the episode's step count (which the time limit
+    reads)."""
+    return {"physics": torch.from_numpy(physics.get_state().copy()), "time": float(physics.data.time),
+            "warmstart": torch.from_numpy(physics.data.qacc_warmstart.copy()),
+            "step_count": None if control is None else int(control._step_count)}
+
+
+def restore_physics_state(physics, state: dict, control=None) -> None:
+    """Put back a `physics_state` (the step count too, where both it and `control` are given)."""
+    with physics.reset_context():  # recomputes derived quantities (positions, contacts) from the state
+        physics.set_state(state["physics"].numpy())
+    physics.data.time = state["time"]  # reset_context zeroes it, and the warm start
+    physics.data.qacc_warmstart[:] = state["warmstart"].numpy()
+    if control is not None and state["step_count"] is not None:
+        control._step_count = state["step_count"]
+
+
 class ResumableDMControlWrapper(DMControlWrapper):
     """TorchRL's ``DMControlWrapper`` with the runtime state of an episode (``d4func.envs.resumable``), so an online
     run resumed from a checkpoint continues the interrupted episode, and the episodes after it start from the same
     random initial states, bitwise as an uninterrupted run.
 
-    The state: the physics state with its time and the solver's warm start (without it a restored contact-rich
-    state drifts at round-off level), dm_control's step count toward the time limit and whether its next step
-    resets, and the task's RNG (initial states of the next episodes). Tensors and primitives only: checkpoints
-    load with ``weights_only=True``.
+    The state: `physics_state` (physics, time, solver warm start, step count toward the time limit), whether
+    dm_control's next step resets, and the task's RNG (initial states of the next episodes). Tensors and
+    primitives only: checkpoints load with ``weights_only=True``.
     """
 
     def _control(self):
-        """The innermost dm_control ``control.Environment``; wrappers delegate attribute reads to it, so look in
-        each object's own ``__dict__``."""
-        inner = self._env
-        while inner is not None and "_step_count" not in vars(inner):
-            inner = getattr(inner, "_env", None)
-        if inner is None:
+        control = innermost_control(self._env)
+        if control is None:
             raise TypeError(f"no dm_control control.Environment beneath {type(self._env).__name__}")
-        return inner
+        return control
 
     def get_resume_state(self) -> dict:
         control = self._control()
-        physics = control.physics
         kind, key, pos, has_gauss, gauss = control.task.random.get_state()
         return {
-            "physics": torch.from_numpy(physics.get_state().copy()),
-            "time": float(physics.data.time),
-            "warmstart": torch.from_numpy(physics.data.qacc_warmstart.copy()),
-            "step_count": int(control._step_count),
+            **physics_state(control.physics, control),
             "reset_next_step": bool(control._reset_next_step),
             "task_random": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
                             "has_gauss": int(has_gauss), "gauss": float(gauss)},
@@ -213,12 +233,7 @@ class ResumableDMControlWrapper(DMControlWrapper):
 
     def set_resume_state(self, state: dict) -> None:
         control = self._control()
-        physics = control.physics
-        with physics.reset_context():  # recomputes derived quantities (positions, contacts) from the state
-            physics.set_state(state["physics"].numpy())
-        physics.data.time = state["time"]  # reset_context zeroes it, and the warm start
-        physics.data.qacc_warmstart[:] = state["warmstart"].numpy()
-        control._step_count = state["step_count"]
+        restore_physics_state(control.physics, state, control)
         control._reset_next_step = state["reset_next_step"]
         rng = state["task_random"]
         control.task.random.set_state((rng["kind"], rng["key"].numpy().astype(np.uint32), rng["pos"],
