@@ -293,7 +293,7 @@ def action_conditioning(run: LoadedRun, frames: Tensor, actions: Tensor, imagine
 def counterfactual_clips_for(run: LoadedRun, clips: int, horizon: int, seed: int, max_steps: int
                              ) -> dict[str, Tensor] | None:
     """`d4func.envs.counterfactual.counterfactual_clips` on a fresh env of the run on the held-out seed, or None when
-    the env cannot restore a state mid-episode (Crafter) or `clips` is 0."""
+    the env cannot restore a state mid-episode or `clips` is 0."""
     from d4func.envs.counterfactual import MAX_WARMUP, counterfactual_clips, supports_counterfactuals
 
     if clips == 0:

@@ -12,6 +12,7 @@ from helpers.states import assert_states_equal
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from d4func.cli import main
+from d4func.data.replay import END_FRAME_KEY
 from d4func.train import checkpoint
 from d4func.train.compat import check_first_batch
 from d4func.train.loop import build_models, init_states, train
@@ -50,7 +51,7 @@ def test_online_loop_on_dmc_writes_checkpoint_logs_gif_and_resumes(tmp_path, mon
 
     # The replay as of the newest checkpoint: all 200 transitions. The storage metadata on disk records only the
     # first extend, so a bare make_replay(path=...) samples from those alone, and warns.
-    from d4func.data.replay import END_FRAME_KEY, StaleReplayPositionWarning, make_replay
+    from d4func.data.replay import StaleReplayPositionWarning, make_replay
     from d4func.train.checkpoint import open_run_replay
 
     replay = open_run_replay(tmp_path, seed=0)
@@ -85,16 +86,23 @@ def test_online_loop_on_crafter(tmp_path):
     episodes = [row for row in rows if "episode/return" in row]
     assert len(episodes) >= 3
     assert all("episode/achievements" in row and "episode/crafter_score" in row for row in episodes)
-    # Crafter cannot save an episode mid-way, but a resume keeps every finished episode's achievements, so the
-    # logged score stays one over all training episodes.
+    # A resume keeps every finished episode's achievements, so the logged score stays one over all training
+    # episodes; the world's state is in the checkpoint, so the interrupted episode goes on under its own id.
     saved = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(tmp_path)).payload
     assert len(saved["online"]["episode"]["achievements"]) == len(episodes)
+    assert "env" in saved["online"]
     resumed = train(load_run_config(DEBUG, [*overrides, "loop.env_steps=300"]), progress=False)
     assert resumed["env_steps"] == 300
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     episodes = [row for row in rows if "episode/return" in row]
     saved = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(tmp_path)).payload
     assert len(saved["online"]["episode"]["achievements"]) == len(episodes) > 3
+    # Every trajectory but the newest ran to its end (its final frame stored): none was abandoned at the resume.
+    steps = checkpoint.open_run_replay(tmp_path)[:]
+    ids, ends = steps.get(("collector", "traj_ids")).reshape(-1), steps.get(END_FRAME_KEY).reshape(-1)
+    counts = steps.get("step_count").reshape(-1)
+    for traj in ids.unique()[:-1].tolist():
+        assert bool(ends[ids == traj][-1]) and torch.equal(counts[ids == traj], torch.arange(int((ids == traj).sum())))
 
 
 def _collect_cartpole(data, steps: int):
@@ -393,11 +401,17 @@ def test_online_resume_with_a_seeded_env_is_bitwise_equal_to_an_uninterrupted_ru
     assert train_rows("whole") == train_rows("split")
 
 
-@pytest.mark.slow  # ~30 s; the default suite checks the same continuation in the DMC loop test above
-def test_online_resume_on_dmc_continues_the_episode_bitwise(tmp_path):
-    # DMControl envs keep their physics, step count and task RNG in the checkpoint (ResumableDMControlWrapper): a run
-    # stopped mid-episode and resumed equals the uninterrupted one, episode returns and losses included.
-    common = ["loop.prefill_steps=10", "loop.collect_steps=5", "loop.train_ratio=0.4", "loop.agent_start=20",
+CRAFTER = ["env.name=crafter", "dynamics.action_dim=0", "dynamics.n_actions=17", "heads.action_dim=0",
+           "heads.n_actions=17"]
+
+
+@pytest.mark.slow  # ~30 s each; the default suite checks the same continuation in the loop tests above
+@pytest.mark.parametrize("env", [[], CRAFTER], ids=["dmc", "crafter"])
+def test_online_resume_continues_the_episode_bitwise(tmp_path, env):
+    # DMControl envs keep their physics, step count and task RNG in the checkpoint (ResumableDMControlWrapper),
+    # Crafter its whole world (crafter_state): a run stopped mid-episode and resumed equals the uninterrupted one,
+    # episode returns and losses included.
+    common = [*env, "loop.prefill_steps=10", "loop.collect_steps=5", "loop.train_ratio=0.4", "loop.agent_start=20",
               "loop.eval_every=1000", "loop.gif_every=1000", "loop.checkpoint_every=1000", "loop.log_every=1",
               "env.eval_episodes=0", "env.max_episode_steps=12", "replay.batch_size=2", "loop.eval_bc=false"]
     train(load_run_config(DEBUG, [f"run_dir={tmp_path / 'whole'}", *common, "loop.env_steps=30"]), progress=False)

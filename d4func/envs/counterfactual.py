@@ -5,11 +5,11 @@ two action sequences and compare the frames. A world model given the same histor
 should change its prediction the same way. `counterfactual_clips` collects such pairs; it needs an env whose state
 can be saved and restored mid-episode:
 
-* envs whose base defines `get_resume_state` / `set_resume_state` (`d4func.envs.resumable`: Reach, and DMControl
-  tasks built by `make_dmc_env`);
+* envs whose base defines `get_resume_state` / `set_resume_state` (`d4func.envs.resumable`: Reach, Crafter, and
+  DMControl tasks built by `make_dmc_env`);
 * other TorchRL DMControl envs, through dm_control's `physics.get_state` / `set_state`.
 
-Crafter has neither (`supports_counterfactuals` is False).
+Any other env has neither (`supports_counterfactuals` is False).
 """
 
 from __future__ import annotations

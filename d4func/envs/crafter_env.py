@@ -13,6 +13,10 @@ same tech tree in 2D, with ``collect_diamond`` as one of its 22 achievements. Ea
 Actions are categorical: an int64 scalar in ``[0, 17)`` (Design Sec. 4: discrete actions are ints); a value that is
 not an integer (1.7, NaN) or is out of range raises a ``ValueError`` naming it.
 :func:`crafter_score` is the benchmark's aggregate score (Crafter paper, Sec. 3.3).
+
+The same seed and actions give the same episodes (Crafter's own world does not: see
+``d4func.envs.crafter_state``), and the env's runtime state is saved in checkpoints, so an online Crafter run
+resumes mid-episode exactly and counterfactual rollouts can restore a state.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from torchrl.data import Binary, Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import Compose, EnvBase, InitTracker, StepCounter, ToTensorImage, TransformedEnv
 
 from d4func.envs.actions import categorical_action
+from d4func.envs.crafter_state import crafter_state, make_reproducible, restore_crafter_state
 
 __all__ = [
     "CRAFTER_ACHIEVEMENTS",
@@ -57,7 +62,8 @@ class CrafterEnv(EnvBase):
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
         super().__init__(device=device, batch_size=torch.Size([]))
-        self._env = crafter.Env(size=(image_size, image_size), length=length, seed=seed)
+        # reproducible: Crafter's own world despawns creatures in the order of their memory addresses
+        self._env = make_reproducible(crafter.Env(size=(image_size, image_size), length=length, seed=seed))
         self.image_size = image_size
         n_ach = len(CRAFTER_ACHIEVEMENTS)
         self.observation_spec = Composite(
@@ -114,6 +120,13 @@ class CrafterEnv(EnvBase):
         if seed is not None:
             self._env._seed = int(seed)
             self._env._episode = 0
+
+    # Exact resume of online training and counterfactual rollouts (d4func.envs.resumable): the whole world.
+    def get_resume_state(self) -> dict:
+        return crafter_state(self._env)
+
+    def set_resume_state(self, state: dict) -> None:
+        restore_crafter_state(self._env, state)
 
 
 def make_crafter_env(seed: int = 0, image_size: int = 64, length: int = 10000, device="cpu") -> TransformedEnv:

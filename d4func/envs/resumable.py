@@ -4,8 +4,8 @@ TorchRL's collectors restart a trajectory on resume ("runtime environment state 
 An env whose base class defines ``get_resume_state() -> dict`` and ``set_resume_state(dict)`` opts in: the online
 loop saves that state with the collector's current step in every checkpoint and puts both back on resume, so the
 resumed run continues the same episode with the same random draws (bitwise equal to an uninterrupted run).
-Reach and DMControl (`d4func.envs.dmc.ResumableDMControlWrapper`) have them; envs without them (Crafter) resume
-with a fresh episode.
+Reach, DMControl (`d4func.envs.dmc.ResumableDMControlWrapper`) and Crafter (`d4func.envs.crafter_state`) have
+them; an env without them resumes with a fresh episode.
 """
 
 from __future__ import annotations
