@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+
 import crafter
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,6 +15,8 @@ from torchrl.envs.utils import step_mdp
 from d4func.envs.crafter_env import make_crafter_env
 from d4func.envs.crafter_state import (
     InsertionOrderedSet,
+    _decode,
+    _encode,
     crafter_state,
     make_reproducible,
     restore_crafter_state,
@@ -131,3 +136,36 @@ def test_bad_states_and_worlds_are_refused_by_name():
     env._player.mood = object()  # an attribute whose type the encoder does not know
     with pytest.raises(TypeError, match=r"object \d+ \(Player\)\['mood'\]: cannot encode a value of type object"):
         crafter_state(env)
+
+
+_LEAVES = st.one_of(
+    st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=False), st.text(max_size=5),
+    st.integers(0, 255).map(np.uint8), st.floats(-1e3, 1e3).map(np.float64),
+    st.lists(st.integers(-5, 5), min_size=1, max_size=4).map(lambda xs: np.array(xs, dtype=np.int64)),
+    st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=4).map(lambda xs: np.array(xs, dtype=np.uint32)),
+)
+_VALUES = st.recursive(_LEAVES, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.lists(inner, max_size=3).map(tuple),
+    st.dictionaries(st.text(max_size=3), inner, max_size=3), st.sets(st.text(max_size=3), max_size=3)), max_leaves=8)
+
+
+def _identical(a, b) -> bool:
+    """Equal values of the same types, arrays with the same dtype (an int 1 is not a True, nor an np.int64)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, np.ndarray):
+        return a.dtype == b.dtype and np.array_equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_identical(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_identical(a[k], b[k]) for k in a)
+    return a == b
+
+
+@settings(max_examples=80, deadline=None)
+@given(_VALUES)
+def test_encoded_values_come_back_with_their_types_through_a_weights_only_load(value):
+    buffer = io.BytesIO()
+    torch.save(_encode(value, "value"), buffer)
+    buffer.seek(0)
+    assert _identical(_decode(torch.load(buffer, weights_only=True)), value)
