@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from crafter import engine, objects
 
+from d4func.envs.resumable import numpy_random_state, set_numpy_random_state
+
 __all__ = ["InsertionOrderedSet", "ReproducibleWorld", "crafter_state", "make_reproducible", "restore_crafter_state"]
 
 # An object's references to other live things; restored by identity rather than encoded by value.
@@ -121,12 +123,6 @@ def _decode(encoded: tuple) -> Any:
     raise ValueError(f"unknown tag {tag!r} in a Crafter state")
 
 
-def _random_state(random: np.random.RandomState) -> dict[str, Any]:
-    kind, key, pos, has_gauss, gauss = random.get_state()
-    return {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "gauss": float(gauss)}
-
-
 def crafter_state(env: crafter.Env) -> dict[str, Any]:
     """`env`'s whole runtime state (see the module docstring); `env` must be reproducible (`make_reproducible`)."""
     world = env._world
@@ -148,7 +144,7 @@ def crafter_state(env: crafter.Env) -> dict[str, Any]:
         "env": _encode({"_seed": env._seed, "_episode": env._episode, "_step": env._step,
                         "_last_health": env._last_health, "_unlocked": env._unlocked}, "env"),
         "area": tuple(int(a) for a in world.area),
-        "random": _random_state(world.random),
+        "random": numpy_random_state(world.random),
         "daylight": _encode(world.daylight, "daylight"),
         "mat_ids": _encode(world._mat_ids, "mat_ids"),
         "mat_names": _encode(world._mat_names, "mat_names"),
@@ -167,9 +163,7 @@ def restore_crafter_state(env: crafter.Env, state: dict[str, Any]) -> None:
     if tuple(state["area"]) != area:
         raise ValueError(f"a Crafter state of world area {tuple(state['area'])} cannot go into a world of area {area}")
     world = make_reproducible(env)._world
-    rng = state["random"]
-    world.random.set_state((rng["kind"], rng["key"].numpy().astype(np.uint32), rng["pos"], rng["has_gauss"],
-                            rng["gauss"]))
+    set_numpy_random_state(world.random, state["random"])
     world.daylight = _decode(state["daylight"])
     world._mat_ids = _decode(state["mat_ids"])
     world._mat_names = _decode(state["mat_names"])

@@ -42,6 +42,8 @@ from torchrl.envs import (  # noqa: E402
 )
 from torchrl.envs.libs.dm_control import DMControlWrapper  # noqa: E402
 
+from d4func.envs.resumable import numpy_random_state, set_numpy_random_state  # noqa: E402
+
 # isort: split
 # dm_control after torchrl on purpose: torchrl -> tensordict imports torch._dynamo, which loads triton; importing
 # triton after dm_control (EGL) segfaults in triton's native library load (seen: torch 2.14, mujoco 3.17).
@@ -223,21 +225,17 @@ class ResumableDMControlWrapper(DMControlWrapper):
 
     def get_resume_state(self) -> dict:
         control = self._control()
-        kind, key, pos, has_gauss, gauss = control.task.random.get_state()
         return {
             **physics_state(control.physics, control),
             "reset_next_step": bool(control._reset_next_step),
-            "task_random": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
-                            "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "task_random": numpy_random_state(control.task.random),
         }
 
     def set_resume_state(self, state: dict) -> None:
         control = self._control()
         restore_physics_state(control.physics, state, control)
         control._reset_next_step = state["reset_next_step"]
-        rng = state["task_random"]
-        control.task.random.set_state((rng["kind"], rng["key"].numpy().astype(np.uint32), rng["pos"],
-                                       rng["has_gauss"], rng["gauss"]))
+        set_numpy_random_state(control.task.random, state["task_random"])
 
 
 def make_dmc_env(

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import torch
 from torchrl.envs import EnvBase
 
-__all__ = ["get_env_state", "set_env_state", "supports_resume_state"]
+__all__ = ["get_env_state", "numpy_random_state", "set_env_state", "set_numpy_random_state", "supports_resume_state"]
 
 
 def _base(env: EnvBase) -> EnvBase:
@@ -37,3 +39,17 @@ def set_env_state(env: EnvBase, state: dict[str, Any]) -> None:
     if not supports_resume_state(env):
         raise TypeError(f"{type(_base(env)).__name__} cannot restore a runtime state (no set_resume_state)")
     _base(env).set_resume_state(state)
+
+
+def numpy_random_state(random: np.random.RandomState) -> dict[str, Any]:
+    """A numpy ``RandomState``'s state as tensors and primitives (weights_only loading accepts tensors, not numpy
+    arrays: the MT19937 key, uint32[624], travels as int64)."""
+    kind, key, pos, has_gauss, gauss = random.get_state()
+    return {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def set_numpy_random_state(random: np.random.RandomState, state: dict[str, Any]) -> None:
+    """Put back a `numpy_random_state`."""
+    random.set_state((state["kind"], state["key"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
+                      state["gauss"]))
