@@ -24,6 +24,8 @@ REACH = "experiments/configs/reach.yaml"
 SHORT = ["loop.env_steps=200", "loop.prefill_steps=50", "loop.collect_steps=50", "loop.agent_start=100",
          "loop.train_ratio=0.05", "loop.eval_every=200", "loop.checkpoint_every=100", "loop.gif_every=200",
          "env.eval_max_steps=15"]
+CRAFTER = ["env.name=crafter", "dynamics.action_dim=0", "dynamics.n_actions=17", "heads.action_dim=0",
+           "heads.n_actions=17"]  # the debug config on Crafter: 17 discrete actions
 
 
 def test_online_loop_on_dmc_writes_checkpoint_logs_gif_and_resumes(tmp_path, monkeypatch):
@@ -76,9 +78,7 @@ def test_online_loop_on_dmc_writes_checkpoint_logs_gif_and_resumes(tmp_path, mon
 
 def test_online_loop_on_crafter(tmp_path):
     # Episodes of at most 60 steps: 200 env steps end several (a random player rarely dies that soon).
-    overrides = [f"run_dir={tmp_path}", *SHORT, "env.name=crafter", "env.eval_episodes=0",
-                 "env.max_episode_steps=60", "dynamics.action_dim=0", "dynamics.n_actions=17", "heads.action_dim=0",
-                 "heads.n_actions=17"]
+    overrides = [f"run_dir={tmp_path}", *SHORT, *CRAFTER, "env.eval_episodes=0", "env.max_episode_steps=60"]
     cfg = load_run_config(DEBUG, overrides)
     summary = train(cfg, progress=False)
     assert summary["env_steps"] == 200 and summary["grad_steps"] == 10
@@ -352,8 +352,7 @@ def test_acting_policy_runs_in_a_multi_process_collector():
     from d4func.envs.registry import make_env
     from d4func.train.acting import WorldModelPolicy, agent_params_from_states
 
-    cfg = load_run_config(DEBUG, ["env.name=crafter", "dynamics.action_dim=0", "dynamics.n_actions=17",
-                                  "heads.action_dim=0", "heads.n_actions=17"])
+    cfg = load_run_config(DEBUG, CRAFTER)
     models = build_models(cfg)
     states = init_states(cfg, models)
     makers = [partial(make_env, "crafter", seed=seed, image_size=cfg.env.image_size) for seed in (0, 1)]
@@ -399,10 +398,6 @@ def test_online_resume_with_a_seeded_env_is_bitwise_equal_to_an_uninterrupted_ru
 
     # same losses and episode returns, row by row: a restart instead of a resume would repeat rows
     assert train_rows("whole") == train_rows("split")
-
-
-CRAFTER = ["env.name=crafter", "dynamics.action_dim=0", "dynamics.n_actions=17", "heads.action_dim=0",
-           "heads.n_actions=17"]
 
 
 @pytest.mark.slow  # ~30 s each; the default suite checks the same continuation in the loop tests above
