@@ -257,9 +257,9 @@ class Dynamics(nn.Module):
         d: Tensor,
         actions: Tensor | None = None,
         action_mask: Tensor | None = None,
-        cache=None,
+        cache: TensorDict | None = None,
         tasks: Tensor | None = None,
-    ):
+    ) -> tuple[Tensor, Tensor | None, TensorDict | None]:
         cfg = self.cfg
         if z_noisy.ndim != 4 or z_noisy.shape[-2:] != (cfg.latent_tokens, cfg.latent_dim):
             raise ValueError(f"latents must be [B, T, S={cfg.latent_tokens}, Dz={cfg.latent_dim}], got "

@@ -52,6 +52,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from tensordict import NestedKey, TensorDictBase
@@ -199,7 +200,9 @@ class SequenceReplayBuffer(TensorDictReplayBuffer):
             forget_episode_index(self)  # it still holds the old ids
         return slots.numel()
 
-    def sample(self, batch_size: int | None = None, return_info: bool = False, **kwargs):
+    def sample(
+        self, batch_size: int | None = None, return_info: bool = False, **kwargs: Any
+    ) -> TensorDictBase | tuple[TensorDictBase, dict[str, Any] | None]:
         """``[B, seq_len]`` rows (``batch_size`` counts stored entries, ``B * slice_len``; default: the buffer's).
         With ``return_info``, the info describes the ``slice_len`` stored entries behind each row."""
         if batch_size is not None and batch_size % self.slice_len:

@@ -8,7 +8,7 @@ import numbers
 import torch
 
 
-def categorical_action(action, n_actions: int, env_name: str) -> int:
+def categorical_action(action: int | torch.Tensor, n_actions: int, env_name: str) -> int:
     """The class index in ``[0, n_actions)`` held by ``action``: an int, or a one-element tensor (0-d or ``[1]``) of
     integer dtype or of an integral float value. Raises ``ValueError`` naming the value for anything else.
 

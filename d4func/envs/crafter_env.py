@@ -51,7 +51,9 @@ CRAFTER_MIN_IMAGE_SIZE: int = 18  # measured: 16 and 17 fail inside crafter's re
 class CrafterEnv(EnvBase):
     """The raw Crafter env: uint8 ``[H, W, 3]`` pixels (use :func:`make_crafter_env` for model-ready frames)."""
 
-    def __init__(self, seed: int = 0, image_size: int = 64, length: int = 10000, device="cpu") -> None:
+    def __init__(
+        self, seed: int = 0, image_size: int = 64, length: int = 10000, device: torch.device | str = "cpu"
+    ) -> None:
         if image_size < CRAFTER_MIN_IMAGE_SIZE:
             # Crafter draws a 9x9 tile view above a 9x2 inventory strip; below 18 pixels its renderer gives a tile
             # zero pixels and fails at reset ("height and width must be > 0"), so stop here with the reason.
@@ -129,7 +131,9 @@ class CrafterEnv(EnvBase):
         restore_crafter_state(self._env, state)
 
 
-def make_crafter_env(seed: int = 0, image_size: int = 64, length: int = 10000, device="cpu") -> TransformedEnv:
+def make_crafter_env(
+    seed: int = 0, image_size: int = 64, length: int = 10000, device: torch.device | str = "cpu"
+) -> TransformedEnv:
     """Crafter with float ``[3, H, W]`` frames in [0, 1], step counter and episode-start flag.
 
     ``seed`` fixes the sequence of generated worlds; ``length`` is the episode time limit (Crafter's default

@@ -29,6 +29,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 from collections import OrderedDict  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -49,7 +50,12 @@ from d4func.envs.resumable import numpy_random_state, set_numpy_random_state  # 
 # triton after dm_control (EGL) segfaults in triton's native library load (seen: torch 2.14, mujoco 3.17).
 from dm_control import suite  # noqa: E402
 from dm_control.suite.wrappers import pixels  # noqa: E402
-from dm_env import StepType, specs  # noqa: E402
+from dm_env import Environment, StepType, TimeStep, specs  # noqa: E402
+
+if TYPE_CHECKING:
+    from dm_control.mujoco import Physics
+    from dm_control.rl.control import Environment as ControlEnvironment
+    from numpy.typing import ArrayLike
 
 __all__ = ["ACTION_TOLERANCE", "MultiCameraRepeatWrapper", "ResumableDMControlWrapper", "check_unit_action",
            "innermost_control", "make_dmc_env", "parse_dmc_name", "physics_state", "restore_physics_state"]
@@ -59,7 +65,7 @@ __all__ = ["ACTION_TOLERANCE", "MultiCameraRepeatWrapper", "ResumableDMControlWr
 ACTION_TOLERANCE = 1e-6
 
 
-def check_unit_action(action, shape: tuple[int, ...], tolerance: float = ACTION_TOLERANCE) -> np.ndarray:
+def check_unit_action(action: ArrayLike, shape: tuple[int, ...], tolerance: float = ACTION_TOLERANCE) -> np.ndarray:
     """``action`` as float64 of ``shape``, clipped to [-1, 1]; raises ``ValueError`` naming any entry that is not
     finite or lies outside [-1, 1] by more than ``tolerance``, or a shape other than ``shape``."""
     action = np.asarray(action, dtype=np.float64)
@@ -88,7 +94,7 @@ class MultiCameraRepeatWrapper(pixels.Wrapper):
 
     def __init__(
         self,
-        env,
+        env: ControlEnvironment,
         camera_ids: Sequence[int],
         height: int,
         width: int,
@@ -128,7 +134,7 @@ class MultiCameraRepeatWrapper(pixels.Wrapper):
             shape=native.shape, dtype=np.float64, minimum=-1.0, maximum=1.0, name=native.name
         )
 
-    def action_spec(self):
+    def action_spec(self) -> specs.BoundedArray:
         return self._action_spec
 
     def _render(self) -> np.ndarray:
@@ -138,10 +144,10 @@ class MultiCameraRepeatWrapper(pixels.Wrapper):
         ]
         return frames[0] if len(frames) == 1 else np.stack(frames, 0)
 
-    def _add_pixel_observation(self, time_step):
+    def _add_pixel_observation(self, time_step: TimeStep) -> TimeStep:
         return time_step._replace(observation=OrderedDict(pixels=self._render()))
 
-    def step(self, action):
+    def step(self, action: ArrayLike) -> TimeStep:
         action = check_unit_action(action, self._action_spec.shape)
         # [-1, 1] -> native [low, high]; identity for the usual DMC bounds.
         unit = (action + 1.0) * 0.5
@@ -178,8 +184,8 @@ def parse_dmc_name(name: str) -> tuple[str, str, tuple[int, ...]]:
     return domain, task, cams
 
 
-def innermost_control(dm_env):
-    """The innermost dm_control ``control.Environment`` beneath a ``dm_env`` (the one that counts steps toward the
+def innermost_control(dm_env: Environment) -> ControlEnvironment | None:
+    """The innermost dm_control ``ControlEnvironment`` beneath a ``dm_env`` (the one that counts steps toward the
     time limit), else None: wrappers delegate attribute reads to it, so look in each object's own ``__dict__``."""
     inner = dm_env
     while inner is not None and "_step_count" not in vars(inner):
@@ -187,7 +193,7 @@ def innermost_control(dm_env):
     return inner
 
 
-def physics_state(physics, control=None) -> dict:
+def physics_state(physics: Physics, control: ControlEnvironment | None = None) -> dict:
     """A DMControl episode's state mid-episode, as tensors and primitives: the physics state, its time, the solver's
     warm start (the next step's constraint solve starts from it, so without it a restored contact-rich state drifts
     from the original at round-off level) and, with `control`, the episode's step count (which the time limit
@@ -197,7 +203,7 @@ def physics_state(physics, control=None) -> dict:
             "step_count": None if control is None else int(control._step_count)}
 
 
-def restore_physics_state(physics, state: dict, control=None) -> None:
+def restore_physics_state(physics: Physics, state: dict, control: ControlEnvironment | None = None) -> None:
     """Put back a `physics_state` (the step count too, where both it and `control` are given)."""
     with physics.reset_context():  # recomputes derived quantities (positions, contacts) from the state
         physics.set_state(state["physics"].numpy())
@@ -220,7 +226,7 @@ class ResumableDMControlWrapper(DMControlWrapper):
     def _control(self):
         control = innermost_control(self._env)
         if control is None:
-            raise TypeError(f"no dm_control control.Environment beneath {type(self._env).__name__}")
+            raise TypeError(f"no dm_control ControlEnvironment beneath {type(self._env).__name__}")
         return control
 
     def get_resume_state(self) -> dict:
@@ -245,7 +251,7 @@ def make_dmc_env(
     action_repeat: int = 2,
     camera_ids: tuple[int, ...] = (0,),
     seed: int = 0,
-    device="cpu",
+    device: torch.device | str = "cpu",
     *,
     time_limit: float | None = None,
     max_steps: int | None = None,

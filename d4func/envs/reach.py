@@ -46,7 +46,7 @@ class ReachEnv(EnvBase):
     """The raw env: uint8 ``[H, W, 3]`` pixels (use :func:`make_reach_env` for model-ready frames)."""
 
     def __init__(self, image_size: int = 16, n_cells: int = 8, length: int = REACH_LENGTH, seed: int = 0,
-                 device="cpu") -> None:
+                 device: torch.device | str = "cpu") -> None:
         if n_cells < 2:
             raise ValueError(f"n_cells must be >= 2 (agent and goal start apart), got {n_cells}")
         if image_size < n_cells or image_size % n_cells:
@@ -111,7 +111,7 @@ class ReachEnv(EnvBase):
 
 
 def make_reach_env(image_size: int = 16, n_cells: int = 8, length: int = REACH_LENGTH, seed: int = 0,
-                   device="cpu") -> TransformedEnv:
+                   device: torch.device | str = "cpu") -> TransformedEnv:
     """Reach with float ``[3, H, W]`` frames in [0, 1], step counter and episode-start flag."""
     base = ReachEnv(image_size=image_size, n_cells=n_cells, length=length, seed=seed, device=device)
     return TransformedEnv(base, Compose(ToTensorImage(in_keys=["pixels"]), StepCounter(), InitTracker()))

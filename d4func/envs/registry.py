@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torchrl.envs import EnvBase
 
 __all__ = ["env_config", "make_env"]
@@ -45,7 +46,7 @@ def make_env(
     seed: int = 0,
     image_size: int = 64,
     action_repeat: int = 2,
-    device="cpu",
+    device: torch.device | str = "cpu",
     max_episode_steps: int | None = None,
 ) -> EnvBase:
     """A pixel env by name (see module docstring); ``action_repeat`` applies to DMC only. ``max_episode_steps``

@@ -26,6 +26,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from torch import Tensor
+from torchrl.data import TensorSpec
 
 from d4func.dynamics import Dynamics
 from d4func.heads import AgentHeads, policy_dist
@@ -43,7 +44,7 @@ class WorldModelPolicy(TensorDictModuleBase):
         tokenizer: Tokenizer,
         dynamics: Dynamics,
         heads: AgentHeads,
-        action_spec,
+        action_spec: TensorSpec,
         *,
         context: int,
         seed: int = 0,

@@ -33,11 +33,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from tensordict import TensorDict, TensorDictBase
-from torch import Tensor
+from torch import Tensor, nn
+from torchrl.data import TensorSpec
+from torchrl.envs import EnvBase
 from tqdm import tqdm
 
 from d4func.dynamics import Dynamics
@@ -61,6 +63,11 @@ from d4func.train.precision import compiled_grad_fn, load_compiler_before_render
 from d4func.train.run_config import RunConfig, resolve_device
 from d4func.train.state import NonFiniteLossError, new_train_state
 from d4func.train.video import predict_frames, write_comparison_gif
+
+if TYPE_CHECKING:
+    from torchrl.collectors import Collector
+
+StepOutput = TypeVar("StepOutput")
 
 
 @dataclass
@@ -137,7 +144,7 @@ def refresh_agent_frozen(agent: TensorDictBase, world_model: TensorDictBase) -> 
     return agent
 
 
-def make_lpips_fn(cfg: RunConfig):
+def make_lpips_fn(cfg: RunConfig) -> nn.Module | None:
     """The frozen LPIPS module when the tokenizer loss uses it (raises, naming what to provide, when its ImageNet
     backbone weights are not on disk), else None."""
     if cfg.tokenizer_loss.lpips_weight <= 0:
@@ -156,10 +163,10 @@ def world_model_latents(tokenizer: Tokenizer, params: TensorDictBase, frames: Te
         return encode(tokenizer, params, frames)
 
 
-def in_phase(phase: str, step_fn):
+def in_phase(phase: str, step_fn: Callable[..., StepOutput]) -> Callable[..., StepOutput]:
     """`step_fn` whose NaN / inf stop also names the phase (the state's own step count is per phase)."""
 
-    def run(*args, **kwargs):
+    def run(*args: Any, **kwargs: Any) -> StepOutput:
         try:
             return step_fn(*args, **kwargs)
         except NonFiniteLossError as error:
@@ -182,8 +189,8 @@ def gradient_step(
     generator: torch.Generator,
     grad_step: int,
     agent_active: bool,
-    lpips_fn=None,
-    grad_fn=grad_and_value,
+    lpips_fn: nn.Module | None = None,
+    grad_fn: Callable = grad_and_value,
 ) -> tuple[dict[str, TensorDictBase], dict[str, float]]:
     """One update of every phase (see the module docstring); returns new states and scalar metrics.
 
@@ -301,7 +308,7 @@ class RunLogger:
             self.jsonl.close()
 
 
-def run_episodes(env, policy: WorldModelPolicy, episodes: int, max_steps: int = 10_000) -> dict[str, Any]:
+def run_episodes(env: EnvBase, policy: WorldModelPolicy, episodes: int, max_steps: int = 10_000) -> dict[str, Any]:
     """Roll `episodes` full episodes with `policy`; returns their returns (and Crafter achievements)."""
     returns, achievements = [], []
     for _ in range(episodes):
@@ -363,7 +370,7 @@ def acting_params(states: dict[str, TensorDictBase]) -> tuple[TensorDictBase, Te
 
 
 def make_eval_policy(
-    cfg: RunConfig, models: Models, states: dict[str, TensorDictBase], action_spec
+    cfg: RunConfig, models: Models, states: dict[str, TensorDictBase], action_spec: TensorSpec
 ) -> WorldModelPolicy:
     policy = WorldModelPolicy(models.tokenizer, models.dynamics, models.heads, action_spec,
                               context=cfg.replay.row_frames, seed=cfg.seed + 7, greedy=cfg.loop.eval_greedy)
@@ -695,7 +702,7 @@ class Trainer:
             raise
         return metrics
 
-    def evaluate(self, env, step: int) -> dict[str, Any]:
+    def evaluate(self, env: EnvBase, step: int) -> dict[str, Any]:
         """Episodes of the acting policy (greedy unless `loop.eval_greedy=false`); with `loop.eval_bc`, also of
         the behaviour-cloning head trained on the same data (`eval/bc_*`: the "BC alone" baseline, side by side in
         one run). Before imagination starts the acting policy is the BC head, so one set of episodes serves both."""
@@ -984,7 +991,7 @@ def previous_summary(run_dir: Path, keys: tuple[str, ...]) -> dict[str, Any]:
     return {key: saved[key] for key in keys if key in saved}
 
 
-def collector_state(collector) -> dict[str, Any]:
+def collector_state(collector: Collector) -> dict[str, Any]:
     """What a single-env TorchRL `Collector` carries between batches: the current step (observation, flags, the
     running trajectory id), the next trajectory id, and the env's runtime state. Reads the collector's private
     `_carrier` and `_traj_pool` (torchrl 0.14; `tests/test_loop.py` checks exact resume through them)."""
@@ -995,7 +1002,7 @@ def collector_state(collector) -> dict[str, Any]:
     }
 
 
-def restore_collector_state(collector, state: dict[str, Any]) -> None:
+def restore_collector_state(collector: Collector, state: dict[str, Any]) -> None:
     set_env_state(collector.env, state["env"])
     collector._traj_pool.load_state_dict(state["traj_pool"])
     collector._carrier.update(state["carrier"])
