@@ -2,11 +2,10 @@
 loop config can start training (its first batch fits its replay): a key renamed or removed in d4func fails here,
 not in a user's run of a documented command."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from helpers.scripts import load_experiment_script
 
 from d4func.config import load_config
 from d4func.train.compat import check_first_batch
@@ -26,13 +25,7 @@ SCRIPT_SCHEMAS = {
 def schema_for(config: Path) -> type:
     for prefix, (script, class_name) in SCRIPT_SCHEMAS.items():
         if config.stem.startswith(prefix):
-            name = f"experiments_{script}"
-            if name not in sys.modules:
-                spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{script}.py")
-                module = importlib.util.module_from_spec(spec)
-                sys.modules[name] = module  # dataclasses resolve string annotations through sys.modules
-                spec.loader.exec_module(module)
-            return getattr(sys.modules[name], class_name)
+            return getattr(load_experiment_script(script), class_name)
     return RunConfig
 
 

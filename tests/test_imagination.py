@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers.scripts import load_experiment_script
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tensordict import TensorDict
@@ -538,17 +536,8 @@ def test_continuous_pmpo_stays_bounded_and_the_entropy_floor_acts():
 # --- issue 5, point 6: the toy task of experiments/imagination_toy.py -----------------------------------------------
 
 
-def _load_toy():
-    path = Path(__file__).resolve().parents[1] / "experiments" / "imagination_toy.py"
-    spec = importlib.util.spec_from_file_location("imagination_toy", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["imagination_toy"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_toy_experiment_runs_end_to_end():
-    toy = _load_toy()
+    toy = load_experiment_script("imagination_toy")
     cfg = dataclasses.replace(toy.ToyConfig(), n_episodes=16, finetune_steps=3, value_warmup=1, imagine_steps=2,
                               imagine_batch=4, eval_envs=8)
     lines = []
@@ -568,7 +557,7 @@ def test_imagination_beats_bc_on_the_toy_task():
     """`python experiments/imagination_toy.py --seed 0` (about 5 minutes on one busy CPU core): the policy after
     imagination training earns more real return than the BC policy it started from, by more than three standard
     errors of the paired per-episode difference (same 512 start states)."""
-    toy = _load_toy()
+    toy = load_experiment_script("imagination_toy")
     summary = toy.run(toy.ToyConfig(), seed=0, log=lambda line: None)
     for mode in ("sample", "greedy"):
         gain = summary["gain"][mode]

@@ -12,6 +12,7 @@ from pathlib import Path
 import lpips
 import pytest
 import torch
+from helpers.scripts import load_experiment_script
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -549,20 +550,12 @@ def test_tiny_tokenizer_overfits_moving_shapes_far_beyond_chance():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("with_lpips", [False, True])
 def test_train_script_runs_the_debug_config_and_writes_outputs(
     tmp_path, monkeypatch, no_network, random_alexnet_file, with_lpips
 ):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # no LPIPS weights in the cache
-    script = _load_script("train_tokenizer")
+    script = load_experiment_script("train_tokenizer")
     lpips_args = ["loss.lpips_weight=0.2", f"loss.lpips_backbone_path={random_alexnet_file[0]}"] if with_lpips else []
     final = script.main(
         [
@@ -590,14 +583,14 @@ def test_train_script_runs_the_debug_config_and_writes_outputs(
 
 def test_train_script_stops_with_instructions_when_lpips_weights_are_missing(tmp_path, monkeypatch, no_network):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    script = _load_script("train_tokenizer")
+    script = load_experiment_script("train_tokenizer")
     config = str(ROOT / "experiments" / "configs" / "tokenizer_debug.yaml")
     with pytest.raises(SystemExit, match="alexnet-owt-7be5be79.pth.*loss.lpips_weight=0"):
         script.main(["--config", config, "loss.lpips_weight=0.2", f"run_dir={tmp_path}"])
 
 
 def test_train_script_config_mismatch_is_reported():
-    script = _load_script("train_tokenizer")
+    script = load_experiment_script("train_tokenizer")
     with pytest.raises(ValueError, match="moving shapes are 3x64x64"):
         load_config(
             script.TrainTokenizerConfig,

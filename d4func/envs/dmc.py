@@ -185,7 +185,7 @@ def parse_dmc_name(name: str) -> tuple[str, str, tuple[int, ...]]:
 
 
 def innermost_control(dm_env: Environment) -> ControlEnvironment | None:
-    """The innermost dm_control ``ControlEnvironment`` beneath a ``dm_env`` (the one that counts steps toward the
+    """The innermost dm_control ``control.Environment`` beneath a ``dm_env`` (the one that counts steps toward the
     time limit), else None: wrappers delegate attribute reads to it, so look in each object's own ``__dict__``."""
     inner = dm_env
     while inner is not None and "_step_count" not in vars(inner):
@@ -226,7 +226,7 @@ class ResumableDMControlWrapper(DMControlWrapper):
     def _control(self):
         control = innermost_control(self._env)
         if control is None:
-            raise TypeError(f"no dm_control ControlEnvironment beneath {type(self._env).__name__}")
+            raise TypeError(f"no dm_control control.Environment beneath {type(self._env).__name__}")
         return control
 
     def get_resume_state(self) -> dict:
