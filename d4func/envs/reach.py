@@ -65,6 +65,18 @@ class ReachEnv(EnvBase):
         self.done_spec = Composite(done=flag.clone(), terminated=flag.clone(), truncated=flag.clone(), shape=())
         self.generator = torch.Generator().manual_seed(seed)
         self.agent = self.goal = self.t = 0
+        self._next_start: tuple[int, int] | None = None
+
+    def start_next_episode_at(self, agent: int, goal: int) -> None:
+        """Make the next reset place the agent and the goal in these cells instead of drawing them (once: the
+        resets after it draw again). For evaluations that visit every start (`experiments/reach_every_start.py`);
+        call it on the base env (`TransformedEnv.base_env`) and reset the transformed env as usual."""
+        for name, cell in (("agent", agent), ("goal", goal)):
+            if isinstance(cell, bool) or not isinstance(cell, int) or not 0 <= cell < self.n_cells:
+                raise ValueError(f"{name} must be a cell in [0, {self.n_cells}), got {cell!r}")
+        if agent == goal:
+            raise ValueError(f"agent and goal must start in different cells, got both in cell {agent}")
+        self._next_start = (agent, goal)
 
     def _pixels(self) -> torch.Tensor:
         width = self.image_size // self.n_cells
@@ -78,9 +90,12 @@ class ReachEnv(EnvBase):
         return {"done": flag, "terminated": torch.zeros_like(flag), "truncated": flag.clone()}
 
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
-        self.agent = int(torch.randint(self.n_cells, (), generator=self.generator))
-        offset = int(torch.randint(1, self.n_cells, (), generator=self.generator))
-        self.goal = (self.agent + offset) % self.n_cells  # any cell but the agent's
+        if self._next_start is not None:  # a chosen start draws nothing: the episodes after it are unchanged
+            (self.agent, self.goal), self._next_start = self._next_start, None
+        else:
+            self.agent = int(torch.randint(self.n_cells, (), generator=self.generator))
+            offset = int(torch.randint(1, self.n_cells, (), generator=self.generator))
+            self.goal = (self.agent + offset) % self.n_cells  # any cell but the agent's
         self.t = 0
         return TensorDict(pixels=self._pixels(), **self._flags(False), batch_size=(), device=self.device)
 
