@@ -4,11 +4,14 @@ that changes a frame.
 
 From states reached by a uniform random policy, two independent uniform random action sequences of `horizon`
 decisions are played from the same state (`d4func.envs.counterfactual.counterfactual_clips`: the env as the loop
-makes it, on DMControl through dm_control's `physics.get_state` / `set_state`). Two figures:
+makes it, restored through its resume state: `d4func.envs.dmc.ResumableDMControlWrapper` on DMControl). Two
+figures:
 
 * `action_effect` (per step: `action_effect_per_step`): the mean absolute pixel change between the two rollouts,
   in [0, 1] pixel units. `world_model_quality.py` plays another clip's actions, also those of a random policy, so
-  the two figures compare like with like;
+  the two figures draw their actions alike, though not their states (here: at most 60 random steps into an
+  episode; there: windows anywhere in the replay's episodes). For a like-with-like reference on the same states,
+  use `world_model_quality.py`'s `counterfactual_real_change` next to its `counterfactual_model_change`;
 * `action_share_first_step`: of the squared pixel change from the state's frame to the next one, the share the
   action decides, E[(f_a - f_b)^2] / 2 over E[(f_a - f_0)^2]. With teacher forcing this is all of an action a
   next-frame loss ever shows; everything else in the change follows from the history. On cartpole-swingup at

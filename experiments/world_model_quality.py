@@ -20,7 +20,7 @@ through a sliding window of that many frames, as imagination and the acting poli
   A world model that reads its actions predicts the real frames better under their own actions; one that ignores
   them predicts the same frames either way (`action_effect`, the mean absolute pixel difference between the two
   rollouts, is then 0), and its agent can learn nothing in imagination;
-* counterfactual actions (envs that can restore a state mid-episode: DMControl, Reach;
+* counterfactual actions (envs that can restore a state mid-episode: DMControl, Reach, Crafter;
   `d4func.envs.counterfactual`): from one real state, the env plays two random action sequences, and the world
   model predicts both from the same real history and noise. `counterfactual_action_r2` is how much of the real
   change between the two rollouts the model's change explains, 1 - sum((model change - real change)^2) /

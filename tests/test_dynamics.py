@@ -439,6 +439,25 @@ def test_previous_frame_skip_in_the_cache_follows_resets_and_windows():
     torch.testing.assert_close(x[1, 0], tau[1, 5] * z_tau[1, 5])
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("flipped", [3, 4, 5])
+def test_a_generated_frame_sees_the_action_leading_into_it_and_no_later_one(use_cache, flipped):
+    """`generate`'s actions lead into frames (index t drives frame t): changing the action at context + j changes
+    generated frame j and every later one, never an earlier one. An off-by-one here would train the policy on
+    imagined frames that answer the previous action."""
+    cfg, model, params = make()
+    z, _, _, actions = inputs(cfg, steps=6)
+    fn = functools.partial(apply, model, params)
+    changed = actions.clone()
+    changed[:, flipped] = -changed[:, flipped]
+    base = generate(fn, z[:, :3], actions, 3, torch.Generator().manual_seed(0), cfg, use_cache=use_cache)
+    other = generate(fn, z[:, :3], changed, 3, torch.Generator().manual_seed(0), cfg, use_cache=use_cache)
+    first_changed = flipped - 3
+    torch.testing.assert_close(base[:, :first_changed], other[:, :first_changed])
+    for frame in range(first_changed, 3):
+        assert not torch.allclose(base[:, frame], other[:, frame], atol=1e-4), frame
+
+
 def test_one_step_sampler_makes_one_model_call_per_frame():
     cfg, model, params = make(k_max=2, steps=1)
     z, _, _, actions = inputs(cfg, steps=6)

@@ -7,7 +7,8 @@ the test is collected (tests/helpers/e2e_runs.py).
 
 The margin: the final policy's mean return must exceed the uniform random policy's by at least 2.0 per 12-step
 episode on every seed (random scores about 1.1, the demonstrator about 7, straight to the goal 10.0). A
-policy that cannot see the goal does no better than random, so a broken tokenizer, world model, BC or imagination
+policy blind to the goal scores at most 12/7 = 1.71 on average over Reach's starts
+(tests/test_reach_blind_bound.py), below random + 2.0, so a broken tokenizer, world model, BC or imagination
 step fails this test. Measured with `python experiments/reach_e2e.py --seeds 0 1 2`: final 6.33 / 6.53 / 6.00
 against random 0.97 / 0.95 / 1.40 (BC alone 6.97 / 6.15 / 5.88), see docs/results.md. Seeds 3 / 4 / 5 learn
 less in the same budget (final 2.40 / 3.30 / 3.85 against random 1.50 / 1.75 / 1.12; with 1,600 updates 4.25 /
