@@ -30,7 +30,7 @@ from d4func.objectives import (
     x_from_velocity,
 )
 from d4func.sampler import Frames, generate
-from d4func.train.dynamics_step import denoiser
+from d4func.train.dynamics_step import denoiser, dynamics_loss
 from d4func.train.run_config import load_run_config
 
 
@@ -317,6 +317,52 @@ def test_bootstrap_target_equals_two_explicit_half_steps_per_sample():
         t_mid = torch.where(mb, tb + half, tb)
         b2 = (fn(z_mid, t_mid, half) - z_mid) / (1 - t_mid)[..., None, None]
         torch.testing.assert_close(folded[b : b + 1], (b1 + b2) / 2, atol=1e-5, rtol=1e-4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), k_max=st.sampled_from([2, 4, 8, 64]))
+def test_the_bootstrap_target_of_a_denoiser_that_always_predicts_c_is_c(seed, k_max):
+    """Two straight half steps towards a fixed prediction c land where one full step does, so the x-space target
+    z_tau + (1 - tau) (b' + b'') / 2 is c itself. Catches a target without the (1 - tau) factor, a midpoint at
+    tau + d instead of tau + d / 2, or half steps of the wrong size."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(3, 5, 4, 2, generator=gen)
+    c = torch.randn(4, 2, generator=gen)
+    d = sample_step_sizes((3, 5), k_max, gen)
+    tau = sample_signal_levels(d, gen)
+    z_tau = add_noise(z, tau, torch.randn(z.shape, generator=gen))
+    target, is_flow = shortcut_targets(lambda zt, t, dd: c.expand_as(zt), z, z_tau, tau, d, 1.0 / k_max)
+    torch.testing.assert_close(target[~is_flow], c.expand_as(target)[~is_flow], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(target[is_flow], z[is_flow])
+
+
+def test_bootstrap_targets_are_stopped_and_the_loss_gradient_ignores_them():
+    """The paper's sg(.) on the bootstrap target: gradients of the dynamics loss flow only through the student's
+    prediction, as if the target came from a frozen copy of the params."""
+    cfg, model, params = make(k_max=8)
+    z, _, _, actions = inputs(cfg, batch=3, steps=5, seed=4)
+    d, tau = torch.full((3, 5), 0.25), torch.full((3, 5), 0.25)
+    z_tau = add_noise(z, tau, torch.randn_like(z))
+    scale = torch.tensor(1.5, requires_grad=True)  # a parameter of the denoiser
+    target, is_flow = shortcut_targets(lambda *a: scale * denoiser(model, params, actions)(*a), z, z_tau, tau, d,
+                                       cfg.d_min)
+    assert not is_flow.any() and not target.requires_grad
+
+    frozen = params.clone()  # a constant for grad: what the stopped target must behave like
+
+    def frozen_target_loss(p):
+        return shortcut_forcing_loss(denoiser(model, p, actions), denoiser(model, frozen, actions), z, cfg.k_max,
+                                     torch.Generator().manual_seed(9), cfg.bootstrap_fraction,
+                                     cfg.clean_context_fraction, cfg.context_signal, cfg.noise_scale, cfg.forcing,
+                                     cfg.loss_weight)[0]
+
+    def loss(p):
+        return dynamics_loss(p, z, actions, torch.Generator().manual_seed(9), model=model)[0]
+
+    grads = torch.func.grad(loss)(params)
+    reference = torch.func.grad(frozen_target_loss)(params)
+    for key, grad in grads.items(include_nested=True, leaves_only=True):
+        torch.testing.assert_close(grad, reference[key], atol=1e-6, rtol=1e-5, msg=str(key))
 
 
 def test_flow_frames_regress_to_clean_latents():

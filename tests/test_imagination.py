@@ -15,11 +15,25 @@ from hypothesis import strategies as st
 from tensordict import TensorDict
 
 from d4func.config import TransformerConfig
-from d4func.distributions import BoundedNormal, Categorical, bounded_normal_min_entropy, twohot_log_prob
+from d4func.distributions import (
+    BoundedNormal,
+    Categorical,
+    bounded_normal_min_entropy,
+    kl_divergence,
+    twohot_log_prob,
+    twohot_mean,
+)
 from d4func.dynamics import Dynamics, DynamicsConfig, actions_into_frames
-from d4func.functional import grad_and_value, init, template
+from d4func.functional import apply, grad_and_value, init, template
 from d4func.heads import AgentHeads, HeadsConfig, policy_dist
-from d4func.imagination import ImaginationConfig, commit_frames, imagination_loss, imagine, world_model_fn
+from d4func.imagination import (
+    ImaginationConfig,
+    Rollout,
+    commit_frames,
+    imagination_loss,
+    imagine,
+    world_model_fn,
+)
 from d4func.optim import AdamWConfig
 from d4func.train.agent_step import (
     FinetuneConfig,
@@ -440,6 +454,86 @@ def test_centered_advantages_give_pmpo_both_signs_while_the_value_lags_and_leave
     assert 0.0 < centered["frac_pos"] < 1.0 and 0.0 < centered["frac_neg"] < 1.0
     assert abs(float(centered["adv_mean"])) < 1e-5
     assert centered["value_loss"] == plain["value_loss"] and centered["imagined_return"] == plain["imagined_return"]
+
+
+def test_imagination_loss_equals_its_terms_written_out_with_explicit_indices():
+    """The whole phase-3 loss against a by-hand rebuild: R_t = r_t + gamma c_t ((1 - lam) V_{t+1} + lam R_{t+1}),
+    R_H = V_H; A_t = R_t - V_t; weights w_t = prod_{i<t} c_i; PMPO on log pi(a_t | h_t) with the reverse KL to the
+    prior at the acting states h_0..h_{H-1}; twohot CE of V_t towards R_t and, at the same states, towards the slow
+    value's mean. gamma != lam, a termination mid-rollout and non-default coefficients, so swapping gamma and lam,
+    comparing with V_{t+1}, reading the slow value one step late, not shifting the continuation weights or dropping a
+    coefficient each changes the value."""
+    model, heads, params = make(False)
+    gen = torch.Generator().manual_seed(0)
+    params = params.clone()
+    for name in ("value", "policy"):  # heads whose outputs vary with the state
+        w = params["heads", name, "out", "weight"]
+        params["heads", name, "out", "weight"] = 0.5 * torch.randn(w.shape, generator=gen)
+    slow = params["heads", "value"].clone().apply(lambda x: x + 0.1 * torch.randn(x.shape, generator=gen))
+    prior = params["heads", "policy"].clone().apply(lambda x: x + 0.2 * torch.randn(x.shape, generator=gen))
+    batch, horizon = 3, 4
+    features = torch.randn(batch, horizon + 1, 1, 32, generator=gen)
+    rollout = Rollout(features=features, actions=torch.rand(batch, horizon, A_CONT, generator=gen) * 1.8 - 0.9,
+                      rewards=torch.randn(batch, horizon, generator=gen),
+                      continues=torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 0.0, 1.0]]),
+                      latents=torch.zeros(batch, horizon, 4, 4))
+    cfg = ImaginationConfig(horizon=horizon, gamma=0.8, lam=0.6, alpha=0.4, beta=0.2, slow_reg=0.5, policy_coef=0.7,
+                            value_coef=1.3)
+    loss, _ = imagination_loss(params["heads"], rollout, heads=heads, prior_policy=prior, slow_value=slow, cfg=cfg)
+
+    bins = heads.cfg.bins(features.device)
+    value_logits = apply(heads.value, params["heads", "value"], features)
+    values = twohot_mean(value_logits, bins)
+    r, c = rollout.rewards, rollout.continues
+    returns = [values[:, horizon]]
+    for t in reversed(range(horizon)):
+        returns.insert(0, r[:, t] + cfg.gamma * c[:, t] * ((1 - cfg.lam) * values[:, t + 1] + cfg.lam * returns[0]))
+    returns = torch.stack(returns[:horizon], dim=1)
+    advantages = returns - values[:, :horizon]
+    weights = torch.stack([c[:, :t].prod(dim=1) for t in range(horizon)], dim=1)
+    policy = policy_dist(heads, params["heads", "policy"], features[:, :horizon])
+    log_probs = policy.log_prob(rollout.actions)
+    kl = kl_divergence(policy, policy_dist(heads, prior, features[:, :horizon]))
+    pos, neg = weights * (advantages > 0), weights * (advantages < 0)
+    policy_loss = (-cfg.alpha * (pos * log_probs).sum() / pos.sum() + (1 - cfg.alpha) * (neg * log_probs).sum()
+                   / neg.sum() + cfg.beta * (weights * kl).sum() / weights.sum())
+    slow_mean = twohot_mean(apply(heads.value, slow, features[:, :horizon]), bins)
+    ce = -twohot_log_prob(value_logits[:, :horizon], bins, returns)
+    ce_slow = -twohot_log_prob(value_logits[:, :horizon], bins, slow_mean)
+    value_term = ((weights * ce).sum() + cfg.slow_reg * (weights * ce_slow).sum()) / weights.sum()
+    assert pos.sum() > 0 and neg.sum() > 0 and weights.min() == 0  # both PMPO sets and a termination are exercised
+    torch.testing.assert_close(loss, cfg.policy_coef * policy_loss + cfg.value_coef * value_term, atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_an_imagined_frame_is_denoised_under_its_own_action():
+    """With a horizon of 1 the only imagined frame differs between two policies fixed on different actions: the
+    action reaches the denoising calls of its frame, not only the commit that later frames see."""
+    model, heads, params = make(True)
+    batch = toy_batch(True, 4, 3, torch.Generator().manual_seed(0))
+    frames = {}
+    for favourite in (0, 2):
+        bias = torch.full((N_DISC,), -30.0)
+        bias[favourite] = 30.0
+        rollout = imagine(model, heads, _biased_policy(params, heads, bias), batch["latents"], batch["actions"],
+                          torch.Generator().manual_seed(5), horizon=1, greedy=True)
+        assert (rollout.actions == favourite).all()
+        frames[favourite] = rollout.latents[:, 0]
+    assert not torch.allclose(frames[0], frames[2], atol=1e-4)
+
+
+def test_the_slow_value_moves_by_one_minus_its_decay_towards_the_new_value_params():
+    model, heads, params = make(False)
+    batch = toy_batch(False, 3, 3, torch.Generator().manual_seed(0))
+    state = new_imagination_state(params)
+    state["ema", "value"] = state["ema", "value"].apply(lambda x: x + 0.1)  # slow value apart from the value head
+    cfg = ImaginationConfig(horizon=3, slow_decay=0.9)
+    new_state, _ = imagination_step(state, {"latents": batch["latents"], "actions": batch["actions"]},
+                                    torch.Generator().manual_seed(1), model=model, heads=heads,
+                                    opt=AdamWConfig(lr=1e-2), cfg=cfg)
+    expected = state["ema", "value"].apply(lambda old, new: 0.9 * old + 0.1 * new, new_state["params", "value"])
+    for key, value in new_state["ema", "value"].items(include_nested=True, leaves_only=True):
+        torch.testing.assert_close(value, expected[key], msg=str(key))
 
 
 def test_imagination_step_trains_only_policy_and_value():
