@@ -151,6 +151,20 @@ def test_dropped_patches_are_invisible_to_the_encoder():
     assert (z_visible - z).abs().max() > 1e-3
 
 
+def test_a_dropped_patch_keeps_its_position():
+    """The mask token replaces a dropped patch's content before the position embedding is added (paper Sec. 3.1,
+    MAE): with every patch dropped the frames no longer matter, but where each patch was still does."""
+    cfg = tiny_cfg()
+    model, params = build(cfg)
+    drop = torch.ones(2, 3, 1, cfg.n_patches, dtype=torch.bool)
+    frames, other_frames = rand_frames(2, 3, 1, 3, 16, 16), rand_frames(2, 3, 1, 3, 16, 16, seed=1)
+    z = apply(model.encoder, params["encoder"], frames, drop)
+    torch.testing.assert_close(apply(model.encoder, params["encoder"], other_frames, drop), z)
+    moved = params["encoder"].clone()
+    moved["patch_pos"][0] += 0.5  # the first patch's position embedding
+    assert (apply(model.encoder, moved, frames, drop) - z).abs().max() > 1e-4
+
+
 def _patch_mask_to_pixels(drop, cfg):
     """bool [B, T, P] -> [B, T, 1, H, W]."""
     grid = cfg.height // cfg.patch_size
