@@ -40,7 +40,7 @@ from d4func.config import TransformerConfig
 from d4func.functional import apply, runs_value_checks
 from d4func.latent_regions import LATENT_ATTENTION, PARTS, latent_grid, local_space_mask
 from d4func.patches import check_patch_size, num_patches, patch_dim, patchify, unpatchify
-from d4func.transformer import BlockCausalTransformer, TokenLayout, empty_cache
+from d4func.transformer import BlockCausalTransformer, TokenLayout, empty_cache, keep_last_steps
 
 _EMBED_STD = 0.02  # learned embeddings start small so they do not swamp the patch embedding
 
@@ -353,6 +353,22 @@ def encode_step(
     the cache's batch is `B * n_cameras` (use `d4func.transformer.reset_cache` / `keep_last_steps` on it).
     """
     return apply(template, params, frames, mode="encode_step", cache=cache)
+
+
+def encode_windowed(template: Tokenizer, params: TensorDictBase, frames: Tensor, window: int | None) -> Tensor:
+    """frames -> latents as the acting policy encodes them: frame by frame, each beside at most `window - 1`
+    earlier ones (the KV cache cut with `keep_last_steps`), so clips longer than a training row are read as the
+    policy reads them. `window=None`, or a clip no longer than `window`, encodes at once (the same latents)."""
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1 frame or None, got {window}")
+    if window is None or frames.shape[1] <= window:
+        return encode(template, params, frames)
+    cache, latents = None, []
+    for t in range(frames.shape[1]):
+        step_latents, cache = encode_step(template, params, frames[:, t:t + 1], cache)
+        cache = keep_last_steps(cache, window - 1)
+        latents.append(step_latents)
+    return torch.cat(latents, dim=1)
 
 
 def decode(template: Tokenizer, params: TensorDictBase, latents: Tensor) -> Tensor:

@@ -62,7 +62,7 @@ from torch import Tensor
 from d4func.dynamics import Dynamics, actions_into_frames
 from d4func.heads import AgentHeads, reward_dist
 from d4func.imagination import commit_frames, world_model_fn
-from d4func.tokenizer import Tokenizer, decode, encode
+from d4func.tokenizer import Tokenizer, decode, encode, encode_windowed
 from d4func.tokenizer_loss import psnr
 from d4func.train import checkpoint
 from d4func.train.loop import build_models, run_env_name
@@ -242,7 +242,7 @@ def reward_metrics(run: LoadedRun, frames: Tensor, actions: Tensor, rewards: Ten
     The agent token of frame t, t >= 1, predicts the reward into frame t, `rewards[:, t - 1]` (offset 0,
     `d4func/train/agent_step.py`); frame 0's incoming transition is not in the clip. R^2 is None when the
     held-out rewards do not vary."""
-    latents = encode(run.tokenizer, run.tokenizer_params, frames)
+    latents = encode_windowed(run.tokenizer, run.tokenizer_params, frames, run.cfg.replay.row_frames)
     actions_in, mask_in = actions_into_frames(actions)
     model_fn = world_model_fn(run.dynamics, run.dynamics_params)
     generator = torch.Generator(device=frames.device).manual_seed(seed)
@@ -339,9 +339,11 @@ def counterfactual_action_metrics(run: LoadedRun, clips: dict[str, Tensor] | Non
     model_change = predicted[0] - predicted[1]
     real_change = clips["frames"][0] - clips["frames"][1]
     overall, per_step = change_explained(model_change, real_change)
-    # The same in latent space, where imagination works: the env's frames encoded after the same context.
-    real_latents = [encode(run.tokenizer, run.tokenizer_params, torch.cat([clips["context"], frames], dim=1))[
-        :, clips["context"].shape[1]:] for frames in clips["frames"]]
+    # The same in latent space, where imagination works: the env's frames encoded after the same context, as the
+    # acting policy would encode them (at most a training row's frames at once).
+    real_latents = [encode_windowed(run.tokenizer, run.tokenizer_params, torch.cat([clips["context"], frames], dim=1),
+                                    run.cfg.replay.row_frames)[:, clips["context"].shape[1]:]
+                    for frames in clips["frames"]]
     latent_r2, _ = change_explained(predicted_latents[0] - predicted_latents[1], real_latents[0] - real_latents[1])
     return dict(zip(COUNTERFACTUAL_KEYS, (overall, per_step, float(model_change.abs().mean()),
                                           float(real_change.abs().mean()), latent_r2), strict=True))

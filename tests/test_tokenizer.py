@@ -40,6 +40,7 @@ from d4func.tokenizer import (
     decode,
     encode,
     encode_step,
+    encode_windowed,
     encode_with_mask,
     mae_drop_mask,
 )
@@ -213,6 +214,25 @@ def test_frame_by_frame_cached_encoding_equals_encoding_the_clip(n_cameras, late
         z, cache = encode_step(model, params, frames[:, t : t + 1], cache)
         steps.append(z)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_windowed_encoding_reads_at_most_a_window_of_frames():
+    """`encode_windowed` as the acting policy encodes: a clip no longer than the window is encoded at once; in a
+    longer one, frame t's latents never see frames before t - (window - 1). With one time layer (tiny_cfg) its
+    cached keys and values depend on their own frame only, so frame t equals encoding its window alone."""
+    cfg = tiny_cfg()
+    model, params = build(cfg)
+    frames = rand_frames(2, 7, 3, 16, 16)
+    torch.testing.assert_close(encode_windowed(model, params, frames[:, :3], 3), encode(model, params, frames[:, :3]))
+    torch.testing.assert_close(encode_windowed(model, params, frames, None), encode(model, params, frames))
+    windowed = encode_windowed(model, params, frames, 3)
+    for t in range(7):
+        alone = encode(model, params, frames[:, max(0, t - 2):t + 1])[:, -1]
+        torch.testing.assert_close(windowed[:, t], alone, atol=1e-5, rtol=1e-4)
+    # The whole clip at once differs from frame 3 on: it reads beyond the window.
+    assert (encode(model, params, frames)[:, 3:] - windowed[:, 3:]).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="window must be >= 1 frame or None, got 0"):
+        encode_windowed(model, params, frames, 0)
 
 
 def test_latents_are_tanh_bounded_and_shaped():

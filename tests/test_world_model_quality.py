@@ -179,8 +179,9 @@ def test_counterfactual_actions_score_the_models_change_against_the_envs(run_dir
                                        wmq.encode(run.tokenizer, run.tokenizer_params, clips["context"]), latents[0],
                                        run.cfg.replay.row_frames)
     torch.testing.assert_close(decoded, imagined[0])  # what _predict shows
-    real = [wmq.encode(run.tokenizer, run.tokenizer_params, torch.cat([clips["context"], f], 1))[:, -HORIZON:]
-            for f in clips["frames"]]
+    # The env's frames encoded as the acting policy reads them (a training row at most; pinned in test_tokenizer).
+    real = [wmq.encode_windowed(run.tokenizer, run.tokenizer_params, torch.cat([clips["context"], f], 1),
+                                run.cfg.replay.row_frames)[:, -HORIZON:] for f in clips["frames"]]
     latent_change, real_latent_change = latents[0] - latents[1], real[0] - real[1]
     expected_latent = 1 - float((latent_change - real_latent_change).square().sum() / real_latent_change.square().sum())
     assert measured["counterfactual_latent_r2"] == pytest.approx(expected_latent, rel=1e-5)
