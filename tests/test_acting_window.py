@@ -181,3 +181,54 @@ def test_a_window_of_other_frames_or_actions_is_started_afresh():
         resumed_window = resumed.window_state()
         assert resumed_window["length"].tolist() == [1], mismatch
         assert resumed_window["frames"].dtype == frames.dtype and resumed_window["prev_action"].shape == (1, 1)
+
+
+def sensitive_params() -> tuple:
+    """PARAMS with a policy head whose output layer is random at a moderate scale: the fresh head's output layer
+    starts at zero, so its mode ignores the agent token and no action comparison could see a wiring error."""
+    tokenizer_params, agent_params = PARAMS
+    agent_params = agent_params.clone()
+    weight = agent_params["heads", "policy", "out", "weight"]
+    agent_params["heads", "policy", "out", "weight"] = 0.1 * torch.randn(weight.shape,
+                                                                        generator=torch.Generator().manual_seed(0))
+    return tokenizer_params, agent_params
+
+
+def test_the_window_records_every_action_taken_as_the_action_into_the_next_frame():
+    policy = WorldModelPolicy(MODELS.tokenizer, MODELS.dynamics, MODELS.heads, Bounded(-1.0, 1.0, shape=(1,)),
+                              context=6, seed=0, greedy=False)
+    policy.update_params(*sensitive_params())
+    frames = frames_of(2, 5, n_envs=1)
+    emitted = [act(policy, frames[step], torch.tensor([step == 0])) for step in range(5)]
+    window = policy.window_state()
+    torch.testing.assert_close(window["actions"][:, -4:], torch.stack(emitted[:4], dim=1))
+    assert window["has_action"][0].tolist() == [False, False, True, True, True, True]  # an empty slot, then frame 0
+    torch.testing.assert_close(window["prev_action"], emitted[4])
+    assert len({round(float(a), 4) for a in emitted}) > 1  # sampled: the actions differ, so a shift would show
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16), context=st.integers(2, 5))
+def test_with_a_responsive_policy_rebuilt_caches_act_as_caches_grown_frame_by_frame(seed, context):
+    """As the test above, with a policy head that reads the agent token, and an episode as long as the window:
+    the newest frame must be observed under the action that led into it on both paths."""
+    frames = frames_of(seed, context, n_envs=1)
+    steady, updated = make_policy(context), make_policy(context)
+    for policy in (steady, updated):
+        policy.update_params(*sensitive_params())
+    for step in range(context):
+        updated.update_params(*sensitive_params())  # a rebuild before every action
+        is_init = torch.tensor([step == 0])
+        torch.testing.assert_close(act(updated, frames[step], is_init), act(steady, frames[step], is_init),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_caches_keep_one_frame_less_than_the_context():
+    """After more steps than the context, both caches hold context - 1 steps, so the next frame is observed beside
+    as many frames as a training row holds."""
+    policy = make_policy(context=3)
+    frames = frames_of(3, 6, n_envs=1)
+    for step in range(6):
+        act(policy, frames[step], torch.tensor([step == 0]))
+    assert policy._caches["tokenizer"]["valid"].shape[1] == 2
+    assert policy._caches["dynamics"]["valid"].shape[1] == 2

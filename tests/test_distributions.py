@@ -271,6 +271,30 @@ def test_bounded_normal_kl_matches_numerical_integration_and_is_zero_for_itself(
     assert kl_divergence(same, same).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_bounded_normal_kl_log_prob_and_entropy_sum_over_action_dimensions() -> None:
+    """A BoundedNormal over A dimensions is A independent ones: its KL, log-probability and entropy are the sums of
+    the per-dimension ones (a mean would shrink the reverse-KL prior of Eq. 11 by A against the log-probs)."""
+    gen = torch.Generator().manual_seed(0)
+    p = BoundedNormal(torch.rand(4, 3, generator=gen) * 2 - 1, torch.rand(4, 3, generator=gen) + 0.1)
+    q = BoundedNormal(torch.rand(4, 3, generator=gen) * 2 - 1, torch.rand(4, 3, generator=gen) + 0.1)
+    x = torch.rand(4, 3, generator=gen) * 2 - 1
+    dims = [(BoundedNormal(p.loc[:, i:i + 1], p.std[:, i:i + 1]), BoundedNormal(q.loc[:, i:i + 1], q.std[:, i:i + 1]))
+            for i in range(3)]
+    torch.testing.assert_close(kl_divergence(p, q), sum(kl_divergence(pi, qi) for pi, qi in dims))
+    torch.testing.assert_close(p.log_prob(x), sum(pi.log_prob(x[:, i:i + 1]) for i, (pi, _) in enumerate(dims)))
+    torch.testing.assert_close(p.entropy(), sum(pi.entropy() for pi, _ in dims))
+
+
+def test_from_raw_loc_is_tanh_and_keeps_its_gradient_past_one() -> None:
+    """loc = tanh(raw_loc): a head whose raw output has drifted past +-1 can still be pulled back (a clamp would
+    leave it without gradient there)."""
+    raw_loc = torch.tensor([[-3.0], [0.4], [3.0]], requires_grad=True)
+    dist = BoundedNormal.from_raw(raw_loc, torch.zeros(3, 1))
+    torch.testing.assert_close(dist.loc, torch.tanh(raw_loc.detach()))
+    (grad,) = torch.autograd.grad(dist.log_prob(torch.zeros(3, 1)).sum(), raw_loc)
+    assert bool((grad.abs() > 1e-4).all()), grad
+
+
 def test_bounded_normal_shape_errors() -> None:
     with pytest.raises(ValueError, match="must match"):
         BoundedNormal(torch.zeros(2, 3), torch.ones(2, 2))

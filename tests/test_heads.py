@@ -90,6 +90,19 @@ def test_reward_and_value_start_at_zero_and_policy_near_uniform():
     assert uniform_policy_entropy(heads.cfg) == pytest.approx(math.log(5))
 
 
+def test_the_policy_heads_std_bounds_come_from_its_config():
+    """`heads.min_std` / `heads.max_std` reach the distribution: extreme raw std outputs land on the configured
+    bounds, not on BoundedNormal's defaults (0.1, 1.0)."""
+    heads, params = make(False, n_agent=1, mtp=1, min_std=0.3, max_std=0.6)
+    params = params.clone()
+    out = params["policy", "out"]
+    out["weight"] = torch.zeros_like(out["weight"])
+    for raw_std, expected in ((-1e3, 0.3), (1e3, 0.6)):
+        out["bias"] = torch.cat([torch.zeros(3), torch.full((3,), raw_std)])
+        dist = policy_dist(heads, params["policy"], torch.randn(2, 1, 16))
+        torch.testing.assert_close(dist.std, torch.full((2, 3), expected))
+
+
 def test_params_are_one_tree_with_disjoint_heads_and_no_buffers():
     heads, params = make(False)
     assert set(params.keys()) == {"policy", "reward", "value"}

@@ -34,6 +34,7 @@ from d4func.imagination import (
     imagine,
     world_model_fn,
 )
+from d4func.objectives import shortcut_forcing_loss
 from d4func.optim import AdamWConfig
 from d4func.train.agent_step import (
     FinetuneConfig,
@@ -43,7 +44,7 @@ from d4func.train.agent_step import (
     imagination_step,
     new_imagination_state,
 )
-from d4func.train.dynamics_step import dynamics_loss
+from d4func.train.dynamics_step import denoiser, dynamics_loss
 from d4func.train.state import new_train_state
 from d4func.transformer import empty_cache
 
@@ -274,6 +275,53 @@ def test_finetune_gradients_reach_dynamics_policy_and_reward_but_not_value():
             assert torch.count_nonzero(grad) == 0, key
         else:
             assert torch.count_nonzero(grad) > 0, key
+
+
+def test_finetune_loss_weighs_each_term_by_its_own_coefficient():
+    model, heads, params = make(False, mtp=2)
+    batch = toy_batch(False, 2, 5, torch.Generator().manual_seed(0))
+    cfg = FinetuneConfig(dynamics_coef=0.7, bc_coef=1.3, reward_coef=0.4)
+    loss, metrics = agent_finetune_loss(params, batch["latents"], batch["actions"], batch["rewards"], None,
+                                        torch.Generator().manual_seed(1), model=model, heads=heads, cfg=cfg)
+    assert metrics["reward_ce"] > 0 and metrics["bc_nll"] != 0
+    torch.testing.assert_close(loss, 0.7 * metrics["dynamics_loss"] + 1.3 * metrics["bc_nll"]
+                               + 0.4 * metrics["reward_ce"])
+
+
+def test_finetune_dynamics_gradient_stops_at_the_bootstrap_target_and_bc_trains_the_transformer():
+    """With only the dynamics term, the gradient is that of shortcut forcing against targets from a frozen copy
+    (the paper's sg on the bootstrap target). With only behaviour cloning, the gradient reaches the dynamics
+    transformer through the agent tokens: phase 2 shapes the world model's representation for the policy."""
+    model, heads, params = make(False, mtp=2)
+    params = params.clone()
+    w = params["heads", "policy", "out", "weight"]  # the fresh output layer is zero: no gradient would pass it
+    params["heads", "policy", "out", "weight"] = 0.3 * torch.randn(w.shape, generator=torch.Generator().manual_seed(3))
+    batch = toy_batch(False, 2, 5, torch.Generator().manual_seed(0))
+    frozen = params["dynamics"].clone()
+    actions_in, mask = actions_into_frames(batch["actions"])
+
+    def finetune(p, cfg, aux=False):
+        loss, metrics = agent_finetune_loss(p, batch["latents"], batch["actions"], batch["rewards"], None,
+                                            torch.Generator().manual_seed(3), model=model, heads=heads, cfg=cfg)
+        return (loss, metrics) if aux else loss
+
+    assert finetune(params, FinetuneConfig(), aux=True)[1]["bootstrap_mse"] > 0  # these draws hold bootstrap frames
+
+    def frozen_target(dynamics_params):
+        dyn = model.cfg
+        return shortcut_forcing_loss(denoiser(model, dynamics_params, actions_in, mask),
+                                     denoiser(model, frozen, actions_in, mask), batch["latents"], dyn.k_max,
+                                     torch.Generator().manual_seed(3), dyn.bootstrap_fraction,
+                                     dyn.clean_context_fraction, dyn.context_signal, dyn.noise_scale, dyn.forcing,
+                                     dyn.loss_weight)[0]
+
+    only_dynamics = torch.func.grad(finetune)(params, FinetuneConfig(bc_coef=0.0, reward_coef=0.0))
+    reference = torch.func.grad(frozen_target)(params["dynamics"])
+    for key, grad in only_dynamics["dynamics"].items(include_nested=True, leaves_only=True):
+        torch.testing.assert_close(grad, reference[key], atol=1e-6, rtol=1e-5, msg=str(key))
+    only_bc = torch.func.grad(finetune)(params, FinetuneConfig(dynamics_coef=0.0, reward_coef=0.0))
+    transformer = only_bc["dynamics", "transformer"]
+    assert sum(int(torch.count_nonzero(g)) for g in transformer.values(include_nested=True, leaves_only=True)) > 0
 
 
 # --- phase 3: rollouts ---------------------------------------------------------------------------------------------
