@@ -384,6 +384,46 @@ def test_train_step_carries_loss_statistics_in_the_state():
     assert "loss_rms" not in metrics
 
 
+def test_tokenizer_loss_masks_patches_when_configured():
+    """`TokenizerLossConfig.mask` (on by default, paper Sec. 3.1) reaches the autoencoder: the masked loss drops
+    patches from the generator's draws and reconstructs from the rest, so its MSE is that of the masked
+    autoencoding, not of the plain one."""
+    model, params = build(tiny_cfg())
+    frames = rand_frames(4, 3, 3, 16, 16)
+    assert TokenizerLossConfig().mask
+
+    def loss_terms(mask: bool):
+        cfg = TokenizerLossConfig(lpips_weight=0.0, mask=mask)
+        return tokenizer_loss(params, frames, torch.Generator().manual_seed(5), template=model, cfg=cfg,
+                              loss_rms=init_loss_rms())[1]
+
+    masked, plain = loss_terms(True), loss_terms(False)
+    assert masked["mask_rate"] > 0.1 and plain["mask_rate"] == 0
+    recon, _, drop = apply(model, params, frames, mode="autoencode", generator=torch.Generator().manual_seed(5),
+                           mask=True)
+    torch.testing.assert_close(masked["mse"], (recon - frames).square().mean())
+    torch.testing.assert_close(masked["mask_rate"], drop.float().mean())
+    torch.testing.assert_close(plain["mse"], (autoencode(model, params, frames)[0] - frames).square().mean())
+    assert not torch.allclose(masked["mse"], plain["mse"])
+
+
+def test_the_stored_statistics_are_the_ema_over_steps():
+    """Two train steps leave EMA(mse^2) = lerp(lerp(0, m1^2, 1 - d), m2^2, 1 - d), with m1, m2 the reported terms
+    (not only the last step's square)."""
+    model, params = build(tiny_cfg())
+    state = new_tokenizer_train_state(params)
+    loss_cfg = TokenizerLossConfig(lpips_weight=0.0, rms_decay=0.8)
+    reported = []
+    for seed in (0, 1):
+        state, metrics = tokenizer_train_step(state, rand_frames(2, 2, 3, 16, 16, seed=seed),
+                                              torch.Generator().manual_seed(seed), template=model, cfg=loss_cfg,
+                                              optim=AdamWConfig(lr=1e-3))
+        reported.append(float(metrics["mse"]))
+    expected = 0.8 * (0.2 * reported[0] ** 2) + 0.2 * reported[1] ** 2
+    assert state["loss_rms", "mse", "mean_sq"].item() == pytest.approx(expected, rel=1e-5)
+    assert state["loss_rms", "mse", "count"].item() == 2
+
+
 def test_latent_spread_is_zero_for_identical_frames_and_positive_for_distinct_ones():
     """The collapse detector: the same frame everywhere gives one latent (spread 0, also through the causal time
     layers, which then average equal values); distinct frames give distinct latents at init."""
@@ -452,6 +492,17 @@ def test_lpips_loads_backbone_from_a_file_and_linear_layers_from_the_package(no_
     assert x.grad is not None and x.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="side >= 31"):
         distance(torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16))
+
+
+def test_lpips_takes_zero_to_one_images_as_the_package_takes_minus_one_to_one(no_network, random_alexnet_file):
+    """The package's LPIPS is calibrated on [-1, 1] images; d4func's frames are [0, 1]. The distance must be the
+    package's on 2x - 1, and must stay in eval mode (dropout off) whatever a caller's .train() says."""
+    distance = make_lpips("alex", backbone_path=random_alexnet_file[0])
+    x, y = rand_frames(2, 3, 32, 32), rand_frames(2, 3, 32, 32, seed=1)
+    package = distance.lpips
+    torch.testing.assert_close(distance(x, y), package(2 * x - 1, 2 * y - 1).flatten())
+    distance.train()
+    assert not distance.training and not package.training
 
 
 def test_lpips_finds_weights_in_the_hub_cache(no_network, random_alexnet_file, monkeypatch, tmp_path):
