@@ -14,7 +14,7 @@ may read the whole row). This is TorchRL's ``SliceSampler`` with
   the oldest one) are never sampled.
 
 Slices are drawn by picking a stored episode run uniformly, then a start uniformly within it. So every stored
-episode gets the same share of the rows whatever its length: the transitions of short episodes (and of the
+episode long enough for a row gets the same share of the rows: the transitions of short episodes (and of the
 surviving tail of one that the ring buffer is overwriting) are drawn more often than those of long ones, unlike
 uniform sampling over all valid windows. On fixed-length episodes (DMControl, Reach) the two agree. The sampler leaves
 stored data untouched (``init_key=None``, ``truncated_key=None``): ``"is_init"`` stays True only at the real
