@@ -18,7 +18,7 @@ from d4func.functional import (
     tree_norm,
 )
 from d4func.optim import AdamWConfig, adamw_init, adamw_update, clip_gradients
-from d4func.train.state import apply_gradients, new_train_state
+from d4func.train.state import NonFiniteLossError, apply_gradients, check_finite, new_train_state
 from d4func.transformer import BlockCausalTransformer, TokenLayout
 
 CFG = TransformerConfig(d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, time_every=2)
@@ -155,6 +155,47 @@ def test_adamw_matches_torch_optim(weight_decay):
         params, opt, _ = adamw_update(params, grads, opt, step, cfg)
     for name, p in net.named_parameters():
         torch.testing.assert_close(params.get(tuple(name.split("."))), p.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_adamw_with_clipping_matches_torch_clip_grad_norm_then_adamw():
+    """Clipping by the global norm over every leaf, then AdamW on the clipped gradients: five steps against
+    `clip_grad_norm_` + `torch.optim.AdamW`, with a clip small enough to act and gradients whose norm changes."""
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    params = TensorDict.from_module(net).detach().clone()
+    reference = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1, eps=1e-8)
+    cfg = AdamWConfig(lr=1e-2, weight_decay=0.1, max_grad_norm=0.05)
+    opt = adamw_init(params)
+    for step in range(5):
+        x, y = torch.randn(16, 4), torch.randn(16, 1) * (step + 1)
+        reference.zero_grad()
+        ((net(x) - y) ** 2).mean().backward()
+        total = torch.nn.utils.clip_grad_norm_(net.parameters(), 0.05)
+        reference.step()
+        grads, _ = grad_and_value(lambda p, x=x, y=y: ((torch.func.functional_call(
+            net, dict(p.flatten_keys(".").items()), x) - y) ** 2).mean())(params)
+        params, opt, metrics = adamw_update(params, grads, opt, step, cfg)
+        torch.testing.assert_close(metrics["grad_norm"], total, atol=1e-5, rtol=1e-5)
+        assert total > 0.05  # the clip acted
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(params.get(tuple(name.split("."))), p.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_the_global_norm_is_the_l2_norm_over_all_leaves():
+    grads = TensorDict({"a": torch.tensor([3.0, 0.0]), "b": {"c": torch.tensor([0.0, 4.0])}})
+    torch.testing.assert_close(tree_norm(grads), torch.tensor(5.0))
+    clipped, norm = clip_gradients(grads, AdamWConfig(max_grad_norm=1.0))
+    torch.testing.assert_close(norm, torch.tensor(5.0))
+    torch.testing.assert_close(clipped["a"], torch.tensor([0.6, 0.0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(clipped["b", "c"], torch.tensor([0.0, 0.8]), atol=1e-6, rtol=0)
+
+
+def test_check_finite_stops_on_inf_as_on_nan_naming_each_term():
+    check_finite({"loss": torch.tensor(1.0), "mse": torch.tensor([0.5, 2.0])}, 3)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 7"):
+        check_finite({"loss": torch.tensor(float("inf")), "mse": torch.tensor(1.0)}, 7)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss, mse at step 2"):
+        check_finite({"loss": torch.tensor(-float("inf")), "mse": torch.tensor([0.0, float("nan")])}, 2)
 
 
 def test_global_norm_clipping_and_train_state_step():

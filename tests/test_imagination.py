@@ -29,6 +29,7 @@ from d4func.heads import AgentHeads, HeadsConfig, policy_dist
 from d4func.imagination import (
     ImaginationConfig,
     Rollout,
+    _slide,
     commit_frames,
     imagination_loss,
     imagine,
@@ -448,6 +449,65 @@ def test_rollout_window_forgets_frames_beyond_it_and_a_wide_window_changes_nothi
     assert not torch.allclose(narrow.latents, unbounded.latents)
     with pytest.raises(ValueError, match="window must be >= 2"):
         roll(batch["latents"], 1)
+
+
+def test_commit_frames_renoises_to_the_context_level_with_the_smallest_step():
+    """The agent observes a frame as the sampler keeps its context (paper Sec. 3.2): re-noised to tau_ctx with the
+    generator's next draw, and with step size d_min."""
+    model, heads, params = make(True)
+    cfg = model.cfg
+    latents = toy_batch(True, 2, 3, torch.Generator().manual_seed(0))["latents"]
+    calls = []
+
+    def recording(z, tau, d, actions=None, mask=None, cache=None):
+        calls.append((z, tau, d))
+        return None, torch.zeros(z.shape[0], z.shape[1], 1, 32), cache
+
+    commit_frames(recording, cfg, latents, None, None, None, torch.Generator().manual_seed(7))
+    z, tau, d = calls[0]
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(7)) * cfg.noise_scale
+    torch.testing.assert_close(tau, torch.full((2, 3), cfg.context_signal))
+    torch.testing.assert_close(d, torch.full((2, 3), cfg.d_min))
+    torch.testing.assert_close(z, cfg.context_signal * latents + (1 - cfg.context_signal) * noise)
+
+
+def test_a_window_keeps_the_last_frames_and_the_actions_into_them():
+    """With a context of 4 frames and a window of 3, imagination starts from frames 2 and 3 and the actions into
+    them (taken after frames 1 and 2): frames 0-1 and the action after frame 0 change nothing, the action after
+    frame 2 changes the first policy feature. A context exactly as long as the window is cut too (the window holds
+    the frame being generated). An action mask of False hides its action; imagined continuations are all 1."""
+    model, heads, params = make(False)
+    batch = toy_batch(False, 2, 4, torch.Generator().manual_seed(0))
+
+    def first_feature(latents, actions, window=3, mask=None):
+        rollout = imagine(model, heads, params, latents, actions, torch.Generator().manual_seed(3), horizon=2,
+                          window=window, context_action_mask=mask)
+        assert (rollout.continues == 1).all()
+        return rollout.features[:, 0]
+
+    base = first_feature(batch["latents"], batch["actions"])
+    early = batch["latents"].clone()
+    early[:, :2] += 1.0
+    torch.testing.assert_close(first_feature(early, batch["actions"]), base)
+    for index, matters in ((0, False), (1, True), (2, True)):
+        changed = batch["actions"].clone()
+        changed[:, index] = -changed[:, index]
+        moved = not torch.allclose(first_feature(batch["latents"], changed), base, atol=1e-5)
+        assert moved == matters, index
+    three = batch["latents"][:, 1:]
+    shifted = three.clone()
+    shifted[:, 0] += 1.0
+    torch.testing.assert_close(first_feature(shifted, batch["actions"][:, 1:]),
+                               first_feature(three, batch["actions"][:, 1:]))
+    # Between imagined frames the cache slides to window - 1 steps, so each new frame sees a window in all.
+    cache = commit_frames(world_model_fn(model, params["dynamics"]), model.cfg, batch["latents"], None, None,
+                          empty_cache(2), torch.Generator().manual_seed(0))[1]
+    assert _slide(cache, 3)["valid"].shape[1] == 2 and _slide(cache, None)["valid"].shape[1] == 4
+    hidden = torch.zeros(2, 4, dtype=torch.bool)
+    changed = batch["actions"].clone()
+    changed[:, 2] = -changed[:, 2]
+    torch.testing.assert_close(first_feature(batch["latents"], changed, mask=hidden),
+                               first_feature(batch["latents"], batch["actions"], mask=hidden))
 
 
 def test_imagination_gradients_reach_only_policy_and_value():

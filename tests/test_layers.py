@@ -177,6 +177,36 @@ def test_qk_norm_gain_scales_the_logits_by_its_square(gain, seed):
         TransformerConfig(qk_norm_gain=0)
 
 
+def test_q_and_k_norms_are_separate_gains():
+    """The key's RMSNorm gain scales the logits on its own (the test above sets both gains alike, which would not
+    tell q_norm from k_norm): with the key gain doubled and the query gain left at 1, the logits double."""
+    dim, heads, length = 16, 2, 4
+    model = template(Attention, dim, heads, heads, qk_norm=True, logit_cap=None)
+    params = init(model, 0).clone()
+    params["k_norm", "weight"] = torch.full((dim // heads,), 2.0)
+    x = torch.randn(1, length, dim, generator=torch.Generator().manual_seed(1))
+    out, _ = apply(model, params, x, None, None, True)
+    q = rearrange(x @ params["q_proj", "weight"].T, "b l (h d) -> b h l d", h=heads)
+    k, v = rearrange(x @ params["kv_proj", "weight"].T, "b l (two h d) -> two b h l d", two=2, h=heads)
+    unit = lambda t: t * torch.rsqrt(t.square().mean(-1, keepdim=True) + 1e-6)  # noqa: E731
+    logits = 2.0 * unit(q) @ unit(k).transpose(-1, -2) / math.sqrt(dim // heads)
+    logits = logits.masked_fill(~torch.ones(length, length, dtype=torch.bool).tril(), float("-inf"))
+    expected = rearrange(logits.softmax(-1) @ v, "b h l d -> b l (h d)") @ params["out_proj", "weight"].T
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_rope_frequencies_are_the_papers_geometric_sequence():
+    """theta_i = base^(-2i / head_dim) (RoFormer, the paper's RoPE): pinned at position 1 and a large one, since
+    relative invariance and norm preservation hold for any frequencies."""
+    head_dim, base = 8, 10_000.0
+    for position in (1.0, 1000.0):
+        cos, sin = rope_angles(torch.tensor([position]), head_dim, base)
+        angles = torch.tensor([position * base ** (-2 * i / head_dim) for i in range(head_dim // 2)],
+                              dtype=torch.float64)
+        torch.testing.assert_close(cos[0], angles.cos().float(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(sin[0], angles.sin().float(), atol=1e-6, rtol=0)
+
+
 def test_soft_capped_attention_under_bf16_autocast_errs_no_more_than_the_fused_kernel():
     """Soft-capping takes the explicit path; its logits stay float32 under bf16 autocast, as the fused kernels keep
     their scores, so both paths err alike against a float64 reference (bf16 logits erred 3.5x more)."""

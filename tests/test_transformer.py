@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from d4func.config import TransformerConfig
 from d4func.functional import apply, init, template
-from d4func.transformer import BlockCausalTransformer, TokenLayout, keep_last_steps, reset_cache
+from d4func.transformer import BlockCausalTransformer, TokenLayout, drop_last_steps, keep_last_steps, reset_cache
 
 LAYOUTS = {
     "encoder": TokenLayout.of(patches=5, latents=3),
@@ -173,6 +173,57 @@ def test_sliding_window_equals_a_fresh_pass_over_the_window():
     torch.testing.assert_close(last, window[:, -1:], atol=1e-5, rtol=1e-4)
     full, _ = apply(model, params, x, mask)
     assert not torch.allclose(last, full[:, -1:], atol=1e-4)  # the window did forget steps 0..2
+
+
+def test_blocks_are_the_pre_norm_formula_written_out():
+    """A space layer then a time layer by hand, on one step: h = x + attn(rms(x) g1) (RoPE over token positions in
+    the space layer, over time in the time layer), h + down(silu(a) * b) with (a, b) = gate_up(rms(h) g2), and
+    rms(.) g_final at the end. Pins the pre-norm residual wiring, the final norm, SwiGLU and RoPE in space layers,
+    none of which the invariance tests see."""
+    model, params = make_model(n_layers=2, time_every=2, logit_cap=None)
+    params = params.clone()
+    gen = torch.Generator().manual_seed(1)
+    gains = [("layers", i, name, "weight") for i in ("0", "1") for name in ("attn_norm", "mlp_norm")]
+    for key in [*gains, ("final_norm", "weight")]:
+        params[key] = 1.0 + 0.5 * torch.randn(params[key].shape, generator=gen)
+    x = torch.randn(2, 1, 6, 32, generator=gen)
+    y, _ = apply(model, params, x)
+
+    def rms(t, gain):
+        return t * torch.rsqrt(t.square().mean(-1, keepdim=True) + 1e-6) * gain
+
+    def block(h, index, positions):
+        layer = params["layers", str(index)]
+        attended, _ = apply(model.layers[index].attn, layer["attn"], rms(h, layer["attn_norm", "weight"]), positions,
+                            None, positions.numel() > 1 and index == 1)
+        h = h + attended
+        a, b = (rms(h, layer["mlp_norm", "weight"]) @ layer["mlp", "gate_up", "weight"].T).chunk(2, dim=-1)
+        return h + (torch.nn.functional.silu(a) * b) @ layer["mlp", "down", "weight"].T
+
+    space = block(x[:, 0], 0, torch.arange(6))  # [B, N, D]: tokens of the one step attend to each other
+    time = block(space.reshape(12, 1, 32), 1, torch.arange(1)).reshape(2, 6, 32)  # each token over its one step
+    torch.testing.assert_close(y[:, 0], rms(time, params["final_norm", "weight"]), atol=1e-5, rtol=1e-4)
+    layer = params["layers", "0"]
+    normed = rms(x[:, 0], layer["attn_norm", "weight"])
+    with_rope, _ = apply(model.layers[0].attn, layer["attn"], normed, torch.arange(6))
+    without_rope, _ = apply(model.layers[0].attn, layer["attn"], normed, None)
+    assert not torch.allclose(without_rope, with_rope, atol=1e-4)  # positions matter in a space layer
+
+
+def test_dropping_the_last_steps_equals_never_having_appended_them():
+    """`drop_last_steps` undoes appending: the next step gets the position it would have had (RoPE over time is
+    relative, so a position one too far would put every later frame one step further from its history)."""
+    model, params = make_model(n_layers=2, time_every=2)
+    layout = LAYOUTS["world_model"]
+    mask = layout.space_mask("world_model")
+    x = torch.randn(2, 5, layout.n_tokens, 32)
+    _, short = apply(model, params, x[:, :3], mask, model.empty_cache(2))
+    _, long = apply(model, params, x[:, :4], mask, model.empty_cache(2))
+    dropped = drop_last_steps(long, 1)
+    assert int(dropped["next_pos"][0]) == int(short["next_pos"][0]) == 3
+    after_drop, _ = apply(model, params, x[:, 4:], mask, dropped)
+    after_short, _ = apply(model, params, x[:, 4:], mask, short)
+    torch.testing.assert_close(after_drop, after_short, atol=1e-5, rtol=1e-4)
 
 
 def test_time_layers_know_the_order_of_the_history():
