@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from tensordict import TensorDict
 from torchrl.collectors import Collector
 from torchrl.envs.utils import check_env_specs
 
@@ -294,3 +295,64 @@ def test_make_env_max_episode_steps_truncates_dmc_and_crafter():
     crafter = make_env("crafter", max_episode_steps=5)
     rollout = crafter.rollout(12, break_when_any_done=False)
     assert rollout["next", "done"].squeeze(-1).nonzero().flatten().tolist()[:1] == [4]
+
+
+def test_a_time_limit_inside_an_action_repeat_ends_the_episode_there():
+    """5 control steps at action repeat 2: the third agent step hits the limit after one repeat and must end the
+    episode (stepping on would let dm_control reset by itself, unseen)."""
+    env = make_dmc_env("cartpole", "swingup", image_size=16, action_repeat=2, seed=0, time_limit=0.05)
+    td = env.rollout(10, UniformRandomPolicy(env.action_spec, seed=0), break_when_any_done=False)
+    done = td["next", "done"].reshape(-1)
+    assert done[:3].tolist() == [False, False, True]
+    assert td["next", "truncated"][2].item() and not td["next", "terminated"][2].item()
+    env.close()
+
+
+@pytest.mark.parametrize("repeat", [1, 4])
+def test_make_env_passes_the_action_repeat_to_the_env_and_its_config(repeat):
+    """One agent step of make_env's DMC env sums `repeat` control steps of the raw task (same seed, same action)."""
+    from dm_control import suite
+
+    env = make_env("dmc:cartpole-swingup", seed=3, image_size=16, action_repeat=repeat)
+    assert env_config("dmc:cartpole-swingup", action_repeat=repeat)["action_repeat"] == repeat
+    td = env.reset()
+    ref = suite.load("cartpole", "swingup", task_kwargs={"random": 0})
+    ref.reset()
+    with ref.physics.reset_context():  # the same start as make_env's env
+        ref.physics.set_state(env.base_env._env._env.physics.get_state())
+    for action in (0.7, -0.4):
+        out = env.step(td.set("action", torch.tensor([action])))
+        td = out["next"]
+        expected = sum(ref.step(np.array([action])).reward for _ in range(repeat))
+        assert out["next", "reward"].item() == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    env.close()
+
+
+def test_make_env_episode_lengths_and_image_sizes_reach_reach_and_crafter():
+    reach = make_env("reach", max_episode_steps=5)
+    rollout = reach.rollout(12, break_when_any_done=False)
+    assert rollout["next", "truncated"].squeeze(-1).nonzero().flatten().tolist()[:1] == [4]
+    assert make_env("crafter", image_size=32).reset()["pixels"].shape == (3, 32, 32)
+    assert make_env("crafter", image_size=32, max_episode_steps=9).reset()["pixels"].shape == (3, 32, 32)
+
+
+def test_uniform_random_policy_covers_the_whole_box():
+    from torchrl.data import Bounded
+
+    policy = UniformRandomPolicy(Bounded(-1.0, 1.0, shape=(2,)), seed=0)
+    draws = torch.stack([policy(TensorDict({}, batch_size=[]))["action"] for _ in range(500)])
+    assert draws.min() < -0.95 and draws.max() > 0.95 and draws.abs().max() <= 1.0
+
+
+def test_crafter_separates_death_from_the_time_limit():
+    """Death ends an episode as terminated (no bootstrap past it), the step limit as truncated, never both."""
+    env = make_crafter_env(seed=0, length=5)
+    td = env.reset()
+    for _ in range(5):
+        out = env.step(td.set("action", torch.tensor(0)))
+        td = out["next"]
+    assert td["truncated"].item() and not td["terminated"].item()
+    td = env.reset()
+    env.base_env._env._player.inventory["health"] = 0  # the next tick finds the player dead
+    td = env.step(td.set("action", torch.tensor(0)))["next"]
+    assert td["terminated"].item() and not td["truncated"].item() and td["done"].item()
