@@ -385,6 +385,9 @@ def test_offline_episode_mode_dmc(tmp_path):
     env = make_dmc_env("cartpole", "swingup", image_size=16, seed=0, time_limit=0.1)
     meta = record_episodes(env, tmp_path / "ds", n_episodes=3, seed=0, frames_per_batch=4, max_steps=40)
     assert meta["n_episodes_complete"] == 3 and meta["n_steps"] == 15
+    # Batches holding two episode ends or more: episodes are counted, not batches with an end.
+    wide = record_episodes(env, tmp_path / "wide", n_episodes=3, seed=0, frames_per_batch=12, max_steps=40)
+    assert wide["n_episodes_complete"] == 3 and wide["n_steps"] == 15
     rb = load_offline(tmp_path / "ds", seq_len=5, batch_size=6, seed=0)
     s = rb.sample()
     # seq_len = episode length: every row is one whole episode
