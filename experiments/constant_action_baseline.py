@@ -32,7 +32,7 @@ from d4func.train.run_config import RunConfig, load_run_config, saved_run_config
 
 def parse_action(text: str, action_dim: int) -> torch.Tensor:
     """'1,0.5' -> tensor([1.0, 0.5]); the length must match the env's action dimension."""
-    values = [float(part) for part in text.strip().split(",")]
+    values = [float(part) for part in text.split(",")]
     if len(values) != action_dim:
         raise ValueError(f"action {text!r} has {len(values)} components; the env's actions have {action_dim}")
     return torch.tensor(values)
@@ -57,13 +57,14 @@ def constant_action_returns(
     episodes = cfg.env.eval_episodes if episodes is None else episodes
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
+    env_name = env_name or run_env_name(cfg)
     env_seed = eval_env_seed(cfg.seed) if seed is None else seed
-    env = make_env(env_name or run_env_name(cfg), seed=env_seed, image_size=cfg.env.image_size,
-                   action_repeat=cfg.env.action_repeat, max_episode_steps=cfg.env.max_episode_steps)
+    env = make_env(env_name, seed=env_seed, image_size=cfg.env.image_size, action_repeat=cfg.env.action_repeat,
+                   max_episode_steps=cfg.env.max_episode_steps)
     if not isinstance(env.action_spec, Bounded):
         env.close()
-        raise ValueError(f"constant actions need a continuous (Bounded) action space; {env_name or run_env_name(cfg)}"
-                         f" has {type(env.action_spec).__name__}")
+        raise ValueError(f"constant actions need a continuous (Bounded) action space; {env_name} has "
+                         f"{type(env.action_spec).__name__}")
     low, high = env.action_spec.space.low, env.action_spec.space.high
     out = {}
     try:
@@ -102,13 +103,14 @@ def main() -> None:
         if not args.out:
             parser.error("--out is required with --config")
         cfg, out = load_run_config(args.config), Path(args.out)
-    results = constant_action_returns(cfg, args.actions, args.env, args.seed, args.episodes)
+    env_name = args.env or run_env_name(cfg)
+    env_seed = eval_env_seed(cfg.seed) if args.seed is None else args.seed
+    results = constant_action_returns(cfg, args.actions, env_name, env_seed, args.episodes)
     print(f"{'action':>12} {'mean return':>12}  returns")
     for text, result in results.items():
         print(f"{text:>12} {result['mean_return']:12.1f}  {[round(r, 1) for r in result['returns']]}")
-    env_seed = eval_env_seed(cfg.seed) if args.seed is None else args.seed
-    out.write_text(json.dumps({"source": args.run or args.config, "env": args.env or run_env_name(cfg),
-                               "env_seed": env_seed, "actions": results}, indent=2))
+    out.write_text(json.dumps({"source": args.run or args.config, "env": env_name, "env_seed": env_seed,
+                               "actions": results}, indent=2))
     print(f"wrote {out}")
 
 

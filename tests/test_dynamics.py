@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.frozen_target import frozen_target_loss
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -383,17 +384,11 @@ def test_bootstrap_targets_are_stopped_and_the_loss_gradient_ignores_them():
 
     frozen = params.clone()  # a constant for grad: what the stopped target must behave like
 
-    def frozen_target_loss(p):
-        return shortcut_forcing_loss(denoiser(model, p, actions), denoiser(model, frozen, actions), z, cfg.k_max,
-                                     torch.Generator().manual_seed(9), cfg.bootstrap_fraction,
-                                     cfg.clean_context_fraction, cfg.context_signal, cfg.noise_scale, cfg.forcing,
-                                     cfg.loss_weight)[0]
-
     def loss(p):
         return dynamics_loss(p, z, actions, torch.Generator().manual_seed(9), model=model)[0]
 
     grads = torch.func.grad(loss)(params)
-    reference = torch.func.grad(frozen_target_loss)(params)
+    reference = torch.func.grad(frozen_target_loss)(params, model, frozen, z, actions, None, 9)
     for key, grad in grads.items(include_nested=True, leaves_only=True):
         torch.testing.assert_close(grad, reference[key], atol=1e-6, rtol=1e-5, msg=str(key))
 

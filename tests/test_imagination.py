@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from helpers.frozen_target import frozen_target_loss
 from helpers.scripts import load_experiment_script
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -35,7 +36,6 @@ from d4func.imagination import (
     imagine,
     world_model_fn,
 )
-from d4func.objectives import shortcut_forcing_loss
 from d4func.optim import AdamWConfig
 from d4func.train.agent_step import (
     FinetuneConfig,
@@ -45,7 +45,7 @@ from d4func.train.agent_step import (
     imagination_step,
     new_imagination_state,
 )
-from d4func.train.dynamics_step import denoiser, dynamics_loss
+from d4func.train.dynamics_step import dynamics_loss
 from d4func.train.state import new_train_state
 from d4func.transformer import empty_cache
 
@@ -308,16 +308,9 @@ def test_finetune_dynamics_gradient_stops_at_the_bootstrap_target_and_bc_trains_
 
     assert finetune(params, FinetuneConfig(), aux=True)[1]["bootstrap_mse"] > 0  # these draws hold bootstrap frames
 
-    def frozen_target(dynamics_params):
-        dyn = model.cfg
-        return shortcut_forcing_loss(denoiser(model, dynamics_params, actions_in, mask),
-                                     denoiser(model, frozen, actions_in, mask), batch["latents"], dyn.k_max,
-                                     torch.Generator().manual_seed(3), dyn.bootstrap_fraction,
-                                     dyn.clean_context_fraction, dyn.context_signal, dyn.noise_scale, dyn.forcing,
-                                     dyn.loss_weight)[0]
-
     only_dynamics = torch.func.grad(finetune)(params, FinetuneConfig(bc_coef=0.0, reward_coef=0.0))
-    reference = torch.func.grad(frozen_target)(params["dynamics"])
+    reference = torch.func.grad(frozen_target_loss)(params["dynamics"], model, frozen, batch["latents"], actions_in,
+                                                    mask, 3)
     for key, grad in only_dynamics["dynamics"].items(include_nested=True, leaves_only=True):
         torch.testing.assert_close(grad, reference[key], atol=1e-6, rtol=1e-5, msg=str(key))
     only_bc = torch.func.grad(finetune)(params, FinetuneConfig(dynamics_coef=0.0, reward_coef=0.0))
@@ -403,15 +396,20 @@ def _biased_policy(params: TensorDict, heads: AgentHeads, bias: torch.Tensor) ->
     return params
 
 
+def _favouring(params: TensorDict, heads: AgentHeads, action: int) -> TensorDict:
+    """A discrete policy that ignores its input and puts nearly all its mass on `action`."""
+    bias = torch.full((N_DISC,), -30.0)
+    bias[action] = 30.0
+    return _biased_policy(params, heads, bias)
+
+
 def test_rollout_actions_come_from_the_policy_and_drive_the_world_model():
     model, heads, params = make(True)
     batch = toy_batch(True, 4, 3, torch.Generator().manual_seed(0))
     latents = {}
     for favourite in (1, 3):
-        bias = torch.full((N_DISC,), -30.0)
-        bias[favourite] = 30.0
         # Sampling (not the mode): unimix leaves every other action 0.25 % per step, so allow a stray one.
-        rollout = imagine(model, heads, _biased_policy(params, heads, bias), batch["latents"], batch["actions"],
+        rollout = imagine(model, heads, _favouring(params, heads, favourite), batch["latents"], batch["actions"],
                           torch.Generator().manual_seed(5), horizon=6)
         assert (rollout.actions == favourite).float().mean() > 0.95
         latents[favourite] = rollout.latents
@@ -429,9 +427,7 @@ def test_rollout_actions_come_from_the_policy_and_drive_the_world_model():
 def test_rollout_window_forgets_frames_beyond_it_and_a_wide_window_changes_nothing():
     model, heads, params = make(True)
     batch = toy_batch(True, 3, 4, torch.Generator().manual_seed(0))
-    bias = torch.full((N_DISC,), -30.0)
-    bias[2] = 30.0
-    params = _biased_policy(params, heads, bias)  # greedy: the same action whatever the frames
+    params = _favouring(params, heads, 2)  # greedy: the same action whatever the frames
 
     def roll(context, window):
         return imagine(model, heads, params, context, batch["actions"], torch.Generator().manual_seed(3), horizon=5,
@@ -621,9 +617,7 @@ def test_an_imagined_frame_is_denoised_under_its_own_action():
     batch = toy_batch(True, 4, 3, torch.Generator().manual_seed(0))
     frames = {}
     for favourite in (0, 2):
-        bias = torch.full((N_DISC,), -30.0)
-        bias[favourite] = 30.0
-        rollout = imagine(model, heads, _biased_policy(params, heads, bias), batch["latents"], batch["actions"],
+        rollout = imagine(model, heads, _favouring(params, heads, favourite), batch["latents"], batch["actions"],
                           torch.Generator().manual_seed(5), horizon=1, greedy=True)
         assert (rollout.actions == favourite).all()
         frames[favourite] = rollout.latents[:, 0]

@@ -155,6 +155,18 @@ def test_attention_returns_cache_that_reproduces_full_pass():
     assert rearrange(kv[0], "b g t d -> b t (g d)").shape == (2, 6, 16)
 
 
+def _qk_normed_causal_attention(x, params, heads, logit_scale):
+    """Attention by hand, without positions or cap: unit-RMS q and k, logits logit_scale * q.k / sqrt(head_dim),
+    causal softmax, output projection."""
+    length, dim = x.shape[-2:]
+    q = rearrange(x @ params["q_proj", "weight"].T, "b l (h d) -> b h l d", h=heads)
+    k, v = rearrange(x @ params["kv_proj", "weight"].T, "b l (two h d) -> two b h l d", two=2, h=heads)
+    unit = lambda t: t * torch.rsqrt(t.square().mean(-1, keepdim=True) + 1e-6)  # noqa: E731
+    logits = logit_scale * unit(q) @ unit(k).transpose(-1, -2) / math.sqrt(dim // heads)
+    logits = logits.masked_fill(~torch.ones(length, length, dtype=torch.bool).tril(), float("-inf"))
+    return rearrange(logits.softmax(-1) @ v, "b h l d -> b l (h d)") @ params["out_proj", "weight"].T
+
+
 @settings(max_examples=20, deadline=None)
 @given(gain=st.sampled_from([0.5, 1.0, 2.0, 3.0]), seed=st.integers(0, 2**16))
 def test_qk_norm_gain_scales_the_logits_by_its_square(gain, seed):
@@ -165,14 +177,7 @@ def test_qk_norm_gain_scales_the_logits_by_its_square(gain, seed):
     assert torch.equal(params["k_norm", "weight"], torch.full((dim // heads,), gain))
     x = torch.randn(1, length, dim, generator=torch.Generator().manual_seed(seed))
     out, _ = apply(model, params, x, None, None, True)
-    # By hand: unit-RMS q and k, logits gain^2 * q.k / sqrt(head_dim), causal softmax.
-    q = rearrange(x @ params["q_proj", "weight"].T, "b l (h d) -> b h l d", h=heads)
-    k, v = rearrange(x @ params["kv_proj", "weight"].T, "b l (two h d) -> two b h l d", two=2, h=heads)
-    unit = lambda t: t * torch.rsqrt(t.square().mean(-1, keepdim=True) + 1e-6)  # noqa: E731
-    logits = gain**2 * unit(q) @ unit(k).transpose(-1, -2) / math.sqrt(dim // heads)
-    logits = logits.masked_fill(~torch.ones(length, length, dtype=torch.bool).tril(), float("-inf"))
-    expected = rearrange(logits.softmax(-1) @ v, "b h l d -> b l (h d)") @ params["out_proj", "weight"].T
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out, _qk_normed_causal_attention(x, params, heads, gain**2), atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="qk_norm_gain must be > 0, got 0"):
         TransformerConfig(qk_norm_gain=0)
 
@@ -186,13 +191,7 @@ def test_q_and_k_norms_are_separate_gains():
     params["k_norm", "weight"] = torch.full((dim // heads,), 2.0)
     x = torch.randn(1, length, dim, generator=torch.Generator().manual_seed(1))
     out, _ = apply(model, params, x, None, None, True)
-    q = rearrange(x @ params["q_proj", "weight"].T, "b l (h d) -> b h l d", h=heads)
-    k, v = rearrange(x @ params["kv_proj", "weight"].T, "b l (two h d) -> two b h l d", two=2, h=heads)
-    unit = lambda t: t * torch.rsqrt(t.square().mean(-1, keepdim=True) + 1e-6)  # noqa: E731
-    logits = 2.0 * unit(q) @ unit(k).transpose(-1, -2) / math.sqrt(dim // heads)
-    logits = logits.masked_fill(~torch.ones(length, length, dtype=torch.bool).tril(), float("-inf"))
-    expected = rearrange(logits.softmax(-1) @ v, "b h l d -> b l (h d)") @ params["out_proj", "weight"].T
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out, _qk_normed_causal_attention(x, params, heads, 2.0), atol=1e-5, rtol=1e-4)
 
 
 def test_rope_frequencies_are_the_papers_geometric_sequence():
