@@ -356,3 +356,20 @@ def test_crafter_separates_death_from_the_time_limit():
     env.base_env._env._player.inventory["health"] = 0  # the next tick finds the player dead
     td = env.step(td.set("action", torch.tensor(0)))["next"]
     assert td["terminated"].item() and not td["truncated"].item() and td["done"].item()
+
+
+def test_evaluation_scores_crafter_by_what_each_episode_unlocked_by_its_end():
+    """`run_episodes` scores an episode by the achievements unlocked when it ends (the vector only grows within an
+    episode), so a score read at its first step, before anything is unlocked, would be 0."""
+    from d4func.train.loop import run_episodes
+
+    env = make_crafter_env(seed=0, length=60)
+    player_env = env.base_env._env
+    policy = UniformRandomPolicy(env.action_spec, seed=0)
+    unlocked = []
+    for _ in range(3):
+        result = run_episodes(env, policy, 1)
+        final = torch.tensor([player_env._player.achievements[n] > 0 for n in CRAFTER_ACHIEVEMENTS])
+        assert result["crafter_score"] == pytest.approx(crafter_score(achievement_success_rates(final[None])))
+        unlocked.append(final)
+    assert any(u.any() for u in unlocked), "three seeded random episodes of 60 steps unlock something"

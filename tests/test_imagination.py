@@ -244,9 +244,12 @@ def test_dynamics_term_equals_dynamics_loss_without_padding(clean_context, forci
     _, metrics = agent_finetune_loss(params, batch["latents"], batch["actions"], batch["rewards"], None,
                                      torch.Generator().manual_seed(4), model=model, heads=heads)
     actions_in, mask = actions_into_frames(batch["actions"])
-    reference, _ = dynamics_loss(params["dynamics"], batch["latents"], actions_in, torch.Generator().manual_seed(4),
-                                 model=model, action_mask=mask)
+    reference, reference_metrics = dynamics_loss(params["dynamics"], batch["latents"], actions_in,
+                                                 torch.Generator().manual_seed(4), model=model, action_mask=mask)
     torch.testing.assert_close(metrics["dynamics_loss"], reference)
+    # the split by target kind counts the same frames (teacher forcing: the target frames only)
+    for name in ("flow_mse", "bootstrap_mse"):
+        torch.testing.assert_close(metrics[name], reference_metrics[name], msg=name)
 
 
 def test_clean_context_option_reaches_the_finetune_loss():

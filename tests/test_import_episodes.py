@@ -440,3 +440,18 @@ def test_files_that_are_not_npz_archives_are_named(tmp_path):
         import_npz_episodes([tmp_path / "text.npz"], tmp_path / "a")
     with pytest.raises(ValueError, match="array.npz holds one array"):
         import_npz_episodes([tmp_path / "array.npz"], tmp_path / "b")
+
+
+def test_a_single_episode_file_keeps_its_final_frame_and_a_file_split_at_is_first_may_not_hold_one(tmp_path):
+    # One episode per file: frames may hold one more than the steps, the frame after the last action.
+    rng = np.random.default_rng(13)
+    episode = _episode(rng, 5, extra_frame=True)
+    np.savez(tmp_path / "one.npz", **episode)
+    import_npz_episodes([tmp_path / "one.npz"], tmp_path / "data")
+    rows = _stored_episodes(tmp_path / "data")[0]
+    final = torch.as_tensor(episode["pixels"][-1]).permute(2, 0, 1).float() / 255
+    assert rows.shape[0] == 5 and torch.equal(rows["next", "pixels"][-1], final)
+    # split at is_first, the same 6 frames for 5 steps are refused: the extra frame cannot end the first episode
+    np.savez(tmp_path / "two.npz", **episode, is_first=np.array([1, 0, 0, 1, 0], dtype=bool))
+    with pytest.raises(ValueError, match="two.npz holds 6 frames for 5 steps: a file of 2 episodes"):
+        import_npz_episodes([tmp_path / "two.npz"], tmp_path / "split")

@@ -291,8 +291,12 @@ def test_a_recording_cut_short_ends_each_running_episode_and_counts_only_the_env
     assert back.shape == (5,) and back["next", "truncated"].reshape(-1).tolist() == [False] * 4 + [True]
     # a batch of two envs, flattened env by env: every running episode's last step is marked, an ended one's kept
     batch = torch.cat([_episode(0, 4, 0), _episode(1, 3, 10)[:2], _episode(2, 5, 20)[:3]])
-    done = _end_recording(batch)["next", "done"].reshape(-1)
-    assert done.nonzero().reshape(-1).tolist() == [3, 5, 8]
+    batch["next", "terminated"] = batch["next", "truncated"].clone()
+    batch["next", "truncated"][3] = False  # episode 0 ended in a terminal state: it stays terminated, not truncated
+    ended = _end_recording(batch)["next"]
+    assert ended["done"].reshape(-1).nonzero().reshape(-1).tolist() == [3, 5, 8]
+    assert ended["truncated"].reshape(-1).nonzero().reshape(-1).tolist() == [5, 8]
+    assert ended["terminated"].reshape(-1).nonzero().reshape(-1).tolist() == [3]
     assert not batch["next", "done"].reshape(-1)[[5, 8]].any()  # the input is not modified
 
 

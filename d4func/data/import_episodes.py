@@ -379,8 +379,9 @@ def import_npz_episodes(
     ``keys`` maps d4func's names (``pixels``, ``action``, ``reward``, ``terminated``, ``is_first``) to the files'
     own, e.g. ``{"pixels": "image", "terminated": "is_terminal"}`` for DreamerV3's replay (with
     ``rewards_on="arrival"``); ``pixels`` may name several arrays, one per camera. A file holds one episode, or
-    several when it has an ``is_first`` array: it is split where ``is_first`` is set. ``terminated`` absent from a
-    file means False, unless its name was given in ``keys`` (then it must be there).
+    several when it has an ``is_first`` array: it is split where ``is_first`` is set. A file of one episode may hold
+    one frame more than steps (the frame after the last action); a file of several holds one per step.
+    ``terminated`` absent from a file means False, unless its name was given in ``keys`` (then it must be there).
 
     Without ``join_chunks``, episodes are never joined across files: the part of a file before its first
     ``is_first`` (an episode begun in another file) becomes an episode of its own. With it, the files are
@@ -482,9 +483,12 @@ def import_npz_episodes(
             pending: list[tuple[dict[str, np.ndarray], str]] = []  # the pieces of the episode running so far
             for file, named_length in stream:
                 arrays, bounds, starts = read(file, named_length)
-                if len(stream) > 1 and len(arrays["pixels"]) != bounds[-1]:
-                    raise ValueError(f"{file} holds {len(arrays['pixels'])} frames for {bounds[-1]} steps: a chained "
-                                     "chunk holds one frame per step")
+                # Only a file holding one episode may end on the frame after its last step: in a chained chunk or
+                # a file split at is_first, an extra frame would end an episode that is not the last one.
+                if (len(stream) > 1 or len(bounds) > 2) and len(arrays["pixels"]) != bounds[-1]:
+                    holder = "a chained chunk" if len(stream) > 1 else f"a file of {len(bounds) - 1} episodes"
+                    raise ValueError(f"{file} holds {len(arrays['pixels'])} frames for {bounds[-1]} steps: "
+                                     f"{holder} holds one frame per step")
                 for start, end in zip(bounds[:-1], bounds[1:], strict=True):
                     if start in starts and pending:
                         yield joined(pending)
