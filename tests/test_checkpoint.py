@@ -249,3 +249,68 @@ def test_sync_replay_files_fsyncs_every_storage_file(tmp_path, monkeypatch) -> N
     assert synced[: len(files)] == [f.resolve() for f in files]
     assert storage.resolve() in synced[len(files):]  # and the directory entries of the files
     assert C.sync_replay_files(make_replay(16, 2, 1)) == []  # in memory: nothing to sync
+
+
+def test_the_file_is_fsynced_before_its_rename_and_the_directory_after(tmp_path, monkeypatch) -> None:
+    """os.replace is atomic but not durable: without the file's fsync an OS crash can leave a renamed but empty
+    checkpoint, without the directory's the rename itself can be lost."""
+    final = tmp_path / C.checkpoint_name(3)
+    fsynced = []  # (path of the fd, whether the final name existed at that moment)
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: fsynced.append((Path(os.readlink(f"/proc/self/fd/{fd}")),
+                                                                 final.exists())) or real_fsync(fd))
+    C.save_checkpoint(tmp_path, 3, {"x": torch.zeros(2)})
+    temp_prefix = f".{C.checkpoint_name(3)}.tmp-"
+    assert any(path.name.startswith(temp_prefix) and not renamed for path, renamed in fsynced), fsynced
+    assert (tmp_path.resolve(), True) in fsynced, fsynced
+
+
+def test_restore_takes_this_ranks_rng_states_and_refuses_another_world_size(tmp_path, monkeypatch) -> None:
+    torch.manual_seed(10)
+    rank0 = C.capture_rng_state()
+    torch.manual_seed(11)
+    rank1 = C.capture_rng_state()
+    expected = torch.rand(4)  # rank 1's next draws
+    C.save_checkpoint(tmp_path, 2, {}, rng=[rank0, rank1])
+    # A single process cannot take the streams of a two-rank run, but may start fresh ones on request.
+    with pytest.raises(ValueError, match="RNG states of 2 ranks, this run has 1"):
+        C.restore(tmp_path)
+    torch.manual_seed(0)
+    assert C.restore(tmp_path, restore_rng=False).step == 2
+    assert not torch.equal(torch.rand(4), expected)
+    monkeypatch.setattr(C, "_current_rank", lambda: (1, 2))
+    C.restore(tmp_path)
+    assert torch.equal(torch.rand(4), expected), "rank 1 must get rank 1's RNG states, not rank 0's"
+
+
+def test_without_map_location_a_tensordict_keeps_its_saved_device(tmp_path) -> None:
+    td = TensorDict({"w": torch.ones(2)}, [], device="cpu")
+    path = C.save_checkpoint(tmp_path, 1, {"td": td})
+    assert C.load_checkpoint(path, map_location=None).payload["td"].device == torch.device("cpu")
+    assert C.load_checkpoint(path).payload["td"].device is None  # map_location placed the tensors already
+
+
+def test_payloads_that_would_not_load_back_are_refused_when_saved(tmp_path) -> None:
+    # A numpy scalar subclasses float but needs globals to unpickle: written, it would fail only at resume.
+    with pytest.raises(TypeError, match=r"payload\.counters\.mean_return has unsupported type float64"):
+        C.save_checkpoint(tmp_path, 1, {"counters": {"mean_return": np.float64(1.5)}})
+    # A plain dict keyed like an encoded TensorDict would be rebuilt as one (or fail) on load.
+    with pytest.raises(ValueError, match=r"'__tensordict__' at payload\.a is reserved"):
+        C.save_checkpoint(tmp_path, 1, {"a": {"__tensordict__": {"batch_size": [], "entries": {}}}})
+    with pytest.raises(ValueError, match="got True"):
+        C.save_checkpoint(tmp_path, True, {})  # a bool is no step number
+    with pytest.raises(ValueError, match="either generators"):
+        C.save_checkpoint(tmp_path, 1, {}, generators={"g": torch.Generator()}, rng=[C.capture_rng_state()])
+    assert os.listdir(tmp_path) == []
+
+
+def test_rank_payload_merges_the_ranks_own_part_over_the_shared_one() -> None:
+    payload = {"config": {"seed": 0}, "counters": {"env_steps": -1},
+               "ranks": [{"counters": {"env_steps": 10}}, {"counters": {"env_steps": 11}}]}
+    assert C.rank_payload(payload, 1) == {"config": {"seed": 0}, "counters": {"env_steps": 11}}
+    assert C.rank_payload(payload, 0)["counters"] == {"env_steps": 10}
+    for rank in (2, -1):
+        with pytest.raises(ValueError, match=f"rank={rank} is not one of the 2 ranks"):
+            C.rank_payload(payload, rank)
+    single = {"counters": {"env_steps": 5}}
+    assert C.rank_payload(single, 0) == single

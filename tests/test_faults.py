@@ -25,7 +25,7 @@ from d4func.optim import AdamWConfig
 from d4func.train import checkpoint as C
 from d4func.train.dynamics_step import dynamics_train_step
 from d4func.train.faults import NonFiniteLossError, guarded_step
-from d4func.train.state import apply_gradients, check_finite, new_train_state
+from d4func.train.state import apply_gradients, check_finite, checked_update, new_train_state
 
 torch.set_num_threads(1)
 TESTS = Path(__file__).parent
@@ -411,3 +411,29 @@ def test_online_run_stopped_before_its_first_checkpoint_starts_over_with_a_fresh
     assert_states_equal(reference["states"], rerun["states"])
     assert (stopped / "metrics.jsonl").read_text() == (fresh / "metrics.jsonl").read_text()
     assert csv_logs(stopped) == csv_logs(fresh)
+
+
+def test_guarded_step_checks_python_number_metrics_and_skips_other_values() -> None:
+    state = new_train_state(TensorDict({"w": torch.zeros(2)}, []))
+
+    def step(state):
+        return state, {"loss": float("nan"), "phase": "world_model"}  # a float metric, and a label
+
+    with pytest.raises(NonFiniteLossError, match=r"^non-finite loss at step 0$"):
+        guarded_step(step, state)
+
+
+def test_checked_update_stops_on_a_non_finite_gradient_naming_the_step_attempted() -> None:
+    """A finite loss with an infinite gradient must stop before the update is used, naming the step that was
+    being attempted (not the one the update would have produced); the state passed in stays untouched."""
+    state = new_train_state(TensorDict({"w": torch.ones(2)}, []))
+    bad_grads = TensorDict({"w": torch.tensor([1.0, float("inf")])}, [])
+    with pytest.raises(NonFiniteLossError, match=r"^non-finite grad_norm at step 0$"):
+        checked_update(state, bad_grads, {"loss": torch.tensor(1.0)}, AdamWConfig())
+    with pytest.raises(NonFiniteLossError, match=r"^non-finite loss at step 0$"):
+        checked_update(state, bad_grads, {"loss": torch.tensor(float("nan"))}, AdamWConfig())
+    grads = TensorDict({"w": torch.ones(2)}, [])
+    new_state, metrics = checked_update(state, grads, {"loss": torch.tensor(1.0)}, AdamWConfig(lr=0.1))
+    assert set(metrics) == {"loss", "grad_norm"} and int(new_state["step"]) == 1
+    assert int(state["step"]) == 0 and torch.equal(state["params"]["w"], torch.ones(2))  # pure
+    assert not torch.equal(new_state["params"]["w"], torch.ones(2))

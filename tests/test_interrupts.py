@@ -2,6 +2,7 @@
 
 import os
 import signal
+import threading
 
 import pytest
 
@@ -52,3 +53,23 @@ def test_under_the_default_action_a_held_ctrl_c_still_ends_the_process(tmp_path)
               "print('after the block', flush=True)\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == -signal.SIGINT and proc.stdout == "block done\n"
+
+
+def test_outside_the_main_thread_the_block_runs_unchanged(sigint_handler) -> None:
+    """Python runs signal handlers in the main thread only and refuses `signal.signal` elsewhere: a block entered
+    from another thread must run without error and leave the main thread's handler alone."""
+    sigint_handler(signal.default_int_handler)
+    ran, errors = [], []
+
+    def worker() -> None:
+        try:
+            with sigint_deferred():
+                ran.append("block")
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            errors.append(error)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(timeout=30)
+    assert errors == [] and ran == ["block"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -22,7 +22,9 @@ from d4func.train.precision import (
     autocast,
     check_attention_config,
     compile_step,
+    compiled_grad_fn,
     precision_context,
+    sdpa_backends,
     wrap_step,
 )
 from d4func.train.state import new_train_state
@@ -174,3 +176,52 @@ def test_world_model_latents_are_float32_encodes_even_inside_bf16_autocast() -> 
     assert not torch.equal(rounded, reference), "autocast did not change the encode: the test checks nothing"
     assert latents.dtype == torch.float32 and not latents.requires_grad
     torch.testing.assert_close(latents, reference, rtol=0, atol=0)
+
+
+def test_sdpa_backends_on_cuda_forbid_the_math_kernel_only_when_asked() -> None:
+    """SDPA's backend switches are process-wide flags, so their setting is checked without a GPU."""
+    from torch.nn.attention import SDPBackend
+
+    before = torch.backends.cuda.math_sdp_enabled()
+    with sdpa_backends(PrecisionConfig(fused_attention_only=True), "cuda"):
+        assert not torch.backends.cuda.math_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+        order = torch._C._get_sdp_priority_order()  # private, but the order is the point of sdpa_backends
+    assert torch.backends.cuda.math_sdp_enabled() == before  # put back after the block
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    assert order[:3] == [backend.value for backend in fused], order
+    with sdpa_backends(PrecisionConfig(), "cuda"):
+        assert torch.backends.cuda.math_sdp_enabled()  # the fallback stays allowed, last
+        assert torch._C._get_sdp_priority_order()[:4] == [b.value for b in [*fused, SDPBackend.MATH]]
+    with precision_context(PrecisionConfig(fused_attention_only=True), "cuda"):
+        assert not torch.backends.cuda.math_sdp_enabled()
+
+
+def test_wrap_step_honours_fused_attention_only_and_compile_on_their_own(monkeypatch) -> None:
+    seen = []
+
+    def step(x):
+        seen.append(torch.backends.cuda.math_sdp_enabled())
+        return x + 1
+
+    assert wrap_step(step, PrecisionConfig(fused_attention_only=True), "cuda")(1) == 2
+    assert seen == [False], "fused_attention_only alone must still forbid the math kernel inside the step"
+    compiled = []
+
+    def fake_compile(fn, **kwargs):
+        compiled.append(kwargs)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)  # the wiring only: what is compiled, with which mode
+    assert wrap_step(step, PrecisionConfig(compile=True, compile_mode="max-autotune"), "cpu")(1) == 2
+    assert compiled == [{"mode": "max-autotune"}]
+    calls = []
+
+    def grad_fn(loss_fn, has_aux=False):
+        calls.append(has_aux)
+        return loss_fn
+
+    loss_grad = compiled_grad_fn(grad_fn, PrecisionConfig(compile=True, compile_mode="reduce-overhead"),
+                                 backend="aot_eager")
+    assert loss_grad(step, has_aux=True)(1) == 2
+    assert calls == [True] and compiled[-1] == {"mode": "reduce-overhead", "backend": "aot_eager"}
