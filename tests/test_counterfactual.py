@@ -177,3 +177,14 @@ def test_dmcontrol_restore_is_bitwise_with_contacts_and_after_the_episode_ended(
     assert physics.get_state().tobytes() == state.tobytes()
     assert physics.data.ncon > 0  # the check covered contacts
     env.close()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_one_warmup_that_ends_the_episode_fits_every_later_one(seed):
+    # Reach's episodes last 12 steps: context 3 + horizon 6 leave room for warm-ups of up to 3 steps. Warm-ups of
+    # up to 60 almost always end the episode, but the first that does shows its length, so the second draw fits:
+    # two attempts are enough for one clip.
+    clips = counterfactual_clips(_env("reach", 1), context_len=3, horizon=6, clips=1, seed=seed, max_warmup=60,
+                                 max_attempts=2)
+    assert clips["frames"].shape[:3] == (2, 1, 6)
+

@@ -21,7 +21,13 @@ from d4func.envs.crafter_state import (
     make_reproducible,
     restore_crafter_state,
 )
-from d4func.envs.resumable import get_env_state, set_env_state, supports_resume_state
+from d4func.envs.resumable import (
+    get_env_state,
+    numpy_random_state,
+    set_env_state,
+    set_numpy_random_state,
+    supports_resume_state,
+)
 
 torch.set_num_threads(1)
 
@@ -169,3 +175,83 @@ def test_encoded_values_come_back_with_their_types_through_a_weights_only_load(v
     torch.save(_encode(value, "value"), buffer)
     buffer.seek(0)
     assert _identical(_decode(torch.load(buffer, weights_only=True)), value)
+
+
+def test_a_restored_state_carries_the_reward_bookkeeping():
+    # Crafter's reward reads the env's own counters: the health of the previous step and the achievements already
+    # rewarded. A state taken after the player lost health and unlocked achievements must bring both along, or the
+    # restored env pays for a health change and for unlocks that happened before the snapshot.
+    env = make_crafter_env(seed=2, length=1000)
+    td = env.reset()
+    for action in _actions(140, seed=2):
+        td = step_mdp(env.step(td.set("action", action)))
+    raw = env.base_env._env
+    unlocked, health = set(raw._unlocked), raw._last_health
+    assert unlocked and health < 9  # the precondition: both differ from a fresh episode's
+    state = get_env_state(env)
+    actions = _actions(20, seed=7)
+    expected = _play(env, td.clone(), actions)
+
+    resumed = make_crafter_env(seed=99, length=1000)
+    resumed.reset()
+    set_env_state(resumed, state)
+    restored = resumed.base_env._env
+    assert (restored._unlocked, restored._last_health) == (unlocked, health)
+    assert _same(_play(resumed, td.clone(), actions), expected)
+
+
+def test_chunks_keep_their_creature_order_through_a_restore():
+    # Crafter despawns `creatures[random.randint(len)]` in each chunk's order: a restore that reorders a chunk's
+    # members despawns a different creature on the same random draw.
+    env = make_crafter_env(seed=4, length=1000)
+    td = env.reset()
+    for action in _actions(40, seed=4):
+        td = step_mdp(env.step(td.set("action", action)))
+    world = env.base_env._env._world
+    # Reverse every chunk's order, so that it is not the order in which objects were created.
+    for key, members in list(world._chunks.items()):
+        world._chunks[key] = InsertionOrderedSet(reversed(list(members)))
+    resumed = make_crafter_env(seed=99, length=1000)
+    resumed.reset()
+    set_env_state(resumed, get_env_state(env))
+
+    def order(w):
+        return [(key, [(type(obj).__name__, tuple(obj.pos)) for obj in members]) for key, members in w._chunks.items()]
+
+    assert max(len(members) for _, members in order(world)) >= 2
+    assert order(resumed.base_env._env._world) == order(world)
+
+
+def test_making_a_running_world_reproducible_keeps_every_chunks_members():
+    env = crafter.Env(size=(18, 18), seed=1)
+    env.reset()
+    before = {key: set(members) for key, members in env._world._chunks.items()}
+    make_reproducible(env)
+    after = env._world._chunks
+    assert all(isinstance(members, InsertionOrderedSet) for members in after.values())
+    assert {key: set(members) for key, members in after.items()} == before
+    assert sum(map(len, before.values())) > 1
+
+
+def test_objects_that_follow_another_player_are_refused():
+    env = make_reproducible(crafter.Env(size=(18, 18), seed=0))
+    env.reset()
+    follower = next(obj for obj in env._world.objects if hasattr(obj, "player") and obj is not env._player)
+    follower.player = crafter.objects.Player(env._world, env._player.pos)
+    with pytest.raises(ValueError, match=rf"\({type(follower).__name__}\) follows a player that is not the env's"):
+        crafter_state(env)
+
+
+@pytest.mark.parametrize("draws", [0, 1, 3])
+def test_numpy_random_state_round_trips_a_cached_gaussian(draws):
+    # numpy's Box-Muller normals come in pairs: after an odd number of draws the second one is cached
+    # (has_gauss, gauss) and is the next normal drawn; the state must carry it through a weights_only load.
+    random = np.random.RandomState(5)
+    random.standard_normal(draws)
+    buffer = io.BytesIO()
+    torch.save(numpy_random_state(random), buffer)
+    buffer.seek(0)
+    copy = np.random.RandomState(0)
+    set_numpy_random_state(copy, torch.load(buffer, weights_only=True))
+    np.testing.assert_array_equal(copy.standard_normal(4), random.standard_normal(4))
+    assert copy.randint(0, 2**31 - 1) == random.randint(0, 2**31 - 1)

@@ -455,3 +455,21 @@ def test_a_single_episode_file_keeps_its_final_frame_and_a_file_split_at_is_firs
     np.savez(tmp_path / "two.npz", **episode, is_first=np.array([1, 0, 0, 1, 0], dtype=bool))
     with pytest.raises(ValueError, match="two.npz holds 6 frames for 5 steps: a file of 2 episodes"):
         import_npz_episodes([tmp_path / "two.npz"], tmp_path / "split")
+
+
+def test_chunk_streams_come_in_recording_order_whatever_order_the_files_are_listed():
+    # Two workers' streams, one chunk each, and one of two chunks: streams start in the order their first chunks
+    # were written (the time in the name), and a chunk whose predecessor is missing starts a stream of its own.
+    names = ["20240101T000005-bb-cc-4.npz", "20240101T000001-aa-00-4.npz", "20240101T000009-cc-00-4.npz",
+             "20240101T000003-dd-zz-4.npz"]
+    for order in (names, names[::-1], sorted(names)):
+        streams = chain_chunks([Path("/replay") / name for name in order])
+        assert [[chunk.uuid for chunk in stream] for stream in streams] == [["aa"], ["dd"], ["bb", "cc"]]
+
+
+@pytest.mark.parametrize(("name", "why"), [("1-aa-bb-x4.npz", "is not named like a DreamerV3 chunk"),
+                                           ("1-aa-bb.npz", "is not named like a DreamerV3 chunk"),
+                                           ("1-aa-aa-4.npz", "names itself as its successor")])
+def test_chunk_names_that_cannot_chain_are_refused_naming_the_file(name, why):
+    with pytest.raises(ValueError, match=rf"'[^']*{name}' {why}"):
+        chain_chunks([Path("/replay") / name])

@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from d4func.cli import main
-from d4func.data.import_episodes import import_episodes
+from d4func.data.import_episodes import episode_transitions, import_episodes
 from d4func.data.merge_datasets import dataset_episodes, merge_datasets
-from d4func.data.offline import load_offline, read_metadata
+from d4func.data.offline import DATASET_FORMAT, META_FILE, load_offline, read_metadata, storage_metadata
+from d4func.data.replay import DEFAULT_TRAJ_KEY, NEXT_PIXELS, make_replay, save_replay
 
 
 def _episode(rng: np.random.Generator, steps: int, discrete: bool, final_frame: bool, terminated: bool
@@ -107,3 +108,81 @@ def test_datasets_that_do_not_fit_together_are_refused(reach_datasets, tmp_path,
     assert not any((tmp_path / name).exists() for name in ("m1", "m2", "m3", "m4"))  # nothing half-written
     assert main(["merge", str(a), str(b), "--out", str(a)]) == 2
     assert "already holds a dataset" in capsys.readouterr().err
+
+
+def _replay_dataset(path: Path, episodes: list[dict], *, share: bool, capacity: int, last_running: bool = False,
+                    retire_last: int = 0, extra: bool = False) -> None:
+    """A dataset written as a run writes its replay: a ring buffer of `capacity` entries (older entries overwritten
+    once it wraps), frames stored once (`share`) or with each transition's next frame, the newest episode still
+    running (`last_running`), and the last `retire_last` entries retired as a resumed run retires the writes its
+    checkpoint does not account for. `extra` adds an env-specific entry (as Crafter's achievements)."""
+    rb = make_replay(capacity, 1, 1, path=path, share_next_pixels=share)
+    for i, episode in enumerate(episodes):
+        transitions = episode_transitions(episode, i, channels_last=False)
+        if last_running and i == len(episodes) - 1:
+            for key in ("done", "terminated", "truncated"):
+                transitions["next", key][:] = False
+        if extra:
+            transitions["next", "achievements"] = torch.zeros(transitions.shape[0], 3, dtype=torch.bool)
+        rb.extend(transitions)
+    if retire_last:
+        rb.entries_written -= retire_last
+        rb.retire_unrecorded_writes()
+    save_replay(rb)
+    meta = {"format": DATASET_FORMAT, "capacity": capacity, "n_steps": rb.transition_count(), "env_config": None,
+            "policy": "hand-written", **storage_metadata(rb)}
+    (path / META_FILE).write_text(json.dumps(meta))
+
+
+def _as_uint8(frames: torch.Tensor) -> torch.Tensor:
+    return frames if frames.dtype == torch.uint8 else (frames * 255).round().to(torch.uint8)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lengths=st.lists(st.integers(1, 5), min_size=1, max_size=4), share=st.booleans(), last_running=st.booleans(),
+       short=st.integers(0, 6), retire_last=st.integers(0, 3), seed=st.integers(0, 2**16))
+@example(lengths=[3, 5, 5], share=True, last_running=False, short=4, retire_last=0, seed=0)  # episode 2 wraps
+@example(lengths=[2, 3], share=False, last_running=False, short=0, retire_last=0, seed=1)  # next frames per step
+@example(lengths=[2, 3], share=True, last_running=True, short=0, retire_last=0, seed=2)  # newest still running
+@example(lengths=[2, 3, 2], share=True, last_running=False, short=0, retire_last=3, seed=3)  # retired writes
+def test_episodes_read_from_a_run_replay_are_its_stored_transitions(lengths, share, last_running, short,
+                                                                       retire_last, seed):
+    # `dataset_episodes` (what `merge` reads) against the replay's own view of its transitions
+    # (`SequenceReplayBuffer.stored_transitions`), over storages a run leaves behind: wrapped, with a running episode,
+    # with retired entries, in either frame layout. Episode by episode, frame t and action t are transition t's,
+    # frame t + 1 its next frame, and the end flag its last one's.
+    rng = np.random.default_rng(seed)
+    episodes = [_episode(rng, n, discrete=bool(seed % 2), final_frame=True, terminated=bool(rng.integers(2)))
+                for n in lengths]
+    entries = sum(lengths) + (len(lengths) - int(last_running) if share else 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "replay"
+        _replay_dataset(path, episodes, share=share, capacity=max(2, entries - short), last_running=last_running,
+                        retire_last=retire_last)
+        got = list(dataset_episodes(path))
+        rows = load_offline(path, seq_len=1, batch_size=1).stored_transitions()
+    traj = rows.get(DEFAULT_TRAJ_KEY).reshape(-1)
+    read = {int(episode["name"].rsplit(" ", 1)[1]): episode for episode in got}
+    assert len(read) == len(got)  # each episode once
+    assert {i for i, episode in read.items() if len(episode["reward"])} == set(traj.tolist())
+    for i, episode in read.items():
+        steps = rows[traj == i]
+        steps = steps[steps.get("step_count").reshape(-1).argsort()]
+        assert len(episode["reward"]) == steps.shape[0] and episode["pixels"].shape[0] == steps.shape[0] + 1
+        if not steps.shape[0]:
+            continue
+        assert torch.equal(episode["pixels"][:-1], _as_uint8(steps.get("pixels")))
+        assert torch.equal(episode["pixels"][1:], _as_uint8(steps.get(NEXT_PIXELS)))
+        assert torch.equal(episode["action"], steps.get("action").reshape(episode["action"].shape))
+        assert torch.equal(episode["reward"], steps.get(("next", "reward")).reshape(-1))
+        assert episode["terminated"] == bool(steps.get(("next", "terminated"))[-1])
+
+
+def test_entries_the_merge_does_not_carry_are_named_in_a_warning(tmp_path):
+    rng = np.random.default_rng(0)
+    for name, extra in (("plain", False), ("crafter_like", True)):
+        _replay_dataset(tmp_path / name, [_episode(rng, 3, True, True, False)], share=True, capacity=8, extra=extra)
+    with pytest.warns(UserWarning, match=r"crafter_like holds entries the merged dataset does not carry: "
+                                         r"\['next.achievements'\]"):
+        meta = merge_datasets([tmp_path / "plain", tmp_path / "crafter_like"], tmp_path / "merged")
+    assert meta["n_steps"] == 6

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from d4func.config import TransformerConfig
 from d4func.dynamics import Dynamics, DynamicsConfig, actions_into_frames
-from d4func.functional import init, template
+from d4func.functional import apply, init, template
 from d4func.next_latent import next_latent_errors, predict_next_latent
 
 
@@ -69,3 +69,25 @@ def test_next_latent_prediction_never_sees_the_target_frame():
     a = predict_next_latent(model, params, latents, actions, None, 2, torch.Generator().manual_seed(0))[0]
     b = predict_next_latent(model, params, moved, actions, None, 2, torch.Generator().manual_seed(0))[0]
     torch.testing.assert_close(a, b)
+
+
+def test_the_prediction_is_the_finest_step_flow_output_at_the_documented_noise_levels():
+    # The module's contract: target at tau = 0, history at tau_ctx, every frame at step d_min (the flow
+    # prediction, the model's conditional mean). A larger step asks the model a different question (a shortcut).
+    model, params = _model()
+    cfg = model.cfg
+    gen = torch.Generator().manual_seed(3)
+    latents = torch.rand(2, 5, 4, 4, generator=gen) * 2 - 1
+    actions_in, mask = actions_into_frames(torch.rand(2, 5, 2, generator=gen) * 2 - 1)
+    target = 3
+    predicted, noisy = predict_next_latent(model, params, latents, actions_in, mask, target,
+                                           torch.Generator().manual_seed(0))
+    assert noisy.shape == (2, target + 1, 4, 4)
+    tau = torch.full((2, target + 1), cfg.context_signal)
+    tau[:, target] = 0.0
+    by_hand = apply(model, params, noisy, tau, torch.full_like(tau, cfg.d_min), actions_in[:, : target + 1],
+                    mask[:, : target + 1], None, None)[0][:, target]
+    torch.testing.assert_close(predicted, by_hand, rtol=0, atol=0)
+    coarse = apply(model, params, noisy, tau, torch.full_like(tau, 0.5), actions_in[:, : target + 1],
+                   mask[:, : target + 1], None, None)[0][:, target]
+    assert not torch.allclose(predicted, coarse)  # the step size reaches the output: the check above has teeth

@@ -50,3 +50,19 @@ def test_unpatchify_rejects_the_wrong_patch_count():
 def test_non_positive_patch_size_is_rejected():
     with pytest.raises(ValueError, match="patch_size must be >= 1, got 0"):
         check_patch_size(8, 8, 0)
+
+
+@pytest.mark.parametrize(("height", "width"), [(0, 8), (8, 0), (-4, 8)])
+def test_empty_images_are_rejected_naming_the_size(height, width):
+    # 0 is divisible by every patch size: without its own check an empty image would "tile" with 0 patches.
+    with pytest.raises(ValueError, match=rf"image size must be positive, got height={height}, width={width}"):
+        num_patches(height, width, 4)
+
+
+def test_inputs_of_the_wrong_rank_or_patch_dim_are_rejected_with_their_shape():
+    with pytest.raises(ValueError, match=r"patchify expects images \[..., C, H, W\], got shape \(8, 8\)"):
+        patchify(torch.zeros(8, 8), 4)
+    with pytest.raises(ValueError, match=r"got shape \(12,\)"):
+        unpatchify(torch.zeros(12), 2, 4, 4)
+    with pytest.raises(ValueError, match=r"patch dim 10, which is not a multiple of patch_size\*\*2=4"):
+        unpatchify(torch.zeros(4, 10), 2, 4, 4)
