@@ -1,9 +1,21 @@
 """Which config changes may a resumed run make? Every leaf of the real run config, changed one at a time."""
 
+from types import SimpleNamespace
+
 import pytest
+import torch
 
 from d4func.train import checkpoint
-from d4func.train.compat import RESUME_FREE, RESUME_MUST_MATCH, check_resume_config, config_changes, flatten_config
+from d4func.train.compat import (
+    RESUME_FREE,
+    RESUME_MUST_MATCH,
+    check_dataset_fits,
+    check_env_fits,
+    check_first_batch,
+    check_resume_config,
+    config_changes,
+    flatten_config,
+)
 from d4func.train.run_config import load_run_config
 
 BASE = checkpoint.config_to_dict(load_run_config("experiments/configs/debug.yaml"))
@@ -82,3 +94,59 @@ def test_a_config_saved_before_final_frame_existed_keeps_the_old_row_layout():
     del saved["replay"]["final_frame"]  # as written by d4func before the option
     assert saved_run_config(saved).replay.final_frame is False and current["replay"]["final_frame"] is True
     assert check_resume_config(saved, current, "run") == ["replay.final_frame: False -> True"]
+
+
+REACH = "experiments/configs/reach.yaml"
+REACH_ONLINE = ["loop.mode=online", "loop.offline_data=null"]
+CONTINUOUS = ["dynamics.n_actions=0", "heads.n_actions=0", "dynamics.action_dim=2", "heads.action_dim=2"]
+
+
+def test_first_batch_fits_exactly_at_the_episode_length_and_the_replay_capacity_limits():
+    # Reach's episodes last 12 steps: a row of 12 transitions and the frame after them still fits in one.
+    check_first_batch(load_run_config(REACH, [*REACH_ONLINE, "replay.seq_len=12"]))
+    with pytest.raises(ValueError, match=r"at most 12 env steps .* replay.seq_len=13"):
+        check_first_batch(load_run_config(REACH, [*REACH_ONLINE, "replay.seq_len=13"]))
+    # A round of 100 steps beside a row of 8 and its next frame: 109 entries, no fewer.
+    check_first_batch(load_run_config(REACH, [*REACH_ONLINE, "replay.capacity=109"]))
+    with pytest.raises(ValueError, match="replay.capacity=108 entries .* at least 109"):
+        check_first_batch(load_run_config(REACH, [*REACH_ONLINE, "replay.capacity=108"]))
+
+
+def test_an_env_whose_actions_do_not_fit_the_models_is_named():
+    from torchrl.data import Bounded
+
+    from d4func.envs import make_env
+
+    env = make_env("reach", seed=0, image_size=16, action_repeat=1)
+    check_env_fits(load_run_config(REACH), env, "reach")  # 3 discrete actions, as reach.yaml's models
+    more = ["dynamics.n_actions=4", "heads.n_actions=4"]
+    with pytest.raises(ValueError, match=r"env 'reach' has 3 discrete actions but dynamics.n_actions=4"):
+        check_env_fits(load_run_config(REACH, more), env, "reach")
+    # A continuous env (a stand-in with specs only): its action width must be dynamics.action_dim.
+    pixels = Bounded(0, 255, shape=(3, 16, 16), dtype=torch.uint8)
+    arm = SimpleNamespace(observation_spec={"pixels": pixels}, action_spec=Bounded(-1.0, 1.0, shape=(2,)))
+    check_env_fits(load_run_config(REACH, CONTINUOUS), arm, "arm")
+    with pytest.raises(ValueError, match=r"env 'arm' has 3-dimensional actions but dynamics.action_dim=2"):
+        check_env_fits(load_run_config(REACH, CONTINUOUS),
+                       SimpleNamespace(observation_spec={"pixels": pixels}, action_spec=Bounded(-1.0, 1.0, shape=(3,))),
+                       "arm")
+
+
+def _metadata(action_dtype: str, action_shape: list[int], largest: int | None = None) -> dict:
+    """A dataset.json of 16x16 RGB frames (no final frames stored, as reach.yaml's replay.final_frame=false)."""
+    return {"entries": {"pixels": {"shape": [3, 16, 16], "dtype": "uint8"},
+                        "action": {"shape": action_shape, "dtype": action_dtype}},
+            "largest_discrete_action": largest, "longest_episode": 12}
+
+
+def test_a_datasets_actions_are_checked_against_the_models_action_space():
+    discrete = load_run_config(REACH)  # 3 discrete actions: indices 0 .. 2
+    check_dataset_fits(discrete, _metadata("int64", [], largest=2), "d")
+    with pytest.raises(ValueError, match=r"dataset d holds discrete action 3, but dynamics.n_actions=3 allows 0 .. 2"):
+        check_dataset_fits(discrete, _metadata("int64", [], largest=3), "d")
+    continuous = load_run_config(REACH, CONTINUOUS)
+    check_dataset_fits(continuous, _metadata("float32", [2]), "d")
+    with pytest.raises(ValueError, match=r"dataset d holds 3-dimensional actions but dynamics.action_dim=2"):
+        check_dataset_fits(continuous, _metadata("float32", [3]), "d")
+    with pytest.raises(ValueError, match=r"holds discrete actions \(int64\) but the config's dynamics.n_actions=0"):
+        check_dataset_fits(continuous, _metadata("int64", [], largest=1), "d")

@@ -2,6 +2,7 @@
 loop config can start training (its first batch fits its replay): a key renamed or removed in d4func fails here,
 not in a user's run of a documented command."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,39 @@ def test_a_config_written_for_another_script_is_refused_naming_the_key():
     tokenizer_config = next(config for config in CONFIGS if config.stem.startswith("tokenizer_"))
     with pytest.raises(Exception, match=r"Key '\w+' not in 'RunConfig'"):
         load_config(RunConfig, str(tokenizer_config), [])
+
+
+REACH = str(REPO / "experiments/configs/reach.yaml")
+
+
+# Each value one step past a limit is refused with a message naming the field and the value; the values at the
+# limits load (the test after this one), so an off-by-one in either direction fails.
+PAST_LIMITS = [
+    (["env.eval_episodes=-1"], "EnvConfig.eval_episodes must be >= 0, got -1"),
+    (["env.max_episode_steps=0"], "EnvConfig.max_episode_steps must be >= 1 or None, got 0"),
+    (["loop.threads=-1"], "LoopConfig.threads must be >= 0, got -1"),
+    (["loop.train_ratio=-0.5"], "LoopConfig.train_ratio must be >= 0, got -0.5"),
+    (["loop.offline_data=null"], "LoopConfig.offline_data must name a dataset directory in offline mode"),
+    (["device=gpu"], "RunConfig.device must name a torch device, got 'gpu'"),
+    (["heads.n_actions=4"], "RunConfig: heads.n_actions=4 must equal dynamics.n_actions=3"),
+    (["tokenizer.width=32"], "RunConfig: tokenizer.width=32 must equal env.image_size=16"),
+    (["imagination.horizon=32"], "imagination.horizon=32 is far beyond the training context replay.seq_len=8"),
+    (["tokenizer.channels=1", "tokenizer_loss.lpips_weight=0.1"], "lpips_weight=0.1 needs RGB frames, but "
+                                                                  "tokenizer.channels=1"),
+    (["dynamics.transformer.logit_cap=0"], "TransformerConfig.logit_cap must be positive or None, got 0.0"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), PAST_LIMITS, ids=[overrides[-1] for overrides, _ in PAST_LIMITS])
+def test_a_run_config_value_past_its_limit_is_refused_naming_it(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(RunConfig, REACH, overrides)
+
+
+def test_run_config_values_at_their_limits_load():
+    # reach.yaml trains on rows of 8 steps: an imagined rollout may span up to 4 rows (horizon + its start frame).
+    cfg = load_config(RunConfig, REACH, ["env.eval_episodes=0", "env.max_episode_steps=1", "loop.threads=0",
+                                         "loop.train_ratio=0", "imagination.horizon=31", "device=cuda:1",
+                                         "dynamics.transformer.logit_cap=null"])
+    assert (cfg.env.eval_episodes, cfg.env.max_episode_steps, cfg.loop.train_ratio, cfg.imagination.horizon) == (
+        0, 1, 0, 31)

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -420,3 +421,63 @@ def test_ctrl_c_on_one_rank_ends_the_whole_torchrun_job(tmp_path, reach_data):
         pytest.fail("the torchrun job still ran 60 s after one rank got Ctrl-C")
     assert job.returncode != 0
     checkpoint.load_checkpoint(checkpoint.latest_checkpoint(run))  # the periodic checkpoints stay whole
+
+
+def test_rank_seed_refuses_bit_widths_outside_1_to_64_and_fills_the_width_it_is_given() -> None:
+    with pytest.raises(ValueError, match="bits must be in \\[1, 64\\], got 0"):
+        D.rank_seed(7, 0, bits=0)  # a shift by 64 would return the whole 64-bit state, not 0 bits
+    assert {D.rank_seed(7, rank, bits=1) for rank in range(32)} == {0, 1}
+    assert max(D.rank_seed(7, rank, bits=64) for rank in range(8)) >= 2**63
+
+
+@pytest.fixture
+def two_fake_ranks(monkeypatch) -> SimpleNamespace:
+    """An in-process stand-in for 2 ranks. all_reduce: the second rank holds each value plus 1 (a sum over ranks is
+    2x + 1, the mean x + 0.5, the max x + 1). all_gather: the second rank sends `peer` (by default what this rank
+    sends); `sent` records what this rank sent."""
+    ranks = SimpleNamespace(peer=None, sent=[])
+
+    def all_reduce(tensor, op=D.dist.ReduceOp.SUM):
+        if op == D.dist.ReduceOp.SUM:
+            tensor.mul_(2).add_(1)
+        elif op == D.dist.ReduceOp.MAX:
+            tensor.add_(1)
+        else:
+            raise AssertionError(f"unexpected reduction {op}")
+
+    def all_gather(out, tensor):
+        ranks.sent.append(tensor.clone())
+        out[0].copy_(tensor)
+        out[1].copy_(tensor if ranks.peer is None else ranks.peer)
+
+    monkeypatch.setattr(D, "_active", lambda: True)
+    monkeypatch.setattr(D.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(D.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(D.dist, "all_gather", all_gather)
+    return ranks
+
+
+def test_data_parallel_grad_without_aux_returns_the_rank_mean_of_gradients_and_loss(two_fake_ranks) -> None:
+    # The train steps all pass has_aux=True; a plain loss (the grad_and_value contract) must be reduced too.
+    params = TensorDict({"w": torch.tensor([1.0, 2.0], dtype=torch.float64)}, [])
+
+    def loss_fn(p):
+        return (p["w"] ** 2).sum()
+
+    grads, loss = D.data_parallel_grad_and_value(loss_fn)(params)
+    torch.testing.assert_close(grads["w"], torch.tensor([2.5, 4.5], dtype=torch.float64))
+    assert float(loss) == 5.5
+    reduced = D.reduce_metrics({"loss": torch.tensor(2.0), "adv_absmax": torch.tensor(3.0)})
+    assert (float(reduced["loss"]), float(reduced["adv_absmax"])) == (2.5, 4.0)
+
+
+def test_check_in_sync_catches_replicas_that_hold_the_same_values_in_other_places(two_fake_ranks) -> None:
+    # Two swapped entries keep every leaf's sum: only the position-weighted checksum tells the replicas apart.
+    ours = TensorDict({"a": torch.arange(4.0), "b": {"c": torch.tensor([1.0, 2.0, 3.0])}}, [])
+    theirs = ours.clone()
+    theirs["b", "c"] = torch.tensor([2.0, 1.0, 3.0])
+    D.check_in_sync(theirs)  # both fake ranks hold `theirs`: in sync, and its checksums are recorded
+    two_fake_ranks.peer = two_fake_ranks.sent[-1]
+    D.check_in_sync(theirs.clone())
+    with pytest.raises(RuntimeError, match=r"params differ between rank 0 and rank 1 at \['b.c'\]"):
+        D.check_in_sync(ours)
