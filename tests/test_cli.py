@@ -5,6 +5,7 @@ real runs are tested in test_loop.py, test_import_episodes.py and test_distribut
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from d4func.train import checkpoint
 from d4func.train.loop import eval_env_seed
 from d4func.train.run_config import load_run_config
 
-REACH = "experiments/configs/reach.yaml"
+REACH = str(Path(__file__).resolve().parents[1] / "experiments/configs/reach.yaml")
 
 
 class _Stop(Exception):
