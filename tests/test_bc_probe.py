@@ -7,6 +7,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -57,7 +58,9 @@ def test_a_probe_beats_the_marginal_exactly_when_its_input_carries_the_action(in
     else:
         assert fitted["held_out_nll"] > marginal["held_out_nll"] - 0.05
     assert [point["step"] for point in fitted["curve"]] == [100, 200, 300, 400, 500, 600]
-    assert fitted["held_out_nll"] == min(point["held_out_nll"] for point in fitted["curve"])
+    best = min(fitted["curve"], key=lambda point: point["held_out_nll"])
+    assert (fitted["held_out_nll"], fitted["train_nll"], fitted["best_step"]) == (
+        best["held_out_nll"], best["train_nll"], best["step"])  # the training NLL at the best evaluation
 
 
 def test_previous_actions_are_the_k_before_each_step_flagged_and_zero_before_the_start():
@@ -115,3 +118,63 @@ def test_the_probe_script_on_an_offline_run_with_a_held_out_dataset(tmp_path, ca
         probe.probe_run(run, held_out_every=1)
     with pytest.raises(ValueError, match="history must be in 1..replay.seq_len=8, got 9"):
         probe.probe_run(run, history=9)
+
+
+class _AgentReadsAction:
+    """Stands in for the BC head's distribution: the NLL of an action is its distance from the agent token's value."""
+
+    def __init__(self, agent: torch.Tensor):
+        self.agent = agent
+
+    def log_prob(self, actions: torch.Tensor) -> torch.Tensor:
+        return -(self.agent[..., 0, 0] - actions[..., 0]).abs()
+
+
+def test_probe_pairs_and_bc_nll_align_each_frame_with_its_action_and_split_by_episode(monkeypatch):
+    # Four episodes of one window of 4 frames each; every per-step input and the action at that step carry the same
+    # value, 10 * episode + t, so a misaligned pair or an episode on the wrong side of the split shows by value.
+    # Held out (held_out_every=2): episodes 1 and 3. The agent tokens of held-out episodes are off by one from their
+    # actions, so the BC head's NLL is 0 on the training episodes and 1 on the held-out ones.
+    seq_len, episodes, history = 4, 4, 2
+    run = SimpleNamespace(cfg=SimpleNamespace(replay=SimpleNamespace(seq_len=seq_len),
+                                              loop=SimpleNamespace(offline_data="data")),
+                          dynamics=SimpleNamespace(cfg=SimpleNamespace(context_signal=0.1)),
+                          heads=SimpleNamespace(cfg=HeadsConfig(d_model=8, action_dim=1)),
+                          heads_params={"policy": None}, step=0, checkpoint="ckpt")
+    values = (10 * torch.arange(episodes)[:, None] + torch.arange(seq_len)).float()  # [N, T]
+
+    def fake_windows(run_, data, held_out, max_episodes, *, action_history, signal_levels):
+        assert signal_levels == ()
+        split = torch.tensor([held_out(i) for i in range(episodes)])
+        return {"latents": values[:, :, None, None], "agent": (values + split[:, None])[:, :, None, None],
+                "actions": values[:, :, None], "previous_actions": values[:, :, None], "held_out": split}
+
+    fitted = {}
+
+    def fake_fit(train_x, train_y, test_x, test_y, heads_cfg, *, steps, eval_every):
+        fitted[len(fitted)] = (train_x, train_y, test_x, test_y)
+        return {"held_out_nll": 0.0, "train_nll": 0.0, "best_step": steps, "curve": []}
+
+    monkeypatch.setattr(probe, "load_run", lambda run_dir: run)
+    monkeypatch.setattr(probe, "episode_windows", fake_windows)
+    monkeypatch.setattr(probe, "fit_probe", fake_fit)
+    monkeypatch.setattr(probe, "policy_dist", lambda heads, params, agent: _AgentReadsAction(agent))
+    result = probe.probe_run("run", history=history, held_out_every=2, steps=1, eval_every=1, signal_levels=())
+    assert result["bc_head_nll"] == {"train": 0.0, "held_out": 1.0}
+    assert result["held_out_seen_by_run"] is True
+    positions = seq_len - history + 1  # frames with `history` frames in their window: t = 1, 2, 3
+    assert result["pairs"] == {"train": 2 * positions, "held_out": 2 * positions}
+    expected_train = torch.tensor([1.0, 2.0, 3.0, 21.0, 22.0, 23.0])[:, None]
+    expected_test = expected_train + 10
+    assert len(fitted) == len(result["probes"]) == 5
+    for _, train_y, _, test_y in fitted.values():
+        torch.testing.assert_close(train_y, expected_train)
+        torch.testing.assert_close(test_y, expected_test)
+    # Every input but the marginal ends with the value of frame t (the history's newest frame last).
+    for index in (1, 2, 4):
+        train_x, train_y, test_x, test_y = fitted[index]
+        torch.testing.assert_close(train_x[:, -1:], train_y)
+        torch.testing.assert_close(test_x[:, -1:], test_y)
+    torch.testing.assert_close(fitted[2][0][:, :1], expected_train - 1)  # latents of frames t-1..t
+    torch.testing.assert_close(fitted[3][0], expected_train)  # agent token at t (a training episode's is exact)
+    torch.testing.assert_close(fitted[3][2], expected_test + 1)

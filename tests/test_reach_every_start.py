@@ -113,3 +113,46 @@ def test_evaluate_writes_each_start_for_policy_bc_and_each_sequence(run_dir, mon
     assert "best return on" in script.format_table(result)
     with pytest.raises(ValueError, match="horizon=11"):
         script.evaluate(run_dir, horizon=11)
+
+
+def test_position_accuracy_averages_over_the_sampling_seeds(cfg, monkeypatch):
+    # One sample per seed 0 .. seeds-1, each with its own noise: a model that is right only under seed 0 scores 1/3.
+    starts = script.every_start(N_CELLS)
+    horizon = 2
+    sequences = torch.full((len(starts), horizon), script.STAY)
+    real = script.real_clips(cfg, sequences)[0][:, cfg.replay.context_len:]
+    seeds = []
+
+    def right_under_seed_zero(*args, seed, **kw):
+        seeds.append(seed)
+        return real if seed == 0 else real.flip(-1)  # mirrored: agent and goal in other cells
+
+    monkeypatch.setattr(script, "predict_frames", right_under_seed_zero)
+    accuracy = script.position_accuracy(cfg, None, None, None, None, sequences, seeds=3, n_cells=N_CELLS)
+    assert seeds == [0, 1, 2]
+    assert accuracy["both"] == pytest.approx([1 / 3] * horizon, abs=1e-4)
+
+
+def test_evaluate_counts_solved_starts_and_averages_the_random_sequences(run_dir, monkeypatch):
+    starts = [(0, 7), (3, 2), (6, 4)]
+    best = [6, 12, 11]  # length 12 - distance + 1
+    monkeypatch.setattr(script, "every_start", lambda n_cells: starts)
+    # The acting policy reaches the best return on the first start only (solved 1); the BC head on none.
+    monkeypatch.setattr(script, "policy_returns",
+                        lambda cfg, states, bc: [0.0, 0.0, 0.0] if bc else [float(best[0]), 11.0, 3.0])
+    calls = []
+
+    def numbered_accuracy(cfg, tokenizer, tp, dynamics, dp, sequences, seeds, n_cells):
+        calls.append(sequences)
+        value = float(len(calls))  # 1, 2, 3 for left, stay, right; 4 and 5 for the two random sequences
+        return {key: [value] * sequences.shape[1] for key in ("agent", "goal", "both")}
+
+    monkeypatch.setattr(script, "position_accuracy", numbered_accuracy)
+    horizon = 10  # the longest that fits: 3 context frames, then 10 steps, in a 12-step episode
+    result = script.evaluate(run_dir, horizon=horizon, seeds=3, random_sequences=2)
+    assert result["best"] == best
+    assert (result["policy"]["solved"], result["bc"]["solved"]) == (1, 0)
+    assert result["policy"]["mean"] == pytest.approx((6 + 11 + 3) / 3)
+    for sequences, action in zip(calls[:3], (script.LEFT, script.STAY, script.RIGHT), strict=True):
+        assert sequences.shape == (len(starts), horizon) and (sequences == action).all()
+    assert result["position_accuracy"]["random"] == {key: [4.5] * horizon for key in ("agent", "goal", "both")}

@@ -170,6 +170,8 @@ def test_counterfactual_actions_score_the_models_change_against_the_envs(run_dir
     model_change, real_change = imagined[0] - imagined[1], clips["frames"][0] - clips["frames"][1]
     expected = 1 - float((model_change - real_change).square().sum() / real_change.square().sum())
     assert measured["counterfactual_action_r2"] == pytest.approx(expected, rel=1e-5, abs=1e-6)  # float32 sums
+    assert measured["counterfactual_model_change"] == pytest.approx(float(model_change.abs().mean()), rel=1e-5)
+    assert measured["counterfactual_real_change"] == pytest.approx(float(real_change.abs().mean()), rel=1e-5)
     assert len(measured["counterfactual_action_r2_per_step"]) == HORIZON
     assert measured["counterfactual_real_change"] > 0  # Reach's agent moves where its actions send it
     # In latent space: the generated latents against the env's frames encoded after the same context.
@@ -208,9 +210,14 @@ def test_gif_real_over_imagined(result):
 def test_cli_prints_table(run_dir, capsys):
     out_dir = run_dir.parent / "cli_run"
     shutil.copytree(run_dir, out_dir, ignore=shutil.ignore_patterns("replay", "logs"))
-    result = wmq.main(["--run", str(out_dir), "--episodes", "1", "--clips", "1", "--horizon", "2", "--threads", "1"])
+    result = wmq.main(["--run", str(out_dir), "--episodes", "1", "--clips", "1", "--horizon", "2", "--threads", "1",
+                       "--seed", "2", "--max-steps", "50", "--counterfactual-clips", "0"])
     printed = capsys.readouterr().out
     assert "copy last" in printed and f"{result['psnr_copy_last']:.2f}" in printed
+    # Every option reaches the measurement: 0 counterfactual clips skips that measure.
+    assert (result["seed"], result["max_steps"], result["counterfactual_clips"]) == (2, 50, 0)
+    assert result["env_seed"] == wmq.HELD_OUT_SEED_OFFSET + 2 and result["counterfactual_action_r2"] is None
+    assert "counterfactual actions: n/a" in printed
     assert (out_dir / "world_model_quality.json").is_file()
 
 
@@ -379,3 +386,121 @@ def test_clips_longer_than_a_row_are_predicted_through_a_row_long_window():
     torch.testing.assert_close(windowed[:, -1], decode(models.tokenizer, tok, latents[:, -window:])[:, -1].clamp(0, 1))
     torch.testing.assert_close(windowed[:, :5], decode_after_context(models.tokenizer, tok, latents[:, :3],
                                                                      latents[:, 3:8]))
+
+
+def test_pooled_psnr_clamps_the_prediction_and_pools_the_error_before_the_log():
+    # Image 0: predicted 1.5 where the target is 1, clamped to 1: no error. Image 1: 0.1 off everywhere.
+    target = torch.stack([torch.ones(1, 2, 2), torch.zeros(1, 2, 2)])
+    prediction = torch.stack([torch.full((1, 2, 2), 1.5), torch.full((1, 2, 2), 0.1)])
+    # Pooled MSE 0.005 over both images: 10 log10(1 / 0.005) = 23.01 dB (per-image PSNR would count 100 and 20 dB).
+    assert wmq.pooled_psnr(prediction, target) == pytest.approx(10 * math.log10(200), abs=1e-4)
+    assert wmq.pooled_psnr(target, target) == pytest.approx(100.0)  # the error is floored at 1e-10
+
+
+def test_next_frame_psnr_by_hand_for_each_k_and_the_reconstruction(run_dir, result):
+    # Each K's entry is a sample with that many steps, of the first frame after the context; the reconstruction
+    # decodes the context with the target (the decoder is causal) and scores the target's frame.
+    run = wmq.load_run(run_dir)
+    frames, actions, _ = wmq.held_out_clips(run, EPISODES, CLIPS, HORIZON, SEED, max_steps=200)
+    context = run.cfg.replay.context_len
+    target = frames[:, context:context + 1]
+    for k in wmq.K_VALUES:
+        sample = wmq._predict(run, frames[:, :context], actions[:, :context + 1], 1, k, SEED)
+        assert result[f"psnr_k{k}"] == pytest.approx(_psnr_by_hand(sample, target), abs=1e-3), k
+        assert result["pooled"][f"k{k}"] == pytest.approx(wmq.pooled_psnr(sample, target), abs=1e-4), k
+    assert len({result[f"psnr_k{k}"] for k in wmq.K_VALUES}) == len(wmq.K_VALUES)  # the K's samples differ
+    latents = wmq.encode(run.tokenizer, run.tokenizer_params, frames[:, :context + 1])
+    reconstruction = wmq.decode(run.tokenizer, run.tokenizer_params, latents)[:, context:context + 1]
+    assert result["psnr_reconstruction"] == pytest.approx(_psnr_by_hand(reconstruction, target), abs=1e-3)
+    assert result["pooled"]["reconstruction"] == pytest.approx(wmq.pooled_psnr(reconstruction, target), abs=1e-4)
+
+
+class _FixedRewards:
+    """Stands in for the reward head's distribution: its mean is a tensor the test chose."""
+
+    def __init__(self, values: torch.Tensor):
+        self.values = values
+
+    def mean(self) -> torch.Tensor:
+        return self.values
+
+
+def test_reward_metrics_by_hand_with_a_head_that_predicts_chosen_rewards(run_dir, monkeypatch):
+    run = wmq.load_run(run_dir)
+    frames, actions, _ = wmq.held_out_clips(run, EPISODES, CLIPS, HORIZON, SEED, max_steps=200)
+    steps = frames.shape[1]
+    # Distinct rewards per (clip, step); frame t's prediction is scored against rewards[:, t - 1].
+    rewards = torch.arange(CLIPS * steps, dtype=torch.float32).reshape(CLIPS, steps) % 7
+    scored = rewards[:, :-1].double()
+
+    def measure(predicted: torch.Tensor) -> dict:
+        def fake_reward_dist(heads, params, agent):
+            assert agent.shape[:2] == (CLIPS, steps - 1)  # the agent tokens of frames 1 .. T-1
+            return _FixedRewards(predicted)
+
+        monkeypatch.setattr(wmq, "reward_dist", fake_reward_dist)
+        return wmq.reward_metrics(run, frames, actions, rewards, SEED)
+
+    exact = measure(scored.clone())
+    assert (exact["reward_mse"], exact["reward_r2"]) == (0.0, 1.0)
+    assert exact["reward_corr"] == pytest.approx(1.0)
+    # An affine prediction: correlation 1 and -1 whatever the scale; R^2 = 1 - MSE / variance by hand.
+    variance = float(scored.var(unbiased=False))
+    doubled = measure(2 * scored + 1)
+    mse = float((scored + 1).square().mean())
+    assert doubled["reward_mse"] == pytest.approx(mse)
+    assert doubled["reward_constant_mse"] == pytest.approx(variance)
+    assert doubled["reward_r2"] == pytest.approx(1 - mse / variance)
+    assert doubled["reward_corr"] == pytest.approx(1.0)
+    assert measure(-0.5 * scored)["reward_corr"] == pytest.approx(-1.0)
+    assert measure(torch.full_like(scored, 3.0))["reward_corr"] is None  # a constant prediction has no spread
+
+
+def test_action_conditioning_swaps_the_action_into_the_first_predicted_frame(run_dir):
+    # Clips that differ only in the action leading into the first predicted frame (context_len - 1, TorchRL's
+    # convention): that action is part of "another clip's actions", so the two open loops differ.
+    run = wmq.load_run(run_dir)
+    frames, actions, _ = wmq.held_out_clips(run, EPISODES, CLIPS, HORIZON, SEED, max_steps=200)
+    context = run.cfg.replay.context_len
+    first_only = actions[:1].expand_as(actions).clone()
+    first_only[:, context - 1] = torch.arange(CLIPS) % 3  # Reach's 3 actions: neighbouring clips differ
+    imagined, _, _ = wmq.open_loop(run, frames, first_only, SEED)
+    measured = wmq.action_conditioning(run, frames, first_only, imagined, SEED)
+    assert measured["action_effect"] > 0
+    # The own-actions figure is the given open loop's pooled PSNR against the real frames; the action effect is the
+    # mean absolute difference from the other open loop (here moved by exactly 0.25 from the own one).
+    other = first_only.clone()
+    other[:, context - 1:] = first_only.roll(1, dims=0)[:, context - 1:]
+    imagined_other = wmq._predict(run, frames[:, :context], other, HORIZON, run.cfg.dynamics.sampling_steps, SEED)
+    real = frames[:, context:]
+    assert measured["open_loop_pooled_own_actions"] == pytest.approx(wmq.pooled_psnr(imagined, real), abs=1e-4)
+    assert measured["open_loop_pooled_other_actions"] == pytest.approx(wmq.pooled_psnr(imagined_other, real),
+                                                                       abs=1e-4)
+    shifted = wmq.action_conditioning(run, frames, first_only, imagined_other + 0.25, SEED)
+    assert shifted["action_effect"] == pytest.approx(0.25, abs=1e-5)
+
+
+@pytest.mark.parametrize(("name", "value"), [("episodes", 0), ("clips", 0), ("horizon", 0), ("max_steps", 0),
+                                             ("seed", -1), ("counterfactual_clips", -1), ("clips", 2.0)])
+def test_evaluate_run_refuses_bad_sizes_by_name(tmp_path, name, value):
+    # Checked before the run is read: the directory need not exist.
+    with pytest.raises(ValueError, match=f"{name} must be an int"):
+        wmq.evaluate_run(tmp_path / "absent", **{name: value})
+
+
+def test_reward_metrics_commit_a_clip_longer_than_a_row_beside_at_most_a_row(run_dir, monkeypatch):
+    # As the policy acts: frame by frame, each beside at most `row_frames - 1` earlier ones (a sliding window).
+    run = wmq.load_run(run_dir)
+    frames, actions, rewards = wmq.held_out_clips(run, EPISODES, CLIPS, HORIZON, SEED, max_steps=200)
+    window = run.cfg.replay.row_frames
+    assert frames.shape[1] > window
+    seen = []
+    commit = wmq.commit_frames
+
+    def recording_commit(model_fn, cfg, latents, actions_in, mask_in, cache, generator):
+        seen.append((latents.shape[1], int(cache["valid"].shape[1])))  # (frames committed, frames beside them)
+        return commit(model_fn, cfg, latents, actions_in, mask_in, cache, generator)
+
+    monkeypatch.setattr(wmq, "commit_frames", recording_commit)
+    wmq.reward_metrics(run, frames, actions, rewards, SEED)
+    assert seen == [(1, min(t, window - 1)) for t in range(frames.shape[1])]
