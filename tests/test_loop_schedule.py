@@ -1,0 +1,208 @@
+"""The training loop's bookkeeping (d4func/train/loop.py), from a mutation audit: the step arithmetic checked
+directly, the round schedule (gradient steps paid from the train credit, checkpoints, the agent's start, the step
+training rows are logged at), env seeds at a resume, episode returns and log rewinds on tiny Reach runs."""
+
+import json
+
+import pytest
+import torch
+
+from d4func.data.replay import END_FRAME_KEY
+from d4func.train import checkpoint
+from d4func.train.loop import eval_env_seed, next_multiple, resume_env_seed, train
+from d4func.train.run_config import load_run_config
+
+REACH = "experiments/configs/reach.yaml"
+
+
+def _reach_online(run_dir, *overrides: str):
+    """Online Reach in 5-step rounds, training from the round that completes the 10-step prefill on; evaluations,
+    GIFs and periodic checkpoints off unless `overrides` turn them on."""
+    return load_run_config(REACH, [
+        f"run_dir={run_dir}", "loop.mode=online", "loop.offline_data=null", "loop.prefill_steps=10",
+        "loop.collect_steps=5", "loop.train_ratio=0.8", "loop.agent_start=1000", "loop.env_steps=20",
+        "loop.eval_every=100000", "loop.gif_every=100000", "loop.checkpoint_every=100000", "env.eval_episodes=0",
+        "replay.batch_size=2", *overrides])
+
+
+def _rows(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _final_payload(run_dir) -> dict:
+    return checkpoint.load_checkpoint(checkpoint.latest_checkpoint(run_dir)).payload
+
+
+def test_next_multiple_is_the_first_multiple_strictly_after_the_step():
+    # Strictly after: an evaluation run at a multiple must not be due again at the same step.
+    assert [next_multiple(step, 5) for step in (0, 1, 4, 5, 9, 10)] == [5, 5, 5, 10, 10, 15]
+
+
+def test_resume_env_seeds_are_new_at_every_resume_point_and_never_the_evaluation_seed():
+    # Each resume that starts new episodes must start new worlds: the seed depends on how far the run had got.
+    for seed in (0, 7, 2**31):
+        seeds = [resume_env_seed(seed, env_steps) for env_steps in (0, 15, 30, 10**6)]
+        assert len(set(seeds)) == len(seeds)
+        assert seed not in seeds and eval_env_seed(seed) not in seeds
+        assert all(0 <= s < 2**32 for s in seeds)
+
+
+def test_gradient_steps_are_paid_from_whole_credit_only(tmp_path):
+    # 0.3 gradient steps per env step: a 5-step round earns 1.5. Each round pays the whole steps it has (1, then
+    # 2, then 1) and carries the half over; it never borrows a step it has not earned.
+    cfg = _reach_online(tmp_path, "loop.train_ratio=0.3", "loop.log_every=1")
+    summary = train(cfg, progress=False)
+    assert summary["grad_steps"] == 4 and summary["train_credit"] == pytest.approx(0.5)
+    steps = [row["step"] for row in _rows(tmp_path) if "world_model/loss" in row]
+    assert steps == [10, 15, 15, 20]
+
+
+def test_online_training_rows_are_logged_at_the_env_step_of_their_round(tmp_path):
+    # Online, the x axis of every logged scalar is env steps (as episode returns and evaluations use), not the
+    # gradient step count: 4 gradient steps per round, logged at the round's env step.
+    train(_reach_online(tmp_path, "loop.log_every=2"), progress=False)
+    steps = [row["step"] for row in _rows(tmp_path) if "world_model/loss" in row]
+    assert steps == [10, 10, 15, 15, 20, 20]
+
+
+def test_checkpoints_are_written_at_every_multiple_of_checkpoint_every(tmp_path):
+    cfg = _reach_online(tmp_path, "loop.env_steps=30", "loop.checkpoint_every=10", "loop.keep_checkpoints=10")
+    train(cfg, progress=False)
+    assert sorted(path.name for path in tmp_path.glob("ckpt-*.pt")) == [
+        f"ckpt-{step:012d}.pt" for step in (10, 20, 30)]
+
+
+def test_imagination_starts_at_agent_start_online_and_offline(tmp_path):
+    # "From loop.agent_start on": online the round that reaches that env step trains the agent, offline the
+    # gradient step whose count (from 0) reaches it.
+    online = train(_reach_online(tmp_path / "online", "loop.env_steps=15", "loop.agent_start=15"), progress=False)
+    assert "agent" in online["params"]
+    assert int(_final_payload(tmp_path / "online")["states"]["agent"]["step"]) == 4  # the last round's 4 steps
+
+    data = tmp_path / "data"
+    from d4func.cli import main
+
+    assert main(["collect", "--env", "reach", "--out", str(data), "--steps", "40", "--image-size", "16",
+                 "--action-repeat", "1"]) == 0
+    cfg = load_run_config(REACH, [f"run_dir={tmp_path / 'offline'}", f"loop.offline_data={data}",
+                                  "loop.offline_steps=3", "loop.agent_start=2", "loop.eval_every=1000",
+                                  "loop.gif_every=1000", "loop.checkpoint_every=1000", "env.eval_episodes=0",
+                                  "replay.batch_size=2"])
+    offline = train(cfg, progress=False)
+    assert "agent" in offline["params"]
+    assert int(_final_payload(tmp_path / "offline")["states"]["agent"]["step"]) == 1  # step 2 of 0, 1, 2
+
+
+def test_gifs_leave_the_training_batches_as_they_were(tmp_path):
+    # A GIF samples replay rows; it must not advance the sampler, or loop.gif_every would change the run.
+    train(_reach_online(tmp_path / "gifs", "loop.gif_every=5"), progress=False)
+    train(_reach_online(tmp_path / "none"), progress=False)
+    assert len(list((tmp_path / "gifs" / "gifs").glob("*.gif"))) == 3
+    with_gifs, without = _final_payload(tmp_path / "gifs"), _final_payload(tmp_path / "none")
+    for name in ("tokenizer", "world_model"):
+        for key, value in without["states"][name]["params"].items(True, True):
+            assert torch.equal(with_gifs["states"][name]["params"][key], value), (name, key)
+
+
+def test_logged_episode_returns_are_the_rewards_of_each_stored_episode(tmp_path):
+    # Every finished training episode logs its own return: the sum of its stored rewards, counted from 0 again.
+    summary = train(_reach_online(tmp_path, "loop.env_steps=40"), progress=False)
+    logged = [row["episode/return"] for row in _rows(tmp_path) if "episode/return" in row]
+    replay = checkpoint.open_run_replay(tmp_path)
+    steps = replay[: len(replay)]
+    steps = steps[~steps.get(END_FRAME_KEY).reshape(-1)]
+    ids = steps.get(("collector", "traj_ids")).reshape(-1)
+    rewards, dones = steps.get(("next", "reward")).reshape(-1), steps.get(("next", "done")).reshape(-1)
+    finished = [traj for traj in ids.unique().tolist() if bool(dones[ids == traj].any())]
+    assert summary["episodes"] == len(finished) == len(logged) >= 3  # Reach episodes last 12 steps
+    assert logged == [float(rewards[ids == traj].sum()) for traj in finished]
+
+
+def test_a_resume_that_starts_new_episodes_does_not_replay_the_runs_first_starts(tmp_path, monkeypatch):
+    # Stopped while collecting, the checkpoint keeps no env state: the resumed run starts new episodes, from a
+    # reseeded env. Seeded as at the start, it would replay the first episodes' starting states.
+    from d4func.train import loop
+
+    calls = {"n": 0}
+    real_forward = loop.WorldModelPolicy.forward
+
+    def interrupted_on_the_18th(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 18:  # while collecting the fourth round (env steps 15-20)
+            raise KeyboardInterrupt
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(loop.WorldModelPolicy, "forward", interrupted_on_the_18th)
+    train(_reach_online(tmp_path, "loop.env_steps=60"), progress=False)
+    stopped = _final_payload(tmp_path)
+    assert "env" not in stopped["online"]
+    monkeypatch.setattr(loop.WorldModelPolicy, "forward", real_forward)
+    train(_reach_online(tmp_path, "loop.env_steps=60"), progress=False)
+    replay = checkpoint.open_run_replay(tmp_path)
+    steps = replay[: len(replay)]
+    ids = steps.get(("collector", "traj_ids")).reshape(-1)
+    starts = steps.get("step_count").reshape(-1) == 0
+    first_frames = {int(traj): steps.get("pixels")[(ids == traj) & starts][0] for traj in ids[starts].unique()}
+    # The episodes the first part started, paired with the resumed run's first ones.
+    before = [traj for traj in sorted(first_frames) if traj < stopped["counters"]["next_traj_id"]]
+    resumed = [traj for traj in sorted(first_frames) if traj >= stopped["counters"]["next_traj_id"]]
+    assert len(before) == 2 and len(resumed) >= 2
+    assert not all(torch.equal(first_frames[a], first_frames[b]) for a, b in zip(before, resumed[:2], strict=True))
+
+
+def test_a_tensorboard_rewind_keeps_the_events_of_the_checkpoints_own_step(tmp_path):
+    # The checkpoint at step 2 had seen the rows logged at step 2: TensorBoard must purge only what came after.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from d4func.train.loop import RunLogger
+
+    cfg = load_run_config(REACH, ["loop.logger=tensorboard"])
+    logger = RunLogger(cfg, tmp_path)
+    for step in (1, 2, 3, 4):
+        logger.log({"x": float(step)}, step)
+    logger.logger.experiment.flush()
+    logger.close()
+    logger = RunLogger(cfg, tmp_path)  # the resumed process
+    logger.rewind(2, step=2)
+    logger.log({"x": 30.0}, 3)
+    logger.logger.experiment.close()
+    logger.close()
+    events = EventAccumulator(str(tmp_path / "logs"))
+    events.Reload()
+    assert [(event.step, event.value) for event in events.Scalars("x")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_the_prefill_acts_at_random_for_exactly_prefill_steps(tmp_path):
+    # The acting policy's generator is drawn from only when the models act. A run that ends with its prefill never
+    # touches it; the collector's dry call of the policy must not count as one of the prefill's steps.
+    fresh = torch.Generator().manual_seed(load_run_config(REACH).seed + 5).get_state()
+
+    def acting_rng(run_dir):
+        return checkpoint.load_checkpoint(checkpoint.latest_checkpoint(run_dir)).rng[0]["generators"]["acting"]
+
+    train(_reach_online(tmp_path / "prefill", "loop.env_steps=10"), progress=False)
+    assert torch.equal(acting_rng(tmp_path / "prefill")["state"], fresh)
+    train(_reach_online(tmp_path / "past", "loop.env_steps=15"), progress=False)
+    assert not torch.equal(acting_rng(tmp_path / "past")["state"], fresh)  # the models acted after the prefill
+
+
+def test_returns_plot_needs_evaluations_or_training_episodes(tmp_path):
+    # An offline-style log (evaluations, no training episodes) still gets its plot; a log with neither gets none.
+    from d4func.train.loop import plot_returns
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in (
+        {"step": 5, "world_model/loss": 1.0}, {"step": 10, "eval/mean_return": 2.0},
+        {"step": 20, "eval/mean_return": 3.0})))
+    assert plot_returns(tmp_path) == tmp_path / "returns.png" and (tmp_path / "returns.png").stat().st_size > 0
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 5, "world_model/loss": 1.0}) + "\n")
+    assert plot_returns(tmp_path) is None
+
+
+def test_previous_summary_reports_only_the_keys_asked_for(tmp_path):
+    # A finished run's rerun takes its evaluation from summary.json, never its stale counters or timings.
+    from d4func.train.loop import previous_summary
+
+    assert previous_summary(tmp_path, ("eval",)) == {}
+    (tmp_path / "summary.json").write_text(json.dumps({"eval": {"mean_return": 1.5}, "wall_seconds": 9.0,
+                                                       "grad_steps": 3}))
+    assert previous_summary(tmp_path, ("eval", "returns_plot")) == {"eval": {"mean_return": 1.5}}
