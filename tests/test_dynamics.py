@@ -666,3 +666,217 @@ def test_bad_level_and_mask_shapes_are_named():
     with pytest.raises(ValueError, match="use context_noise < 0.9921875"):
         dataclasses.replace(cfg, k_max=64, context_noise=0.995)
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mutation audit (audit_f): input checks, task embedding, and the training step's plumbing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [1.25, -0.25])
+def test_signal_levels_outside_zero_one_are_refused_naming_their_range(bad):
+    # The tau embedding has k_max + 1 rows (tau = 0 .. 1, paper Sec. 3.2): a level off that range must be named,
+    # not surface as an embedding IndexError. tau = 1 (a clean frame) is a valid level.
+    cfg, model, params = make()
+    z, _, d, actions = inputs(cfg)
+    tau = torch.full((2, 5), 0.5)
+    tau[1, 3] = bad
+    with pytest.raises(ValueError, match=rf"tau must lie in \[0, 1\], got range \[{min(bad, 0.5)}, {max(bad, 0.5)}\]"):
+        apply(model, params, z, tau, d, actions)
+    assert apply(model, params, z, torch.ones(2, 5), d, actions)[0].isfinite().all()
+
+
+def test_actions_the_mask_marks_unknown_are_not_range_checked_and_never_read():
+    # A padded or pre-episode step's action is only a placeholder (NaN, or any value) behind action_mask = False:
+    # it must neither trip the [-1, 1] check nor reach the prediction. A known NaN is still refused.
+    cfg, model, params = make()
+    z, tau, d, actions = inputs(cfg)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0, 2] = mask[1, 0] = False
+    padded = actions.clone()
+    padded[~mask] = float("nan")
+    x_padded = apply(model, params, z, tau, d, padded, mask)[0]
+    x_plain = apply(model, params, z, tau, d, actions, mask)[0]
+    torch.testing.assert_close(x_padded, x_plain)
+    with pytest.raises(ValueError, match="must lie in \\[-1, 1\\] \\(NaN is not allowed\\), got e.g. nan"):
+        apply(model, params, z, tau, d, padded, torch.ones_like(mask))
+
+
+def test_the_task_embedding_reaches_the_agent_tokens_and_not_the_latents():
+    # Agent tokens carry a task embedding (paper Sec. 3.3): two tasks on the same frames give different agent
+    # outputs, while the world model's predictions, which never read agent tokens, stay the same.
+    cfg = dataclasses.replace(make(agent=2)[0], n_tasks=3)
+    model = template(Dynamics, cfg)
+    params = init(model, 0)
+    z, tau, d, actions = inputs(cfg)
+    x0, agent0, _ = apply(model, params, z, tau, d, actions, None, None, torch.tensor([0, 0]))
+    x2, agent2, _ = apply(model, params, z, tau, d, actions, None, None, torch.tensor([0, 2]))
+    torch.testing.assert_close(x0, x2)
+    torch.testing.assert_close(agent0[0], agent2[0])
+    assert not torch.allclose(agent0[1], agent2[1])
+
+
+@settings(max_examples=20, deadline=None)
+@given(k_exp=st.integers(0, 6), extra=st.integers(1, 3))
+def test_sampling_steps_finer_than_the_finest_trained_step_are_refused(k_exp, extra):
+    # Training reaches step sizes down to d_min = 1 / k_max only: K > k_max would feed the signal embedding a
+    # step size it has no row for, so the config refuses it up front, naming K and k_max.
+    k_max, steps = 2**k_exp, 2 ** (k_exp + extra)
+    with pytest.raises(ValueError, match=rf"power of two in \[1, k_max={k_max}\], got {steps}"):
+        DynamicsConfig(k_max=k_max, sampling_steps=steps, action_dim=1, context_noise=0.0,
+                       clean_context_fraction=0.5)
+    assert DynamicsConfig(k_max=k_max, sampling_steps=k_max, action_dim=1, context_noise=0.0,
+                          clean_context_fraction=0.5).sampling_steps == k_max
+
+
+@settings(max_examples=6, deadline=None)
+@given(noise_scale=st.sampled_from([1.0, 0.3]), forcing=st.sampled_from(["diffusion", "teacher"]),
+       loss_weight=st.sampled_from(["ramp", "uniform"]), bootstrap=st.sampled_from([0.25, 0.75, None]),
+       seed=st.integers(0, 99))
+def test_dynamics_loss_trains_with_every_setting_of_its_config(noise_scale, forcing, loss_weight, bootstrap, seed):
+    # The training step is shortcut forcing (paper Sec. 3.2) with the model's own settings: its loss equals
+    # shortcut_forcing_loss given each config field explicitly, for the same draws. A field dropped on the way
+    # (e.g. noise_scale) would train at the default while generation samples with the configured one.
+    base, model, params = make(seed=seed % 3)
+    cfg = dataclasses.replace(base, noise_scale=noise_scale, forcing=forcing, loss_weight=loss_weight,
+                              bootstrap_fraction=bootstrap, context_noise=0.25)
+    model = template(Dynamics, cfg)
+    z, _, _, actions = inputs(cfg, seed=seed)
+    loss, metrics = dynamics_loss(params, z, actions, torch.Generator().manual_seed(seed), model=model)
+    fn = denoiser(model, params, actions)
+    expected, _, _ = shortcut_forcing_loss(fn, fn, z, cfg.k_max, torch.Generator().manual_seed(seed),
+                                           bootstrap, 0.0, cfg.context_signal, noise_scale, forcing, loss_weight)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_dynamics_loss_reads_the_action_mask():
+    # A frame whose action is unknown (mask False) is trained with the "no action" embedding, so a fully masked
+    # batch trains exactly as action-free video (same draws), whatever the placeholder actions hold.
+    cfg, model, params = make()
+    z, _, _, actions = inputs(cfg)
+    masked = dynamics_loss(params, z, -actions, torch.Generator().manual_seed(3), model=model,
+                           action_mask=torch.zeros(2, 5, dtype=torch.bool))[0]
+    free = dynamics_loss(params, z, None, torch.Generator().manual_seed(3), model=model)[0]
+    torch.testing.assert_close(masked, free)
+
+
+def test_the_dynamics_train_step_updates_the_ema_at_the_decay_it_is_given():
+    # ema <- decay * ema + (1 - decay) * new params after the update: with decay 0 the EMA is the new params,
+    # with decay 1 it stays where it was.
+    from d4func.optim import AdamWConfig
+    from d4func.train.dynamics_step import dynamics_train_step
+    from d4func.train.state import new_train_state
+
+    cfg, model, params = make()
+    z, _, _, actions = inputs(cfg)
+    state = new_train_state(params)
+    for decay in (0.0, 1.0):
+        new, _ = dynamics_train_step(state, z, actions, torch.Generator().manual_seed(0), model=model,
+                                     opt=AdamWConfig(lr=1e-2), ema_decay=decay)
+        expected = new["params"] if decay == 0.0 else state["ema"]
+        assert not (new["params"] == state["params"]).all()
+        assert (new["ema"] == expected).all(), decay
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The moving-shapes data the small world model trains on, and its phase-1 driver
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _shape_centre(frames):
+    """Centroid (x, y) per frame, in pixel coordinates (pixel centres at i + 0.5, as the renderer's), of everything
+    that differs from the background."""
+    from d4func.data.moving_shapes import BACKGROUND
+
+    mass = (frames - BACKGROUND).abs().sum(1)
+    ys, xs = torch.meshgrid(torch.arange(frames.shape[-2]) + 0.5, torch.arange(frames.shape[-1]) + 0.5, indexing="ij")
+    total = mass.sum((1, 2))
+    return torch.stack(((mass * xs).sum((1, 2)) / total, (mass * ys).sum((1, 2)) / total), -1), total
+
+
+@pytest.mark.parametrize("mode", ["continuous", "discrete"])
+def test_the_controlled_shape_stops_at_the_wall_it_is_pushed_into(mode):
+    # The controlled shape's motion is a function of the actions alone: pushed right for many steps, it stops
+    # with its edge at the wall and stays whole (a frame's painted mass stays constant), never leaving the frame.
+    from d4func.data.moving_shapes import MovingShapesConfig, moving_shapes_video
+
+    cfg = MovingShapesConfig(image_size=32, n_shapes=0, action_mode=mode, control_speed=0.2)
+    right = torch.tensor([1.0, 0.0]) if mode == "continuous" else torch.eye(5)[4]
+    frames, _ = moving_shapes_video(cfg, 12, 0, actions=right.expand(12, -1))
+    centre, mass = _shape_centre(frames)
+    radius = 0.5 * (cfg.min_radius + cfg.max_radius) * cfg.image_size
+    assert (mass.max() - mass.min()) / mass.mean() < 0.02
+    torch.testing.assert_close(centre[-1, 0], torch.tensor(cfg.image_size - radius), atol=0.3, rtol=0)
+    torch.testing.assert_close(centre[-2:, 1], centre[:2, 1], atol=0.05, rtol=0)
+
+
+def test_continuous_actions_are_clipped_to_the_unit_box_before_they_move_the_shape():
+    # Given actions beyond [-1, 1] are clipped (the returned actions are the ones that acted): 3.0 moves the shape
+    # exactly as 1.0 does.
+    from d4func.data.moving_shapes import MovingShapesConfig, moving_shapes_video
+
+    cfg = MovingShapesConfig(image_size=48, n_shapes=0, action_mode="continuous", control_speed=0.02)
+    big = torch.tensor([[3.0, -3.0]] * 4)
+    frames, used = moving_shapes_video(cfg, 4, 1, actions=big)
+    unit, _ = moving_shapes_video(cfg, 4, 1, actions=big.clamp(-1, 1))
+    assert torch.equal(used, big.clamp(-1, 1))
+    torch.testing.assert_close(frames, unit)
+
+
+def test_actions_for_a_clip_without_control_are_refused():
+    from d4func.data.moving_shapes import MovingShapesConfig, moving_shapes_video
+
+    with pytest.raises(ValueError, match="action_mode is 'none'"):
+        moving_shapes_video(MovingShapesConfig(image_size=16), 3, 0, actions=torch.zeros(3, 2))
+
+
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 999))
+def test_a_bouncing_shape_keeps_crossing_the_frame(seed):
+    # Free shapes bounce off all four walls (their speed is kept): late in a long clip a shape still travels
+    # across the frame instead of sticking to the wall it met first.
+    from d4func.data.moving_shapes import MovingShapesConfig, moving_shapes_video
+
+    cfg = MovingShapesConfig(image_size=24, n_shapes=1, max_speed=0.25, min_radius=0.1, max_radius=0.12)
+    frames, _ = moving_shapes_video(cfg, 80, seed)
+    centre, _ = _shape_centre(frames[40:])
+    free = cfg.image_size * (1 - 2 * cfg.max_radius)
+    moving = [axis for axis in range(2) if (centre[1:, axis] - centre[:-1, axis]).abs().max() > 0.5]
+    assert moving, "the shape stopped"
+    for axis in moving:
+        assert centre[:, axis].max() - centre[:, axis].min() > 0.5 * free, axis
+
+
+def test_pretraining_feeds_the_dynamics_actions_shifted_into_frames(monkeypatch):
+    # Phase 1 (paper Sec. 3.2) gets actions in TorchRL's convention (actions[t] after frame t); the dynamics model
+    # must see them leading into frames, with the first frame's action unknown (masked), as generation does.
+    import d4func.train.shapes_world_model as swm
+    from d4func.tokenizer import TokenizerConfig
+
+    small = TransformerConfig(d_model=16, n_layers=2, n_heads=2, n_kv_heads=2, time_every=2)
+    tok = TokenizerConfig(height=8, width=8, patch_size=4, n_latents=2, latent_dim=4, encoder=small, decoder=small)
+    dyn = DynamicsConfig(transformer=small, latent_tokens=2, latent_dim=4, pack=1, n_registers=1, action_dim=2,
+                         k_max=4, sampling_steps=2)
+    actions = torch.rand(2, 4, 2) * 2 - 1
+    seen = []
+
+    def spy(state, latents, actions, generator, *, action_mask=None, **kwargs):
+        seen.append((actions, action_mask))
+        return state, {"loss": torch.tensor(0.0)}
+
+    monkeypatch.setattr(swm, "dynamics_train_step", spy)
+    swm.pretrain_world_model(tok, dyn, lambda gen: (torch.rand(2, 4, 3, 8, 8, generator=gen), actions),
+                             tokenizer_steps=0, dynamics_steps=1)
+    (into, mask), = seen
+    torch.testing.assert_close(into[:, 1:], actions[:, :-1])
+    assert mask is not None and mask.tolist() == [[False, True, True, True]] * 2
+
+
+def test_the_shapes_world_model_config_refuses_latents_the_tokenizer_does_not_make():
+    from d4func.train.shapes_world_model import ShapesWorldModelConfig
+
+    base = ShapesWorldModelConfig.quick()
+    with pytest.raises(ValueError, match="dynamics.latent_dim=4 must equal tokenizer.latent_dim=8"):
+        dataclasses.replace(base, dynamics=dataclasses.replace(base.dynamics, latent_dim=4))
+    with pytest.raises(ValueError, match="dynamics.latent_tokens=8 must equal the tokenizer's latent tokens 16"):
+        dataclasses.replace(base, dynamics=dataclasses.replace(base.dynamics, latent_tokens=8))

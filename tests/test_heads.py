@@ -134,6 +134,7 @@ def test_for_dynamics_matches_the_world_model():
         (dict(n_actions=1), "n_actions must be >= 2"),
         (dict(n_actions=4, mtp=0), "mtp must be >= 1"),
         (dict(action_dim=2, min_std=1.0, max_std=0.5), "min_std < max_std"),
+        (dict(action_dim=2, min_std=0.0), "0 < min_std"),  # log(0): the std bound would be -inf
         (dict(n_actions=4, unimix=1.0), "unimix"),
         (dict(n_actions=4, bins_low=1.0, bins_high=1.0), "bins_low < bins_high"),
     ],
@@ -149,3 +150,14 @@ def test_bad_inputs_raise_clear_errors():
         policy_dist(heads, params["policy"], torch.randn(4, 16))
     with pytest.raises(ValueError, match="offset must lie in"):
         policy_dist(heads, params["policy"], torch.randn(4, 2, 16), offset=3)
+
+
+@pytest.mark.parametrize("action_dim", [1, 2, 5])
+def test_the_uniform_entropy_of_a_continuous_policy_counts_every_action_dimension(action_dim):
+    # The entropy floor's reference scale is the uniform density on the box [-1, 1]^A: 1 / 2^A, entropy A log 2
+    # nats, growing with each action dimension (a bounded policy's entropy can never exceed it).
+    heads, _ = make(False, mtp=1, n_agent=1)
+    cfg = HeadsConfig(d_model=16, n_agent_tokens=1, hidden=8, mtp=1, action_dim=action_dim, n_bins=41)
+    assert uniform_policy_entropy(cfg) == pytest.approx(action_dim * math.log(2.0))
+    widest = BoundedNormal(torch.zeros(3), torch.full((3,), 1e3))  # nearly uniform on [-1, 1] per dimension
+    assert uniform_policy_entropy(heads.cfg) == pytest.approx(widest.entropy().sum().item(), rel=1e-3)
