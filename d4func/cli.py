@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=_eval)
 
     collect = commands.add_parser("collect", help="record random-policy episodes as an offline dataset")
-    collect.add_argument("--env", required=True, help="dmc:DOMAIN-TASK, dmc:DOMAIN-TASK@0,1 or crafter")
+    collect.add_argument("--env", required=True, help="dmc:DOMAIN-TASK, dmc:DOMAIN-TASK@0,1, crafter or reach")
     collect.add_argument("--out", required=True, help="dataset directory")
     collect.add_argument("--steps", type=int, required=True)
     collect.add_argument("--seed", type=int, default=0)

@@ -146,7 +146,7 @@ class RunConfig:
     dynamics: DynamicsConfig = field(default_factory=_dynamics)
     heads: HeadsConfig = field(default_factory=lambda: HeadsConfig(d_model=128, hidden=128, action_dim=1))
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    imagination: ImaginationConfig = field(default_factory=lambda: ImaginationConfig(horizon=15))
+    imagination: ImaginationConfig = field(default_factory=ImaginationConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     device: str = "cpu"  # the learner's device ("cpu", "cuda", "cuda:1"); envs and the acting policy stay on CPU
