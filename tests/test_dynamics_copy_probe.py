@@ -105,3 +105,22 @@ def test_probe_rejects_bad_arguments():
         probe_script.probe(cfg, steps=1, eval_every=1, step_std=-1.0)
     with pytest.raises(ValueError, match="context_len=1 must be < seq_len=1"):  # a row with no frame to predict
         load_run_config(CONFIG, ["replay.seq_len=1", "replay.context_len=1", "imagination.horizon=1"])
+
+
+def test_the_command_line_walk_and_action_settings_reach_the_probe():
+    printed = probe_script.main(["--config", CONFIG, "--steps", "1", "--eval-every", "1", "--step-std", "0.3",
+                                 "--action-gain", "0.5", "--seed", "2", "--set", "replay.seq_len=4"])
+    assert (printed["step_std"], printed["action_gain"], printed["seed"]) == (0.3, 0.5, 2)
+    assert "action_effect_r2" in printed["rows"][0]  # the action-effect columns come with a gain
+
+
+def test_every_measurement_scores_the_same_rows_with_the_same_noise(monkeypatch):
+    # With an update that changes nothing, the model's error must not move between measurements: the rows differ
+    # only by the params, so the table shows what training did.
+    def no_update(state, *args, **kwargs):
+        return state, {"loss": torch.tensor(0.0)}
+
+    monkeypatch.setattr(probe_script, "dynamics_train_step", no_update)
+    cfg = load_run_config(CONFIG, ["replay.seq_len=6", "replay.batch_size=2"])
+    result = probe_script.probe(cfg, steps=3, eval_every=1, eval_rows=4, seed=1, log=lambda _: None)
+    assert len({row["model_mse"] for row in result["rows"]}) == 1, result["rows"]

@@ -751,6 +751,43 @@ def test_toy_experiment_runs_end_to_end():
     assert 0.15 < data["to_b"].float().mean() < 0.35
 
 
+def test_toy_gain_is_imagination_minus_bc_paired_and_the_warmup_trains_the_value_alone(monkeypatch):
+    toy = load_experiment_script("imagination_toy")
+    cfg = dataclasses.replace(toy.ToyConfig(), n_episodes=16, finetune_steps=1, value_warmup=2, imagine_steps=2,
+                              imagine_batch=4, eval_envs=4, eval_every=100)
+    # Real returns stubbed per evaluation: BC's (the first two calls, sample and greedy), then imagination's.
+    bc, imagined = torch.tensor([0.0, 1.0, 0.0, 3.0]), torch.tensor([2.0, 2.0, 1.0, 2.0])
+    calls = []
+
+    def stub_returns(*args):
+        calls.append(args)
+        return bc if len(calls) <= 2 else imagined
+
+    monkeypatch.setattr(toy, "agent_returns", stub_returns)
+    policy_coefs = []
+    real_step = toy.imagination_step
+
+    def recording_step(state, batch, gen, *, cfg, **kwargs):
+        policy_coefs.append(cfg.policy_coef)
+        return real_step(state, batch, gen, cfg=cfg, **kwargs)
+
+    monkeypatch.setattr(toy, "imagination_step", recording_step)
+    summary = toy.run(cfg, seed=0, log=lambda line: None)
+    for mode in ("sample", "greedy"):
+        assert summary["gain"][mode] == toy.mean_and_se(imagined - bc)  # per episode, same start states
+        assert summary["gain"][mode]["mean"] == 0.75
+    assert policy_coefs == [0.0, 0.0] + [cfg.imagination.policy_coef] * 2
+    assert cfg.imagination.policy_coef > 0
+
+
+def test_toy_oracle_walks_to_the_rewarded_target_and_stays():
+    toy = load_experiment_script("imagination_toy")
+    cfg = toy.ToyConfig()
+    # On the corridor any start is at most grid - 1 moves from B; every later step on B pays 1.
+    returns = toy.scripted_returns(cfg, "oracle", 256, torch.Generator().manual_seed(0))
+    assert returns.min() >= cfg.episode_len - (cfg.grid - 1)
+
+
 @pytest.mark.slow
 def test_imagination_beats_bc_on_the_toy_task():
     """`python experiments/imagination_toy.py --seed 0` (about 5 minutes on one busy CPU core): the policy after

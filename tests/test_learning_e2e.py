@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from helpers import e2e_runs
 from helpers.e2e_runs import SEEDS
+from helpers.scripts import load_experiment_script
 
 REPO = Path(__file__).resolve().parents[1]
 MARGIN = 2.0
@@ -82,3 +83,36 @@ def test_imagination_beats_bc_from_random_actions_with_teacher_forcing(tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     row = json.loads((tmp_path / "result.json").read_text())["seeds"][0]
     assert row["final"] >= row["bc"] + 1.0 and row["final"] >= row["random"] + 1.0, row
+
+
+def test_reach_e2e_reports_each_policy_under_its_name_on_the_loops_evaluation_starts(monkeypatch, tmp_path):
+    """`reach_e2e.py`'s bookkeeping with training and evaluation stubbed: which figure goes in which column, and
+    the baselines play from the run's own evaluation seed with the demonstrator's epsilon."""
+    from d4func.data.offline import UniformRandomPolicy
+    from d4func.train.loop import eval_env_seed
+
+    script = load_experiment_script("reach_e2e")
+    configs, baselines, recorded = [], [], []
+
+    def fake_train(cfg, progress=False):
+        configs.append(cfg)
+        return {"eval": {"mean_return": float(cfg.seed), "bc": {"mean_return": cfg.seed / 2}}, "grad_steps": 7}
+
+    def fake_baseline(policy, seed, cfg):
+        baselines.append((policy, seed))
+        return 1.0 if isinstance(policy, UniformRandomPolicy) else 8.0
+
+    monkeypatch.setattr(script, "train", fake_train)
+    monkeypatch.setattr(script, "baseline_return", fake_baseline)
+    monkeypatch.setattr(script, "record_episodes", lambda env, data, **kwargs: recorded.append(kwargs))
+    result = script.main(["--seeds", "2", "4", "--run-dir", str(tmp_path), "--steps", "50", "--epsilon", "0.6",
+                          "loop.offline_steps=10"])
+    rows = result["seeds"]
+    assert [(r["seed"], r["final"], r["bc"], r["random"], r["demonstrator"], r["grad_steps"]) for r in rows] == [
+        (2, 2.0, 1.0, 1.0, 8.0, 7), (4, 4.0, 2.0, 1.0, 8.0, 7)]
+    assert result["mean"] == {"final": 3.0, "bc": 1.5, "random": 1.0, "demonstrator": 8.0}
+    assert [seed for _, seed in baselines] == [eval_env_seed(2)] * 2 + [eval_env_seed(4)] * 2
+    assert [type(policy).__name__ for policy, _ in baselines[:2]] == ["UniformRandomPolicy", "ReachExpertPolicy"]
+    assert baselines[1][0].epsilon == 0.6 and recorded[0]["policy"].epsilon == 0.6 and recorded[0]["n_steps"] == 50
+    assert [(cfg.seed, cfg.loop.offline_steps) for cfg in configs] == [(2, 10), (4, 10)]
+    assert json.loads((tmp_path / "result.json").read_text()) == result

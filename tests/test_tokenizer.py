@@ -15,6 +15,7 @@ import torch
 from helpers.scripts import load_experiment_script
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tensordict import TensorDict
 
 from d4func.config import TransformerConfig, load_config
 from d4func.data.moving_shapes import (
@@ -682,6 +683,45 @@ def test_train_script_config_mismatch_is_reported():
             str(ROOT / "experiments" / "configs" / "tokenizer_debug.yaml"),
             ["data.shapes.image_size=64"],
         )
+
+
+def test_train_script_evaluates_the_ema_params_when_it_keeps_them(tmp_path, monkeypatch, no_network):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    script = load_experiment_script("train_tokenizer")
+    evaluated = []
+    real_metrics = script.reconstruction_metrics
+
+    def recording_metrics(model, params, *args, **kwargs):
+        evaluated.append(params.clone())
+        return real_metrics(model, params, *args, **kwargs)
+
+    monkeypatch.setattr(script, "reconstruction_metrics", recording_metrics)
+    script.main(["--config", str(ROOT / "experiments" / "configs" / "tokenizer_debug.yaml"), "steps=2", "log_every=2",
+                 "eval_clips=2", "ema_decay=0.5", f"run_dir={tmp_path}", "run_name=ema"])
+    saved = TensorDict(torch.load(tmp_path / "ema" / "checkpoint.pt", weights_only=True))
+    final = evaluated[-1].flatten_keys()
+    ema, params = saved["ema"].flatten_keys(), saved["params"].flatten_keys()
+    assert all(torch.equal(final[key], ema[key]) for key in ema.keys())
+    assert not all(torch.equal(ema[key], params[key]) for key in ema.keys())  # else the check above is void
+
+
+def test_train_script_holds_out_the_last_dmc_episode(monkeypatch):
+    script = load_experiment_script("train_tokenizer")
+    cfg = load_config(script.TrainTokenizerConfig, str(ROOT / "experiments" / "configs" / "tokenizer_debug.yaml"),
+                      ["data.source=dmc", "data.dmc_episodes=3", "data.dmc_episode_steps=6", "eval_clips=16"])
+    # Episode e's frame t holds the value 100 e + t everywhere, so a clip tells where it came from.
+    values = 100 * torch.arange(3.0)[:, None] + torch.arange(6.0)[None]
+    monkeypatch.setattr(script, "record_dmc_episodes",
+                        lambda _: values[:, :, None, None, None].expand(3, 6, 3, 32, 32).clone())
+    sample, held_out = script.dmc_data(cfg)
+    gen = torch.Generator().manual_seed(0)
+    trained = torch.cat([sample(gen)[:, :, 0, 0, 0] for _ in range(20)])
+    assert (trained // 100).unique().tolist() == [0, 1]
+    assert (held_out[:, :, 0, 0, 0] // 100).unique().tolist() == [2]
+    assert torch.all(trained[:, 1] - trained[:, 0] == 1)  # consecutive frames of one episode
+    with pytest.raises(ValueError, match="dmc_episodes must be >= 2"):
+        load_config(script.TrainTokenizerConfig, str(ROOT / "experiments" / "configs" / "tokenizer_debug.yaml"),
+                    ["data.source=dmc", "data.dmc_episodes=1"])
 
 
 def test_benchmark_smoke_writes_the_json_keys(tmp_path):

@@ -341,6 +341,71 @@ def test_more_world_model_steps_trains_a_copy_and_measures_it(run_dir):
         mws.continue_world_model(run_dir, steps=1, eval_every=1, clips=1)
 
 
+def test_more_world_model_steps_latent_columns_are_the_errors_they_name(run_dir):
+    from d4func.dynamics import actions_into_frames
+    from d4func.next_latent import next_latent_errors
+
+    mws = _load_more_steps_script()
+    run = wmq.load_run(run_dir)
+    frames, actions, rewards = wmq.held_out_clips(run, 2, 3, 3, SEED, max_steps=200)
+    measured = mws.measure(run, frames, actions, rewards, SEED)
+    context = run.cfg.replay.context_len
+    latents = wmq.encode(run.tokenizer, run.tokenizer_params, frames[:, :context + 1])
+    actions_in, mask = actions_into_frames(actions[:, :context + 1])
+    errors = next_latent_errors(run.dynamics, run.dynamics_params, latents, actions_in, mask, context,
+                                torch.Generator().manual_seed(SEED))
+    assert measured["latent_context_mean_mse"] == pytest.approx(
+        float((latents[:, :context].mean(dim=1) - latents[:, context]).square().mean()))
+    assert {key: measured[f"latent_{name}"] for key, name in (
+        ("model_mse", "next_mse"), ("copy_last_mse", "copy_last_mse"),
+        ("copy_noisy_last_mse", "copy_noisy_last_mse"), ("context_mean_mse", "context_mean_mse"))} == errors
+    assert measured["latent_copy_noisy_last_mse"] != measured["latent_copy_last_mse"]
+
+
+def test_more_world_model_steps_loss_column_averages_only_the_steps_since_the_last_row(run_dir, monkeypatch):
+    mws = _load_more_steps_script()
+    losses, tokenizer_steps = [], []
+    real_step, real_tokenizer_step = mws.agent_finetune_step, mws.tokenizer_train_step
+
+    def recording_step(*args, **kwargs):
+        state, metrics = real_step(*args, **kwargs)
+        losses.append(float(metrics["loss"]))
+        return state, metrics
+
+    def recording_tokenizer_step(*args, **kwargs):
+        tokenizer_steps.append(1)
+        return real_tokenizer_step(*args, **kwargs)
+
+    monkeypatch.setattr(mws, "agent_finetune_step", recording_step)
+    monkeypatch.setattr(mws, "tokenizer_train_step", recording_tokenizer_step)
+    result = mws.continue_world_model(run_dir, steps=3, eval_every=2, episodes=2, clips=2, horizon=2, seed=SEED,
+                                      train_tokenizer=True, overrides=["loop.tokenizer_every=2"],
+                                      log=lambda _: None)
+    rows = result["rows"]
+    assert rows[1]["world_model_loss"] == pytest.approx((losses[0] + losses[1]) / 2)
+    assert rows[2]["world_model_loss"] == pytest.approx(losses[2])
+    assert len(tokenizer_steps) == 1  # every loop.tokenizer_every-th step, as the loop trains it
+
+
+def test_more_world_model_steps_command_line_reaches_continue_world_model(monkeypatch, tmp_path):
+    mws = _load_more_steps_script()
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(*args):
+        calls.append(args)
+        raise Stop
+
+    monkeypatch.setattr(mws, "continue_world_model", capture)
+    with pytest.raises(Stop):
+        mws.main(["--run", str(tmp_path), "--steps", "7", "--eval-every", "3", "--episodes", "4", "--clips", "5",
+                  "--horizon", "6", "--seed", "2", "--max-steps", "50", "--train-tokenizer", "--fresh",
+                  "--set", "dynamics.clean_context_fraction=0.5"])
+    assert calls == [(str(tmp_path), 7, 3, 4, 5, 6, 2, 50, True, ["dynamics.clean_context_fraction=0.5"], True)]
+
+
 def test_more_world_model_steps_samples_an_offline_runs_dataset(tmp_path):
     """An offline run has no replay of its own: the script samples the dataset the run trained on."""
     from d4func.data.offline import record_episodes
