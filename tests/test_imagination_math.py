@@ -421,3 +421,54 @@ def test_entropy_floor_keeps_continuous_policy_entropy_up() -> None:
     assert finite
     assert entropy >= -0.3 - 0.05  # without the floor this bandit ends near -0.87 nats (std at its 0.1 bound)
     assert abs(loc - 0.6) < 0.15
+
+
+# --- stopped gradients and detached metrics ------------------------------------------------------------------------
+
+
+def test_value_loss_treats_returns_and_the_slow_target_as_constants() -> None:
+    """The gradient of the value loss reaches the value logits only: the lambda-returns and the slow value's
+    prediction are targets (sg in DreamerV3), even when the caller hands them in with gradients attached."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 255, generator=g, requires_grad=True)
+    returns = (torch.randn(2, 5, generator=g) * 4).requires_grad_()
+    slow = torch.randn(2, 5, 255, generator=g, requires_grad=True)
+    loss, metrics = value_loss(logits, returns, BINS, slow_value_logits=slow, slow_reg=0.7)
+    g_logits, g_returns, g_slow = torch.autograd.grad(loss, (logits, returns, slow), allow_unused=True)
+    assert g_logits is not None and g_logits.abs().sum() > 0
+    assert g_returns is None or not g_returns.any()
+    assert g_slow is None or not g_slow.any()
+    assert not any(v.requires_grad for v in metrics.values())
+
+
+def test_imagination_loss_metrics_are_detached_and_the_imagined_return_is_r0() -> None:
+    """Every metric of the phase-3 loss is a detached scalar (a metric that kept the value head's graph would mean
+    the returns were built from undetached values), and `imagined_return` is the mean lambda-return of the first
+    imagined step R_0, not the mean over all steps."""
+    from d4func.functional import apply, init, template
+    from d4func.heads import AgentHeads, HeadsConfig
+    from d4func.imagination import ImaginationConfig, Rollout, imagination_loss
+
+    heads_cfg = HeadsConfig(d_model=8, n_agent_tokens=1, hidden=16, mtp=2, n_actions=3, n_bins=33, bins_low=-3.0,
+                            bins_high=3.0)
+    heads = template(AgentHeads, heads_cfg)
+    params = init(heads, 0)
+    g = torch.Generator().manual_seed(1)
+    w = params["value", "out", "weight"]
+    params["value", "out", "weight"] = 0.5 * torch.randn(w.shape, generator=g)  # values that vary with the state
+    params = params.apply(lambda x: x.detach().requires_grad_())  # as under grad_and_value
+    batch, horizon = 4, 3
+    features = torch.randn(batch, horizon + 1, 1, 8, generator=g)
+    rollout = Rollout(features=features, actions=torch.randint(0, 3, (batch, horizon), generator=g),
+                      rewards=torch.randn(batch, horizon, generator=g), continues=torch.ones(batch, horizon),
+                      latents=torch.zeros(batch, horizon, 1, 1))
+    cfg = ImaginationConfig(horizon=horizon, gamma=0.9, lam=0.7)
+    loss, metrics = imagination_loss(params, rollout, heads=heads, prior_policy=params["policy"].clone(),
+                                     slow_value=params["value"].clone(), cfg=cfg)
+    assert loss.requires_grad
+    leaking = [name for name, v in metrics.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    assert not leaking, leaking
+    values = twohot_mean(apply(heads.value, params["value"], features), heads_cfg.bins()).detach()
+    returns = lambda_returns(rollout.rewards, values, rollout.continues, cfg.gamma, cfg.lam)
+    assert not torch.allclose(returns[:, 0].mean(), returns.mean())  # the two readings differ here
+    torch.testing.assert_close(metrics["imagined_return"], returns[:, 0].mean())

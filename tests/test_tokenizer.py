@@ -737,3 +737,84 @@ def test_benchmark_smoke_writes_the_json_keys(tmp_path):
     # The baseline never gets more floats than the latents.
     assert saved["bicubic_floats_per_frame"] <= saved["latent_floats_per_frame"]
     assert bench.same_floats_size(64, 3, 64, 64) == (4, 5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mutation audit (audit_k): bottleneck, masking symmetry, metrics' clamping, stored LPIPS statistics
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_the_bottleneck_is_tanh_in_eval_and_in_masked_training():
+    """With a zero bottleneck weight every latent is tanh(bias), hand-computed, in inference encoding and in masked
+    (training) encoding alike: the tanh is part of the model, not a clamp and not a training-only squash."""
+    cfg = tiny_cfg()
+    model, params = build(cfg)
+    params["encoder", "to_bottleneck", "weight"] = torch.zeros_like(params["encoder", "to_bottleneck", "weight"])
+    bias = torch.linspace(-2.0, 2.0, cfg.latent_dim)
+    params["encoder", "to_bottleneck", "bias"] = bias
+    frames = rand_frames(2, 2, 3, 16, 16)
+    expected = torch.tanh(bias).expand(2, 2, cfg.latent_tokens, cfg.latent_dim)
+    torch.testing.assert_close(encode(model, params, frames), expected)
+    masked, drop = encode_with_mask(model, params, frames, torch.Generator().manual_seed(0))
+    assert drop.any()
+    torch.testing.assert_close(masked, expected)
+
+
+def test_a_mask_that_drops_nothing_changes_nothing():
+    """MAE masking with max_mask_prob 0 draws p = 0 for every image, so no patch is dropped: the masked encoding
+    (training path) must then equal the unmasked one (inference path) exactly, so training and inference differ
+    only in the dropped patches (not, e.g., in a position or camera embedding or a squash applied on one path)."""
+    for n_cameras in (1, 2):
+        cfg = tiny_cfg(max_mask_prob=0.0, n_cameras=n_cameras)
+        model, params = build(cfg, seed=2)
+        shape = (2, 3, 3, 16, 16) if n_cameras == 1 else (2, 3, n_cameras, 3, 16, 16)
+        frames = rand_frames(*shape, seed=4)
+        masked, drop = encode_with_mask(model, params, frames, torch.Generator().manual_seed(1))
+        assert not drop.any()
+        torch.testing.assert_close(masked, encode(model, params, frames), atol=0.0, rtol=0.0)
+
+
+def test_psnr_clamps_the_reconstruction_to_the_image_range():
+    """PSNR (peak 1) of a reconstruction at 2.0 against a target at 0.5 is that of 1.0 against 0.5, i.e.
+    10 log10(1 / 0.25) = 6.02 dB, not 10 log10(1 / 2.25) = -3.52 dB."""
+    target = torch.full((2, 1, 3, 4, 4), 0.5)
+    assert psnr(torch.full_like(target, 2.0), target).item() == pytest.approx(10 * math.log10(4.0), rel=1e-6)
+    assert psnr(torch.full_like(target, -1.0), target).item() == pytest.approx(10 * math.log10(4.0), rel=1e-6)
+
+
+def test_reconstruction_metrics_give_lpips_a_clamped_reconstruction():
+    """LPIPS is defined on images in [0, 1]: the evaluation clamps the reconstruction before scoring it (while its
+    MSE is that of the raw reconstruction)."""
+    model, params = build(tiny_cfg())
+    params["decoder", "to_pixels", "bias"] = torch.full_like(params["decoder", "to_pixels", "bias"], 3.0)
+    frames = rand_frames(2, 2, 3, 16, 16)
+    seen = []
+
+    def fake_lpips(x, y):
+        seen.append(x)
+        return (x - y).abs().mean(dim=(1, 2, 3))
+
+    metrics, recon = reconstruction_metrics(model, params, frames, lpips_fn=fake_lpips)
+    assert recon.max() > 1.0  # the raw reconstruction leaves the range
+    assert seen[0].min() >= 0.0 and seen[0].max() <= 1.0
+    torch.testing.assert_close(metrics["lpips"], (recon.clamp(0, 1) - frames).abs().mean())
+    torch.testing.assert_close(metrics["mse"], (recon - frames).square().mean())
+
+
+def test_train_step_stores_the_lpips_statistics_too():
+    """With LPIPS on, the train step's stored statistics advance for both terms: after one step each holds
+    (1 - decay) L^2 with L the reported term and a count of 1 (a step that stored only the MSE statistics would
+    leave the LPIPS normaliser at a single batch forever)."""
+    model, params = build(tiny_cfg())
+    state = new_tokenizer_train_state(params)
+    loss_cfg = TokenizerLossConfig(lpips_weight=0.2, rms_decay=0.9)
+
+    def fake_lpips(x, y):
+        return (x - y).abs().mean(dim=(1, 2, 3))
+
+    state, metrics = tokenizer_train_step(state, rand_frames(2, 2, 3, 16, 16), torch.Generator().manual_seed(0),
+                                          template=model, cfg=loss_cfg, optim=AdamWConfig(lr=1e-3),
+                                          lpips_fn=fake_lpips)
+    for name in ("mse", "lpips"):
+        assert state["loss_rms", name, "count"].item() == 1, name
+        assert state["loss_rms", name, "mean_sq"].item() == pytest.approx(0.1 * float(metrics[name]) ** 2, rel=1e-5)
