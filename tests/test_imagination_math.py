@@ -472,3 +472,34 @@ def test_imagination_loss_metrics_are_detached_and_the_imagined_return_is_r0() -
     returns = lambda_returns(rollout.rewards, values, rollout.continues, cfg.gamma, cfg.lam)
     assert not torch.allclose(returns[:, 0].mean(), returns.mean())  # the two readings differ here
     torch.testing.assert_close(metrics["imagined_return"], returns[:, 0].mean())
+
+
+def test_imagined_rewards_are_read_at_the_frame_each_action_leads_into() -> None:
+    """Rollout.rewards[:, t] is the reward head's mean at features[:, t + 1], the agent token of the imagined frame
+    that a_t leads into (which reads a_t and that frame), not at features[:, t], where a_t has had no effect yet."""
+    from tensordict import TensorDict
+
+    from d4func.config import TransformerConfig
+    from d4func.dynamics import Dynamics, DynamicsConfig
+    from d4func.functional import init, template
+    from d4func.heads import AgentHeads, HeadsConfig, reward_dist
+    from d4func.imagination import imagine
+
+    dyn_cfg = DynamicsConfig(
+        transformer=TransformerConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, time_every=2),
+        latent_tokens=4, latent_dim=4, pack=2, n_registers=1, n_agent_tokens=1, action_dim=0, n_actions=3, k_max=4,
+        sampling_steps=1,
+    )
+    model = template(Dynamics, dyn_cfg)
+    heads = template(AgentHeads, HeadsConfig.for_dynamics(dyn_cfg, hidden=16, mtp=2, n_bins=33, bins_low=-3.0,
+                                                          bins_high=3.0))
+    params = TensorDict({"dynamics": init(model, 0), "heads": init(heads, 1)})
+    g = torch.Generator().manual_seed(2)
+    w = params["heads", "reward", "out", "weight"]
+    params["heads", "reward", "out", "weight"] = torch.randn(w.shape, generator=g)  # rewards that vary with h
+    context = torch.randn(2, 2, 4, 4, generator=g).tanh()
+    rollout = imagine(model, heads, params, context, None, torch.Generator().manual_seed(3), horizon=3)
+    at_next = reward_dist(heads, params["heads", "reward"], rollout.features[:, 1:]).mean()
+    at_same = reward_dist(heads, params["heads", "reward"], rollout.features[:, :-1]).mean()
+    assert not torch.allclose(at_next, at_same, atol=1e-4)
+    torch.testing.assert_close(rollout.rewards, at_next)
