@@ -201,3 +201,30 @@ def test_crafter_integral_actions_step(crafter_live, index, as_float):
     assert int(out["next", "step_count"]) == int(root["step_count"]) + 1
     assert out["next", "pixels"].shape == (3, 32, 32)
     crafter_live["root"] = env.maybe_reset(env.step_mdp(out))
+
+
+def test_categorical_action_rejects_a_python_bool_and_an_empty_tensor_by_name():
+    with pytest.raises(ValueError, match="got True"):
+        categorical_action(True, REACH_N_ACTIONS, "Reach")
+    with pytest.raises(ValueError, match=r"shape \(0,\): \[\]"):
+        categorical_action(torch.tensor([], dtype=torch.int64), REACH_N_ACTIONS, "Reach")
+
+
+def test_dmc_actions_are_rescaled_to_an_asymmetric_native_box():
+    """[-1, 1] maps affinely onto the task's own [low, high] per dimension (cartpole's is [-1, 1], where a rescale
+    that forgets the centre or swaps the bounds' roles can hide): -1 -> low, 0 -> the middle, 1 -> high."""
+    from dm_control import suite
+    from dm_env import specs
+
+    from d4func.envs.dmc import MultiCameraRepeatWrapper
+
+    raw = suite.load("cartpole", "swingup", task_kwargs={"random": 0})
+    raw.action_spec = lambda: specs.BoundedArray((1,), np.float64, minimum=[-3.0], maximum=[1.0], name="force")
+    sent, step = [], raw.step
+    raw.step = lambda native: sent.append(float(native[0])) or step(np.clip(native, -1.0, 1.0))
+    env = MultiCameraRepeatWrapper(raw, camera_ids=(0,), height=8, width=8, action_repeat=2)
+    assert env.action_spec().minimum == -1.0 and env.action_spec().maximum == 1.0
+    env.reset()
+    for action in (-1.0, 0.0, 0.5, 1.0):
+        env.step(np.array([action]))
+    assert sent == [-3.0, -3.0, -1.0, -1.0, 0.0, 0.0, 1.0, 1.0]  # each action repeated twice

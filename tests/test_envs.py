@@ -171,6 +171,32 @@ def test_dmc_multicamera():
     single.close()
 
 
+def test_make_env_stacks_the_cameras_in_the_order_the_name_lists_them():
+    reversed_ = make_env("dmc:cartpole-swingup@1,0", seed=2, image_size=16).reset()["pixels"]
+    ordered = make_dmc_env("cartpole", "swingup", image_size=16, camera_ids=(0, 1), seed=2).reset()["pixels"]
+    assert reversed_.shape == (2, 3, 16, 16) and not torch.equal(ordered[0], ordered[1])
+    assert torch.equal(reversed_, ordered.flip(0))
+
+
+def test_make_env_passes_the_seed_and_image_size_to_reach_and_crafter():
+    from d4func.envs.reach import make_reach_env
+
+    def starts(env):
+        return [env.reset()["pixels"] for _ in range(4)]
+
+    got, expected = starts(make_env("reach", seed=5, image_size=32)), starts(make_reach_env(image_size=32, seed=5))
+    assert got[0].shape == (3, 32, 32) and all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(got, starts(make_reach_env(image_size=32)), strict=True))
+    assert make_env("crafter", seed=5).base_env._env._seed == 5  # the seed of its sequence of worlds
+
+
+def test_crafter_accepts_its_smallest_image_size():
+    env = make_crafter_env(image_size=18, length=3)
+    assert env.reset()["pixels"].shape == (3, 18, 18)
+    with pytest.raises(ValueError, match="image_size must be >= 18 .* got 17"):
+        make_crafter_env(image_size=17)
+
+
 def test_dmc_bad_arguments():
     with pytest.raises(ValueError, match="camera id 5"):
         make_dmc_env("cartpole", "swingup", camera_ids=(0, 5))
@@ -201,6 +227,9 @@ def test_env_names():
     assert parse_dmc_name("ball_in_cup-catch") == ("ball_in_cup", "catch", (0,))
     with pytest.raises(ValueError, match="camera list"):
         parse_dmc_name("dmc:cartpole-swingup@a")
+    for bad in ("dmc:cartpole", "dmc:walker-run-fast@0"):
+        with pytest.raises(ValueError, match=f"bad DMC env name '{bad}'"):
+            parse_dmc_name(bad)
     with pytest.raises(ValueError, match="unknown env name"):
         env_config("atari:pong")
     assert env_config("dmc:cartpole-swingup@0,1")["camera_ids"] == [0, 1]
@@ -284,6 +313,8 @@ def test_achievement_success_rates():
     assert rates[0] == 100.0 and rates[1] == 50.0 and rates[2:].eq(0).all()
     with pytest.raises(ValueError, match="episodes"):
         achievement_success_rates(torch.zeros(4, 21, dtype=torch.bool))
+    with pytest.raises(ValueError, match="no episodes"):  # not a NaN rate per achievement
+        achievement_success_rates(torch.zeros(0, 22, dtype=torch.bool))
 
 
 def test_make_env_max_episode_steps_truncates_dmc_and_crafter():
@@ -305,6 +336,30 @@ def test_a_time_limit_inside_an_action_repeat_ends_the_episode_there():
     done = td["next", "done"].reshape(-1)
     assert done[:3].tolist() == [False, False, True]
     assert td["next", "truncated"][2].item() and not td["next", "terminated"][2].item()
+    env.close()
+
+
+def test_a_termination_inside_an_action_repeat_ends_the_step_there_as_terminated():
+    """A task that ends with discount 0 (a death, not the time limit) on the second of three repeats: the agent
+    step stops there, sums the two rewards, and reports terminated (no bootstrap), not truncated."""
+    from dm_env import StepType
+
+    env = make_dmc_env("cartpole", "swingup", image_size=16, action_repeat=3, seed=0)
+    raw = env.base_env._env._env
+    rewards, step = [], raw.step
+
+    def step_that_dies_on_the_second_call(action):
+        time_step = step(action)
+        rewards.append(time_step.reward)
+        if len(rewards) == 2:
+            time_step = time_step._replace(step_type=StepType.LAST, discount=0.0)
+        return time_step
+
+    raw.step = step_that_dies_on_the_second_call
+    out = env.step(env.reset().set("action", torch.tensor([0.3])))
+    assert len(rewards) == 2
+    assert out["next", "reward"].item() == pytest.approx(sum(rewards), rel=1e-6)
+    assert out["next", "terminated"].item() and not out["next", "truncated"].item() and out["next", "done"].item()
     env.close()
 
 
