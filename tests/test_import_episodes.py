@@ -150,6 +150,8 @@ def _bad(**changes):
     (_bad(pixels=np.zeros((4, 8, 8, 3), dtype=np.int32)), {}, "int32"),
     (_bad(pixels=np.zeros((4, 8, 8), dtype=np.uint8)), {}, "[4, 8, 8]"),
     (_bad(pixels=np.zeros((4, 3, 8, 8), dtype=np.uint8)), {}, "channels_last=False"),
+    (_bad(pixels=np.zeros((4, 4, 8, 8), dtype=np.uint8)), {}, "channels_last=False"),  # RGBA channels first
+    (_bad(pixels=np.full((4, 8, 8, 3), np.nan)), {}, "min nan"),
     (_bad(reward=None), {}, "['reward']"),
     (_bad(terminated=np.array([False, True, False, True])), {}, "step 1"),
     (_bad(), {"rewards_on": "before"}, "'before'"),
@@ -473,3 +475,56 @@ def test_chunk_streams_come_in_recording_order_whatever_order_the_files_are_list
 def test_chunk_names_that_cannot_chain_are_refused_naming_the_file(name, why):
     with pytest.raises(ValueError, match=rf"'[^']*{name}' {why}"):
         chain_chunks([Path("/replay") / name])
+
+
+def _arrival(terminated):
+    pixels = np.arange(5, dtype=np.uint8)[:, None, None, None].repeat(2, 1).repeat(2, 2).repeat(3, 3)
+    return {"pixels": pixels, "action": np.zeros((5, 1), dtype=np.float32),
+            "reward": np.arange(5, dtype=np.float32), "terminated": np.array(terminated)}
+
+
+def test_arrival_layout_ignores_the_terminal_flag_of_the_first_frame():
+    # Under "arrival", terminated[0] came on arriving at frame 0, before any action of this episode: ignored.
+    out = episode_transitions(_arrival([True, False, False, False, False]), 0, rewards_on="arrival")
+    assert not out["next", "terminated"].any() and out["next", "truncated"].reshape(-1).tolist()[-1]
+    out = episode_transitions(_arrival([True, False, False, False, True]), 0, rewards_on="arrival")
+    assert out["next", "terminated"].reshape(-1).tolist() == [False, False, False, True]
+
+
+@pytest.mark.parametrize(("rewards_on", "terminated", "message"), [
+    ("action", [False, False, True, False, False], "set at step 2 before the episode's last step 4"),
+    ("arrival", [False, False, True, False, False], "set at step 2 before the episode's last step 4"),
+    ("arrival", [True, True, False, False, False], "set at step 1 before the episode's last step 4"),
+])
+def test_an_early_terminal_flag_is_named_by_its_step_and_the_last_step(rewards_on, terminated, message):
+    episode = _arrival(terminated)
+    if rewards_on == "action":
+        episode["pixels"] = np.concatenate([episode["pixels"], episode["pixels"][-1:]])
+    with pytest.raises(ValueError, match="episode 6 terminated") as error:
+        episode_transitions(episode, 6, rewards_on=rewards_on)
+    assert message in str(error.value)
+
+
+def test_float_frames_are_rounded_to_the_nearest_multiple_of_1_255():
+    k = np.arange(256)
+    near = np.clip(np.stack([k - 0.4, k + 0.3, k + 0.0]) / 255, 0, 1)  # each row rounds to k
+    pixels = np.broadcast_to(near[:, None, :, None], (3, 1, 256, 3))  # [T, H, W, C]
+    for dtype in (np.float32, np.float64):
+        out = episode_transitions({"pixels": pixels.astype(dtype), "action": np.zeros(3), "reward": np.zeros(3)}, 0)
+        assert out["pixels"].dtype == torch.uint8
+        assert (out["pixels"][:, 0, 0, :] == torch.arange(256, dtype=torch.uint8)).all()
+
+
+def test_dataset_metadata_spans_every_imported_episode(tmp_path):
+    # The largest discrete action and the shortest episode are over all episodes, not the first or the last one.
+    rng = np.random.default_rng(4)
+    episodes = [_episode(rng, n, discrete=True, extra_frame=True) for n in (5, 2, 3)]
+    for episode, actions in zip(episodes, ([0, 4, 1, 0, 2], [1, 0], [3, 1, 0]), strict=True):
+        episode["action"] = np.array(actions)
+    meta = import_episodes(episodes, tmp_path / "mixed")
+    assert meta["largest_discrete_action"] == 4
+    assert meta["longest_episode"] == 5 and meta["imported"]["shortest_episode"] == 2
+    for episode in episodes:
+        episode["action"] = np.zeros(len(episode["reward"]), dtype=np.int64)
+    zeros = import_episodes(episodes, tmp_path / "zeros")
+    assert zeros["largest_discrete_action"] == 0  # discrete, only action 0 taken: not "no discrete action"

@@ -21,6 +21,7 @@ from d4func.data.offline import (
 )
 from d4func.data.replay import (
     END_FRAME_KEY,
+    RETIRED_TRAJ_BASE,
     StaleReplayPositionWarning,
     make_replay,
     replay_layout,
@@ -510,3 +511,53 @@ def test_episodes_that_do_not_fit_stop_the_recording_and_leave_no_dataset(tmp_pa
     meta = record_episodes(make_reach_env(seed=0), tmp_path / "ds", n_episodes=2, max_steps=24, frames_per_batch=20)
     assert meta["n_episodes_complete"] == 2 and meta["n_steps"] == 24
     assert load_offline(tmp_path / "ds", 2, 1).stored_transitions().shape[0] == 24
+
+
+def test_stored_transitions_leave_out_the_last_step_of_a_running_episode_that_ends_on_the_longest_step():
+    # Episode 0 still runs at step 4, the largest step stored: its next frame is not stored yet. It must not be
+    # paired with the first frame of the next episode (ids ranked 0, 1), whatever the (episode, step) numbering.
+    running = _episode(0, 5, 0)
+    running["next", "done"][:] = False
+    running["next", "truncated"][:] = False
+    rb = make_replay(16, 1, 1)
+    rb.extend(running)
+    rb.extend(_episode(1, 3, 100))
+    out = rb.stored_transitions()
+    assert sorted(out["uid"].tolist()) == [0, 1, 2, 3, 100, 101, 102]
+    assert rb.transition_count() == 8  # stored, the running episode's last step included
+
+
+def test_a_row_reaching_an_episode_end_frame_before_its_last_entry_is_refused():
+    # Episode 0 ended at step 0 (its end frame is step 1), then steps of the same id were written on from step 2:
+    # the only row of 2 transitions spans [step 0, end frame, step 2], the end frame as its last transition.
+    rb = make_replay(8, 2, 1)
+    rb.extend(_episode(0, 1, 0))
+    later = _episode(0, 3, 50)[2:]
+    later["next", "done"][:] = False
+    rb.extend(later)
+    with pytest.raises(RuntimeError, match="episode-end frame before its last entry"):
+        rb.sample()
+
+
+def test_a_gap_in_an_episodes_steps_within_one_batch_is_not_a_next_frame_mismatch():
+    # Steps 0, 1 and then 3, 4 of one episode in one batch: step 1's next frame is not step 3's frame, and that is
+    # no error (only a step's successor must hold its next frame); a real successor that differs still raises.
+    ep = _episode(0, 5, 0)
+    gap = torch.cat([ep[:2], ep[3:]])
+    entries = with_episode_end_frames(gap)
+    assert entries["uid"].tolist()[:4] == [0, 1, 3, 4] and entries.shape[0] == 5
+    bad = ep.clone()
+    bad["next", "pixels"][3] = 0.0
+    with pytest.raises(ValueError, match="episode 0: the next frame of step 3 differs"):
+        with_episode_end_frames(bad)
+
+
+def test_retiring_by_episode_id_retires_that_episode_and_later_ones():
+    rb = make_replay(32, 2, 1)
+    for i in range(3):
+        rb.extend(_episode(i, 4, 100 * i))
+    rb.entries_written = None  # a storage without the write numbering: only the episode id tells
+    assert rb.retire_unrecorded_writes(1) == 10  # episodes 1 and 2: 4 steps and an end frame each
+    traj = rb.storage._storage.get(TRAJ)[: len(rb)]
+    assert (traj[:5] == 0).all() and (traj[5:] >= RETIRED_TRAJ_BASE).all()
+    assert rb.stored_transitions()["uid"].tolist() == [0, 1, 2, 3]
