@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from helpers.logs import csv_logs
-from helpers.states import assert_states_equal
+from helpers.states import assert_states_equal, final_payload
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from d4func.cli import main
@@ -413,7 +413,7 @@ def test_online_resume_continues_the_episode_bitwise(tmp_path, env):
     train(load_run_config(DEBUG, [f"run_dir={tmp_path / 'split'}", *common, "loop.env_steps=20"]), progress=False)
     torch.manual_seed(1234)  # scramble the global RNG: the resumed run must not depend on it
     train(load_run_config(DEBUG, [f"run_dir={tmp_path / 'split'}", *common, "loop.env_steps=30"]), progress=False)
-    whole, split = _final_payload(tmp_path / "whole"), _final_payload(tmp_path / "split")
+    whole, split = final_payload(tmp_path / "whole"), final_payload(tmp_path / "split")
     assert whole["counters"] == split["counters"] and whole["counters"]["grad_steps"] == 10
     assert_states_equal(whole["states"], split["states"])
     rows = _train_rows(tmp_path / "whole")
@@ -651,10 +651,6 @@ def _interrupting(real, on_call: int, generator_arg: int | None = None):
     return wrapped
 
 
-def _final_payload(run_dir) -> dict:
-    return checkpoint.load_checkpoint(checkpoint.latest_checkpoint(run_dir)).payload
-
-
 def _train_rows(run_dir) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [row for row in rows if "world_model/loss" in row or "episode/return" in row]
@@ -676,7 +672,7 @@ def test_ctrl_c_inside_an_offline_step_resumes_as_an_uninterrupted_run(tmp_path,
         "grad_steps"] == 3
     monkeypatch.setattr(loop, "gradient_step", real_step)
     train(load_run_config(DEBUG, [f"run_dir={tmp_path / 'split'}", *common]), progress=False)
-    whole, split = _final_payload(tmp_path / "whole"), _final_payload(tmp_path / "split")
+    whole, split = final_payload(tmp_path / "whole"), final_payload(tmp_path / "split")
     assert whole["counters"] == split["counters"]
     assert_states_equal(whole["states"], split["states"])
     assert _train_rows(tmp_path / "whole") == _train_rows(tmp_path / "split")
@@ -697,7 +693,7 @@ def test_ctrl_c_in_the_middle_of_an_online_round_resumes_as_an_uninterrupted_run
         stopped_at - 1)
     monkeypatch.setattr(loop, "gradient_step", real_step)
     train(_reach_online_with_credit(tmp_path / "split", *short), progress=False)
-    whole, split = _final_payload(tmp_path / "whole"), _final_payload(tmp_path / "split")
+    whole, split = final_payload(tmp_path / "whole"), final_payload(tmp_path / "split")
     assert whole["counters"] == split["counters"]
     assert_states_equal(whole["states"], split["states"])
     assert _train_rows(tmp_path / "whole") == _train_rows(tmp_path / "split")
@@ -712,7 +708,7 @@ def test_ctrl_c_while_collecting_never_stitches_a_gap_into_an_episode(tmp_path, 
     real_forward = loop.WorldModelPolicy.forward
     monkeypatch.setattr(loop.WorldModelPolicy, "forward", _interrupting(real_forward, 18))
     train(_reach_online_with_credit(tmp_path, "loop.env_steps=30"), progress=False)
-    saved = _final_payload(tmp_path)
+    saved = final_payload(tmp_path)
     assert saved["counters"]["env_steps"] == 15 and "env" not in saved["online"]
     monkeypatch.setattr(loop.WorldModelPolicy, "forward", real_forward)
     train(_reach_online_with_credit(tmp_path, "loop.env_steps=30"), progress=False)
@@ -769,11 +765,11 @@ def test_ctrl_c_during_an_evaluation_that_a_round_made_due_resumes_with_that_eva
     real_evaluate = loop.Trainer.evaluate
     monkeypatch.setattr(loop.Trainer, "evaluate", _interrupting(real_evaluate, 2))
     train(_reach_online_with_credit(tmp_path / "split", *short), progress=False)
-    stopped = _final_payload(tmp_path / "split")["counters"]
+    stopped = final_payload(tmp_path / "split")["counters"]
     assert stopped["env_steps"] == 25 and stopped["train_credit"] < 1 and stopped["round_pending"] == 5
     monkeypatch.setattr(loop.Trainer, "evaluate", real_evaluate)
     train(_reach_online_with_credit(tmp_path / "split", *short), progress=False)
-    whole, split = _final_payload(tmp_path / "whole"), _final_payload(tmp_path / "split")
+    whole, split = final_payload(tmp_path / "whole"), final_payload(tmp_path / "split")
     assert whole["counters"] == split["counters"]
     assert_states_equal(whole["states"], split["states"])
 
@@ -803,7 +799,7 @@ def test_ctrl_c_in_the_first_round_leaves_a_run_dir_that_starts_over(tmp_path, m
     monkeypatch.setattr(loop.WorldModelPolicy, "forward", real_forward)
     train(_reach_online_with_credit(tmp_path / "split", "loop.env_steps=20"), progress=False)
     train(_reach_online_with_credit(tmp_path / "whole", "loop.env_steps=20"), progress=False)
-    assert_states_equal(_final_payload(tmp_path / "whole")["states"], _final_payload(tmp_path / "split")["states"])
+    assert_states_equal(final_payload(tmp_path / "whole")["states"], final_payload(tmp_path / "split")["states"])
 
 
 def test_ctrl_c_during_a_rounds_gif_neither_repeats_nor_drops_its_evaluation(tmp_path, monkeypatch):
@@ -815,7 +811,7 @@ def test_ctrl_c_during_a_rounds_gif_neither_repeats_nor_drops_its_evaluation(tmp
     real_gif = loop.Trainer.gif
     monkeypatch.setattr(loop.Trainer, "gif", _interrupting(real_gif, 1))  # the GIF at env step 15
     train(_reach_online_with_credit(tmp_path / "split", *short), progress=False)
-    stopped = _final_payload(tmp_path / "split")["counters"]
+    stopped = final_payload(tmp_path / "split")["counters"]
     assert stopped["round_pending"] == 5 and stopped["round_done"] == loop.ROUND_EVALUATED
     monkeypatch.setattr(loop.Trainer, "gif", real_gif)
     train(_reach_online_with_credit(tmp_path / "split", *short), progress=False)
@@ -879,10 +875,10 @@ def test_ctrl_c_during_an_offline_evaluation_resumes_with_that_evaluation(tmp_pa
     real_evaluate = loop.Trainer.evaluate
     monkeypatch.setattr(loop.Trainer, "evaluate", _interrupting(real_evaluate, 2))  # the evaluation at step 4
     train(load_run_config(REACH, [f"run_dir={tmp_path / 'split'}", *common]), progress=False)
-    stopped = _final_payload(tmp_path / "split")["counters"]
+    stopped = final_payload(tmp_path / "split")["counters"]
     assert stopped["grad_steps"] == 4 and stopped["round_pending"] == 1
     monkeypatch.setattr(loop.Trainer, "evaluate", real_evaluate)
     train(load_run_config(REACH, [f"run_dir={tmp_path / 'split'}", *common]), progress=False)
     assert [step for step, _ in _eval_steps(tmp_path / "whole")] == [2, 4, 6]
     assert _eval_steps(tmp_path / "split") == _eval_steps(tmp_path / "whole")
-    assert_states_equal(_final_payload(tmp_path / "whole")["states"], _final_payload(tmp_path / "split")["states"])
+    assert_states_equal(final_payload(tmp_path / "whole")["states"], final_payload(tmp_path / "split")["states"])

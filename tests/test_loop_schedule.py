@@ -3,16 +3,18 @@ directly, the round schedule (gradient steps paid from the train credit, checkpo
 training rows are logged at), env seeds at a resume, episode returns and log rewinds on tiny Reach runs."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from helpers.states import final_payload
 
 from d4func.data.replay import END_FRAME_KEY
 from d4func.train import checkpoint
-from d4func.train.loop import eval_env_seed, next_multiple, resume_env_seed, train
+from d4func.train.loop import eval_env_seed, next_multiple, read_metrics, resume_env_seed, train
 from d4func.train.run_config import load_run_config
 
-REACH = "experiments/configs/reach.yaml"
+REACH = str(Path(__file__).resolve().parents[1] / "experiments/configs/reach.yaml")
 
 
 def _reach_online(run_dir, *overrides: str):
@@ -23,14 +25,6 @@ def _reach_online(run_dir, *overrides: str):
         "loop.collect_steps=5", "loop.train_ratio=0.8", "loop.agent_start=1000", "loop.env_steps=20",
         "loop.eval_every=100000", "loop.gif_every=100000", "loop.checkpoint_every=100000", "env.eval_episodes=0",
         "replay.batch_size=2", *overrides])
-
-
-def _rows(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _final_payload(run_dir) -> dict:
-    return checkpoint.load_checkpoint(checkpoint.latest_checkpoint(run_dir)).payload
 
 
 def test_next_multiple_is_the_first_multiple_strictly_after_the_step():
@@ -53,7 +47,7 @@ def test_gradient_steps_are_paid_from_whole_credit_only(tmp_path):
     cfg = _reach_online(tmp_path, "loop.train_ratio=0.3", "loop.log_every=1")
     summary = train(cfg, progress=False)
     assert summary["grad_steps"] == 4 and summary["train_credit"] == pytest.approx(0.5)
-    steps = [row["step"] for row in _rows(tmp_path) if "world_model/loss" in row]
+    steps = [row["step"] for row in read_metrics(tmp_path) if "world_model/loss" in row]
     assert steps == [10, 15, 15, 20]
 
 
@@ -61,7 +55,7 @@ def test_online_training_rows_are_logged_at_the_env_step_of_their_round(tmp_path
     # Online, the x axis of every logged scalar is env steps (as episode returns and evaluations use), not the
     # gradient step count: 4 gradient steps per round, logged at the round's env step.
     train(_reach_online(tmp_path, "loop.log_every=2"), progress=False)
-    steps = [row["step"] for row in _rows(tmp_path) if "world_model/loss" in row]
+    steps = [row["step"] for row in read_metrics(tmp_path) if "world_model/loss" in row]
     assert steps == [10, 10, 15, 15, 20, 20]
 
 
@@ -77,7 +71,7 @@ def test_imagination_starts_at_agent_start_online_and_offline(tmp_path):
     # gradient step whose count (from 0) reaches it.
     online = train(_reach_online(tmp_path / "online", "loop.env_steps=15", "loop.agent_start=15"), progress=False)
     assert "agent" in online["params"]
-    assert int(_final_payload(tmp_path / "online")["states"]["agent"]["step"]) == 4  # the last round's 4 steps
+    assert int(final_payload(tmp_path / "online")["states"]["agent"]["step"]) == 4  # the last round's 4 steps
 
     data = tmp_path / "data"
     from d4func.cli import main
@@ -90,7 +84,7 @@ def test_imagination_starts_at_agent_start_online_and_offline(tmp_path):
                                   "replay.batch_size=2"])
     offline = train(cfg, progress=False)
     assert "agent" in offline["params"]
-    assert int(_final_payload(tmp_path / "offline")["states"]["agent"]["step"]) == 1  # step 2 of 0, 1, 2
+    assert int(final_payload(tmp_path / "offline")["states"]["agent"]["step"]) == 1  # step 2 of 0, 1, 2
 
 
 def test_gifs_leave_the_training_batches_as_they_were(tmp_path):
@@ -98,7 +92,7 @@ def test_gifs_leave_the_training_batches_as_they_were(tmp_path):
     train(_reach_online(tmp_path / "gifs", "loop.gif_every=5"), progress=False)
     train(_reach_online(tmp_path / "none"), progress=False)
     assert len(list((tmp_path / "gifs" / "gifs").glob("*.gif"))) == 3
-    with_gifs, without = _final_payload(tmp_path / "gifs"), _final_payload(tmp_path / "none")
+    with_gifs, without = final_payload(tmp_path / "gifs"), final_payload(tmp_path / "none")
     for name in ("tokenizer", "world_model"):
         for key, value in without["states"][name]["params"].items(True, True):
             assert torch.equal(with_gifs["states"][name]["params"][key], value), (name, key)
@@ -107,7 +101,7 @@ def test_gifs_leave_the_training_batches_as_they_were(tmp_path):
 def test_logged_episode_returns_are_the_rewards_of_each_stored_episode(tmp_path):
     # Every finished training episode logs its own return: the sum of its stored rewards, counted from 0 again.
     summary = train(_reach_online(tmp_path, "loop.env_steps=40"), progress=False)
-    logged = [row["episode/return"] for row in _rows(tmp_path) if "episode/return" in row]
+    logged = [row["episode/return"] for row in read_metrics(tmp_path) if "episode/return" in row]
     replay = checkpoint.open_run_replay(tmp_path)
     steps = replay[: len(replay)]
     steps = steps[~steps.get(END_FRAME_KEY).reshape(-1)]
@@ -134,7 +128,7 @@ def test_a_resume_that_starts_new_episodes_does_not_replay_the_runs_first_starts
 
     monkeypatch.setattr(loop.WorldModelPolicy, "forward", interrupted_on_the_18th)
     train(_reach_online(tmp_path, "loop.env_steps=60"), progress=False)
-    stopped = _final_payload(tmp_path)
+    stopped = final_payload(tmp_path)
     assert "env" not in stopped["online"]
     monkeypatch.setattr(loop.WorldModelPolicy, "forward", real_forward)
     train(_reach_online(tmp_path, "loop.env_steps=60"), progress=False)
