@@ -26,6 +26,7 @@ test of the code paths, not a result. Results: `benchmarks/results/run_all.json`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import dataclasses
 import importlib.util
@@ -42,7 +43,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -89,7 +90,6 @@ class Budget:
     acting_repeats: int
     online_steps: dict[str, tuple[int, int]]  # per config: (short, long) env-step budgets; rate from the difference
     online_overrides: dict[str, tuple[str, ...]]
-    online_warmup: bool  # an untimed short run first (see online_section); a smoke run skips it
     replay: tuple[int, int, int]  # transitions written, episode length, frame size (3 x size x size)
     replay_repeats: int
 
@@ -101,7 +101,7 @@ FULL = Budget(
     env_steps_per_call=50, policy_calls_per_call=50, acting_repeats=3,
     # Both budgets end after agent_start, so the difference is the steady state with every phase training.
     online_steps={"debug": (200, 400), "default": (200, 400)},
-    online_overrides={"debug": (), "default": ("loop.prefill_steps=100", "loop.agent_start=100")}, online_warmup=True,
+    online_overrides={"debug": (), "default": ("loop.prefill_steps=100", "loop.agent_start=100")},
     # cartpole at the main demo's action repeat 4: 250-step episodes of 64x64 frames
     replay=(5000, 250, 64), replay_repeats=3,
 )
@@ -111,11 +111,12 @@ QUICK = Budget(
     phase_overrides={"debug": (), "default": ("replay.batch_size=2", "replay.seq_len=4", "replay.context_len=2",
                                               "imagination.horizon=2")},
     env_steps_per_call=10, policy_calls_per_call=5, acting_repeats=1,
-    online_steps={"debug": (30, 60), "default": (30, 60)},
+    # A window of four collect rounds (~3 s on the debug config): one round (~0.8 s) is within the timing noise of
+    # a loaded machine, and once measured the long run as no slower than the short one (a NaN rate).
+    online_steps={"debug": (30, 150), "default": (30, 150)},
     online_overrides={name: ("loop.collect_steps=30", "loop.prefill_steps=30", "loop.agent_start=30",
                              "replay.seq_len=4", "replay.context_len=2", "imagination.horizon=2")
                       for name in CONFIGS},
-    online_warmup=False,
     replay=(200, 50, 32), replay_repeats=1,
 )
 
@@ -482,6 +483,28 @@ def acting_section(config: str, ctx: Context) -> dict[str, Any]:
                                    "repeats": ctx.budget.acting_repeats})
 
 
+@contextlib.contextmanager
+def timed_env_construction() -> Iterator[list[float]]:
+    """Within the block, every `d4func.envs.registry.make_env` call (the loop imports it when it runs) appends its
+    seconds to the yielded list."""
+    from d4func.envs import registry
+
+    make_env, seconds = registry.make_env, []
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return make_env(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - start)
+
+    registry.make_env = timed
+    try:
+        yield seconds
+    finally:
+        registry.make_env = make_env
+
+
 def online_section(config: str, ctx: Context) -> dict[str, Any]:
     from d4func.envs.registry import make_env
     from d4func.train.loop import train_online
@@ -496,23 +519,31 @@ def online_section(config: str, ctx: Context) -> dict[str, Any]:
     def run(env_steps: int) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="d4func_bench_") as run_dir:
             run_cfg = load_config(config, [*overrides, f"run_dir={run_dir}", f"loop.env_steps={env_steps}"])
-            return train_online(run_cfg, progress=False)
+            with timed_env_construction() as construction:
+                summary = train_online(run_cfg, progress=False)
+            return {**summary, "env_construction_seconds": sum(construction)}
 
     # Two runs that differ only in their env-step budget: start-up and the end-of-run work (final checkpoint,
     # evaluation, GIF) cost the same in both, so the difference is the steady-state loop. An untimed short run
     # first takes the process's one-off costs (lazy imports and initialisation, first allocations), which would
     # otherwise all land on the timed short run and inflate the difference's rate (by ~20% on the debug config).
-    t = measure({"short": lambda: run(short), "long": lambda: run(long)}, 1,
-                no_warmup=("long",) if ctx.budget.online_warmup else ("short", "long"))
+    # Building the envs does not cost the same in both: a DMControl env's EGL rendering contexts took 0.6 s in one
+    # run and 2.5 s in the next here, as much as the quick budget's whole window, so each run's time is counted
+    # without it. One timed call each (repeats 1): a run's time and its construction time are then the same call's.
+    t = measure({"short": lambda: run(short), "long": lambda: run(long)}, 1, no_warmup=("long",))
+    loop_seconds = {name: t[name].median - t[name].output["env_construction_seconds"] for name in ("short", "long")}
     window = long - short
     grad_steps = t["long"].output["grad_steps"] - t["short"].output["grad_steps"]
-    seconds = t["long"].median - t["short"].median
+    seconds = loop_seconds["long"] - loop_seconds["short"]
     rate = window / seconds if seconds > 0 else float("nan")
     figures = {"online_env_steps_per_s": rate, "window_env_steps": window, "window_grad_steps": grad_steps,
                "window_seconds": seconds, "short_run_seconds": t["short"].median,
-               "long_run_seconds": t["long"].median}
+               "long_run_seconds": t["long"].median,
+               "short_env_construction_seconds": t["short"].output["env_construction_seconds"],
+               "long_env_construction_seconds": t["long"].output["env_construction_seconds"]}
     rows = [Row(f"online loop, steady state (train_ratio {cfg.loop.train_ratio})", rate, "env steps/s",
-                t["long"].peak_mib, f"{window} env steps + {grad_steps} grad steps in {seconds:.1f} s"),
+                t["long"].peak_mib, f"{window} env steps + {grad_steps} grad steps in {seconds:.1f} s (envs' "
+                f"construction not counted)"),
             Row("online loop, whole short run incl. start-up", short / t["short"].median, "env steps/s",
                 t["short"].peak_mib, f"{short} env steps ({cfg.loop.prefill_steps} random prefill) in "
                 f"{t['short'].median:.1f} s")]

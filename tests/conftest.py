@@ -1,6 +1,7 @@
 """Test-session settings."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,10 @@ from helpers import e2e_runs
 # The test models are tiny: one intra-op thread beats two, whose hand-offs cost more than these small ops (and
 # oversubscribe a 2-core CI runner when hypothesis and the OS want the other core). Override with D4FUNC_TEST_THREADS.
 torch.set_num_threads(int(os.environ.get("D4FUNC_TEST_THREADS", "1")))
+
+# Tests name configs and scripts relative to the repository root, as the README's commands do: run from there
+# whatever directory pytest was started in (`python -m pytest /path/to/d4func/tests`).
+os.chdir(Path(__file__).resolve().parent.parent)
 
 E2E_TEST = "test_pipeline_policy_beats_random_on_reach_on_every_seed"
 

@@ -175,19 +175,36 @@ def test_acting_rates_count_env_steps_and_policy_calls_separately(monkeypatch):
 
 @pytest.mark.parametrize("ctx", [QUICK_CTX, FULL_CTX], ids=["quick", "full"])
 def test_online_rate_comes_from_the_difference_of_the_two_runs(monkeypatch, ctx):
-    fake = FakeMeasure({"short": (2.0, {"grad_steps": 3}), "long": (5.0, {"grad_steps": 10})})
+    # Building the envs took 0.75 s of the short run and 0.25 s of the long one: not part of the loop's window.
+    fake = FakeMeasure({"short": (2.0, {"grad_steps": 3, "env_construction_seconds": 0.75}),
+                        "long": (5.0, {"grad_steps": 10, "env_construction_seconds": 0.25})})
     monkeypatch.setattr(run_all, "measure", fake)
     result = run_all.online_section("debug", ctx)
     f = result["figures"]
     assert [row["peak_mib"] for row in result["rows"]] == [20.0, 10.0]  # steady state: the long run's
     short, long = ctx.budget.online_steps["debug"]
     assert f["window_env_steps"] == long - short and f["window_grad_steps"] == 7
-    assert f["window_seconds"] == pytest.approx(3.0)
-    assert f["online_env_steps_per_s"] == pytest.approx((long - short) / 3.0)
+    assert f["window_seconds"] == pytest.approx(3.5)  # (5.0 - 0.25) - (2.0 - 0.75)
+    assert f["online_env_steps_per_s"] == pytest.approx((long - short) / 3.5)
     assert (f["short_run_seconds"], f["long_run_seconds"]) == (2.0, 5.0)
-    # The full budget warms the process up on the (untimed) short run; the smoke run times both cold.
-    expected = ("long",) if ctx.budget.online_warmup else ("short", "long")
-    assert fake.calls[0]["no_warmup"] == expected
+    assert (f["short_env_construction_seconds"], f["long_env_construction_seconds"]) == (0.75, 0.25)
+    # Both budgets warm the process up on an untimed short run: timed cold, the short run's one-off costs once
+    # outweighed the quick budget's window and left the rate NaN.
+    assert fake.calls[0]["no_warmup"] == ("long",)
+
+
+def test_timed_env_construction_counts_every_make_env_call_and_puts_it_back():
+    from d4func.envs import registry
+
+    original = registry.make_env
+    with run_all.timed_env_construction() as seconds:
+        assert registry.make_env is not original
+        for _ in range(2):
+            registry.make_env("reach").close()
+    assert registry.make_env is original and len(seconds) == 2 and all(s > 0 for s in seconds)
+    with pytest.raises(RuntimeError), run_all.timed_env_construction():
+        raise RuntimeError("a run that fails")
+    assert registry.make_env is original
 
 
 def test_replay_figures_divide_writes_and_samples_by_their_own_medians(monkeypatch):

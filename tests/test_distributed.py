@@ -28,6 +28,7 @@ from d4func.tokenizer_loss import new_tokenizer_train_state, tokenizer_train_ste
 from d4func.train import distributed as D
 from d4func.train.agent_step import agent_finetune_step, imagination_step, new_imagination_state
 from d4func.train.dynamics_step import dynamics_loss, dynamics_train_step
+from d4func.train.loop import read_metrics
 from d4func.train.state import new_train_state
 
 torch.set_num_threads(1)
@@ -298,7 +299,7 @@ def test_d4func_train_offline_under_torchrun_writes_once_and_resumes(tmp_path, r
     first = torchrun(4)
     assert first.returncode == 0, _failure_report(first)
     assert first.stdout.count('"grad_steps"') == 1  # one summary printed, rank 0's
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run)
     assert [row["step"] for row in rows] == [1, 2, 3, 4]  # logged once per step, not once per rank
     latest = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(run))
     assert latest.step == 4 and len(latest.rng) == 2

@@ -24,7 +24,7 @@ from d4func.dynamics import Dynamics, DynamicsConfig
 from d4func.functional import apply, init, template
 from d4func.sampler import generate
 from d4func.tokenizer import encode
-from d4func.train.loop import build_models, gradient_step, init_states
+from d4func.train.loop import build_models, gradient_step, init_states, read_metrics
 from d4func.train.precision import wrap_step
 from d4func.train.run_config import load_run_config
 
@@ -165,7 +165,7 @@ def test_d4func_train_on_the_device_with_every_precision_flag(tmp_path) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["env_steps"] == 120 and summary["grad_steps"] > 0, summary
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path)
     losses = [row[key] for row in rows for key in ("tokenizer/loss", "world_model/loss", "agent/loss") if key in row]
     assert losses and all(torch.isfinite(torch.tensor(losses))), losses
     assert sorted(p.name for p in tmp_path.glob("ckpt-*.pt")) == ["ckpt-000000000120.pt"]

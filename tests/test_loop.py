@@ -15,7 +15,7 @@ from d4func.cli import main
 from d4func.data.replay import END_FRAME_KEY
 from d4func.train import checkpoint
 from d4func.train.compat import check_first_batch
-from d4func.train.loop import build_models, init_states, train
+from d4func.train.loop import build_models, init_states, read_metrics, train
 from d4func.train.run_config import load_run_config
 from d4func.train.state import NonFiniteLossError
 
@@ -44,7 +44,7 @@ def test_online_loop_on_dmc_writes_checkpoint_logs_gif_and_resumes(tmp_path, mon
     assert len(summary["eval"]["returns"]) == 1
     assert sorted(p.name for p in tmp_path.glob("ckpt-*.pt"))[-1] == "ckpt-000000000200.pt"
     assert list((tmp_path / "gifs").glob("*.gif"))
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path)
     assert any("world_model/loss" in row for row in rows) and any("eval/mean_return" in row for row in rows)
     assert any("agent/policy_loss" in row or "agent/loss" in row for row in rows)
     spreads = [row["tokenizer/latent_spread"] for row in rows if "world_model/loss" in row]
@@ -82,7 +82,7 @@ def test_online_loop_on_crafter(tmp_path):
     cfg = load_run_config(DEBUG, overrides)
     summary = train(cfg, progress=False)
     assert summary["env_steps"] == 200 and summary["grad_steps"] == 10
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path)
     episodes = [row for row in rows if "episode/return" in row]
     assert len(episodes) >= 3
     assert all("episode/achievements" in row and "episode/crafter_score" in row for row in episodes)
@@ -93,7 +93,7 @@ def test_online_loop_on_crafter(tmp_path):
     assert "env" in saved["online"]
     resumed = train(load_run_config(DEBUG, [*overrides, "loop.env_steps=300"]), progress=False)
     assert resumed["env_steps"] == 300
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path)
     episodes = [row for row in rows if "episode/return" in row]
     saved = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(tmp_path)).payload
     assert len(saved["online"]["episode"]["achievements"]) == len(episodes) > 3
@@ -168,7 +168,7 @@ def test_rows_logged_at_multiples_of_tokenizer_every_carry_the_tokenizer_metrics
             "loop.checkpoint_every=100", "env.eval_episodes=0", "loop.tokenizer_every=2", "loop.log_every=2"])
 
     train(config(4), progress=False)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path)
     assert [row["step"] for row in rows] == [2, 4]
     assert all("tokenizer/loss" in row and "world_model/loss" in row for row in rows)
 
@@ -332,7 +332,7 @@ def test_offline_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
                                      "loop.gif_every=2"])
     train(second, progress=False)
     assert (tmp_path / "split" / "gifs" / "real_vs_imagined_00000004.gif").exists()
-    logged = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    logged = [row["step"] for row in read_metrics(tmp_path / "split")]
     assert logged == [1, 2, 3, 4, 5]  # the second run resumed at step 3; a restart would log steps 1-3 again
 
     from d4func.train.checkpoint import latest_checkpoint, load_checkpoint
@@ -393,7 +393,7 @@ def test_online_resume_with_a_seeded_env_is_bitwise_equal_to_an_uninterrupted_ru
     assert set(whole["states"]) == {"tokenizer", "world_model", "agent"}
 
     def train_rows(run: str) -> list[dict]:
-        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        rows = read_metrics(tmp_path / run)
         return [row for row in rows if "world_model/loss" in row or "episode/return" in row]
 
     # same losses and episode returns, row by row: a restart instead of a resume would repeat rows
@@ -427,7 +427,7 @@ def test_loop_runs_under_bf16_autocast_and_keeps_float32_state(tmp_path):
               "loop.log_every=1", "loop.gif_every=1000", "loop.eval_every=1000", "env.eval_episodes=0"]
 
     def world_model_losses(run: str) -> list[float]:
-        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        rows = read_metrics(tmp_path / run)
         return [row["world_model/loss"] for row in rows if "world_model/loss" in row]
 
     train(load_run_config(DEBUG, [f"run_dir={tmp_path / 'run'}", *common, "precision.bf16=true"]), progress=False)
@@ -631,7 +631,7 @@ def test_online_loop_with_noise_scale_and_previous_frame_skip(tmp_path):
     assert set(summary["params"]) == {"tokenizer", "world_model", "agent"}
     saved = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(tmp_path)).payload["config"]["dynamics"]
     assert saved["noise_scale"] == 0.3 and saved["previous_frame_skip"] is True
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path)
     assert all(math.isfinite(row["world_model/loss"]) for row in rows if "world_model/loss" in row)
 
 
@@ -652,7 +652,7 @@ def _interrupting(real, on_call: int, generator_arg: int | None = None):
 
 
 def _train_rows(run_dir) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir)
     return [row for row in rows if "world_model/loss" in row or "episode/return" in row]
 
 
@@ -774,7 +774,7 @@ def test_ctrl_c_during_an_evaluation_that_a_round_made_due_resumes_with_that_eva
     assert_states_equal(whole["states"], split["states"])
 
     def eval_rows(run_dir):
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows = read_metrics(run_dir)
         return [(row["step"], row["eval/mean_return"]) for row in rows if "eval/mean_return" in row]
 
     assert [step for step, _ in eval_rows(tmp_path / "whole")] == [15, 25, 40]
@@ -783,7 +783,7 @@ def test_ctrl_c_during_an_evaluation_that_a_round_made_due_resumes_with_that_eva
 
 
 def _eval_steps(run_dir) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir)
     return [(row["step"], row["eval/mean_return"]) for row in rows if "eval/mean_return" in row]
 
 
