@@ -11,7 +11,7 @@ from helpers.states import final_payload
 
 from d4func.data.replay import END_FRAME_KEY
 from d4func.train import checkpoint
-from d4func.train.loop import eval_env_seed, next_multiple, read_metrics, resume_env_seed, train
+from d4func.train.loop import eval_env_seed, next_multiple, read_metrics, resume_env_seed, run_episodes, train
 from d4func.train.run_config import load_run_config
 
 REACH = str(Path(__file__).resolve().parents[1] / "experiments/configs/reach.yaml")
@@ -200,3 +200,20 @@ def test_previous_summary_reports_only_the_keys_asked_for(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"eval": {"mean_return": 1.5}, "wall_seconds": 9.0,
                                                        "grad_steps": 3}))
     assert previous_summary(tmp_path, ("eval", "returns_plot")) == {"eval": {"mean_return": 1.5}}
+
+
+def test_an_online_run_without_evaluation_episodes_logs_no_evaluation(tmp_path):
+    # env.eval_episodes=0 turns evaluation off, as offline: evaluations of no episodes used to log a return of 0
+    # at every eval_every and in the summary, indistinguishable from a policy that scores 0.
+    summary = train(_reach_online(tmp_path, "loop.eval_every=10", "loop.eval_bc=true"), progress=False)
+    assert summary["eval"] == {}
+    assert not [key for row in read_metrics(tmp_path) for key in row if key.startswith("eval/")]
+    evaluated = train(_reach_online(tmp_path / "evaluated", "loop.eval_every=10", "env.eval_episodes=1"),
+                      progress=False)
+    assert len(evaluated["eval"]["returns"]) == 1
+    assert [row["step"] for row in read_metrics(tmp_path / "evaluated") if "eval/mean_return" in row] == [10, 20]
+
+
+def test_run_episodes_refuses_fewer_than_one_episode():
+    with pytest.raises(ValueError, match="episodes must be >= 1, got 0"):
+        run_episodes(None, None, 0)

@@ -310,6 +310,8 @@ class RunLogger:
 
 def run_episodes(env: EnvBase, policy: WorldModelPolicy, episodes: int, max_steps: int = 10_000) -> dict[str, Any]:
     """Roll `episodes` full episodes with `policy`; returns their returns (and Crafter achievements)."""
+    if episodes < 1:  # the mean of no returns would read as a return of 0
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
     returns, achievements = [], []
     for _ in range(episodes):
         if hasattr(policy, "reset_context"):  # a world-model policy forgets the last episode's frames
@@ -764,7 +766,9 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
     env = make_env(cfg.env.name, seed=env_seed, image_size=cfg.env.image_size, action_repeat=cfg.env.action_repeat,
                    max_episode_steps=cfg.env.max_episode_steps)
     eval_env = None
-    if trainer.is_main:
+    # `env.eval_episodes=0` turns evaluation off, as offline: no env built for it, no eval rows logged (episodes
+    # of nothing would log a return of 0).
+    if trainer.is_main and cfg.env.eval_episodes:
         eval_env = make_env(cfg.env.name, seed=eval_env_seed(cfg.seed), image_size=cfg.env.image_size,
                             action_repeat=cfg.env.action_repeat, max_episode_steps=cfg.env.max_episode_steps)
     check_env_fits(cfg, env, cfg.env.name)
