@@ -320,7 +320,7 @@ def run_episodes(env: EnvBase, policy: WorldModelPolicy, episodes: int, max_step
         returns.append(float(rollout.get(("next", "reward")).sum()))
         if "achievements" in rollout.get("next").keys():
             achievements.append(rollout.get(("next", "achievements"))[-1])
-    out: dict[str, Any] = {"returns": returns, "mean_return": sum(returns) / max(len(returns), 1)}
+    out: dict[str, Any] = {"returns": returns, "mean_return": sum(returns) / len(returns)}
     if achievements:
         out["crafter_score"] = crafter_score_of(achievements)
     return out
