@@ -112,6 +112,16 @@ def test_first_batch_fits_exactly_at_the_episode_length_and_the_replay_capacity_
         check_first_batch(load_run_config(REACH, [*REACH_ONLINE, "replay.capacity=108"]))
 
 
+def test_a_replay_that_can_wrap_to_two_short_episode_fragments_is_refused():
+    # 5-step rounds and rows of 8 (9 entries with the frame after them): a round fits beside a row in 14 entries,
+    # but Reach's 13-entry episodes wrap to the last 6 of one and the first 8 of the next at env step 20, and no row
+    # can be drawn (TorchRL's "Did not find a single fragmented trajectory run"). 2 * 8 + 1 always holds one.
+    small_rounds = [*REACH_ONLINE, "loop.prefill_steps=10", "loop.collect_steps=5"]
+    check_first_batch(load_run_config(REACH, [*small_rounds, "replay.capacity=17"]))
+    with pytest.raises(ValueError, match=r"replay.capacity=16 entries may hold.* replay.seq_len=8 .* at least 17"):
+        check_first_batch(load_run_config(REACH, [*small_rounds, "replay.capacity=16"]))
+
+
 def test_an_env_whose_actions_do_not_fit_the_models_is_named():
     from torchrl.data import Bounded
 

@@ -151,6 +151,14 @@ def check_first_batch(cfg: RunConfig) -> None:
         raise ValueError(f"replay.capacity={cfg.replay.capacity} entries cannot hold a round (loop.collect_steps="
                          f"{cfg.loop.collect_steps}) beside a row of replay.seq_len={cfg.replay.seq_len} and the "
                          f"frame after it: give at least {needed}")
+    # Once the ring wraps, it may hold just the tail of one episode and the start of the next; unless one of the
+    # two has a row and its next frame (seq_len + 1 entries), no row can be drawn and the sampler fails deep inside
+    # TorchRL after the run has collected and trained for a while.
+    spanning = 2 * cfg.replay.seq_len + 1
+    if cfg.replay.capacity < spanning:
+        raise ValueError(f"replay.capacity={cfg.replay.capacity} entries may hold, once full, only the end of one "
+                         f"episode and the start of the next, both shorter than a row of replay.seq_len="
+                         f"{cfg.replay.seq_len} steps and the frame after it: give at least {spanning}")
 
 
 def longest_episode(cfg: RunConfig) -> tuple[int, str] | None:
