@@ -31,6 +31,10 @@ class AdamWConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"AdamWConfig.{name} must lie in [0, 1), got {getattr(self, name)}")
+        if self.eps <= 0:
+            # A parameter whose first gradient is exactly 0 (a head that a phase does not train) would get the
+            # update 0 / 0 = NaN: NaN params, found only when a later loss reads them.
+            raise ValueError(f"AdamWConfig.eps must be > 0, got {self.eps}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"AdamWConfig.max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
 

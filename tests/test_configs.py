@@ -70,6 +70,11 @@ PAST_LIMITS = [
     (["tokenizer.channels=1", "tokenizer_loss.lpips_weight=0.1"], "lpips_weight=0.1 needs RGB frames, but "
                                                                   "tokenizer.channels=1"),
     (["dynamics.transformer.logit_cap=0"], "TransformerConfig.logit_cap must be positive or None, got 0.0"),
+    # Both used to load and fail only after the prefill: an EMA decay past 1 at the first gradient step, naming no
+    # key; an eps of 0 as NaN params (0 / 0 for a head no phase-2 step trains), saved as the "last good state".
+    (["optim.ema_decay=1.5"], "OptimConfig.ema_decay must lie in [0, 1], got 1.5"),
+    (["optim.ema_decay=-0.1"], "OptimConfig.ema_decay must lie in [0, 1], got -0.1"),
+    (["optim.world_model.eps=0"], "AdamWConfig.eps must be > 0, got 0.0"),
 ]
 
 
@@ -83,6 +88,7 @@ def test_run_config_values_at_their_limits_load():
     # reach.yaml trains on rows of 8 steps: an imagined rollout may span up to 4 rows (horizon + its start frame).
     cfg = load_config(RunConfig, REACH, ["env.eval_episodes=0", "env.max_episode_steps=1", "loop.threads=0",
                                          "loop.train_ratio=0", "imagination.horizon=31", "device=cuda:1",
-                                         "dynamics.transformer.logit_cap=null"])
+                                         "dynamics.transformer.logit_cap=null", "optim.ema_decay=1"])
     assert (cfg.env.eval_episodes, cfg.env.max_episode_steps, cfg.loop.train_ratio, cfg.imagination.horizon) == (
         0, 1, 0, 31)
+    assert load_config(RunConfig, REACH, ["optim.ema_decay=0"]).optim.ema_decay == 0

@@ -82,6 +82,11 @@ class OptimConfig:
     agent: AdamWConfig = field(default_factory=lambda: AdamWConfig(lr=3e-4))
     ema_decay: float = 0.99
 
+    def __post_init__(self) -> None:
+        # Refused here, not at the first gradient step after the prefill (where the EMA update named no key).
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise ValueError(f"OptimConfig.ema_decay must lie in [0, 1], got {self.ema_decay}")
+
 
 @dataclass(frozen=True)
 class LoopConfig:
