@@ -75,6 +75,9 @@ PAST_LIMITS = [
     (["optim.ema_decay=1.5"], "OptimConfig.ema_decay must lie in [0, 1], got 1.5"),
     (["optim.ema_decay=-0.1"], "OptimConfig.ema_decay must lie in [0, 1], got -0.1"),
     (["optim.world_model.eps=0"], "AdamWConfig.eps must be > 0, got 0.0"),
+    # Centred on a batch of one rollout, every advantage is 0: PMPO trained nothing, with no error or warning.
+    (["imagination.center_advantages=true", "replay.batch_size=1"],
+     "imagination.center_advantages=true needs replay.batch_size >= 2"),
 ]
 
 
@@ -92,3 +95,6 @@ def test_run_config_values_at_their_limits_load():
     assert (cfg.env.eval_episodes, cfg.env.max_episode_steps, cfg.loop.train_ratio, cfg.imagination.horizon) == (
         0, 1, 0, 31)
     assert load_config(RunConfig, REACH, ["optim.ema_decay=0"]).optim.ema_decay == 0
+    load_config(RunConfig, REACH, ["imagination.center_advantages=true", "replay.batch_size=2"])
+    load_config(RunConfig, REACH, ["imagination.center_advantages=true", "replay.batch_size=1",
+                                   "imagination.policy_coef=0"])  # value warm-up only: no PMPO to centre

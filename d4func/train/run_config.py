@@ -197,6 +197,13 @@ class RunConfig:
         if self.imagination.horizon + 1 > self.replay.seq_len * 4:
             raise ValueError(f"RunConfig: imagination.horizon={self.imagination.horizon} is far beyond the "
                              f"training context replay.seq_len={self.replay.seq_len}")
+        im = self.imagination
+        if im.center_advantages and im.policy_coef > 0 and self.replay.batch_size < 2:
+            # One rollout per replay row, centred on the batch mean at each step: a batch of one centres every
+            # advantage to 0, so PMPO has no sign to follow and the policy only moves towards its prior.
+            raise ValueError("RunConfig: imagination.center_advantages=true needs replay.batch_size >= 2 (rollouts "
+                             f"per step, per rank under torchrun), got {self.replay.batch_size}: every centred "
+                             "advantage would be 0")
 
 
 def resolve_device(name: str) -> torch.device:
