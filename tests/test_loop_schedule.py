@@ -217,3 +217,24 @@ def test_an_online_run_without_evaluation_episodes_logs_no_evaluation(tmp_path):
 def test_run_episodes_refuses_fewer_than_one_episode():
     with pytest.raises(ValueError, match="episodes must be >= 1, got 0"):
         run_episodes(None, None, 0)
+
+
+def test_an_offline_run_of_no_gradient_steps_evaluates_nothing(tmp_path):
+    # As online, nothing is evaluated or drawn before the first gradient step: loop.offline_steps=0 used to score
+    # the untrained initial policy and log it (and write its GIF) as the run's final evaluation.
+    from d4func.cli import main
+
+    data = tmp_path / "data"
+    assert main(["collect", "--env", "reach", "--out", str(data), "--steps", "24", "--image-size", "16",
+                 "--action-repeat", "1"]) == 0
+
+    def offline(run_dir: Path, steps: int):
+        return load_run_config(REACH, [f"run_dir={run_dir}", f"loop.offline_data={data}", f"loop.offline_steps={steps}",
+                                       "loop.eval_every=1000", "loop.gif_every=1000", "env.eval_episodes=1",
+                                       "replay.batch_size=2"])
+
+    summary = train(offline(tmp_path / "none", 0), progress=False)
+    assert summary["grad_steps"] == 0 and summary["eval"] == {}
+    assert read_metrics(tmp_path / "none") == [] and not (tmp_path / "none" / "gifs").exists()
+    one = train(offline(tmp_path / "one", 1), progress=False)  # the final evaluation and GIF after a step
+    assert len(one["eval"]["returns"]) == 1 and len(list((tmp_path / "one" / "gifs").iterdir())) == 1

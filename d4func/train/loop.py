@@ -1073,9 +1073,11 @@ def train_offline(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo 
             counters["round_pending"], counters["round_done"] = 1, 0
             bar.update(1)
             checks(counters["grad_steps"])
-    if eval_env is not None and last_eval_step != counters["grad_steps"]:
+    # As online, nothing is evaluated or drawn before the first gradient step (loop.offline_steps=0 would score
+    # the untrained initial policy and log it as the run's evaluation).
+    if eval_env is not None and counters["grad_steps"] and last_eval_step != counters["grad_steps"]:
         eval_result = trainer.evaluate(eval_env, counters["grad_steps"])
-    if last_gif_step != counters["grad_steps"] and trainer.is_main:
+    if counters["grad_steps"] and last_gif_step != counters["grad_steps"] and trainer.is_main:
         trainer.gif(counters["grad_steps"])
     trainer.logger.close()
     return trainer.summary(started, {"eval": eval_result, "dataset": str(cfg.loop.offline_data)})
