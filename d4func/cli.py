@@ -214,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
             raise  # the full traceback, exit code 1
         # OmegaConf appends full_key / reference_type / object_type lines: the first line names the key already.
         message = (str(error).strip().splitlines() or [""])[0]
-        print(f"d4func {args.command}: {type(error).__name__}: {message}", file=sys.stderr)
+        # One write with its newline: print() writes the two apart on an unbuffered stderr (PYTHONUNBUFFERED), and
+        # torchrun's ranks, stopping together on one NaN, then ran their lines into one.
+        sys.stderr.write(f"d4func {args.command}: {type(error).__name__}: {message}\n")
+        sys.stderr.flush()
         return EXIT_NON_FINITE if isinstance(error, NonFiniteLossError) else EXIT_INPUT_ERROR
 
 

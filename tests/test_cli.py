@@ -102,3 +102,22 @@ def test_import_passes_every_option_to_the_importer(tmp_path, monkeypatch):
     assert [f.name for f in files] == ["a.npz"]
     assert kwargs["keys"]["pixels"] == "pixels" and "terminated" not in kwargs["keys"]
     assert (kwargs["channels_last"], kwargs["rewards_on"], kwargs["join_chunks"]) == (True, "action", False)
+
+
+def test_an_error_line_is_written_whole_in_one_write(monkeypatch):
+    # Under torchrun every rank stops on the same NaN and prints its line to one shared stderr; with an unbuffered
+    # stderr (PYTHONUNBUFFERED) print() wrote the text and its newline apart, and two ranks' lines ran into one.
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(cli.sys, "stderr", Recorder())
+    assert cli.main(["train", "--config", REACH, "loop.no_such_key=1"]) == cli.EXIT_INPUT_ERROR
+    assert len(writes) == 1 and writes[0].startswith("d4func train: ConfigKeyError: ") and writes[0].endswith("\n")
+    assert "no_such_key" in writes[0] and writes[0].count("\n") == 1
