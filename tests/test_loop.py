@@ -392,12 +392,8 @@ def test_online_resume_with_a_seeded_env_is_bitwise_equal_to_an_uninterrupted_ru
     assert_states_equal(whole["states"], split["states"])
     assert set(whole["states"]) == {"tokenizer", "world_model", "agent"}
 
-    def train_rows(run: str) -> list[dict]:
-        rows = read_metrics(tmp_path / run)
-        return [row for row in rows if "world_model/loss" in row or "episode/return" in row]
-
     # same losses and episode returns, row by row: a restart instead of a resume would repeat rows
-    assert train_rows("whole") == train_rows("split")
+    assert _train_rows(tmp_path / "whole") == _train_rows(tmp_path / "split")
 
 
 @pytest.mark.slow  # ~30 s each; the default suite checks the same continuation in the loop tests above
@@ -773,12 +769,8 @@ def test_ctrl_c_during_an_evaluation_that_a_round_made_due_resumes_with_that_eva
     assert whole["counters"] == split["counters"]
     assert_states_equal(whole["states"], split["states"])
 
-    def eval_rows(run_dir):
-        rows = read_metrics(run_dir)
-        return [(row["step"], row["eval/mean_return"]) for row in rows if "eval/mean_return" in row]
-
-    assert [step for step, _ in eval_rows(tmp_path / "whole")] == [15, 25, 40]
-    assert eval_rows(tmp_path / "whole") == eval_rows(tmp_path / "split")
+    assert [step for step, _ in _eval_steps(tmp_path / "whole")] == [15, 25, 40]
+    assert _eval_steps(tmp_path / "whole") == _eval_steps(tmp_path / "split")
     assert _train_rows(tmp_path / "whole") == _train_rows(tmp_path / "split")
 
 

@@ -27,6 +27,22 @@ def _reach_online(run_dir, *overrides: str):
         "replay.batch_size=2", *overrides])
 
 
+def _reach_dataset(path: Path, steps: int) -> Path:
+    """A Reach dataset of `steps` demonstrator steps at 16x16, recorded by `d4func collect`."""
+    from d4func.cli import main
+
+    assert main(["collect", "--env", "reach", "--out", str(path), "--steps", str(steps), "--image-size", "16",
+                 "--action-repeat", "1"]) == 0
+    return path
+
+
+def _reach_offline(run_dir, data: Path, *overrides: str):
+    """Offline Reach on `data`; evaluations, GIFs and periodic checkpoints off unless `overrides` turn them on."""
+    return load_run_config(REACH, [
+        f"run_dir={run_dir}", f"loop.offline_data={data}", "loop.eval_every=1000", "loop.gif_every=1000",
+        "loop.checkpoint_every=1000", "env.eval_episodes=0", "replay.batch_size=2", *overrides])
+
+
 def test_next_multiple_is_the_first_multiple_strictly_after_the_step():
     # Strictly after: an evaluation run at a multiple must not be due again at the same step.
     assert [next_multiple(step, 5) for step in (0, 1, 4, 5, 9, 10)] == [5, 5, 5, 10, 10, 15]
@@ -73,16 +89,9 @@ def test_imagination_starts_at_agent_start_online_and_offline(tmp_path):
     assert "agent" in online["params"]
     assert int(final_payload(tmp_path / "online")["states"]["agent"]["step"]) == 4  # the last round's 4 steps
 
-    data = tmp_path / "data"
-    from d4func.cli import main
-
-    assert main(["collect", "--env", "reach", "--out", str(data), "--steps", "40", "--image-size", "16",
-                 "--action-repeat", "1"]) == 0
-    cfg = load_run_config(REACH, [f"run_dir={tmp_path / 'offline'}", f"loop.offline_data={data}",
-                                  "loop.offline_steps=3", "loop.agent_start=2", "loop.eval_every=1000",
-                                  "loop.gif_every=1000", "loop.checkpoint_every=1000", "env.eval_episodes=0",
-                                  "replay.batch_size=2"])
-    offline = train(cfg, progress=False)
+    data = _reach_dataset(tmp_path / "data", 40)
+    offline = train(_reach_offline(tmp_path / "offline", data, "loop.offline_steps=3", "loop.agent_start=2"),
+                    progress=False)
     assert "agent" in offline["params"]
     assert int(final_payload(tmp_path / "offline")["states"]["agent"]["step"]) == 1  # step 2 of 0, 1, 2
 
@@ -222,16 +231,10 @@ def test_run_episodes_refuses_fewer_than_one_episode():
 def test_an_offline_run_of_no_gradient_steps_evaluates_nothing(tmp_path):
     # As online, nothing is evaluated or drawn before the first gradient step: loop.offline_steps=0 used to score
     # the untrained initial policy and log it (and write its GIF) as the run's final evaluation.
-    from d4func.cli import main
-
-    data = tmp_path / "data"
-    assert main(["collect", "--env", "reach", "--out", str(data), "--steps", "24", "--image-size", "16",
-                 "--action-repeat", "1"]) == 0
+    data = _reach_dataset(tmp_path / "data", 24)
 
     def offline(run_dir: Path, steps: int):
-        return load_run_config(REACH, [f"run_dir={run_dir}", f"loop.offline_data={data}", f"loop.offline_steps={steps}",
-                                       "loop.eval_every=1000", "loop.gif_every=1000", "env.eval_episodes=1",
-                                       "replay.batch_size=2"])
+        return _reach_offline(run_dir, data, f"loop.offline_steps={steps}", "env.eval_episodes=1")
 
     summary = train(offline(tmp_path / "none", 0), progress=False)
     assert summary["grad_steps"] == 0 and summary["eval"] == {}
