@@ -223,6 +223,14 @@ def test_an_online_run_without_evaluation_episodes_logs_no_evaluation(tmp_path):
     assert [row["step"] for row in read_metrics(tmp_path / "evaluated") if "eval/mean_return" in row] == [10, 20]
 
 
+def test_a_fresh_online_run_of_no_env_steps_says_so_and_writes_nothing(tmp_path):
+    # It used to report "already trained to loop.env_steps", as a rerun of a finished run does.
+    summary = train(_reach_online(tmp_path / "run", "loop.env_steps=0", "env.eval_episodes=1"), progress=False)
+    assert summary["note"] == "loop.env_steps=0: nothing collected or trained"
+    assert summary["env_steps"] == summary["grad_steps"] == 0 and summary["eval"] == {}
+    assert read_metrics(tmp_path / "run") == [] and not list((tmp_path / "run").glob("ckpt-*"))
+
+
 def test_run_episodes_refuses_fewer_than_one_episode():
     with pytest.raises(ValueError, match="episodes must be >= 1, got 0"):
         run_episodes(None, None, 0)

@@ -818,11 +818,14 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
         counters["round_pending"] = (counters["env_steps"] % cfg.loop.collect_steps or cfg.loop.collect_steps
                                      if owed else 0)
     if remaining <= 0 and not owed:
-        # Finished: its logs and summary (with the final evaluation, logged after the last checkpoint) stand.
+        # Finished: its logs and summary (with the final evaluation, logged after the last checkpoint) stand. A
+        # fresh run of loop.env_steps=0 has nothing to stand on: it collects, trains and evaluates nothing.
         for opened in (env, eval_env):
             if opened is not None:
                 opened.close()
         trainer.logger.close()
+        if not resuming:
+            return trainer.summary(started, {"eval": {}, "note": "loop.env_steps=0: nothing collected or trained"})
         return trainer.summary(started, {**previous_summary(trainer.run_dir, ("eval", "returns_plot")),
                                          "note": "already trained to loop.env_steps"})
     trainer.rewind_logs()
