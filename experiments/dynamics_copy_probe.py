@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from d4func.dynamics import Dynamics, DynamicsConfig, actions_into_frames
@@ -43,20 +44,44 @@ from d4func.train.run_config import RunConfig, load_run_config
 from d4func.train.state import new_train_state
 
 
-def action_directions(cfg: DynamicsConfig, generator: torch.Generator) -> Tensor:
+def action_directions(cfg: DynamicsConfig, generator: torch.Generator, pose_dependent: bool = False) -> Tensor:
     """How the actions move the latents in `--action-gain` rows: one fixed random direction per action component
     (`[action_dim, S, Dz]`, applied as `a @ W`) or per discrete action (`[n_actions, S, Dz]`, centred over the
     actions so that a uniformly random action moves nothing on average), elements drawn from N(0, 1) (continuous:
-    divided by sqrt(action_dim)), so a uniform action in [-1, 1] moves each element with variance 1/3."""
+    divided by sqrt(action_dim)), so a uniform action in [-1, 1] moves each element with variance 1/3.
+
+    `pose_dependent` (`--action-pose`) draws two such sets, `[2, count, S, Dz]`: the direction an action moves the
+    walk then turns with the previous frame's pose (`pose_of`), cos(pi p) W_0 + sin(pi p) W_1, as a torque on
+    reacher moves the arm's pixels one way or another depending on where the arm is. The move is as loud as a
+    fixed one (cos^2 + sin^2 = 1), but the model must read the pose from its history to know it."""
     count = cfg.n_actions if cfg.discrete else cfg.action_dim
-    directions = torch.randn(count, cfg.latent_tokens, cfg.latent_dim, generator=generator)
+    sets = 2 if pose_dependent else 1
+    directions = torch.randn(sets, count, cfg.latent_tokens, cfg.latent_dim, generator=generator)
     if cfg.discrete:
-        return directions - directions.mean(dim=0, keepdim=True)
-    return directions / count**0.5
+        directions = directions - directions.mean(dim=1, keepdim=True)
+    else:
+        directions = directions / count**0.5
+    return directions if pose_dependent else directions[0]
 
 
-def action_moves(actions: Tensor, directions: Tensor, discrete: bool) -> Tensor:
-    """The move `[..., S, Dz]` each action (`[...]` indices or `[..., A]` vectors) makes."""
+def pose_of(latents: Tensor) -> Tensor:
+    """The pose `[...]` that pose-dependent directions turn with: the first element of the first latent token of
+    frames `[..., S, Dz]`, in (-1, 1)."""
+    return latents[..., 0, 0]
+
+
+def action_moves(actions: Tensor, directions: Tensor, discrete: bool, pose: Tensor | None = None) -> Tensor:
+    """The move `[..., S, Dz]` each action (`[...]` indices or `[..., A]` vectors) makes. Pose-dependent
+    directions (`[2, count, S, Dz]`) need the previous frame's `pose` (`[...]`, `pose_of`); fixed ones ignore it."""
+    if directions.dim() == 4:
+        if pose is None:
+            raise ValueError("pose-dependent action directions need the previous frame's pose (pose_of)")
+        angle = rearrange(torch.pi * pose, "... -> ... 1 1 1")
+        directions = torch.cos(angle) * directions[0] + torch.sin(angle) * directions[1]  # [..., count, S, Dz]
+        if discrete:
+            index = rearrange(actions, "... -> ... 1 1 1")
+            return torch.take_along_dim(directions, index, dim=-3).squeeze(-3)
+        return torch.einsum("...a,...asd->...sd", actions, directions)
     if discrete:
         return directions[actions]
     return torch.einsum("...a,asd->...sd", actions, directions)
@@ -66,7 +91,8 @@ def random_walk_rows(cfg: DynamicsConfig, batch: int, steps: int, step_std: floa
                      action_gain: float = 0.0, directions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Latents `[B, T, S, Dz]` (a random walk in atanh space, inside (-1, 1) like the tokenizer's tanh bottleneck),
     random actions in TorchRL's convention (`actions[:, t]` taken after frame t), and the walk itself (atanh space).
-    With `action_gain` > 0 each action adds `action_gain` times its move (`action_moves`) to the next step."""
+    With `action_gain` > 0 each action adds `action_gain` times its move (`action_moves`) to the next step, turned
+    by the pose of the frame it is taken after when the directions are pose-dependent."""
     first = torch.rand(batch, 1, cfg.latent_tokens, cfg.latent_dim, generator=generator) * 1.8 - 0.9
     moves = step_std * torch.randn(batch, steps, cfg.latent_tokens, cfg.latent_dim, generator=generator)
     moves[:, 0] = 0.0
@@ -77,6 +103,14 @@ def random_walk_rows(cfg: DynamicsConfig, batch: int, steps: int, step_std: floa
     if action_gain > 0:
         if directions is None:
             raise ValueError("action_gain > 0 needs the action directions (action_directions)")
+        if directions.dim() == 4:  # each move turns with the frame before it: built one step at a time
+            steps_taken = [torch.atanh(first[:, 0])]
+            for t in range(1, steps):
+                pose = pose_of(torch.tanh(steps_taken[-1]))
+                push = action_gain * action_moves(actions[:, t - 1], directions, cfg.discrete, pose)
+                steps_taken.append(steps_taken[-1] + moves[:, t] + push)
+            walk = torch.stack(steps_taken, dim=1)
+            return torch.tanh(walk), actions, walk
         moves[:, 1:] += action_gain * action_moves(actions[:, :-1], directions, cfg.discrete)
     walk = torch.atanh(first) + moves.cumsum(dim=1)
     return torch.tanh(walk), actions, walk
@@ -98,8 +132,9 @@ def action_effects(model: Dynamics, params, walk: Tensor, actions: Tensor, targe
         predicted, _ = predict_next_latent(model, params, latents, actions_in, mask, target,
                                            torch.Generator().manual_seed(seed))
         predictions.append(predicted)
-    move = action_moves(actions[:, target - 1], directions, cfg.discrete)
-    other_move = action_moves(other[:, target - 1], directions, cfg.discrete)
+    pose = pose_of(latents[:, target - 1])  # the frame both actions are taken after
+    move = action_moves(actions[:, target - 1], directions, cfg.discrete, pose)
+    other_move = action_moves(other[:, target - 1], directions, cfg.discrete, pose)
     truth = latents[:, target]
     moved_truth = torch.tanh(walk[:, target] + action_gain * (other_move - move))
     oracle = torch.tanh(walk[:, target - 1] + action_gain * move)
@@ -114,9 +149,10 @@ def action_effects(model: Dynamics, params, walk: Tensor, actions: Tensor, targe
 
 
 def probe(cfg: RunConfig, steps: int, eval_every: int, step_std: float = 0.15, eval_rows: int = 64,
-          seed: int = 0, action_gain: float = 0.0, log=print) -> dict[str, Any]:
+          seed: int = 0, action_gain: float = 0.0, action_pose: bool = False, log=print) -> dict[str, Any]:
     """Train `cfg.dynamics` from fresh weights on random walks; measure every `eval_every` steps. With
-    `action_gain` > 0 the actions move the walk (`random_walk_rows`) and each row also scores `action_effects`."""
+    `action_gain` > 0 the actions move the walk (`random_walk_rows`), along directions that turn with the pose
+    when `action_pose` (`action_directions`), and each row also scores `action_effects`."""
     # Swapping actions between evaluation rows needs two of them.
     for name, value, low in (("steps", steps, 1), ("eval_every", eval_every, 1),
                              ("eval_rows", eval_rows, 2 if action_gain > 0 else 1)):
@@ -131,7 +167,7 @@ def probe(cfg: RunConfig, steps: int, eval_every: int, step_std: float = 0.15, e
     state = new_train_state(init(model, seed))
     train_gen = torch.Generator().manual_seed(seed + 1)
     eval_gen = torch.Generator().manual_seed(seed + 2)
-    directions = action_directions(cfg.dynamics, torch.Generator().manual_seed(seed + 4))
+    directions = action_directions(cfg.dynamics, torch.Generator().manual_seed(seed + 4), action_pose)
     eval_latents, eval_actions, eval_walk = random_walk_rows(cfg.dynamics, eval_rows, seq_len, step_std, eval_gen,
                                                              action_gain, directions)
     target = seq_len // 2  # half the row as context, as a replay context of `context_len` frames would give
@@ -156,7 +192,8 @@ def probe(cfg: RunConfig, steps: int, eval_every: int, step_std: float = 0.15, e
             row = {"step": step, "train_seconds": round(seconds, 1), "loss": float(metrics["loss"]), **errors}
             log(json.dumps(row))
             rows.append(row)
-    return {"step_std": step_std, "action_gain": action_gain, "eval_rows": eval_rows, "target_frame": target,
+    return {"step_std": step_std, "action_gain": action_gain, "action_pose": action_pose, "eval_rows": eval_rows,
+            "target_frame": target,
             "seed": seed, "context_signal": cfg.dynamics.context_signal, "lr": cfg.optim.world_model.lr,
             "batch": [cfg.replay.batch_size, seq_len], "rows": rows}
 
@@ -164,7 +201,8 @@ def probe(cfg: RunConfig, steps: int, eval_every: int, step_std: float = 0.15, e
 def format_table(result: dict[str, Any]) -> str:
     acting = result.get("action_gain", 0.0) > 0
     lines = [f"next-frame MSE on random-walk latents (frame {result['target_frame']} from pure noise, context at "
-             f"signal {result['context_signal']:g}, lr {result['lr']:g}, action gain {result.get('action_gain', 0):g})",
+             f"signal {result['context_signal']:g}, lr {result['lr']:g}, action gain {result.get('action_gain', 0):g}"
+             + (", pose-dependent)" if result.get("action_pose") else ")"),
              f"{'step':>6} {'loss':>8} {'model':>8} {'copy last':>10} {'copy noisy last':>16} {'context mean':>13}"
              + (f" {'oracle':>8} {'effect model/true':>18} {'effect R2':>9}" if acting else "")]
     for r in result["rows"]:
@@ -187,6 +225,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--step-std", type=float, default=0.15, help="std of the walk's steps (atanh space)")
     parser.add_argument("--action-gain", type=float, default=0.0,
                         help="how far each action moves the walk (0: actions carry no information)")
+    parser.add_argument("--action-pose", action="store_true",
+                        help="the direction an action moves the walk turns with the previous frame's pose")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="JSON path (default: none)")
@@ -194,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     cfg = load_run_config(args.config, args.overrides)
     result = probe(cfg, args.steps, args.eval_every, args.step_std, seed=args.seed,
-                   action_gain=args.action_gain)
+                   action_gain=args.action_gain, action_pose=args.action_pose)
     result.update({"config": args.config, "overrides": args.overrides})
     print(format_table(result))
     if args.out:

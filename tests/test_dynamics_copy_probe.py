@@ -48,6 +48,42 @@ def test_actions_move_the_walk_by_their_directions(config):
         probe_script.random_walk_rows(cfg, 2, 3, 0.1, gen, 0.3)
 
 
+@pytest.mark.parametrize("config", [CONFIG, str(REPO / "experiments/configs/results_cartpole.yaml")])
+def test_pose_dependent_actions_turn_with_the_frame_before_them(config):
+    cfg = load_run_config(config).dynamics
+    directions = probe_script.action_directions(cfg, torch.Generator().manual_seed(0), pose_dependent=True)
+    count = cfg.n_actions if cfg.discrete else cfg.action_dim
+    assert directions.shape == (2, count, cfg.latent_tokens, cfg.latent_dim)
+    gen = torch.Generator().manual_seed(1)
+    _, actions, walk = probe_script.random_walk_rows(cfg, 16, 5, 1e-6, gen, 0.3, directions)
+    poses = probe_script.pose_of(torch.tanh(walk[:, :-1]))
+    expected = 0.3 * probe_script.action_moves(actions[:, :-1], directions, cfg.discrete, poses)
+    assert torch.allclose(walk[:, 1:] - walk[:, :-1], expected, atol=1e-4)
+    # Pose 0 moves along the first set, pose 1/2 along the second: the same action, another direction.
+    first, second = (probe_script.action_moves(actions[:, 0], directions, cfg.discrete, torch.full((16,), pose))
+                     for pose in (0.0, 0.5))
+    assert torch.allclose(first, probe_script.action_moves(actions[:, 0], directions[0], cfg.discrete), atol=1e-6)
+    assert torch.allclose(second, probe_script.action_moves(actions[:, 0], directions[1], cfg.discrete), atol=1e-6)
+    with pytest.raises(ValueError, match="need the previous frame's pose"):
+        probe_script.action_moves(actions[:, 0], directions, cfg.discrete)
+
+
+def test_the_probe_scores_pose_dependent_actions_against_the_truth():
+    cfg = load_run_config(CONFIG, ["replay.seq_len=6", "replay.batch_size=4"])
+    result = probe_script.probe(cfg, steps=1, eval_every=1, eval_rows=8, seed=1, action_gain=0.5, action_pose=True,
+                                log=lambda _: None)
+    directions = probe_script.action_directions(cfg.dynamics, torch.Generator().manual_seed(5), pose_dependent=True)
+    _, actions, walk = probe_script.random_walk_rows(cfg.dynamics, 8, 6, 0.15, torch.Generator().manual_seed(3),
+                                                     0.5, directions)
+    pose = probe_script.pose_of(torch.tanh(walk[:, 2]))
+    move = probe_script.action_moves(actions[:, 2], directions, cfg.dynamics.discrete, pose)
+    other = probe_script.action_moves(actions.roll(1, dims=0)[:, 2], directions, cfg.dynamics.discrete, pose)
+    moved = torch.tanh(walk[:, 3] + 0.5 * (other - move))
+    row = result["rows"][0]
+    assert row["true_action_effect"] == pytest.approx(float((moved - torch.tanh(walk[:, 3])).abs().mean()), rel=1e-5)
+    assert result["action_pose"] and "pose-dependent" in probe_script.format_table(result)
+
+
 def test_probe_rows_and_baselines(tmp_path):
     cfg = load_run_config(CONFIG, ["replay.seq_len=6", "replay.batch_size=4"])
     lines: list[str] = []
