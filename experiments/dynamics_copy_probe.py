@@ -104,12 +104,12 @@ def random_walk_rows(cfg: DynamicsConfig, batch: int, steps: int, step_std: floa
         if directions is None:
             raise ValueError("action_gain > 0 needs the action directions (action_directions)")
         if directions.dim() == 4:  # each move turns with the frame before it: built one step at a time
-            steps_taken = [torch.atanh(first[:, 0])]
+            positions = [torch.atanh(first[:, 0])]
             for t in range(1, steps):
-                pose = pose_of(torch.tanh(steps_taken[-1]))
+                pose = pose_of(torch.tanh(positions[-1]))
                 push = action_gain * action_moves(actions[:, t - 1], directions, cfg.discrete, pose)
-                steps_taken.append(steps_taken[-1] + moves[:, t] + push)
-            walk = torch.stack(steps_taken, dim=1)
+                positions.append(positions[-1] + moves[:, t] + push)
+            walk = torch.stack(positions, dim=1)
             return torch.tanh(walk), actions, walk
         moves[:, 1:] += action_gain * action_moves(actions[:, :-1], directions, cfg.discrete)
     walk = torch.atanh(first) + moves.cumsum(dim=1)
@@ -193,9 +193,8 @@ def probe(cfg: RunConfig, steps: int, eval_every: int, step_std: float = 0.15, e
             log(json.dumps(row))
             rows.append(row)
     return {"step_std": step_std, "action_gain": action_gain, "action_pose": action_pose, "eval_rows": eval_rows,
-            "target_frame": target,
-            "seed": seed, "context_signal": cfg.dynamics.context_signal, "lr": cfg.optim.world_model.lr,
-            "batch": [cfg.replay.batch_size, seq_len], "rows": rows}
+            "target_frame": target, "seed": seed, "context_signal": cfg.dynamics.context_signal,
+            "lr": cfg.optim.world_model.lr, "batch": [cfg.replay.batch_size, seq_len], "rows": rows}
 
 
 def format_table(result: dict[str, Any]) -> str:
