@@ -24,12 +24,14 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange, repeat
 from tensordict import TensorDict
 from torch import Tensor, nn
 
 from d4func.config import TransformerConfig
 from d4func.functional import runs_value_checks
+from d4func.layers import ZeroLinear
 from d4func.objectives import FORCING_MODES, LOSS_WEIGHTS
 from d4func.transformer import BlockCausalTransformer, TokenLayout
 
@@ -70,6 +72,15 @@ class DynamicsConfig:
     # keeps it, instead of the paper's independent per-frame levels ("diffusion"); see
     # objectives.teacher_forcing_levels. On Reach a small dynamics learns its next frame several times faster.
     forcing: str = "diffusion"
+    # Not in the paper, which gives the action to the transformer only as a token: also condition every block on the
+    # action into the frame, FiLM scales and shifts of each norm's output from the action's embedding (adaLN as in
+    # DiT, Peebles & Xie 2023; DIAMOND conditions its denoiser on actions this way), zero-initialised so that it
+    # starts as the token-only model. Why: where an action's effect depends on the state (a torque turns a reacher
+    # arm one way or the other depending on its angle), the effect averaged over states is about zero, so a model
+    # that can only add the action's token into its features gets almost no gradient toward the effect; FiLM
+    # multiplies the action into the features that hold the state, which gives that gradient from the first step
+    # (experiments/dynamics_copy_probe.py --action-pose; docs/results.md, Sec. 2).
+    action_film: bool = False
     # Per-frame loss weight: the paper's ramp w(tau) = 0.9 tau + 0.1, or "uniform" (objectives.frame_weight).
     loss_weight: str = "ramp"
 
@@ -212,6 +223,9 @@ class Dynamics(nn.Module):
             self.agent_tokens = LearnedTokens(cfg.n_agent_tokens, width)
             self.task_embed = nn.Embedding(cfg.n_tasks, width)
         self.transformer = BlockCausalTransformer(cfg.transformer)
+        if cfg.action_film:
+            # Per layer: scale and shift of the attention input, then of the MLP input (Block).
+            self.action_film = ZeroLinear(width, cfg.transformer.n_layers * 4 * width)
 
     def signal_indices(self, tau: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
         tau_index = torch.round(tau * self.cfg.k_max).long()
@@ -270,8 +284,13 @@ class Dynamics(nn.Module):
                 raise ValueError(f"{name} must be [B, T] = [{batch}, {steps}] like z_noisy, got {list(level.shape)}")
         tau_index, step_index = self.signal_indices(tau, d)
         signal = torch.cat([self.tau_embed(tau_index), self.step_embed(step_index)], dim=-1)
+        action_tokens = self.embed_actions(actions, action_mask, batch, steps)
+        film = None
+        if cfg.action_film:
+            film = rearrange(self.action_film(F.silu(action_tokens[:, :, 0])), "b t (l k d) -> l k b t d",
+                             l=cfg.transformer.n_layers, k=4)
         parts = [
-            self.embed_actions(actions, action_mask, batch, steps),
+            action_tokens,
             rearrange(signal, "b t d -> b t 1 d"),
             self.latent_in(rearrange(z_noisy, "b t (s p) z -> b t s (p z)", p=cfg.pack)),
         ]
@@ -283,7 +302,7 @@ class Dynamics(nn.Module):
             parts.append(agent.expand(batch, steps, -1, -1))
         tokens = torch.cat(parts, dim=2)
         layout = cfg.layout()
-        out, new_cache = self.transformer(tokens, layout.space_mask("world_model", tokens.device), cache)
+        out, new_cache = self.transformer(tokens, layout.space_mask("world_model", tokens.device), cache, film)
         z_pred = rearrange(self.latent_out(out[:, :, layout.slice("latents")]), "b t s (p z) -> b t (s p) z",
                            p=cfg.pack)
         if cfg.previous_frame_skip:

@@ -1,4 +1,5 @@
-"""Transformer building blocks: RMSNorm, RoPE, SwiGLU and attention with GQA, QK-norm and logit soft-capping.
+"""Transformer building blocks: RMSNorm, RoPE, SwiGLU, attention with GQA, QK-norm and logit soft-capping, and a
+zero-initialised linear layer for conditioning that starts as a no-op.
 
 Paper Section 3.4: pre-layer RMSNorm, RoPE, SwiGLU, QK-norm and attention-logit soft-capping; grouped-query
 attention (GQA) in the dynamics model so that the time layers' KV cache is small.
@@ -33,6 +34,21 @@ class RMSNorm(nn.RMSNorm):
         # one dtype and otherwise falls back, with a warning, to a slower composite of elementwise ops.
         weight = None if self.weight is None else self.weight.to(x.dtype)
         return F.rms_norm(x, self.normalized_shape, weight, self.eps)
+
+
+class ZeroLinear(nn.Linear):
+    """A linear layer whose weight and bias start at zero, so that whatever it conditions (a FiLM scale and shift,
+    as in DiT's adaLN-Zero, Peebles & Xie 2023) starts as the identity and training moves it away."""
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+def modulate(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """FiLM: `x * (1 + scale) + shift`, zero scale and shift leaving `x` unchanged."""
+    return x * (1 + scale) + shift
 
 
 # ----------------------------------------------------------------------------------------------------------------

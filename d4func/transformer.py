@@ -21,7 +21,7 @@ from tensordict import TensorDict
 from torch import Tensor, nn
 
 from d4func.config import TransformerConfig
-from d4func.layers import Attention, RMSNorm, SwiGLU
+from d4func.layers import Attention, RMSNorm, SwiGLU, modulate
 
 # Space-mask modes. In each, the named modality is the special one:
 #   "full"        every token reads every token of its timestep;
@@ -148,7 +148,10 @@ def reset_cache(cache: TensorDict, reset: Tensor) -> TensorDict:
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    `modulation` (optional, `[4, ..., D]` broadcasting against `x`): FiLM scale and shift of the attention input
+    and of the MLP input, `norm(x) * (1 + scale) + shift`, in that order."""
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
@@ -166,20 +169,29 @@ class Block(nn.Module):
         mask: Tensor | None = None,
         is_causal: bool = False,
         past_kv: tuple[Tensor, Tensor] | None = None,
+        modulation: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        attended, kv = self.attn(self.attn_norm(x), positions, mask, is_causal, past_kv)
+        attn_in = self.attn_norm(x)
+        if modulation is not None:
+            attn_in = modulate(attn_in, modulation[0], modulation[1])
+        attended, kv = self.attn(attn_in, positions, mask, is_causal, past_kv)
         x = x + attended
-        return x + self.mlp(self.mlp_norm(x)), kv
+        mlp_in = self.mlp_norm(x)
+        if modulation is not None:
+            mlp_in = modulate(mlp_in, modulation[2], modulation[3])
+        return x + self.mlp(mlp_in), kv
 
 
 class BlockCausalTransformer(nn.Module):
     """Factorised space/time transformer over `[B, T, N, D]` tokens.
 
-    `forward(x, space_mask, cache)` returns `(y, new_cache)`. `cache` is a TensorDict with batch size `[B]`
+    `forward(x, space_mask, cache, modulation)` returns `(y, new_cache)`. `cache` is a TensorDict with batch size `[B]`
     holding, for every time layer, keys and values `[B, N, H_kv, T_past, head_dim]`, a `valid` mask `[B, T_past]`
     (False for steps forgotten by `reset_cache`) and the absolute time position `next_pos` of the next step;
     `empty_cache(batch)` makes one. With a cache, `x` holds only the new timesteps and the returned cache has them
     appended; without one, `new_cache` is None. `keep_last_steps` bounds the cache to a sliding window.
+    `modulation` (optional, `[n_layers, 4, B, T, D]`) conditions every block on its timestep (`Block`): each token
+    of step t gets step t's FiLM scales and shifts, so a per-step condition stays block-causal.
     """
 
     def __init__(self, cfg: TransformerConfig) -> None:
@@ -200,6 +212,7 @@ class BlockCausalTransformer(nn.Module):
         x: Tensor,
         space_mask: Tensor | None = None,
         cache: TensorDict | None = None,
+        modulation: Tensor | None = None,
     ) -> tuple[Tensor, TensorDict | None]:
         if x.ndim != 4:
             raise ValueError(f"BlockCausalTransformer expects tokens [B, T, N, D], got shape {tuple(x.shape)}")
@@ -208,6 +221,10 @@ class BlockCausalTransformer(nn.Module):
             raise ValueError(
                 f"space_mask shape {tuple(space_mask.shape)} does not match N={n_tokens} tokens per step"
             )
+        expected = (self.cfg.n_layers, 4, batch, steps, x.shape[-1])
+        if modulation is not None and tuple(modulation.shape) != expected:
+            raise ValueError(f"modulation must be [n_layers, 4, B, T, D] = {list(expected)}, got "
+                             f"{list(modulation.shape)}")
         start = 0 if cache is None else int(cache["next_pos"][0])
         time_pos = torch.arange(start, start + steps, device=x.device)
         space_pos = torch.arange(n_tokens, device=x.device)
@@ -223,9 +240,12 @@ class BlockCausalTransformer(nn.Module):
                 causal = False
         new_entries = {}
         for index, layer in enumerate(self.layers):
+            film = None if modulation is None else modulation[index]
             if not self.cfg.is_time_layer(index):
                 flat = rearrange(x, "b t n d -> (b t) n d")
-                flat, _ = layer(flat, space_pos, mask=space_mask)
+                if film is not None:
+                    film = rearrange(film, "k b t d -> k (b t) 1 d")
+                flat, _ = layer(flat, space_pos, mask=space_mask, modulation=film)
                 x = rearrange(flat, "(b t) n d -> b t n d", b=batch)
                 continue
             past_kv = None
@@ -233,7 +253,10 @@ class BlockCausalTransformer(nn.Module):
             if cache is not None and key in cache.keys():
                 past_kv = tuple(rearrange(cache[key, name], "b n g t d -> (b n) g t d") for name in ("k", "v"))
             flat = rearrange(x, "b t n d -> (b n) t d")
-            flat, (k, v) = layer(flat, time_pos, mask=time_mask, is_causal=causal, past_kv=past_kv)
+            if film is not None:
+                film = repeat(film, "k b t d -> k (b n) t d", n=n_tokens)
+            flat, (k, v) = layer(flat, time_pos, mask=time_mask, is_causal=causal, past_kv=past_kv,
+                                 modulation=film)
             x = rearrange(flat, "(b n) t d -> b t n d", b=batch)
             if cache is not None:
                 new_entries[key] = {

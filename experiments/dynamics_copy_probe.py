@@ -53,7 +53,8 @@ def action_directions(cfg: DynamicsConfig, generator: torch.Generator, pose_depe
     `pose_dependent` (`--action-pose`) draws two such sets, `[2, count, S, Dz]`: the direction an action moves the
     walk then turns with the previous frame's pose (`pose_of`), cos(pi p) W_0 + sin(pi p) W_1, as a torque on
     reacher moves the arm's pixels one way or another depending on where the arm is. The move is as loud as a
-    fixed one (cos^2 + sin^2 = 1), but the model must read the pose from its history to know it."""
+    fixed one (cos^2 + sin^2 = 1), but the model must read the pose from its history to know it. Each latent token
+    turns with its own pose element (`pose_of(..., local=True)`) or all with one (the first token's)."""
     count = cfg.n_actions if cfg.discrete else cfg.action_dim
     sets = 2 if pose_dependent else 1
     directions = torch.randn(sets, count, cfg.latent_tokens, cfg.latent_dim, generator=generator)
@@ -64,19 +65,27 @@ def action_directions(cfg: DynamicsConfig, generator: torch.Generator, pose_depe
     return directions if pose_dependent else directions[0]
 
 
-def pose_of(latents: Tensor) -> Tensor:
-    """The pose `[...]` that pose-dependent directions turn with: the first element of the first latent token of
-    frames `[..., S, Dz]`, in (-1, 1)."""
-    return latents[..., 0, 0]
+POSES = ("global", "local")
+
+
+def pose_of(latents: Tensor, local: bool = False) -> Tensor:
+    """The pose `[..., S]` each latent token's pose-dependent directions turn with, in (-1, 1), from frames
+    `[..., S, Dz]`: every token's first element (`local`: a token's move depends on its own state, as a patch of
+    the reacher arm moves according to the arm's angle there) or, for all tokens, the first token's first element
+    (global: one element decides the move everywhere, so the model must carry it across tokens too)."""
+    if local:
+        return latents[..., 0]
+    return latents[..., :1, 0].expand(latents.shape[:-1])
 
 
 def action_moves(actions: Tensor, directions: Tensor, discrete: bool, pose: Tensor | None = None) -> Tensor:
     """The move `[..., S, Dz]` each action (`[...]` indices or `[..., A]` vectors) makes. Pose-dependent
-    directions (`[2, count, S, Dz]`) need the previous frame's `pose` (`[...]`, `pose_of`); fixed ones ignore it."""
+    directions (`[2, count, S, Dz]`) need the previous frame's `pose` (`[..., S]`, `pose_of`); fixed ones ignore
+    it."""
     if directions.dim() == 4:
         if pose is None:
             raise ValueError("pose-dependent action directions need the previous frame's pose (pose_of)")
-        angle = rearrange(torch.pi * pose, "... -> ... 1 1 1")
+        angle = rearrange(torch.pi * pose, "... s -> ... 1 s 1")
         directions = torch.cos(angle) * directions[0] + torch.sin(angle) * directions[1]  # [..., count, S, Dz]
         if discrete:
             index = rearrange(actions, "... -> ... 1 1 1")
@@ -88,11 +97,13 @@ def action_moves(actions: Tensor, directions: Tensor, discrete: bool, pose: Tens
 
 
 def random_walk_rows(cfg: DynamicsConfig, batch: int, steps: int, step_std: float, generator: torch.Generator,
-                     action_gain: float = 0.0, directions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                     action_gain: float = 0.0, directions: Tensor | None = None,
+                     local_pose: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Latents `[B, T, S, Dz]` (a random walk in atanh space, inside (-1, 1) like the tokenizer's tanh bottleneck),
     random actions in TorchRL's convention (`actions[:, t]` taken after frame t), and the walk itself (atanh space).
     With `action_gain` > 0 each action adds `action_gain` times its move (`action_moves`) to the next step, turned
-    by the pose of the frame it is taken after when the directions are pose-dependent."""
+    by the pose of the frame it is taken after (`pose_of(..., local_pose)`) when the directions are
+    pose-dependent."""
     first = torch.rand(batch, 1, cfg.latent_tokens, cfg.latent_dim, generator=generator) * 1.8 - 0.9
     moves = step_std * torch.randn(batch, steps, cfg.latent_tokens, cfg.latent_dim, generator=generator)
     moves[:, 0] = 0.0
@@ -106,7 +117,7 @@ def random_walk_rows(cfg: DynamicsConfig, batch: int, steps: int, step_std: floa
         if directions.dim() == 4:  # each move turns with the frame before it: built one step at a time
             positions = [torch.atanh(first[:, 0])]
             for t in range(1, steps):
-                pose = pose_of(torch.tanh(positions[-1]))
+                pose = pose_of(torch.tanh(positions[-1]), local_pose)
                 push = action_gain * action_moves(actions[:, t - 1], directions, cfg.discrete, pose)
                 positions.append(positions[-1] + moves[:, t] + push)
             walk = torch.stack(positions, dim=1)
@@ -117,7 +128,7 @@ def random_walk_rows(cfg: DynamicsConfig, batch: int, steps: int, step_std: floa
 
 
 def action_effects(model: Dynamics, params, walk: Tensor, actions: Tensor, target: int, action_gain: float,
-                   directions: Tensor, seed: int) -> dict[str, float]:
+                   directions: Tensor, seed: int, local_pose: bool = False) -> dict[str, float]:
     """How much the model's prediction of frame `target` moves when only the action into it is swapped for another
     row's, against how much the truth moves (mean absolute change over elements); how much of the true change the
     model's change explains (`action_effect_r2`); and the MSE of the oracle that knows the action but not the walk's
@@ -132,7 +143,7 @@ def action_effects(model: Dynamics, params, walk: Tensor, actions: Tensor, targe
         predicted, _ = predict_next_latent(model, params, latents, actions_in, mask, target,
                                            torch.Generator().manual_seed(seed))
         predictions.append(predicted)
-    pose = pose_of(latents[:, target - 1])  # the frame both actions are taken after
+    pose = pose_of(latents[:, target - 1], local_pose)  # the frame both actions are taken after
     move = action_moves(actions[:, target - 1], directions, cfg.discrete, pose)
     other_move = action_moves(other[:, target - 1], directions, cfg.discrete, pose)
     truth = latents[:, target]
@@ -149,10 +160,11 @@ def action_effects(model: Dynamics, params, walk: Tensor, actions: Tensor, targe
 
 
 def probe(cfg: RunConfig, steps: int, eval_every: int, step_std: float = 0.15, eval_rows: int = 64,
-          seed: int = 0, action_gain: float = 0.0, action_pose: bool = False, log=print) -> dict[str, Any]:
+          seed: int = 0, action_gain: float = 0.0, action_pose: str | None = None, log=print) -> dict[str, Any]:
     """Train `cfg.dynamics` from fresh weights on random walks; measure every `eval_every` steps. With
     `action_gain` > 0 the actions move the walk (`random_walk_rows`), along directions that turn with the pose
-    when `action_pose` (`action_directions`), and each row also scores `action_effects`."""
+    of one element everywhere (`action_pose="global"`) or of each token's own (`"local"`) (`action_directions`,
+    `pose_of`), and each row also scores `action_effects`."""
     # Swapping actions between evaluation rows needs two of them.
     for name, value, low in (("steps", steps, 1), ("eval_every", eval_every, 1),
                              ("eval_rows", eval_rows, 2 if action_gain > 0 else 1)):
@@ -162,14 +174,17 @@ def probe(cfg: RunConfig, steps: int, eval_every: int, step_std: float = 0.15, e
         raise ValueError(f"step_std must be > 0, got {step_std}")
     if not action_gain >= 0:
         raise ValueError(f"action_gain must be >= 0, got {action_gain}")
+    if action_pose is not None and action_pose not in POSES:
+        raise ValueError(f"action_pose must be None or one of {POSES}, got {action_pose!r}")
+    local_pose = action_pose == "local"
     seq_len = cfg.replay.seq_len  # >= 2: the run config keeps context_len (>= 1) below it
     model = template(Dynamics, cfg.dynamics)
     state = new_train_state(init(model, seed))
     train_gen = torch.Generator().manual_seed(seed + 1)
     eval_gen = torch.Generator().manual_seed(seed + 2)
-    directions = action_directions(cfg.dynamics, torch.Generator().manual_seed(seed + 4), action_pose)
+    directions = action_directions(cfg.dynamics, torch.Generator().manual_seed(seed + 4), action_pose is not None)
     eval_latents, eval_actions, eval_walk = random_walk_rows(cfg.dynamics, eval_rows, seq_len, step_std, eval_gen,
-                                                             action_gain, directions)
+                                                             action_gain, directions, local_pose)
     target = seq_len // 2  # half the row as context, as a replay context of `context_len` frames would give
 
     rows = []
@@ -177,7 +192,7 @@ def probe(cfg: RunConfig, steps: int, eval_every: int, step_std: float = 0.15, e
     for step in range(1, steps + 1):
         started = time.perf_counter()
         latents, actions, _ = random_walk_rows(cfg.dynamics, cfg.replay.batch_size, seq_len, step_std, train_gen,
-                                               action_gain, directions)
+                                               action_gain, directions, local_pose)
         actions_in, mask = actions_into_frames(actions)
         state, metrics = dynamics_train_step(state, latents, actions_in, train_gen, model=model,
                                              opt=cfg.optim.world_model, action_mask=mask)
@@ -188,7 +203,7 @@ def probe(cfg: RunConfig, steps: int, eval_every: int, step_std: float = 0.15, e
                                         torch.Generator().manual_seed(seed + 3))
             if action_gain > 0:
                 errors.update(action_effects(model, state["params"], eval_walk, eval_actions, target, action_gain,
-                                             directions, seed + 3))
+                                             directions, seed + 3, local_pose))
             row = {"step": step, "train_seconds": round(seconds, 1), "loss": float(metrics["loss"]), **errors}
             log(json.dumps(row))
             rows.append(row)
@@ -201,7 +216,7 @@ def format_table(result: dict[str, Any]) -> str:
     acting = result.get("action_gain", 0.0) > 0
     lines = [f"next-frame MSE on random-walk latents (frame {result['target_frame']} from pure noise, context at "
              f"signal {result['context_signal']:g}, lr {result['lr']:g}, action gain {result.get('action_gain', 0):g}"
-             + (", pose-dependent)" if result.get("action_pose") else ")"),
+             + (f", pose-dependent: {result['action_pose']})" if result.get("action_pose") else ")"),
              f"{'step':>6} {'loss':>8} {'model':>8} {'copy last':>10} {'copy noisy last':>16} {'context mean':>13}"
              + (f" {'oracle':>8} {'effect model/true':>18} {'effect R2':>9}" if acting else "")]
     for r in result["rows"]:
@@ -224,8 +239,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--step-std", type=float, default=0.15, help="std of the walk's steps (atanh space)")
     parser.add_argument("--action-gain", type=float, default=0.0,
                         help="how far each action moves the walk (0: actions carry no information)")
-    parser.add_argument("--action-pose", action="store_true",
-                        help="the direction an action moves the walk turns with the previous frame's pose")
+    parser.add_argument("--action-pose", nargs="?", const="global", default=None, choices=POSES,
+                        help="the direction an action moves the walk turns with the previous frame's pose: one "
+                             "element's everywhere (global, the default when given alone) or each token's own (local)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="JSON path (default: none)")

@@ -35,16 +35,24 @@ from d4func.train.dynamics_step import denoiser, dynamics_loss
 from d4func.train.run_config import load_run_config
 
 
-def make(discrete=False, agent=0, logit_cap=30.0, k_max=8, seed=0, steps=4, skip=False):
+def make(discrete=False, agent=0, logit_cap=30.0, k_max=8, seed=0, steps=4, skip=False, film=False):
+    """A small dynamics model. `film` turns on `action_film` with random FiLM weights (it starts at zero, where it
+    would be inert and every test of it would pass trivially)."""
     cfg = DynamicsConfig(
         transformer=TransformerConfig(d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, time_every=2,
                                       logit_cap=logit_cap),
         latent_tokens=6, latent_dim=4, pack=2, n_registers=2, n_agent_tokens=agent,
         action_dim=0 if discrete else 3, n_actions=5 if discrete else 0, k_max=k_max, sampling_steps=steps,
-        previous_frame_skip=skip,
+        previous_frame_skip=skip, action_film=film,
     )
     model = template(Dynamics, cfg)
-    return cfg, model, init(model, seed)
+    params = init(model, seed)
+    if film:
+        gen = torch.Generator().manual_seed(seed + 1)
+        for name in ("weight", "bias"):
+            shape = params["action_film", name].shape
+            params["action_film", name] = 0.3 * torch.randn(shape, generator=gen)
+    return cfg, model, params
 
 
 def inputs(cfg, batch=2, steps=5, seed=0, discrete=False):
@@ -61,9 +69,9 @@ def inputs(cfg, batch=2, steps=5, seed=0, discrete=False):
 
 @settings(max_examples=10, deadline=None)
 @given(discrete=st.booleans(), agent=st.sampled_from([0, 2]), seed=st.integers(0, 999), skip=st.booleans(),
-       data=st.data())
-def test_future_latents_and_actions_never_change_past_predictions(discrete, agent, seed, skip, data):
-    cfg, model, params = make(discrete=discrete, agent=agent, seed=seed, skip=skip)
+       film=st.booleans(), data=st.data())
+def test_future_latents_and_actions_never_change_past_predictions(discrete, agent, seed, skip, film, data):
+    cfg, model, params = make(discrete=discrete, agent=agent, seed=seed, skip=skip, film=film)
     z, tau, d, actions = inputs(cfg, seed=seed, discrete=discrete)
     t = data.draw(st.integers(0, 3), label="t")
     z2, actions2, tau2 = z.clone(), actions.clone(), tau.clone()
@@ -281,6 +289,27 @@ def test_bootstrap_fraction_sets_the_share_of_coarse_steps():
         sample_step_sizes((4,), 16, gen, bootstrap_fraction=1.5)
 
 
+@pytest.mark.parametrize("discrete", [False, True])
+def test_action_film_starts_as_the_token_only_model_and_then_conditions_on_the_action(discrete):
+    """`action_film` is zero at init, so the same parameters give the token-only model's predictions exactly. Once
+    its weights move, what it adds depends on the action (not just a fixed change to every prediction)."""
+    cfg, model, params = make(discrete=discrete, agent=2)
+    _, film_model, film_params = make(discrete=discrete, agent=2, film=True)
+    fresh = init(film_model, 0)
+    assert all(bool((w == 0).all()) for w in fresh["action_film"].values())
+    torch.testing.assert_close(fresh.exclude("action_film"), params)
+    z, tau, d, actions = inputs(cfg, discrete=discrete)
+    x, agent_out, _ = apply(model, params, z, tau, d, actions)
+    x_fresh, agent_fresh, _ = apply(film_model, fresh, z, tau, d, actions)
+    assert torch.equal(x, x_fresh) and torch.equal(agent_out, agent_fresh)
+
+    other = (actions + 1) % cfg.n_actions if discrete else -actions
+    added = [apply(film_model, film_params, z, tau, d, acts)[0]
+             - apply(model, film_params.exclude("action_film"), z, tau, d, acts)[0] for acts in (actions, other)]
+    assert not torch.allclose(added[0], torch.zeros_like(added[0]), atol=1e-4)
+    assert not torch.allclose(added[0], added[1], atol=1e-4)
+
+
 def test_past_frames_and_actions_reach_later_predictions():
     """The time layers carry information forward: a model that ignored the past would pass the causality test."""
     cfg, model, params = make()
@@ -406,9 +435,10 @@ def test_flow_frames_regress_to_clean_latents():
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])
-@pytest.mark.parametrize("discrete, skip", [(False, False), (True, False), (False, True)])
-def test_cached_generation_equals_uncached(steps, discrete, skip):
-    cfg, model, params = make(discrete=discrete, agent=2, steps=steps, skip=skip)
+@pytest.mark.parametrize("discrete, skip, film", [(False, False, False), (True, False, False), (False, True, False),
+                                                  (True, False, True)])
+def test_cached_generation_equals_uncached(steps, discrete, skip, film):
+    cfg, model, params = make(discrete=discrete, agent=2, steps=steps, skip=skip, film=film)
     z, _, _, actions = inputs(cfg, steps=7, discrete=discrete)
     fn = functools.partial(apply, model, params)
     cached = generate(fn, z[:, :3], actions, 4, torch.Generator().manual_seed(5), cfg)

@@ -48,29 +48,42 @@ def test_actions_move_the_walk_by_their_directions(config):
         probe_script.random_walk_rows(cfg, 2, 3, 0.1, gen, 0.3)
 
 
+@pytest.mark.parametrize("local", [False, True])
 @pytest.mark.parametrize("config", [CONFIG, str(REPO / "experiments/configs/results_cartpole.yaml")])
-def test_pose_dependent_actions_turn_with_the_frame_before_them(config):
+def test_pose_dependent_actions_turn_with_the_frame_before_them(config, local):
     cfg = load_run_config(config).dynamics
     directions = probe_script.action_directions(cfg, torch.Generator().manual_seed(0), pose_dependent=True)
     count = cfg.n_actions if cfg.discrete else cfg.action_dim
     assert directions.shape == (2, count, cfg.latent_tokens, cfg.latent_dim)
     gen = torch.Generator().manual_seed(1)
-    _, actions, walk = probe_script.random_walk_rows(cfg, 16, 5, 1e-6, gen, 0.3, directions)
-    poses = probe_script.pose_of(torch.tanh(walk[:, :-1]))
+    _, actions, walk = probe_script.random_walk_rows(cfg, 16, 5, 1e-6, gen, 0.3, directions, local)
+    poses = probe_script.pose_of(torch.tanh(walk[:, :-1]), local)
     expected = 0.3 * probe_script.action_moves(actions[:, :-1], directions, cfg.discrete, poses)
     assert torch.allclose(walk[:, 1:] - walk[:, :-1], expected, atol=1e-4)
     # Pose 0 moves along the first set, pose 1/2 along the second: the same action, another direction.
-    first, second = (probe_script.action_moves(actions[:, 0], directions, cfg.discrete, torch.full((16,), pose))
+    first, second = (probe_script.action_moves(actions[:, 0], directions, cfg.discrete,
+                                               torch.full((16, cfg.latent_tokens), pose))
                      for pose in (0.0, 0.5))
     assert torch.allclose(first, probe_script.action_moves(actions[:, 0], directions[0], cfg.discrete), atol=1e-6)
     assert torch.allclose(second, probe_script.action_moves(actions[:, 0], directions[1], cfg.discrete), atol=1e-6)
+    # Which tokens a pose element turns: its own token only (local), or every token from the first one (global).
+    frame = torch.tanh(walk[:, 0])
+    nudged = [frame.clone(), frame.clone()]
+    nudged[0][:, 0, 0] += 0.5
+    nudged[1][:, 1, 0] += 0.5
+    base = probe_script.action_moves(actions[:, 0], directions, cfg.discrete, probe_script.pose_of(frame, local))
+    changed = [(probe_script.action_moves(actions[:, 0], directions, cfg.discrete, probe_script.pose_of(f, local))
+                - base).abs().amax(dim=(0, 2)) > 1e-6 for f in nudged]  # [S]: which tokens' moves changed
+    token = torch.arange(cfg.latent_tokens)
+    assert torch.equal(changed[0], token == 0 if local else token >= 0)
+    assert torch.equal(changed[1], token == 1 if local else token < 0)
     with pytest.raises(ValueError, match="need the previous frame's pose"):
         probe_script.action_moves(actions[:, 0], directions, cfg.discrete)
 
 
 def test_the_probe_scores_pose_dependent_actions_against_the_truth():
     cfg = load_run_config(CONFIG, ["replay.seq_len=6", "replay.batch_size=4"])
-    result = probe_script.probe(cfg, steps=1, eval_every=1, eval_rows=8, seed=1, action_gain=0.5, action_pose=True,
+    result = probe_script.probe(cfg, steps=1, eval_every=1, eval_rows=8, seed=1, action_gain=0.5, action_pose="global",
                                 log=lambda _: None)
     directions = probe_script.action_directions(cfg.dynamics, torch.Generator().manual_seed(5), pose_dependent=True)
     _, actions, walk = probe_script.random_walk_rows(cfg.dynamics, 8, 6, 0.15, torch.Generator().manual_seed(3),

@@ -238,3 +238,45 @@ def test_time_layers_know_the_order_of_the_history():
     y, _ = apply(model, params, x, mask)
     y_swapped, _ = apply(model, params, swapped, mask)
     assert not torch.allclose(y[:, -1], y_swapped[:, -1], atol=1e-4)
+
+
+@settings(max_examples=8, deadline=None)
+@given(cfg=configs, steps=st.integers(2, 6), data=st.data())
+def test_modulation_is_a_per_step_film_of_every_norm(cfg, steps, data):
+    """`modulation` (`[n_layers, 4, B, T, D]`, used by `DynamicsConfig.action_film`): zero is no modulation; a
+    uniform scale c with no shift equals multiplying every block's norm gains by 1 + c (FiLM acts on the normed
+    input); a change at step t+1 never reaches steps <= t; step-by-step cached decoding equals the full pass."""
+    model, params = make_model(**cfg)
+    layout = LAYOUTS["world_model"]
+    mask = layout.space_mask("world_model")
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    x = torch.randn(2, steps, layout.n_tokens, 32, generator=gen)
+    shape = (cfg["n_layers"], 4, 2, steps, 32)
+    plain, _ = apply(model, params, x, mask)
+    torch.testing.assert_close(apply(model, params, x, mask, None, torch.zeros(shape))[0], plain)
+
+    scale = torch.zeros(shape)
+    scale[:, [0, 2]] = 0.7
+    scaled_gains = params.clone()
+    for index in range(cfg["n_layers"]):
+        for norm in ("attn_norm", "mlp_norm"):
+            scaled_gains["layers", str(index), norm, "weight"] = params["layers", str(index), norm, "weight"] * 1.7
+    torch.testing.assert_close(apply(model, params, x, mask, None, scale)[0],
+                               apply(model, scaled_gains, x, mask)[0], atol=1e-5, rtol=1e-4)
+
+    film = 0.5 * torch.randn(shape, generator=gen)
+    y, _ = apply(model, params, x, mask, None, film)
+    t = data.draw(st.integers(0, steps - 2), label="t")
+    changed = film.clone()
+    changed[:, :, :, t + 1 :] = 0.5 * torch.randn(changed[:, :, :, t + 1 :].shape, generator=gen)
+    y_changed, _ = apply(model, params, x, mask, None, changed)
+    torch.testing.assert_close(y[:, : t + 1], y_changed[:, : t + 1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(y[:, t + 1 :], y_changed[:, t + 1 :])
+
+    cache, outputs = model.empty_cache(2), []
+    for step in range(steps):
+        out, cache = apply(model, params, x[:, step : step + 1], mask, cache, film[:, :, :, step : step + 1])
+        outputs.append(out)
+    torch.testing.assert_close(torch.cat(outputs, 1), y, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"modulation must be \[n_layers, 4, B, T, D\]"):
+        apply(model, params, x, mask, None, film[:, :2])
