@@ -29,16 +29,19 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
-from torch import Tensor
+from torch import Tensor, nn
 
 from d4func.dynamics import Dynamics, DynamicsConfig, actions_into_frames
-from d4func.functional import init, template
+from d4func.functional import apply, grad_and_value, init, template
 from d4func.next_latent import next_latent_errors, predict_next_latent
+from d4func.optim import AdamWConfig, adamw_init, adamw_update
 from d4func.train.dynamics_step import dynamics_train_step
 from d4func.train.run_config import RunConfig, load_run_config
 from d4func.train.state import new_train_state
@@ -127,25 +130,32 @@ def random_walk_rows(cfg: DynamicsConfig, batch: int, steps: int, step_std: floa
     return torch.tanh(walk), actions, walk
 
 
-def action_effects(model: Dynamics, params, walk: Tensor, actions: Tensor, target: int, action_gain: float,
-                   directions: Tensor, seed: int, local_pose: bool = False) -> dict[str, float]:
-    """How much the model's prediction of frame `target` moves when only the action into it is swapped for another
-    row's, against how much the truth moves (mean absolute change over elements); how much of the true change the
-    model's change explains (`action_effect_r2`); and the MSE of the oracle that knows the action but not the walk's
-    random step (the floor a model can reach)."""
-    cfg = model.cfg
+def dynamics_predictor(model: Dynamics, params, target: int, seed: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """`predict(latents, actions)`: the dynamics' prediction of frame `target` from pure noise behind its history
+    (`predict_next_latent`, one fixed noise seed), actions in TorchRL's convention."""
+    def predict(latents: Tensor, actions: Tensor) -> Tensor:
+        actions_in, mask = actions_into_frames(actions)
+        predicted, _ = predict_next_latent(model, params, latents, actions_in, mask, target,
+                                           torch.Generator().manual_seed(seed))
+        return predicted
+
+    return predict
+
+
+def action_effects(predict: Callable[[Tensor, Tensor], Tensor], walk: Tensor, actions: Tensor, target: int,
+                   action_gain: float, directions: Tensor, discrete: bool,
+                   local_pose: bool = False) -> dict[str, float]:
+    """How much a model's prediction of frame `target` (`predict(latents, actions)`) moves when only the action into
+    it is swapped for another row's, against how much the truth moves (mean absolute change over elements); how
+    much of the true change the model's change explains (`action_effect_r2`); and the MSE of the oracle that knows
+    the action but not the walk's random step (the floor a model can reach)."""
     other = actions.clone()
     other[:, target - 1] = actions.roll(1, dims=0)[:, target - 1]
     latents = torch.tanh(walk)
-    predictions = []
-    for acts in (actions, other):
-        actions_in, mask = actions_into_frames(acts)
-        predicted, _ = predict_next_latent(model, params, latents, actions_in, mask, target,
-                                           torch.Generator().manual_seed(seed))
-        predictions.append(predicted)
+    predictions = [predict(latents, acts) for acts in (actions, other)]
     pose = pose_of(latents[:, target - 1], local_pose)  # the frame both actions are taken after
-    move = action_moves(actions[:, target - 1], directions, cfg.discrete, pose)
-    other_move = action_moves(other[:, target - 1], directions, cfg.discrete, pose)
+    move = action_moves(actions[:, target - 1], directions, discrete, pose)
+    other_move = action_moves(other[:, target - 1], directions, discrete, pose)
     truth = latents[:, target]
     moved_truth = torch.tanh(walk[:, target] + action_gain * (other_move - move))
     oracle = torch.tanh(walk[:, target - 1] + action_gain * move)
@@ -159,12 +169,55 @@ def action_effects(model: Dynamics, params, walk: Tensor, actions: Tensor, targe
             "action_oracle_mse": float((oracle - truth).square().mean())}
 
 
+class NextFrameMLP(nn.Module):
+    """The reference for `--mlp-reference`: frame t+1 as frame t plus an MLP of frame t (flattened) and the action
+    taken after it (one-hot when discrete). No history, no noise, no attention: every input reaches every hidden
+    unit, so it shows how hard a walk's action effect is to learn by itself, apart from the dynamics' way there."""
+
+    def __init__(self, cfg: DynamicsConfig, hidden: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        frame = cfg.latent_tokens * cfg.latent_dim
+        action = cfg.n_actions if cfg.discrete else cfg.action_dim
+        self.net = nn.Sequential(nn.Linear(frame + action, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, frame))
+
+    def forward(self, previous: Tensor, action: Tensor) -> Tensor:
+        if self.cfg.discrete:
+            action = F.one_hot(action, self.cfg.n_actions).to(previous.dtype)
+        change = self.net(torch.cat([rearrange(previous, "b s z -> b (s z)"), action], dim=-1))
+        return previous + rearrange(change, "b (s z) -> b s z", s=self.cfg.latent_tokens)
+
+
+def mlp_train_step(model: NextFrameMLP, params, moments, step: int, latents: Tensor, actions: Tensor, target: int,
+                   opt: AdamWConfig):
+    """One AdamW step (the world model's optimiser settings) on the MSE of frame `target` given frame `target - 1`
+    and the action taken after it; returns params, moments and the loss."""
+    def loss_fn(p):
+        return (apply(model, p, latents[:, target - 1], actions[:, target - 1]) - latents[:, target]).square().mean()
+
+    grads, loss = grad_and_value(loss_fn)(params)
+    params, moments, _ = adamw_update(params, grads, moments, step, opt)
+    return params, moments, loss
+
+
+def mlp_predictor(model: NextFrameMLP, params, target: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """`predict(latents, actions)`: the MLP's frame `target` from frame `target - 1` and the action after it."""
+    def predict(latents: Tensor, actions: Tensor) -> Tensor:
+        return apply(model, params, latents[:, target - 1], actions[:, target - 1])
+
+    return predict
+
+
 def probe(cfg: RunConfig, steps: int, eval_every: int, step_std: float = 0.15, eval_rows: int = 64,
-          seed: int = 0, action_gain: float = 0.0, action_pose: str | None = None, log=print) -> dict[str, Any]:
+          seed: int = 0, action_gain: float = 0.0, action_pose: str | None = None, mlp_reference: int = 0,
+          log=print) -> dict[str, Any]:
     """Train `cfg.dynamics` from fresh weights on random walks; measure every `eval_every` steps. With
     `action_gain` > 0 the actions move the walk (`random_walk_rows`), along directions that turn with the pose
     of one element everywhere (`action_pose="global"`) or of each token's own (`"local"`) (`action_directions`,
-    `pose_of`), and each row also scores `action_effects`."""
+    `pose_of`), and each row also scores `action_effects`. `mlp_reference` > 0 trains a `NextFrameMLP` of that
+    width instead, on the same rows, batches and optimiser settings, one transition (into `target`) per row as the
+    dynamics' teacher forcing has; it sees the clean last frame, so its "copy noisy last" is copying the last."""
     # Swapping actions between evaluation rows needs two of them.
     for name, value, low in (("steps", steps, 1), ("eval_every", eval_every, 1),
                              ("eval_rows", eval_rows, 2 if action_gain > 0 else 1)):
@@ -176,10 +229,17 @@ def probe(cfg: RunConfig, steps: int, eval_every: int, step_std: float = 0.15, e
         raise ValueError(f"action_gain must be >= 0, got {action_gain}")
     if action_pose is not None and action_pose not in POSES:
         raise ValueError(f"action_pose must be None or one of {POSES}, got {action_pose!r}")
+    if not isinstance(mlp_reference, int) or mlp_reference < 0:
+        raise ValueError(f"mlp_reference must be an int >= 0 (0: train the dynamics), got {mlp_reference!r}")
     local_pose = action_pose == "local"
     seq_len = cfg.replay.seq_len  # >= 2: the run config keeps context_len (>= 1) below it
-    model = template(Dynamics, cfg.dynamics)
-    state = new_train_state(init(model, seed))
+    if mlp_reference:
+        model = template(NextFrameMLP, cfg.dynamics, mlp_reference)
+        params = init(model, seed)
+        moments = adamw_init(params)
+    else:
+        model = template(Dynamics, cfg.dynamics)
+        state = new_train_state(init(model, seed))
     train_gen = torch.Generator().manual_seed(seed + 1)
     eval_gen = torch.Generator().manual_seed(seed + 2)
     directions = action_directions(cfg.dynamics, torch.Generator().manual_seed(seed + 4), action_pose is not None)
@@ -193,29 +253,46 @@ def probe(cfg: RunConfig, steps: int, eval_every: int, step_std: float = 0.15, e
         started = time.perf_counter()
         latents, actions, _ = random_walk_rows(cfg.dynamics, cfg.replay.batch_size, seq_len, step_std, train_gen,
                                                action_gain, directions, local_pose)
-        actions_in, mask = actions_into_frames(actions)
-        state, metrics = dynamics_train_step(state, latents, actions_in, train_gen, model=model,
-                                             opt=cfg.optim.world_model, action_mask=mask)
+        if mlp_reference:
+            params, moments, loss = mlp_train_step(model, params, moments, step - 1, latents, actions, target,
+                                                   cfg.optim.world_model)
+        else:
+            actions_in, mask = actions_into_frames(actions)
+            state, metrics = dynamics_train_step(state, latents, actions_in, train_gen, model=model,
+                                                 opt=cfg.optim.world_model, action_mask=mask)
+            loss = metrics["loss"]
         seconds += time.perf_counter() - started
         if step % eval_every == 0 or step == steps:
-            actions_in, mask = actions_into_frames(eval_actions)
-            errors = next_latent_errors(model, state["params"], eval_latents, actions_in, mask, target,
-                                        torch.Generator().manual_seed(seed + 3))
+            if mlp_reference:
+                predict = mlp_predictor(model, params, target)
+                truth, history = eval_latents[:, target], eval_latents[:, :target]
+                copy_last = float((history[:, -1] - truth).square().mean())
+                errors = {"model_mse": float((predict(eval_latents, eval_actions) - truth).square().mean()),
+                          "copy_last_mse": copy_last, "copy_noisy_last_mse": copy_last,
+                          "context_mean_mse": float((history.mean(dim=1) - truth).square().mean())}
+            else:
+                actions_in, mask = actions_into_frames(eval_actions)
+                errors = next_latent_errors(model, state["params"], eval_latents, actions_in, mask, target,
+                                            torch.Generator().manual_seed(seed + 3))
+                predict = dynamics_predictor(model, state["params"], target, seed + 3)
             if action_gain > 0:
-                errors.update(action_effects(model, state["params"], eval_walk, eval_actions, target, action_gain,
-                                             directions, seed + 3, local_pose))
-            row = {"step": step, "train_seconds": round(seconds, 1), "loss": float(metrics["loss"]), **errors}
+                errors.update(action_effects(predict, eval_walk, eval_actions, target, action_gain, directions,
+                                             cfg.dynamics.discrete, local_pose))
+            row = {"step": step, "train_seconds": round(seconds, 1), "loss": float(loss), **errors}
             log(json.dumps(row))
             rows.append(row)
     return {"step_std": step_std, "action_gain": action_gain, "action_pose": action_pose, "eval_rows": eval_rows,
-            "target_frame": target, "seed": seed, "context_signal": cfg.dynamics.context_signal,
+            "target_frame": target, "seed": seed, "mlp_reference": mlp_reference,
+            "context_signal": 1.0 if mlp_reference else cfg.dynamics.context_signal,
             "lr": cfg.optim.world_model.lr, "batch": [cfg.replay.batch_size, seq_len], "rows": rows}
 
 
 def format_table(result: dict[str, Any]) -> str:
     acting = result.get("action_gain", 0.0) > 0
-    lines = [f"next-frame MSE on random-walk latents (frame {result['target_frame']} from pure noise, context at "
-             f"signal {result['context_signal']:g}, lr {result['lr']:g}, action gain {result.get('action_gain', 0):g}"
+    source = (f"an MLP of width {result['mlp_reference']} from the clean last frame" if result.get("mlp_reference")
+              else f"pure noise, context at signal {result['context_signal']:g}")
+    lines = [f"next-frame MSE on random-walk latents (frame {result['target_frame']} from {source}, "
+             f"lr {result['lr']:g}, action gain {result.get('action_gain', 0):g}"
              + (f", pose-dependent: {result['action_pose']})" if result.get("action_pose") else ")"),
              f"{'step':>6} {'loss':>8} {'model':>8} {'copy last':>10} {'copy noisy last':>16} {'context mean':>13}"
              + (f" {'oracle':>8} {'effect model/true':>18} {'effect R2':>9}" if acting else "")]
@@ -242,6 +319,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--action-pose", nargs="?", const="global", default=None, choices=POSES,
                         help="the direction an action moves the walk turns with the previous frame's pose: one "
                              "element's everywhere (global, the default when given alone) or each token's own (local)")
+    parser.add_argument("--mlp-reference", type=int, default=0, metavar="WIDTH",
+                        help="train a plain MLP of this width on (last frame, action) instead of the dynamics")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="JSON path (default: none)")
@@ -249,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     cfg = load_run_config(args.config, args.overrides)
     result = probe(cfg, args.steps, args.eval_every, args.step_std, seed=args.seed,
-                   action_gain=args.action_gain, action_pose=args.action_pose)
+                   action_gain=args.action_gain, action_pose=args.action_pose, mlp_reference=args.mlp_reference)
     result.update({"config": args.config, "overrides": args.overrides})
     print(format_table(result))
     if args.out:

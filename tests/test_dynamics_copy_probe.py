@@ -120,6 +120,32 @@ def test_probe_rows_and_baselines(tmp_path):
 
 
 @pytest.mark.parametrize("config", [CONFIG, str(REPO / "experiments/configs/results_cartpole.yaml")])
+def test_mlp_reference_starts_from_the_last_frame_and_learns_a_fixed_action_effect(config):
+    """`--mlp-reference`: frame t plus an MLP's change, so with its output layer at zero it is copying the last
+    frame; trained on the probe's rows (discrete actions on Reach, continuous on cartpole) it learns a fixed action
+    effect within 300 updates, which is what makes it a reference for the slower cases."""
+    cfg = load_run_config(config)
+    model = probe_script.template(probe_script.NextFrameMLP, cfg.dynamics, 32)
+    params = probe_script.init(model, 0)
+    params["net", "4", "weight"] = torch.zeros_like(params["net", "4", "weight"])
+    params["net", "4", "bias"] = torch.zeros_like(params["net", "4", "bias"])
+    directions = probe_script.action_directions(cfg.dynamics, torch.Generator().manual_seed(0))
+    latents, actions, _ = probe_script.random_walk_rows(cfg.dynamics, 4, 6, 0.15, torch.Generator().manual_seed(1),
+                                                        0.5, directions)
+    predict = probe_script.mlp_predictor(model, params, 3)
+    assert torch.equal(predict(latents, actions), latents[:, 2])
+
+    result = probe_script.probe(cfg, steps=300, eval_every=300, seed=0, action_gain=0.5, mlp_reference=64,
+                                log=lambda _: None)
+    row = result["rows"][-1]
+    assert row["action_effect_r2"] > 0.3 and row["model_mse"] < row["copy_last_mse"]
+    assert row["copy_noisy_last_mse"] == row["copy_last_mse"] and result["context_signal"] == 1.0
+    assert "an MLP of width 64" in probe_script.format_table(result)
+    with pytest.raises(ValueError, match="mlp_reference must be an int >= 0.*got -1"):
+        probe_script.probe(cfg, steps=1, eval_every=1, mlp_reference=-1)
+
+
+@pytest.mark.parametrize("config", [CONFIG, str(REPO / "experiments/configs/results_cartpole.yaml")])
 def test_probe_with_informative_actions_scores_their_effect(config):
     cfg = load_run_config(config, ["replay.seq_len=6", "replay.batch_size=4"])
     result = probe_script.probe(cfg, steps=2, eval_every=2, eval_rows=8, seed=1, action_gain=0.5, log=lambda _: None)
