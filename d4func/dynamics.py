@@ -75,11 +75,11 @@ class DynamicsConfig:
     # Not in the paper, which gives the action to the transformer only as a token: also condition every block on the
     # action into the frame, FiLM scales and shifts of each norm's output from the action's embedding (adaLN as in
     # DiT, Peebles & Xie 2023; DIAMOND conditions its denoiser on actions this way), zero-initialised so that it
-    # starts as the token-only model. Why: where an action's effect depends on the state (a torque turns a reacher
-    # arm one way or the other depending on its angle), the effect averaged over states is about zero, so a model
-    # that can only add the action's token into its features gets almost no gradient toward the effect; FiLM
-    # multiplies the action into the features that hold the state, which gives that gradient from the first step
-    # (experiments/dynamics_copy_probe.py --action-pose; docs/results.md, Sec. 2).
+    # starts as the token-only model. The case for it: where an action's effect depends on the state (a torque turns
+    # a reacher arm one way or the other depending on its angle), the effect averaged over states is about zero, and
+    # FiLM multiplies the action into the features that hold the state. Measured on the pose-dependent probe
+    # (experiments/dynamics_copy_probe.py --action-pose; docs/results.md, Sec. 2), it starts sooner but is not ahead
+    # at 2,000 updates with the copy options: an option to compare, not a fix.
     action_film: bool = False
     # Per-frame loss weight: the paper's ramp w(tau) = 0.9 tau + 0.1, or "uniform" (objectives.frame_weight).
     loss_weight: str = "ramp"

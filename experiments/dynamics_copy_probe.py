@@ -201,6 +201,12 @@ def mlp_train_step(model: NextFrameMLP, params, moments, step: int, latents: Ten
     return params, moments, loss
 
 
+def pool_batch(latents: Tensor, actions: Tensor, batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """`batch` rows drawn uniformly, with replacement, from a fixed pool of rows (`--pool-rows`)."""
+    picked = torch.randint(0, latents.shape[0], (batch,), generator=generator)
+    return latents[picked], actions[picked]
+
+
 def mlp_predictor(model: NextFrameMLP, params, target: int) -> Callable[[Tensor, Tensor], Tensor]:
     """`predict(latents, actions)`: the MLP's frame `target` from frame `target - 1` and the action after it."""
     def predict(latents: Tensor, actions: Tensor) -> Tensor:
@@ -211,13 +217,15 @@ def mlp_predictor(model: NextFrameMLP, params, target: int) -> Callable[[Tensor,
 
 def probe(cfg: RunConfig, steps: int, eval_every: int, step_std: float = 0.15, eval_rows: int = 64,
           seed: int = 0, action_gain: float = 0.0, action_pose: str | None = None, mlp_reference: int = 0,
-          log=print) -> dict[str, Any]:
+          pool_rows: int = 0, log=print) -> dict[str, Any]:
     """Train `cfg.dynamics` from fresh weights on random walks; measure every `eval_every` steps. With
     `action_gain` > 0 the actions move the walk (`random_walk_rows`), along directions that turn with the pose
     of one element everywhere (`action_pose="global"`) or of each token's own (`"local"`) (`action_directions`,
     `pose_of`), and each row also scores `action_effects`. `mlp_reference` > 0 trains a `NextFrameMLP` of that
     width instead, on the same rows, batches and optimiser settings, one transition (into `target`) per row as the
-    dynamics' teacher forcing has; it sees the clean last frame, so its "copy noisy last" is copying the last."""
+    dynamics' teacher forcing has; it sees the clean last frame, so its "copy noisy last" is copying the last.
+    `pool_rows` > 0 draws that many training rows once and samples every batch from them (with replacement), as a
+    replay holding `pool_rows * seq_len` transitions would; 0 draws fresh rows for every batch."""
     # Swapping actions between evaluation rows needs two of them.
     for name, value, low in (("steps", steps, 1), ("eval_every", eval_every, 1),
                              ("eval_rows", eval_rows, 2 if action_gain > 0 else 1)):
@@ -229,6 +237,8 @@ def probe(cfg: RunConfig, steps: int, eval_every: int, step_std: float = 0.15, e
         raise ValueError(f"action_gain must be >= 0, got {action_gain}")
     if action_pose is not None and action_pose not in POSES:
         raise ValueError(f"action_pose must be None or one of {POSES}, got {action_pose!r}")
+    if not isinstance(pool_rows, int) or pool_rows < 0:
+        raise ValueError(f"pool_rows must be an int >= 0 (0: fresh rows for every batch), got {pool_rows!r}")
     if not isinstance(mlp_reference, int) or mlp_reference < 0:
         raise ValueError(f"mlp_reference must be an int >= 0 (0: train the dynamics), got {mlp_reference!r}")
     local_pose = action_pose == "local"
@@ -246,13 +256,19 @@ def probe(cfg: RunConfig, steps: int, eval_every: int, step_std: float = 0.15, e
     eval_latents, eval_actions, eval_walk = random_walk_rows(cfg.dynamics, eval_rows, seq_len, step_std, eval_gen,
                                                              action_gain, directions, local_pose)
     target = seq_len // 2  # half the row as context, as a replay context of `context_len` frames would give
+    if pool_rows:
+        pool_latents, pool_actions, _ = random_walk_rows(cfg.dynamics, pool_rows, seq_len, step_std, train_gen,
+                                                         action_gain, directions, local_pose)
 
     rows = []
     seconds = 0.0
     for step in range(1, steps + 1):
         started = time.perf_counter()
-        latents, actions, _ = random_walk_rows(cfg.dynamics, cfg.replay.batch_size, seq_len, step_std, train_gen,
-                                               action_gain, directions, local_pose)
+        if pool_rows:
+            latents, actions = pool_batch(pool_latents, pool_actions, cfg.replay.batch_size, train_gen)
+        else:
+            latents, actions, _ = random_walk_rows(cfg.dynamics, cfg.replay.batch_size, seq_len, step_std,
+                                                   train_gen, action_gain, directions, local_pose)
         if mlp_reference:
             params, moments, loss = mlp_train_step(model, params, moments, step - 1, latents, actions, target,
                                                    cfg.optim.world_model)
@@ -282,7 +298,7 @@ def probe(cfg: RunConfig, steps: int, eval_every: int, step_std: float = 0.15, e
             log(json.dumps(row))
             rows.append(row)
     return {"step_std": step_std, "action_gain": action_gain, "action_pose": action_pose, "eval_rows": eval_rows,
-            "target_frame": target, "seed": seed, "mlp_reference": mlp_reference,
+            "target_frame": target, "seed": seed, "mlp_reference": mlp_reference, "pool_rows": pool_rows,
             "context_signal": 1.0 if mlp_reference else cfg.dynamics.context_signal,
             "lr": cfg.optim.world_model.lr, "batch": [cfg.replay.batch_size, seq_len], "rows": rows}
 
@@ -321,6 +337,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "element's everywhere (global, the default when given alone) or each token's own (local)")
     parser.add_argument("--mlp-reference", type=int, default=0, metavar="WIDTH",
                         help="train a plain MLP of this width on (last frame, action) instead of the dynamics")
+    parser.add_argument("--pool-rows", type=int, default=0, metavar="ROWS",
+                        help="train on a fixed pool of this many rows (a finite replay) instead of fresh rows")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="JSON path (default: none)")
@@ -328,7 +346,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     cfg = load_run_config(args.config, args.overrides)
     result = probe(cfg, args.steps, args.eval_every, args.step_std, seed=args.seed,
-                   action_gain=args.action_gain, action_pose=args.action_pose, mlp_reference=args.mlp_reference)
+                   action_gain=args.action_gain, action_pose=args.action_pose, mlp_reference=args.mlp_reference,
+                   pool_rows=args.pool_rows)
     result.update({"config": args.config, "overrides": args.overrides})
     print(format_table(result))
     if args.out:

@@ -145,6 +145,28 @@ def test_mlp_reference_starts_from_the_last_frame_and_learns_a_fixed_action_effe
         probe_script.probe(cfg, steps=1, eval_every=1, mlp_reference=-1)
 
 
+def test_a_pool_of_rows_is_all_that_training_sees():
+    """`--pool-rows`: every batch is made of the pool's rows (each row whole, its actions with it), and draws
+    reach every row of the pool."""
+    cfg = load_run_config(CONFIG).dynamics
+    latents, actions, _ = probe_script.random_walk_rows(cfg, 5, 6, 0.15, torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    seen = set()
+    for _ in range(20):
+        batch_latents, batch_actions = probe_script.pool_batch(latents, actions, 4, gen)
+        for row, row_actions in zip(batch_latents, batch_actions, strict=True):
+            index = [i for i in range(5) if torch.equal(latents[i], row)]
+            assert len(index) == 1 and torch.equal(actions[index[0]], row_actions)
+            seen.add(index[0])
+    assert seen == set(range(5))
+    small = load_run_config(CONFIG, ["replay.seq_len=6", "replay.batch_size=4"])
+    pooled = probe_script.probe(small, steps=2, eval_every=2, eval_rows=8, seed=1, pool_rows=3, log=lambda _: None)
+    fresh = probe_script.probe(small, steps=2, eval_every=2, eval_rows=8, seed=1, log=lambda _: None)
+    assert pooled["pool_rows"] == 3 and pooled["rows"][0]["loss"] != fresh["rows"][0]["loss"]
+    with pytest.raises(ValueError, match="pool_rows must be an int >= 0.*got -2"):
+        probe_script.probe(load_run_config(CONFIG), steps=1, eval_every=1, pool_rows=-2)
+
+
 @pytest.mark.parametrize("config", [CONFIG, str(REPO / "experiments/configs/results_cartpole.yaml")])
 def test_probe_with_informative_actions_scores_their_effect(config):
     cfg = load_run_config(config, ["replay.seq_len=6", "replay.batch_size=4"])
