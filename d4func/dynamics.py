@@ -79,7 +79,7 @@ class DynamicsConfig:
     # a reacher arm one way or the other depending on its angle), the effect averaged over states is about zero, and
     # FiLM multiplies the action into the features that hold the state. Measured on the pose-dependent probe
     # (experiments/dynamics_copy_probe.py --action-pose; docs/results.md, Sec. 2), it starts sooner but is not ahead
-    # at 2,000 updates with the copy options: an option to compare, not a fix.
+    # at 2,000 updates with the copy options, and on reacher-easy's latents it did worse: an option to compare.
     action_film: bool = False
     # Per-frame loss weight: the paper's ramp w(tau) = 0.9 tau + 0.1, or "uniform" (objectives.frame_weight).
     loss_weight: str = "ramp"
