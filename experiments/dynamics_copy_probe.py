@@ -20,6 +20,15 @@ from pure noise against two baselines:
         --set optim.world_model.lr=1e-3 --set dynamics.context_noise=0.0 --set dynamics.clean_context_fraction=0.5 \\
         --out runs/copy_probe_lr.json
 
+With `--action-gain G` the actions move the walk (each row then also scores how much of an action's true effect
+the model's response explains, `action_effect_r2`); `--action-pose [global|local]` makes that effect turn with
+the state, of one element everywhere or of each token's own. `--mlp-reference WIDTH` trains a plain MLP on (last
+frame, action) instead, the reference for how hard an effect is by itself; `--pool-rows N` trains on a fixed pool
+of rows, as a replay of N * seq_len transitions would give, instead of fresh rows for every batch.
+
+    python experiments/dynamics_copy_probe.py --config experiments/configs/results_reacher32.yaml --steps 2000 \
+        --eval-every 500 --action-gain 0.3 --action-pose local [--mlp-reference 256] [--pool-rows 625]
+
 The dynamics, batch shape and optimiser come from a loop config (`RunConfig`, with `--set KEY=VALUE` overrides);
 the result is JSON at `--out` and a table on stdout.
 """
