@@ -56,6 +56,16 @@ def predict_next_latent(
     return predicted, noisy
 
 
+def history_baseline_errors(latents: Tensor, target: int) -> dict[str, float]:
+    """MSE against frame `target` of clean `latents` `[B, T, S, Dz]` of the two baselines that read only its
+    history: copying the last frame, and the mean of the frames before it."""
+    truth = latents[:, target]
+    return {
+        "copy_last_mse": float((latents[:, target - 1] - truth).square().mean()),
+        "context_mean_mse": float((latents[:, :target].mean(dim=1) - truth).square().mean()),
+    }
+
+
 @torch.no_grad()
 def next_latent_errors(
     model: Dynamics,
@@ -69,11 +79,11 @@ def next_latent_errors(
     """MSE of the flow prediction of frame `target` of clean `latents` `[B, T, S, Dz]` (actions `actions_in` in the
     dynamics' convention, leading into each frame) and of the two history baselines (module docstring)."""
     predicted, noisy = predict_next_latent(model, params, latents, actions_in, action_mask, target, generator)
-    clip = latents[:, : target + 1]
-    truth = clip[:, target]
+    truth = latents[:, target]
+    baselines = history_baseline_errors(latents, target)
     return {
         "model_mse": float((predicted - truth).square().mean()),
-        "copy_last_mse": float((clip[:, target - 1] - truth).square().mean()),
+        "copy_last_mse": baselines["copy_last_mse"],
         "copy_noisy_last_mse": float((noisy[:, target - 1] / model.cfg.context_signal - truth).square().mean()),
-        "context_mean_mse": float((clip[:, :target].mean(dim=1) - truth).square().mean()),
+        "context_mean_mse": baselines["context_mean_mse"],
     }

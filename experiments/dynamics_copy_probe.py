@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from d4func.dynamics import Dynamics, DynamicsConfig, actions_into_frames
 from d4func.functional import apply, grad_and_value, init, template
-from d4func.next_latent import next_latent_errors, predict_next_latent
+from d4func.next_latent import history_baseline_errors, next_latent_errors, predict_next_latent
 from d4func.optim import AdamWConfig, adamw_init, adamw_update
 from d4func.train.dynamics_step import dynamics_train_step
 from d4func.train.run_config import RunConfig, load_run_config
@@ -290,11 +290,12 @@ def probe(cfg: RunConfig, steps: int, eval_every: int, step_std: float = 0.15, e
         if step % eval_every == 0 or step == steps:
             if mlp_reference:
                 predict = mlp_predictor(model, params, target)
-                truth, history = eval_latents[:, target], eval_latents[:, :target]
-                copy_last = float((history[:, -1] - truth).square().mean())
-                errors = {"model_mse": float((predict(eval_latents, eval_actions) - truth).square().mean()),
-                          "copy_last_mse": copy_last, "copy_noisy_last_mse": copy_last,
-                          "context_mean_mse": float((history.mean(dim=1) - truth).square().mean())}
+                baselines = history_baseline_errors(eval_latents, target)
+                errors = {"model_mse": float((predict(eval_latents, eval_actions) - eval_latents[:, target])
+                                             .square().mean()),
+                          "copy_last_mse": baselines["copy_last_mse"],
+                          "copy_noisy_last_mse": baselines["copy_last_mse"],  # the MLP reads the clean last frame
+                          "context_mean_mse": baselines["context_mean_mse"]}
             else:
                 actions_in, mask = actions_into_frames(eval_actions)
                 errors = next_latent_errors(model, state["params"], eval_latents, actions_in, mask, target,
