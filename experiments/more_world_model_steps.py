@@ -19,8 +19,9 @@ on one fixed set of held-out clips with one noise seed:
   actions and under another clip's (`world_model_quality.action_conditioning`);
 * `action_effect`: the mean absolute pixel change between those two rollouts; compare it with the real env's
   (`experiments/real_action_effect.py`);
-* `counterfactual_action_r2` (pixels) and `counterfactual_latent_r2` (latents): how much of the real env's change
-  between two action sequences from one state the model's change explains
+* `counterfactual_action_r2` (pixels), `counterfactual_latent_r2` (latents) and `counterfactual_next_latent_r2` (the
+  model's mean of the first latent frame): how much of the real env's change between two action sequences from one
+  state the model's change explains
   (`world_model_quality.counterfactual_action_metrics`; None for envs that cannot restore a state), on `--clips`
   fixed states;
 * `psnr_k4_pooled` and `psnr_copy_last_pooled`: the next frame at K = 4 against copying the last frame, and
@@ -93,7 +94,8 @@ def measure(run: Any, frames: torch.Tensor, actions: torch.Tensor, rewards: torc
                                 torch.Generator().manual_seed(seed))
     return {
         **wmq.action_conditioning(run, frames, actions, imagined, seed),
-        **{key: counterfactual[key] for key in ("counterfactual_action_r2", "counterfactual_latent_r2")},
+        **{key: counterfactual[key] for key in ("counterfactual_action_r2", "counterfactual_latent_r2",
+                                                "counterfactual_next_latent_r2")},
         "psnr_k4_pooled": next_frame["pooled"]["k4"],
         "psnr_copy_last_pooled": next_frame["pooled"]["copy_last"],
         "psnr_reconstruction_pooled": next_frame["pooled"]["reconstruction"],
@@ -226,7 +228,7 @@ def continue_world_model(
 def format_table(result: dict[str, Any]) -> str:
     num = wmq._num
     header = (f"{'extra steps':>11} {'loss':>7} {'own (dB)':>9} {'other (dB)':>11} {'action effect':>14} "
-              f"{'cf. R2':>7} {'latent cf. R2':>13} "
+              f"{'cf. R2':>7} {'latent cf. R2':>13} {'1-step mean cf. R2':>18} "
               f"{'K=4 (dB)':>9} {'copy last':>10} {'reward R2':>10} {'latent: model':>14} {'copy last':>10} "
               f"{'hist. mean':>10}")
     lines = [f"{result['run']} (checkpoint at step {result['run_step']}, {result['replay_transitions']} replay "
@@ -237,7 +239,8 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"{row['extra_steps']:>11} {num(row['world_model_loss']):>7} "
                      f"{num(row['open_loop_pooled_own_actions']):>9} {num(row['open_loop_pooled_other_actions']):>11} "
                      f"{num(row['action_effect']):>14} {num(row['counterfactual_action_r2']):>7} "
-                     f"{num(row.get('counterfactual_latent_r2')):>13} {num(row['psnr_k4_pooled']):>9} "
+                     f"{num(row.get('counterfactual_latent_r2')):>13} "
+                     f"{num(row.get('counterfactual_next_latent_r2')):>18} {num(row['psnr_k4_pooled']):>9} "
                      f"{num(row['psnr_copy_last_pooled']):>10} {num(row['reward_r2']):>10} "
                      f"{num(row['latent_next_mse']):>14} {num(row['latent_copy_last_mse']):>10} "
                      f"{num(row['latent_context_mean_mse']):>10}")

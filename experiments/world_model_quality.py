@@ -28,7 +28,10 @@ through a sliding window of that many frames, as imagination and the acting poli
   ignores them, below 0 when it responds but wrongly. Unlike `action_effect`, an untrained model that responds
   at random does not score well. `counterfactual_latent_r2` is the same in latent space: the model's generated
   latents against the env's frames encoded after the same context. Imagination works on latents, and a decoder
-  that amplifies small latent errors (Reach's) can push the pixel figure below 0 where the latents are right;
+  that amplifies small latent errors (Reach's) can push the pixel figure below 0 where the latents are right.
+  Both score sampled rollouts, whose draws differ from the model's mean by the sampler's noise, counted as error;
+  `counterfactual_next_latent_r2` scores the mean instead, one step: the flow prediction of the first frame after
+  the context from pure noise (`d4func.next_latent`) under each sequence's first action;
 * reward: the reward head (offset 0) on the agent tokens of the real clip, each frame committed as the agent
   observes one (`imagination.commit_frames`), against the rewards the env gave. Its mean squared error is compared
   with the best constant prediction (the held-out rewards' own mean, so the baseline is optimistic), as
@@ -62,6 +65,7 @@ from torch import Tensor
 from d4func.dynamics import Dynamics, actions_into_frames
 from d4func.heads import AgentHeads, reward_dist
 from d4func.imagination import commit_frames, world_model_fn
+from d4func.next_latent import predict_next_latent
 from d4func.tokenizer import Tokenizer, decode, encode, encode_windowed
 from d4func.tokenizer_loss import psnr
 from d4func.train import checkpoint
@@ -311,7 +315,8 @@ def counterfactual_clips_for(run: LoadedRun, clips: int, horizon: int, seed: int
 
 
 COUNTERFACTUAL_KEYS = ("counterfactual_action_r2", "counterfactual_action_r2_per_step",
-                       "counterfactual_model_change", "counterfactual_real_change", "counterfactual_latent_r2")
+                       "counterfactual_model_change", "counterfactual_real_change", "counterfactual_latent_r2",
+                       "counterfactual_next_latent_r2")
 
 
 def change_explained(model_change: Tensor, real_change: Tensor) -> tuple[float | None, list[float | None]]:
@@ -341,12 +346,23 @@ def counterfactual_action_metrics(run: LoadedRun, clips: dict[str, Tensor] | Non
     overall, per_step = change_explained(model_change, real_change)
     # The same in latent space, where imagination works: the env's frames encoded after the same context, as the
     # acting policy would encode them (at most a training row's frames at once).
-    real_latents = [encode_windowed(run.tokenizer, run.tokenizer_params, torch.cat([clips["context"], frames], dim=1),
-                                    run.cfg.replay.row_frames)[:, clips["context"].shape[1]:]
-                    for frames in clips["frames"]]
+    context_len = clips["context"].shape[1]
+    encoded = [encode_windowed(run.tokenizer, run.tokenizer_params, torch.cat([clips["context"], frames], dim=1),
+                               run.cfg.replay.row_frames) for frames in clips["frames"]]
+    real_latents = [latents[:, context_len:] for latents in encoded]
     latent_r2, _ = change_explained(predicted_latents[0] - predicted_latents[1], real_latents[0] - real_latents[1])
+    # One step of the model's mean: a sampler's draw differs from the conditional mean by its own noise, which the
+    # figures above count as error; the flow prediction from pure noise (`d4func.next_latent`) does not, and is
+    # what a regression model (experiments/latent_mlp_reference.py) is scored on.
+    means = []
+    for latents, actions in zip(encoded, clips["actions"], strict=True):
+        actions_in, mask = actions_into_frames(actions[:, :context_len + 1])
+        means.append(predict_next_latent(run.dynamics, run.dynamics_params, latents[:, :context_len + 1], actions_in,
+                                         mask, context_len, torch.Generator().manual_seed(seed))[0])
+    next_latent_r2, _ = change_explained((means[0] - means[1])[:, None],
+                                         (real_latents[0] - real_latents[1])[:, :1])
     return dict(zip(COUNTERFACTUAL_KEYS, (overall, per_step, float(model_change.abs().mean()),
-                                          float(real_change.abs().mean()), latent_r2), strict=True))
+                                          float(real_change.abs().mean()), latent_r2, next_latent_r2), strict=True))
 
 
 @torch.no_grad()
@@ -435,7 +451,8 @@ def format_table(result: dict[str, Any]) -> str:
                                       else f"the model's change explains R^2 {_num(result['counterfactual_action_r2'])}"
                                       f" of the env's (mean pixel change {_num(result['counterfactual_model_change'])}"
                                       f" against {_num(result['counterfactual_real_change'])}; in latent space "
-                                      f"R^2 {_num(result.get('counterfactual_latent_r2'))}), "
+                                      f"R^2 {_num(result.get('counterfactual_latent_r2'))}; the model's mean of the "
+                                      f"first step R^2 {_num(result.get('counterfactual_next_latent_r2'))}), "
                                       f"{result['counterfactual_clips']} states"),
         f"open-loop PSNR (dB, per image), K={result['sampling_steps']}",
         f"  {'step':>4} {'model':>8} {'copy last':>10}",

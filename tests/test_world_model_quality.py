@@ -187,6 +187,17 @@ def test_counterfactual_actions_score_the_models_change_against_the_envs(run_dir
     latent_change, real_latent_change = latents[0] - latents[1], real[0] - real[1]
     expected_latent = 1 - float((latent_change - real_latent_change).square().sum() / real_latent_change.square().sum())
     assert measured["counterfactual_latent_r2"] == pytest.approx(expected_latent, rel=1e-5)
+    # The model's mean of the first step: the flow prediction from pure noise under each sequence's first action.
+    context_len = clips["context"].shape[1]
+    means = []
+    for frames, actions in zip(clips["frames"], clips["actions"], strict=True):
+        clip = wmq.encode(run.tokenizer, run.tokenizer_params, torch.cat([clips["context"], frames[:, :1]], 1))
+        actions_in, mask = wmq.actions_into_frames(actions[:, :context_len + 1])
+        means.append(wmq.predict_next_latent(run.dynamics, run.dynamics_params, clip, actions_in, mask, context_len,
+                                             torch.Generator().manual_seed(SEED))[0])
+    mean_change, real_first = means[0] - means[1], real_latent_change[:, 0]
+    expected_mean = 1 - float((mean_change - real_first).square().sum() / real_first.square().sum())
+    assert measured["counterfactual_next_latent_r2"] == pytest.approx(expected_mean, rel=1e-5, abs=1e-6)
     assert wmq.counterfactual_action_metrics(run, None, SEED) == dict.fromkeys(measured)
     assert wmq.counterfactual_clips_for(run, 0, HORIZON, SEED, max_steps=200) is None
     assert "counterfactual actions: the model's change explains R^2" in wmq.format_table(result)

@@ -1,0 +1,254 @@
+"""Do a run's latents hold the effect of its actions? A plain MLP on the run's frozen latents, as its dynamics'
+reference.
+
+When a run's dynamics does not respond to its actions (`counterfactual_latent_r2` about 0 in
+`world_model_quality.py` and `more_world_model_steps.py`), either the latents do not carry the arm's response
+precisely enough to learn it from, or the dynamics' way to it (noise levels, attention between tokens, a plateau)
+is slow. This script separates the two on the run's own data: it loads the newest checkpoint's tokenizer (frozen),
+samples the run's replay as `more_world_model_steps.py` does, and trains a `HistoryMLP` on (the last `--history`
+latent frames, the action taken after the last of them) -> the next latent frame, one transition per replay row at a
+uniformly drawn position, as the dynamics' teacher forcing trains one target per row, with the world model's AdamW
+settings and batch. No noise, no attention, no tokens: every input reaches every hidden unit. Every `--eval-every`
+steps it measures, on the fixed held-out clips and counterfactual states that `more_world_model_steps.py` uses for
+the same `--seed`:
+
+* `latent_next_mse` against `latent_copy_last_mse` and `latent_context_mean_mse`: the first frame after the
+  context (`d4func.next_latent.history_baseline_errors`);
+* `counterfactual_latent_r2` (and `_per_step`): from one real state, the MLP rolled open loop in latent space under
+  two action sequences; how much of the change between the env's two branches (encoded as the acting policy
+  encodes them) the MLP's change explains (`world_model_quality.change_explained`), the dynamics' figure of the same
+  name.
+
+An MLP that reaches a clearly positive `counterfactual_latent_r2` where the dynamics stays at 0 says the latents
+hold the action's effect and the dynamics is slow to find it; an MLP at 0 too says the latents (the tokenizer, the
+data) are the obstacle. Nothing in the run directory changes.
+
+    python experiments/latent_mlp_reference.py --run runs/reacher32_copy/seed0 --steps 4000 --eval-every 1000 \
+        [--history 2] [--width 256] [--out runs/mlp_reference.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from tensordict import TensorDictBase
+from torch import Tensor, nn
+
+from d4func.functional import apply, grad_and_value, init, template
+from d4func.next_latent import history_baseline_errors
+from d4func.optim import AdamWConfig, adamw_init, adamw_update
+from d4func.tokenizer import encode_windowed
+from d4func.train.loop import replay_batch
+
+# A sibling script, for its replay opener and (through it) world_model_quality.py's loaders and metrics.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import more_world_model_steps as more_steps  # noqa: E402
+
+wmq = more_steps.wmq
+
+
+class HistoryMLP(nn.Module):
+    """Latent frame t+1 as frame t plus an MLP of frames t-h+1..t (flattened) and the action taken after frame t
+    (one-hot when discrete)."""
+
+    def __init__(self, latent_tokens: int, latent_dim: int, action_size: int, history: int, hidden: int,
+                 discrete: bool) -> None:
+        super().__init__()
+        self.latent_tokens, self.action_size, self.discrete = latent_tokens, action_size, discrete
+        frame = latent_tokens * latent_dim
+        self.net = nn.Sequential(nn.Linear(history * frame + action_size, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, frame))
+
+    def forward(self, history: Tensor, action: Tensor) -> Tensor:
+        if self.discrete:
+            action = F.one_hot(action.long(), self.action_size).to(history.dtype)
+        change = self.net(torch.cat([rearrange(history, "b h s z -> b (h s z)"), action], dim=-1))
+        return history[:, -1] + rearrange(change, "b (s z) -> b s z", s=self.latent_tokens)
+
+
+def training_transitions(latents: Tensor, actions: Tensor, history: int, generator: torch.Generator
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """One transition per row of `latents` `[B, T, S, Dz]` and `actions` `[B, T, ...]` (TorchRL's convention: action
+    t follows frame t), its target frame drawn uniformly from those with `history` frames before it: the history
+    `[B, h, S, Dz]`, the action after its last frame and the target frame `[B, S, Dz]`."""
+    rows, steps = latents.shape[:2]
+    if steps <= history:
+        raise ValueError(f"rows of {steps} frames leave no target behind a history of {history}")
+    targets = torch.randint(history, steps, (rows,), generator=generator)
+    offsets = torch.arange(-history, 0)
+    picked = latents[torch.arange(rows)[:, None], targets[:, None] + offsets]
+    return picked, actions[torch.arange(rows), targets - 1], latents[torch.arange(rows), targets]
+
+
+def rollout(model: HistoryMLP, params: TensorDictBase, history: Tensor, actions: Tensor) -> Tensor:
+    """The MLP open loop: `actions` `[N, H, ...]` (each taken after the newest frame so far) from `history`
+    `[N, h, S, Dz]`; returns the `H` generated frames `[N, H, S, Dz]`."""
+    generated = []
+    for step in range(actions.shape[1]):
+        frame = apply(model, params, history, actions[:, step])
+        generated.append(frame)
+        history = torch.cat([history[:, 1:], frame[:, None]], dim=1)
+    return torch.stack(generated, dim=1)
+
+
+@torch.no_grad()
+def measure(model: HistoryMLP, params: TensorDictBase, held_out: dict[str, Tensor],
+            counterfactual: dict[str, Tensor] | None) -> dict[str, Any]:
+    """The module docstring's figures on precomputed held-out `latents`/`actions` and counterfactual latents."""
+    history = held_out["history"]
+    latents, target = held_out["latents"], held_out["target"]
+    predicted = apply(model, params, latents[:, target - history:target], held_out["actions"][:, target - 1])
+    result: dict[str, Any] = {"latent_next_mse": float((predicted - latents[:, target]).square().mean()),
+                              **{f"latent_{k}": v for k, v in history_baseline_errors(latents, target).items()}}
+    if counterfactual is not None:
+        start = counterfactual["context"][:, -history:]
+        branches = [rollout(model, params, start, actions) for actions in counterfactual["actions"]]
+        overall, per_step = wmq.change_explained(branches[0] - branches[1],
+                                                 counterfactual["real"][0] - counterfactual["real"][1])
+        result["counterfactual_latent_r2"] = overall
+        result["counterfactual_latent_r2_per_step"] = per_step
+    return result
+
+
+SPACES = ("latents", "pixels")
+
+
+def representation(run: Any, space: str) -> Callable[[Tensor, int | None], Tensor]:
+    """`represent(frames, window)`: frames `[B, T, ...]` -> `[B, T, S, D]`, the frozen tokenizer's latents (encoded
+    beside at most `window` frames, as the acting policy encodes them; None: all at once) or, for `space="pixels"`,
+    the frames themselves as one token of every pixel (which leaves the tokenizer out of the question)."""
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+    if space == "pixels":
+        return lambda frames, window: rearrange(frames, "b t ... -> b t 1 (...)")
+    return lambda frames, window: encode_windowed(run.tokenizer, run.tokenizer_params, frames, window)
+
+
+@torch.no_grad()
+def held_out_data(run: Any, represent: Callable[[Tensor, int | None], Tensor], episodes: int, clips: int,
+                  horizon: int, seed: int, max_steps: int, history: int
+                  ) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
+    """The held-out clips and counterfactual states of `more_world_model_steps.py` for this `seed`, represented
+    once."""
+    context_len = run.cfg.replay.context_len
+    if history > context_len:
+        raise ValueError(f"history={history} exceeds the run's replay.context_len={context_len}: the held-out clips "
+                         "and counterfactual states have only that many frames before the first predicted one")
+    window = run.cfg.replay.row_frames
+    frames, actions, _ = wmq.held_out_clips(run, episodes, clips, horizon, seed, max_steps)
+    held_out = {"latents": represent(frames[:, :context_len + 1], None), "actions": actions, "target": context_len,
+                "history": history}
+    clips_cf = wmq.counterfactual_clips_for(run, clips, horizon, seed, max_steps)
+    if clips_cf is None:
+        return held_out, None
+    context = clips_cf["context"]
+    real = torch.stack([represent(torch.cat([context, frames_b], dim=1), window)[:, context.shape[1]:]
+                        for frames_b in clips_cf["frames"]])
+    # actions [2, N, C + H, ...] follow each frame: the sequence starts after the context's last frame.
+    branch_actions = clips_cf["actions"][:, :, context.shape[1] - 1:context.shape[1] - 1 + horizon]
+    return held_out, {"context": represent(context, window), "actions": branch_actions, "real": real}
+
+
+def train_reference(
+    run_dir: str | Path,
+    steps: int,
+    eval_every: int,
+    width: int = 256,
+    history: int = 2,
+    space: str = "latents",
+    episodes: int = 8,
+    clips: int = 16,
+    horizon: int = 8,
+    seed: int = 0,
+    max_steps: int = 200,
+    log=print,
+) -> dict[str, Any]:
+    """Train a `HistoryMLP` of `width` on the frozen latents (or, `space="pixels"`, the frames) of the run in
+    `run_dir` for `steps` AdamW steps (the world model's settings); measure at step 0 and every `eval_every` steps
+    (module docstring)."""
+    for name, value, low in (("steps", steps, 1), ("eval_every", eval_every, 1), ("width", width, 1),
+                             ("history", history, 1), ("episodes", episodes, 1), ("clips", clips, 2),
+                             ("horizon", horizon, 1), ("seed", seed, 0)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    run = wmq.load_run(run_dir)
+    cfg = run.cfg
+    dyn = cfg.dynamics
+    discrete = dyn.n_actions > 0
+    represent = representation(run, space)
+    held_out, counterfactual = held_out_data(run, represent, episodes, clips, horizon, seed, max_steps, history)
+    tokens, token_dim = held_out["latents"].shape[2:]
+    model = template(HistoryMLP, tokens, token_dim, dyn.n_actions if discrete else dyn.action_dim, history, width,
+                     discrete)
+    params = init(model, cfg.seed + seed)
+    moments = adamw_init(params)
+    opt: AdamWConfig = cfg.optim.world_model
+    replay = more_steps.run_replay(run_dir, cfg, seed=cfg.seed + seed)
+    generator = torch.Generator().manual_seed(cfg.seed + seed + 7)
+
+    def loss_fn(p: TensorDictBase, inputs: Tensor, action: Tensor, target: Tensor) -> Tensor:
+        return (apply(model, p, inputs, action) - target).square().mean()
+
+    rows = [{"step": 0, "train_seconds": 0.0, "loss": None, **measure(model, params, held_out, counterfactual)}]
+    log(json.dumps(rows[-1]))
+    losses: list[float] = []
+    seconds = 0.0
+    for step in range(1, steps + 1):
+        started = time.perf_counter()
+        batch = replay_batch(replay.sample(), cfg.replay.final_frame)
+        with torch.no_grad():
+            latents = represent(batch["frames"], None)
+        inputs, action, target = training_transitions(latents, batch["actions"], history, generator)
+        grads, loss = grad_and_value(loss_fn)(params, inputs, action, target)
+        params, moments, _ = adamw_update(params, grads, moments, step, opt)
+        seconds += time.perf_counter() - started
+        losses.append(float(loss))
+        if step % eval_every == 0 or step == steps:
+            rows.append({"step": step, "train_seconds": round(seconds, 1), "loss": sum(losses) / len(losses),
+                         **measure(model, params, held_out, counterfactual)})
+            log(json.dumps(rows[-1]))
+            losses = []
+    return {"run": str(run_dir), "checkpoint": str(run.checkpoint), "run_step": run.step, "env": run.env_name,
+            "replay_transitions": replay.transition_count(), "width": width, "history": history, "space": space,
+            "episodes": episodes, "clips": clips, "horizon": horizon, "seed": seed,
+            "batch": [cfg.replay.batch_size, cfg.replay.seq_len], "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, help="run directory of a d4func.train.loop run")
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--eval-every", type=int, default=1000)
+    parser.add_argument("--width", type=int, default=256, help="hidden units of each of the MLP's two layers")
+    parser.add_argument("--history", type=int, default=2, help="latent frames the MLP reads")
+    parser.add_argument("--space", choices=SPACES, default="latents",
+                        help="what the MLP reads and predicts: the frozen tokenizer's latents, or the frames")
+    parser.add_argument("--episodes", type=int, default=8)
+    parser.add_argument("--clips", type=int, default=16)
+    parser.add_argument("--horizon", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-steps", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=None, help="JSON path (default RUN/latent_mlp_reference.json)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = train_reference(args.run, args.steps, args.eval_every, args.width, args.history, args.space, args.episodes,
+                             args.clips, args.horizon, args.seed, args.max_steps)
+    out = Path(args.out) if args.out else Path(args.run) / "latent_mlp_reference.json"
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

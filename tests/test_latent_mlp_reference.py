@@ -1,0 +1,138 @@
+"""`experiments/latent_mlp_reference.py`: the transitions it trains on, its open-loop rollout, its figures against
+the baselines they name, and a run on a tiny online Reach run that leaves the run directory as it was."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from d4func.functional import apply, init, template
+from d4func.train.loop import train
+from d4func.train.run_config import load_run_config
+
+REPO = Path(__file__).resolve().parents[1]
+SEED = 1
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("latent_mlp_reference", REPO / "experiments/latent_mlp_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+ref = _load_script()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("reach_run")
+    cfg = load_run_config(str(REPO / "experiments/configs/reach.yaml"), [
+        f"run_dir={path}", "loop.mode=online", "loop.offline_data=null", "loop.env_steps=40",
+        "loop.prefill_steps=20", "loop.collect_steps=10", "loop.train_ratio=0.2", "loop.agent_start=1000",
+        "loop.eval_every=1000", "loop.gif_every=1000", "env.eval_episodes=1",
+    ])
+    train(cfg, progress=False)
+    return path
+
+
+def _zeroed(params):
+    """`HistoryMLP` params whose last layer is zero: the MLP then carries the last frame forward exactly."""
+    params = params.clone()
+    last = max(int(key.split(".")[1]) for key in params.flatten_keys(".").keys())
+    params["net", str(last), "weight"].zero_()
+    params["net", str(last), "bias"].zero_()
+    return params
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 5), steps=st.integers(2, 8), history=st.integers(1, 4), seed=st.integers(0, 100))
+def test_training_transitions_pair_a_history_with_the_action_after_it_and_the_frame_after_that(rows, steps, history,
+                                                                                             seed):
+    # Frame (b, t) holds the value 100 b + t everywhere; action (b, t) holds 100 b + t + 0.5.
+    times = torch.arange(steps, dtype=torch.float32)
+    values = 100 * torch.arange(rows, dtype=torch.float32)[:, None] + times
+    latents = values[:, :, None, None].expand(rows, steps, 3, 2).clone()
+    actions = (values + 0.5)[:, :, None].expand(rows, steps, 2).clone()
+    if steps <= history:
+        with pytest.raises(ValueError, match=f"history of {history}"):
+            ref.training_transitions(latents, actions, history, torch.Generator().manual_seed(seed))
+        return
+    inputs, action, target = ref.training_transitions(latents, actions, history, torch.Generator().manual_seed(seed))
+    assert inputs.shape == (rows, history, 3, 2) and action.shape == (rows, 2) and target.shape == (rows, 3, 2)
+    for b in range(rows):
+        t = int(target[b, 0, 0] - 100 * b)
+        assert history <= t < steps
+        assert inputs[b, :, 0, 0].tolist() == [100 * b + s for s in range(t - history, t)]
+        assert action[b].tolist() == [100 * b + t - 1 + 0.5] * 2  # the action after the history's last frame
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+def test_rollout_feeds_each_generated_frame_back_as_the_newest_history_frame(discrete):
+    action_size = 5 if discrete else 2
+    model = template(ref.HistoryMLP, 3, 4, action_size, 2, 16, discrete)
+    params = init(model, 0)
+    history = torch.randn(2, 2, 3, 4)
+    actions = torch.randint(0, 5, (2, 3)) if discrete else torch.rand(2, 3, 2) * 2 - 1
+    frames = ref.rollout(model, params, history, actions)
+    assert frames.shape == (2, 3, 3, 4)
+    first = apply(model, params, history, actions[:, 0])
+    second = apply(model, params, torch.stack([history[:, 1], first], dim=1), actions[:, 1])
+    torch.testing.assert_close(frames[:, 0], first)
+    torch.testing.assert_close(frames[:, 1], second)
+    # Zero change: every frame of the rollout is the history's last one.
+    copied = ref.rollout(model, _zeroed(params), history, actions)
+    torch.testing.assert_close(copied, history[:, -1:].expand_as(copied))
+
+
+def test_an_mlp_that_changes_nothing_scores_copy_last_and_explains_no_action(run_dir):
+    run = ref.wmq.load_run(run_dir)
+    for space in ref.SPACES:
+        held_out, counterfactual = ref.held_out_data(run, ref.representation(run, space), episodes=2, clips=3,
+                                                     horizon=3, seed=SEED, max_steps=200, history=2)
+        tokens, dim = held_out["latents"].shape[2:]
+        if space == "pixels":
+            assert tokens == 1 and dim == 3 * run.cfg.env.image_size ** 2
+        model = template(ref.HistoryMLP, tokens, dim, run.cfg.dynamics.n_actions, 2, 16, True)
+        figures = ref.measure(model, _zeroed(init(model, 0)), held_out, counterfactual)
+        assert figures["latent_next_mse"] == pytest.approx(figures["latent_copy_last_mse"], rel=1e-6)
+        assert figures["counterfactual_latent_r2"] == pytest.approx(0.0, abs=1e-6)
+        assert len(figures["counterfactual_latent_r2_per_step"]) == 3
+
+
+def test_train_reference_measures_on_the_clips_more_world_model_steps_uses_and_writes_nothing_into_the_run(
+        run_dir, tmp_path):
+    before = {str(p): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    out = tmp_path / "reference.json"
+    result = ref.main(["--run", str(run_dir), "--steps", "3", "--eval-every", "2", "--episodes", "2", "--clips", "3",
+                       "--horizon", "3", "--seed", str(SEED), "--width", "32", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    rows = result["rows"]
+    assert [row["step"] for row in rows] == [0, 2, 3]
+    assert rows[0]["loss"] is None and all(math.isfinite(row["loss"]) for row in rows[1:])
+    assert all(math.isfinite(row["counterfactual_latent_r2"]) for row in rows)
+    # The copy-last baseline is the one more_world_model_steps.py reports for the same seed.
+    run = ref.wmq.load_run(run_dir)
+    frames, actions, rewards = ref.wmq.held_out_clips(run, 2, 3, 3, SEED, max_steps=200)
+    more = ref.more_steps.measure(run, frames, actions, rewards, SEED)
+    assert rows[0]["latent_copy_last_mse"] == more["latent_copy_last_mse"]
+    after = {str(p): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    assert after == before
+
+
+def test_bad_space_and_a_history_longer_than_the_context_are_named(run_dir):
+    run = ref.wmq.load_run(run_dir)
+    with pytest.raises(ValueError, match="'voxels'"):
+        ref.representation(run, "voxels")
+    context_len = run.cfg.replay.context_len
+    with pytest.raises(ValueError, match=f"history={context_len + 1}"):
+        ref.train_reference(run_dir, steps=1, eval_every=1, history=context_len + 1, episodes=1, clips=2)
+    with pytest.raises(ValueError, match="width must be an int >= 1, got 0"):
+        ref.train_reference(run_dir, steps=1, eval_every=1, width=0)
