@@ -8,7 +8,8 @@ is slow. This script separates the two on the run's own data: it loads the newes
 samples the run's replay as `more_world_model_steps.py` does, and trains a `HistoryMLP` on (the last `--history`
 latent frames, the action taken after the last of them) -> the next latent frame, one transition per replay row at a
 uniformly drawn position, as the dynamics' teacher forcing trains one target per row, with the world model's AdamW
-settings and batch. No noise, no attention, no tokens: every input reaches every hidden unit. Every `--eval-every`
+settings and batch. No noise, no attention, no tokens: every input reaches every hidden unit. `--space pixels` trains
+it on the frames themselves (one token of every pixel), which leaves the tokenizer out. Every `--eval-every`
 steps it measures, on the fixed held-out clips and counterfactual states that `more_world_model_steps.py` uses for
 the same `--seed`:
 
@@ -17,14 +18,14 @@ the same `--seed`:
 * `counterfactual_latent_r2` (and `_per_step`): from one real state, the MLP rolled open loop in latent space under
   two action sequences; how much of the change between the env's two branches (encoded as the acting policy
   encodes them) the MLP's change explains (`world_model_quality.change_explained`), the dynamics' figure of the same
-  name.
+  name. Its first step is the MLP's mean one step ahead, the dynamics' `counterfactual_next_latent_r2`.
 
 An MLP that reaches a clearly positive `counterfactual_latent_r2` where the dynamics stays at 0 says the latents
 hold the action's effect and the dynamics is slow to find it; an MLP at 0 too says the latents (the tokenizer, the
 data) are the obstacle. Nothing in the run directory changes.
 
     python experiments/latent_mlp_reference.py --run runs/reacher32_copy/seed0 --steps 4000 --eval-every 1000 \
-        [--history 2] [--width 256] [--out runs/mlp_reference.json]
+        [--history 2] [--width 256] [--space pixels] [--out runs/mlp_reference.json]
 """
 
 from __future__ import annotations
