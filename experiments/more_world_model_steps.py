@@ -20,8 +20,9 @@ on one fixed set of held-out clips with one noise seed:
 * `action_effect`: the mean absolute pixel change between those two rollouts; compare it with the real env's
   (`experiments/real_action_effect.py`);
 * `counterfactual_action_r2` (pixels), `counterfactual_latent_r2` (latents) and `counterfactual_next_latent_r2` (the
-  model's mean of the first latent frame): how much of the real env's change between two action sequences from one
-  state the model's change explains
+  model's mean of the first latent frame), with the per-step lists of the last two (open loop; one step from the
+  env's frames): how much of the real env's change between two action sequences from one state the model's change
+  explains
   (`world_model_quality.counterfactual_action_metrics`; None for envs that cannot restore a state), on `--clips`
   fixed states;
 * `psnr_k4_pooled` and `psnr_copy_last_pooled`: the next frame at K = 4 against copying the last frame, and
@@ -95,7 +96,8 @@ def measure(run: Any, frames: torch.Tensor, actions: torch.Tensor, rewards: torc
     return {
         **wmq.action_conditioning(run, frames, actions, imagined, seed),
         **{key: counterfactual[key] for key in ("counterfactual_action_r2", "counterfactual_latent_r2",
-                                                "counterfactual_next_latent_r2")},
+                                                "counterfactual_next_latent_r2", "counterfactual_latent_r2_per_step",
+                                                "counterfactual_next_latent_r2_per_step")},
         "psnr_k4_pooled": next_frame["pooled"]["k4"],
         "psnr_copy_last_pooled": next_frame["pooled"]["copy_last"],
         "psnr_reconstruction_pooled": next_frame["pooled"]["reconstruction"],

@@ -31,7 +31,10 @@ through a sliding window of that many frames, as imagination and the acting poli
   that amplifies small latent errors (Reach's) can push the pixel figure below 0 where the latents are right.
   Both score sampled rollouts, whose draws differ from the model's mean by the sampler's noise, counted as error;
   `counterfactual_next_latent_r2` scores the mean instead, one step: the flow prediction of the first frame after
-  the context from pure noise (`d4func.next_latent`) under each sequence's first action;
+  the context from pure noise (`d4func.next_latent`) under each sequence's first action. Its `_per_step` list
+  makes that prediction at every step of the horizon from the env's own frames before it (teacher-forced), beside
+  `counterfactual_latent_r2_per_step`, the open loop's: where the first stays up and the second falls, the model
+  knows each step and loses the action by reading its own frames back;
 * reward: the reward head (offset 0) on the agent tokens of the real clip, each frame committed as the agent
   observes one (`imagination.commit_frames`), against the rewards the env gave. Its mean squared error is compared
   with the best constant prediction (the held-out rewards' own mean, so the baseline is optimistic), as
@@ -316,7 +319,8 @@ def counterfactual_clips_for(run: LoadedRun, clips: int, horizon: int, seed: int
 
 COUNTERFACTUAL_KEYS = ("counterfactual_action_r2", "counterfactual_action_r2_per_step",
                        "counterfactual_model_change", "counterfactual_real_change", "counterfactual_latent_r2",
-                       "counterfactual_next_latent_r2")
+                       "counterfactual_latent_r2_per_step", "counterfactual_next_latent_r2",
+                       "counterfactual_next_latent_r2_per_step")
 
 
 def change_explained(model_change: Tensor, real_change: Tensor) -> tuple[float | None, list[float | None]]:
@@ -350,19 +354,29 @@ def counterfactual_action_metrics(run: LoadedRun, clips: dict[str, Tensor] | Non
     encoded = [encode_windowed(run.tokenizer, run.tokenizer_params, torch.cat([clips["context"], frames], dim=1),
                                run.cfg.replay.row_frames) for frames in clips["frames"]]
     real_latents = [latents[:, context_len:] for latents in encoded]
-    latent_r2, _ = change_explained(predicted_latents[0] - predicted_latents[1], real_latents[0] - real_latents[1])
-    # One step of the model's mean: a sampler's draw differs from the conditional mean by its own noise, which the
-    # figures above count as error; the flow prediction from pure noise (`d4func.next_latent`) does not, and is
-    # what a regression model (experiments/latent_mlp_reference.py) is scored on.
-    means = []
-    for latents, actions in zip(encoded, clips["actions"], strict=True):
-        actions_in, mask = actions_into_frames(actions[:, :context_len + 1])
-        means.append(predict_next_latent(run.dynamics, run.dynamics_params, latents[:, :context_len + 1], actions_in,
-                                         mask, context_len, torch.Generator().manual_seed(seed))[0])
-    next_latent_r2, _ = change_explained((means[0] - means[1])[:, None],
-                                         (real_latents[0] - real_latents[1])[:, :1])
+    latent_r2, latent_per_step = change_explained(predicted_latents[0] - predicted_latents[1],
+                                                  real_latents[0] - real_latents[1])
+    # The model's mean one step ahead: a sampler's draw differs from the conditional mean by its own noise, which the
+    # figures above count as error; the flow prediction from pure noise (`d4func.next_latent`) does not, and is what
+    # a regression model (experiments/latent_mlp_reference.py) is scored on. At every step of the horizon it reads
+    # the env's own frames before it (the last training row's worth), so against the open loop's per-step figure it
+    # separates what one step knows from what the rollout loses by reading its own frames back.
+    window = run.cfg.replay.row_frames
+    next_latent_per_step = []
+    for step in range(horizon):
+        end = context_len + step + 1
+        start = max(0, end - window)
+        means = []
+        for latents, actions in zip(encoded, clips["actions"], strict=True):
+            actions_in, mask = actions_into_frames(actions[:, start:end])
+            means.append(predict_next_latent(run.dynamics, run.dynamics_params, latents[:, start:end], actions_in,
+                                             mask, end - start - 1, torch.Generator().manual_seed(seed))[0])
+        step_r2, _ = change_explained((means[0] - means[1])[:, None],
+                                      (real_latents[0] - real_latents[1])[:, step:step + 1])
+        next_latent_per_step.append(step_r2)
     return dict(zip(COUNTERFACTUAL_KEYS, (overall, per_step, float(model_change.abs().mean()),
-                                          float(real_change.abs().mean()), latent_r2, next_latent_r2), strict=True))
+                                          float(real_change.abs().mean()), latent_r2, latent_per_step,
+                                          next_latent_per_step[0], next_latent_per_step), strict=True))
 
 
 @torch.no_grad()
@@ -454,6 +468,11 @@ def format_table(result: dict[str, Any]) -> str:
                                       f"R^2 {_num(result.get('counterfactual_latent_r2'))}; the model's mean of the "
                                       f"first step R^2 {_num(result.get('counterfactual_next_latent_r2'))}), "
                                       f"{result['counterfactual_clips']} states"),
+        *([] if not result.get("counterfactual_latent_r2_per_step") else [
+            "counterfactual R^2 in latents per step: open loop "
+            + " ".join(_num(v) for v in result["counterfactual_latent_r2_per_step"])
+            + "; the model's mean from the env's frames " +
+            " ".join(_num(v) for v in result["counterfactual_next_latent_r2_per_step"])]),
         f"open-loop PSNR (dB, per image), K={result['sampling_steps']}",
         f"  {'step':>4} {'model':>8} {'copy last':>10}",
         *(f"  {h + 1:>4} {_num(m):>8} {_num(c):>10}"

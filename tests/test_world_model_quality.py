@@ -198,6 +198,26 @@ def test_counterfactual_actions_score_the_models_change_against_the_envs(run_dir
     mean_change, real_first = means[0] - means[1], real_latent_change[:, 0]
     expected_mean = 1 - float((mean_change - real_first).square().sum() / real_first.square().sum())
     assert measured["counterfactual_next_latent_r2"] == pytest.approx(expected_mean, rel=1e-5, abs=1e-6)
+    assert measured["counterfactual_next_latent_r2_per_step"][0] == measured["counterfactual_next_latent_r2"]
+    # The last step: from the env's frames before it, at most a training row (the window) ending at the target.
+    window = run.cfg.replay.row_frames
+    end = context_len + HORIZON
+    start = max(0, end - window)
+    assert start > 0  # the window cuts this clip
+    last = []
+    for frames, actions in zip(clips["frames"], clips["actions"], strict=True):
+        encoded = wmq.encode_windowed(run.tokenizer, run.tokenizer_params, torch.cat([clips["context"], frames], 1),
+                                      window)
+        actions_in, mask = wmq.actions_into_frames(actions[:, start:end])
+        assert not mask[:, 0].any()  # the window's first frame reads no action, as a training row's first frame
+        last.append(wmq.predict_next_latent(run.dynamics, run.dynamics_params, encoded[:, start:end], actions_in,
+                                            mask, end - start - 1, torch.Generator().manual_seed(SEED))[0])
+    last_change, real_last = last[0] - last[1], real_latent_change[:, -1]
+    expected_last = 1 - float((last_change - real_last).square().sum() / real_last.square().sum())
+    assert len(measured["counterfactual_next_latent_r2_per_step"]) == HORIZON
+    assert measured["counterfactual_next_latent_r2_per_step"][-1] == pytest.approx(expected_last, rel=1e-5, abs=1e-6)
+    open_loop_last = 1 - float((latent_change[:, -1] - real_last).square().sum() / real_last.square().sum())
+    assert measured["counterfactual_latent_r2_per_step"][-1] == pytest.approx(open_loop_last, rel=1e-5, abs=1e-6)
     assert wmq.counterfactual_action_metrics(run, None, SEED) == dict.fromkeys(measured)
     assert wmq.counterfactual_clips_for(run, 0, HORIZON, SEED, max_steps=200) is None
     assert "counterfactual actions: the model's change explains R^2" in wmq.format_table(result)
