@@ -83,6 +83,12 @@ class DynamicsConfig:
     action_film: bool = False
     # Per-frame loss weight: the paper's ramp w(tau) = 0.9 tau + 0.1, or "uniform" (objectives.frame_weight).
     loss_weight: str = "ramp"
+    # Not in the paper; forcing="teacher" only: the share of training rows whose last history frame is the model's
+    # own sample of it (`sampling_steps` steps, no gradient) instead of the real frame, so that the model learns to
+    # read its own frames back as imagination makes it (objectives.self_forced_latents). On Reach a teacher-forced
+    # dynamics knows each step from real frames and loses the action from the third step of its own rollout
+    # (docs/results.md, Sec. 2). Costs `sampling_steps` extra forward passes per update.
+    self_forcing: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("latent_tokens", "latent_dim", "pack", "k_max", "sampling_steps", "n_tasks"):
@@ -117,6 +123,11 @@ class DynamicsConfig:
             raise ValueError(f"DynamicsConfig.forcing must be one of {FORCING_MODES}, got {self.forcing!r}")
         if self.loss_weight not in LOSS_WEIGHTS:
             raise ValueError(f"DynamicsConfig.loss_weight must be one of {LOSS_WEIGHTS}, got {self.loss_weight!r}")
+        if not 0.0 <= self.self_forcing <= 1.0:
+            raise ValueError(f"DynamicsConfig.self_forcing must lie in [0, 1], got {self.self_forcing}")
+        if self.self_forcing > 0.0 and self.forcing != "teacher":
+            raise ValueError(f"DynamicsConfig.self_forcing={self.self_forcing} needs forcing='teacher' (one target "
+                             f"frame per row behind a history), got forcing={self.forcing!r}")
         if self.forcing == "teacher" and self.clean_context_fraction > 0.0:
             raise ValueError(f"DynamicsConfig.clean_context_fraction={self.clean_context_fraction} applies to "
                              "forcing='diffusion' only: forcing='teacher' gives every sequence a clean history")

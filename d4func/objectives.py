@@ -157,6 +157,54 @@ def sample_training_frames(
     return teacher_forcing_levels(d, tau, context_signal, 1.0 / k_max, generator)
 
 
+def self_forced_latents(
+    denoise_target: Denoiser,
+    z_clean: Tensor,
+    z_tau: Tensor,
+    tau: Tensor,
+    d: Tensor,
+    counted: Tensor,
+    fraction: float,
+    steps: int,
+    generator: torch.Generator | None = None,
+    noise_scale: float = 1.0,
+) -> Tensor:
+    """Self-forcing (not in the paper): `z_clean` `[B, T, S, Dz]` with, in a `fraction` of the rows, the frame before
+    the counted target (`counted` `[B, T]`, one frame per row: `teacher_forcing_levels`) replaced by the model's own
+    sample of it.
+
+    The sample is drawn as the sampler draws a new frame (`sampler.denoise_frame`): from noise at tau = 0, `steps`
+    Euler steps of size 1 / `steps` under `denoise_target`, reading the row's history as `z_tau`, `tau` and `d` hold
+    it (at tau_ctx under teacher forcing). Rows whose target has fewer than two frames before it keep their frames. No
+    gradient flows through the sample. Why: a teacher-forced model reads only real frames in training but its own
+    in imagination, and on Reach it knows each step from real frames yet loses the action from the third step of its
+    own rollout (docs/results.md, Sec. 2). Draws the row choice, then the noise, from `generator`."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"self-forcing fraction must lie in [0, 1], got {fraction}")
+    if steps < 1:
+        raise ValueError(f"self-forcing steps must be >= 1, got {steps}")
+    batch, frames = counted.shape
+    position = torch.arange(frames, device=counted.device)
+    target = (counted.long() * position).sum(dim=1)
+    if not torch.equal(counted.sum(dim=1), torch.ones_like(target)):
+        raise ValueError("self-forcing needs exactly one counted frame per row (forcing='teacher')")
+    chosen = (torch.rand(batch, generator=generator, device=counted.device) < fraction) & (target >= 2)
+    replaced = (position[None, :] == (target - 1)[:, None]) & chosen[:, None]  # [B, T]
+    noise = sample_noise(z_clean, generator, noise_scale)
+    if not bool(chosen.any()):
+        return z_clean
+    at = replaced[:, :, None, None]
+    step = 1.0 / steps
+    z = noise
+    with torch.no_grad():
+        for k in range(steps):
+            level = k * step
+            x_hat = denoise_target(torch.where(at, z, z_tau), torch.where(replaced, level, tau),
+                                   torch.where(replaced, step, d))
+            z = z + step * (x_hat - z) / (1.0 - level)
+    return torch.where(at, z.detach(), z_clean)
+
+
 def frame_weight(tau: Tensor, loss_weight: str = "ramp") -> Tensor:
     """Per-frame loss weight: the paper's ramp (`ramp_weight`) or 1 for every level (`"uniform"`, not in the paper:
     with one target per row, the ramp's 0.1 at tau = 0 slows learning the pure-noise prediction that the sampler's
@@ -284,17 +332,28 @@ def shortcut_forcing_loss(
     noise_scale: float = 1.0,
     forcing: str = "diffusion",
     loss_weight: str = "ramp",
+    self_forcing: float = 0.0,
+    sampling_steps: int = 1,
 ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
     """Shortcut forcing loss on clean latents `[B, T, S, Dz]`.
 
     `denoise` is the network with gradient; `denoise_target` the same network for the (stopped) half steps — pass
     the same callable, or one over detached or EMA params. (d, tau) and the frames that count come from
-    `sample_training_frames`; `loss_weight` picks `frame_weight`. Returns `(loss, metrics, x_hat)`.
+    `sample_training_frames`; `loss_weight` picks `frame_weight`. `self_forcing` > 0 (teacher forcing only) replaces
+    the last history frame of that share of the rows by `denoise_target`'s own `sampling_steps`-step sample
+    (`self_forced_latents`). Returns `(loss, metrics, x_hat)`.
     """
     batch, steps = z_clean.shape[:2]
     d, tau, counted = sample_training_frames((batch, steps), k_max, generator, z_clean.device, bootstrap_fraction,
                                              clean_context_fraction, context_signal, forcing)
-    z_tau = add_noise(z_clean, tau, sample_noise(z_clean, generator, noise_scale))
+    noise = sample_noise(z_clean, generator, noise_scale)
+    z_tau = add_noise(z_clean, tau, noise)
+    if self_forcing > 0.0:
+        if counted is None:
+            raise ValueError(f"self_forcing={self_forcing} needs forcing='teacher', got forcing={forcing!r}")
+        z_clean = self_forced_latents(denoise_target, z_clean, z_tau, tau, d, counted, self_forcing, sampling_steps,
+                                      generator, noise_scale)
+        z_tau = add_noise(z_clean, tau, noise)
     x_hat = denoise(z_tau, tau, d)
     target, is_flow = shortcut_targets(denoise_target, z_clean, z_tau, tau, d, 1.0 / k_max)
     per_frame = (x_hat - target).square().mean(dim=(-2, -1))

@@ -233,13 +233,15 @@ def test_final_frame_rows_learn_the_last_reward_and_clone_no_action_there(discre
                             heads=heads, action_valid=final["action_valid"][:, :steps])
 
 
-@pytest.mark.parametrize("clean_context, forcing, loss_weight",
-                         [(0.0, "diffusion", "ramp"), (0.5, "diffusion", "ramp"), (0.0, "teacher", "ramp"),
-                          (0.0, "teacher", "uniform"), (0.0, "diffusion", "uniform")])
-def test_dynamics_term_equals_dynamics_loss_without_padding(clean_context, forcing, loss_weight):
+@pytest.mark.parametrize("clean_context, forcing, loss_weight, self_forcing",
+                         [(0.0, "diffusion", "ramp", 0.0), (0.5, "diffusion", "ramp", 0.0),
+                          (0.0, "teacher", "ramp", 0.0), (0.0, "teacher", "uniform", 0.0),
+                          (0.0, "diffusion", "uniform", 0.0), (0.0, "teacher", "uniform", 1.0),
+                          (0.0, "teacher", "ramp", 0.5)])
+def test_dynamics_term_equals_dynamics_loss_without_padding(clean_context, forcing, loss_weight, self_forcing):
     model, heads, params = make(True)
     model.cfg = dataclasses.replace(model.cfg, clean_context_fraction=clean_context, forcing=forcing,
-                                    loss_weight=loss_weight)
+                                    loss_weight=loss_weight, self_forcing=self_forcing)
     batch = toy_batch(True, 2, 5, torch.Generator().manual_seed(0))
     _, metrics = agent_finetune_loss(params, batch["latents"], batch["actions"], batch["rewards"], None,
                                      torch.Generator().manual_seed(4), model=model, heads=heads)

@@ -48,6 +48,7 @@ from d4func.objectives import (
     frame_weight,
     sample_noise,
     sample_training_frames,
+    self_forced_latents,
     shortcut_targets,
 )
 from d4func.optim import AdamWConfig
@@ -145,12 +146,20 @@ def agent_finetune_loss(
     d, tau, counted = sample_training_frames((batch, steps), dyn_cfg.k_max, generator, device,
                                              dyn_cfg.bootstrap_fraction, dyn_cfg.clean_context_fraction,
                                              dyn_cfg.context_signal, dyn_cfg.forcing)
-    z_tau = add_noise(latents, tau, sample_noise(latents, generator, dyn_cfg.noise_scale))
+    noise = sample_noise(latents, generator, dyn_cfg.noise_scale)
+    z_tau = add_noise(latents, tau, noise)
+    stopped = denoiser(model, params["dynamics"].detach(), actions_in, mask_in, tasks)
+    dyn_latents = latents
+    if dyn_cfg.self_forcing > 0.0:
+        # The dynamics term reads the model's own last history frame in that share of rows; the heads read the
+        # same forward pass (objectives.self_forced_latents).
+        dyn_latents = self_forced_latents(stopped, latents, z_tau, tau, d, counted, dyn_cfg.self_forcing,
+                                          dyn_cfg.sampling_steps, generator, dyn_cfg.noise_scale)
+        z_tau = add_noise(dyn_latents, tau, noise)
     x_hat, agent_out, _ = apply(model, params["dynamics"], z_tau, tau, d, actions_in, mask_in, None, tasks)
     if agent_out is None:
         raise ValueError("the dynamics model has no agent tokens (DynamicsConfig.n_agent_tokens = 0)")
-    stopped = denoiser(model, params["dynamics"].detach(), actions_in, mask_in, tasks)
-    target, is_flow = shortcut_targets(stopped, latents, z_tau, tau, d, dyn_cfg.d_min)
+    target, is_flow = shortcut_targets(stopped, dyn_latents, z_tau, tau, d, dyn_cfg.d_min)
     per_frame = (x_hat - target).square().mean(dim=(-2, -1))
     dyn_frames = valid_step if counted is None else valid_step & counted
     dyn_loss = counted_mean(frame_weight(tau, dyn_cfg.loss_weight) * per_frame, dyn_frames)

@@ -47,7 +47,7 @@ def dynamics_loss(
     cfg = model.cfg
     loss, metrics, _ = shortcut_forcing_loss(online, stopped, latents, cfg.k_max, generator, cfg.bootstrap_fraction,
                                              cfg.clean_context_fraction, cfg.context_signal, cfg.noise_scale,
-                                             cfg.forcing, cfg.loss_weight)
+                                             cfg.forcing, cfg.loss_weight, cfg.self_forcing, cfg.sampling_steps)
     return loss, metrics
 
 

@@ -1,0 +1,111 @@
+"""Self-forcing (`DynamicsConfig.self_forcing`, `objectives.self_forced_latents`): which frame is replaced, by what
+sample, read through which history, and that it reaches both training losses and is refused without teacher
+forcing."""
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from d4func.dynamics import Dynamics, DynamicsConfig
+from d4func.functional import init, template
+from d4func.objectives import add_noise, self_forced_latents, teacher_forcing_levels
+from d4func.train.dynamics_step import dynamics_loss
+from d4func.transformer import TransformerConfig
+
+
+def _teacher_rows(batch: int, frames: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d, tau, counted) of teacher forcing for `batch` rows of `frames` frames."""
+    gen = torch.Generator().manual_seed(seed)
+    d = torch.full((batch, frames), 0.5)
+    tau = torch.rand(batch, frames, generator=gen)
+    return teacher_forcing_levels(d, tau, 0.75, 0.25, gen)
+
+
+@settings(max_examples=30, deadline=None)
+@given(batch=st.integers(1, 6), frames=st.integers(1, 7), fraction=st.sampled_from([0.0, 0.3, 1.0]),
+       steps=st.sampled_from([1, 2, 4]), seed=st.integers(0, 1000))
+def test_only_the_frame_before_the_target_of_chosen_rows_becomes_the_models_sample(batch, frames, fraction, steps,
+                                                                                  seed):
+    d, tau, counted = _teacher_rows(batch, frames, seed)
+    z_clean = torch.randn(batch, frames, 3, 2, generator=torch.Generator().manual_seed(seed + 1))
+    z_tau = add_noise(z_clean, tau, torch.randn_like(z_clean))
+    constant = torch.full_like(z_clean, 7.0)
+    # A model whose prediction is a constant: K Euler steps from noise end exactly on it (the last step has size
+    # 1 - its level), as the sampler's do.
+    out = self_forced_latents(lambda z, t, s: constant, z_clean, z_tau, tau, d, counted, fraction, steps,
+                              torch.Generator().manual_seed(seed + 2))
+    target = counted.float().argmax(dim=1)
+    changed = (out != z_clean).flatten(2).any(dim=2)  # [B, T]
+    for row in range(batch):
+        for frame in range(frames):
+            if changed[row, frame]:
+                assert frame == int(target[row]) - 1 and frame >= 1
+                torch.testing.assert_close(out[row, frame], constant[row, frame])
+    if fraction == 1.0:  # every row with two frames before its target
+        assert changed.sum(dim=1).tolist() == [int(t >= 2) for t in target.tolist()]
+    if fraction == 0.0:
+        assert not changed.any()
+
+
+def test_the_sample_reads_the_history_as_training_holds_it_and_steps_from_noise():
+    batch, frames, steps = 4, 6, 2
+    d, tau, counted = _teacher_rows(batch, frames, 0)
+    target = counted.float().argmax(dim=1)
+    z_clean = torch.randn(batch, frames, 3, 2)
+    z_tau = add_noise(z_clean, tau, torch.randn_like(z_clean))
+    calls = []
+
+    def record(z, t, s):
+        calls.append((z.clone(), t.clone(), s.clone()))
+        return torch.zeros_like(z)
+
+    self_forced_latents(record, z_clean, z_tau, tau, d, counted, 1.0, steps, torch.Generator().manual_seed(0))
+    assert len(calls) == steps
+    for k, (z, t, s) in enumerate(calls):
+        for row in range(batch):
+            c = int(target[row])
+            if c < 2:
+                continue
+            assert torch.equal(z[row, :c - 1], z_tau[row, :c - 1])  # the history as the graded pass reads it
+            assert torch.equal(t[row, :c - 1], tau[row, :c - 1]) and torch.equal(s[row, :c - 1], d[row, :c - 1])
+            assert float(t[row, c - 1]) == k / steps and float(s[row, c - 1]) == 1 / steps
+
+
+def test_no_gradient_reaches_the_model_through_its_sample():
+    d, tau, counted = _teacher_rows(3, 5, 1)
+    weight = torch.ones((), requires_grad=True)
+    z_clean = torch.randn(3, 5, 2, 2)
+    out = self_forced_latents(lambda z, t, s: weight * z, z_clean, z_clean, tau, d, counted, 1.0, 2)
+    assert not out.requires_grad
+
+
+def _tiny(self_forcing: float, forcing: str = "teacher") -> tuple[Dynamics, torch.Tensor]:
+    cfg = DynamicsConfig(transformer=TransformerConfig(d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, time_every=2),
+                         latent_tokens=2, latent_dim=4, pack=1, n_registers=1, action_dim=2, k_max=4,
+                         sampling_steps=2, forcing=forcing, self_forcing=self_forcing)
+    model = template(Dynamics, cfg)
+    return model, init(model, 0)
+
+
+def test_self_forcing_changes_the_dynamics_loss_and_zero_is_teacher_forcing():
+    z = torch.randn(4, 6, 2, 4, generator=torch.Generator().manual_seed(0)).tanh()
+    actions = torch.rand(4, 6, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    model, params = _tiny(0.0)
+    plain = dynamics_loss(params, z, actions, torch.Generator().manual_seed(3), model=model)[0]
+    model.cfg = dataclasses.replace(model.cfg, self_forcing=1.0)
+    forced = dynamics_loss(params, z, actions, torch.Generator().manual_seed(3), model=model)[0]
+    assert torch.isfinite(forced) and not torch.allclose(forced, plain)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_bad_self_forcing_values_are_named(value):
+    with pytest.raises(ValueError, match=f"self_forcing must lie in \\[0, 1\\], got {value}"):
+        _tiny(value)
+
+
+def test_self_forcing_needs_teacher_forcing():
+    with pytest.raises(ValueError, match="self_forcing=0.5 needs forcing='teacher'"):
+        _tiny(0.5, forcing="diffusion")
