@@ -183,16 +183,16 @@ def self_forced_latents(
         raise ValueError(f"self-forcing fraction must lie in [0, 1], got {fraction}")
     if steps < 1:
         raise ValueError(f"self-forcing steps must be >= 1, got {steps}")
+    if counted.shape != z_clean.shape[:2]:
+        raise ValueError(f"counted must be [B, T] = {list(z_clean.shape[:2])}, got {list(counted.shape)}")
     batch, frames = counted.shape
     position = torch.arange(frames, device=counted.device)
+    # One counted frame per row (teacher forcing's target); no data-dependent branch, so that compiled losses trace
+    # it in one graph.
     target = (counted.long() * position).sum(dim=1)
-    if not torch.equal(counted.sum(dim=1), torch.ones_like(target)):
-        raise ValueError("self-forcing needs exactly one counted frame per row (forcing='teacher')")
     chosen = (torch.rand(batch, generator=generator, device=counted.device) < fraction) & (target >= 2)
     replaced = (position[None, :] == (target - 1)[:, None]) & chosen[:, None]  # [B, T]
     noise = sample_noise(z_clean, generator, noise_scale)
-    if not bool(chosen.any()):
-        return z_clean
     at = replaced[:, :, None, None]
     step = 1.0 / steps
     z = noise

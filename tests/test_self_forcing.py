@@ -109,3 +109,10 @@ def test_bad_self_forcing_values_are_named(value):
 def test_self_forcing_needs_teacher_forcing():
     with pytest.raises(ValueError, match="self_forcing=0.5 needs forcing='teacher'"):
         _tiny(0.5, forcing="diffusion")
+
+
+def test_a_counted_mask_of_the_wrong_shape_is_named():
+    d, tau, counted = _teacher_rows(3, 5, 0)
+    z = torch.zeros(3, 4, 2, 2)
+    with pytest.raises(ValueError, match=r"counted must be \[B, T\] = \[3, 4\], got \[3, 5\]"):
+        self_forced_latents(lambda z, t, s: z, z, z, tau[:, :4], d[:, :4], counted, 0.5, 2)
