@@ -179,23 +179,32 @@ def action_effects(predict: Callable[[Tensor, Tensor], Tensor], walk: Tensor, ac
 
 
 class NextFrameMLP(nn.Module):
-    """The reference for `--mlp-reference`: frame t+1 as frame t plus an MLP of frame t (flattened) and the action
-    taken after it (one-hot when discrete). No history, no noise, no attention: every input reaches every hidden
-    unit, so it shows how hard a walk's action effect is to learn by itself, apart from the dynamics' way there."""
+    """Frame t+1 as frame t plus an MLP of the `history` frames up to t (flattened) and the action taken after frame
+    t (one-hot when discrete). No noise, no attention: every input reaches every hidden unit, so it shows how hard
+    an action's effect is to learn by itself, apart from the dynamics' way there. The reference for
+    `--mlp-reference` here (one frame of history, `mlp_reference_model`) and for experiments/latent_mlp_reference.py
+    on a run's own latents."""
 
-    def __init__(self, cfg: DynamicsConfig, hidden: int) -> None:
+    def __init__(self, latent_tokens: int, latent_dim: int, action_size: int, hidden: int, discrete: bool,
+                 history: int = 1) -> None:
         super().__init__()
-        self.cfg = cfg
-        frame = cfg.latent_tokens * cfg.latent_dim
-        action = cfg.n_actions if cfg.discrete else cfg.action_dim
-        self.net = nn.Sequential(nn.Linear(frame + action, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, frame))
+        self.latent_tokens, self.action_size, self.discrete = latent_tokens, action_size, discrete
+        frame = latent_tokens * latent_dim
+        self.net = nn.Sequential(nn.Linear(history * frame + action_size, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, frame))
 
-    def forward(self, previous: Tensor, action: Tensor) -> Tensor:
-        if self.cfg.discrete:
-            action = F.one_hot(action, self.cfg.n_actions).to(previous.dtype)
-        change = self.net(torch.cat([rearrange(previous, "b s z -> b (s z)"), action], dim=-1))
-        return previous + rearrange(change, "b (s z) -> b s z", s=self.cfg.latent_tokens)
+    def forward(self, history: Tensor, action: Tensor) -> Tensor:
+        """history `[B, h, S, Dz]`, action `[B, A]` (continuous) or `[B]` (discrete index) -> frame `[B, S, Dz]`."""
+        if self.discrete:
+            action = F.one_hot(action.long(), self.action_size).to(history.dtype)
+        change = self.net(torch.cat([rearrange(history, "b h s z -> b (h s z)"), action], dim=-1))
+        return history[:, -1] + rearrange(change, "b (s z) -> b s z", s=self.latent_tokens)
+
+
+def mlp_reference_model(cfg: DynamicsConfig, hidden: int) -> NextFrameMLP:
+    """`--mlp-reference`'s `NextFrameMLP` (a template): one frame of `cfg`'s latents and its actions."""
+    return template(NextFrameMLP, cfg.latent_tokens, cfg.latent_dim, cfg.n_actions if cfg.discrete else cfg.action_dim,
+                    hidden, cfg.discrete)
 
 
 def mlp_train_step(model: NextFrameMLP, params, moments, step: int, latents: Tensor, actions: Tensor, target: int,
@@ -203,7 +212,8 @@ def mlp_train_step(model: NextFrameMLP, params, moments, step: int, latents: Ten
     """One AdamW step (the world model's optimiser settings) on the MSE of frame `target` given frame `target - 1`
     and the action taken after it; returns params, moments and the loss."""
     def loss_fn(p):
-        return (apply(model, p, latents[:, target - 1], actions[:, target - 1]) - latents[:, target]).square().mean()
+        return (apply(model, p, latents[:, target - 1:target], actions[:, target - 1]) - latents[:, target]
+                ).square().mean()
 
     grads, loss = grad_and_value(loss_fn)(params)
     params, moments, _ = adamw_update(params, grads, moments, step, opt)
@@ -219,7 +229,7 @@ def pool_batch(latents: Tensor, actions: Tensor, batch: int, generator: torch.Ge
 def mlp_predictor(model: NextFrameMLP, params, target: int) -> Callable[[Tensor, Tensor], Tensor]:
     """`predict(latents, actions)`: the MLP's frame `target` from frame `target - 1` and the action after it."""
     def predict(latents: Tensor, actions: Tensor) -> Tensor:
-        return apply(model, params, latents[:, target - 1], actions[:, target - 1])
+        return apply(model, params, latents[:, target - 1:target], actions[:, target - 1])
 
     return predict
 
@@ -253,7 +263,7 @@ def probe(cfg: RunConfig, steps: int, eval_every: int, step_std: float = 0.15, e
     local_pose = action_pose == "local"
     seq_len = cfg.replay.seq_len  # >= 2: the run config keeps context_len (>= 1) below it
     if mlp_reference:
-        model = template(NextFrameMLP, cfg.dynamics, mlp_reference)
+        model = mlp_reference_model(cfg.dynamics, mlp_reference)
         params = init(model, seed)
         moments = adamw_init(params)
     else:

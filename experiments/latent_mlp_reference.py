@@ -5,13 +5,13 @@ When a run's dynamics does not respond to its actions (`counterfactual_latent_r2
 `world_model_quality.py` and `more_world_model_steps.py`), either the latents do not carry the arm's response
 precisely enough to learn it from, or the dynamics' way to it (noise levels, attention between tokens, a plateau)
 is slow. This script separates the two on the run's own data: it loads the newest checkpoint's tokenizer (frozen),
-samples the run's replay as `more_world_model_steps.py` does, and trains a `HistoryMLP` on (the last `--history`
-latent frames, the action taken after the last of them) -> the next latent frame, one transition per replay row at a
-uniformly drawn position, as the dynamics' teacher forcing trains one target per row, with the world model's AdamW
-settings and batch. No noise, no attention, no tokens: every input reaches every hidden unit. `--space pixels` trains
-it on the frames themselves (one token of every pixel), which leaves the tokenizer out. Every `--eval-every`
-steps it measures, on the fixed held-out clips and counterfactual states that `more_world_model_steps.py` uses for
-the same `--seed`:
+samples the run's replay as `more_world_model_steps.py` does, and trains a `NextFrameMLP` (`dynamics_copy_probe.py`'s
+reference) on (the last `--history` latent frames, the action taken after the last of them) -> the next latent
+frame, one transition per replay row at a uniformly drawn position, as the dynamics' teacher forcing trains one
+target per row, with the world model's AdamW settings and batch. No noise, no attention, no tokens: every input
+reaches every hidden unit. `--space pixels` trains it on the frames themselves (one token of every pixel), which
+leaves the tokenizer out. Every `--eval-every` steps it measures, on the fixed held-out clips and counterfactual
+states that `more_world_model_steps.py` uses for the same `--seed`:
 
 * `latent_next_mse` against `latent_copy_last_mse` and `latent_context_mean_mse`: the first frame after the
   context (`d4func.next_latent.history_baseline_errors`);
@@ -39,10 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from tensordict import TensorDictBase
-from torch import Tensor, nn
+from torch import Tensor
 
 from d4func.functional import apply, grad_and_value, init, template
 from d4func.next_latent import history_baseline_errors
@@ -53,27 +52,9 @@ from d4func.train.loop import replay_batch
 # A sibling script, for its replay opener and (through it) world_model_quality.py's loaders and metrics.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import more_world_model_steps as more_steps  # noqa: E402
+from dynamics_copy_probe import NextFrameMLP  # noqa: E402
 
 wmq = more_steps.wmq
-
-
-class HistoryMLP(nn.Module):
-    """Latent frame t+1 as frame t plus an MLP of frames t-h+1..t (flattened) and the action taken after frame t
-    (one-hot when discrete)."""
-
-    def __init__(self, latent_tokens: int, latent_dim: int, action_size: int, history: int, hidden: int,
-                 discrete: bool) -> None:
-        super().__init__()
-        self.latent_tokens, self.action_size, self.discrete = latent_tokens, action_size, discrete
-        frame = latent_tokens * latent_dim
-        self.net = nn.Sequential(nn.Linear(history * frame + action_size, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, frame))
-
-    def forward(self, history: Tensor, action: Tensor) -> Tensor:
-        if self.discrete:
-            action = F.one_hot(action.long(), self.action_size).to(history.dtype)
-        change = self.net(torch.cat([rearrange(history, "b h s z -> b (h s z)"), action], dim=-1))
-        return history[:, -1] + rearrange(change, "b (s z) -> b s z", s=self.latent_tokens)
 
 
 def training_transitions(latents: Tensor, actions: Tensor, history: int, generator: torch.Generator
@@ -90,7 +71,7 @@ def training_transitions(latents: Tensor, actions: Tensor, history: int, generat
     return picked, actions[torch.arange(rows), targets - 1], latents[torch.arange(rows), targets]
 
 
-def rollout(model: HistoryMLP, params: TensorDictBase, history: Tensor, actions: Tensor) -> Tensor:
+def rollout(model: NextFrameMLP, params: TensorDictBase, history: Tensor, actions: Tensor) -> Tensor:
     """The MLP open loop: `actions` `[N, H, ...]` (each taken after the newest frame so far) from `history`
     `[N, h, S, Dz]`; returns the `H` generated frames `[N, H, S, Dz]`."""
     generated = []
@@ -102,7 +83,7 @@ def rollout(model: HistoryMLP, params: TensorDictBase, history: Tensor, actions:
 
 
 @torch.no_grad()
-def measure(model: HistoryMLP, params: TensorDictBase, held_out: dict[str, Tensor],
+def measure(model: NextFrameMLP, params: TensorDictBase, held_out: dict[str, Tensor],
             counterfactual: dict[str, Tensor] | None) -> dict[str, Any]:
     """The module docstring's figures on precomputed held-out `latents`/`actions` and counterfactual latents."""
     history = held_out["history"]
@@ -173,7 +154,7 @@ def train_reference(
     max_steps: int = 200,
     log=print,
 ) -> dict[str, Any]:
-    """Train a `HistoryMLP` of `width` on the frozen latents (or, `space="pixels"`, the frames) of the run in
+    """Train a `NextFrameMLP` of `width` on the frozen latents (or, `space="pixels"`, the frames) of the run in
     `run_dir` for `steps` AdamW steps (the world model's settings); measure at step 0 and every `eval_every` steps
     (module docstring)."""
     for name, value, low in (("steps", steps, 1), ("eval_every", eval_every, 1), ("width", width, 1),
@@ -188,8 +169,8 @@ def train_reference(
     represent = representation(run, space)
     held_out, counterfactual = held_out_data(run, represent, episodes, clips, horizon, seed, max_steps, history)
     tokens, token_dim = held_out["latents"].shape[2:]
-    model = template(HistoryMLP, tokens, token_dim, dyn.n_actions if discrete else dyn.action_dim, history, width,
-                     discrete)
+    model = template(NextFrameMLP, tokens, token_dim, dyn.n_actions if discrete else dyn.action_dim, width, discrete,
+                     history)
     params = init(model, cfg.seed + seed)
     moments = adamw_init(params)
     opt: AdamWConfig = cfg.optim.world_model

@@ -125,7 +125,7 @@ def test_mlp_reference_starts_from_the_last_frame_and_learns_a_fixed_action_effe
     frame; trained on the probe's rows (discrete actions on Reach, continuous on cartpole) it learns a fixed action
     effect within 300 updates, which is what makes it a reference for the slower cases."""
     cfg = load_run_config(config)
-    model = probe_script.template(probe_script.NextFrameMLP, cfg.dynamics, 32)
+    model = probe_script.mlp_reference_model(cfg.dynamics, 32)
     params = probe_script.init(model, 0)
     params["net", "4", "weight"] = torch.zeros_like(params["net", "4", "weight"])
     params["net", "4", "bias"] = torch.zeros_like(params["net", "4", "bias"])
