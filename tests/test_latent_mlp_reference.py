@@ -1,50 +1,33 @@
 """`experiments/latent_mlp_reference.py`: the transitions it trains on, its open-loop rollout, its figures against
 the baselines they name, and a run on a tiny online Reach run that leaves the run directory as it was."""
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.scripts import load_experiment_script
+from helpers.tiny_runs import tiny_online_reach_run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from d4func.functional import apply, init, template
-from d4func.train.loop import train
-from d4func.train.run_config import load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 1
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("latent_mlp_reference", REPO / "experiments/latent_mlp_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ref = _load_script()
+ref = load_experiment_script("latent_mlp_reference")
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("reach_run")
-    cfg = load_run_config(str(REPO / "experiments/configs/reach.yaml"), [
-        f"run_dir={path}", "loop.mode=online", "loop.offline_data=null", "loop.env_steps=40",
-        "loop.prefill_steps=20", "loop.collect_steps=10", "loop.train_ratio=0.2", "loop.agent_start=1000",
-        "loop.eval_every=1000", "loop.gif_every=1000", "env.eval_episodes=1",
-    ])
-    train(cfg, progress=False)
-    return path
+    return tiny_online_reach_run(tmp_path_factory.mktemp("reach_run"))
 
 
 def _zeroed(params):
-    """`HistoryMLP` params whose last layer is zero: the MLP then carries the last frame forward exactly."""
+    """`NextFrameMLP` params whose last layer is zero: the MLP then carries the last frame forward exactly."""
     params = params.clone()
     last = max(int(key.split(".")[1]) for key in params.flatten_keys(".").keys())
     params["net", str(last), "weight"].zero_()
@@ -77,7 +60,7 @@ def test_training_transitions_pair_a_history_with_the_action_after_it_and_the_fr
 @pytest.mark.parametrize("discrete", [False, True])
 def test_rollout_feeds_each_generated_frame_back_as_the_newest_history_frame(discrete):
     action_size = 5 if discrete else 2
-    model = template(ref.HistoryMLP, 3, 4, action_size, 2, 16, discrete)
+    model = template(ref.NextFrameMLP, 3, 4, action_size, 16, discrete, 2)
     params = init(model, 0)
     history = torch.randn(2, 2, 3, 4)
     actions = torch.randint(0, 5, (2, 3)) if discrete else torch.rand(2, 3, 2) * 2 - 1
@@ -100,7 +83,7 @@ def test_an_mlp_that_changes_nothing_scores_copy_last_and_explains_no_action(run
         tokens, dim = held_out["latents"].shape[2:]
         if space == "pixels":
             assert tokens == 1 and dim == 3 * run.cfg.env.image_size ** 2
-        model = template(ref.HistoryMLP, tokens, dim, run.cfg.dynamics.n_actions, 2, 16, True)
+        model = template(ref.NextFrameMLP, tokens, dim, run.cfg.dynamics.n_actions, 16, True, 2)
         figures = ref.measure(model, _zeroed(init(model, 0)), held_out, counterfactual)
         assert figures["latent_next_mse"] == pytest.approx(figures["latent_copy_last_mse"], rel=1e-6)
         assert figures["counterfactual_latent_r2"] == pytest.approx(0.0, abs=1e-6)

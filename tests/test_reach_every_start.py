@@ -7,12 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.scripts import load_experiment_script
+from helpers.tiny_runs import tiny_online_reach_run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from d4func.envs.reach import ReachEnv, make_reach_env, reach_positions
-from d4func.train.loop import train
-from d4func.train.run_config import load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 N_CELLS = 8
@@ -44,14 +43,7 @@ def test_bad_starts_are_refused_by_name(agent, goal, message):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("reach_run")
-    cfg = load_run_config(str(REPO / "experiments/configs/reach.yaml"), [
-        f"run_dir={path}", "loop.mode=online", "loop.offline_data=null", "loop.env_steps=30",
-        "loop.prefill_steps=20", "loop.collect_steps=10", "loop.train_ratio=0.2", "loop.agent_start=1000",
-        "loop.eval_every=1000", "loop.gif_every=1000", "env.eval_episodes=1",
-    ])
-    train(cfg, progress=False)
-    return path
+    return tiny_online_reach_run(tmp_path_factory.mktemp("reach_run"), env_steps=30)
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,10 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 import torch
+from helpers.tiny_runs import tiny_online_reach_run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from d4func.train.loop import train
 from d4func.train.run_config import load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,14 +37,7 @@ wmq = _load_script()
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("reach_run")
-    cfg = load_run_config(str(REPO / "experiments/configs/reach.yaml"), [
-        f"run_dir={path}", "loop.mode=online", "loop.offline_data=null", "loop.env_steps=40",
-        "loop.prefill_steps=20", "loop.collect_steps=10", "loop.train_ratio=0.2", "loop.agent_start=1000",
-        "loop.eval_every=1000", "loop.gif_every=1000", "env.eval_episodes=1",
-    ])
-    train(cfg, progress=False)
-    return path
+    return tiny_online_reach_run(tmp_path_factory.mktemp("reach_run"))
 
 
 @pytest.fixture(scope="module")
