@@ -91,6 +91,12 @@ class DynamicsConfig:
     # model's rollout on frozen latents improves at every step from the second, but trained end to end from the
     # first update (random-action Reach, 3 seeds) the world model and the policy got worse: an option to compare.
     self_forcing: float = 0.0
+    # World-model updates (the loop's gradient steps, counted from 0) trained without self-forcing before
+    # `self_forcing` applies: early samples are noise, and a row whose last frame is noise teaches the model to look
+    # past its last frame; started late, the model's samples already resemble its frames (`self_forcing_at`).
+    # Measured on random-action Reach from 1,500 of 3,000 updates: the world model keeps its one-step knowledge
+    # that self-forcing from the start loses, but its 8-step rollouts are no better (docs/results.md, Sec. 2).
+    self_forcing_start: int = 0
 
     def __post_init__(self) -> None:
         for name in ("latent_tokens", "latent_dim", "pack", "k_max", "sampling_steps", "n_tasks"):
@@ -127,6 +133,8 @@ class DynamicsConfig:
             raise ValueError(f"DynamicsConfig.loss_weight must be one of {LOSS_WEIGHTS}, got {self.loss_weight!r}")
         if not 0.0 <= self.self_forcing <= 1.0:
             raise ValueError(f"DynamicsConfig.self_forcing must lie in [0, 1], got {self.self_forcing}")
+        if self.self_forcing_start < 0:
+            raise ValueError(f"DynamicsConfig.self_forcing_start must be >= 0, got {self.self_forcing_start}")
         if self.self_forcing > 0.0 and self.forcing != "teacher":
             raise ValueError(f"DynamicsConfig.self_forcing={self.self_forcing} needs forcing='teacher' (one target "
                              f"frame per row behind a history), got forcing={self.forcing!r}")
@@ -151,6 +159,11 @@ class DynamicsConfig:
         if self.bootstrap_fraction == 0.0 and steps < self.k_max:
             raise ValueError(f"{name}={steps} samples with step size 1/{steps}, but bootstrap_fraction=0.0 trains "
                              f"only 1/k_max = 1/{self.k_max}: use {name}={self.k_max} or bootstrap_fraction > 0")
+
+    def self_forcing_at(self, update: int) -> float:
+        """The share of self-forced rows at world-model update `update` (counted from 0): `self_forcing` from
+        `self_forcing_start` on, 0 before."""
+        return self.self_forcing if update >= self.self_forcing_start else 0.0
 
     @property
     def d_min(self) -> float:

@@ -116,3 +116,51 @@ def test_a_counted_mask_of_the_wrong_shape_is_named():
     z = torch.zeros(3, 4, 2, 2)
     with pytest.raises(ValueError, match=r"counted must be \[B, T\] = \[3, 4\], got \[3, 5\]"):
         self_forced_latents(lambda z, t, s: z, z, z, tau[:, :4], d[:, :4], counted, 0.5, 2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(share=st.sampled_from([0.0, 0.25, 1.0]), start=st.integers(0, 50), update=st.integers(0, 100))
+def test_self_forcing_applies_from_its_start_update_on(share, start, update):
+    cfg = dataclasses.replace(_tiny(share)[0].cfg, self_forcing_start=start)
+    assert cfg.self_forcing_at(update) == (share if update >= start else 0.0)
+
+
+def test_a_negative_self_forcing_start_is_named():
+    with pytest.raises(ValueError, match="self_forcing_start must be >= 0, got -1"):
+        dataclasses.replace(_tiny(0.5)[0].cfg, self_forcing_start=-1)
+
+
+def test_an_explicit_share_overrides_the_models_in_the_dynamics_loss():
+    z = torch.randn(4, 6, 2, 4, generator=torch.Generator().manual_seed(0)).tanh()
+    actions = torch.rand(4, 6, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    plain_model, params = _tiny(0.0)
+    forced_model, _ = _tiny(1.0)
+    plain = dynamics_loss(params, z, actions, torch.Generator().manual_seed(3), model=plain_model)[0]
+    off = dynamics_loss(params, z, actions, torch.Generator().manual_seed(3), model=forced_model, self_forcing=0.0)[0]
+    forced = dynamics_loss(params, z, actions, torch.Generator().manual_seed(3), model=plain_model, self_forcing=1.0)
+    assert torch.equal(off, plain)
+    assert torch.equal(forced[0], dynamics_loss(params, z, actions, torch.Generator().manual_seed(3),
+                                                model=forced_model)[0])
+    assert not torch.allclose(forced[0], plain)
+
+
+def test_the_loop_trains_without_self_forcing_before_its_start():
+    from helpers.benchmark_scripts import load_run_all
+
+    from d4func.train.loop import build_models, gradient_step, init_states
+    from d4func.train.run_config import load_run_config
+
+    teacher = ["dynamics.forcing=teacher", "dynamics.clean_context_fraction=0.0"]
+    configs = {share: load_run_config("experiments/configs/debug.yaml",
+                                      [*teacher, f"dynamics.self_forcing={share}", "dynamics.self_forcing_start=1"])
+               for share in (0.0, 1.0)}
+    batch = load_run_all().random_replay_batch(configs[0.0], torch.Generator().manual_seed(0))
+    losses = {}
+    for share, cfg in configs.items():
+        models = build_models(cfg)
+        states = init_states(cfg, models)
+        for step in (0, 1):  # the same states at both steps: only the schedule differs
+            _, metrics = gradient_step(cfg, models, states, batch, torch.Generator().manual_seed(5), step, False)
+            losses[share, step] = metrics["world_model/dynamics_loss"]
+    assert losses[1.0, 0] == losses[0.0, 0]  # before the start: plain teacher forcing, bit for bit
+    assert losses[1.0, 1] != losses[0.0, 1]

@@ -116,6 +116,7 @@ def agent_finetune_loss(
     cfg: FinetuneConfig = FinetuneConfig(),  # noqa: B008 (frozen dataclass: immutable default)
     tasks: Tensor | None = None,
     action_valid: Tensor | None = None,
+    self_forcing: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Phase-2 loss: shortcut forcing + behaviour cloning (all `mtp` offsets) + reward prediction (twohot CE).
 
@@ -126,7 +127,8 @@ def agent_finetune_loss(
 
     One forward pass of the dynamics model at the sampled (tau, d) gives both the denoising prediction and the
     agent-token outputs. The draws (d, tau, noise) are made in the same order as `shortcut_forcing_loss`, so with
-    no padding the dynamics term equals `dynamics_loss` for the same generator state.
+    no padding the dynamics term equals `dynamics_loss` for the same generator state. `self_forcing`: the share of
+    self-forced rows (None: the model's `self_forcing`; the loop passes `DynamicsConfig.self_forcing_at(step)`).
 
     Returns (loss, metrics): dynamics_loss (+ flow_mse, bootstrap_mse), bc_nll (all offsets), bc_nll_0 (the acting
     offset), reward_ce, reward_ce_0, policy_entropy, loss.
@@ -150,10 +152,11 @@ def agent_finetune_loss(
     z_tau = add_noise(latents, tau, noise)
     stopped = denoiser(model, params["dynamics"].detach(), actions_in, mask_in, tasks)
     dyn_latents = latents
-    if dyn_cfg.self_forcing > 0.0:
+    self_forcing = dyn_cfg.self_forcing if self_forcing is None else self_forcing
+    if self_forcing > 0.0:
         # The dynamics term reads the model's own last history frame in that share of rows; the heads read the
         # same forward pass (objectives.self_forced_latents).
-        dyn_latents = self_forced_latents(stopped, latents, z_tau, tau, d, counted, dyn_cfg.self_forcing,
+        dyn_latents = self_forced_latents(stopped, latents, z_tau, tau, d, counted, self_forcing,
                                           dyn_cfg.sampling_steps, generator, dyn_cfg.noise_scale)
         z_tau = add_noise(dyn_latents, tau, noise)
     x_hat, agent_out, _ = apply(model, params["dynamics"], z_tau, tau, d, actions_in, mask_in, None, tasks)
@@ -217,17 +220,20 @@ def agent_finetune_step(
     cfg: FinetuneConfig = FinetuneConfig(),  # noqa: B008 (frozen dataclass: immutable default)
     ema_decay: float | None = None,
     grad_fn: Callable[..., Any] = grad_and_value,
+    self_forcing: float | None = None,
 ) -> tuple[TensorDictBase, dict[str, Tensor]]:
     """One phase-2 update of `state` (params {"dynamics", "heads"}) on a batch with "latents", "actions",
     "rewards" and optionally "is_last", "tasks" and "action_valid" (see the module docstring for their alignment).
 
     `grad_fn(loss_fn, has_aux=True)(params, *args) -> (grads, (loss, metrics))`: `functional.grad_and_value`, or
     `distributed.data_parallel_grad_and_value` for a data-parallel step on this rank's shard. The loss terms are
-    means over the shard's valid steps, so with padding the rank average weighs shards equally rather than steps."""
+    means over the shard's valid steps, so with padding the rank average weighs shards equally rather than steps.
+    `self_forcing` as in `agent_finetune_loss`."""
     get = batch.get
     grads, (_, metrics) = grad_fn(agent_finetune_loss, has_aux=True)(
         state["params"], batch["latents"], batch["actions"], batch["rewards"], get("is_last", None), generator,
         model=model, heads=heads, cfg=cfg, tasks=get("tasks", None), action_valid=get("action_valid", None),
+        self_forcing=self_forcing,
     )
     return checked_update(state, grads, metrics, opt, ema_decay)
 

@@ -40,14 +40,19 @@ def dynamics_loss(
     model: Dynamics,
     action_mask: Tensor | None = None,
     tasks: Tensor | None = None,
+    self_forcing: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Shortcut-forcing loss of the dynamics model on clean latents `[B, T, S, Dz]` and their actions."""
+    """Shortcut-forcing loss of the dynamics model on clean latents `[B, T, S, Dz]` and their actions.
+    `self_forcing`: the share of self-forced rows (None: the model's `self_forcing`; a training loop passes
+    `DynamicsConfig.self_forcing_at(update)`)."""
     online = denoiser(model, params, actions, action_mask, tasks)
     stopped = denoiser(model, params.detach(), actions, action_mask, tasks)
     cfg = model.cfg
     loss, metrics, _ = shortcut_forcing_loss(online, stopped, latents, cfg.k_max, generator, cfg.bootstrap_fraction,
                                              cfg.clean_context_fraction, cfg.context_signal, cfg.noise_scale,
-                                             cfg.forcing, cfg.loss_weight, cfg.self_forcing, cfg.sampling_steps)
+                                             cfg.forcing, cfg.loss_weight,
+                                             cfg.self_forcing if self_forcing is None else self_forcing,
+                                             cfg.sampling_steps)
     return loss, metrics
 
 
@@ -62,14 +67,16 @@ def dynamics_train_step(
     ema_decay: float | None = None,
     action_mask: Tensor | None = None,
     grad_fn: Callable[..., Any] = grad_and_value,
+    self_forcing: float | None = None,
 ) -> tuple[TensorDictBase, dict[str, Tensor]]:
     """One AdamW update of `state` on the shortcut-forcing loss of `latents` `[B, T, S, Dz]` and their actions.
 
     `grad_fn(loss_fn, has_aux=True)(params, *args) -> (grads, (loss, metrics))` computes the gradients:
     `functional.grad_and_value` in one process, `distributed.data_parallel_grad_and_value` to average gradients and
-    metrics over ranks, each rank passing its shard of the batch and its own generator.
+    metrics over ranks, each rank passing its shard of the batch and its own generator. `self_forcing` as in
+    `dynamics_loss`.
     """
     grads, (_, metrics) = grad_fn(dynamics_loss, has_aux=True)(
-        state["params"], latents, actions, generator, model=model, action_mask=action_mask
+        state["params"], latents, actions, generator, model=model, action_mask=action_mask, self_forcing=self_forcing
     )
     return checked_update(state, grads, metrics, opt, ema_decay)

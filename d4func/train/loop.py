@@ -214,6 +214,7 @@ def gradient_step(
     states["world_model"], wm = in_phase("world_model", agent_finetune_step)(
         states["world_model"], world_model_batch(latents, batch), generator, model=models.dynamics, heads=models.heads,
         opt=cfg.optim.world_model, cfg=cfg.finetune, ema_decay=cfg.optim.ema_decay, grad_fn=grad_fn,
+        self_forcing=cfg.dynamics.self_forcing_at(grad_step),
     )
     metrics.update({f"world_model/{k}": float(v) for k, v in wm.items()})
     if agent_active:
