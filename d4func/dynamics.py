@@ -97,6 +97,12 @@ class DynamicsConfig:
     # Measured on random-action Reach from 1,500 of 3,000 updates: the world model keeps its one-step knowledge
     # that self-forcing from the start loses, but its 8-step rollouts are no better (docs/results.md, Sec. 2).
     self_forcing_start: int = 0
+    # How many history frames before the target a self-forced row replaces: an open-loop rollout of that many steps
+    # from the real frames before them (`objectives.self_forced_latents`). Imagination's history holds more than one
+    # of the model's own frames from its third step on; one replaced frame teaches reading back only one. Costs
+    # `self_forcing_frames * sampling_steps` extra forward passes per update. Measured on Reach's frozen latents
+    # (one seed): 2 or 3 frames give worse 8-step rollouts than 1 (docs/results.md, Sec. 2).
+    self_forcing_frames: int = 1
 
     def __post_init__(self) -> None:
         for name in ("latent_tokens", "latent_dim", "pack", "k_max", "sampling_steps", "n_tasks"):
@@ -133,6 +139,8 @@ class DynamicsConfig:
             raise ValueError(f"DynamicsConfig.loss_weight must be one of {LOSS_WEIGHTS}, got {self.loss_weight!r}")
         if not 0.0 <= self.self_forcing <= 1.0:
             raise ValueError(f"DynamicsConfig.self_forcing must lie in [0, 1], got {self.self_forcing}")
+        if self.self_forcing_frames < 1:
+            raise ValueError(f"DynamicsConfig.self_forcing_frames must be >= 1, got {self.self_forcing_frames}")
         if self.self_forcing_start < 0:
             raise ValueError(f"DynamicsConfig.self_forcing_start must be >= 0, got {self.self_forcing_start}")
         if self.self_forcing > 0.0 and self.forcing != "teacher":

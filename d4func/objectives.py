@@ -168,41 +168,54 @@ def self_forced_latents(
     steps: int,
     generator: torch.Generator | None = None,
     noise_scale: float = 1.0,
+    frames: int = 1,
 ) -> Tensor:
-    """Self-forcing (not in the paper): `z_clean` `[B, T, S, Dz]` with, in a `fraction` of the rows, the frame before
-    the counted target (`counted` `[B, T]`, one frame per row: `teacher_forcing_levels`) replaced by the model's own
-    sample of it.
+    """Self-forcing (not in the paper): `z_clean` `[B, T, S, Dz]` with, in a `fraction` of the rows, the `frames`
+    frames before the counted target (`counted` `[B, T]`, one frame per row: `teacher_forcing_levels`) replaced by
+    the model's own rollout of them.
 
-    The sample is drawn as the sampler draws a new frame (`sampler.denoise_frame`): from noise at tau = 0, `steps`
+    Each sample is drawn as the sampler draws a new frame (`sampler.denoise_frame`): from noise at tau = 0, `steps`
     Euler steps of size 1 / `steps` under `denoise_target`, reading the row's history as `z_tau`, `tau` and `d` hold
-    it (at tau_ctx under teacher forcing). Rows whose target has fewer than two frames before it keep their frames. No
-    gradient flows through the sample. Why: a teacher-forced model reads only real frames in training but its own
-    in imagination, and on Reach it knows each step from real frames yet loses the action from the third step of its
-    own rollout (docs/results.md, Sec. 2). Draws the row choice, then the noise, from `generator`."""
+    it (at tau_ctx under teacher forcing), the earlier replaced frames as the model's own samples at their level:
+    an open-loop rollout of `frames` steps from the real frames before it. Rows whose target has fewer than
+    `frames + 1` frames before it keep their frames (a rollout starts from at least one real frame). No gradient
+    flows through the samples. Why: a teacher-forced model reads only real frames in training but its own in
+    imagination, and on Reach it knows each step from real frames yet loses the action from the second or third
+    step of its own rollout (docs/results.md, Sec. 2). Draws the row choice, then each frame's noise in rollout
+    order, from `generator`, so that `frames=1` draws as it always did."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"self-forcing fraction must lie in [0, 1], got {fraction}")
     if steps < 1:
         raise ValueError(f"self-forcing steps must be >= 1, got {steps}")
+    if frames < 1:
+        raise ValueError(f"self-forcing frames must be >= 1, got {frames}")
     if counted.shape != z_clean.shape[:2]:
         raise ValueError(f"counted must be [B, T] = {list(z_clean.shape[:2])}, got {list(counted.shape)}")
-    batch, frames = counted.shape
-    position = torch.arange(frames, device=counted.device)
+    batch, length = counted.shape
+    position = torch.arange(length, device=counted.device)
     # One counted frame per row (teacher forcing's target); no data-dependent branch, so that compiled losses trace
     # it in one graph.
     target = (counted.long() * position).sum(dim=1)
-    chosen = (torch.rand(batch, generator=generator, device=counted.device) < fraction) & (target >= 2)
-    replaced = (position[None, :] == (target - 1)[:, None]) & chosen[:, None]  # [B, T]
-    noise = sample_noise(z_clean, generator, noise_scale)
-    at = replaced[:, :, None, None]
+    chosen = (torch.rand(batch, generator=generator, device=counted.device) < fraction) & (target >= frames + 1)
     step = 1.0 / steps
-    z = noise
+    rolled = (position[None, :] >= (target - frames)[:, None]) & (position[None, :] < target[:, None])
+    rolled = (rolled & chosen[:, None])[:, :, None, None]
+    samples = z_clean.detach()
     with torch.no_grad():
-        for k in range(steps):
-            level = k * step
-            x_hat = denoise_target(torch.where(at, z, z_tau), torch.where(replaced, level, tau),
-                                   torch.where(replaced, step, d))
-            z = z + step * (x_hat - z) / (1.0 - level)
-    return torch.where(at, z.detach(), z_clean)
+        for back in range(frames, 0, -1):
+            replaced = (position[None, :] == (target - back)[:, None]) & chosen[:, None]  # [B, T]
+            at = replaced[:, :, None, None]
+            z = sample_noise(z_clean, generator, noise_scale)
+            for k in range(steps):
+                level = k * step
+                x_hat = denoise_target(torch.where(at, z, z_tau), torch.where(replaced, level, tau),
+                                       torch.where(replaced, step, d))
+                z = z + step * (x_hat - z) / (1.0 - level)
+            # Later frames read this one as the history holds it: the same noise at the same level around the sample
+            # (z_tau = tau z + (1 - tau) noise, so swapping z moves z_tau by tau times the change).
+            z_tau = torch.where(at, z_tau + tau[:, :, None, None] * (z - samples), z_tau)
+            samples = torch.where(at, z, samples)
+    return torch.where(rolled, samples, z_clean)
 
 
 def frame_weight(tau: Tensor, loss_weight: str = "ramp") -> Tensor:
@@ -334,14 +347,15 @@ def shortcut_forcing_loss(
     loss_weight: str = "ramp",
     self_forcing: float = 0.0,
     sampling_steps: int = 1,
+    self_forcing_frames: int = 1,
 ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
     """Shortcut forcing loss on clean latents `[B, T, S, Dz]`.
 
     `denoise` is the network with gradient; `denoise_target` the same network for the (stopped) half steps — pass
     the same callable, or one over detached or EMA params. (d, tau) and the frames that count come from
     `sample_training_frames`; `loss_weight` picks `frame_weight`. `self_forcing` > 0 (teacher forcing only) replaces
-    the last history frame of that share of the rows by `denoise_target`'s own `sampling_steps`-step sample
-    (`self_forced_latents`). Returns `(loss, metrics, x_hat)`.
+    the last `self_forcing_frames` history frames of that share of the rows by `denoise_target`'s own rollout of
+    them, `sampling_steps` steps a frame (`self_forced_latents`). Returns `(loss, metrics, x_hat)`.
     """
     batch, steps = z_clean.shape[:2]
     d, tau, counted = sample_training_frames((batch, steps), k_max, generator, z_clean.device, bootstrap_fraction,
@@ -352,7 +366,7 @@ def shortcut_forcing_loss(
         if counted is None:
             raise ValueError(f"self_forcing={self_forcing} needs forcing='teacher', got forcing={forcing!r}")
         z_clean = self_forced_latents(denoise_target, z_clean, z_tau, tau, d, counted, self_forcing, sampling_steps,
-                                      generator, noise_scale)
+                                      generator, noise_scale, self_forcing_frames)
         z_tau = add_noise(z_clean, tau, noise)
     x_hat = denoise(z_tau, tau, d)
     target, is_flow = shortcut_targets(denoise_target, z_clean, z_tau, tau, d, 1.0 / k_max)

@@ -164,3 +164,73 @@ def test_the_loop_trains_without_self_forcing_before_its_start():
             losses[share, step] = metrics["world_model/dynamics_loss"]
     assert losses[1.0, 0] == losses[0.0, 0]  # before the start: plain teacher forcing, bit for bit
     assert losses[1.0, 1] != losses[0.0, 1]
+
+
+@settings(max_examples=30, deadline=None)
+@given(batch=st.integers(1, 6), length=st.integers(2, 8), rolled=st.integers(1, 4), seed=st.integers(0, 1000))
+def test_a_rollout_of_several_frames_replaces_exactly_the_frames_before_the_target(batch, length, rolled, seed):
+    d, tau, counted = _teacher_rows(batch, length, seed)
+    z_clean = torch.randn(batch, length, 3, 2, generator=torch.Generator().manual_seed(seed + 1))
+    z_tau = add_noise(z_clean, tau, torch.randn_like(z_clean))
+    constant = torch.full_like(z_clean, 7.0)
+    out = self_forced_latents(lambda z, t, s: constant, z_clean, z_tau, tau, d, counted, 1.0, 2,
+                              torch.Generator().manual_seed(seed + 2), frames=rolled)
+    target = counted.float().argmax(dim=1)
+    changed = (out != z_clean).flatten(2).any(dim=2)  # [B, T]
+    for row in range(batch):
+        c = int(target[row])
+        expected = [c - rolled <= f < c and c >= rolled + 1 for f in range(length)]
+        assert changed[row].tolist() == expected
+        assert torch.equal(out[row, changed[row]], constant[row, changed[row]])
+
+
+def test_each_rolled_frame_reads_the_samples_before_it_at_their_noise_level():
+    batch, length, rolled, steps = 5, 8, 3, 2
+    d, tau, counted = _teacher_rows(batch, length, 4)
+    target = counted.float().argmax(dim=1)
+    z_clean = torch.randn(batch, length, 3, 2)
+    z_tau = add_noise(z_clean, tau, torch.randn_like(z_clean))
+    calls = []
+
+    def record(z, t, s):  # every sample is the frame's index + 10, so each call shows what it reads
+        calls.append(z.clone())
+        index = torch.arange(z.shape[1], dtype=z.dtype)[None, :, None, None]
+        return (index + 10.0).expand_as(z)
+
+    out = self_forced_latents(record, z_clean, z_tau, tau, d, counted, 1.0, steps, torch.Generator().manual_seed(0),
+                              frames=rolled)
+    assert len(calls) == rolled * steps
+    for row in range(batch):
+        c = int(target[row])
+        if c < rolled + 1:
+            continue
+        for n in range(rolled):  # the n-th rolled frame, c - rolled + n, sampled by calls n * steps ...
+            for z in calls[n * steps:(n + 1) * steps]:
+                for before in range(c - rolled, c - rolled + n):  # earlier rolled frames: sample at tau_ctx
+                    level = tau[row, before]
+                    torch.testing.assert_close(z[row, before], z_tau[row, before] + level * (before + 10.0
+                                                                                          - z_clean[row, before]))
+                assert torch.equal(z[row, :c - rolled], z_tau[row, :c - rolled])  # real frames as they were
+        torch.testing.assert_close(out[row, c - rolled:c], torch.arange(c - rolled, c, dtype=out.dtype)[:, None, None]
+                                   .expand(rolled, 3, 2) + 10.0)
+
+
+def test_bad_self_forcing_frames_are_named():
+    with pytest.raises(ValueError, match="self_forcing_frames must be >= 1, got 0"):
+        dataclasses.replace(_tiny(0.5)[0].cfg, self_forcing_frames=0)
+    from d4func.train.run_config import load_run_config
+
+    with pytest.raises(ValueError, match="dynamics.self_forcing_frames=7 leaves no training row to self-force"):
+        load_run_config("experiments/configs/debug.yaml", ["dynamics.forcing=teacher",
+                        "dynamics.clean_context_fraction=0.0", "dynamics.self_forcing=0.5",
+                        "dynamics.self_forcing_frames=7", "replay.seq_len=8", "replay.final_frame=false"])
+
+
+def test_several_rolled_frames_reach_the_dynamics_loss():
+    z = torch.randn(4, 6, 2, 4, generator=torch.Generator().manual_seed(0)).tanh()
+    actions = torch.rand(4, 6, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    model, params = _tiny(1.0)
+    one = dynamics_loss(params, z, actions, torch.Generator().manual_seed(3), model=model)[0]
+    model.cfg = dataclasses.replace(model.cfg, self_forcing_frames=2)
+    two = dynamics_loss(params, z, actions, torch.Generator().manual_seed(3), model=model)[0]
+    assert torch.isfinite(two) and not torch.allclose(one, two)

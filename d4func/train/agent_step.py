@@ -154,10 +154,11 @@ def agent_finetune_loss(
     dyn_latents = latents
     self_forcing = dyn_cfg.self_forcing if self_forcing is None else self_forcing
     if self_forcing > 0.0:
-        # The dynamics term reads the model's own last history frame in that share of rows; the heads read the
+        # The dynamics term reads the model's own last history frames in that share of rows; the heads read the
         # same forward pass (objectives.self_forced_latents).
         dyn_latents = self_forced_latents(stopped, latents, z_tau, tau, d, counted, self_forcing,
-                                          dyn_cfg.sampling_steps, generator, dyn_cfg.noise_scale)
+                                          dyn_cfg.sampling_steps, generator, dyn_cfg.noise_scale,
+                                          dyn_cfg.self_forcing_frames)
         z_tau = add_noise(dyn_latents, tau, noise)
     x_hat, agent_out, _ = apply(model, params["dynamics"], z_tau, tau, d, actions_in, mask_in, None, tasks)
     if agent_out is None:

@@ -52,7 +52,7 @@ def dynamics_loss(
                                              cfg.clean_context_fraction, cfg.context_signal, cfg.noise_scale,
                                              cfg.forcing, cfg.loss_weight,
                                              cfg.self_forcing if self_forcing is None else self_forcing,
-                                             cfg.sampling_steps)
+                                             cfg.sampling_steps, cfg.self_forcing_frames)
     return loss, metrics
 
 

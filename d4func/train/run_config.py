@@ -197,6 +197,11 @@ class RunConfig:
         if self.imagination.horizon + 1 > self.replay.seq_len * 4:
             raise ValueError(f"RunConfig: imagination.horizon={self.imagination.horizon} is far beyond the "
                              f"training context replay.seq_len={self.replay.seq_len}")
+        if dyn.self_forcing > 0 and dyn.self_forcing_frames + 1 >= self.replay.row_frames:
+            # Teacher forcing's target lies in frames 1 .. row_frames - 1; a rollout needs one real frame before it.
+            raise ValueError(f"RunConfig: dynamics.self_forcing_frames={dyn.self_forcing_frames} leaves no training "
+                             f"row to self-force: rows of replay.row_frames={self.replay.row_frames} frames hold at "
+                             f"most {self.replay.row_frames - 2} frames between the first and the target")
         im = self.imagination
         if im.center_advantages and im.policy_coef > 0 and self.replay.batch_size < 2:
             # One rollout per replay row, centred on the batch mean at each step: a batch of one centres every
