@@ -210,7 +210,7 @@ def self_forced_latents(
                 level = k * step
                 x_hat = denoise_target(torch.where(at, z, z_tau), torch.where(replaced, level, tau),
                                        torch.where(replaced, step, d))
-                z = z + step * (x_hat - z) / (1.0 - level)
+                z = euler_step(z, x_hat, level, step)
             # Later frames read this one as the history holds it: the same noise at the same level around the sample
             # (z_tau = tau z + (1 - tau) noise, so swapping z moves z_tau by tau times the change).
             z_tau = torch.where(at, z_tau + tau[:, :, None, None] * (z - samples), z_tau)
@@ -267,6 +267,13 @@ def add_noise(z_clean: Tensor, tau: Tensor, noise: Tensor) -> Tensor:
     """z_tau = (1 - tau) * noise + tau * z_clean with a per-frame tau `[B, T]`."""
     tau = _per_frame(tau)
     return (1.0 - tau) * noise + tau * z_clean
+
+
+def euler_step(z: Tensor, x_hat: Tensor, level: float, step: float) -> Tensor:
+    """One Euler step of the flow from signal level `level` to `level + step` under an x-prediction `x_hat`, at
+    one level for every frame given: z + step * v with v = (x_hat - z) / (1 - level). The sampler's update
+    (`sampler.denoise_frame`), shared with `self_forced_latents`, which draws as the sampler does."""
+    return z + step * (x_hat - z) / (1.0 - level)
 
 
 def velocity_from_x(x_hat: Tensor, z_tau: Tensor, tau: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ from tensordict import TensorDict
 from torch import Tensor
 
 from d4func.dynamics import DynamicsConfig
-from d4func.objectives import add_noise, sample_noise
+from d4func.objectives import add_noise, euler_step, sample_noise
 from d4func.transformer import drop_last_steps, empty_cache, keep_last_steps
 
 # (z [B,T,S,Dz], tau [B,T], d [B,T], actions, action_mask, cache) -> (x_hat, agent_out, new_cache)
@@ -88,7 +88,7 @@ def denoise_frame(
         if cache is not None and k == 0 and pending.count:
             cache = drop_last_steps(new_cache, 1)  # keep the committed frames, not the noisy one
         x_last = x_hat[:, -1:]
-        z = z + step * (x_last - z) / (1.0 - tau)
+        z = euler_step(z, x_last, tau, step)
         agent = None if agent_out is None else agent_out[:, -1]
     return z[:, 0], agent, cache
 
