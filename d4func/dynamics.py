@@ -101,7 +101,7 @@ class DynamicsConfig:
     # from the real frames before them (`objectives.self_forced_latents`). Imagination's history holds more than one
     # of the model's own frames from its third step on; one replaced frame teaches reading back only one. Costs
     # `self_forcing_frames * sampling_steps` extra forward passes per update. Measured on Reach's frozen latents
-    # (one seed): 2 or 3 frames give worse 8-step rollouts than 1 (docs/results.md, Sec. 2).
+    # (two seeds): 2 or 3 frames give worse 8-step rollouts than 1 (docs/results.md, Sec. 2).
     self_forcing_frames: int = 1
 
     def __post_init__(self) -> None:
