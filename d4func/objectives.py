@@ -198,13 +198,13 @@ def self_forced_latents(
     target = (counted.long() * position).sum(dim=1)
     chosen = (torch.rand(batch, generator=generator, device=counted.device) < fraction) & (target >= frames + 1)
     step = 1.0 / steps
-    rolled = (position[None, :] >= (target - frames)[:, None]) & (position[None, :] < target[:, None])
-    rolled = (rolled & chosen[:, None])[:, :, None, None]
     samples = z_clean.detach()
+    rolled = torch.zeros(batch, length, 1, 1, dtype=torch.bool, device=counted.device)  # frames replaced so far
     with torch.no_grad():
         for back in range(frames, 0, -1):
             replaced = (position[None, :] == (target - back)[:, None]) & chosen[:, None]  # [B, T]
             at = replaced[:, :, None, None]
+            rolled = rolled | at
             z = sample_noise(z_clean, generator, noise_scale)
             for k in range(steps):
                 level = k * step
@@ -215,6 +215,7 @@ def self_forced_latents(
             # (z_tau = tau z + (1 - tau) noise, so swapping z moves z_tau by tau times the change).
             z_tau = torch.where(at, z_tau + tau[:, :, None, None] * (z - samples), z_tau)
             samples = torch.where(at, z, samples)
+    # Outside no_grad, so that the real frames keep whatever graph `z_clean` carries.
     return torch.where(rolled, samples, z_clean)
 
 

@@ -90,13 +90,18 @@ def _tiny(self_forcing: float, forcing: str = "teacher") -> tuple[Dynamics, torc
     return model, init(model, 0)
 
 
-def test_self_forcing_changes_the_dynamics_loss_and_zero_is_teacher_forcing():
+def _loss(model: Dynamics, params: torch.Tensor, **kwargs) -> torch.Tensor:
+    """`dynamics_loss` on one fixed batch of 4 rows of 6 frames, with one fixed generator."""
     z = torch.randn(4, 6, 2, 4, generator=torch.Generator().manual_seed(0)).tanh()
     actions = torch.rand(4, 6, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    return dynamics_loss(params, z, actions, torch.Generator().manual_seed(3), model=model, **kwargs)[0]
+
+
+def test_self_forcing_changes_the_dynamics_loss_and_zero_is_teacher_forcing():
     model, params = _tiny(0.0)
-    plain = dynamics_loss(params, z, actions, torch.Generator().manual_seed(3), model=model)[0]
+    plain = _loss(model, params)
     model.cfg = dataclasses.replace(model.cfg, self_forcing=1.0)
-    forced = dynamics_loss(params, z, actions, torch.Generator().manual_seed(3), model=model)[0]
+    forced = _loss(model, params)
     assert torch.isfinite(forced) and not torch.allclose(forced, plain)
 
 
@@ -131,17 +136,13 @@ def test_a_negative_self_forcing_start_is_named():
 
 
 def test_an_explicit_share_overrides_the_models_in_the_dynamics_loss():
-    z = torch.randn(4, 6, 2, 4, generator=torch.Generator().manual_seed(0)).tanh()
-    actions = torch.rand(4, 6, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1
     plain_model, params = _tiny(0.0)
     forced_model, _ = _tiny(1.0)
-    plain = dynamics_loss(params, z, actions, torch.Generator().manual_seed(3), model=plain_model)[0]
-    off = dynamics_loss(params, z, actions, torch.Generator().manual_seed(3), model=forced_model, self_forcing=0.0)[0]
-    forced = dynamics_loss(params, z, actions, torch.Generator().manual_seed(3), model=plain_model, self_forcing=1.0)
-    assert torch.equal(off, plain)
-    assert torch.equal(forced[0], dynamics_loss(params, z, actions, torch.Generator().manual_seed(3),
-                                                model=forced_model)[0])
-    assert not torch.allclose(forced[0], plain)
+    plain = _loss(plain_model, params)
+    forced = _loss(plain_model, params, self_forcing=1.0)
+    assert torch.equal(_loss(forced_model, params, self_forcing=0.0), plain)
+    assert torch.equal(forced, _loss(forced_model, params))
+    assert not torch.allclose(forced, plain)
 
 
 def test_the_loop_trains_without_self_forcing_before_its_start():
@@ -227,10 +228,8 @@ def test_bad_self_forcing_frames_are_named():
 
 
 def test_several_rolled_frames_reach_the_dynamics_loss():
-    z = torch.randn(4, 6, 2, 4, generator=torch.Generator().manual_seed(0)).tanh()
-    actions = torch.rand(4, 6, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1
     model, params = _tiny(1.0)
-    one = dynamics_loss(params, z, actions, torch.Generator().manual_seed(3), model=model)[0]
+    one = _loss(model, params)
     model.cfg = dataclasses.replace(model.cfg, self_forcing_frames=2)
-    two = dynamics_loss(params, z, actions, torch.Generator().manual_seed(3), model=model)[0]
+    two = _loss(model, params)
     assert torch.isfinite(two) and not torch.allclose(one, two)
