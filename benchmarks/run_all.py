@@ -62,6 +62,7 @@ SECTION_NAMES = ("functional", "kv_cache", "bootstrap_targets", "phases_debug", 
 # an SXM H100).
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H200": 989e12, "H100": 989e12,
                    "A100": 312e12}
+SELF_FORCING_SHARE = 0.5  # the share of rows `phases_*` self-forces in its costed world-model step (results.md, §2)
 NO_EPISODE_WORK = 10**9  # eval / GIF / checkpoint period longer than any benchmark run
 
 
@@ -389,6 +390,20 @@ def phases_section(config: str, ctx: Context) -> dict[str, Any]:
                                                        opt=cfg.optim.world_model, cfg=cfg.finetune,
                                                        ema_decay=cfg.optim.ema_decay)
 
+    # What `dynamics.self_forcing` costs: it needs teacher forcing, so both sides of this pair train a teacher-forced
+    # world model of the same size (parameters do not depend on the forcing), from the same starting params, one
+    # without and one with half the rows' last history frame first rolled out by the model's own sampler.
+    teacher_cfg = load_config(config, [*overrides, "dynamics.forcing=teacher", "dynamics.clean_context_fraction=0.0",
+                                       f"dynamics.self_forcing={SELF_FORCING_SHARE}"])
+    teacher_models = build_models(teacher_cfg)
+    teacher_states = {share: states["world_model"].clone() for share in (0.0, SELF_FORCING_SHARE)}
+
+    def teacher_world_model_step(share: float) -> None:
+        teacher_states[share], _ = agent_finetune_step(teacher_states[share], wm_batch, generator,
+                                                       model=teacher_models.dynamics, heads=teacher_models.heads,
+                                                       opt=cfg.optim.world_model, cfg=cfg.finetune,
+                                                       ema_decay=cfg.optim.ema_decay, self_forcing=share)
+
     def imagination() -> None:
         agent = refresh_agent_frozen(states["agent"], states["world_model"])
         states["agent"], _ = imagination_step(agent, im_batch, generator, model=models.dynamics,
@@ -400,7 +415,9 @@ def phases_section(config: str, ctx: Context) -> dict[str, Any]:
         loop_states, _ = gradient_step(cfg, models, loop_states, batch, generator, grad_step[0], agent_active=True)
         grad_step[0] += 1
 
-    fns = {"tokenizer": tokenizer_step, "world_model": world_model_step, "imagination": imagination,
+    fns = {"tokenizer": tokenizer_step, "world_model": world_model_step,
+           "world_model_teacher": lambda: teacher_world_model_step(0.0),
+           "world_model_self_forcing": lambda: teacher_world_model_step(SELF_FORCING_SHARE), "imagination": imagination,
            "all_phases": whole_step}
     t = measure(fns, ctx.budget.phase_repeats)
     autoencode = measure({"autoencode": lambda: load_sibling("tokenizer").frames_per_second(
@@ -408,14 +425,19 @@ def phases_section(config: str, ctx: Context) -> dict[str, Any]:
     labels = {
         "tokenizer": "tokenizer step (tokenizer_train_step)",
         "world_model": "world-model step (agent_finetune_step)",
+        "world_model_teacher": "world-model step, dynamics.forcing=teacher",
+        "world_model_self_forcing": f"world-model step, forcing=teacher self_forcing={SELF_FORCING_SHARE}",
         "imagination": f"imagination step (imagination_step, H={cfg.imagination.horizon})",
         "all_phases": "loop gradient_step (all 3 + encode)",
     }
     figures = {f"{name}_steps_per_s": 1 / t[name].median for name in fns}
     figures["tokenizer_autoencode_frames_per_s"] = autoencode.output
+    figures["self_forcing_cost"] = t["world_model_self_forcing"].median / t["world_model_teacher"].median
     b, tt = cfg.replay.batch_size, cfg.replay.row_frames
     rows = [Row(label, 1 / t[name].median, "steps/s", t[name].peak_mib) for name, label in labels.items()]
     rows.append(Row("tokenizer encode+decode, no grad", autoencode.output, "frames/s", autoencode.peak_mib))
+    rows.append(Row("self-forcing cost (teacher-forced world-model step, with / without)",
+                    figures["self_forcing_cost"], "x"))
     params = {"tokenizer": count_params(states["tokenizer"]["params"]),
               "world_model": count_params(states["world_model"]["params"]),
               "agent_trained": count_params(states["agent"]["params"])}

@@ -167,6 +167,27 @@ def test_the_loop_trains_without_self_forcing_before_its_start():
     assert losses[1.0, 1] != losses[0.0, 1]
 
 
+def test_an_explicit_share_on_a_diffusion_forced_world_model_is_named():
+    # The explicit `self_forcing` argument bypasses DynamicsConfig's check, so the loss checks it itself.
+    from helpers.benchmark_scripts import load_run_all
+
+    from d4func.tokenizer import encode
+    from d4func.train.agent_step import agent_finetune_loss
+    from d4func.train.loop import build_models, init_states, world_model_batch
+    from d4func.train.run_config import load_run_config
+
+    cfg = load_run_config("experiments/configs/debug.yaml", [])
+    models = build_models(cfg)
+    states = init_states(cfg, models)
+    batch = load_run_all().random_replay_batch(cfg, torch.Generator().manual_seed(0))
+    latents = encode(models.tokenizer, states["tokenizer"]["params"], batch["frames"])
+    wm = world_model_batch(latents, batch)
+    with pytest.raises(ValueError, match="self_forcing=0.5 needs the model's forcing='teacher'.*'diffusion'"):
+        agent_finetune_loss(states["world_model"]["params"], wm["latents"], wm["actions"], wm["rewards"], None,
+                            torch.Generator().manual_seed(1), model=models.dynamics, heads=models.heads,
+                            self_forcing=0.5)
+
+
 @settings(max_examples=30, deadline=None)
 @given(batch=st.integers(1, 6), length=st.integers(2, 8), rolled=st.integers(1, 4), seed=st.integers(0, 1000))
 def test_a_rollout_of_several_frames_replaces_exactly_the_frames_before_the_target(batch, length, rolled, seed):
