@@ -436,8 +436,7 @@ def phases_section(config: str, ctx: Context) -> dict[str, Any]:
     b, tt = cfg.replay.batch_size, cfg.replay.row_frames
     rows = [Row(label, 1 / t[name].median, "steps/s", t[name].peak_mib) for name, label in labels.items()]
     rows.append(Row("tokenizer encode+decode, no grad", autoencode.output, "frames/s", autoencode.peak_mib))
-    rows.append(Row("self-forcing cost (teacher-forced world-model step, with / without)",
-                    figures["self_forcing_cost"], "x"))
+    rows.append(Row("self-forcing cost, teacher-forced wm step, with / without", figures["self_forcing_cost"], "x"))
     params = {"tokenizer": count_params(states["tokenizer"]["params"]),
               "world_model": count_params(states["world_model"]["params"]),
               "agent_trained": count_params(states["agent"]["params"])}

@@ -87,7 +87,8 @@ class DynamicsConfig:
     # own sample of it (`sampling_steps` steps, no gradient) instead of the real frame, so that the model learns to
     # read its own frames back as imagination makes it (objectives.self_forced_latents). On Reach a teacher-forced
     # dynamics knows each step from real frames and loses the action from the third step of its own rollout
-    # (docs/results.md, Sec. 2). Costs `sampling_steps` extra forward passes per update. Measured at 0.5: a fresh
+    # (docs/results.md, Sec. 2). Costs `sampling_steps` extra forward passes of the batch per update (1.7x the
+    # step's time at dmc_cartpole's size: benchmarks/README.md, `self_forcing_cost`). Measured at 0.5: a fresh
     # model's rollout on frozen latents improves at every step from the second, but trained end to end from the
     # first update (random-action Reach, 3 seeds) the world model and the policy got worse: an option to compare.
     self_forcing: float = 0.0
