@@ -7,8 +7,9 @@
 
 Exit codes: 0 done; 2 a config or input error (bad key or value, missing or existing file, a dataset or env that
 does not fit the models), printed as one line; 3 training stopped on a NaN / inf, with the last good state saved
-(one line naming the phase, loss term and step). Set D4FUNC_TRACEBACK=1 to get the full traceback instead of the
-line (exit code 1 then).
+(one line naming the phase, loss term and step); 143 (128 + SIGTERM) training terminated by SIGTERM, a
+scheduler's preemption, with its state saved for the same command to resume. Set D4FUNC_TRACEBACK=1 to get the
+full traceback instead of the line (exit code 1 then).
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from pathlib import Path
 
 from omegaconf.errors import OmegaConfBaseException
 
+from d4func.train.interrupts import Terminated
 from d4func.train.state import NonFiniteLossError
 
 EXIT_INPUT_ERROR = 2
 EXIT_NON_FINITE = 3
+EXIT_TERMINATED = 128 + 15  # the shell's code for a process ended by SIGTERM, which this one handled
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -206,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.run(args)
+    except Terminated:
+        # The loop saved the run's state before re-raising: a requeued job resumes it with the same command.
+        config = getattr(args, "config", None)
+        sys.stderr.write(f"d4func {args.command}: terminated by SIGTERM; the run's state is saved, and the same "
+                         f"command{f' (--config {config})' if config else ''} resumes it\n")
+        sys.stderr.flush()
+        return EXIT_TERMINATED
     except (OmegaConfBaseException, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
             NonFiniteLossError) as error:
         # Config and input errors, and a NaN / inf stop (its state is saved): one clear line naming the bad key,

@@ -152,9 +152,13 @@ def test_temporary_and_foreign_files_are_never_picked_up(tmp_path) -> None:
     live = tmp_path / f".{C.checkpoint_name(3)}.tmp-{os.getppid()}"  # a live writer's temp file
     live.write_bytes(b"being written")
     (tmp_path / "ckpt-2.pt.bak").write_bytes(b"x")
+    # An earlier process with this one's PID (a restarted container's trainer) killed mid-write.
+    same_pid = tmp_path / f".{C.checkpoint_name(3)}.tmp-{os.getpid()}"
+    same_pid.write_bytes(b"half a checkpoint of a previous life")
     assert [p.name for p in C.list_checkpoints(tmp_path)] == [C.checkpoint_name(1)]
     C.save_checkpoint(tmp_path, 4, {})
     assert not stale.exists(), "a dead writer's temp file should be cleaned up"
+    assert not same_pid.exists(), "a temp file with this process's PID is no write of this process's"
     assert live.exists(), "a live writer's temp file must not be touched"
 
 
@@ -182,6 +186,49 @@ def test_restore_falls_back_from_an_unreadable_checkpoint(tmp_path) -> None:
     (tmp_path / C.checkpoint_name(1)).write_bytes(b"also broken")
     with pytest.raises(ValueError, match="no readable checkpoint"), pytest.warns(UserWarning):
         C.restore(tmp_path)
+
+
+def test_an_unreadable_checkpoint_is_moved_aside_and_no_longer_counts_for_keep_last(tmp_path) -> None:
+    for step in (100, 200, 300):
+        C.save_checkpoint(tmp_path, step, {"x": torch.tensor(step)}, keep_last=3)
+    newest = tmp_path / C.checkpoint_name(300)
+    newest.write_bytes(newest.read_bytes()[:100])  # damaged on disk
+    with pytest.warns(UserWarning, match=rf"renamed to {C.checkpoint_name(300)}.unreadable"):
+        assert C.restore(tmp_path).step == 200
+    assert C.latest_checkpoint(tmp_path).name == C.checkpoint_name(200)  # what `d4func eval` and the replay read
+    assert (tmp_path / (C.checkpoint_name(300) + C.UNREADABLE_SUFFIX)).exists()  # kept for a look
+    C.save_checkpoint(tmp_path, 250, {"x": torch.tensor(250)}, keep_last=2)
+    # The good checkpoint the run resumed from is one of the two kept, not pushed out by the damaged one.
+    assert [p.name for p in C.list_checkpoints(tmp_path)] == [C.checkpoint_name(200), C.checkpoint_name(250)]
+
+
+def test_an_error_in_reading_is_raised_not_taken_for_a_damaged_checkpoint(tmp_path, monkeypatch) -> None:
+    import errno
+
+    C.save_checkpoint(tmp_path, 1, {"x": torch.tensor(1)})
+    C.save_checkpoint(tmp_path, 2, {"x": torch.tensor(2)})
+
+    def io_error(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(torch, "load", io_error)
+    with pytest.raises(OSError, match="Input/output error"):
+        C.restore(tmp_path)  # not a silent roll-back to step 1
+    assert [p.name for p in C.list_checkpoints(tmp_path)] == [C.checkpoint_name(1), C.checkpoint_name(2)]
+
+
+def test_cuda_rng_states_of_another_device_count_are_restored_where_both_have_them(monkeypatch) -> None:
+    # A run moved to a machine with fewer GPUs resumes (with a warning), rather than refusing to start.
+    state = C.capture_rng_state()
+    state["cuda"] = [torch.full((16,), device, dtype=torch.uint8) for device in range(4)]
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.__setitem__(device, int(s[0])))
+    with pytest.warns(UserWarning, match="CUDA RNG states for 4 devices, this process sees 2: restored for devices "
+                                         "0-1 only"):
+        C.restore_rng_state(state)
+    assert restored == {0: 0, 1: 1}
 
 
 def test_loading_never_runs_pickled_code(tmp_path) -> None:

@@ -380,6 +380,53 @@ def test_sigkilled_online_loop_resumes_from_its_last_checkpoint_exactly(tmp_path
     assert csv_logs(killed) == csv_logs(whole) and "world_model/loss.csv" in csv_logs(whole)
 
 
+def test_sigterm_saves_the_online_loop_and_stops_with_exit_code_143_and_the_resume_is_exact(tmp_path):
+    """`d4func train` given SIGTERM (a scheduler's preemption) mid-run, with no periodic checkpoint due: it saves
+    the state it reached, says so in one line and exits with 143, and the same command resumes it to end bitwise
+    where an uninterrupted run ends: nothing since the start is lost."""
+    from helpers.states import assert_states_equal
+
+    from d4func.cli import EXIT_TERMINATED
+    from d4func.train.loop import train
+    from d4func.train.run_config import load_run_config
+
+    reach = "experiments/configs/reach.yaml"
+    common = ["loop.mode=online", "loop.offline_data=null", "loop.prefill_steps=10", "loop.collect_steps=5",
+              "loop.train_ratio=0.4", "loop.agent_start=20", "loop.eval_every=100000", "loop.gif_every=100000",
+              "loop.checkpoint_every=100000", "loop.log_every=1", "env.eval_episodes=0", "replay.batch_size=2"]
+    stopped = tmp_path / "stopped"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "d4func.cli", "train", "--config", reach, "--quiet",
+                             f"run_dir={stopped}", *common, "loop.env_steps=100000"],
+                            cwd=TESTS.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+
+    def logged_past(step: int) -> bool:
+        path = stopped / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return any(json.loads(line)["step"] > step for line in lines if line.endswith("}"))
+
+    while not logged_past(30) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert C.list_checkpoints(stopped) == []  # nothing saved yet: what survives is the SIGTERM's save
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_TERMINATED == 143, stderr[-3000:]
+    assert "terminated by SIGTERM; the run's state is saved" in stderr.splitlines()[-1]
+    saved = C.load_checkpoint(C.latest_checkpoint(stopped))
+    assert saved.step > 30 and saved.payload["counters"]["env_steps"] == saved.step
+    target = saved.step + 10
+
+    train(load_run_config(reach, [f"run_dir={stopped}", *common, f"loop.env_steps={target}"]), progress=False)
+    whole = tmp_path / "whole"
+    train(load_run_config(reach, [f"run_dir={whole}", *common, f"loop.env_steps={target}"]), progress=False)
+    resumed = C.load_checkpoint(C.latest_checkpoint(stopped)).payload
+    uninterrupted = C.load_checkpoint(C.latest_checkpoint(whole)).payload
+    assert resumed["counters"] == uninterrupted["counters"] and resumed["counters"]["env_steps"] == target
+    assert_states_equal(uninterrupted["states"], resumed["states"])
+    assert (stopped / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text()
+
+
 def test_online_run_stopped_before_its_first_checkpoint_starts_over_with_a_fresh_replay(tmp_path):
     """A run killed before its first checkpoint left replay rows that no checkpoint accounts for: rerunning it
     starts from scratch, replay included (reusing those rows would clash episode ids), and ends where a run in a

@@ -1,4 +1,5 @@
-"""A Ctrl-C inside `sigint_deferred` is held until the block has run, then delivered as the handler in place would."""
+"""A Ctrl-C or SIGTERM inside `interrupts_deferred` is held until the block has run, then delivered as the handler in
+place would; `sigterm_raises` turns SIGTERM's default action into `Terminated`, a KeyboardInterrupt."""
 
 import os
 import signal
@@ -6,7 +7,15 @@ import threading
 
 import pytest
 
-from d4func.train.interrupts import sigint_deferred
+from d4func.train.interrupts import Terminated, interrupts_deferred, sigterm_raises
+
+
+@pytest.fixture
+def sigterm_default():
+    """SIGTERM at its default action for the test, and whatever was there put back after it."""
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.fixture
@@ -21,7 +30,7 @@ def test_a_ctrl_c_inside_the_block_is_delivered_after_it(sigint_handler) -> None
     sigint_handler(signal.default_int_handler)
     done = []
     with pytest.raises(KeyboardInterrupt):
-        with sigint_deferred():
+        with interrupts_deferred():
             os.kill(os.getpid(), signal.SIGINT)
             done.append("rest of the block")
     assert done == ["rest of the block"]
@@ -31,15 +40,15 @@ def test_a_ctrl_c_inside_the_block_is_delivered_after_it(sigint_handler) -> None
 def test_a_custom_handler_runs_after_the_block_and_an_ignored_signal_stays_ignored(sigint_handler) -> None:
     order = []
     sigint_handler(lambda signum, frame: order.append("handler"))
-    with sigint_deferred():
+    with interrupts_deferred():
         os.kill(os.getpid(), signal.SIGINT)
         order.append("block")
     assert order == ["block", "handler"]
     sigint_handler(signal.SIG_IGN)
-    with sigint_deferred():
+    with interrupts_deferred():
         os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
-    with sigint_deferred():  # no signal, nothing delivered
+    with interrupts_deferred():  # no signal, nothing delivered
         pass
 
 
@@ -47,9 +56,10 @@ def test_under_the_default_action_a_held_ctrl_c_still_ends_the_process(tmp_path)
     import subprocess
     import sys
 
-    script = ("import os, signal\nfrom d4func.train.interrupts import sigint_deferred\n"
+    script = ("import os, signal\nfrom d4func.train.interrupts import interrupts_deferred\n"
               "signal.signal(signal.SIGINT, signal.SIG_DFL)\n"
-              "with sigint_deferred():\n    os.kill(os.getpid(), signal.SIGINT)\n    print('block done', flush=True)\n"
+              "with interrupts_deferred():\n    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    print('block done', flush=True)\n"
               "print('after the block', flush=True)\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == -signal.SIGINT and proc.stdout == "block done\n"
@@ -63,7 +73,7 @@ def test_outside_the_main_thread_the_block_runs_unchanged(sigint_handler) -> Non
 
     def worker() -> None:
         try:
-            with sigint_deferred():
+            with interrupts_deferred():
                 ran.append("block")
         except Exception as error:  # noqa: BLE001 - reported by the assertion below
             errors.append(error)
@@ -73,3 +83,45 @@ def test_outside_the_main_thread_the_block_runs_unchanged(sigint_handler) -> Non
     thread.join(timeout=30)
     assert errors == [] and ran == ["block"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigterm_raises_terminated_within_the_block_and_its_default_action_is_back_after(sigterm_default) -> None:
+    with pytest.raises(Terminated, match="SIGTERM"):
+        with sigterm_raises():
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise AssertionError("the SIGTERM did not raise")  # Python runs the handler before this line
+    assert issubclass(Terminated, KeyboardInterrupt)  # the loop's Ctrl-C handling saves the run
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_a_sigterm_handler_the_program_installed_stays_in_charge(sigterm_default) -> None:
+    seen = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    with sigterm_raises():
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert seen == [signal.SIGTERM]
+
+
+def test_a_sigterm_inside_a_deferred_block_raises_after_it_and_before_a_ctrl_c(sigterm_default, sigint_handler):
+    sigint_handler(signal.default_int_handler)
+    done = []
+    with pytest.raises(Terminated):  # both came: the termination wins, the Ctrl-C asks for nothing more
+        with sigterm_raises(), interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+            done.append("rest of the block")
+    assert done == ["rest of the block"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_a_held_sigterm_under_its_default_action_still_ends_the_process() -> None:
+    import subprocess
+    import sys
+
+    script = ("import os, signal\nfrom d4func.train.interrupts import interrupts_deferred\n"
+              "with interrupts_deferred():\n    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    print('block done', flush=True)\n"
+              "print('after the block', flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGTERM and proc.stdout == "block done\n"

@@ -3,6 +3,7 @@ dataset, resume, the acting policy inside TorchRL collectors, and config errors 
 
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -17,6 +18,7 @@ from d4func.train import checkpoint
 from d4func.train.compat import check_first_batch
 from d4func.train.loop import build_models, init_states, read_metrics, train
 from d4func.train.run_config import load_run_config
+from d4func.train.run_lock import LOCK_NAME
 from d4func.train.state import NonFiniteLossError
 
 DEBUG = "experiments/configs/debug.yaml"
@@ -674,6 +676,47 @@ def test_ctrl_c_inside_an_offline_step_resumes_as_an_uninterrupted_run(tmp_path,
     assert _train_rows(tmp_path / "whole") == _train_rows(tmp_path / "split")
 
 
+def test_ctrl_c_as_a_step_is_counted_keeps_the_step_and_resumes_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    # A Ctrl-C that lands after a step has returned, while the loop takes its new states and counts it: the exit
+    # save must hold that step with its count (before, the states were rewound and the count kept).
+    import signal
+
+    from d4func.train import loop
+
+    class CountersThatInterrupt(dict):
+        def __setitem__(self, key, value):
+            super().__setitem__(key, value)
+            if key == "grad_steps" and value == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    real_init = loop.Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.counters = CountersThatInterrupt(self.counters)
+
+    data = _collect_cartpole(tmp_path / "data", steps=40)
+    common = ["loop.mode=offline", f"loop.offline_data={data}", "loop.agent_start=2", "loop.eval_every=1000",
+              "loop.checkpoint_every=1000", "loop.gif_every=1000", "env.eval_episodes=0", "loop.log_every=1",
+              "loop.offline_steps=5"]
+    train(load_run_config(DEBUG, [f"run_dir={tmp_path / 'whole'}", *common]), progress=False)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(loop.Trainer, "__init__", init)
+            assert train(load_run_config(DEBUG, [f"run_dir={tmp_path / 'split'}", *common]), progress=False)[
+                "grad_steps"] == 3
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    saved = final_payload(tmp_path / "split")
+    assert saved["counters"]["grad_steps"] == 3
+    train(load_run_config(DEBUG, [f"run_dir={tmp_path / 'split'}", *common]), progress=False)
+    whole, split = final_payload(tmp_path / "whole"), final_payload(tmp_path / "split")
+    assert whole["counters"] == split["counters"]
+    assert_states_equal(whole["states"], split["states"])
+    assert _train_rows(tmp_path / "whole") == _train_rows(tmp_path / "split")
+
+
 @pytest.mark.parametrize("stopped_at", [6, 18])
 def test_ctrl_c_in_the_middle_of_an_online_round_resumes_as_an_uninterrupted_run(tmp_path, monkeypatch, stopped_at):
     # Stopped in the second step of a round: the resume takes the round's owed steps before collecting on, as the
@@ -845,7 +888,9 @@ def test_rerunning_a_finished_offline_run_only_reports_it(tmp_path):
         "env.eval_max_steps=3", "loop.eval_bc=false"])
     summary = train(cfg, progress=False)
     run = tmp_path / "run"
-    files = {path: path.stat().st_mtime_ns for path in run.rglob("*") if path.is_file() and path.name != "summary.json"}
+    # summary.json is rewritten by design, and .lock names each run's process (run_lock.py).
+    files = {path: path.stat().st_mtime_ns for path in run.rglob("*")
+             if path.is_file() and path.name not in ("summary.json", LOCK_NAME)}
     metrics = (run / "metrics.jsonl").read_text()
     again = train(cfg, progress=False)
     assert again["note"] == "already trained to loop.offline_steps" and again["eval"] == summary["eval"]

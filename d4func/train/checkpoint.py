@@ -72,6 +72,7 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "d4func-checkpoint-v1"
 _NAME = re.compile(r"^ckpt-(\d+)\.pt$")
+UNREADABLE_SUFFIX = ".unreadable"  # `restore` moves a damaged checkpoint aside under its name + this
 _TMP = re.compile(r"^\.ckpt-\d+\.pt\.tmp-(\d+)$")
 _TD_MARK = "__tensordict__"
 
@@ -141,8 +142,14 @@ def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, AnyGene
             warnings.warn("checkpoint holds CUDA RNG states but CUDA is not available; they are not restored",
                           stacklevel=2)
         elif torch.cuda.device_count() != len(cuda):
-            raise ValueError(f"checkpoint holds CUDA RNG states for {len(cuda)} devices, this process sees "
-                             f"{torch.cuda.device_count()}; restore with the same CUDA_VISIBLE_DEVICES")
+            # Another machine or CUDA_VISIBLE_DEVICES: the run resumes (moving it is the user's call), on the devices
+            # both have, but not bit for bit where it draws on the others.
+            shared = min(len(cuda), torch.cuda.device_count())
+            warnings.warn(f"checkpoint holds CUDA RNG states for {len(cuda)} devices, this process sees "
+                          f"{torch.cuda.device_count()}: restored for devices 0-{shared - 1} only; resume with the "
+                          "same CUDA_VISIBLE_DEVICES for an exact resume", stacklevel=2)
+            for index in range(shared):
+                torch.cuda.set_rng_state(cuda[index], device=index)
         else:
             torch.cuda.set_rng_state_all(cuda)
     np_state = state["numpy"]
@@ -434,10 +441,13 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _remove_stale_temps(run_dir: Path) -> None:
-    """Delete temporary files left by writers that died (a single writer per run_dir is assumed)."""
+    """Delete temporary files left by writes that never finished: those of processes no longer running, and any
+    named with this process's PID. Called once this process's own write is renamed into place, so a temp with its
+    PID comes from an earlier process that had the same PID (a restarted container's trainer often does), killed
+    mid-write. A single writer per run_dir is assumed (the run_dir lock: `hold_run_dir`)."""
     for path in run_dir.iterdir():
         match = _TMP.match(path.name)
-        if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+        if match and (int(match.group(1)) == os.getpid() or not _pid_alive(int(match.group(1)))):
             path.unlink(missing_ok=True)
 
 
@@ -506,6 +516,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         blob = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except (OSError, MemoryError):
+        # Not the file's content but reading it (an I/O error, a network filesystem's hiccup, no memory): raised as
+        # it is, so that `restore` does not take it for a damaged checkpoint and roll the run back past it.
+        raise
     except Exception as error:
         # A ValueError, as for any unusable input: the command line reports it in one line (exit code 2).
         raise ValueError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error})") from error
@@ -531,19 +545,31 @@ def restore(
 ) -> Checkpoint | None:
     """Load the newest readable checkpoint of `run_dir` and restore this rank's RNG states (in place).
 
-    Returns None when `run_dir` holds no checkpoint. An unreadable newest checkpoint (a storage fault; the atomic
-    write rules out half-written ones) is skipped with a warning in favour of the one before; if none is readable
-    this raises rather than silently starting over. Under `torch.distributed` each rank restores its own RNG
-    states; resuming on a different number of ranks raises (pass `restore_rng=False` to accept fresh RNG streams).
+    Returns None when `run_dir` holds no checkpoint. An unreadable newest checkpoint (damaged content: a storage
+    fault; the atomic write rules out half-written ones) is skipped with a warning in favour of the one before, and
+    (rank 0) renamed to `<name>.unreadable`: kept for a look, but out of every later listing, so that neither
+    `keep_last` counts it (it would push out the good checkpoint the run resumed from) nor `latest_checkpoint`
+    (`d4func eval`, the replay's reopening) picks it. If none is readable this raises rather than silently starting
+    over. An error in reading a file (OSError, MemoryError) is raised as it is. Under `torch.distributed` each
+    rank restores its own RNG states; resuming on a different number of ranks raises (pass `restore_rng=False` to
+    accept fresh RNG streams).
     """
     candidates = list_checkpoints(run_dir)
     errors = []
     for path in reversed(candidates):
         try:
             ckpt = load_checkpoint(path, map_location=map_location)
+        except FileNotFoundError:
+            continue  # listed, then renamed aside by rank 0, which found it unreadable
         except (RuntimeError, ValueError) as error:
-            warnings.warn(f"skipping unreadable checkpoint: {error}", stacklevel=2)
             errors.append(str(error))
+            if _current_rank()[0] == 0:
+                aside = path.with_name(path.name + UNREADABLE_SUFFIX)
+                path.replace(aside)
+                _fsync_dir(path.parent)
+                warnings.warn(f"skipping unreadable checkpoint, renamed to {aside.name}: {error}", stacklevel=2)
+            else:
+                warnings.warn(f"skipping unreadable checkpoint: {error}", stacklevel=2)
             continue
         if restore_rng:
             rank, world = _current_rank()

@@ -1,11 +1,16 @@
-"""Holding a Ctrl-C back until a block that must not be cut in two has run.
+"""Interrupts of a training run: Ctrl-C (SIGINT) and termination (SIGTERM: a scheduler's preemption, `kill`).
 
-The online loop stores each collected batch in the replay and then counts it (episode ids, env steps, returns).
-TorchRL's writer moves its cursor before it writes the batch column by column, so a `KeyboardInterrupt` raised in
-between would leave a batch half written but counted by the replay's position, which the exit save records
-(resuming then reads rows that mix two laps of the ring, or stops on duplicate steps), or written but not counted
-by the loop. `sigint_deferred` runs such a block with SIGINT recorded instead of raised, and raises it (or runs the
-handler that was installed) once the block is done.
+Both end a single-process run the same way: the loop catches the `KeyboardInterrupt` and saves a checkpoint from
+which the run resumes exactly (`Trainer.training`). SIGTERM's default action ends the process at once, so during
+training `sigterm_raises` turns it into `Terminated`, a `KeyboardInterrupt`; a Ctrl-C then lets the run finish its
+final evaluation, a SIGTERM only saves and stops (a scheduler allows seconds, not an evaluation, before SIGKILL).
+
+Some blocks must not be cut in two. The online loop stores each collected batch in the replay and then counts it
+(episode ids, env steps, returns). TorchRL's writer moves its cursor before it writes the batch column by column, so
+an interrupt raised in between would leave a batch half written but counted by the replay's position, which the
+exit save records (resuming then reads rows that mix two laps of the ring, or stops on duplicate steps), or written
+but not counted by the loop. `interrupts_deferred` runs such a block with SIGINT and SIGTERM recorded instead of
+delivered, and delivers them (to the handlers that were installed) once the block is done.
 """
 
 from __future__ import annotations
@@ -15,22 +20,57 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["sigint_deferred"]
+__all__ = ["Terminated", "interrupts_deferred", "sigterm_raises"]
+
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived while `sigterm_raises` was active: the run saves its state and stops."""
+
+
+def _in_main_thread() -> bool:
+    # Python runs signal handlers in the main thread only and refuses `signal.signal` in any other.
+    return threading.current_thread() is threading.main_thread()
 
 
 @contextmanager
-def sigint_deferred() -> Iterator[None]:
-    """Run the block with SIGINT held back; deliver it afterwards, to whatever handler was in place (Python's raises
-    KeyboardInterrupt, SIG_DFL ends the process, SIG_IGN drops it). Outside the main thread (where Python delivers
-    signals), or under a handler Python did not install (it cannot put one back), the block runs unchanged."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+def interrupts_deferred() -> Iterator[None]:
+    """Run the block with SIGINT and SIGTERM held back; deliver them afterwards, SIGTERM first (the stronger
+    request: a handler that raises ends the delivery), to whatever handler was in place (Python's SIGINT handler
+    raises KeyboardInterrupt, `sigterm_raises`'s raises Terminated, SIG_DFL ends the process, SIG_IGN drops it).
+    Outside the main thread the block runs unchanged, and so does a signal whose handler Python did not install
+    (it cannot put one back)."""
+    if not _in_main_thread():
         yield
         return
     received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
+                for signum in DEFERRED_SIGNALS if signal.getsignal(signum) is not None}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        signal.raise_signal(signal.SIGINT)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    # Each once: a second Ctrl-C inside the block asks for nothing more than the first.
+    for signum in sorted(set(received), key=lambda signum: signum != signal.SIGTERM):
+        signal.raise_signal(signum)
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(f"received {signal.Signals(signum).name}")
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within the block, SIGTERM raises `Terminated` (a KeyboardInterrupt) where it would otherwise end the process
+    on the spot (its default action); a handler the program installed stays in charge, and outside the main thread
+    nothing changes. The previous handler is back after the block."""
+    if not _in_main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -30,7 +30,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -58,9 +58,10 @@ from d4func.train.agent_step import (
     new_imagination_state,
 )
 from d4func.train.compat import check_dataset_fits, check_env_fits, check_first_batch, check_resume_config
-from d4func.train.interrupts import sigint_deferred
+from d4func.train.interrupts import Terminated, interrupts_deferred, sigterm_raises
 from d4func.train.precision import compiled_grad_fn, load_compiler_before_rendering, wrap_step
 from d4func.train.run_config import RunConfig, resolve_device
+from d4func.train.run_lock import hold_run_dir
 from d4func.train.state import NonFiniteLossError, new_train_state
 from d4func.train.video import predict_frames, write_comparison_gif
 
@@ -512,18 +513,21 @@ class Trainer:
         parallel) every rank's params checked bitwise equal, as each applied the same updates.
 
         The exit save is skipped after a NaN stop (`train_steps` already saved the last good state, RNGs rewound)
-        and, under data parallelism, after Ctrl-C or an error on this rank: that save is a collective the other
-        ranks, stopped elsewhere, would never match, so the process ends instead and torchrun stops the others.
-        A single process saves after Ctrl-C and carries on to its final evaluation.
+        and, under data parallelism, after Ctrl-C, SIGTERM or an error on this rank: that save is a collective the
+        other ranks, stopped elsewhere, would never match, so the process ends instead and torchrun stops the
+        others. A single process saves after Ctrl-C and carries on to its final evaluation; after SIGTERM (raised
+        as `Terminated` within this block: interrupts.py) it saves and re-raises, for the caller to stop.
         """
         save_at_exit = True
         try:
-            yield
-        except KeyboardInterrupt:
+            with sigterm_raises():
+                yield
+        except KeyboardInterrupt as interrupt:
             save_at_exit = self.dist is None
-            bar.write("interrupted: saving a checkpoint" if save_at_exit else
-                      "interrupted: data-parallel ranks keep their last periodic checkpoint")
-            if self.dist is not None:
+            what = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"
+            bar.write(f"{what}: saving a checkpoint" if save_at_exit else
+                      f"{what}: data-parallel ranks keep their last periodic checkpoint")
+            if self.dist is not None or isinstance(interrupt, Terminated):
                 raise
         except Exception as error:
             save_at_exit = self.dist is None and not isinstance(error, NonFiniteLossError)
@@ -679,9 +683,9 @@ class Trainer:
                 batch = {k: v.to(self.device, non_blocking=True)
                          for k, v in replay_batch(self.replay.sample(), self.cfg.replay.final_frame).items()}
                 try:
-                    self.states, metrics = self.step_fn(self.cfg, self.models, self.states, batch, self.generator,
-                                                         self.counters["grad_steps"], agent_active, self.lpips_fn,
-                                                         self.grad_fn)
+                    states, metrics = self.step_fn(self.cfg, self.models, self.states, batch, self.generator,
+                                                   self.counters["grad_steps"], agent_active, self.lpips_fn,
+                                                   self.grad_fn)
                 except NonFiniteLossError as error:
                     rewind()
                     replay_before = None  # rewound already
@@ -691,11 +695,15 @@ class Trainer:
                         f"{error} (loop gradient step {self.counters['grad_steps']}); the last good state, with the "
                         f"RNG and replay-sampler states from before this step, is saved in {path}"
                     ) from error
-                self.counters["grad_steps"] += 1
-                finished += 1
-                replay_before = None  # this step is complete: nothing to rewind
-                if self.counters["grad_steps"] % self.cfg.loop.log_every == 0:
-                    self.logger.log(metrics, self.counters["env_steps"] or self.counters["grad_steps"])
+                # The step's states, its count, its commit and its log line land together: an interrupt between
+                # them would rewind the states but keep the count, or keep the step but lose its line (interrupts.py).
+                with interrupts_deferred():
+                    self.states = states
+                    self.counters["grad_steps"] += 1
+                    finished += 1
+                    replay_before = None  # this step is complete: nothing to rewind
+                    if self.counters["grad_steps"] % self.cfg.loop.log_every == 0:
+                        self.logger.log(metrics, self.counters["env_steps"] or self.counters["grad_steps"])
         except BaseException:
             # Ctrl-C or an error inside a step: `training`'s exit save then holds the state from before it, with
             # the RNGs and the sampler that drew its batch, so a resume runs that step as it would have run.
@@ -942,7 +950,7 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
             train_and_check(0)  # no new env steps: only the owed credit
         for batch in batches():
             # Stored and counted as one: a Ctrl-C lands before or after, never between (interrupts.py).
-            with sigint_deferred():
+            with interrupts_deferred():
                 batch = batch.reshape(-1)
                 ids = batch.get(("collector", "traj_ids")) + episode["id_offset"]
                 batch.set(("collector", "traj_ids"), ids)
@@ -1104,10 +1112,13 @@ def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     `loop.env_steps` counts per rank and the run takes N times the env steps."""
     run = train_offline if cfg.loop.mode == "offline" else train_online
     if not launched_by_torchrun():
-        return run(cfg, progress)
+        with hold_run_dir(cfg.run_dir):  # one process per run_dir (run_lock.py)
+            return run(cfg, progress)
     # Rank 0 evaluates and writes GIFs while the others wait in their next all-reduce: allow for long evaluations.
     info = dp.init_distributed(device=resolve_device(cfg.device).type, timeout_s=DIST_TIMEOUT_S)
     try:
-        return run(cfg, progress, info)
+        # The job's global rank 0 holds the run_dir for all its ranks; an error here ends rank 0, and torchrun the rest.
+        with hold_run_dir(cfg.run_dir) if info.is_main else nullcontext():
+            return run(cfg, progress, info)
     finally:
         dp.shutdown_distributed()
