@@ -312,6 +312,20 @@ def test_the_file_is_fsynced_before_its_rename_and_the_directory_after(tmp_path,
     assert (tmp_path.resolve(), True) in fsynced, fsynced
 
 
+def test_the_loops_small_files_are_fsynced_before_their_rename_too(tmp_path, monkeypatch) -> None:
+    # config.json is read at every start: an empty one left by a machine crash would stop every resume.
+    from d4func.train.loop import replace_text
+
+    final = tmp_path / "config.json"
+    fsynced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: fsynced.append((Path(os.readlink(f"/proc/self/fd/{fd}")),
+                                                                 final.exists())) or real_fsync(fd))
+    replace_text(final, "{}")
+    assert final.read_text() == "{}" and not (tmp_path / "config.json.tmp").exists()
+    assert fsynced == [(tmp_path.resolve() / "config.json.tmp", False), (tmp_path.resolve(), True)]
+
+
 def test_restore_takes_this_ranks_rng_states_and_refuses_another_world_size(tmp_path, monkeypatch) -> None:
     torch.manual_seed(10)
     rank0 = C.capture_rng_state()

@@ -56,6 +56,7 @@ __all__ = [
     "checkpoint_name",
     "config_from_dict",
     "config_to_dict",
+    "fsync_dir",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
@@ -315,7 +316,7 @@ def sync_replay_files(rb: Any) -> list[Path]:
             os.close(fd)
         synced.append(file)
     for directory in [storage, *(p for p in storage.rglob("*") if p.is_dir())]:
-        _fsync_dir(directory)  # the files' entries too: a memmap created since the last checkpoint
+        fsync_dir(directory)  # the files' entries too: a memmap created since the last checkpoint
     return synced
 
 
@@ -399,7 +400,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make the renames and new entries in `directory` durable (where the platform lets a directory be fsynced)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # platforms without directory handles (Windows): rename durability is the OS's business
@@ -495,7 +497,7 @@ def save_checkpoint(
     except BaseException:
         tmp.unlink(missing_ok=True)  # a failed write (disk full, ...) leaves nothing; a SIGKILL leaves the temp
         raise
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
     _remove_stale_temps(run_dir)
     if keep_last is not None:
         others = [path for path in list_checkpoints(run_dir) if path != final]
@@ -566,7 +568,7 @@ def restore(
             if _current_rank()[0] == 0:
                 aside = path.with_name(path.name + UNREADABLE_SUFFIX)
                 path.replace(aside)
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
                 warnings.warn(f"skipping unreadable checkpoint, renamed to {aside.name}: {error}", stacklevel=2)
             else:
                 warnings.warn(f"skipping unreadable checkpoint: {error}", stacklevel=2)

@@ -232,10 +232,16 @@ def gradient_step(
 
 
 def replace_text(path: Path, text: str) -> None:
-    """Write `path` whole or not at all (a temporary file renamed over it): a kill mid-write keeps the old file."""
+    """Write `path` whole or not at all (a temporary file, fsynced, renamed over it): a kill mid-write keeps the old
+    file, and a crash of the machine cannot leave an empty one under the new name (which would stop every resume:
+    config.json is read at each start)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
     os.replace(tmp, path)
+    checkpoint.fsync_dir(path.parent)
 
 
 class RunLogger:
