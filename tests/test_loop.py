@@ -556,6 +556,22 @@ def test_resume_refuses_a_config_that_changes_the_models_and_warns_on_other_chan
     assert summary["grad_steps"] == 3
 
 
+def test_a_run_whose_newest_checkpoint_is_damaged_resumes_from_the_one_before(tmp_path, cartpole_data):
+    # With config.json lost too: the config to compare is the readable checkpoint's, not the damaged one's.
+    common = [f"run_dir={tmp_path}", "loop.mode=offline", f"loop.offline_data={cartpole_data}",
+              "loop.agent_start=1000", "loop.gif_every=1000", "loop.eval_every=1000", "env.eval_episodes=0",
+              "loop.checkpoint_every=1", "loop.keep_checkpoints=2"]
+    train(load_run_config(DEBUG, [*common, "loop.offline_steps=2"]), progress=False)
+    damaged = tmp_path / checkpoint.checkpoint_name(2)
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    (tmp_path / "config.json").unlink()
+    with pytest.warns(UserWarning, match=rf"renamed to {checkpoint.checkpoint_name(2)}.unreadable"):
+        summary = train(load_run_config(DEBUG, [*common, "loop.offline_steps=3"]), progress=False)
+    assert summary["grad_steps"] == 3
+    assert [path.name for path in checkpoint.list_checkpoints(tmp_path)] == [
+        checkpoint.checkpoint_name(2), checkpoint.checkpoint_name(3)]  # step 2 trained again from step 1
+
+
 def test_a_dataset_that_does_not_fit_the_models_is_named(tmp_path, cartpole_data):
     common = [f"run_dir={tmp_path}", "loop.mode=offline", f"loop.offline_data={cartpole_data}"]
     with pytest.raises(ValueError, match=rf"dataset {cartpole_data} holds frames of shape \[3, 32, 32\].*height=64"):

@@ -463,9 +463,10 @@ class Trainer:
             # Rank 0 alone reads and rewrites config.json; an error here ends rank 0, and torchrun stops the rest.
             newest = checkpoint.latest_checkpoint(self.run_dir)
             if newest is not None:
-                # config.json, or (deleted, or lost in a copy) the config the newest checkpoint holds
+                # config.json, or (deleted, or lost in a copy) the config of the checkpoint the run will resume from:
+                # the newest readable one (`restore` moves unreadable ones aside, as the resume would).
                 saved = (json.loads(config_file.read_text()) if config_file.exists()
-                         else checkpoint.load_checkpoint(newest).payload["config"])
+                         else checkpoint.restore(self.run_dir, restore_rng=False).payload["config"])
                 changed = check_resume_config(saved, checkpoint.config_to_dict(cfg), str(self.run_dir))
                 if changed:
                     warnings.warn(f"resuming {self.run_dir} with a changed config (so it will not equal an "
