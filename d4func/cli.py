@@ -4,6 +4,7 @@
     d4func eval --checkpoint runs/dmc_cartpole [--episodes 5]
     d4func collect --env dmc:cartpole-swingup --out data/cartpole --steps 5000 --action-repeat 4 [--seed 0]
     d4func import --episodes recorded/ --out data/robot [--pixels front,wrist] [--rewards-on arrival]
+    d4func merge data/cartpole_a data/cartpole_b --out data/cartpole_ab
 
 Exit codes: 0 done; 2 a config or input error (bad key or value, missing or existing file, a dataset or env that
 does not fit the models), printed as one line; 3 training stopped on a NaN / inf, with the last good state saved
@@ -127,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="d4func", description="Dreamer 4 in functional PyTorch",
         epilog=f"exit codes: 0 done, {EXIT_INPUT_ERROR} config or input error, {EXIT_NON_FINITE} training stopped "
-        "on NaN/inf (last good state saved); D4FUNC_TRACEBACK=1 shows tracebacks")
+        f"on NaN/inf (last good state saved), {EXIT_TERMINATED} terminated by SIGTERM (state saved); "
+        "D4FUNC_TRACEBACK=1 shows tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="online or offline training from a YAML config")
