@@ -764,7 +764,7 @@ class Trainer:
             **extra,
         }
         if self.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(out, indent=2, default=float))
+            replace_text(self.run_dir / "summary.json", json.dumps(out, indent=2, default=float))  # read back on rerun
         return out
 
 
