@@ -146,16 +146,21 @@ def test_bootstrap_target_fns_use_vmap_only_in_the_vmapped_variant_and_agree(mon
 
 # ---- phases, acting, online, replay --------------------------------------------------------------------------------
 def test_phase_rates_are_one_over_each_phases_own_median(monkeypatch):
-    fake = FakeMeasure({"tokenizer": (0.5, None), "world_model": (0.25, None), "imagination": (0.2, None),
+    fake = FakeMeasure({"tokenizer": (0.5, None), "world_model": (0.25, None), "world_model_teacher": (0.5, None),
+                        "world_model_self_forcing": (0.8, None), "imagination": (0.2, None),
                         "all_phases": (2.0, None)}, {"autoencode": (1.0, 123.0)})
     monkeypatch.setattr(run_all, "measure", fake)
     result = run_all.phases_section("debug", QUICK_CTX)
     f = result["figures"]
-    assert (f["tokenizer_steps_per_s"], f["world_model_steps_per_s"], f["imagination_steps_per_s"],
-            f["all_phases_steps_per_s"]) == pytest.approx((2.0, 4.0, 5.0, 0.5))
+    assert (f["tokenizer_steps_per_s"], f["world_model_steps_per_s"], f["world_model_teacher_steps_per_s"],
+            f["world_model_self_forcing_steps_per_s"], f["imagination_steps_per_s"],
+            f["all_phases_steps_per_s"]) == pytest.approx((2.0, 4.0, 2.0, 1.25, 5.0, 0.5))
     assert f["tokenizer_autoencode_frames_per_s"] == 123.0
-    # Each row carries its own phase's peak memory (FakeMeasure: 10, 20, 30, 40 MiB in order; autoencode 110).
-    assert [row["peak_mib"] for row in result["rows"]] == [10.0, 20.0, 30.0, 40.0, 110.0]
+    # Self-forcing's cost: against the teacher-forced step it needs, not the paper's diffusion-forced one.
+    assert f["self_forcing_cost"] == pytest.approx(1.6)
+    # Each row carries its own phase's peak memory (FakeMeasure: 10, 20, ... MiB in order; autoencode 110); the
+    # cost, a ratio of two rows, has none.
+    assert [row["peak_mib"] for row in result["rows"]] == [10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 110.0, None]
 
 
 def test_acting_rates_count_env_steps_and_policy_calls_separately(monkeypatch):
