@@ -424,6 +424,49 @@ def test_ctrl_c_on_one_rank_ends_the_whole_torchrun_job(tmp_path, reach_data):
     checkpoint.load_checkpoint(checkpoint.latest_checkpoint(run))  # the periodic checkpoints stay whole
 
 
+@pytest.mark.slow  # ~30 s: a two-rank torchrun job, terminated, then resumed for two steps
+def test_sigterm_on_one_rank_stops_every_rank_at_one_step_and_saves_it(tmp_path, reach_data):
+    """A scheduler's SIGTERM reaching one data-parallel worker: every rank stops at the same step boundary, they
+    save that step together (not only the last periodic checkpoint), each exits with 143, and the job resumes."""
+    import signal
+    import time
+
+    from d4func.train import checkpoint
+
+    run = tmp_path / "run"
+    args = ["--config", "experiments/configs/reach.yaml", "--quiet", f"run_dir={run}",
+            f"loop.offline_data={reach_data}", "loop.agent_start=2", "loop.checkpoint_every=100000", "loop.log_every=1",
+            "loop.eval_every=100000", "env.eval_episodes=0", "loop.gif_every=100000"]
+    job = subprocess.Popen([*TORCHRUN_2, *_train_cli(*args, "loop.offline_steps=100000")], cwd=REPO,
+                           env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    def steps_logged() -> int:
+        return len(read_metrics(run)) if (run / "metrics.jsonl").exists() else 0
+
+    while time.monotonic() < deadline and job.poll() is None and steps_logged() < 3:
+        time.sleep(0.2)
+    workers = _children(job.pid)
+    assert len(workers) == 2 and not checkpoint.list_checkpoints(run), job.stderr.read()[-3000:] if job.poll() else ""
+    os.kill(max(workers), signal.SIGTERM)
+    try:
+        _, stderr = job.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        pytest.fail("the torchrun job still ran 120 s after one rank got SIGTERM")
+    assert job.returncode != 0
+    assert stderr.count("terminated by SIGTERM; the run's state is saved") == 2, stderr[-3000:]  # both ranks
+    saved = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(run))
+    assert saved.step >= 3 and len(saved.rng) == 2
+    assert [part["counters"]["grad_steps"] for part in saved.payload["ranks"]] == [saved.step] * 2
+    assert [row["step"] for row in read_metrics(run)] == list(range(1, saved.step + 1))  # nothing lost, no repeat
+    resumed = _torchrun(*_train_cli(*args, f"loop.offline_steps={saved.step + 2}"))
+    assert resumed.returncode == 0, _failure_report(resumed)
+    assert json.loads((run / "summary.json").read_text())["grad_steps"] == saved.step + 2
+
+
 def test_rank_seed_refuses_bit_widths_outside_1_to_64_and_fills_the_width_it_is_given() -> None:
     with pytest.raises(ValueError, match="bits must be in \\[1, 64\\], got 0"):
         D.rank_seed(7, 0, bits=0)  # a shift by 64 would return the whole 64-bit state, not 0 bits

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from d4func.train.interrupts import Terminated, interrupts_deferred, sigterm_raises
+from d4func.train.interrupts import Terminated, interrupts_deferred, sigterm_raises, sigterm_recorded
 
 
 @pytest.fixture
@@ -125,3 +125,13 @@ def test_a_held_sigterm_under_its_default_action_still_ends_the_process() -> Non
               "print('after the block', flush=True)\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == -signal.SIGTERM and proc.stdout == "block done\n"
+
+
+def test_a_recorded_sigterm_is_only_noted_also_when_it_came_inside_a_deferred_block(sigterm_default) -> None:
+    with sigterm_recorded() as received:
+        assert not received()
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert not received()  # held back until the block is done
+        assert received()  # noted, and the process runs on: data-parallel ranks stop together at a step boundary
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

@@ -5,6 +5,11 @@ which the run resumes exactly (`Trainer.training`). SIGTERM's default action end
 training `sigterm_raises` turns it into `Terminated`, a `KeyboardInterrupt`; a Ctrl-C then lets the run finish its
 final evaluation, a SIGTERM only saves and stops (a scheduler allows seconds, not an evaluation, before SIGKILL).
 
+A data-parallel run cannot stop where the signal lands: its exit save is a collective, and each rank would be
+somewhere else. There `sigterm_recorded` only notes the SIGTERM, and the loop asks every rank at each step boundary
+whether any got one (`Trainer.stop_if_terminated`, one all-reduce), so that all raise `Terminated` at the same
+point and save together. A preempted multi-GPU job thus keeps everything up to its last finished step.
+
 Some blocks must not be cut in two. The online loop stores each collected batch in the replay and then counts it
 (episode ids, env steps, returns). TorchRL's writer moves its cursor before it writes the batch column by column, so
 an interrupt raised in between would leave a batch half written but counted by the replay's position, which the
@@ -17,10 +22,10 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-__all__ = ["Terminated", "interrupts_deferred", "sigterm_raises"]
+__all__ = ["Terminated", "interrupts_deferred", "sigterm_raises", "sigterm_recorded"]
 
 DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -72,5 +77,22 @@ def sigterm_raises() -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def sigterm_recorded() -> Iterator[Callable[[], bool]]:
+    """Within the block SIGTERM is noted, not acted on; yields a function that tells whether one came. Where the
+    program installed its own SIGTERM handler, or outside the main thread, nothing changes and the function stays
+    False. The previous handler is back after the block (a SIGTERM noted but not acted on is then dropped: the
+    block's owner has had its chance to see it)."""
+    received: list[int] = []
+    if not _in_main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        yield lambda: bool(received)
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -58,7 +58,7 @@ from d4func.train.agent_step import (
     new_imagination_state,
 )
 from d4func.train.compat import check_dataset_fits, check_env_fits, check_first_batch, check_resume_config
-from d4func.train.interrupts import Terminated, interrupts_deferred, sigterm_raises
+from d4func.train.interrupts import Terminated, interrupts_deferred, sigterm_raises, sigterm_recorded
 from d4func.train.precision import compiled_grad_fn, load_compiler_before_rendering, wrap_step
 from d4func.train.run_config import RunConfig, resolve_device
 from d4func.train.run_lock import hold_run_dir
@@ -453,6 +453,7 @@ class Trainer:
         # writes config, logs, GIFs, evaluations and checkpoints (holding every rank's RNG states).
         self.dist = dist_info
         self.is_main = dist_info is None or dist_info.is_main
+        self.sigterm_received: Callable[[], bool] | None = None  # data parallel, while training: see `training`
         self.lpips_fn = make_lpips_fn(cfg)  # before anything is written: missing weights stop the run at once
         if cfg.loop.threads:
             torch.set_num_threads(cfg.loop.threads)
@@ -520,21 +521,31 @@ class Trainer:
         parallel) every rank's params checked bitwise equal, as each applied the same updates.
 
         The exit save is skipped after a NaN stop (`train_steps` already saved the last good state, RNGs rewound)
-        and, under data parallelism, after Ctrl-C, SIGTERM or an error on this rank: that save is a collective the
-        other ranks, stopped elsewhere, would never match, so the process ends instead and torchrun stops the
-        others. A single process saves after Ctrl-C and carries on to its final evaluation; after SIGTERM (raised
-        as `Terminated` within this block: interrupts.py) it saves and re-raises, for the caller to stop.
+        and, under data parallelism, after Ctrl-C or an error on this rank: that save is a collective the other
+        ranks, stopped elsewhere, would never match, so the process ends instead and torchrun stops the others. A
+        single process saves after Ctrl-C and carries on to its final evaluation; after SIGTERM (raised as
+        `Terminated` within this block: interrupts.py) it saves and re-raises, for the caller to stop. Data-parallel
+        ranks note a SIGTERM and stop together at the next step boundary (`stop_if_terminated`), save together,
+        and re-raise.
         """
         save_at_exit = True
         try:
-            with sigterm_raises():
-                yield
+            if self.dist is None:
+                with sigterm_raises():
+                    yield
+            else:
+                with sigterm_recorded() as received:  # acted on at step boundaries: stop_if_terminated
+                    self.sigterm_received = received
+                    yield
         except KeyboardInterrupt as interrupt:
-            save_at_exit = self.dist is None
-            what = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"
+            terminated = isinstance(interrupt, Terminated)
+            # Data parallel: a Terminated comes from stop_if_terminated, on every rank at the same step boundary,
+            # so the collective exit save is safe; a Ctrl-C lands on each rank wherever it is.
+            save_at_exit = self.dist is None or terminated
+            what = "terminated (SIGTERM)" if terminated else "interrupted"
             bar.write(f"{what}: saving a checkpoint" if save_at_exit else
                       f"{what}: data-parallel ranks keep their last periodic checkpoint")
-            if self.dist is not None or isinstance(interrupt, Terminated):
+            if self.dist is not None or terminated:
                 raise
         except Exception as error:
             save_at_exit = self.dist is None and not isinstance(error, NonFiniteLossError)
@@ -550,6 +561,16 @@ class Trainer:
         if self.dist is not None:
             for name, state in self.states.items():
                 dp.check_in_sync(state["params"], f"{name} params")
+
+    def stop_if_terminated(self) -> None:
+        """Data parallel: raise `Terminated` on every rank if any rank got a SIGTERM (one all-reduce; called at step
+        and batch boundaries, which every rank passes in the same order). A single process raises at once instead."""
+        if self.dist is None or self.sigterm_received is None:
+            return
+        flag = torch.tensor([float(self.sigterm_received())], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() > 0:
+            raise Terminated("SIGTERM on a data-parallel rank: every rank stops at this step")
 
     def sync_states(self) -> None:
         """Data parallel: every rank takes rank 0's states (after init or resume), then all stay equal."""
@@ -711,6 +732,7 @@ class Trainer:
                     replay_before = None  # this step is complete: nothing to rewind
                     if self.counters["grad_steps"] % self.cfg.loop.log_every == 0:
                         self.logger.log(metrics, self.counters["env_steps"] or self.counters["grad_steps"])
+                self.stop_if_terminated()
         except BaseException:
             # Ctrl-C or an error inside a step: `training`'s exit save then holds the state from before it, with
             # the RNGs and the sampler that drew its batch, so a resume runs that step as it would have run.
@@ -989,6 +1011,7 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
                             scalars["episode/crafter_score"] = crafter_score_of(episode["achievements"])
                         trainer.logger.log(scalars, counters["env_steps"])
                         episode["return"] = 0.0
+            trainer.stop_if_terminated()  # the batch is stored and counted: a stop here owes only its training
             train_and_check(n)
     if eval_env is not None and counters["grad_steps"] and last_eval_step != counters["env_steps"]:
         eval_result = trainer.evaluate(eval_env, counters["env_steps"])
