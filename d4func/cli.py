@@ -56,10 +56,11 @@ def _eval(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 0:
         raise ValueError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
     path = Path(args.checkpoint)
-    ckpt_path = path if path.is_file() else checkpoint.latest_checkpoint(path)
-    if ckpt_path is None:
+    # A run directory: its newest checkpoint that loads (a damaged one is skipped with a warning, as a resume would).
+    loaded = checkpoint.load_checkpoint(path) if path.is_file() else checkpoint.newest_readable_checkpoint(path)
+    if loaded is None:
         raise FileNotFoundError(f"no checkpoint (ckpt-*.pt) in {str(path)!r}")
-    loaded = checkpoint.load_checkpoint(ckpt_path)
+    ckpt_path = loaded.path
     cfg = saved_run_config(loaded.payload["config"])
     # As the run's own evaluations: its env (an offline run's dataset's), starting states (its evaluation seed),
     # episode length and cap, greedy or not.

@@ -202,6 +202,18 @@ def test_an_unreadable_checkpoint_is_moved_aside_and_no_longer_counts_for_keep_l
     assert [p.name for p in C.list_checkpoints(tmp_path)] == [C.checkpoint_name(200), C.checkpoint_name(250)]
 
 
+def test_readers_skip_a_damaged_checkpoint_without_moving_it(tmp_path) -> None:
+    # `d4func eval` and `open_run_replay` read the checkpoint a resume would take, and change nothing on disk.
+    for step in (1, 2):
+        C.save_checkpoint(tmp_path, step, {"x": torch.tensor(step)})
+    (tmp_path / C.checkpoint_name(2)).write_bytes(b"damaged")
+    before = sorted(path.name for path in tmp_path.iterdir())
+    with pytest.warns(UserWarning, match=f"skipping unreadable checkpoint: checkpoint .*{C.checkpoint_name(2)}"):
+        assert C.newest_readable_checkpoint(tmp_path).step == 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == before
+    assert C.newest_readable_checkpoint(tmp_path / "absent") is None
+
+
 def test_an_error_in_reading_is_raised_not_taken_for_a_damaged_checkpoint(tmp_path, monkeypatch) -> None:
     import errno
 

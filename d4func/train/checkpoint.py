@@ -60,6 +60,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "newest_readable_checkpoint",
     "open_run_replay",
     "rank_payload",
     "replay_position",
@@ -358,10 +359,10 @@ def open_run_replay(run_dir: str | Path, rank: int = 0, seed: int | None = None)
     run may resume.
     """
     run_dir = Path(run_dir)
-    newest = latest_checkpoint(run_dir)
-    if newest is None:
+    found = newest_readable_checkpoint(run_dir)  # the one a resume would take
+    if found is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir}: the replay's position is only recorded in checkpoints")
-    payload = load_checkpoint(newest).payload
+    newest, payload = found.path, found.payload
     if "ranks" not in payload and rank != 0:
         raise ValueError(f"rank={rank}: {newest} comes from a single-process run (rank 0 only)")
     payload = rank_payload(payload, rank)
@@ -556,31 +557,48 @@ def restore(
     rank restores its own RNG states; resuming on a different number of ranks raises (pass `restore_rng=False` to
     accept fresh RNG streams).
     """
+    ckpt = newest_readable_checkpoint(run_dir, map_location=map_location,
+                                      move_aside=_current_rank()[0] == 0, stacklevel=3)
+    if ckpt is None:
+        return None
+    if restore_rng:
+        rank, world = _current_rank()
+        if len(ckpt.rng) != world:
+            raise ValueError(f"checkpoint {ckpt.path} holds RNG states of {len(ckpt.rng)} ranks, this run has "
+                             f"{world}: resume on {len(ckpt.rng)} processes (torchrun --nproc_per_node), or "
+                             "from Python restore(..., restore_rng=False) for fresh RNG streams")
+        restore_rng_state(ckpt.rng[rank], generators)
+    return ckpt
+
+
+def newest_readable_checkpoint(
+    run_dir: str | Path,
+    *,
+    map_location: str | torch.device | None = "cpu",
+    move_aside: bool = False,
+    stacklevel: int = 2,
+) -> Checkpoint | None:
+    """The newest checkpoint of `run_dir` that loads, skipping damaged ones with a warning; None when there is none,
+    a ValueError naming each failure when none loads. `move_aside` (the resuming rank 0, `restore`) renames each
+    damaged one to `<name>.unreadable`; readers (`d4func eval`, `open_run_replay`) leave the directory as it is.
+    Errors in reading a file (OSError, MemoryError: `load_checkpoint`) are raised as they are."""
     candidates = list_checkpoints(run_dir)
     errors = []
     for path in reversed(candidates):
         try:
-            ckpt = load_checkpoint(path, map_location=map_location)
+            return load_checkpoint(path, map_location=map_location)
         except FileNotFoundError:
-            continue  # listed, then renamed aside by rank 0, which found it unreadable
+            continue  # listed, then renamed aside by the resuming rank 0, which found it unreadable
         except (RuntimeError, ValueError) as error:
             errors.append(str(error))
-            if _current_rank()[0] == 0:
+            if move_aside:
                 aside = path.with_name(path.name + UNREADABLE_SUFFIX)
                 path.replace(aside)
                 fsync_dir(path.parent)
-                warnings.warn(f"skipping unreadable checkpoint, renamed to {aside.name}: {error}", stacklevel=2)
+                warnings.warn(f"skipping unreadable checkpoint, renamed to {aside.name}: {error}",
+                              stacklevel=stacklevel)
             else:
-                warnings.warn(f"skipping unreadable checkpoint: {error}", stacklevel=2)
-            continue
-        if restore_rng:
-            rank, world = _current_rank()
-            if len(ckpt.rng) != world:
-                raise ValueError(f"checkpoint {path} holds RNG states of {len(ckpt.rng)} ranks, this run has "
-                                 f"{world}: resume on {len(ckpt.rng)} processes (torchrun --nproc_per_node), or "
-                                 "from Python restore(..., restore_rng=False) for fresh RNG streams")
-            restore_rng_state(ckpt.rng[rank], generators)
-        return ckpt
+                warnings.warn(f"skipping unreadable checkpoint: {error}", stacklevel=stacklevel)
     if candidates:
         # A ValueError, as for any unusable input: the command line reports it in one line (exit code 2).
         raise ValueError(f"no readable checkpoint in {run_dir}: " + "; ".join(errors))
