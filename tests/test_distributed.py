@@ -439,23 +439,30 @@ def test_sigterm_on_one_rank_stops_every_rank_at_one_step_and_saves_it(tmp_path,
             "loop.eval_every=100000", "env.eval_episodes=0", "loop.gif_every=100000"]
     job = subprocess.Popen([*TORCHRUN_2, *_train_cli(*args, "loop.offline_steps=100000")], cwd=REPO,
                            env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    def steps_logged() -> int:
-        return len(read_metrics(run)) if (run / "metrics.jsonl").exists() else 0
+    workers: list[int] = []
+    try:  # the job trains for good unless stopped: whatever fails here, it must not outlive the test
+        deadline = time.monotonic() + 180
 
-    while time.monotonic() < deadline and job.poll() is None and steps_logged() < 3:
-        time.sleep(0.2)
-    workers = _children(job.pid)
-    assert len(workers) == 2 and not checkpoint.list_checkpoints(run), job.stderr.read()[-3000:] if job.poll() else ""
-    os.kill(max(workers), signal.SIGTERM)
-    try:
-        _, stderr = job.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        job.kill()
-        for pid in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        pytest.fail("the torchrun job still ran 120 s after one rank got SIGTERM")
+        def steps_logged() -> int:
+            return len(read_metrics(run)) if (run / "metrics.jsonl").exists() else 0
+
+        while time.monotonic() < deadline and job.poll() is None and steps_logged() < 3:
+            time.sleep(0.2)
+        workers = _children(job.pid)
+        assert len(workers) == 2 and not checkpoint.list_checkpoints(run), (
+            job.stderr.read()[-3000:] if job.poll() is not None else "")
+        os.kill(max(workers), signal.SIGTERM)
+        try:
+            _, stderr = job.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the torchrun job still ran 120 s after one rank got SIGTERM")
+    finally:
+        if job.poll() is None:
+            job.kill()
+            for pid in workers or _children(job.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            job.wait(timeout=30)
     assert job.returncode != 0
     assert stderr.count("terminated by SIGTERM; the run's state is saved") == 2, stderr[-3000:]  # both ranks
     saved = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(run))

@@ -399,18 +399,23 @@ def test_sigterm_saves_the_online_loop_and_stops_with_exit_code_143_and_the_resu
     proc = subprocess.Popen([sys.executable, "-m", "d4func.cli", "train", "--config", reach, "--quiet",
                              f"run_dir={stopped}", *common, "loop.env_steps=100000"],
                             cwd=TESTS.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
+    try:  # the run trains for good unless stopped: whatever fails here, it must not outlive the test
+        deadline = time.monotonic() + 240
 
-    def logged_past(step: int) -> bool:
-        path = stopped / "metrics.jsonl"
-        lines = path.read_text().splitlines() if path.exists() else []
-        return any(json.loads(line)["step"] > step for line in lines if line.endswith("}"))
+        def logged_past(step: int) -> bool:
+            path = stopped / "metrics.jsonl"
+            lines = path.read_text().splitlines() if path.exists() else []
+            return any(json.loads(line)["step"] > step for line in lines if line.endswith("}"))
 
-    while not logged_past(30) and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    assert C.list_checkpoints(stopped) == []  # nothing saved yet: what survives is the SIGTERM's save
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
+        while not logged_past(30) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert C.list_checkpoints(stopped) == []  # nothing saved yet: what survives is the SIGTERM's save
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
     assert proc.returncode == EXIT_TERMINATED == 143, stderr[-3000:]
     assert "terminated by SIGTERM; the run's state is saved" in stderr.splitlines()[-1]
     saved = C.load_checkpoint(C.latest_checkpoint(stopped))
