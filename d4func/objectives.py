@@ -157,6 +157,15 @@ def sample_training_frames(
     return teacher_forcing_levels(d, tau, context_signal, 1.0 / k_max, generator)
 
 
+def check_self_forcing_has_targets(share: float, counted: Tensor | None, forcing: str) -> None:
+    """Self-forcing replaces frames before each row's one counted target, which only teacher forcing draws
+    (`counted` None: diffusion forcing). The losses' explicit `self_forcing` argument bypasses DynamicsConfig's
+    check of the same rule, so they call this."""
+    if share > 0.0 and counted is None:
+        raise ValueError(f"self_forcing={share} needs forcing='teacher' (one target frame per row behind a "
+                         f"history), got forcing={forcing!r}")
+
+
 def self_forced_latents(
     denoise_target: Denoiser,
     z_clean: Tensor,
@@ -370,9 +379,8 @@ def shortcut_forcing_loss(
                                              clean_context_fraction, context_signal, forcing)
     noise = sample_noise(z_clean, generator, noise_scale)
     z_tau = add_noise(z_clean, tau, noise)
+    check_self_forcing_has_targets(self_forcing, counted, forcing)
     if self_forcing > 0.0:
-        if counted is None:
-            raise ValueError(f"self_forcing={self_forcing} needs forcing='teacher', got forcing={forcing!r}")
         z_clean = self_forced_latents(denoise_target, z_clean, z_tau, tau, d, counted, self_forcing, sampling_steps,
                                       generator, noise_scale, self_forcing_frames)
         z_tau = add_noise(z_clean, tau, noise)

@@ -326,26 +326,46 @@ def test_missing_dataset_path_is_named(tmp_path_factory, name) -> None:
     assert str(path) in str(info.value)
 
 
-def test_sigkilled_online_loop_resumes_from_its_last_checkpoint_exactly(tmp_path):
-    """`d4func train` itself (online on Reach: memmapped replay, TorchRL collector) killed with SIGKILL mid-run: its
-    checkpoints all load, and resuming from the newest one ends bitwise where an uninterrupted run ends, although
-    the killed process had written replay rows and log lines past that checkpoint."""
+REACH = "experiments/configs/reach.yaml"
+# The online loop on Reach, small and quick, with no evaluation or GIF: the `d4func train` kill/terminate tests.
+REACH_ONLINE = ["loop.mode=online", "loop.offline_data=null", "loop.prefill_steps=10", "loop.collect_steps=5",
+                "loop.train_ratio=0.4", "loop.agent_start=20", "loop.eval_every=100000", "loop.gif_every=100000",
+                "loop.log_every=1", "env.eval_episodes=0", "replay.batch_size=2"]
+
+
+def _endless_cli_training(run_dir: Path, settings: list[str], stderr) -> subprocess.Popen:
+    """`d4func train` on Reach online with `settings`, one thread, set to run until it is stopped."""
+    return subprocess.Popen([sys.executable, "-m", "d4func.cli", "train", "--config", REACH, "--quiet",
+                             f"run_dir={run_dir}", *settings, "loop.env_steps=100000"],
+                            cwd=TESTS.parent, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=stderr, text=True)
+
+
+def _assert_resumes_as_uninterrupted(stopped: Path, whole: Path, settings: list[str], target: int) -> None:
+    """Resume the stopped run to `target` env steps and train one uninterrupted run there: bitwise the same
+    counters, states and metrics lines."""
     from helpers.states import assert_states_equal
 
     from d4func.train.loop import train
     from d4func.train.run_config import load_run_config
 
-    reach = "experiments/configs/reach.yaml"
-    common = ["loop.mode=online", "loop.offline_data=null", "loop.prefill_steps=10", "loop.collect_steps=5",
-              "loop.train_ratio=0.4", "loop.agent_start=20", "loop.eval_every=100000", "loop.gif_every=100000",
-              "loop.checkpoint_every=10", "loop.keep_checkpoints=10", "loop.log_every=1", "env.eval_episodes=0",
-              "replay.batch_size=2"]
+    for run_dir in (stopped, whole):
+        train(load_run_config(REACH, [f"run_dir={run_dir}", *settings, f"loop.env_steps={target}"]), progress=False)
+    resumed = C.load_checkpoint(C.latest_checkpoint(stopped)).payload
+    uninterrupted = C.load_checkpoint(C.latest_checkpoint(whole)).payload
+    assert resumed["counters"] == uninterrupted["counters"] and resumed["counters"]["env_steps"] == target
+    assert_states_equal(uninterrupted["states"], resumed["states"])
+    # Lines a stopped process logged after its last checkpoint are gone: the logs read as one run's.
+    assert (stopped / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text()
+
+
+def test_sigkilled_online_loop_resumes_from_its_last_checkpoint_exactly(tmp_path):
+    """`d4func train` itself (online on Reach: memmapped replay, TorchRL collector) killed with SIGKILL mid-run: its
+    checkpoints all load, and resuming from the newest one ends bitwise where an uninterrupted run ends, although
+    the killed process had written replay rows and log lines past that checkpoint."""
+    settings = [*REACH_ONLINE, "loop.checkpoint_every=10", "loop.keep_checkpoints=10"]
     killed = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "d4func.cli", "train", "--config", reach, "--quiet",
-                             f"run_dir={killed}", *common, "loop.env_steps=100000"],
-                            cwd=TESTS.parent, env=env, stdout=subprocess.DEVNULL,
-                            stderr=(tmp_path / "stderr.txt").open("w"))
+    proc = _endless_cli_training(killed, settings, (tmp_path / "stderr.txt").open("w"))
     deadline = time.monotonic() + 240
     def past_newest_checkpoint() -> bool:
         """Three checkpoints, and training logged beyond the newest: the kill then throws real work away."""
@@ -366,17 +386,8 @@ def test_sigkilled_online_loop_resumes_from_its_last_checkpoint_exactly(tmp_path
     for path in checkpoints:
         C.load_checkpoint(path)  # every checkpoint whole: the atomic write never leaves a torn file
     last = C.load_checkpoint(checkpoints[-1])
-    target = last.step + 10
-
-    train(load_run_config(reach, [f"run_dir={killed}", *common, f"loop.env_steps={target}"]), progress=False)
     whole = tmp_path / "whole"
-    train(load_run_config(reach, [f"run_dir={whole}", *common, f"loop.env_steps={target}"]), progress=False)
-    resumed = C.load_checkpoint(C.latest_checkpoint(killed)).payload
-    uninterrupted = C.load_checkpoint(C.latest_checkpoint(whole)).payload
-    assert resumed["counters"] == uninterrupted["counters"] and resumed["counters"]["env_steps"] == target
-    assert_states_equal(uninterrupted["states"], resumed["states"])
-    # The lines the killed process logged after its last checkpoint are gone: the logs read as one run's.
-    assert (killed / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text()
+    _assert_resumes_as_uninterrupted(killed, whole, settings, target=last.step + 10)
     assert csv_logs(killed) == csv_logs(whole) and "world_model/loss.csv" in csv_logs(whole)
 
 
@@ -384,21 +395,11 @@ def test_sigterm_saves_the_online_loop_and_stops_with_exit_code_143_and_the_resu
     """`d4func train` given SIGTERM (a scheduler's preemption) mid-run, with no periodic checkpoint due: it saves
     the state it reached, says so in one line and exits with 143, and the same command resumes it to end bitwise
     where an uninterrupted run ends: nothing since the start is lost."""
-    from helpers.states import assert_states_equal
-
     from d4func.cli import EXIT_TERMINATED
-    from d4func.train.loop import train
-    from d4func.train.run_config import load_run_config
 
-    reach = "experiments/configs/reach.yaml"
-    common = ["loop.mode=online", "loop.offline_data=null", "loop.prefill_steps=10", "loop.collect_steps=5",
-              "loop.train_ratio=0.4", "loop.agent_start=20", "loop.eval_every=100000", "loop.gif_every=100000",
-              "loop.checkpoint_every=100000", "loop.log_every=1", "env.eval_episodes=0", "replay.batch_size=2"]
+    settings = [*REACH_ONLINE, "loop.checkpoint_every=100000"]
     stopped = tmp_path / "stopped"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "d4func.cli", "train", "--config", reach, "--quiet",
-                             f"run_dir={stopped}", *common, "loop.env_steps=100000"],
-                            cwd=TESTS.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = _endless_cli_training(stopped, settings, subprocess.PIPE)
     try:  # the run trains for good unless stopped: whatever fails here, it must not outlive the test
         deadline = time.monotonic() + 240
 
@@ -420,16 +421,7 @@ def test_sigterm_saves_the_online_loop_and_stops_with_exit_code_143_and_the_resu
     assert "terminated by SIGTERM; the run's state is saved" in stderr.splitlines()[-1]
     saved = C.load_checkpoint(C.latest_checkpoint(stopped))
     assert saved.step > 30 and saved.payload["counters"]["env_steps"] == saved.step
-    target = saved.step + 10
-
-    train(load_run_config(reach, [f"run_dir={stopped}", *common, f"loop.env_steps={target}"]), progress=False)
-    whole = tmp_path / "whole"
-    train(load_run_config(reach, [f"run_dir={whole}", *common, f"loop.env_steps={target}"]), progress=False)
-    resumed = C.load_checkpoint(C.latest_checkpoint(stopped)).payload
-    uninterrupted = C.load_checkpoint(C.latest_checkpoint(whole)).payload
-    assert resumed["counters"] == uninterrupted["counters"] and resumed["counters"]["env_steps"] == target
-    assert_states_equal(uninterrupted["states"], resumed["states"])
-    assert (stopped / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text()
+    _assert_resumes_as_uninterrupted(stopped, tmp_path / "whole", settings, target=saved.step + 10)
 
 
 def test_online_run_stopped_before_its_first_checkpoint_starts_over_with_a_fresh_replay(tmp_path):
@@ -441,20 +433,16 @@ def test_online_run_stopped_before_its_first_checkpoint_starts_over_with_a_fresh
     from d4func.train.loop import train
     from d4func.train.run_config import load_run_config
 
-    reach = "experiments/configs/reach.yaml"
-    common = ["loop.mode=online", "loop.offline_data=null", "loop.prefill_steps=10", "loop.collect_steps=5",
-              "loop.train_ratio=0.4", "loop.agent_start=20", "loop.eval_every=100000", "loop.gif_every=100000",
-              "loop.checkpoint_every=100000", "loop.log_every=1", "env.eval_episodes=0", "replay.batch_size=2",
-              "loop.env_steps=30"]
+    common = [*REACH_ONLINE, "loop.checkpoint_every=100000", "loop.env_steps=30"]
     stopped, fresh = tmp_path / "stopped", tmp_path / "fresh"
-    train(load_run_config(reach, [f"run_dir={stopped}", *common, "loop.env_steps=25"]), progress=False)
+    train(load_run_config(REACH, [f"run_dir={stopped}", *common, "loop.env_steps=25"]), progress=False)
     for path in C.list_checkpoints(stopped):
         path.unlink()  # as if killed before any checkpoint was written
     assert (stopped / "replay" / "storage").exists()
     with (pytest.warns(UserWarning, match=r"holds no checkpoint: the run starts over and its replay .* is removed"),
           pytest.warns(UserWarning, match=r"drops the \d+ lines its metrics.jsonl held")):
-        train(load_run_config(reach, [f"run_dir={stopped}", *common]), progress=False)
-    train(load_run_config(reach, [f"run_dir={fresh}", *common]), progress=False)
+        train(load_run_config(REACH, [f"run_dir={stopped}", *common]), progress=False)
+    train(load_run_config(REACH, [f"run_dir={fresh}", *common]), progress=False)
     rerun = C.load_checkpoint(C.latest_checkpoint(stopped)).payload
     reference = C.load_checkpoint(C.latest_checkpoint(fresh)).payload
     assert rerun["counters"] == reference["counters"] and rerun["counters"]["env_steps"] == 30

@@ -52,17 +52,18 @@ def test_a_custom_handler_runs_after_the_block_and_an_ignored_signal_stays_ignor
         pass
 
 
-def test_under_the_default_action_a_held_ctrl_c_still_ends_the_process(tmp_path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_under_the_default_action_a_held_signal_still_ends_the_process(signum) -> None:
     import subprocess
     import sys
 
     script = ("import os, signal\nfrom d4func.train.interrupts import interrupts_deferred\n"
-              "signal.signal(signal.SIGINT, signal.SIG_DFL)\n"
-              "with interrupts_deferred():\n    os.kill(os.getpid(), signal.SIGINT)\n"
+              f"signal.signal({int(signum)}, signal.SIG_DFL)\n"
+              f"with interrupts_deferred():\n    os.kill(os.getpid(), {int(signum)})\n"
               "    print('block done', flush=True)\n"
               "print('after the block', flush=True)\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == -signal.SIGINT and proc.stdout == "block done\n"
+    assert proc.returncode == -signum and proc.stdout == "block done\n"
 
 
 def test_outside_the_main_thread_the_block_runs_unchanged(sigint_handler) -> None:
@@ -113,18 +114,6 @@ def test_a_sigterm_inside_a_deferred_block_raises_after_it_and_before_a_ctrl_c(s
     assert done == ["rest of the block"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-
-
-def test_a_held_sigterm_under_its_default_action_still_ends_the_process() -> None:
-    import subprocess
-    import sys
-
-    script = ("import os, signal\nfrom d4func.train.interrupts import interrupts_deferred\n"
-              "with interrupts_deferred():\n    os.kill(os.getpid(), signal.SIGTERM)\n"
-              "    print('block done', flush=True)\n"
-              "print('after the block', flush=True)\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == -signal.SIGTERM and proc.stdout == "block done\n"
 
 
 def test_a_recorded_sigterm_is_only_noted_also_when_it_came_inside_a_deferred_block(sigterm_default) -> None:

@@ -182,7 +182,7 @@ def test_an_explicit_share_on_a_diffusion_forced_world_model_is_named():
     batch = load_run_all().random_replay_batch(cfg, torch.Generator().manual_seed(0))
     latents = encode(models.tokenizer, states["tokenizer"]["params"], batch["frames"])
     wm = world_model_batch(latents, batch)
-    with pytest.raises(ValueError, match="self_forcing=0.5 needs the model's forcing='teacher'.*'diffusion'"):
+    with pytest.raises(ValueError, match="self_forcing=0.5 needs forcing='teacher'.*got forcing='diffusion'"):
         agent_finetune_loss(states["world_model"]["params"], wm["latents"], wm["actions"], wm["rewards"], None,
                             torch.Generator().manual_seed(1), model=models.dynamics, heads=models.heads,
                             self_forcing=0.5)

@@ -44,6 +44,7 @@ from d4func.heads import AgentHeads, policy_dist, reward_dist
 from d4func.imagination import ImaginationConfig, imagination_loss, imagine, mtp_targets
 from d4func.objectives import (
     add_noise,
+    check_self_forcing_has_targets,
     counted_mean,
     frame_weight,
     sample_noise,
@@ -153,9 +154,7 @@ def agent_finetune_loss(
     stopped = denoiser(model, params["dynamics"].detach(), actions_in, mask_in, tasks)
     dyn_latents = latents
     self_forcing = dyn_cfg.self_forcing if self_forcing is None else self_forcing
-    if self_forcing > 0.0 and counted is None:
-        raise ValueError(f"self_forcing={self_forcing} needs the model's forcing='teacher' (one target frame per row "
-                         f"behind a history), got forcing={dyn_cfg.forcing!r}")
+    check_self_forcing_has_targets(self_forcing, counted, dyn_cfg.forcing)
     if self_forcing > 0.0:
         # The dynamics term reads the model's own last history frames in that share of rows; the heads read the
         # same forward pass (objectives.self_forced_latents).

@@ -552,10 +552,10 @@ def restore(
     fault; the atomic write rules out half-written ones) is skipped with a warning in favour of the one before, and
     (rank 0) renamed to `<name>.unreadable`: kept for a look, but out of every later listing, so that neither
     `keep_last` counts it (it would push out the good checkpoint the run resumed from) nor `latest_checkpoint`
-    (`d4func eval`, the replay's reopening) picks it. If none is readable this raises rather than silently starting
-    over. An error in reading a file (OSError, MemoryError) is raised as it is. Under `torch.distributed` each
-    rank restores its own RNG states; resuming on a different number of ranks raises (pass `restore_rng=False` to
-    accept fresh RNG streams).
+    picks it (`newest_readable_checkpoint`). If none is readable this raises rather than silently starting over.
+    An error in reading a file (OSError, MemoryError) is raised as it is. Under `torch.distributed` each rank
+    restores its own RNG states; resuming on a different number of ranks raises (pass `restore_rng=False` to accept
+    fresh RNG streams).
     """
     ckpt = newest_readable_checkpoint(run_dir, map_location=map_location,
                                       move_aside=_current_rank()[0] == 0, stacklevel=3)

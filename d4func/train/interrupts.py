@@ -67,18 +67,26 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 
 @contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """Within the block, SIGTERM raises `Terminated` (a KeyboardInterrupt) where it would otherwise end the process
-    on the spot (its default action); a handler the program installed stays in charge, and outside the main thread
-    nothing changes. The previous handler is back after the block."""
+def _sigterm_handled_by(handler: Callable[[int, object], None]) -> Iterator[None]:
+    """`handler` takes SIGTERM for the block where SIGTERM has its default action (a handler the program installed
+    stays in charge) and this is the main thread; the previous handler is back after the block."""
     if not _in_main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within the block, SIGTERM raises `Terminated` (a KeyboardInterrupt) where it would otherwise end the process
+    on the spot (its default action); a handler the program installed stays in charge, and outside the main thread
+    nothing changes. The previous handler is back after the block."""
+    with _sigterm_handled_by(_raise_terminated):
+        yield
 
 
 @contextmanager
@@ -88,11 +96,5 @@ def sigterm_recorded() -> Iterator[Callable[[], bool]]:
     False. The previous handler is back after the block (a SIGTERM noted but not acted on is then dropped: the
     block's owner has had its chance to see it)."""
     received: list[int] = []
-    if not _in_main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        yield lambda: False
-        return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
-    try:
+    with _sigterm_handled_by(lambda signum, frame: received.append(signum)):
         yield lambda: bool(received)
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -465,9 +465,9 @@ class Trainer:
             newest = checkpoint.latest_checkpoint(self.run_dir)
             if newest is not None:
                 # config.json, or (deleted, or lost in a copy) the config of the checkpoint the run will resume from:
-                # the newest readable one (`restore` moves unreadable ones aside, as the resume would).
-                saved = (json.loads(config_file.read_text()) if config_file.exists()
-                         else checkpoint.restore(self.run_dir, restore_rng=False).payload["config"])
+                # the newest readable one, damaged ones moved aside as the resume (`restore`) moves them.
+                saved = (json.loads(config_file.read_text()) if config_file.exists() else
+                         checkpoint.newest_readable_checkpoint(self.run_dir, move_aside=True).payload["config"])
                 changed = check_resume_config(saved, checkpoint.config_to_dict(cfg), str(self.run_dir))
                 if changed:
                     warnings.warn(f"resuming {self.run_dir} with a changed config (so it will not equal an "
