@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -935,3 +936,51 @@ def test_ctrl_c_during_an_offline_evaluation_resumes_with_that_evaluation(tmp_pa
     assert [step for step, _ in _eval_steps(tmp_path / "whole")] == [2, 4, 6]
     assert _eval_steps(tmp_path / "split") == _eval_steps(tmp_path / "whole")
     assert_states_equal(final_payload(tmp_path / "whole")["states"], final_payload(tmp_path / "split")["states"])
+
+
+def test_checkpoint_every_minutes_saves_between_the_step_based_checkpoints(tmp_path, cartpole_data):
+    # A clock that is always due: offline, a checkpoint at every gradient step besides the step-based one at 4;
+    # online, one at every round boundary (5 env steps each).
+    offline = ["loop.mode=offline", f"loop.offline_data={cartpole_data}", "loop.offline_steps=5",
+               "loop.agent_start=1000", "loop.eval_every=1000", "loop.gif_every=1000", "loop.checkpoint_every=4",
+               "env.eval_episodes=0", "loop.keep_checkpoints=10"]
+    train(load_run_config(DEBUG, [f"run_dir={tmp_path / 'off'}", *offline]), progress=False)
+    assert _checkpoint_steps(tmp_path / "off") == [4, 5]  # the schedule, and the exit save
+    train(load_run_config(DEBUG, [f"run_dir={tmp_path / 'timed'}", *offline, "loop.checkpoint_every_minutes=1e-9"]),
+          progress=False)
+    assert _checkpoint_steps(tmp_path / "timed") == [1, 2, 3, 4, 5]
+    online = _reach_online_with_credit(tmp_path / "online", "loop.env_steps=25", "loop.checkpoint_every=20",
+                                       "loop.checkpoint_every_minutes=1e-9", "loop.keep_checkpoints=10")
+    train(online, progress=False)
+    assert _checkpoint_steps(tmp_path / "online") == [5, 10, 15, 20, 25]
+    for bad in ("-1", "nan", "inf"):
+        with pytest.raises(ValueError, match=f"checkpoint_every_minutes must be a finite number >= 0.*got {bad}"):
+            load_run_config(DEBUG, [f"loop.checkpoint_every_minutes={bad}"])
+
+
+def test_data_parallel_ranks_save_on_rank_0s_clock(monkeypatch):
+    # Each rank reads its own clock; if they decided alone, one rank would enter the collective save without the
+    # others. Rank 0's decision is broadcast: a rank whose own clock says "not yet" saves when rank 0's says due.
+    from types import SimpleNamespace
+
+    from d4func.train.loop import Trainer
+
+    def rank_0_says(due: float):
+        def broadcast(tensor, src):
+            assert src == 0
+            tensor.fill_(due)
+        return broadcast
+
+    rank_1 = SimpleNamespace(cfg=load_run_config(DEBUG, ["loop.checkpoint_every_minutes=10"]),
+                             last_save=time.monotonic(), dist=SimpleNamespace(rank=1), device=torch.device("cpu"))
+    monkeypatch.setattr(torch.distributed, "broadcast", rank_0_says(1.0))
+    assert Trainer.checkpoint_time_due(rank_1)
+    rank_1.last_save -= 3600  # its own clock says due, rank 0's not
+    monkeypatch.setattr(torch.distributed, "broadcast", rank_0_says(0.0))
+    assert not Trainer.checkpoint_time_due(rank_1)
+    rank_1.dist = None  # a single process goes by its own clock
+    assert Trainer.checkpoint_time_due(rank_1)
+
+
+def _checkpoint_steps(run_dir) -> list[int]:
+    return sorted(int(path.stem.split("-")[1]) for path in run_dir.glob("ckpt-*.pt"))

@@ -17,7 +17,8 @@ policy (`acting.WorldModelPolicy`) runs inside a TorchRL `Collector` and acts at
 `loop.agent_start` counted in gradient steps; evaluation episodes run when the dataset's env can be built.
 
 State at the edges: the replay (memmapped, reopened on resume), the envs, the logger and the checkpoints
-(`run_dir/ckpt-*.pt`, atomic, every `loop.checkpoint_every` steps and at exit, Ctrl-C included). A NaN or inf stops
+(`run_dir/ckpt-*.pt`, atomic, every `loop.checkpoint_every` steps, optionally every
+`loop.checkpoint_every_minutes`, and at exit, Ctrl-C included). A NaN or inf stops
 training with the last good state saved.
 """
 
@@ -510,6 +511,7 @@ class Trainer:
         self.extra_generators: dict[str, torch.Generator] = {}  # e.g. the acting policy's (online)
         self.online_state = None  # online: a callable giving the collector's runtime state for checkpoints
         self.logs_at_checkpoint: tuple[int, int] | None = None  # (rows, step) for rewind_logs
+        self.last_save = time.monotonic()  # for loop.checkpoint_every_minutes: the run's start, then each save
 
     def rank_seed(self, seed: int, stream: str, bits: int = 63) -> int:
         """`seed` in a single process; a per-rank `bits`-bit seed of `stream` under data parallelism."""
@@ -572,6 +574,20 @@ class Trainer:
         if flag.item() > 0:
             raise Terminated("SIGTERM on a data-parallel rank: every rank stops at this step")
 
+    def checkpoint_time_due(self) -> bool:
+        """Whether `loop.checkpoint_every_minutes` have passed since the last save (or the run's start); off at 0.
+        Data parallel: rank 0's clock decides for every rank (one broadcast, at a boundary every rank passes in the
+        same order), since the save is a collective that rank 0 writes."""
+        minutes = self.cfg.loop.checkpoint_every_minutes
+        if not minutes:
+            return False
+        due = time.monotonic() - self.last_save >= minutes * 60
+        if self.dist is not None:
+            flag = torch.tensor([float(due)], device=self.device)
+            torch.distributed.broadcast(flag, src=0)
+            due = bool(flag.item())
+        return due
+
     def sync_states(self) -> None:
         """Data parallel: every rank takes rank 0's states (after init or resume), then all stay equal."""
         if self.dist is not None:
@@ -606,6 +622,7 @@ class Trainer:
             **part,
         }
         step = self.counters["env_steps"] if self.cfg.loop.mode == "online" else self.counters["grad_steps"]
+        self.last_save = time.monotonic()  # checkpoint_every_minutes counts from a save's start, on every rank
         if self.dist is None:
             return checkpoint.save_checkpoint(self.run_dir, step, payload, keep_last=self.cfg.loop.keep_checkpoints,
                                               generators=self.generators())
@@ -972,6 +989,8 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
         if counters["env_steps"] >= next_ckpt:
             trainer.save()
             next_ckpt = next_multiple(counters["env_steps"], cfg.loop.checkpoint_every)
+        elif trainer.checkpoint_time_due():  # between the step-based ones, which keep their schedule
+            trainer.save()
 
     # The collector closes the env when it shuts down; without one, close it here.
     with trainer.training(bar, env.close if collector is None else collector.shutdown):
@@ -1104,7 +1123,7 @@ def train_offline(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo 
             last_gif_step = step
             counters["round_done"] |= ROUND_GIF
         counters["round_pending"] = counters["round_done"] = 0  # before the checkpoint: nothing more is owed
-        if step % cfg.loop.checkpoint_every == 0:
+        if step % cfg.loop.checkpoint_every == 0 or trainer.checkpoint_time_due():
             trainer.save()
 
     with trainer.training(bar):

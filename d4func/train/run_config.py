@@ -9,6 +9,7 @@ specs when the loop starts.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,6 +104,9 @@ class LoopConfig:
     eval_bc: bool = False  # also evaluate the behaviour-cloning policy head alone (the "BC alone" baseline)
     eval_greedy: bool = True  # evaluate the policy's mode; False samples (Crafter: a greedy policy tends to idle)
     checkpoint_every: int = 5_000
+    # Also save once this many minutes have passed since the last save (0: off), at the next round boundary (online)
+    # or gradient step (offline): a slow run keeps its losses to a preemption bounded in time, as DreamerV3 does.
+    checkpoint_every_minutes: float = 0.0
     keep_checkpoints: int = 3
     log_every: int = 100
     gif_every: int = 10_000
@@ -123,6 +127,9 @@ class LoopConfig:
                 raise ValueError(f"LoopConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.train_ratio < 0:
             raise ValueError(f"LoopConfig.train_ratio must be >= 0, got {self.train_ratio}")
+        if not (math.isfinite(self.checkpoint_every_minutes) and self.checkpoint_every_minutes >= 0):
+            raise ValueError("LoopConfig.checkpoint_every_minutes must be a finite number >= 0 (0: off), got "
+                             f"{self.checkpoint_every_minutes}")
         if self.mode == "offline" and not self.offline_data:
             raise ValueError("LoopConfig.offline_data must name a dataset directory in offline mode, got None")
 
