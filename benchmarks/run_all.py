@@ -11,7 +11,8 @@ Sections (benchmarks/README.md explains each figure):
   acting_CONFIG       raw env steps/s (DMControl, rendered) vs acting-policy calls/s vs both in a TorchRL Collector
   online_CONFIG       env steps/s of the online loop `train_online` in its steady state (start-up excluded)
   replay              the memmapped replay with each frame stored once vs next frames stored per transition:
-                      disk bytes per transition, write and sample rates
+                      disk bytes per transition, write and sample rates; writes through a wrapping ring with
+                      the overwrite journal on vs off
   gpu_paper_scale     CUDA only: tokens/s and model FLOP utilisation of a world-model train step, generated
                       frames/s, at a paper-like size (skipped without a GPU)
   gpu_compiled        CUDA only: that train step eager vs torch.compile'd (`precision.compile`), and the compile time
@@ -822,6 +823,18 @@ def replay_section(ctx: Context) -> dict[str, Any]:
                       ctx.budget.replay_repeats)
     buffers = {name: written[name].output[0] for name in layouts}
     sampled = measure({name: buffers[name].sample for name in layouts}, 5 * ctx.budget.replay_repeats)
+
+    def write_through_a_ring(journal: bool):
+        """The same writes into a ring of half their size: the second half overwrites stored entries, which the
+        overwrite journal (the training loop keeps it on) saves first."""
+        rb = make_replay(n // 2, seq_len, batch, path=tmp / f"rb{next(counter)}", share_next_pixels=True)
+        if journal:
+            rb.keep_overwritten_entries()
+        for start in range(0, n, 100):
+            rb.extend(data[start:start + 100])
+
+    ring = measure({"journal_off": lambda: write_through_a_ring(False),
+                    "journal_on": lambda: write_through_a_ring(True)}, ctx.budget.replay_repeats)
     figures: dict[str, Any] = {}
     rows = []
     for name in layouts:
@@ -836,6 +849,12 @@ def replay_section(ctx: Context) -> dict[str, Any]:
     figures["disk_ratio_shared_over_per_transition"] = (figures["shared_disk_bytes_per_transition"]
                                                         / figures["per_transition_disk_bytes_per_transition"])
     rows.append(Row("disk, shared / per transition", figures["disk_ratio_shared_over_per_transition"], "x"))
+    for name in ("journal_off", "journal_on"):
+        figures[f"ring_write_transitions_per_s_{name}"] = n / ring[name].median
+        rows.append(Row(f"write through a ring of {n // 2}, overwrite {name.replace('_', ' ')}",
+                        n / ring[name].median, "steps/s", ring[name].peak_mib))
+    figures["overwrite_journal_cost"] = ring["journal_on"].median / ring["journal_off"].median
+    rows.append(Row("overwrite journal, write time on / off", figures["overwrite_journal_cost"], "x"))
     shutil.rmtree(tmp, ignore_errors=True)
     return section(rows, figures, {"transitions": n, "episode_len": episode_len, "frame": [3, size, size],
                                    "batch": batch, "seq_len": seq_len, "repeats": ctx.budget.replay_repeats})

@@ -34,7 +34,8 @@ EXPECTED = {
     "online_default": ONLINE,
     "replay": {f"{layout}_{figure}" for layout in ("shared", "per_transition")
                for figure in ("disk_bytes_per_transition", "write_transitions_per_s", "sample_rows_per_s")}
-    | {"disk_ratio_shared_over_per_transition"},
+    | {"disk_ratio_shared_over_per_transition", "ring_write_transitions_per_s_journal_off",
+       "ring_write_transitions_per_s_journal_on", "overwrite_journal_cost"},
     "gpu_paper_scale": {"tokens_per_s", "mfu", "gen_frames_per_s"},
     "gpu_compiled": {"eager_tokens_per_s", "compiled_tokens_per_s", "speedup_compiled_over_eager"},
 }

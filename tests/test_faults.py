@@ -362,8 +362,11 @@ def _assert_resumes_as_uninterrupted(stopped: Path, whole: Path, settings: list[
 def test_sigkilled_online_loop_resumes_from_its_last_checkpoint_exactly(tmp_path):
     """`d4func train` itself (online on Reach: memmapped replay, TorchRL collector) killed with SIGKILL mid-run: its
     checkpoints all load, and resuming from the newest one ends bitwise where an uninterrupted run ends, although
-    the killed process had written replay rows and log lines past that checkpoint."""
-    settings = [*REACH_ONLINE, "loop.checkpoint_every=10", "loop.keep_checkpoints=10"]
+    the killed process had written replay rows and log lines past that checkpoint, on a ring buffer small enough
+    that those rows overwrote rows the checkpoint counts (put back from the replay's overwrite journal)."""
+    from d4func.data.overwrite_journal import JOURNAL_DIR, list_records
+
+    settings = [*REACH_ONLINE, "loop.checkpoint_every=10", "loop.keep_checkpoints=10", "replay.capacity=30"]
     killed = tmp_path / "killed"
     proc = _endless_cli_training(killed, settings, (tmp_path / "stderr.txt").open("w"))
     deadline = time.monotonic() + 240
@@ -386,6 +389,9 @@ def test_sigkilled_online_loop_resumes_from_its_last_checkpoint_exactly(tmp_path
     for path in checkpoints:
         C.load_checkpoint(path)  # every checkpoint whole: the atomic write never leaves a torn file
     last = C.load_checkpoint(checkpoints[-1])
+    # what the killed process overwrote after the checkpoint is journaled
+    records = [first for first, _ in list_records(killed / "replay" / JOURNAL_DIR)]
+    assert records and max(records) >= last.payload["replay"]["written"]
     whole = tmp_path / "whole"
     _assert_resumes_as_uninterrupted(killed, whole, settings, target=last.step + 10)
     assert csv_logs(killed) == csv_logs(whole) and "world_model/loss.csv" in csv_logs(whole)

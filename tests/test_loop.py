@@ -984,3 +984,39 @@ def test_data_parallel_ranks_save_on_rank_0s_clock(monkeypatch):
 
 def _checkpoint_steps(run_dir) -> list[int]:
     return sorted(int(path.stem.split("-")[1]) for path in run_dir.glob("ckpt-*.pt"))
+
+
+def test_a_run_killed_rounds_after_its_checkpoint_on_a_wrapped_ring_resumes_exactly(tmp_path, monkeypatch):
+    # The killed run saves at 40, then writes 4 more rounds over a 30-slot ring (overwriting entries the checkpoint
+    # counts) and dies at 60 in place of its checkpoint. The resumed run samples the slots past its cursor before
+    # rewriting them: it equals an uninterrupted run only if they hold what they held at 40 (the journal's undo).
+    from d4func.data.overwrite_journal import JOURNAL_DIR, list_records
+    from d4func.train.loop import Trainer
+
+    settings = ["replay.capacity=30", "loop.checkpoint_every=20", "loop.keep_checkpoints=10"]
+    real_save = Trainer.save
+
+    class Killed(BaseException):
+        pass
+
+    def killed_at_60(self, *args, **kwargs):
+        if self.counters["env_steps"] >= 60:
+            raise Killed  # the exit save too: nothing is saved past 40
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "save", killed_at_60)
+    with pytest.raises(Killed):
+        train(_reach_online_with_credit(tmp_path / "killed", "loop.env_steps=100", *settings), progress=False)
+    monkeypatch.setattr(Trainer, "save", real_save)
+    assert _checkpoint_steps(tmp_path / "killed") == [20, 40]
+    saved = checkpoint.load_checkpoint(tmp_path / "killed" / checkpoint.checkpoint_name(40))
+    written = saved.payload["replay"]["written"]
+    assert [first for first, _ in list_records(tmp_path / "killed" / "replay" / JOURNAL_DIR)] == [
+        written, written + 5, written + 11, written + 16]  # one per round; the episode ending at 48 adds its end frame
+    for run in ("killed", "whole"):
+        train(_reach_online_with_credit(tmp_path / run, "loop.env_steps=70", *settings), progress=False)
+    resumed, whole = (checkpoint.load_checkpoint(checkpoint.latest_checkpoint(tmp_path / run)).payload
+                      for run in ("killed", "whole"))
+    assert resumed["counters"] == whole["counters"] and whole["counters"]["env_steps"] == 70
+    assert_states_equal(whole["states"], resumed["states"])
+    assert _train_rows(tmp_path / "killed") == _train_rows(tmp_path / "whole")

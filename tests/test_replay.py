@@ -19,6 +19,7 @@ from d4func.data.offline import (
     read_metadata,
     record_episodes,
 )
+from d4func.data.overwrite_journal import list_records
 from d4func.data.replay import (
     END_FRAME_KEY,
     RETIRED_TRAJ_BASE,
@@ -561,3 +562,55 @@ def test_retiring_by_episode_id_retires_that_episode_and_later_ones():
     traj = rb.storage._storage.get(TRAJ)[: len(rb)]
     assert (traj[:5] == 0).all() and (traj[5:] >= RETIRED_TRAJ_BASE).all()
     assert rb.stored_transitions()["uid"].tolist() == [0, 1, 2, 3]
+
+
+def _storage_snapshot(rb) -> TensorDict:
+    return rb.storage._storage[: len(rb)].clone()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    capacity=st.integers(12, 40),
+    before=st.lists(st.integers(1, 9), min_size=1, max_size=8),
+    after=st.lists(st.integers(1, 9), min_size=1, max_size=8),
+    checkpoints=st.integers(0, 2),
+)
+def test_the_overwrite_journal_puts_back_the_ring_a_killed_run_wrapped_past_its_checkpoint(
+    tmp_path_factory, capacity, before, after, checkpoints
+):
+    # Episodes of any lengths before a checkpoint and after it (the killed run's), whether or not either wrapped the
+    # ring, with earlier checkpoints pruning the journal: after the undo the storage is bitwise what the checkpoint
+    # saw, nothing is left to retire, and the journal holds nothing of the killed run.
+    rb = make_replay(capacity, 2, 4, path=tmp_path_factory.mktemp("rb"), seed=0)
+    rb.keep_overwritten_entries()
+    episodes = iter(range(100))
+    for i, length in enumerate(before):
+        if i == len(before) - 1 - checkpoints:  # an earlier checkpoint: the records before it go
+            rb.forget_overwrites_before(rb.entries_written)
+        rb.extend(_episode(next(episodes), length, 1000 * i))
+    rb.forget_overwrites_before(rb.entries_written)  # the checkpoint
+    position, seen = replay_position(rb), _storage_snapshot(rb)
+    for length in after:  # the killed run's writes
+        rb.extend(_episode(next(episodes), length, 50_000))
+    restore_replay_position(rb, position)
+    rb.undo_unrecorded_overwrites()
+    assert (_storage_snapshot(rb) == seen).all()
+    assert rb.retire_unrecorded_writes() == 0
+    assert list_records(rb.journal_dir) == []
+
+
+def test_an_unreadable_journal_record_leaves_its_slots_to_be_retired(tmp_path):
+    rb = make_replay(12, 2, 4, path=tmp_path / "rb", seed=0)
+    rb.keep_overwritten_entries()
+    rb.extend(_episode(0, 10, 0))  # 11 entries, the end frame included
+    position = replay_position(rb)
+    rb.extend(_episode(1, 5, 500))  # 6 entries: wraps over 5 of episode 0's
+    ((first, record),) = list_records(rb.journal_dir)
+    assert first == position["written"] == 11
+    record.write_bytes(b"damaged")
+    restore_replay_position(rb, position)
+    with pytest.warns(UserWarning, match="cannot be read"):
+        assert rb.undo_unrecorded_overwrites() == 0
+    assert rb.retire_unrecorded_writes() == 5  # the overwritten slots 0-4 (slot 11 lies past the length)
+    with pytest.raises(ValueError, match="needs a path-backed replay"):
+        make_replay(12, 2, 4).keep_overwritten_entries()

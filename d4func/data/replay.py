@@ -21,8 +21,10 @@ stored data untouched (``init_key=None``, ``truncated_key=None``): ``"is_init"``
 first step of an episode (the env's ``InitTracker``), and ``("next", "truncated")`` is the env's own flag.
 
 Ids must be unique over the buffer's life: reused ids make the sampler raise a duplicate-record error, or join
-two episodes. The training loop shifts a resumed run's ids past every id its checkpoint recorded, and retires
-(:meth:`SequenceReplayBuffer.retire_unrecorded_writes`) what a killed run stored after that checkpoint.
+two episodes. The training loop shifts a resumed run's ids past every id its checkpoint recorded, puts back what a
+killed run overwrote after that checkpoint (:meth:`SequenceReplayBuffer.keep_overwritten_entries`, the overwrite
+journal) and retires (:meth:`SequenceReplayBuffer.retire_unrecorded_writes`) what it stored that the journal does
+not cover.
 
 Storage: float pixel entries in [0, 1] are stored as uint8 (``k / 255`` -> ``k``) and turned back into float32
 on sampling as ``k / 255`` in float32, the value TorchRL's ``ToTensorImage`` produces, so frames read back are
@@ -61,6 +63,9 @@ import torch
 from tensordict import NestedKey, TensorDictBase
 from torchrl.data import LazyMemmapStorage, SliceSampler, TensorDictReplayBuffer
 from torchrl.envs import Transform
+
+from d4func.data.overwrite_journal import JOURNAL_DIR, forget_records, record_overwrites, undo_overwrites
+from d4func.durable_files import fsync_tree
 
 __all__ = [
     "DEFAULT_PIXEL_KEYS",
@@ -155,6 +160,7 @@ class SequenceReplayBuffer(TensorDictReplayBuffer):
         self.step_key = step_key
         # Entries written so far (numbered in `WRITE_INDEX_KEY`); None for a storage written before the numbering.
         self.entries_written: int | None = 0
+        self.journal_dir: Path | None = None  # `keep_overwritten_entries` turns the overwrite journal on
 
     @property
     def slice_len(self) -> int:
@@ -171,9 +177,49 @@ class SequenceReplayBuffer(TensorDictReplayBuffer):
         n = tensordicts.shape[0]
         tensordicts = tensordicts.copy()  # shallow: the caller's TensorDict keeps its keys
         tensordicts.set(WRITE_INDEX_KEY, torch.arange(self.entries_written, self.entries_written + n))
+        if self.journal_dir is not None and len(self):
+            # The slots TorchRL's round-robin writer fills next; those below the length hold entries to keep.
+            cursor = int(self._writer.state_dict()["_cursor"])
+            slots = (cursor + torch.arange(n)) % self.storage.max_size
+            record_overwrites(self.storage._storage, slots[slots < len(self)], self.entries_written,
+                              self.journal_dir)
         index = super().extend(tensordicts, **kwargs)
         self.entries_written += n  # only once written: a write that raised numbered nothing
         return index
+
+    def keep_overwritten_entries(self) -> None:
+        """Journal what each write overwrites (``data/overwrite_journal.py``, in ``path/overwritten/``), so that
+        ``undo_unrecorded_overwrites`` can put back a ring that its owner, killed after a checkpoint, wrapped past
+        it. The owner lets go of records with ``forget_overwrites_before`` at each checkpoint: the journal then holds
+        at most the entries written since the last one. Needs a path-backed buffer that numbers its entries."""
+        if self.path is None or self.entries_written is None:
+            raise ValueError("the overwrite journal needs a path-backed replay that numbers its entries (written "
+                             f"since entries were numbered), got path={self.path}, entries_written="
+                             f"{self.entries_written}")
+        self.journal_dir = self.path / JOURNAL_DIR
+
+    def undo_unrecorded_overwrites(self) -> int:
+        """Right after ``restore_replay_position`` to a checkpoint, before ``retire_unrecorded_writes``: put back
+        the entries that writes the checkpoint does not count (numbered ``entries_written`` on) overwrote, make that
+        durable, and drop those writes' records; returns the slots restored. What no record covers (a journal turned
+        on later, an unreadable record) is left to ``retire_unrecorded_writes``. Writes to the storage: only the
+        buffer's owner calls it."""
+        if self.journal_dir is None:
+            return 0
+        restored = 0
+        if self.storage.initialized:
+            restored = undo_overwrites(self.storage._storage, self.journal_dir, since=self.entries_written)
+        if restored:
+            fsync_tree(self.path / "storage")  # on disk before the records that could redo it are deleted
+            forget_episode_index(self)
+        forget_records(self.journal_dir, since=self.entries_written)
+        return restored
+
+    def forget_overwrites_before(self, entries_written: int) -> None:
+        """A checkpoint that counts ``entries_written`` entries is on disk: the records of earlier writes are no
+        longer needed (a resume from an older checkpoint retires what they would have restored)."""
+        if self.journal_dir is not None:
+            forget_records(self.journal_dir, before=entries_written)
 
     def retire_unrecorded_writes(self, first_unrecorded_episode: int | None = None) -> int:
         """Make the stored entries a checkpoint does not account for never part of a sampled row; returns how many

@@ -46,6 +46,8 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
+from d4func.durable_files import fsync_dir, fsync_tree
+
 if TYPE_CHECKING:
     from d4func.data.replay import SequenceReplayBuffer  # torchrl: imported only when a replay is opened
 
@@ -264,8 +266,9 @@ def replay_position(rb: Any) -> dict[str, Any]:
     are then overwritten by the resumed run; the run that owns the buffer retires them first, right after this
     restore (`retire_unrecorded_writes`). Reopening needs the storage metadata, which TorchRL writes in
     `save_replay(rb)`: call it once after the first `extend` (its files are not written atomically, so do not repeat
-    it at every checkpoint; the checkpoint carries the position). Exact resume also needs the buffer not to have
-    wrapped past the checkpoint's cursor since, or the overwritten transitions are gone.
+    it at every checkpoint; the checkpoint carries the position). Once the ring has wrapped, later writes overwrite
+    entries the checkpoint counts: exact resume then needs the buffer's overwrite journal
+    (`SequenceReplayBuffer.keep_overwritten_entries`, on in the training loop), which puts them back.
     """
     rng = getattr(rb, "_rng", None)
     return {
@@ -301,24 +304,10 @@ def sync_replay_files(rb: Any) -> list[Path]:
 
     A killed process loses no memmapped write (the pages sit in the OS's page cache), but an OS crash or power
     loss may lose transitions that a checkpoint's `replay_position` already counts. Called before each checkpoint
-    is written, so the data a checkpoint points at is on disk first. On Linux, fsync of the file flushes pages
-    dirtied through a shared mapping of it (the same page cache).
+    is written, so the data a checkpoint points at is on disk first (`durable_files.fsync_tree`).
     """
     path = getattr(rb, "path", None)
-    storage = None if path is None else Path(path) / "storage"
-    if storage is None or not storage.is_dir():
-        return []
-    synced = []
-    for file in sorted(p for p in storage.rglob("*") if p.is_file()):
-        fd = os.open(file, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        synced.append(file)
-    for directory in [storage, *(p for p in storage.rglob("*") if p.is_dir())]:
-        fsync_dir(directory)  # the files' entries too: a memmap created since the last checkpoint
-    return synced
+    return [] if path is None else fsync_tree(Path(path) / "storage")
 
 
 def run_replay_dir(run_dir: str | Path, rank: int = 0) -> Path:
@@ -399,20 +388,6 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint in `run_dir`, or None."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make the renames and new entries in `directory` durable (where the platform lets a directory be fsynced)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # platforms without directory handles (Windows): rename durability is the OS's business
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories (EINVAL); the rename is still atomic
-        pass
-    finally:
-        os.close(fd)
 
 
 class _HookedWriter:

@@ -624,8 +624,10 @@ class Trainer:
         step = self.counters["env_steps"] if self.cfg.loop.mode == "online" else self.counters["grad_steps"]
         self.last_save = time.monotonic()  # checkpoint_every_minutes counts from a save's start, on every rank
         if self.dist is None:
-            return checkpoint.save_checkpoint(self.run_dir, step, payload, keep_last=self.cfg.loop.keep_checkpoints,
+            path = checkpoint.save_checkpoint(self.run_dir, step, payload, keep_last=self.cfg.loop.keep_checkpoints,
                                               generators=self.generators())
+            self.forget_counted_overwrites(part)
+            return path
         # Collectives, on every rank: each rank's RNGs and own part, gathered on rank 0, which writes.
         rng = dp.gather_rng_states(self.generators())
         parts: list[Any] | None = [None] * self.dist.world_size if self.is_main else None
@@ -635,7 +637,13 @@ class Trainer:
             path = checkpoint.save_checkpoint(self.run_dir, step, {**payload, "ranks": parts},
                                               keep_last=self.cfg.loop.keep_checkpoints, rng=rng)
         torch.distributed.barrier()  # no rank reads or moves on before the file is there
+        self.forget_counted_overwrites(part)
         return path
+
+    def forget_counted_overwrites(self, part: dict[str, Any]) -> None:
+        """Online, once a checkpoint is on disk: the replay's journal lets go of the writes it counts."""
+        if self.cfg.loop.mode == "online" and part.get("replay", {}).get("written") is not None:
+            self.replay.forget_overwrites_before(part["replay"]["written"])
 
     def try_resume(self, rewind_logs: bool = True) -> dict[str, Any] | None:
         """Restore the newest checkpoint (states, and this rank's counters, RNGs and replay position); returns the
@@ -663,8 +671,10 @@ class Trainer:
                 self.check_same_dataset(payload["replay"])
             checkpoint.restore_replay_position(self.replay, payload["replay"])
             if self.cfg.loop.mode == "online":
-                # What the killed process wrote after this checkpoint stays sampled on a wrapped ring, under the
-                # episode ids this run hands out again.
+                # A process killed after this checkpoint may have written past it: what it overwrote on a wrapped
+                # ring comes back from the journal; what remains of its writes would stay sampled under the episode
+                # ids this run hands out again, so it is retired.
+                self.replay.undo_unrecorded_overwrites()
                 self.replay.retire_unrecorded_writes(payload["counters"]["next_traj_id"])
         return payload
 
@@ -848,6 +858,8 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
         shutil.rmtree(replay_dir)
     trainer.replay = checkpoint.reopen_run_replay(replay_dir, cfg.replay.capacity, cfg.replay.seq_len,
                                                   cfg.replay.batch_size, seed=trainer.rank_seed(cfg.seed + 4, "replay"))
+    if trainer.replay.entries_written is not None:  # replays from before entries were numbered: retired instead
+        trainer.replay.keep_overwritten_entries()  # exact resume after a kill on a wrapped ring (overwrite_journal)
     policy = WorldModelPolicy(trainer.models.tokenizer, trainer.models.dynamics, trainer.models.heads,
                               env.action_spec, context=cfg.replay.row_frames,
                               seed=trainer.rank_seed(cfg.seed + 5, "acting"))

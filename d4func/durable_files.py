@@ -1,0 +1,62 @@
+"""Writes that survive a killed process and a crashed machine: fsync of files and directories, and a whole-or-
+nothing `torch.save`. Checkpoints (`train/checkpoint.py`), the replay's memmaps and its overwrite journal
+(`data/overwrite_journal.py`) rely on them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["fsync_dir", "fsync_tree", "save_whole"]
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make the renames and new entries in `directory` durable (where the platform lets a directory be fsynced)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # platforms without directory handles (Windows): rename durability is the OS's business
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories (EINVAL); the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> list[Path]:
+    """`fsync` every file under `root`, then every directory (their entries: files created since the last sync);
+    returns the files synced. On Linux, fsync of a file flushes the pages dirtied through a shared memory mapping of
+    it too (one page cache), so this makes memmapped writes durable."""
+    if not root.is_dir():
+        return []
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for directory in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        fsync_dir(directory)
+    return files
+
+
+def save_whole(obj: Any, path: Path) -> Path:
+    """`torch.save(obj)` to `path` whole or not at all: a temporary name, flushed and fsynced, renamed over `path`,
+    the rename made durable. A kill mid-write leaves a `.tmp` file beside it, never a torn `path`."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
