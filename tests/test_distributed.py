@@ -406,20 +406,26 @@ def test_ctrl_c_on_one_rank_ends_the_whole_torchrun_job(tmp_path, reach_data):
             f"loop.offline_data={reach_data}", "loop.agent_start=2", "loop.checkpoint_every=5", "loop.log_every=1",
             "loop.eval_every=100000", "env.eval_episodes=0", "loop.gif_every=100000", "loop.offline_steps=100000")],
         cwd=REPO, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and job.poll() is None and not checkpoint.list_checkpoints(run):
-        time.sleep(0.2)
-    workers = _children(job.pid)
-    assert len(workers) == 2 and checkpoint.list_checkpoints(run), job.stderr.read()[-3000:] if job.poll() else ""
-    os.kill(max(workers), signal.SIGINT)
-    try:
-        job.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        job.kill()
-        for pid in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        pytest.fail("the torchrun job still ran 60 s after one rank got Ctrl-C")
+    workers: list[int] = []
+    try:  # the job trains for good unless stopped: whatever fails here, it must not outlive the test
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and job.poll() is None and not checkpoint.list_checkpoints(run):
+            time.sleep(0.2)
+        workers = _children(job.pid)
+        assert len(workers) == 2 and checkpoint.list_checkpoints(run), job.stderr.read()[-3000:] if job.poll() else ""
+        os.kill(max(workers), signal.SIGINT)
+        try:
+            job.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the torchrun job still ran 60 s after one rank got Ctrl-C")
+    finally:
+        if job.poll() is None:
+            stray = workers or _children(job.pid)  # before the kill: then they are no longer its children
+            job.kill()
+            for pid in stray:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            job.wait(timeout=30)
     assert job.returncode != 0
     checkpoint.load_checkpoint(checkpoint.latest_checkpoint(run))  # the periodic checkpoints stay whole
 
@@ -458,8 +464,9 @@ def test_sigterm_on_one_rank_stops_every_rank_at_one_step_and_saves_it(tmp_path,
             pytest.fail("the torchrun job still ran 120 s after one rank got SIGTERM")
     finally:
         if job.poll() is None:
+            stray = workers or _children(job.pid)  # before the kill: then they are no longer its children
             job.kill()
-            for pid in workers or _children(job.pid):
+            for pid in stray:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             job.wait(timeout=30)
