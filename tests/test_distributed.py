@@ -285,13 +285,15 @@ def test_steps_route_gradients_through_grad_fn() -> None:
 def test_d4func_train_offline_under_torchrun_writes_once_and_resumes(tmp_path, reach_data):
     """The command line under torchrun: 2 gloo ranks train offline on Reach data, rank 0 alone writes (one
     metrics file, checkpoints holding both ranks' RNG states), the ranks end bitwise in sync (the loop checks),
-    a resume under torchrun continues, and a single-process resume of a 2-rank run is refused by name."""
+    a resume under torchrun continues, and a single-process resume of a 2-rank run is refused by name. A
+    time-based checkpoint at every step (rank 0's clock, broadcast) adds the odd steps' saves."""
     from d4func.train import checkpoint
 
     run = tmp_path / "run"
     args = ["--config", "experiments/configs/reach.yaml", "--quiet", f"run_dir={run}",
             f"loop.offline_data={reach_data}", "loop.agent_start=2", "loop.checkpoint_every=2", "loop.log_every=1",
-            "loop.eval_every=1000", "env.eval_episodes=0", "loop.gif_every=1000"]
+            "loop.eval_every=1000", "env.eval_episodes=0", "loop.gif_every=1000", "loop.keep_checkpoints=10",
+            "loop.checkpoint_every_minutes=1e-9"]
 
     def torchrun(steps: int) -> subprocess.CompletedProcess:
         return _torchrun(*_train_cli(*args, f"loop.offline_steps={steps}"))
@@ -301,6 +303,8 @@ def test_d4func_train_offline_under_torchrun_writes_once_and_resumes(tmp_path, r
     assert first.stdout.count('"grad_steps"') == 1  # one summary printed, rank 0's
     rows = read_metrics(run)
     assert [row["step"] for row in rows] == [1, 2, 3, 4]  # logged once per step, not once per rank
+    assert [path.name for path in checkpoint.list_checkpoints(run)] == [
+        checkpoint.checkpoint_name(step) for step in (1, 2, 3, 4)]
     latest = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(run))
     assert latest.step == 4 and len(latest.rng) == 2
     train_rng = [latest.rng[rank]["generators"]["train"]["state"] for rank in (0, 1)]
