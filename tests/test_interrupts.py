@@ -37,6 +37,15 @@ def test_a_ctrl_c_inside_the_block_is_delivered_after_it(sigint_handler) -> None
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
+def test_a_block_that_raises_keeps_its_error_and_drops_the_held_ctrl_c(sigint_handler) -> None:
+    sigint_handler(signal.default_int_handler)
+    with pytest.raises(ValueError, match="the block's own error"):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            raise ValueError("the block's own error")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_a_custom_handler_runs_after_the_block_and_an_ignored_signal_stays_ignored(sigint_handler) -> None:
     order = []
     sigint_handler(lambda signum, frame: order.append("handler"))

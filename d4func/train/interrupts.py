@@ -45,7 +45,8 @@ def interrupts_deferred() -> Iterator[None]:
     request: a handler that raises ends the delivery), to whatever handler was in place (Python's SIGINT handler
     raises KeyboardInterrupt, `sigterm_raises`'s raises Terminated, SIG_DFL ends the process, SIG_IGN drops it).
     Outside the main thread the block runs unchanged, and so does a signal whose handler Python did not install
-    (it cannot put one back)."""
+    (it cannot put one back). A block that raises drops what it held: its exception already stops the caller, and
+    a KeyboardInterrupt raised over it would hide the error."""
     if not _in_main_thread():
         yield
         return
