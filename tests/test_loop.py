@@ -949,10 +949,18 @@ def test_checkpoint_every_minutes_saves_between_the_step_based_checkpoints(tmp_p
     train(load_run_config(DEBUG, [f"run_dir={tmp_path / 'timed'}", *offline, "loop.checkpoint_every_minutes=1e-9"]),
           progress=False)
     assert _checkpoint_steps(tmp_path / "timed") == [1, 2, 3, 4, 5]
-    online = _reach_online_with_credit(tmp_path / "online", "loop.env_steps=25", "loop.checkpoint_every=20",
-                                       "loop.checkpoint_every_minutes=1e-9", "loop.keep_checkpoints=10")
-    train(online, progress=False)
+    online = ["loop.env_steps=25", "loop.checkpoint_every=20", "loop.keep_checkpoints=10"]
+    train(_reach_online_with_credit(tmp_path / "online", *online, "loop.checkpoint_every_minutes=1e-9"),
+          progress=False)
     assert _checkpoint_steps(tmp_path / "online") == [5, 10, 15, 20, 25]
+    train(_reach_online_with_credit(tmp_path / "untimed", *online), progress=False)
+    assert _checkpoint_steps(tmp_path / "untimed") == [20, 25]
+    # saving changes nothing of the run (the replay's journal pruned at each save included)
+    timed, untimed = (checkpoint.load_checkpoint(checkpoint.latest_checkpoint(tmp_path / run)).payload
+                      for run in ("online", "untimed"))
+    assert timed["counters"] == untimed["counters"]
+    assert_states_equal(timed["states"], untimed["states"])
+    assert _train_rows(tmp_path / "online") == _train_rows(tmp_path / "untimed")
     for bad in ("-1", "nan", "inf"):
         with pytest.raises(ValueError, match=f"checkpoint_every_minutes must be a finite number >= 0.*got {bad}"):
             load_run_config(DEBUG, [f"loop.checkpoint_every_minutes={bad}"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -597,6 +598,45 @@ def test_the_overwrite_journal_puts_back_the_ring_a_killed_run_wrapped_past_its_
     assert (_storage_snapshot(rb) == seen).all()
     assert rb.retire_unrecorded_writes() == 0
     assert list_records(rb.journal_dir) == []
+
+
+def test_a_resume_killed_while_it_drops_the_undone_records_undoes_again_to_the_same_ring(tmp_path, monkeypatch):
+    # Three writes past the checkpoint, each over entries the checkpoint counts. The undo restores the ring, then the
+    # process dies after deleting one record: the next resume applies what is left and must land on the same ring.
+    rb = make_replay(12, 2, 4, path=tmp_path / "rb", seed=0)
+    rb.keep_overwritten_entries()
+    rb.extend(_episode(0, 10, 0))
+    save_replay(rb, position_kept_in="a test")
+    position, seen = replay_position(rb), _storage_snapshot(rb)
+    for i in (1, 2, 3):
+        rb.extend(_episode(i, 5, 100 * i))
+    assert [first for first, _ in list_records(rb.journal_dir)] == [11, 17, 23]
+    real_unlink = Path.unlink
+
+    class Killed(BaseException):
+        pass
+
+    def unlink_then_die(path, *args, **kwargs):
+        if path.suffix == ".pt" and len(list_records(path.parent)) == 2:
+            raise Killed
+        return real_unlink(path, *args, **kwargs)
+
+    restore_replay_position(rb, position)
+    monkeypatch.setattr(Path, "unlink", unlink_then_die)
+    with pytest.raises(Killed):
+        rb.undo_unrecorded_overwrites()
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    assert [first for first, _ in list_records(rb.journal_dir)] == [11, 17]  # the newest went first
+    torn = rb.journal_dir / ".w000000000029.pt.tmp-4242"  # and a record write a kill cut short
+    torn.write_bytes(b"half a record")
+    with pytest.warns(StaleReplayPositionWarning):
+        again = make_replay(12, 2, 4, path=tmp_path / "rb", seed=0)
+    again.keep_overwritten_entries()
+    restore_replay_position(again, position)
+    again.undo_unrecorded_overwrites()
+    assert (_storage_snapshot(again) == seen).all()
+    assert again.retire_unrecorded_writes() == 0 and list_records(again.journal_dir) == []
+    assert not torn.exists()
 
 
 def test_an_unreadable_journal_record_leaves_its_slots_to_be_retired(tmp_path):

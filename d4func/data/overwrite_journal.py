@@ -83,13 +83,24 @@ def undo_overwrites(stored: TensorDictBase, directory: Path, since: int) -> int:
 
 
 def forget_records(directory: Path, *, before: int | None = None, since: int | None = None) -> int:
-    """Delete the records of writes numbered below `before` (a checkpoint counts them) or at `since` and later
-    (undone); returns how many were deleted."""
-    gone = 0
-    for first_entry, path in list_records(directory):
-        if (before is not None and first_entry < before) or (since is not None and first_entry >= since):
-            path.unlink()
-            gone += 1
-    if gone:
+    """Delete the records of writes numbered below `before` (a checkpoint counts them; oldest first) or at `since`
+    and later (undone; newest first), and the temporary files of record writes a kill cut short; returns how many
+    records were deleted.
+
+    The order keeps a deletion that a kill cuts short harmless. Pruning oldest first leaves the newest of the old
+    records, which an undo to an older checkpoint applies as it would have (each slot's oldest remaining write
+    still sets it last). Dropping undone records newest first leaves the oldest of them, and undoing those again
+    sets each slot they cover to what it held at the checkpoint, as the undo before did: newest first instead, the
+    newer records left would write the killed run's entries back over it."""
+    records = list_records(directory)
+    doomed = [(first_entry, path) for first_entry, path in records if before is not None and first_entry < before]
+    doomed += [(first_entry, path) for first_entry, path in reversed(records)
+               if since is not None and first_entry >= since]
+    for _, path in doomed:
+        path.unlink()
+    stale = list(directory.glob(".w*.pt.tmp-*")) if directory.is_dir() else []
+    for path in stale:  # a record write killed before its rename (durable_files.save_whole)
+        path.unlink(missing_ok=True)
+    if doomed or stale:
         fsync_dir(directory)
-    return gone
+    return len(doomed)

@@ -345,7 +345,9 @@ def open_run_replay(run_dir: str | Path, rank: int = 0, seed: int | None = None)
     `extend` (the loop keeps later positions in its checkpoints only), so it would sample from the first batch of
     transitions. `rank` picks a data-parallel rank's own replay (`replay-rank1`, ...); `seed` reseeds the sampler
     (default: the sampler RNG as checkpointed). Sampling moves only this buffer's RNG; do not `extend` it while the
-    run may resume.
+    run may resume. A run killed after its newest checkpoint and not resumed yet may have overwritten stored
+    entries since (a wrapped ring): a reader sees those slots as the killed run left them, and only the resume
+    puts the checkpoint's entries back (from the replay's overwrite journal, which readers leave alone).
     """
     run_dir = Path(run_dir)
     found = newest_readable_checkpoint(run_dir)  # the one a resume would take

@@ -622,11 +622,10 @@ class Trainer:
             **part,
         }
         step = self.counters["env_steps"] if self.cfg.loop.mode == "online" else self.counters["grad_steps"]
-        self.last_save = time.monotonic()  # checkpoint_every_minutes counts from a save's start, on every rank
         if self.dist is None:
             path = checkpoint.save_checkpoint(self.run_dir, step, payload, keep_last=self.cfg.loop.keep_checkpoints,
                                               generators=self.generators())
-            self.forget_counted_overwrites(part)
+            self.saved(part)
             return path
         # Collectives, on every rank: each rank's RNGs and own part, gathered on rank 0, which writes.
         rng = dp.gather_rng_states(self.generators())
@@ -637,13 +636,16 @@ class Trainer:
             path = checkpoint.save_checkpoint(self.run_dir, step, {**payload, "ranks": parts},
                                               keep_last=self.cfg.loop.keep_checkpoints, rng=rng)
         torch.distributed.barrier()  # no rank reads or moves on before the file is there
-        self.forget_counted_overwrites(part)
+        self.saved(part)
         return path
 
-    def forget_counted_overwrites(self, part: dict[str, Any]) -> None:
-        """Online, once a checkpoint is on disk: the replay's journal lets go of the writes it counts."""
+    def saved(self, part: dict[str, Any]) -> None:
+        """Once a checkpoint is on disk: online, the replay's journal lets go of the writes it counts; and
+        `loop.checkpoint_every_minutes` counts from here (from a save's end: a save slower than the interval does not
+        make every round save again)."""
         if self.cfg.loop.mode == "online" and part.get("replay", {}).get("written") is not None:
             self.replay.forget_overwrites_before(part["replay"]["written"])
+        self.last_save = time.monotonic()
 
     def try_resume(self, rewind_logs: bool = True) -> dict[str, Any] | None:
         """Restore the newest checkpoint (states, and this rank's counters, RNGs and replay position); returns the
