@@ -213,7 +213,8 @@ def test_timed_env_construction_counts_every_make_env_call_and_puts_it_back():
 
 
 def test_replay_figures_divide_writes_and_samples_by_their_own_medians(monkeypatch):
-    fake = FakeMeasure({"shared": 2.0, "per_transition": 4.0}, {"shared": 0.01, "per_transition": 0.02})
+    fake = FakeMeasure({"shared": 2.0, "per_transition": 4.0}, {"shared": 0.01, "per_transition": 0.02},
+                       {"journal_off": 1.0, "journal_on": 1.5})
     monkeypatch.setattr(run_all, "measure", fake)
     result = run_all.replay_section(QUICK_CTX)
     f = result["figures"]
@@ -230,6 +231,12 @@ def test_replay_figures_divide_writes_and_samples_by_their_own_medians(monkeypat
     assert f["disk_ratio_shared_over_per_transition"] == pytest.approx(
         f["shared_disk_bytes_per_transition"] / f["per_transition_disk_bytes_per_transition"])
     assert f["disk_ratio_shared_over_per_transition"] < 0.6
+    # The overwrite journal's cost: on over off, and each rate from its own median.
+    assert f["ring_write_transitions_per_s_journal_off"] == pytest.approx(n / 1.0)
+    assert f["ring_write_transitions_per_s_journal_on"] == pytest.approx(n / 1.5)
+    assert f["overwrite_journal_cost"] == pytest.approx(1.5)
+    assert [peaks[f"write through a ring of {n // 2}, overwrite journal {state}"] for state in ("off", "on")] == [
+        210.0, 220.0]
 
 
 def test_compiled_speedup_is_eager_over_compiled(monkeypatch):
