@@ -2,6 +2,7 @@
 
     d4func train --config experiments/configs/dmc_cartpole.yaml [key.sub=value ...]
     d4func eval --checkpoint runs/dmc_cartpole [--episodes 5]
+    d4func status runs/dmc_cartpole
     d4func collect --env dmc:cartpole-swingup --out data/cartpole --steps 5000 --action-repeat 4 [--seed 0]
     d4func import --episodes recorded/ --out data/robot [--pixels front,wrist] [--rewards-on arrival]
     d4func merge data/cartpole_a data/cartpole_b --out data/cartpole_ab
@@ -83,6 +84,13 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    from d4func.train.run_status import run_status
+
+    print(json.dumps(run_status(args.run_dir), indent=2))
+    return 0
+
+
 def _collect(args: argparse.Namespace) -> int:
     from d4func.data.offline import collect
 
@@ -151,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the run's "
                           "loop.threads; 0: torch's default)")
     evaluate.set_defaults(run=_eval)
+
+    status = commands.add_parser("status", help="where a run stands: progress against its target, finished or "
+                                 "not, the process training in it, its newest checkpoint's age, its last evaluation "
+                                 "(JSON; reads the run_dir without disturbing a run in it)")
+    status.add_argument("run_dir", help="a run directory (the config's run_dir)")
+    status.set_defaults(run=_status)
 
     collect = commands.add_parser("collect", help="record random-policy episodes as an offline dataset")
     collect.add_argument("--env", required=True, help="dmc:DOMAIN-TASK, dmc:DOMAIN-TASK@0,1, crafter or reach")

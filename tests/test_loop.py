@@ -1028,3 +1028,50 @@ def test_a_run_killed_rounds_after_its_checkpoint_on_a_wrapped_ring_resumes_exac
     assert resumed["counters"] == whole["counters"] and whole["counters"]["env_steps"] == 70
     assert_states_equal(whole["states"], resumed["states"])
     assert _train_rows(tmp_path / "killed") == _train_rows(tmp_path / "whole")
+
+
+def test_d4func_status_reads_where_a_run_stands(tmp_path, cartpole_data, capsys, monkeypatch):
+    # A run killed at step 4 of 4 (its save there fails as a kill would): checkpoint 2 counts, unfinished, nobody
+    # in it; then the rerun finishes it. A metrics line being written (no newline, cut short) is skipped.
+    from d4func.train.loop import Trainer
+    from d4func.train.run_lock import hold_run_dir
+
+    run = tmp_path / "run"
+    cfg = load_run_config(DEBUG, [f"run_dir={run}", "loop.mode=offline", f"loop.offline_data={cartpole_data}",
+                                  "loop.offline_steps=4", "loop.agent_start=1000", "loop.checkpoint_every=2",
+                                  "loop.eval_every=2", "loop.gif_every=1000", "env.eval_episodes=1",
+                                  "env.eval_max_steps=5"])
+    real_save = Trainer.save
+
+    class Killed(BaseException):
+        pass
+
+    def killed_at_4(self, *args, **kwargs):
+        if self.counters["grad_steps"] >= 4:
+            raise Killed
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "save", killed_at_4)
+    with pytest.raises(Killed):
+        train(cfg, progress=False)
+    monkeypatch.setattr(Trainer, "save", real_save)
+    with open(run / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"step": 4, "eval/mean_ret')
+    assert main(["status", str(run)]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["mode"] == "offline" and status["data"] == str(cartpole_data)
+    assert status["target"] == {"grad_steps": 4} and status["progress"]["grad_steps"] == 2
+    assert status["fraction_done"] == 0.5 and status["finished"] is False and status["running"] is None
+    assert status["checkpoints"]["count"] == 1 and status["checkpoints"]["newest_step"] == 2
+    assert 0 <= status["checkpoints"]["newest_age_s"] < 600
+    assert status["last_eval"]["step"] == 4 and "eval/mean_return" in status["last_eval"]  # logged past the save
+    with hold_run_dir(run):
+        assert main(["status", str(run)]) == 0
+        assert json.loads(capsys.readouterr().out)["running"] == f"pid {os.getpid()} on {os.uname().nodename}"
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text().rsplit("\n", 1)[0] + "\n")
+    train(cfg, progress=False)  # the rerun resumes from 2 and finishes
+    assert main(["status", str(run)]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["finished"] is True and status["progress"]["grad_steps"] == 4 and status["fraction_done"] == 1.0
+    assert main(["status", str(tmp_path)]) == 2
+    assert "holds no config.json" in capsys.readouterr().err

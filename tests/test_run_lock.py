@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
-from d4func.train.run_lock import LOCK_NAME, RunDirInUseError, hold_run_dir
+from d4func.train.run_lock import LOCK_NAME, TAKE_LOCK_FOR_S, RunDirInUseError, hold_run_dir, run_dir_holder
 
 HOLD_SCRIPT = ("import sys, time\nfrom d4func.train.run_lock import hold_run_dir\n"
                "with hold_run_dir(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)\n")
@@ -73,3 +75,26 @@ def test_a_start_that_fails_before_writing_leaves_no_directory_but_a_used_one_ke
         with hold_run_dir(used):
             raise RuntimeError("refused")
     assert sorted(path.name for path in used.iterdir()) == [LOCK_NAME, "config.json"]
+
+
+def test_run_dir_holder_names_the_holder_only_while_it_holds_and_creates_nothing(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert run_dir_holder(run_dir) is None and not (run_dir / LOCK_NAME).exists()
+    with hold_run_dir(run_dir):
+        assert run_dir_holder(run_dir) == f"pid {os.getpid()} on {socket.gethostname()}"
+    assert run_dir_holder(run_dir) is None  # the note stays behind; the lock does not
+
+
+def test_a_start_waits_out_a_holder_probe_instead_of_refusing(tmp_path) -> None:
+    # run_dir_holder holds the lock shared for a moment; a run starting in that moment must not be refused.
+    import fcntl
+
+    (tmp_path / LOCK_NAME).write_text("pid 1 on elsewhere\n")
+    probe = open(tmp_path / LOCK_NAME)  # noqa: SIM115 (closed by the timer, as a probe ends)
+    fcntl.flock(probe.fileno(), fcntl.LOCK_SH)
+    threading.Timer(TAKE_LOCK_FOR_S / 4, probe.close).start()
+    started = time.monotonic()
+    with hold_run_dir(tmp_path):
+        assert time.monotonic() - started >= TAKE_LOCK_FOR_S / 4 - 0.01  # it waited, then took it
+        assert (tmp_path / LOCK_NAME).read_text().startswith(f"pid {os.getpid()} ")

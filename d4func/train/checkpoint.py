@@ -554,16 +554,18 @@ def newest_readable_checkpoint(
     map_location: str | torch.device | None = "cpu",
     move_aside: bool = False,
     stacklevel: int = 2,
+    mmap: bool = False,
 ) -> Checkpoint | None:
     """The newest checkpoint of `run_dir` that loads, skipping damaged ones with a warning; None when there is none,
     a ValueError naming each failure when none loads. `move_aside` (the resuming rank 0, `restore`) renames each
     damaged one to `<name>.unreadable`; readers (`d4func eval`, `open_run_replay`) leave the directory as it is.
-    Errors in reading a file (OSError, MemoryError: `load_checkpoint`) are raised as they are."""
+    Errors in reading a file (OSError, MemoryError: `load_checkpoint`) are raised as they are. `mmap`: tensors stay
+    in the file until read (`torch.load(mmap=True)`), for a reader that wants the counters, not the states."""
     candidates = list_checkpoints(run_dir)
     errors = []
     for path in reversed(candidates):
         try:
-            return load_checkpoint(path, map_location=map_location)
+            return load_checkpoint(path, map_location=map_location, mmap=mmap)
         except FileNotFoundError:
             continue  # listed, then renamed aside by the resuming rank 0, which found it unreadable
         except (RuntimeError, ValueError) as error:

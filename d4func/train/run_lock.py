@@ -12,19 +12,23 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 try:
     import fcntl
 except ImportError:  # not POSIX (Windows): runs go unlocked
     fcntl = None
 
-__all__ = ["LOCK_NAME", "RunDirInUseError", "hold_run_dir"]
+__all__ = ["LOCK_NAME", "RunDirInUseError", "hold_run_dir", "run_dir_holder"]
 
 LOCK_NAME = ".lock"
+# How long a start waits for the lock before refusing: `run_dir_holder` holds it (shared) for a moment to look.
+TAKE_LOCK_FOR_S = 1.0
 
 
 class RunDirInUseError(ValueError):
@@ -47,7 +51,7 @@ def hold_run_dir(run_dir: str | Path) -> Iterator[None]:
         locked = False
         if fcntl is not None:
             try:
-                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _take(file, fcntl.LOCK_EX, patience_s=TAKE_LOCK_FOR_S)
                 locked = True
             except BlockingIOError:
                 file.seek(0)
@@ -64,6 +68,37 @@ def hold_run_dir(run_dir: str | Path) -> Iterator[None]:
             file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
             file.flush()
         yield
+
+
+def run_dir_holder(run_dir: str | Path) -> str | None:
+    """Who trains in `run_dir` now: its lock's note ("pid N on host") while a process holds the lock, None while none
+    does (and where locks are not available: no POSIX, or a filesystem without them). To look it holds the lock
+    shared for a moment, which a run starting then waits out (`hold_run_dir` tries for `TAKE_LOCK_FOR_S`); on a
+    filesystem whose locks span machines (NFS) it sees a holder on any of them. Never creates the lock file."""
+    path = Path(run_dir) / LOCK_NAME
+    if fcntl is None or not path.is_file():
+        return None
+    with open(path) as file:
+        try:
+            _take(file, fcntl.LOCK_SH, patience_s=0.0)
+        except BlockingIOError:
+            return file.read().strip() or "another process"
+        except OSError:  # no locking on this filesystem
+            return None
+    return None  # closing the file released the shared lock
+
+
+def _take(file: IO[str], operation: int, patience_s: float) -> None:
+    """flock `operation` without blocking, retried for `patience_s`; raises BlockingIOError if still refused."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            fcntl.flock(file.fileno(), operation | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
 
 
 @contextmanager
