@@ -1061,7 +1061,7 @@ def test_d4func_status_reads_where_a_run_stands(tmp_path, cartpole_data, capsys,
     status = json.loads(capsys.readouterr().out)
     assert status["mode"] == "offline" and status["data"] == str(cartpole_data)
     assert status["target"] == {"grad_steps": 4} and status["progress"]["grad_steps"] == 2
-    assert status["fraction_done"] == 0.5 and status["finished"] is False and status["running"] is None
+    assert status["fraction_done"] == 0.5 and status["finished"] is False and status["running"] is False
     assert status["checkpoints"]["count"] == 1 and status["checkpoints"]["newest_step"] == 2
     assert 0 <= status["checkpoints"]["newest_age_s"] < 600
     assert status["last_eval"]["step"] == 4 and "eval/mean_return" in status["last_eval"]  # logged past the save
@@ -1075,3 +1075,27 @@ def test_d4func_status_reads_where_a_run_stands(tmp_path, cartpole_data, capsys,
     assert status["finished"] is True and status["progress"]["grad_steps"] == 4 and status["fraction_done"] == 1.0
     assert main(["status", str(tmp_path)]) == 2
     assert "holds no config.json" in capsys.readouterr().err
+
+
+
+@pytest.mark.parametrize(("mode", "counters", "ranks", "finished"), [
+    ("offline", {"grad_steps": 6, "round_pending": 0}, False, True),
+    ("offline", {"grad_steps": 6, "round_pending": 1}, False, False),  # its last step's checks are still owed
+    ("offline", {"grad_steps": 5, "round_pending": 0}, False, False),
+    ("online", {"env_steps": 300, "grad_steps": 6, "round_pending": 0}, False, True),  # env steps count, online
+    ("online", {"env_steps": 200, "grad_steps": 60, "round_pending": 0}, False, False),
+    ("online", {"env_steps": 300, "grad_steps": 6, "round_pending": 0}, True, True),  # rank 0's part, per rank
+])
+def test_status_counts_the_modes_target_and_what_a_run_still_owes(tmp_path, mode, counters, ranks, finished):
+    from d4func.train.run_status import run_status
+
+    cfg = load_run_config(DEBUG, [f"run_dir={tmp_path}", f"loop.mode={mode}", "loop.offline_data=data",
+                                  "loop.offline_steps=6", "loop.env_steps=300"])
+    (tmp_path / "config.json").write_text(json.dumps(checkpoint.config_to_dict(cfg)))
+    full = {"episodes": 1, "next_traj_id": 1, "train_credit": 0.0, "round_done": 0, "env_steps": 0, **counters}
+    payload = {"ranks": [{"counters": full}, {"counters": {**full, "episodes": 7}}]} if ranks else {"counters": full}
+    checkpoint.save_checkpoint(tmp_path, 1, payload)
+    status = run_status(tmp_path)
+    assert status["finished"] is finished
+    assert status["target"] == ({"env_steps": 300} if mode == "online" else {"grad_steps": 6})
+    assert status["progress"]["episodes"] == 1 and status["running"] is False

@@ -84,6 +84,11 @@ def test_run_dir_holder_names_the_holder_only_while_it_holds_and_creates_nothing
     with hold_run_dir(run_dir):
         assert run_dir_holder(run_dir) == f"pid {os.getpid()} on {socket.gethostname()}"
     assert run_dir_holder(run_dir) is None  # the note stays behind; the lock does not
+    import fcntl
+
+    with open(run_dir / LOCK_NAME) as other_probe:  # a probe does not take another probe for a holder
+        fcntl.flock(other_probe.fileno(), fcntl.LOCK_SH)
+        assert run_dir_holder(run_dir) is None
 
 
 def test_a_start_waits_out_a_holder_probe_instead_of_refusing(tmp_path) -> None:

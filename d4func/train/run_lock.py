@@ -67,24 +67,27 @@ def hold_run_dir(run_dir: str | Path) -> Iterator[None]:
             file.truncate()
             file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
             file.flush()
+            os.fsync(file.fileno())  # readers on other machines (`run_dir_holder`, a refused start) see the note
         yield
 
 
 def run_dir_holder(run_dir: str | Path) -> str | None:
     """Who trains in `run_dir` now: its lock's note ("pid N on host") while a process holds the lock, None while none
-    does (and where locks are not available: no POSIX, or a filesystem without them). To look it holds the lock
-    shared for a moment, which a run starting then waits out (`hold_run_dir` tries for `TAKE_LOCK_FOR_S`); on a
-    filesystem whose locks span machines (NFS) it sees a holder on any of them. Never creates the lock file."""
+    does. An OSError where it cannot tell: no `flock` on this platform, or a filesystem that refuses locks (where
+    `hold_run_dir` only warns, so a run may be in it). To look it holds the lock shared for a moment, which a run
+    starting then waits out (`hold_run_dir` tries for `TAKE_LOCK_FOR_S`). It sees holders on other machines only
+    where the filesystem's locks span them (NFS with its lock manager; not `local_lock=flock` mounts). Never creates
+    the lock file."""
     path = Path(run_dir) / LOCK_NAME
-    if fcntl is None or not path.is_file():
+    if fcntl is None:
+        raise OSError("no flock on this platform: runs here are not locked")
+    if not path.is_file():
         return None
     with open(path) as file:
         try:
             _take(file, fcntl.LOCK_SH, patience_s=0.0)
         except BlockingIOError:
             return file.read().strip() or "another process"
-        except OSError:  # no locking on this filesystem
-            return None
     return None  # closing the file released the shared lock
 
 

@@ -2,7 +2,9 @@
 
 A run that trains for days is checked on from outside: how far it got (the newest checkpoint's counters against the
 config's target), whether it is finished, whether a process trains in it now (its `run_dir/.lock`), what its last
-evaluation and episode returned, and how old its newest checkpoint is (the work a kill would lose). Everything comes
+evaluation and episode returned, and how old its newest checkpoint is (the work a kill would lose). `finished`
+turns true with the checkpoint that counts the target, before the final evaluation and `summary.json`: a run is done
+once it is finished and nothing holds it (`"running": false`). Everything comes
 from the files a run writes: `config.json`, the checkpoints (read with `mmap`, so a large run's states are not read
 into memory), `metrics.jsonl` and the lock. A job script can requeue on `"finished": false` and skip a run_dir that
 `"running"` names.
@@ -39,23 +41,42 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         "data": config["env"]["name"] if online else loop["offline_data"],
         "target": {counted: target},
     }
-    newest = checkpoint.newest_readable_checkpoint(run_dir, mmap=True)
+    newest, saved_at = _newest_checkpoint(run_dir)
     counters = {} if newest is None else checkpoint.rank_payload(newest.payload, 0)["counters"]
     done = counters.get(counted, 0)
     status["progress"] = {key: counters[key] for key in ("env_steps", "grad_steps", "episodes") if key in counters}
     status["fraction_done"] = done / target if target else 1.0
     # A checkpoint that counts the target with nothing owed is the run's last (its final evaluation may follow).
     status["finished"] = newest is not None and done >= target and not counters.get("round_pending", 0)
-    status["running"] = run_dir_holder(run_dir)
+    # The holder's note; false: no process holds the lock; null: it cannot be told here (no locks), with the reason.
+    try:
+        status["running"] = run_dir_holder(run_dir) or False
+    except OSError as error:
+        status["running"] = None
+        status["running_unknown"] = str(error)
     status["checkpoints"] = {
         "count": len(checkpoint.list_checkpoints(run_dir)),
         "newest_step": None if newest is None else newest.step,
-        "newest_age_s": None if newest is None else round(time.time() - newest.path.stat().st_mtime, 1),
+        "newest_age_s": None if saved_at is None else round(time.time() - saved_at, 1),
         "unreadable": sorted(path.name for path in run_dir.glob(f"ckpt-*.pt{checkpoint.UNREADABLE_SUFFIX}")),
     }
     status["last_eval"] = last_logged(run_dir, "eval/mean_return", "eval/crafter_score", "eval/bc_mean_return")
     status["last_episode"] = last_logged(run_dir, "episode/return", "episode/crafter_score")
     return status
+
+
+def _newest_checkpoint(run_dir: Path, tries: int = 3) -> tuple[checkpoint.Checkpoint | None, float | None]:
+    """The newest readable checkpoint (mmap: its states stay on disk) and when it was written. A live run may
+    delete it between the two reads (`loop.keep_checkpoints`), having written a newer one: then look again."""
+    for _ in range(tries):
+        newest = checkpoint.newest_readable_checkpoint(run_dir, mmap=True)
+        if newest is None:
+            return None, None
+        try:
+            return newest, newest.path.stat().st_mtime
+        except FileNotFoundError:
+            continue
+    return newest, None
 
 
 def last_logged(run_dir: Path, key: str, *also: str) -> dict[str, Any] | None:
