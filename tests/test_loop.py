@@ -1085,6 +1085,8 @@ def test_d4func_status_reads_where_a_run_stands(tmp_path, cartpole_data, capsys,
     ("online", {"env_steps": 300, "grad_steps": 6, "round_pending": 0}, False, True),  # env steps count, online
     ("online", {"env_steps": 200, "grad_steps": 60, "round_pending": 0}, False, False),
     ("online", {"env_steps": 300, "grad_steps": 6, "round_pending": 0}, True, True),  # rank 0's part, per rank
+    ("online", {"env_steps": 300, "grad_steps": 6, "train_credit": 2.0}, False, False),  # from before round_pending
+    ("online", {"env_steps": 300, "grad_steps": 6, "train_credit": 0.5}, False, True),
 ])
 def test_status_counts_the_modes_target_and_what_a_run_still_owes(tmp_path, mode, counters, ranks, finished):
     from d4func.train.run_status import run_status
@@ -1092,7 +1094,7 @@ def test_status_counts_the_modes_target_and_what_a_run_still_owes(tmp_path, mode
     cfg = load_run_config(DEBUG, [f"run_dir={tmp_path}", f"loop.mode={mode}", "loop.offline_data=data",
                                   "loop.offline_steps=6", "loop.env_steps=300"])
     (tmp_path / "config.json").write_text(json.dumps(checkpoint.config_to_dict(cfg)))
-    full = {"episodes": 1, "next_traj_id": 1, "train_credit": 0.0, "round_done": 0, "env_steps": 0, **counters}
+    full = {"episodes": 1, "next_traj_id": 1, "train_credit": 0.0, "env_steps": 0, **counters}
     payload = {"ranks": [{"counters": full}, {"counters": {**full, "episodes": 7}}]} if ranks else {"counters": full}
     checkpoint.save_checkpoint(tmp_path, 1, payload)
     status = run_status(tmp_path)

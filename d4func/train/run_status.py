@@ -47,7 +47,11 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     status["progress"] = {key: counters[key] for key in ("env_steps", "grad_steps", "episodes") if key in counters}
     status["fraction_done"] = done / target if target else 1.0
     # A checkpoint that counts the target with nothing owed is the run's last (its final evaluation may follow).
-    status["finished"] = newest is not None and done >= target and not counters.get("round_pending", 0)
+    # Online checkpoints from before `round_pending` owe a round where gradient steps were left unpaid, as
+    # `train_online` reads them.
+    owed = counters.get("round_pending", online and done >= loop["prefill_steps"]
+                        and counters.get("train_credit", 0.0) >= 1)
+    status["finished"] = newest is not None and done >= target and not owed
     # The holder's note; false: no process holds the lock; null: it cannot be told here (no locks), with the reason.
     try:
         status["running"] = run_dir_holder(run_dir) or False
