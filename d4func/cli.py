@@ -9,7 +9,8 @@
 
 Exit codes: 0 done; 2 a config or input error (bad key or value, missing or existing file, a dataset or env that
 does not fit the models), printed as one line; 3 training stopped on a NaN / inf, with the last good state saved
-(one line naming the phase, loss term and step); 143 (128 + SIGTERM) training terminated by SIGTERM, a
+(one line naming the phase, loss term and step); 4 an I/O error (disk full, a read-only or lost mount), in one
+line naming the errno and file; 143 (128 + SIGTERM) training terminated by SIGTERM, a
 scheduler's preemption, with its state saved for the same command to resume. Set D4FUNC_TRACEBACK=1 to get the
 full traceback instead of the line (exit code 1 then).
 """
@@ -29,6 +30,7 @@ from d4func.train.state import NonFiniteLossError
 
 EXIT_INPUT_ERROR = 2
 EXIT_NON_FINITE = 3
+EXIT_IO_ERROR = 4  # the disk or filesystem failed (full, read-only, gone): the newest checkpoint is the state kept
 EXIT_TERMINATED = 128 + 15  # the shell's code for a process ended by SIGTERM, which this one handled
 
 
@@ -137,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="d4func", description="Dreamer 4 in functional PyTorch",
         epilog=f"exit codes: 0 done, {EXIT_INPUT_ERROR} config or input error, {EXIT_NON_FINITE} training stopped "
-        f"on NaN/inf (last good state saved), {EXIT_TERMINATED} terminated by SIGTERM (state saved); "
+        f"on NaN/inf (last good state saved), {EXIT_IO_ERROR} I/O error (disk full, lost mount), {EXIT_TERMINATED} "
+        "terminated by SIGTERM (state saved); "
         "D4FUNC_TRACEBACK=1 shows tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -246,6 +249,15 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"d4func {args.command}: {type(error).__name__}: {message}\n")
         sys.stderr.flush()
         return EXIT_NON_FINITE if isinstance(error, NonFiniteLossError) else EXIT_INPUT_ERROR
+    except OSError as error:
+        # Not the input but the machine: a full disk, a read-only or vanished mount, a failing device. One line
+        # with the errno and the file; a checkpoint write that failed left the previous checkpoints whole.
+        if os.environ.get("D4FUNC_TRACEBACK", "").lower() in ("1", "true", "yes"):
+            raise
+        sys.stderr.write(f"d4func {args.command}: I/O error: {error}; the newest complete checkpoint is the state "
+                         "kept, and the same command resumes from it once the cause is fixed\n")
+        sys.stderr.flush()
+        return EXIT_IO_ERROR
 
 
 if __name__ == "__main__":

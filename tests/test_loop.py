@@ -1101,3 +1101,31 @@ def test_status_counts_the_modes_target_and_what_a_run_still_owes(tmp_path, mode
     assert status["finished"] is finished
     assert status["target"] == ({"env_steps": 300} if mode == "online" else {"grad_steps": 6})
     assert status["progress"]["episodes"] == 1 and status["running"] is False
+
+
+def test_a_full_disk_ends_training_in_one_line_with_exit_code_4_and_the_run_resumes(tmp_path, cartpole_data, capsys,
+                                                                                      monkeypatch):
+    import errno
+
+    from d4func import cli
+
+    run = tmp_path / "run"
+    args = ["train", "--config", DEBUG, "--quiet", f"run_dir={run}", "loop.mode=offline",
+            f"loop.offline_data={cartpole_data}", "loop.offline_steps=6", "loop.agent_start=1000",
+            "loop.checkpoint_every=2", "loop.eval_every=1000", "loop.gif_every=1000", "env.eval_episodes=0"]
+    real_save = checkpoint.save_checkpoint
+
+    def disk_full_from_4(run_dir, step, *rest, **kwargs):
+        if step >= 4:
+            raise OSError(errno.ENOSPC, "No space left on device", str(run_dir / checkpoint.checkpoint_name(step)))
+        return real_save(run_dir, step, *rest, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", disk_full_from_4)
+    capsys.readouterr()
+    assert cli.main(args) == cli.EXIT_IO_ERROR == 4
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "ckpt-" in lines[0], lines
+    assert _checkpoint_steps(run) == [2]  # whole: the failed writes left nothing behind
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    assert cli.main(args) == 0  # space again: the same command resumes from 2 and finishes
+    assert checkpoint.load_checkpoint(checkpoint.latest_checkpoint(run)).payload["counters"]["grad_steps"] == 6
