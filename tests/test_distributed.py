@@ -380,6 +380,19 @@ def test_online_training_under_torchrun_resumes_exactly(tmp_path):
 
 
 
+def _kill_if_running(job: subprocess.Popen, workers: list[int]) -> None:
+    """End a torchrun job a test left running, with its workers (found before the kill, which orphans them)."""
+    import signal
+
+    if job.poll() is None:
+        stray = workers or _children(job.pid)
+        job.kill()
+        for pid in stray:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        job.wait(timeout=30)
+
+
 def _children(pid: int) -> list[int]:
     """Direct child processes of `pid` (Linux /proc)."""
     found = []
@@ -423,13 +436,7 @@ def test_ctrl_c_on_one_rank_ends_the_whole_torchrun_job(tmp_path, reach_data):
         except subprocess.TimeoutExpired:
             pytest.fail("the torchrun job still ran 60 s after one rank got Ctrl-C")
     finally:
-        if job.poll() is None:
-            stray = workers or _children(job.pid)  # before the kill: then they are no longer its children
-            job.kill()
-            for pid in stray:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            job.wait(timeout=30)
+        _kill_if_running(job, workers)
     assert job.returncode != 0
     checkpoint.load_checkpoint(checkpoint.latest_checkpoint(run))  # the periodic checkpoints stay whole
 
@@ -467,13 +474,7 @@ def test_sigterm_on_one_rank_stops_every_rank_at_one_step_and_saves_it(tmp_path,
         except subprocess.TimeoutExpired:
             pytest.fail("the torchrun job still ran 120 s after one rank got SIGTERM")
     finally:
-        if job.poll() is None:
-            stray = workers or _children(job.pid)  # before the kill: then they are no longer its children
-            job.kill()
-            for pid in stray:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            job.wait(timeout=30)
+        _kill_if_running(job, workers)
     assert job.returncode != 0
     assert stderr.count("terminated by SIGTERM; the run's state is saved") == 2, stderr[-3000:]  # both ranks
     saved = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(run))
