@@ -219,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _traceback_wanted() -> bool:
+    """D4FUNC_TRACEBACK=1: errors the command would report in one line raise with their full traceback instead."""
+    return os.environ.get("D4FUNC_TRACEBACK", "").lower() in ("1", "true", "yes")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -240,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             NonFiniteLossError) as error:
         # Config and input errors, and a NaN / inf stop (its state is saved): one clear line naming the bad key,
         # value or loss term, no traceback (unless asked for: a ValueError deep in a run may be a bug).
-        if os.environ.get("D4FUNC_TRACEBACK", "").lower() in ("1", "true", "yes"):
+        if _traceback_wanted():
             raise  # the full traceback, exit code 1
         # OmegaConf appends full_key / reference_type / object_type lines: the first line names the key already.
         message = (str(error).strip().splitlines() or [""])[0]
@@ -252,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         # Not the input but the machine: a full disk, a read-only or vanished mount, a failing device. One line
         # with the errno and the file; a checkpoint write that failed left the previous checkpoints whole.
-        if os.environ.get("D4FUNC_TRACEBACK", "").lower() in ("1", "true", "yes"):
+        if _traceback_wanted():
             raise
         sys.stderr.write(f"d4func {args.command}: I/O error: {error}; the newest complete checkpoint is the state "
                          "kept, and the same command resumes from it once the cause is fixed\n")
