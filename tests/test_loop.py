@@ -990,6 +990,28 @@ def test_data_parallel_ranks_save_on_rank_0s_clock(monkeypatch):
     assert Trainer.checkpoint_time_due(rank_1)
 
 
+class _Killed(BaseException):
+    """A kill, as far as the loop can tell: no handler saves after it (BaseException, not Exception)."""
+
+
+def _train_killed_at_save(cfg, counter: str, at: int, monkeypatch) -> None:
+    """Train `cfg` until its first save with `counters[counter] >= at`, which dies instead, as a killed process
+    would (the exit save after it dies too); saves before it are written. The real save is back afterwards."""
+    from d4func.train.loop import Trainer
+
+    real_save = Trainer.save
+
+    def killed_from(self, *args, **kwargs):
+        if self.counters[counter] >= at:
+            raise _Killed
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "save", killed_from)
+    with pytest.raises(_Killed):
+        train(cfg, progress=False)
+    monkeypatch.setattr(Trainer, "save", real_save)
+
+
 def _checkpoint_steps(run_dir) -> list[int]:
     return sorted(int(path.stem.split("-")[1]) for path in run_dir.glob("ckpt-*.pt"))
 
@@ -999,23 +1021,10 @@ def test_a_run_killed_rounds_after_its_checkpoint_on_a_wrapped_ring_resumes_exac
     # counts) and dies at 60 in place of its checkpoint. The resumed run samples the slots past its cursor before
     # rewriting them: it equals an uninterrupted run only if they hold what they held at 40 (the journal's undo).
     from d4func.data.overwrite_journal import JOURNAL_DIR, list_records
-    from d4func.train.loop import Trainer
 
     settings = ["replay.capacity=30", "loop.checkpoint_every=20", "loop.keep_checkpoints=10"]
-    real_save = Trainer.save
-
-    class Killed(BaseException):
-        pass
-
-    def killed_at_60(self, *args, **kwargs):
-        if self.counters["env_steps"] >= 60:
-            raise Killed  # the exit save too: nothing is saved past 40
-        return real_save(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "save", killed_at_60)
-    with pytest.raises(Killed):
-        train(_reach_online_with_credit(tmp_path / "killed", "loop.env_steps=100", *settings), progress=False)
-    monkeypatch.setattr(Trainer, "save", real_save)
+    _train_killed_at_save(_reach_online_with_credit(tmp_path / "killed", "loop.env_steps=100", *settings),
+                          "env_steps", 60, monkeypatch)  # the exit save too: nothing is saved past 40
     assert _checkpoint_steps(tmp_path / "killed") == [20, 40]
     saved = checkpoint.load_checkpoint(tmp_path / "killed" / checkpoint.checkpoint_name(40))
     written = saved.payload["replay"]["written"]
@@ -1033,7 +1042,6 @@ def test_a_run_killed_rounds_after_its_checkpoint_on_a_wrapped_ring_resumes_exac
 def test_d4func_status_reads_where_a_run_stands(tmp_path, cartpole_data, capsys, monkeypatch):
     # A run killed at step 4 of 4 (its save there fails as a kill would): checkpoint 2 counts, unfinished, nobody
     # in it; then the rerun finishes it. A metrics line being written (no newline, cut short) is skipped.
-    from d4func.train.loop import Trainer
     from d4func.train.run_lock import hold_run_dir
 
     run = tmp_path / "run"
@@ -1041,20 +1049,7 @@ def test_d4func_status_reads_where_a_run_stands(tmp_path, cartpole_data, capsys,
                                   "loop.offline_steps=4", "loop.agent_start=1000", "loop.checkpoint_every=2",
                                   "loop.eval_every=2", "loop.gif_every=1000", "env.eval_episodes=1",
                                   "env.eval_max_steps=5"])
-    real_save = Trainer.save
-
-    class Killed(BaseException):
-        pass
-
-    def killed_at_4(self, *args, **kwargs):
-        if self.counters["grad_steps"] >= 4:
-            raise Killed
-        return real_save(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "save", killed_at_4)
-    with pytest.raises(Killed):
-        train(cfg, progress=False)
-    monkeypatch.setattr(Trainer, "save", real_save)
+    _train_killed_at_save(cfg, "grad_steps", 4, monkeypatch)
     with open(run / "metrics.jsonl", "a") as metrics:
         metrics.write('{"step": 4, "eval/mean_ret')
     assert main(["status", str(run)]) == 0
