@@ -5,6 +5,7 @@ nothing `torch.save`. Checkpoints (`train/checkpoint.py`), the replay's memmaps 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +46,39 @@ def fsync_tree(root: Path) -> list[Path]:
     return files
 
 
-def save_whole(obj: Any, path: Path) -> Path:
+class _HookedWriter:
+    """File wrapper that calls `hook("partial", tmp)` once, after the first chunk is written and flushed, so a test
+    can kill the process mid-write."""
+
+    def __init__(self, file: Any, tmp: Path, hook: Callable[[str, Path], None]) -> None:
+        self.file, self.tmp, self.hook, self.fired = file, tmp, hook, False
+
+    def write(self, data: bytes) -> int:
+        written = self.file.write(data)
+        if not self.fired:
+            self.fired = True
+            self.file.flush()
+            self.hook("partial", self.tmp)
+        return written
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def save_whole(obj: Any, path: Path, hook: Callable[[str, Path], None] | None = None) -> Path:
     """`torch.save(obj)` to `path` whole or not at all: a temporary name, flushed and fsynced, renamed over `path`,
-    the rename made durable. A kill mid-write leaves a `.tmp` file beside it, never a torn `path`."""
+    the rename made durable. A kill mid-write leaves a `.{name}.tmp-<pid>` file beside it, never a torn `path`; a
+    failed write (disk full, ...) leaves nothing. `hook` is a test seam for the kill-during-write tests: called as
+    `hook(stage, tmp)` with stage "partial" (after the first chunk is written) and "written" (complete and fsynced,
+    not yet renamed)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as file:
-            torch.save(obj, file)
+            torch.save(obj, file if hook is None else _HookedWriter(file, tmp, hook))
             file.flush()
             os.fsync(file.fileno())
+        if hook is not None:
+            hook("written", tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -46,7 +46,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
-from d4func.durable_files import fsync_dir, fsync_tree
+from d4func.durable_files import fsync_dir, fsync_tree, save_whole
 
 if TYPE_CHECKING:
     from d4func.data.replay import SequenceReplayBuffer  # torchrl: imported only when a replay is opened
@@ -392,24 +392,6 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-class _HookedWriter:
-    """File wrapper that calls the test hook once, after the first chunk, so a test can kill mid-write."""
-
-    def __init__(self, file: Any, tmp: Path) -> None:
-        self.file, self.tmp, self.fired = file, tmp, False
-
-    def write(self, data: bytes) -> int:
-        written = self.file.write(data)
-        if not self.fired and _write_hook is not None:
-            self.fired = True
-            self.file.flush()
-            _write_hook("partial", self.tmp)
-        return written
-
-    def flush(self) -> None:
-        self.file.flush()
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -463,19 +445,7 @@ def save_checkpoint(
         "versions": {"torch": str(torch.__version__)},
     }
     final = run_dir / checkpoint_name(step)
-    tmp = run_dir / f".{final.name}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as file:
-            torch.save(blob, _HookedWriter(file, tmp) if _write_hook is not None else file)
-            file.flush()
-            os.fsync(file.fileno())
-        if _write_hook is not None:
-            _write_hook("written", tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed write (disk full, ...) leaves nothing; a SIGKILL leaves the temp
-        raise
-    fsync_dir(run_dir)
+    save_whole(blob, final, hook=_write_hook)  # read at call time: the tests set the seam on this module
     _remove_stale_temps(run_dir)
     if keep_last is not None:
         others = [path for path in list_checkpoints(run_dir) if path != final]
