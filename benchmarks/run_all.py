@@ -339,7 +339,7 @@ def load_config(name: str, overrides: Collection[str] = ()):
 
 
 def random_replay_batch(cfg, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """A replay-shaped batch [B, T] as `loop.replay_batch` returns it: frames in [0, 1], actions in the action
+    """A replay-shaped batch [B, T] as `phases.replay_batch` returns it: frames in [0, 1], actions in the action
     space, rewards, and no episode end inside the rows; with `replay.final_frame`, T = seq_len + 1 frames, the
     last taking no action."""
     b, t = cfg.replay.batch_size, cfg.replay.row_frames
@@ -362,7 +362,7 @@ def phases_section(config: str, ctx: Context) -> dict[str, Any]:
     from d4func.tokenizer import encode
     from d4func.tokenizer_loss import tokenizer_train_step
     from d4func.train.agent_step import agent_finetune_step, imagination_step, new_imagination_state
-    from d4func.train.loop import build_models, gradient_step, init_states, refresh_agent_frozen, world_model_batch
+    from d4func.train.phases import build_models, gradient_step, init_states, refresh_agent_frozen, world_model_batch
 
     overrides = ctx.budget.phase_overrides[config]
     cfg = load_config(config, overrides)
@@ -453,7 +453,7 @@ def acting_section(config: str, ctx: Context) -> dict[str, Any]:
 
     from d4func.envs.registry import make_env
     from d4func.train.acting import WorldModelPolicy, agent_params_from_states
-    from d4func.train.loop import build_models, init_states
+    from d4func.train.phases import build_models, init_states
 
     cfg = load_config(config)
     n_steps, n_calls = ctx.budget.env_steps_per_call, ctx.budget.policy_calls_per_call

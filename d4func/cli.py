@@ -51,7 +51,8 @@ def _eval(args: argparse.Namespace) -> int:
     from d4func.envs.registry import make_env
     from d4func.train import checkpoint
     from d4func.train.compat import check_env_fits
-    from d4func.train.loop import build_models, eval_env_seed, make_eval_policy, run_env_name, run_episodes
+    from d4func.train.evaluation import eval_env_seed, make_eval_policy, run_env_name, run_episodes
+    from d4func.train.phases import build_models
     from d4func.train.run_config import saved_run_config
 
     if args.episodes < 1:

@@ -1,6 +1,7 @@
-"""Writes that survive a killed process and a crashed machine: fsync of files and directories, and a whole-or-
-nothing `torch.save`. Checkpoints (`train/checkpoint.py`), the replay's memmaps and its overwrite journal
-(`data/overwrite_journal.py`) rely on them."""
+"""Writes that survive a killed process and a crashed machine: fsync of files and directories, and whole-or-nothing
+writes of a `torch.save` and of a text file. Checkpoints (`train/checkpoint.py`), the replay's memmaps and its
+overwrite journal (`data/overwrite_journal.py`), a run's config.json and its rewound logs (`train/run_logs.py`)
+rely on them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["fsync_dir", "fsync_tree", "save_whole"]
+__all__ = ["fsync_dir", "fsync_tree", "replace_text", "save_whole"]
 
 
 def fsync_dir(directory: Path) -> None:
@@ -85,3 +86,16 @@ def save_whole(obj: Any, path: Path, hook: Callable[[str, Path], None] | None = 
         raise
     fsync_dir(path.parent)
     return path
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Write `path` whole or not at all (a temporary file, fsynced, renamed over it): a kill mid-write keeps the old
+    file, and a crash of the machine cannot leave an empty one under the new name (which would stop every resume:
+    config.json is read at each start)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

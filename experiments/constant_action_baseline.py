@@ -26,7 +26,7 @@ from tensordict import TensorDictBase
 from torchrl.data import Bounded
 
 from d4func.envs.registry import make_env
-from d4func.train.loop import eval_env_seed, run_env_name, run_episodes
+from d4func.train.evaluation import eval_env_seed, run_env_name, run_episodes
 from d4func.train.run_config import RunConfig, load_run_config, saved_run_config
 
 

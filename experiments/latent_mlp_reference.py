@@ -47,7 +47,7 @@ from d4func.functional import apply, grad_and_value, init, template
 from d4func.next_latent import history_baseline_errors
 from d4func.optim import AdamWConfig, adamw_init, adamw_update
 from d4func.tokenizer import encode_windowed
-from d4func.train.loop import replay_batch
+from d4func.train.phases import replay_batch
 
 # A sibling script, for its replay opener and (through it) world_model_quality.py's loaders and metrics.
 sys.path.insert(0, str(Path(__file__).resolve().parent))

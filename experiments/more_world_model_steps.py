@@ -59,7 +59,7 @@ from d4func.tokenizer import encode
 from d4func.tokenizer_loss import tokenizer_train_step
 from d4func.train import checkpoint
 from d4func.train.agent_step import agent_finetune_step
-from d4func.train.loop import Models, build_models, init_states, make_lpips_fn, replay_batch, world_model_batch
+from d4func.train.phases import Models, build_models, init_states, make_lpips_fn, replay_batch, world_model_batch
 from d4func.train.run_config import RunConfig, load_run_config
 
 

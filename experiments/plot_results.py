@@ -22,7 +22,8 @@ import torch
 
 from d4func.data.offline import UniformRandomPolicy
 from d4func.envs.registry import make_env
-from d4func.train.loop import eval_env_seed, metric_series, read_metrics, run_episodes
+from d4func.train.evaluation import eval_env_seed, run_episodes
+from d4func.train.run_logs import metric_series, read_metrics
 
 
 def random_baseline(config: dict[str, Any], episodes: int, max_steps: int) -> dict[str, Any]:

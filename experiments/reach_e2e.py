@@ -29,7 +29,8 @@ import torch
 from d4func.data.offline import UniformRandomPolicy, record_episodes
 from d4func.envs.reach import ReachExpertPolicy
 from d4func.envs.registry import env_config, make_env
-from d4func.train.loop import eval_env_seed, run_episodes, train
+from d4func.train.evaluation import eval_env_seed, run_episodes
+from d4func.train.loop import train
 from d4func.train.run_config import RunConfig, load_run_config
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "reach.yaml"

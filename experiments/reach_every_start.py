@@ -36,7 +36,8 @@ from d4func.envs.reach import REACH_N_ACTIONS, ReachEnv, reach_positions
 from d4func.envs.registry import make_env
 from d4func.tokenizer import Tokenizer
 from d4func.train import checkpoint
-from d4func.train.loop import build_models, make_eval_policy
+from d4func.train.evaluation import make_eval_policy
+from d4func.train.phases import build_models
 from d4func.train.run_config import RunConfig, saved_run_config
 from d4func.train.video import predict_frames
 

@@ -72,7 +72,8 @@ from d4func.next_latent import predict_next_latent
 from d4func.tokenizer import Tokenizer, decode, encode, encode_windowed
 from d4func.tokenizer_loss import psnr
 from d4func.train import checkpoint
-from d4func.train.loop import build_models, run_env_name
+from d4func.train.evaluation import run_env_name
+from d4func.train.phases import build_models
 from d4func.train.run_config import RunConfig, saved_run_config
 from d4func.train.video import decode_after_context, predict_frames, predict_latents, write_comparison_gif
 from d4func.transformer import empty_cache, keep_last_steps

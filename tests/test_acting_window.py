@@ -9,7 +9,7 @@ from torchrl.data import Bounded
 
 from d4func.heads import policy_dist
 from d4func.train.acting import WorldModelPolicy, agent_params_from_states
-from d4func.train.loop import build_models, init_states
+from d4func.train.phases import build_models, init_states
 from d4func.train.run_config import load_run_config
 
 DEBUG = "experiments/configs/debug.yaml"

@@ -326,7 +326,7 @@ def test_the_file_is_fsynced_before_its_rename_and_the_directory_after(tmp_path,
 
 def test_the_loops_small_files_are_fsynced_before_their_rename_too(tmp_path, monkeypatch) -> None:
     # config.json is read at every start: an empty one left by a machine crash would stop every resume.
-    from d4func.train.loop import replace_text
+    from d4func.durable_files import replace_text
 
     final = tmp_path / "config.json"
     fsynced = []

@@ -12,7 +12,7 @@ import pytest
 
 from d4func import cli
 from d4func.train import checkpoint
-from d4func.train.loop import eval_env_seed
+from d4func.train.evaluation import eval_env_seed
 from d4func.train.run_config import load_run_config
 
 REACH = str(Path(__file__).resolve().parents[1] / "experiments/configs/reach.yaml")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from d4func.envs.registry import make_env
-from d4func.train.loop import eval_env_seed
+from d4func.train.evaluation import eval_env_seed
 from d4func.train.run_config import load_run_config
 
 REPO = Path(__file__).resolve().parents[1]

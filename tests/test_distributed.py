@@ -28,7 +28,7 @@ from d4func.tokenizer_loss import new_tokenizer_train_state, tokenizer_train_ste
 from d4func.train import distributed as D
 from d4func.train.agent_step import agent_finetune_step, imagination_step, new_imagination_state
 from d4func.train.dynamics_step import dynamics_loss, dynamics_train_step
-from d4func.train.loop import read_metrics
+from d4func.train.run_logs import read_metrics
 from d4func.train.state import new_train_state
 
 torch.set_num_threads(1)
@@ -76,7 +76,7 @@ def test_every_rank_can_seed_a_dmcontrol_env() -> None:
     """dm_control takes seeds below 2**32 only: the loop's env seeds (per rank, and at a resume) stay there.
     63-bit rank seeds once stopped every online torchrun run on DMControl at start-up."""
     from d4func.envs import make_env
-    from d4func.train.loop import ENV_SEED_BITS, eval_env_seed, resume_env_seed
+    from d4func.train.evaluation import ENV_SEED_BITS, eval_env_seed, resume_env_seed
 
     seeds = [D.rank_seed(seed, rank, "env", bits=ENV_SEED_BITS) for seed in (0, 2**31 - 1) for rank in range(64)]
     assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**32 for s in seeds)

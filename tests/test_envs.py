@@ -416,7 +416,7 @@ def test_crafter_separates_death_from_the_time_limit():
 def test_evaluation_scores_crafter_by_what_each_episode_unlocked_by_its_end():
     """`run_episodes` scores an episode by the achievements unlocked when it ends (the vector only grows within an
     episode), so a score read at its first step, before anything is unlocked, would be 0."""
-    from d4func.train.loop import run_episodes
+    from d4func.train.evaluation import run_episodes
 
     env = make_crafter_env(seed=0, length=60)
     player_env = env.base_env._env

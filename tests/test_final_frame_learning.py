@@ -21,7 +21,8 @@ from d4func.heads import reward_dist
 from d4func.imagination import commit_frames, world_model_fn
 from d4func.tokenizer import encode
 from d4func.train import checkpoint
-from d4func.train.loop import build_models, train
+from d4func.train.loop import train
+from d4func.train.phases import build_models
 from d4func.train.run_config import load_run_config
 from d4func.transformer import empty_cache
 

@@ -24,9 +24,10 @@ from d4func.dynamics import Dynamics, DynamicsConfig
 from d4func.functional import apply, init, template
 from d4func.sampler import generate
 from d4func.tokenizer import encode
-from d4func.train.loop import build_models, gradient_step, init_states, read_metrics
+from d4func.train.phases import build_models, gradient_step, init_states
 from d4func.train.precision import wrap_step
 from d4func.train.run_config import load_run_config
+from d4func.train.run_logs import read_metrics
 
 DEVICE = torch.device(os.environ.get("D4FUNC_TEST_DEVICE", "cuda"))
 REPO = Path(__file__).parents[1]

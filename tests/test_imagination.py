@@ -183,7 +183,7 @@ def test_bc_and_reward_targets_are_aligned_and_masked(discrete):
 
 @pytest.mark.parametrize("discrete", [True, False])
 def test_final_frame_rows_learn_the_last_reward_and_clone_no_action_there(discrete):
-    from d4func.train.loop import replay_batch
+    from d4func.train.phases import replay_batch
 
     model, heads, params = make(discrete, mtp=3)
     gen = torch.Generator().manual_seed(1)

@@ -89,7 +89,7 @@ def test_reach_e2e_reports_each_policy_under_its_name_on_the_loops_evaluation_st
     """`reach_e2e.py`'s bookkeeping with training and evaluation stubbed: which figure goes in which column, and
     the baselines play from the run's own evaluation seed with the demonstrator's epsilon."""
     from d4func.data.offline import UniformRandomPolicy
-    from d4func.train.loop import eval_env_seed
+    from d4func.train.evaluation import eval_env_seed
 
     script = load_experiment_script("reach_e2e")
     configs, baselines, recorded = [], [], []

@@ -17,9 +17,11 @@ from d4func.cli import main
 from d4func.data.replay import END_FRAME_KEY
 from d4func.train import checkpoint
 from d4func.train.compat import check_first_batch
-from d4func.train.loop import build_models, init_states, read_metrics, train
+from d4func.train.loop import train
+from d4func.train.phases import build_models, init_states
 from d4func.train.run_config import load_run_config
 from d4func.train.run_lock import LOCK_NAME
+from d4func.train.run_logs import read_metrics
 from d4func.train.state import NonFiniteLossError
 
 DEBUG = "experiments/configs/debug.yaml"
@@ -294,7 +296,7 @@ def test_acting_policy_runs_in_a_torchrl_collector():
 
 def test_acting_keeps_as_many_frames_as_a_training_row_holds():
     from d4func.envs.registry import make_env
-    from d4func.train.loop import make_eval_policy
+    from d4func.train.evaluation import make_eval_policy
 
     for final_frame, frames in (("true", 9), ("false", 8)):
         cfg = load_run_config(DEBUG, [f"replay.final_frame={final_frame}"])
@@ -606,7 +608,7 @@ def test_online_loop_with_two_cameras(tmp_path):
 def test_run_logger_rewind_drops_rows_logged_after_the_checkpoint(tmp_path, kind):
     """A checkpoint records how many rows were logged; rewinding to it leaves metrics.jsonl (and the CSV files)
     exactly as a logger that never logged the later rows would, non-finite values included."""
-    from d4func.train.loop import RunLogger
+    from d4func.train.run_logs import RunLogger
 
     cfg = load_run_config(DEBUG, [f"loop.logger={kind}"])
     rows = [({"a/x": 1.0, "b": 2.0}, 1), ({"a/x": float("nan"), "b": 3.0}, 2), ({"a/x": 4.0}, 3),

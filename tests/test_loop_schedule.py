@@ -11,8 +11,10 @@ from helpers.states import final_payload
 
 from d4func.data.replay import END_FRAME_KEY
 from d4func.train import checkpoint
-from d4func.train.loop import eval_env_seed, next_multiple, read_metrics, resume_env_seed, run_episodes, train
+from d4func.train.evaluation import eval_env_seed, resume_env_seed, run_episodes
+from d4func.train.loop import next_multiple, train
 from d4func.train.run_config import load_run_config
+from d4func.train.run_logs import read_metrics
 
 REACH = str(Path(__file__).resolve().parents[1] / "experiments/configs/reach.yaml")
 
@@ -157,7 +159,7 @@ def test_a_tensorboard_rewind_keeps_the_events_of_the_checkpoints_own_step(tmp_p
     # The checkpoint at step 2 had seen the rows logged at step 2: TensorBoard must purge only what came after.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from d4func.train.loop import RunLogger
+    from d4func.train.run_logs import RunLogger
 
     cfg = load_run_config(REACH, ["loop.logger=tensorboard"])
     logger = RunLogger(cfg, tmp_path)
@@ -191,7 +193,7 @@ def test_the_prefill_acts_at_random_for_exactly_prefill_steps(tmp_path):
 
 def test_returns_plot_needs_evaluations_or_training_episodes(tmp_path):
     # An offline-style log (evaluations, no training episodes) still gets its plot; a log with neither gets none.
-    from d4func.train.loop import plot_returns
+    from d4func.train.run_logs import plot_returns
 
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in (
         {"step": 5, "world_model/loss": 1.0}, {"step": 10, "eval/mean_return": 2.0},

@@ -12,8 +12,10 @@ import pytest
 
 from d4func.data.offline import UniformRandomPolicy
 from d4func.envs.registry import make_env
-from d4func.train.loop import metric_series, read_metrics, run_episodes, train
+from d4func.train.evaluation import run_episodes
+from d4func.train.loop import train
 from d4func.train.run_config import load_run_config
+from d4func.train.run_logs import metric_series, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 

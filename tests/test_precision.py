@@ -162,7 +162,7 @@ def test_world_model_latents_are_float32_encodes_even_inside_bf16_autocast() -> 
     """The train step runs under bf16 autocast, but the latents it hands the world model must be the float32
     encode acting sees: an encode under autocast rounds its matmuls to bf16 before `.float()` could help."""
     from d4func.tokenizer import Tokenizer, TokenizerConfig, encode
-    from d4func.train.loop import world_model_latents
+    from d4func.train.phases import world_model_latents
 
     tiny = TransformerConfig(d_model=16, n_layers=2, n_heads=2, n_kv_heads=2, time_every=2)
     model = template(Tokenizer, TokenizerConfig(height=8, width=8, patch_size=4, n_latents=2, latent_dim=4,

@@ -148,7 +148,7 @@ def test_an_explicit_share_overrides_the_models_in_the_dynamics_loss():
 def test_the_loop_trains_without_self_forcing_before_its_start():
     from helpers.benchmark_scripts import load_run_all
 
-    from d4func.train.loop import build_models, gradient_step, init_states
+    from d4func.train.phases import build_models, gradient_step, init_states
     from d4func.train.run_config import load_run_config
 
     teacher = ["dynamics.forcing=teacher", "dynamics.clean_context_fraction=0.0"]
@@ -173,7 +173,7 @@ def test_an_explicit_share_on_a_diffusion_forced_world_model_is_named():
 
     from d4func.tokenizer import encode
     from d4func.train.agent_step import agent_finetune_loss
-    from d4func.train.loop import build_models, init_states, world_model_batch
+    from d4func.train.phases import build_models, init_states, world_model_batch
     from d4func.train.run_config import load_run_config
 
     cfg = load_run_config("experiments/configs/debug.yaml", [])

@@ -455,7 +455,7 @@ def test_clips_longer_than_a_row_are_predicted_through_a_row_long_window():
     # span, the later ones those of the window alone.
     from d4func.functional import init
     from d4func.tokenizer import decode
-    from d4func.train.loop import build_models
+    from d4func.train.phases import build_models
     from d4func.train.video import decode_after_context, predict_frames
 
     cfg = load_run_config(str(REPO / "experiments/configs/reach.yaml"))

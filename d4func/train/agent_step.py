@@ -14,7 +14,7 @@ action leading *into* each frame (`actions_into_frames`), so the agent token h_t
 * reward, offset n: h_t predicts the reward *into* frame t+n, r_{t+n-1} (offset 0 is the reward of the transition
   that produced frame t, which h_t sees together with its action). In imagination the reward of a_t is therefore
   read at the next frame's agent token. The reward of the transition out of a row's last frame has no frame in the
-  row; `replay.final_frame` (on by default) appends that next frame to every row (`loop.replay_batch`), with
+  row; `replay.final_frame` (on by default) appends that next frame to every row (`phases.replay_batch`), with
   `action_valid` False at it, so an episode's last reward is learned too.
 A target is valid when it lies inside the row and in frame t's episode (`mtp_targets` on `is_last`); steps after a
 row's first `is_last` are padding (a replay row never crosses an episode boundary, `d4func/data/replay.py`): they

@@ -1,15 +1,8 @@
 """The training loop: DreamerV3-style online training (collect -> train world model -> imagine -> train agent) and
 offline training from a recorded dataset, both from one `RunConfig`.
 
-Every gradient step updates each phase once, on one replay batch `[B, T]`:
-
-1. tokenizer (MSE [+ LPIPS], MAE masking) on the frames, every `loop.tokenizer_every` steps;
-2. world model = dynamics with agent tokens + behaviour-cloning policy head + reward head (phase 2 of the paper,
-   `agent_finetune_step`), on the frames encoded by the current tokenizer;
-3. from `loop.agent_start` on: imagination (phase 3, `imagination_step`) from the first `replay.context_len`
-   frames of every row, training the acting policy head with PMPO and the value head with TD(lambda). Its frozen
-   parts (transformer, reward head, BC prior) are refreshed from the world model before every step, since online
-   the world model keeps learning.
+Every gradient step updates each phase once, on one replay batch: tokenizer, world model (dynamics, BC and reward
+heads) and, from `loop.agent_start` on, imagination (`phases.gradient_step`).
 
 Online, `loop.train_ratio` gradient steps follow every collected env step (fractions carry over); the acting
 policy (`acting.WorldModelPolicy`) runs inside a TorchRL `Collector` and acts at random for the first
@@ -25,424 +18,56 @@ training with the last good state saved.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import torch
-from tensordict import TensorDict, TensorDictBase
-from torch import Tensor, nn
-from torchrl.data import TensorSpec
+from tensordict import TensorDictBase
+from torch import Tensor
 from torchrl.envs import EnvBase
 from tqdm import tqdm
 
-from d4func.dynamics import Dynamics
+from d4func.durable_files import replace_text
 from d4func.envs.resumable import get_env_state, set_env_state, supports_resume_state
-from d4func.functional import count_params, grad_and_value, init, template
-from d4func.heads import AgentHeads
-from d4func.tokenizer import Tokenizer, encode
-from d4func.tokenizer_loss import latent_spread, new_tokenizer_train_state, tokenizer_train_step
+from d4func.functional import count_params, grad_and_value
 from d4func.train import checkpoint
 from d4func.train import distributed as dp
-from d4func.train.acting import WorldModelPolicy, agent_params_from_states
-from d4func.train.agent_step import (
-    agent_finetune_step,
-    imagination_frozen,
-    imagination_step,
-    new_imagination_state,
-)
+from d4func.train.acting import WorldModelPolicy
 from d4func.train.compat import check_dataset_fits, check_env_fits, check_first_batch, check_resume_config
+from d4func.train.evaluation import (
+    ENV_SEED_BITS,
+    acting_params,
+    crafter_score_of,
+    eval_env_seed,
+    make_eval_policy,
+    resume_env_seed,
+    run_episodes,
+    write_gif,
+)
 from d4func.train.interrupts import Terminated, interrupts_deferred, sigterm_raises, sigterm_recorded
+from d4func.train.phases import (
+    TOKENIZER_CADENCE,
+    build_models,
+    gradient_step,
+    init_states,
+    make_lpips_fn,
+    replay_batch,
+)
 from d4func.train.precision import compiled_grad_fn, load_compiler_before_rendering, wrap_step
 from d4func.train.run_config import RunConfig, resolve_device
 from d4func.train.run_lock import hold_run_dir
-from d4func.train.state import NonFiniteLossError, new_train_state
-from d4func.train.video import predict_frames, write_comparison_gif
+from d4func.train.run_logs import RunLogger, plot_returns
+from d4func.train.state import NonFiniteLossError
 
 if TYPE_CHECKING:
     from torchrl.collectors import Collector
-
-StepOutput = TypeVar("StepOutput")
-
-
-@dataclass
-class Models:
-    tokenizer: Tokenizer
-    dynamics: Dynamics
-    heads: AgentHeads
-
-
-def build_models(cfg: RunConfig) -> Models:
-    return Models(template(Tokenizer, cfg.tokenizer), template(Dynamics, cfg.dynamics), template(AgentHeads, cfg.heads))
-
-
-def init_states(cfg: RunConfig, models: Models) -> dict[str, TensorDictBase]:
-    """Fresh train states: tokenizer, world model {dynamics, heads}; the agent's appears at `agent_start`."""
-    world_model = TensorDict({"dynamics": init(models.dynamics, cfg.seed + 1),
-                              "heads": init(models.heads, cfg.seed + 2)})
-    return {
-        "tokenizer": new_tokenizer_train_state(init(models.tokenizer, cfg.seed)),
-        "world_model": new_train_state(world_model),
-    }
-
-
-def replay_batch(sample: TensorDictBase, final_frame: bool = False) -> dict[str, Tensor]:
-    """A replay sample `[B, T]` in TorchRL's layout -> the tensors the train steps read.
-
-    `final_frame` (`replay.final_frame`): append the frame after the row's last transition (its
-    `("next", "pixels")`), giving `T + 1` frames, so the reward of that transition has a frame to be predicted at,
-    an episode's terminal reward included. Actions and rewards get a zero entry at the new frame, which takes no
-    action (`action_valid` False there: no behaviour-cloning target), and it is the row's last frame (`is_last`)
-    when the row ends its episode.
-    """
-    reward = sample.get(("next", "reward"))
-    done = sample.get(("next", "done"))
-    batch = {
-        "frames": sample.get("pixels"),
-        "actions": sample.get("action"),
-        "rewards": reward.reshape(reward.shape[:2]).float(),
-        "is_last": done.reshape(done.shape[:2]),
-    }
-    if not final_frame:
-        return batch
-    next_frames = sample.get(("next", "pixels"), None)
-    if next_frames is None:
-        raise ValueError("replay.final_frame=true needs the frame after each transition (('next', 'pixels')), which "
-                         "this replay does not store: set replay.final_frame=false")
-
-    def pad(x: Tensor) -> Tensor:
-        return torch.cat([x, torch.zeros_like(x[:, :1])], dim=1)
-
-    has_action = torch.ones_like(batch["is_last"])
-    return {
-        "frames": torch.cat([batch["frames"], next_frames[:, -1:]], dim=1),
-        "actions": pad(batch["actions"]),
-        "rewards": pad(batch["rewards"]),
-        # The appended frame ends the episode iff the row's last transition did, and frame T - 1 is then no
-        # longer the last; an earlier end (a padded row) stays where it is.
-        "is_last": torch.cat([batch["is_last"][:, :-1], torch.zeros_like(batch["is_last"][:, :1]),
-                              batch["is_last"][:, -1:]], dim=1),
-        "action_valid": pad(has_action),
-    }
-
-
-def world_model_batch(latents: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The phase-2 batch (`agent_finetune_step`): a `replay_batch`'s frames replaced by their latents."""
-    keys = ("actions", "rewards", "is_last", "action_valid")
-    return {"latents": latents, **{key: batch[key] for key in keys if key in batch}}
-
-
-def refresh_agent_frozen(agent: TensorDictBase, world_model: TensorDictBase) -> TensorDictBase:
-    """The imagination state with its frozen parts taken from the current world model (online training)."""
-    agent = agent.copy()
-    agent["frozen"] = imagination_frozen(world_model["params"])
-    return agent
-
-
-def make_lpips_fn(cfg: RunConfig) -> nn.Module | None:
-    """The frozen LPIPS module when the tokenizer loss uses it (raises, naming what to provide, when its ImageNet
-    backbone weights are not on disk), else None."""
-    if cfg.tokenizer_loss.lpips_weight <= 0:
-        return None
-    from d4func.lpips_loss import make_lpips
-
-    # On the learner's device: the tokenizer step compares reconstructions there.
-    return make_lpips(cfg.tokenizer_loss.lpips_net, cfg.tokenizer_loss.lpips_backbone_path, device=cfg.device)
-
-
-def world_model_latents(tokenizer: Tokenizer, params: TensorDictBase, frames: Tensor) -> Tensor:
-    """The latents the world model trains on and imagination starts from: encoded without gradients and in float32
-    even inside the train step's bf16 autocast, as acting encodes them (an encode under autocast runs its matmuls in
-    bf16, so `.float()` afterwards would only widen values already rounded to ~3 digits)."""
-    with torch.no_grad(), torch.autocast(frames.device.type, enabled=False):
-        return encode(tokenizer, params, frames)
-
-
-def in_phase(phase: str, step_fn: Callable[..., StepOutput]) -> Callable[..., StepOutput]:
-    """`step_fn` whose NaN / inf stop also names the phase (the state's own step count is per phase)."""
-
-    def run(*args: Any, **kwargs: Any) -> StepOutput:
-        try:
-            return step_fn(*args, **kwargs)
-        except NonFiniteLossError as error:
-            raise NonFiniteLossError(f"{phase} phase: {error}") from error
-
-    return run
-
-
-# Which gradient steps update the tokenizer when `loop.tokenizer_every` > 1 (see `gradient_step`), as checkpoints
-# record it: checkpoints without the entry were written when the count started at 0, and a run resumed from one
-# updates its tokenizer on other steps than it would have (`Trainer.try_resume` warns).
-TOKENIZER_CADENCE = "every-nth-counted-from-1"
-
-
-def gradient_step(
-    cfg: RunConfig,
-    models: Models,
-    states: dict[str, TensorDictBase],
-    batch: dict[str, Tensor],
-    generator: torch.Generator,
-    grad_step: int,
-    agent_active: bool,
-    lpips_fn: nn.Module | None = None,
-    grad_fn: Callable = grad_and_value,
-) -> tuple[dict[str, TensorDictBase], dict[str, float]]:
-    """One update of every phase (see the module docstring); returns new states and scalar metrics.
-
-    `grad_fn`: `grad_and_value`, or `distributed.data_parallel_grad_and_value` under torchrun (every phase's
-    gradients and metrics are then averaged over the ranks)."""
-    metrics: dict[str, float] = {}
-    states = dict(states)
-    # Every tokenizer_every-th step counted from 1 (`grad_step` counts from 0), as logging counts: a row logged at
-    # a multiple of tokenizer_every then carries the tokenizer's metrics (counted from 0, none ever did). Checkpoints
-    # record this as TOKENIZER_CADENCE.
-    if (grad_step + 1) % cfg.loop.tokenizer_every == 0:
-        states["tokenizer"], tok = in_phase("tokenizer", tokenizer_train_step)(
-            states["tokenizer"], batch["frames"], generator, template=models.tokenizer, cfg=cfg.tokenizer_loss,
-            optim=cfg.optim.tokenizer, lpips_fn=lpips_fn, grad_fn=grad_fn,
-        )
-        metrics.update({f"tokenizer/{k}": float(v) for k, v in tok.items()})
-    latents = world_model_latents(models.tokenizer, states["tokenizer"]["params"], batch["frames"])
-    # On the unmasked latents the world model trains on; near 0 means a collapsed tokenizer (see latent_spread).
-    # Under torchrun this is each rank's own shard (rank 0's is logged).
-    metrics["tokenizer/latent_spread"] = float(latent_spread(latents))
-    states["world_model"], wm = in_phase("world_model", agent_finetune_step)(
-        states["world_model"], world_model_batch(latents, batch), generator, model=models.dynamics, heads=models.heads,
-        opt=cfg.optim.world_model, cfg=cfg.finetune, ema_decay=cfg.optim.ema_decay, grad_fn=grad_fn,
-        self_forcing=cfg.dynamics.self_forcing_at(grad_step),
-    )
-    metrics.update({f"world_model/{k}": float(v) for k, v in wm.items()})
-    if agent_active:
-        if "agent" not in states:
-            states["agent"] = new_imagination_state(states["world_model"]["params"])
-        agent = refresh_agent_frozen(states["agent"], states["world_model"])
-        context = cfg.replay.context_len
-        im_batch = {"latents": latents[:, :context], "actions": batch["actions"][:, :context]}
-        states["agent"], im = in_phase("agent", imagination_step)(agent, im_batch, generator, model=models.dynamics,
-                                               heads=models.heads, opt=cfg.optim.agent, cfg=cfg.imagination,
-                                                                        grad_fn=grad_fn, window=cfg.replay.row_frames)
-        metrics.update({f"agent/{k}": float(v) for k, v in im.items()})
-    return states, metrics
-
-
-def replace_text(path: Path, text: str) -> None:
-    """Write `path` whole or not at all (a temporary file, fsynced, renamed over it): a kill mid-write keeps the old
-    file, and a crash of the machine cannot leave an empty one under the new name (which would stop every resume:
-    config.json is read at each start)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
-    checkpoint.fsync_dir(path.parent)
-
-
-class RunLogger:
-    """Scalars through a TorchRL logger (CSV or TensorBoard) plus a JSON-lines copy for plots.
-
-    `rows` counts the lines of `metrics.jsonl`; checkpoints record it, and `rewind(rows)` on resume drops the lines
-    (and CSV rows) that a killed process logged after its last checkpoint, so the resumed run's logs read as an
-    uninterrupted run's. TensorBoard event files cannot be cut; there the resumed writer purges events past the
-    checkpoint's step when TensorBoard reads them (`SummaryWriter(purge_step=...)`).
-    """
-
-    def __init__(self, cfg: RunConfig, run_dir: Path, enabled: bool = True) -> None:
-        from torchrl.record.loggers import CSVLogger, TensorboardLogger
-
-        self.enabled = enabled  # data-parallel runs: rank 0 only
-        self.rows = 0
-        if not enabled:
-            return
-        self.kind = cfg.loop.logger
-        if self.kind == "tensorboard":
-            self.logger = TensorboardLogger(exp_name="logs", log_dir=str(run_dir))
-        else:
-            self.logger = CSVLogger(exp_name="logs", log_dir=str(run_dir))
-        self.jsonl_path = run_dir / "metrics.jsonl"
-        if self.jsonl_path.exists():
-            self.rows = len(self.jsonl_path.read_text().splitlines())
-        self.jsonl = open(self.jsonl_path, "a")  # noqa: SIM115 (closed in close())
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if not self.enabled:
-            return
-        for name, value in metrics.items():
-            if math.isfinite(value):
-                self.logger.log_scalar(name, value, step=step)
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.jsonl.flush()
-        self.rows += 1
-
-    def rewind(self, rows: int, step: int) -> None:
-        """Keep the first `rows` lines of `metrics.jsonl` (those a checkpoint at `step` had seen) and, for the CSV
-        logger, the matching rows of each scalar's file; call before anything new is logged."""
-        if not self.enabled or rows >= self.rows:
-            return
-        self.jsonl.close()
-        kept = self.jsonl_path.read_text().splitlines()[:rows]
-        replace_text(self.jsonl_path, "".join(line + "\n" for line in kept))
-        self.jsonl = open(self.jsonl_path, "a")  # noqa: SIM115 (closed in close())
-        self.rows = rows
-        if self.kind == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.logger.experiment.close()
-            self.logger.experiment = SummaryWriter(log_dir=self.logger.experiment.get_logdir(), purge_step=step + 1)
-            return
-        # The CSV logger writes one row per finite value to `logs/scalars/<name>.csv`, in metrics.jsonl's order.
-        kept_per_name: dict[str, int] = {}
-        for line in kept:
-            for name, value in json.loads(line).items():
-                if name != "step" and math.isfinite(value):
-                    kept_per_name[name] = kept_per_name.get(name, 0) + 1
-        scalars = Path(self.logger.experiment.log_dir) / "scalars"
-        for path in scalars.rglob("*.csv"):
-            name = path.relative_to(scalars).with_suffix("").as_posix()
-            csv_rows = path.read_text().splitlines()[:kept_per_name.get(name, 0)]
-            if csv_rows:
-                replace_text(path, "".join(row + "\n" for row in csv_rows))
-            else:  # a scalar first logged after the checkpoint
-                path.unlink()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.jsonl.close()
-
-
-def run_episodes(env: EnvBase, policy: WorldModelPolicy, episodes: int, max_steps: int = 10_000) -> dict[str, Any]:
-    """Roll `episodes` full episodes with `policy`; returns their returns (and Crafter achievements)."""
-    if episodes < 1:  # the mean of no returns would read as a return of 0
-        raise ValueError(f"episodes must be >= 1, got {episodes}")
-    returns, achievements = [], []
-    for _ in range(episodes):
-        if hasattr(policy, "reset_context"):  # a world-model policy forgets the last episode's frames
-            policy.reset_context()
-        rollout = env.rollout(max_steps, policy, break_when_any_done=True)
-        returns.append(float(rollout.get(("next", "reward")).sum()))
-        if "achievements" in rollout.get("next").keys():
-            achievements.append(rollout.get(("next", "achievements"))[-1])
-    out: dict[str, Any] = {"returns": returns, "mean_return": sum(returns) / len(returns)}
-    if achievements:
-        out["crafter_score"] = crafter_score_of(achievements)
-    return out
-
-
-def crafter_score_of(episode_achievements: list[Tensor]) -> float:
-    """Crafter score (geometric mean of per-achievement success rates) over the given episodes."""
-    from d4func.envs.crafter_env import achievement_success_rates, crafter_score
-
-    return crafter_score(achievement_success_rates(torch.stack(episode_achievements)))
-
-
-def run_env_name(cfg: RunConfig) -> str:
-    """The env a run acts and is evaluated in: an offline run's dataset names it (`env_config` in its metadata),
-    otherwise `env.name`. A dataset that names none (episodes imported without `--env`) has no env to act in:
-    its run trains without evaluations, and evaluating it needs an env named explicitly (a ValueError here)."""
-    if cfg.loop.mode == "offline" and cfg.loop.offline_data:
-        from d4func.data.offline import read_metadata
-
-        name = (read_metadata(cfg.loop.offline_data).get("env_config") or {}).get("name")
-        if not name:
-            raise ValueError(f"the run's dataset {cfg.loop.offline_data} names no env to evaluate in; name one "
-                             "(d4func eval --env NAME)")
-        return name
-    return cfg.env.name
-
-
-# Env seeds stay below 2**32: dm_control seeds numpy's RandomState, which refuses larger ones.
-ENV_SEED_BITS = 32
-
-
-def eval_env_seed(seed: int) -> int:
-    """The evaluation env's seed for a run seeded `seed`: apart from the training env's, and the same at every
-    evaluation (the scripts that add baselines on the same starting states use it too)."""
-    return (seed + 10_000) % 2**ENV_SEED_BITS
-
-
-def resume_env_seed(seed: int, env_steps: int) -> int:
-    """The training env's seed for a resume at `env_steps` that starts new episodes: new starting states at every
-    resume, never those of the evaluation env (`eval_env_seed`, which lies below 2**30 for any usual seed)."""
-    return (seed + 2**30 + env_steps) % 2**ENV_SEED_BITS
-
-
-def acting_params(states: dict[str, TensorDictBase]) -> tuple[TensorDictBase, TensorDictBase]:
-    """(tokenizer params, agent params) for a `WorldModelPolicy`, on the CPU: the envs and the acting policy run
-    there whatever `device` the learner uses."""
-    agent = agent_params_from_states(states["world_model"], states.get("agent"))
-    return states["tokenizer"]["params"].to("cpu"), agent.to("cpu")
-
-
-def make_eval_policy(
-    cfg: RunConfig, models: Models, states: dict[str, TensorDictBase], action_spec: TensorSpec
-) -> WorldModelPolicy:
-    policy = WorldModelPolicy(models.tokenizer, models.dynamics, models.heads, action_spec,
-                              context=cfg.replay.row_frames, seed=cfg.seed + 7, greedy=cfg.loop.eval_greedy)
-    policy.update_params(*acting_params(states))
-    return policy
-
-
-def write_gif(cfg: RunConfig, models: Models, states: dict[str, TensorDictBase], sample: TensorDictBase,
-              path: Path) -> Path:
-    """Real vs imagined frames for the same actions: the first `context_len` frames of up to 4 replay rows as
-    context, the rest of each row predicted open loop."""
-    batch = replay_batch(sample[:4])
-    context = cfg.replay.context_len
-    horizon = batch["frames"].shape[1] - context
-    imagined = predict_frames(models.tokenizer, states["tokenizer"]["params"].to("cpu"), models.dynamics,
-                              states["world_model"]["params", "dynamics"].to("cpu"), batch["frames"][:, :context],
-                              batch["actions"], horizon)
-    return write_comparison_gif(path, batch["frames"][:, context:], imagined)
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, float]]:
-    """The rows of a run's `metrics.jsonl` (every logged scalar, with its step)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl: is it a d4func run directory?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
-
-
-def metric_series(rows: list[dict[str, float]], key: str) -> list[tuple[int, float]]:
-    """(step, value) of every row that logged `key`."""
-    return [(int(row["step"]), float(row[key])) for row in rows if key in row]
-
-
-def plot_returns(run_dir: Path) -> Path | None:
-    """`returns.png` from the logged episode and evaluation returns (a small PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(run_dir)
-    train = metric_series(rows, "episode/return")
-    evals = metric_series(rows, "eval/mean_return")
-    bc_evals = metric_series(rows, "eval/bc_mean_return")
-    if not train and not evals:
-        return None
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-    if train:
-        ax.plot(*zip(*train, strict=True), ".", alpha=0.5, label="training episodes")
-    if evals:
-        ax.plot(*zip(*evals, strict=True), "o-", label="evaluation")
-    if bc_evals:
-        ax.plot(*zip(*bc_evals, strict=True), "s--", label="BC head alone")
-    ax.set_xlabel("env steps")
-    ax.set_ylabel("return")
-    ax.legend()
-    fig.tight_layout()
-    path = run_dir / "returns.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
 
 
 class Trainer:

@@ -61,7 +61,7 @@ def graph_breaks() -> None:
     import torch._dynamo as dynamo
 
     from d4func.functional import apply
-    from d4func.train.loop import build_models, init_states
+    from d4func.train.phases import build_models, init_states
     from d4func.train.run_config import load_run_config
 
     root = Path(__file__).parents[2]
@@ -94,7 +94,7 @@ def loop() -> None:
     from torch._dynamo.utils import counters
 
     sys.path.insert(0, str(Path(__file__).parents[1]))
-    from d4func.train import loop as training
+    from d4func.train import phases as training
     from d4func.train.run_config import load_run_config
     from helpers.benchmark_scripts import load_run_all
 
