@@ -15,6 +15,8 @@ states that `more_world_model_steps.py` uses for the same `--seed`:
 
 * `latent_next_mse` against `latent_copy_last_mse` and `latent_context_mean_mse`: the first frame after the
   context (`d4func.next_latent.history_baseline_errors`);
+* `loss` against `loss_copy_last`: the training loss since the last row, and copying the last frame's on the same
+  transitions (an MLP above it has not fitted even its training data);
 * `counterfactual_latent_r2` (and `_per_step`): from one real state, the MLP rolled open loop in latent space under
   two action sequences; how much of the change between the env's two branches (encoded as the acting policy
   encodes them) the MLP's change explains (`world_model_quality.change_explained`), the dynamics' figure of the same
@@ -35,13 +37,15 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from tensordict import TensorDictBase
-from torch import Tensor
+from torch import Tensor, nn
 
 from d4func.functional import apply, grad_and_value, init, template
 from d4func.next_latent import history_baseline_errors
@@ -102,6 +106,42 @@ def measure(model: NextFrameMLP, params: TensorDictBase, held_out: dict[str, Ten
 
 
 SPACES = ("latents", "pixels")
+MODELS = ("mlp", "conv")
+
+
+class NextFrameConv(nn.Module):
+    """Frame t+1 as frame t plus a small convolutional net of the `history` frames up to t (stacked as channels)
+    and the action taken after frame t (constant planes; one-hot when discrete): `--model conv`, the pixel-space
+    reference. An MLP's output is confined to its last layer's `width` directions, too few for a thin arm that
+    can be anywhere in the frame (`NextFrameMLP` on reacher's 3,072 pixel values fits its training frames no
+    better than copying the last one); a convolution predicts every pixel from its neighbourhood. Dilations 1, 2,
+    4, 8, 1, 1 give a 35-pixel receptive field, so a pixel sees the whole arm of a 32x32 frame. Reads and returns
+    `representation(run, "pixels")`'s layout: history `[B, h, 1, C*H*W]` -> frame `[B, 1, C*H*W]` (C counts every
+    camera's channels)."""
+
+    DILATIONS = (1, 2, 4, 8, 1, 1)
+
+    def __init__(self, frame_shape: tuple[int, int, int], action_size: int, channels: int, discrete: bool,
+                 history: int) -> None:
+        super().__init__()
+        self.frame_shape, self.action_size, self.discrete = frame_shape, action_size, discrete
+        frame_channels = frame_shape[0]
+        widths = [history * frame_channels + action_size, *[channels] * (len(self.DILATIONS) - 1)]
+        self.hidden = nn.ModuleList(nn.Conv2d(w, channels, 3, padding=d, dilation=d)
+                                    for w, d in zip(widths, self.DILATIONS, strict=True))
+        self.out = nn.Conv2d(channels, frame_channels, 3, padding=1)
+
+    def forward(self, history: Tensor, action: Tensor) -> Tensor:
+        channels, height, width = self.frame_shape
+        frames = rearrange(history, "b h 1 (c y x) -> b (h c) y x", c=channels, y=height, x=width)
+        if self.discrete:
+            action = F.one_hot(action.long(), self.action_size).to(frames.dtype)
+        planes = action.to(frames.dtype)[:, :, None, None].expand(-1, -1, height, width)
+        x = torch.cat([frames, planes], dim=1)
+        for conv in self.hidden:
+            x = F.silu(conv(x))
+        change = rearrange(self.out(x), "b c y x -> b 1 (c y x)")
+        return history[:, -1] + change
 
 
 def representation(run: Any, space: str) -> Callable[[Tensor, int | None], Tensor]:
@@ -152,11 +192,18 @@ def train_reference(
     horizon: int = 8,
     seed: int = 0,
     max_steps: int = 200,
+    lr: float | None = None,
+    model_kind: str = "mlp",
     log=print,
 ) -> dict[str, Any]:
     """Train a `NextFrameMLP` of `width` on the frozen latents (or, `space="pixels"`, the frames) of the run in
-    `run_dir` for `steps` AdamW steps (the world model's settings); measure at step 0 and every `eval_every` steps
-    (module docstring)."""
+    `run_dir` (`model_kind="conv"`: a `NextFrameConv` of `width` channels on the frames) for `steps` AdamW steps
+    (the world model's settings, its learning rate replaced by `lr` if given); measure at step 0 and every
+    `eval_every` steps (module docstring)."""
+    if model_kind not in MODELS:
+        raise ValueError(f"model_kind must be one of {MODELS}, got {model_kind!r}")
+    if model_kind == "conv" and space != "pixels":
+        raise ValueError(f"model_kind='conv' reads frames: it needs space='pixels', got space={space!r}")
     for name, value, low in (("steps", steps, 1), ("eval_every", eval_every, 1), ("width", width, 1),
                              ("history", history, 1), ("episodes", episodes, 1), ("clips", clips, 2),
                              ("horizon", horizon, 1), ("seed", seed, 0)):
@@ -169,12 +216,17 @@ def train_reference(
     represent = representation(run, space)
     held_out, counterfactual = held_out_data(run, represent, episodes, clips, horizon, seed, max_steps, history)
     tokens, token_dim = held_out["latents"].shape[2:]
-    model = template(NextFrameMLP, tokens, token_dim, dyn.n_actions if discrete else dyn.action_dim, width, discrete,
-                     history)
+    action_size = dyn.n_actions if discrete else dyn.action_dim
+    replay = more_steps.run_replay(run_dir, cfg, seed=cfg.seed + seed)
+    if model_kind == "conv":
+        tok = cfg.tokenizer  # the frames' shape: every camera's channels stacked
+        model = template(NextFrameConv, (tok.n_cameras * tok.channels, tok.height, tok.width), action_size, width,
+                         discrete, history)
+    else:
+        model = template(NextFrameMLP, tokens, token_dim, action_size, width, discrete, history)
     params = init(model, cfg.seed + seed)
     moments = adamw_init(params)
-    opt: AdamWConfig = cfg.optim.world_model
-    replay = more_steps.run_replay(run_dir, cfg, seed=cfg.seed + seed)
+    opt: AdamWConfig = cfg.optim.world_model if lr is None else replace(cfg.optim.world_model, lr=lr)
     generator = torch.Generator().manual_seed(cfg.seed + seed + 7)
 
     def loss_fn(p: TensorDictBase, inputs: Tensor, action: Tensor, target: Tensor) -> Tensor:
@@ -182,7 +234,10 @@ def train_reference(
 
     rows = [{"step": 0, "train_seconds": 0.0, "loss": None, **measure(model, params, held_out, counterfactual)}]
     log(json.dumps(rows[-1]))
+    # The loss of copying the last frame on the same training transitions: a loss above it means the MLP has not
+    # even learned what a constant zero change would give (the optimiser, not the data, is then the question).
     losses: list[float] = []
+    copy_last_losses: list[float] = []
     seconds = 0.0
     for step in range(1, steps + 1):
         started = time.perf_counter()
@@ -194,14 +249,16 @@ def train_reference(
         params, moments, _ = adamw_update(params, grads, moments, step, opt)
         seconds += time.perf_counter() - started
         losses.append(float(loss))
+        copy_last_losses.append(float((inputs[:, -1] - target).square().mean()))
         if step % eval_every == 0 or step == steps:
             rows.append({"step": step, "train_seconds": round(seconds, 1), "loss": sum(losses) / len(losses),
+                         "loss_copy_last": sum(copy_last_losses) / len(copy_last_losses),
                          **measure(model, params, held_out, counterfactual)})
             log(json.dumps(rows[-1]))
-            losses = []
+            losses, copy_last_losses = [], []
     return {"run": str(run_dir), "checkpoint": str(run.checkpoint), "run_step": run.step, "env": run.env_name,
-            "replay_transitions": replay.transition_count(), "width": width, "history": history, "space": space,
-            "episodes": episodes, "clips": clips, "horizon": horizon, "seed": seed,
+            "replay_transitions": replay.transition_count(), "model": model_kind, "width": width, "history": history,
+            "space": space, "lr": opt.lr, "episodes": episodes, "clips": clips, "horizon": horizon, "seed": seed,
             "batch": [cfg.replay.batch_size, cfg.replay.seq_len], "rows": rows}
 
 
@@ -210,7 +267,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--run", required=True, help="run directory of a d4func.train.loop run")
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--eval-every", type=int, default=1000)
-    parser.add_argument("--width", type=int, default=256, help="hidden units of each of the MLP's two layers")
+    parser.add_argument("--width", type=int, default=256,
+                        help="hidden units of each of the MLP's two layers (--model conv: channels of each layer)")
+    parser.add_argument("--model", choices=MODELS, default="mlp",
+                        help="conv: a dilated convolutional net on the frames (needs --space pixels)")
     parser.add_argument("--history", type=int, default=2, help="latent frames the MLP reads")
     parser.add_argument("--space", choices=SPACES, default="latents",
                         help="what the MLP reads and predicts: the frozen tokenizer's latents, or the frames")
@@ -219,13 +279,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--horizon", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=200)
+    parser.add_argument("--lr", type=float, default=None,
+                        help="AdamW learning rate (default: the run's optim.world_model.lr)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="JSON path (default RUN/latent_mlp_reference.json)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     result = train_reference(args.run, args.steps, args.eval_every, args.width, args.history, args.space, args.episodes,
-                             args.clips, args.horizon, args.seed, args.max_steps)
+                             args.clips, args.horizon, args.seed, args.max_steps, args.lr, args.model)
     out = Path(args.out) if args.out else Path(args.run) / "latent_mlp_reference.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")

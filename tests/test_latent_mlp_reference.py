@@ -75,6 +75,49 @@ def test_rollout_feeds_each_generated_frame_back_as_the_newest_history_frame(dis
     torch.testing.assert_close(copied, history[:, -1:].expand_as(copied))
 
 
+def _conv_input(frames: torch.Tensor) -> torch.Tensor:
+    """Frames `[B, h, C, H, W]` in `representation(run, "pixels")`'s layout `[B, h, 1, C*H*W]`."""
+    return frames.flatten(2)[:, :, None]
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+def test_conv_reference_reads_the_pixels_layout_and_its_actions(discrete):
+    action_size = 5 if discrete else 2
+    shape = (6, 12, 10)  # two cameras' channels stacked, a frame that is not square
+    model = template(ref.NextFrameConv, shape, action_size, 8, discrete, 2)
+    params = init(model, 0)
+    history = _conv_input(torch.rand(3, 2, *shape))
+    actions = [torch.tensor([0, 1, 4]), torch.tensor([2, 2, 3])] if discrete else [torch.rand(3, 2) * 2 - 1,
+                                                                                    torch.rand(3, 2) * 2 - 1]
+    out = apply(model, params, history, actions[0])
+    assert out.shape == (3, 1, 6 * 12 * 10)
+    assert not torch.allclose(out, apply(model, params, history, actions[1]))  # the action reaches the output
+    zeroed = params.clone()
+    zeroed["out", "weight"].zero_()
+    zeroed["out", "bias"].zero_()
+    torch.testing.assert_close(apply(model, zeroed, history, actions[0]), history[:, -1])  # copies the last frame
+
+
+@settings(max_examples=10, deadline=None)
+@given(column=st.integers(0, 5), seed=st.integers(0, 100))
+def test_conv_reference_sees_a_pixel_only_within_its_receptive_field(column, seed):
+    """Dilations 1, 2, 4, 8, 1, 1 and the 3x3 output layer reach 18 pixels to either side: a change in one column
+    moves no output more than 18 columns away, and does move one within reach (a pixel reads its whole arm)."""
+    reach = sum(ref.NextFrameConv.DILATIONS) + 1
+    assert reach == 18
+    shape = (3, 4, 40)
+    model = template(ref.NextFrameConv, shape, 2, 4, False, 1)
+    params = init(model, seed)
+    frames = torch.rand(1, 1, *shape, generator=torch.Generator().manual_seed(seed))
+    changed = frames.clone()
+    changed[..., column] += 1.0
+    action = torch.zeros(1, 2)
+    delta = (apply(model, params, _conv_input(changed), action) - apply(model, params, _conv_input(frames), action))
+    moved = delta.reshape(shape).abs().amax(dim=(0, 1)) > 0  # per column
+    assert not moved[column + reach + 1:].any()
+    assert moved[column + reach - 2:column + reach + 1].any()
+
+
 def test_an_mlp_that_changes_nothing_scores_copy_last_and_explains_no_action(run_dir):
     run = ref.wmq.load_run(run_dir)
     for space in ref.SPACES:
@@ -95,11 +138,13 @@ def test_train_reference_measures_on_the_clips_more_world_model_steps_uses_and_w
     before = {str(p): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
     out = tmp_path / "reference.json"
     result = ref.main(["--run", str(run_dir), "--steps", "3", "--eval-every", "2", "--episodes", "2", "--clips", "3",
-                       "--horizon", "3", "--seed", str(SEED), "--width", "32", "--out", str(out)])
+                       "--horizon", "3", "--seed", str(SEED), "--width", "32", "--lr", "5e-4", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["lr"] == 5e-4  # the run's optim.world_model.lr is not
     rows = result["rows"]
     assert [row["step"] for row in rows] == [0, 2, 3]
     assert rows[0]["loss"] is None and all(math.isfinite(row["loss"]) for row in rows[1:])
+    assert all(row["loss_copy_last"] > 0 for row in rows[1:])
     assert all(math.isfinite(row["counterfactual_latent_r2"]) for row in rows)
     # The copy-last baseline is the one more_world_model_steps.py reports for the same seed.
     run = ref.wmq.load_run(run_dir)
@@ -119,3 +164,18 @@ def test_bad_space_and_a_history_longer_than_the_context_are_named(run_dir):
         ref.train_reference(run_dir, steps=1, eval_every=1, history=context_len + 1, episodes=1, clips=2)
     with pytest.raises(ValueError, match="width must be an int >= 1, got 0"):
         ref.train_reference(run_dir, steps=1, eval_every=1, width=0)
+    with pytest.raises(ValueError, match="'transformer'"):
+        ref.train_reference(run_dir, steps=1, eval_every=1, model_kind="transformer")
+    with pytest.raises(ValueError, match="space='latents'"):
+        ref.train_reference(run_dir, steps=1, eval_every=1, model_kind="conv")
+
+
+def test_conv_reference_trains_on_the_run_frames(run_dir):
+    result = ref.train_reference(run_dir, steps=2, eval_every=2, width=4, space="pixels", episodes=2, clips=3,
+                                 horizon=3, seed=SEED, model_kind="conv", log=lambda _: None)
+    assert result["model"] == "conv" and result["space"] == "pixels"
+    rows = result["rows"]
+    assert [row["step"] for row in rows] == [0, 2]
+    assert rows[1]["loss"] > 0 and rows[1]["loss_copy_last"] > 0
+    assert math.isfinite(rows[1]["counterfactual_latent_r2"])
+    assert rows[1]["latent_copy_last_mse"] == rows[0]["latent_copy_last_mse"]
