@@ -10,7 +10,9 @@ reference) on (the last `--history` latent frames, the action taken after the la
 frame, one transition per replay row at a uniformly drawn position, as the dynamics' teacher forcing trains one
 target per row, with the world model's AdamW settings and batch. No noise, no attention, no tokens: every input
 reaches every hidden unit. `--space pixels` trains it on the frames themselves (one token of every pixel), which
-leaves the tokenizer out. Every `--eval-every` steps it measures, on the fixed held-out clips and counterfactual
+leaves the tokenizer out; `--model conv` trains a small convolutional net there instead (`NextFrameConv`), the
+pixel-space reference: an MLP's output spans only its last layer's `--width` directions, which on reacher's 32x32
+frames do not fit even its training frames (its `loss` equals `loss_copy_last`). Every `--eval-every` steps it measures, on the fixed held-out clips and counterfactual
 states that `more_world_model_steps.py` uses for the same `--seed`:
 
 * `latent_next_mse` against `latent_copy_last_mse` and `latent_context_mean_mse`: the first frame after the
