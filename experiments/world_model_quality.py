@@ -34,7 +34,9 @@ through a sliding window of that many frames, as imagination and the acting poli
   the context from pure noise (`d4func.next_latent`) under each sequence's first action. Its `_per_step` list
   makes that prediction at every step of the horizon from the env's own frames before it (teacher-forced), beside
   `counterfactual_latent_r2_per_step`, the open loop's: where the first stays up and the second falls, the model
-  knows each step and loses the action by reading its own frames back;
+  knows each step and loses the action by reading its own frames back. `counterfactual_reconstruction_r2` is the
+  tokenizer's ceiling on the pixel figure: the env's two branches encoded and decoded as the predictions are, so
+  what of the actions' effect the round trip loses (a thin arm blurred away) no dynamics can show;
 * reward: the reward head (offset 0) on the agent tokens of the real clip, each frame committed as the agent
   observes one (`imagination.commit_frames`), against the rewards the env gave. Its mean squared error is compared
   with the best constant prediction (the held-out rewards' own mean, so the baseline is optimistic), as
@@ -321,7 +323,8 @@ def counterfactual_clips_for(run: LoadedRun, clips: int, horizon: int, seed: int
 COUNTERFACTUAL_KEYS = ("counterfactual_action_r2", "counterfactual_action_r2_per_step",
                        "counterfactual_model_change", "counterfactual_real_change", "counterfactual_latent_r2",
                        "counterfactual_latent_r2_per_step", "counterfactual_next_latent_r2",
-                       "counterfactual_next_latent_r2_per_step")
+                       "counterfactual_next_latent_r2_per_step", "counterfactual_reconstruction_r2",
+                       "counterfactual_reconstruction_r2_per_step")
 
 
 def change_explained(model_change: Tensor, real_change: Tensor) -> tuple[float | None, list[float | None]]:
@@ -357,12 +360,17 @@ def counterfactual_action_metrics(run: LoadedRun, clips: dict[str, Tensor] | Non
     real_latents = [latents[:, context_len:] for latents in encoded]
     latent_r2, latent_per_step = change_explained(predicted_latents[0] - predicted_latents[1],
                                                   real_latents[0] - real_latents[1])
+    # The tokenizer's ceiling on the pixel figure: the env's own frames encoded and decoded as the predictions are
+    # decoded. What of the actions' effect their round trip loses, no dynamics decoded through it can show.
+    window = run.cfg.replay.row_frames
+    reconstructed = [decode_after_context(run.tokenizer, run.tokenizer_params, latents[:, :context_len],
+                                          latents[:, context_len:], window) for latents in encoded]
+    reconstruction_r2, reconstruction_per_step = change_explained(reconstructed[0] - reconstructed[1], real_change)
     # The model's mean one step ahead: a sampler's draw differs from the conditional mean by its own noise, which the
     # figures above count as error; the flow prediction from pure noise (`d4func.next_latent`) does not, and is what
     # a regression model (experiments/latent_mlp_reference.py) is scored on. At every step of the horizon it reads
     # the env's own frames before it (the last training row's worth), so against the open loop's per-step figure it
     # separates what one step knows from what the rollout loses by reading its own frames back.
-    window = run.cfg.replay.row_frames
     next_latent_per_step = []
     for step in range(horizon):
         end = context_len + step + 1
@@ -377,7 +385,8 @@ def counterfactual_action_metrics(run: LoadedRun, clips: dict[str, Tensor] | Non
         next_latent_per_step.append(step_r2)
     return dict(zip(COUNTERFACTUAL_KEYS, (overall, per_step, float(model_change.abs().mean()),
                                           float(real_change.abs().mean()), latent_r2, latent_per_step,
-                                          next_latent_per_step[0], next_latent_per_step), strict=True))
+                                          next_latent_per_step[0], next_latent_per_step, reconstruction_r2,
+                                          reconstruction_per_step), strict=True))
 
 
 @torch.no_grad()
@@ -467,7 +476,9 @@ def format_table(result: dict[str, Any]) -> str:
                                       f" of the env's (mean pixel change {_num(result['counterfactual_model_change'])}"
                                       f" against {_num(result['counterfactual_real_change'])}; in latent space "
                                       f"R^2 {_num(result.get('counterfactual_latent_r2'))}; the model's mean of the "
-                                      f"first step R^2 {_num(result.get('counterfactual_next_latent_r2'))}), "
+                                      f"first step R^2 {_num(result.get('counterfactual_next_latent_r2'))}; the "
+                                      "tokenizer's round trip of the env's frames R^2 "
+                                      f"{_num(result.get('counterfactual_reconstruction_r2'))}), "
                                       f"{result['counterfactual_clips']} states"),
         *([] if not result.get("counterfactual_latent_r2_per_step") else [
             "counterfactual R^2 in latents per step: open loop "

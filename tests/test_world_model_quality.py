@@ -211,9 +211,20 @@ def test_counterfactual_actions_score_the_models_change_against_the_envs(run_dir
     assert measured["counterfactual_next_latent_r2_per_step"][-1] == pytest.approx(expected_last, rel=1e-5, abs=1e-6)
     open_loop_last = 1 - float((latent_change[:, -1] - real_last).square().sum() / real_last.square().sum())
     assert measured["counterfactual_latent_r2_per_step"][-1] == pytest.approx(open_loop_last, rel=1e-5, abs=1e-6)
+    # The tokenizer's round trip of the env's own frames, decoded as the predictions are.
+    round_trip = [wmq.decode_after_context(run.tokenizer, run.tokenizer_params, *torch.split(
+        wmq.encode_windowed(run.tokenizer, run.tokenizer_params, torch.cat([clips["context"], f], 1),
+                            run.cfg.replay.row_frames), [context_len, HORIZON], dim=1), run.cfg.replay.row_frames)
+        for f in clips["frames"]]
+    round_trip_change = round_trip[0] - round_trip[1]
+    expected_round_trip = 1 - float((round_trip_change - real_change).square().sum() / real_change.square().sum())
+    assert measured["counterfactual_reconstruction_r2"] == pytest.approx(expected_round_trip, rel=1e-5, abs=1e-6)
+    assert len(measured["counterfactual_reconstruction_r2_per_step"]) == HORIZON
+    assert measured["counterfactual_reconstruction_r2"] != measured["counterfactual_action_r2"]
     assert wmq.counterfactual_action_metrics(run, None, SEED) == dict.fromkeys(measured)
     assert wmq.counterfactual_clips_for(run, 0, HORIZON, SEED, max_steps=200) is None
     assert "counterfactual actions: the model's change explains R^2" in wmq.format_table(result)
+    assert "the tokenizer's round trip of the env's frames R^2" in wmq.format_table(result)
 
 
 def test_open_loop_first_step_is_next_frame_sample(result):
