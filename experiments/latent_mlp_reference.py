@@ -12,8 +12,9 @@ target per row, with the world model's AdamW settings and batch. No noise, no at
 reaches every hidden unit. `--space pixels` trains it on the frames themselves (one token of every pixel), which
 leaves the tokenizer out; `--model conv` trains a small convolutional net there instead (`NextFrameConv`), the
 pixel-space reference: an MLP's output spans only its last layer's `--width` directions, which on reacher's 32x32
-frames do not fit even its training frames (its `loss` equals `loss_copy_last`). Every `--eval-every` steps it measures, on the fixed held-out clips and counterfactual
-states that `more_world_model_steps.py` uses for the same `--seed`:
+frames do not fit even its training frames (its `loss` equals `loss_copy_last`). Every `--eval-every` steps it
+measures, on the fixed held-out clips and counterfactual states that `more_world_model_steps.py` uses for the same
+`--seed`:
 
 * `latent_next_mse` against `latent_copy_last_mse` and `latent_context_mean_mse`: the first frame after the
   context (`d4func.next_latent.history_baseline_errors`);
