@@ -84,6 +84,8 @@ def acting_params(states: dict[str, TensorDictBase]) -> tuple[TensorDictBase, Te
 def make_eval_policy(
     cfg: RunConfig, models: Models, states: dict[str, TensorDictBase], action_spec: TensorSpec
 ) -> WorldModelPolicy:
+    """The policy a run is evaluated with: its current params on the CPU, a context of a training row's frames,
+    greedy unless `loop.eval_greedy` is off, its own sampling seed."""
     policy = WorldModelPolicy(models.tokenizer, models.dynamics, models.heads, action_spec,
                               context=cfg.replay.row_frames, seed=cfg.seed + 7, greedy=cfg.loop.eval_greedy)
     policy.update_params(*acting_params(states))

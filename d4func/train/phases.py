@@ -40,12 +40,15 @@ StepOutput = TypeVar("StepOutput")
 
 @dataclass
 class Models:
+    """A run's three model templates; their parameters live in the train states (`init_states`)."""
+
     tokenizer: Tokenizer
     dynamics: Dynamics
     heads: AgentHeads
 
 
 def build_models(cfg: RunConfig) -> Models:
+    """The run's stateless model templates (`functional.template`: built on the meta device, no weights)."""
     return Models(template(Tokenizer, cfg.tokenizer), template(Dynamics, cfg.dynamics), template(AgentHeads, cfg.heads))
 
 
