@@ -66,16 +66,13 @@ class _HookedWriter:
         self.file.flush()
 
 
-def save_whole(obj: Any, path: Path, hook: Callable[[str, Path], None] | None = None) -> Path:
-    """`torch.save(obj)` to `path` whole or not at all: a temporary name, flushed and fsynced, renamed over `path`,
-    the rename made durable. A kill mid-write leaves a `.{name}.tmp-<pid>` file beside it, never a torn `path`; a
-    failed write (disk full, ...) leaves nothing. `hook` is a test seam for the kill-during-write tests: called as
-    `hook(stage, tmp)` with stage "partial" (after the first chunk is written) and "written" (complete and fsynced,
-    not yet renamed)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def _replace_whole(path: Path, tmp: Path, write: Callable[[Any], None], mode: str,
+                   hook: Callable[[str, Path], None] | None = None) -> Path:
+    """`write(file)` into `tmp` (opened with `mode`), flushed and fsynced, renamed over `path`, the rename made
+    durable; on any failure `tmp` is removed. `hook`: `save_whole`'s test seam."""
     try:
-        with open(tmp, "wb") as file:
-            torch.save(obj, file if hook is None else _HookedWriter(file, tmp, hook))
+        with open(tmp, mode) as file:
+            write(file if hook is None else _HookedWriter(file, tmp, hook))
             file.flush()
             os.fsync(file.fileno())
         if hook is not None:
@@ -88,14 +85,18 @@ def save_whole(obj: Any, path: Path, hook: Callable[[str, Path], None] | None = 
     return path
 
 
+def save_whole(obj: Any, path: Path, hook: Callable[[str, Path], None] | None = None) -> Path:
+    """`torch.save(obj)` to `path` whole or not at all: a temporary name, flushed and fsynced, renamed over `path`,
+    the rename made durable. A kill mid-write leaves a `.{name}.tmp-<pid>` file beside it, never a torn `path`; a
+    failed write (disk full, ...) leaves nothing. `hook` is a test seam for the kill-during-write tests: called as
+    `hook(stage, tmp)` with stage "partial" (after the first chunk is written) and "written" (complete and fsynced,
+    not yet renamed)."""
+    return _replace_whole(path, path.with_name(f".{path.name}.tmp-{os.getpid()}"), lambda file: torch.save(obj, file),
+                          "wb", hook)
+
+
 def replace_text(path: Path, text: str) -> None:
     """Write `path` whole or not at all (a temporary file, fsynced, renamed over it): a kill mid-write keeps the old
     file, and a crash of the machine cannot leave an empty one under the new name (which would stop every resume:
     config.json is read at each start)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    _replace_whole(path, path.with_name(path.name + ".tmp"), lambda file: file.write(text), "w")

@@ -138,7 +138,7 @@ class NextFrameConv(nn.Module):
         channels, height, width = self.frame_shape
         frames = rearrange(history, "b h 1 (c y x) -> b (h c) y x", c=channels, y=height, x=width)
         if self.discrete:
-            action = F.one_hot(action.long(), self.action_size).to(frames.dtype)
+            action = F.one_hot(action.long(), self.action_size)
         planes = action.to(frames.dtype)[:, :, None, None].expand(-1, -1, height, width)
         x = torch.cat([frames, planes], dim=1)
         for conv in self.hidden:
