@@ -10,9 +10,11 @@ reference) on (the last `--history` latent frames, the action taken after the la
 frame, one transition per replay row at a uniformly drawn position, as the dynamics' teacher forcing trains one
 target per row, with the world model's AdamW settings and batch. No noise, no attention, no tokens: every input
 reaches every hidden unit. `--space pixels` trains it on the frames themselves (one token of every pixel), which
-leaves the tokenizer out; `--model conv` trains a small convolutional net there instead (`NextFrameConv`), the
-pixel-space reference: an MLP's output spans only its last layer's `--width` directions, which on reacher's 32x32
-frames do not fit even its training frames (its `loss` equals `loss_copy_last`). Every `--eval-every` steps it
+leaves the tokenizer out; `--model conv` trains a small convolutional net instead (`NextFrameConv`), the local
+reference: an MLP's output spans only its last layer's `--width` directions, which on reacher's 32x32 frames do
+not fit even its training frames (its `loss` equals `loss_copy_last`). With `--space latents` the convolution reads
+a local-attention tokenizer's latents laid out on their grid (latent j owns block j of the frame), so it asks
+whether the latents keep a local move local enough for a local model. Every `--eval-every` steps it
 measures, on the fixed held-out clips and counterfactual states that `more_world_model_steps.py` uses for the same
 `--seed`:
 
@@ -30,7 +32,7 @@ hold the action's effect and the dynamics is slow to find it; an MLP at 0 too sa
 data) are the obstacle. Nothing in the run directory changes.
 
     python experiments/latent_mlp_reference.py --run runs/reacher32_copy/seed0 --steps 4000 --eval-every 1000 \
-        [--history 2] [--width 256] [--space pixels] [--out runs/mlp_reference.json]
+        [--history 2] [--width 256] [--space pixels] [--model conv] [--out runs/mlp_reference.json]
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from tensordict import TensorDictBase
 from torch import Tensor, nn
 
 from d4func.functional import apply, grad_and_value, init, template
+from d4func.latent_regions import latent_grid
 from d4func.next_latent import history_baseline_errors
 from d4func.optim import AdamWConfig, adamw_init, adamw_update
 from d4func.tokenizer import encode_windowed
@@ -114,20 +117,28 @@ MODELS = ("mlp", "conv")
 
 class NextFrameConv(nn.Module):
     """Frame t+1 as frame t plus a small convolutional net of the `history` frames up to t (stacked as channels)
-    and the action taken after frame t (constant planes; one-hot when discrete): `--model conv`, the pixel-space
+    and the action taken after frame t (constant planes; one-hot when discrete): `--model conv`, the local
     reference. An MLP's output is confined to its last layer's `width` directions, too few for a thin arm that
     can be anywhere in the frame (`NextFrameMLP` on reacher's 3,072 pixel values fits its training frames no
-    better than copying the last one); a convolution predicts every pixel from its neighbourhood. Dilations 1, 2,
-    4, 8, 1, 1 give a 35-pixel receptive field, so a pixel sees the whole arm of a 32x32 frame. Reads and returns
-    `representation(run, "pixels")`'s layout: history `[B, h, 1, C*H*W]` -> frame `[B, 1, C*H*W]` (C counts every
-    camera's channels)."""
+    better than copying the last one); a convolution predicts every element from its neighbourhood. Dilations 1, 2,
+    4, 8, 1, 1 give a 35-element receptive field, so a pixel sees the whole arm of a 32x32 frame.
+
+    `layout="pixels"` reads and returns `representation(run, "pixels")`'s layout, history `[B, h, 1, C*H*W]` ->
+    frame `[B, 1, C*H*W]` (C counts every camera's channels), with `frame_shape = (C, H, W)`. `layout="latent_grid"`
+    reads a local-attention tokenizer's latents laid out on their grid (`d4func.latent_regions.latent_grid`: latent
+    j owns block j, in raster order), history `[B, h, lh*lw, Dz]` -> frame `[B, lh*lw, Dz]`, with
+    `frame_shape = (Dz, lh, lw)`: the same local model on the latents, which asks whether they keep a local move
+    local."""
 
     DILATIONS = (1, 2, 4, 8, 1, 1)
+    LAYOUTS = {"pixels": "b h 1 (c y x)", "latent_grid": "b h (y x) c"}
 
     def __init__(self, frame_shape: tuple[int, int, int], action_size: int, channels: int, discrete: bool,
-                 history: int) -> None:
+                 history: int, layout: str = "pixels") -> None:
         super().__init__()
-        self.frame_shape, self.action_size, self.discrete = frame_shape, action_size, discrete
+        if layout not in self.LAYOUTS:
+            raise ValueError(f"layout must be one of {tuple(self.LAYOUTS)}, got {layout!r}")
+        self.frame_shape, self.action_size, self.discrete, self.layout = frame_shape, action_size, discrete, layout
         frame_channels = frame_shape[0]
         widths = [history * frame_channels + action_size, *[channels] * (len(self.DILATIONS) - 1)]
         self.hidden = nn.ModuleList(nn.Conv2d(w, channels, 3, padding=d, dilation=d)
@@ -136,15 +147,31 @@ class NextFrameConv(nn.Module):
 
     def forward(self, history: Tensor, action: Tensor) -> Tensor:
         channels, height, width = self.frame_shape
-        frames = rearrange(history, "b h 1 (c y x) -> b (h c) y x", c=channels, y=height, x=width)
+        pattern = self.LAYOUTS[self.layout]
+        frames = rearrange(history, f"{pattern} -> b (h c) y x", c=channels, y=height, x=width)
         if self.discrete:
             action = F.one_hot(action.long(), self.action_size)
         planes = action.to(frames.dtype)[:, :, None, None].expand(-1, -1, height, width)
         x = torch.cat([frames, planes], dim=1)
         for conv in self.hidden:
             x = F.silu(conv(x))
-        change = rearrange(self.out(x), "b c y x -> b 1 (c y x)")
+        change = rearrange(self.out(x), f"b c y x -> {pattern.replace(' h ', ' ')}")
         return history[:, -1] + change
+
+
+def conv_frame_shape(run: Any, space: str) -> tuple[tuple[int, int, int], str]:
+    """`NextFrameConv`'s `(frame_shape, layout)` for `space`: the frames (every camera's channels stacked), or the
+    latents on their grid, which only a local-attention tokenizer has (a global latent reads every patch: no
+    place in the frame)."""
+    tok = run.cfg.tokenizer
+    if space == "pixels":
+        return (tok.n_cameras * tok.channels, tok.height, tok.width), "pixels"
+    if tok.latent_attention != "local" or tok.n_cameras != 1:
+        raise ValueError(f"model_kind='conv' on latents lays them on the patch grid, which needs a one-camera "
+                         f"tokenizer with latent_attention='local', got latent_attention={tok.latent_attention!r}, "
+                         f"n_cameras={tok.n_cameras}")
+    rows, cols = latent_grid(tok.height // tok.patch_size, tok.width // tok.patch_size, tok.n_latents)
+    return (tok.latent_dim, rows, cols), "latent_grid"
 
 
 def representation(run: Any, space: str) -> Callable[[Tensor, int | None], Tensor]:
@@ -200,13 +227,11 @@ def train_reference(
     log=print,
 ) -> dict[str, Any]:
     """Train a `NextFrameMLP` of `width` on the frozen latents (or, `space="pixels"`, the frames) of the run in
-    `run_dir` (`model_kind="conv"`: a `NextFrameConv` of `width` channels on the frames) for `steps` AdamW steps
-    (the world model's settings, its learning rate replaced by `lr` if given); measure at step 0 and every
-    `eval_every` steps (module docstring)."""
+    `run_dir` (`model_kind="conv"`: a `NextFrameConv` of `width` channels on the frames or the latents) for
+    `steps` AdamW steps (the world model's settings, its learning rate replaced by `lr` if given); measure at step 0
+    and every `eval_every` steps (module docstring)."""
     if model_kind not in MODELS:
         raise ValueError(f"model_kind must be one of {MODELS}, got {model_kind!r}")
-    if model_kind == "conv" and space != "pixels":
-        raise ValueError(f"model_kind='conv' reads frames: it needs space='pixels', got space={space!r}")
     for name, value, low in (("steps", steps, 1), ("eval_every", eval_every, 1), ("width", width, 1),
                              ("history", history, 1), ("episodes", episodes, 1), ("clips", clips, 2),
                              ("horizon", horizon, 1), ("seed", seed, 0)):
@@ -222,9 +247,8 @@ def train_reference(
     action_size = dyn.n_actions if discrete else dyn.action_dim
     replay = more_steps.run_replay(run_dir, cfg, seed=cfg.seed + seed)
     if model_kind == "conv":
-        tok = cfg.tokenizer  # the frames' shape: every camera's channels stacked
-        model = template(NextFrameConv, (tok.n_cameras * tok.channels, tok.height, tok.width), action_size, width,
-                         discrete, history)
+        frame_shape, layout = conv_frame_shape(run, space)
+        model = template(NextFrameConv, frame_shape, action_size, width, discrete, history, layout)
     else:
         model = template(NextFrameMLP, tokens, token_dim, action_size, width, discrete, history)
     params = init(model, cfg.seed + seed)
@@ -273,7 +297,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--width", type=int, default=256,
                         help="hidden units of each of the MLP's two layers (--model conv: channels of each layer)")
     parser.add_argument("--model", choices=MODELS, default="mlp",
-                        help="conv: a dilated convolutional net on the frames (needs --space pixels)")
+                        help="conv: a dilated convolutional net on the frames, or on the latents laid out on "
+                             "their grid (a local-attention tokenizer's)")
     parser.add_argument("--history", type=int, default=2, help="latent frames the MLP reads")
     parser.add_argument("--space", choices=SPACES, default="latents",
                         help="what the MLP reads and predicts: the frozen tokenizer's latents, or the frames")

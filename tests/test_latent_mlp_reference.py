@@ -4,9 +4,11 @@ the baselines they name, and a run on a tiny online Reach run that leaves the ru
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from einops import rearrange
 from helpers.scripts import load_experiment_script
 from helpers.tiny_runs import tiny_online_reach_run
 from hypothesis import given, settings
@@ -98,24 +100,72 @@ def test_conv_reference_reads_the_pixels_layout_and_its_actions(discrete):
     torch.testing.assert_close(apply(model, zeroed, history, actions[0]), history[:, -1])  # copies the last frame
 
 
+def _latent_grid_input(frames: torch.Tensor) -> torch.Tensor:
+    """Frames `[B, h, Dz, lh, lw]` as a local tokenizer's latents `[B, h, lh*lw, Dz]` (latent j owns block j, raster
+    order)."""
+    return rearrange(frames, "b h c y x -> b h (y x) c")
+
+
+def _grid_of_output(out: torch.Tensor, layout: str, shape: tuple[int, int, int]) -> torch.Tensor:
+    if layout == "pixels":
+        return out.reshape(out.shape[0], *shape)
+    return rearrange(out, "b (y x) c -> b c y x", y=shape[1], x=shape[2])
+
+
 @settings(max_examples=10, deadline=None)
-@given(column=st.integers(0, 5), seed=st.integers(0, 100))
-def test_conv_reference_sees_a_pixel_only_within_its_receptive_field(column, seed):
+@given(column=st.integers(0, 5), seed=st.integers(0, 100), layout=st.sampled_from(["pixels", "latent_grid"]))
+def test_conv_reference_sees_a_pixel_only_within_its_receptive_field(column, seed, layout):
     """Dilations 1, 2, 4, 8, 1, 1 and the 3x3 output layer reach 18 pixels to either side: a change in one column
-    moves no output more than 18 columns away, and does move one within reach (a pixel reads its whole arm)."""
+    moves no output more than 18 columns away, and does move one within reach (a pixel reads its whole arm). On the
+    latent grid the same holds in latent columns: the raster order is read as the grid."""
     reach = sum(ref.NextFrameConv.DILATIONS) + 1
     assert reach == 18
     shape = (3, 4, 40)
-    model = template(ref.NextFrameConv, shape, 2, 4, False, 1)
+    model = template(ref.NextFrameConv, shape, 2, 4, False, 1, layout)
     params = init(model, seed)
     frames = torch.rand(1, 1, *shape, generator=torch.Generator().manual_seed(seed))
     changed = frames.clone()
     changed[..., column] += 1.0
     action = torch.zeros(1, 2)
-    delta = (apply(model, params, _conv_input(changed), action) - apply(model, params, _conv_input(frames), action))
-    moved = delta.reshape(shape).abs().amax(dim=(0, 1)) > 0  # per column
+    as_input = _conv_input if layout == "pixels" else _latent_grid_input
+    delta = apply(model, params, as_input(changed), action) - apply(model, params, as_input(frames), action)
+    moved = _grid_of_output(delta, layout, shape).abs().amax(dim=(0, 1, 2)) > 0  # per column
     assert not moved[column + reach + 1:].any()
     assert moved[column + reach - 2:column + reach + 1].any()
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+def test_conv_reference_on_the_latent_grid_reads_and_returns_latents_and_its_actions(discrete):
+    action_size = 5 if discrete else 2
+    latent_dim, rows, cols = 8, 2, 3
+    model = template(ref.NextFrameConv, (latent_dim, rows, cols), action_size, 8, discrete, 2, "latent_grid")
+    params = init(model, 0)
+    history = torch.rand(4, 2, rows * cols, latent_dim)
+    actions = [torch.tensor([0, 1, 4, 2]), torch.tensor([2, 2, 3, 0])] if discrete else [torch.rand(4, 2) * 2 - 1,
+                                                                                         torch.rand(4, 2) * 2 - 1]
+    out = apply(model, params, history, actions[0])
+    assert out.shape == (4, rows * cols, latent_dim)
+    assert not torch.allclose(out, apply(model, params, history, actions[1]))
+    zeroed = params.clone()
+    zeroed["out", "weight"].zero_()
+    zeroed["out", "bias"].zero_()
+    torch.testing.assert_close(apply(model, zeroed, history, actions[0]), history[:, -1])
+    with pytest.raises(ValueError, match="'tokens'"):
+        ref.NextFrameConv((latent_dim, rows, cols), action_size, 8, discrete, 2, "tokens")
+
+
+def test_conv_frame_shape_puts_a_local_tokenizers_latents_on_their_grid():
+    def run_with(**tokenizer):
+        base = {"height": 32, "width": 32, "channels": 3, "n_cameras": 1, "patch_size": 4, "n_latents": 16,
+                "latent_dim": 8, "latent_attention": "local"}
+        return SimpleNamespace(cfg=SimpleNamespace(tokenizer=SimpleNamespace(**{**base, **tokenizer})))
+
+    # An 8x8 patch grid in 16 blocks of 2x2 patches: a 4x4 latent grid; one latent per patch: 8x8.
+    assert ref.conv_frame_shape(run_with(), "latents") == ((8, 4, 4), "latent_grid")
+    assert ref.conv_frame_shape(run_with(n_latents=64, latent_dim=4), "latents") == ((4, 8, 8), "latent_grid")
+    assert ref.conv_frame_shape(run_with(n_cameras=2), "pixels") == ((6, 32, 32), "pixels")
+    with pytest.raises(ValueError, match="n_cameras=2"):
+        ref.conv_frame_shape(run_with(n_cameras=2), "latents")
 
 
 def test_an_mlp_that_changes_nothing_scores_copy_last_and_explains_no_action(run_dir):
@@ -166,7 +216,8 @@ def test_bad_space_and_a_history_longer_than_the_context_are_named(run_dir):
         ref.train_reference(run_dir, steps=1, eval_every=1, width=0)
     with pytest.raises(ValueError, match="'transformer'"):
         ref.train_reference(run_dir, steps=1, eval_every=1, model_kind="transformer")
-    with pytest.raises(ValueError, match="space='latents'"):
+    # Reach's tokenizer lets every latent read every patch: its latents have no place on a grid.
+    with pytest.raises(ValueError, match="latent_attention='global'"):
         ref.train_reference(run_dir, steps=1, eval_every=1, model_kind="conv")
 
 
