@@ -81,6 +81,13 @@ class DynamicsConfig:
     # (experiments/dynamics_copy_probe.py --action-pose; docs/results.md, Sec. 2), it starts sooner but is not ahead
     # at 2,000 updates with the copy options, and on reacher-easy's latents it did worse: an option to compare.
     action_film: bool = False
+    # Not in the paper, whose space attention knows its tokens' places only through RoPE over their index (relative,
+    # one-dimensional): add a learned position embedding to each latent token, as the tokenizer's decoder does to its
+    # latents (`latent_pos`). A local-attention tokenizer's latents each describe one block of the frame with shared
+    # weights, so two blocks showing the same thing give the same latents; where a block's next state depends on
+    # where it is (an arm turning about a fixed joint), the token must learn its place from RoPE's offsets to the
+    # action and signal tokens. Off by default; measured on reacher-easy's frozen latents (docs/results.md, Sec. 2).
+    latent_positions: bool = False
     # Per-frame loss weight: the paper's ramp w(tau) = 0.9 tau + 0.1, or "uniform" (objectives.frame_weight).
     loss_weight: str = "ramp"
     # Not in the paper; forcing="teacher" only: the share of training rows whose last history frame is the model's
@@ -261,6 +268,8 @@ class Dynamics(nn.Module):
         if cfg.action_film:
             # Per layer: scale and shift of the attention input, then of the MLP input (Block).
             self.action_film = ZeroLinear(width, cfg.transformer.n_layers * 4 * width)
+        # Registered last, so that the other parameters draw the same initial values with or without it.
+        self.latent_positions = LearnedTokens(cfg.latent_tokens // cfg.pack, width) if cfg.latent_positions else None
 
     def signal_indices(self, tau: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
         tau_index = torch.round(tau * self.cfg.k_max).long()
@@ -324,11 +333,10 @@ class Dynamics(nn.Module):
         if cfg.action_film:
             film = rearrange(self.action_film(F.silu(action_tokens[:, :, 0])), "b t (l k d) -> l k b t d",
                              l=cfg.transformer.n_layers, k=4)
-        parts = [
-            action_tokens,
-            rearrange(signal, "b t d -> b t 1 d"),
-            self.latent_in(rearrange(z_noisy, "b t (s p) z -> b t s (p z)", p=cfg.pack)),
-        ]
+        latent_tokens = self.latent_in(rearrange(z_noisy, "b t (s p) z -> b t s (p z)", p=cfg.pack))
+        if self.latent_positions is not None:
+            latent_tokens = latent_tokens + self.latent_positions()
+        parts = [action_tokens, rearrange(signal, "b t d -> b t 1 d"), latent_tokens]
         if self.registers is not None:
             parts.append(repeat(self.registers(), "r d -> b t r d", b=batch, t=steps))
         if cfg.n_agent_tokens:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from einops import rearrange
 from helpers.frozen_target import frozen_target_loss
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -35,7 +36,7 @@ from d4func.train.dynamics_step import denoiser, dynamics_loss
 from d4func.train.run_config import load_run_config
 
 
-def make(discrete=False, agent=0, logit_cap=30.0, k_max=8, seed=0, steps=4, skip=False, film=False):
+def make(discrete=False, agent=0, logit_cap=30.0, k_max=8, seed=0, steps=4, skip=False, film=False, positions=False):
     """A small dynamics model. `film` turns on `action_film` with random FiLM weights (it starts at zero, where it
     would be inert and every test of it would pass trivially)."""
     cfg = DynamicsConfig(
@@ -43,7 +44,7 @@ def make(discrete=False, agent=0, logit_cap=30.0, k_max=8, seed=0, steps=4, skip
                                       logit_cap=logit_cap),
         latent_tokens=6, latent_dim=4, pack=2, n_registers=2, n_agent_tokens=agent,
         action_dim=0 if discrete else 3, n_actions=5 if discrete else 0, k_max=k_max, sampling_steps=steps,
-        previous_frame_skip=skip, action_film=film,
+        previous_frame_skip=skip, action_film=film, latent_positions=positions,
     )
     model = template(Dynamics, cfg)
     params = init(model, seed)
@@ -69,9 +70,9 @@ def inputs(cfg, batch=2, steps=5, seed=0, discrete=False):
 
 @settings(max_examples=10, deadline=None)
 @given(discrete=st.booleans(), agent=st.sampled_from([0, 2]), seed=st.integers(0, 999), skip=st.booleans(),
-       film=st.booleans(), data=st.data())
-def test_future_latents_and_actions_never_change_past_predictions(discrete, agent, seed, skip, film, data):
-    cfg, model, params = make(discrete=discrete, agent=agent, seed=seed, skip=skip, film=film)
+       film=st.booleans(), positions=st.booleans(), data=st.data())
+def test_future_latents_and_actions_never_change_past_predictions(discrete, agent, seed, skip, film, positions, data):
+    cfg, model, params = make(discrete=discrete, agent=agent, seed=seed, skip=skip, film=film, positions=positions)
     z, tau, d, actions = inputs(cfg, seed=seed, discrete=discrete)
     t = data.draw(st.integers(0, 3), label="t")
     z2, actions2, tau2 = z.clone(), actions.clone(), tau.clone()
@@ -310,6 +311,38 @@ def test_action_film_starts_as_the_token_only_model_and_then_conditions_on_the_a
     assert not torch.allclose(added[0], added[1], atol=1e-4)
 
 
+def _silenced(params):
+    """Params whose every attention and MLP output projection is zero: the blocks add nothing, tokens do not mix."""
+    params = params.clone()
+    for key in list(params.keys(include_nested=True, leaves_only=True)):
+        if key[-2:] in (("out_proj", "weight"), ("down", "weight")):
+            params[key] = torch.zeros_like(params[key])
+    return params
+
+
+def test_latent_positions_tell_apart_tokens_that_show_the_same_thing():
+    """`latent_positions` adds one learned vector per latent token. Zero, it is the model without the option (the
+    other parameters are the same draws); learned, it gives two tokens of equal content different predictions even
+    where the tokens do not mix (silenced blocks), which without it only RoPE's offsets inside attention can."""
+    cfg, model, params = make()
+    pos_cfg, pos_model, pos_params = make(positions=True)
+    assert pos_params["latent_positions", "weight"].shape == (cfg.latent_tokens // cfg.pack, cfg.transformer.d_model)
+    torch.testing.assert_close(pos_params.exclude("latent_positions"), params)
+    z, tau, d, actions = inputs(cfg)
+    zeroed = pos_params.clone()
+    zeroed["latent_positions", "weight"].zero_()
+    x = apply(model, params, z, tau, d, actions)[0]
+    assert torch.equal(apply(pos_model, zeroed, z, tau, d, actions)[0], x)
+    assert not torch.allclose(apply(pos_model, pos_params, z, tau, d, actions)[0], x, atol=1e-4)
+
+    same = z[:, :, :1].expand_as(z).clone()  # every latent of a frame shows the same thing
+    for model_, params_, apart in ((model, params, False), (pos_model, pos_params, True)):
+        out = rearrange(apply(model_, _silenced(params_), same, tau, d, actions)[0], "b t (s p) z -> b t s (p z)",
+                        p=cfg.pack)  # one row per token: a token's latents come from different output weights
+        differs = not torch.allclose(out, out[:, :, :1].expand_as(out), atol=1e-6)
+        assert differs == apart
+
+
 def test_past_frames_and_actions_reach_later_predictions():
     """The time layers carry information forward: a model that ignored the past would pass the causality test."""
     cfg, model, params = make()
@@ -330,10 +363,7 @@ def test_each_output_latent_comes_from_its_own_packed_token():
     input latent j changes exactly the outputs of j's pack group. Unpacking `(p s)` against packing `(s p)` would
     move them to other positions."""
     cfg, model, params = make()
-    params = params.clone()
-    for key in list(params.keys(include_nested=True, leaves_only=True)):
-        if key[-2:] in (("out_proj", "weight"), ("down", "weight")):
-            params[key] = torch.zeros_like(params[key])
+    params = _silenced(params)
     z, tau, d, actions = inputs(cfg)
     x, _, _ = apply(model, params, z, tau, d, actions)
     for j in range(cfg.latent_tokens):
@@ -435,10 +465,10 @@ def test_flow_frames_regress_to_clean_latents():
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])
-@pytest.mark.parametrize("discrete, skip, film", [(False, False, False), (True, False, False), (False, True, False),
-                                                  (True, False, True)])
-def test_cached_generation_equals_uncached(steps, discrete, skip, film):
-    cfg, model, params = make(discrete=discrete, agent=2, steps=steps, skip=skip, film=film)
+@pytest.mark.parametrize("discrete, skip, film, positions", [(False, False, False, False), (True, False, False, False),
+                                                             (False, True, False, True), (True, False, True, False)])
+def test_cached_generation_equals_uncached(steps, discrete, skip, film, positions):
+    cfg, model, params = make(discrete=discrete, agent=2, steps=steps, skip=skip, film=film, positions=positions)
     z, _, _, actions = inputs(cfg, steps=7, discrete=discrete)
     fn = functools.partial(apply, model, params)
     cached = generate(fn, z[:, :3], actions, 4, torch.Generator().manual_seed(5), cfg)
