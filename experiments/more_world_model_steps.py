@@ -179,18 +179,21 @@ def continue_world_model(
     counterfactual = wmq.counterfactual_clips_for(run, clips, horizon, seed, max_steps)
     generator = torch.Generator().manual_seed(cfg.seed + seed + 7)
 
-    def evaluate(step: int, seconds: float, losses: list[float]) -> dict[str, Any]:
+    def evaluate(step: int, seconds: float, losses: list[float], dynamics_losses: list[float]) -> dict[str, Any]:
         current = dataclasses.replace(run, tokenizer_params=tokenizer_state["params"],
                                       dynamics_params=state["params", "dynamics"],
                                       heads_params=state["params", "heads"])
         row = {"extra_steps": step, "train_seconds": round(seconds, 1),
                "world_model_loss": sum(losses) / len(losses) if losses else None,
+               # The shortcut-forcing term alone: the other two (behaviour cloning, reward) can hide its course.
+               "dynamics_loss": sum(dynamics_losses) / len(dynamics_losses) if dynamics_losses else None,
                **measure(current, frames, actions, rewards, seed, counterfactual)}
         log(json.dumps(row))
         return row
 
-    rows = [evaluate(0, 0.0, [])]
+    rows = [evaluate(0, 0.0, [], [])]
     losses: list[float] = []
+    dynamics_losses: list[float] = []
     seconds = 0.0
     for step in range(1, steps + 1):
         started = time.perf_counter()
@@ -207,9 +210,10 @@ def continue_world_model(
                                              ema_decay=cfg.optim.ema_decay)
         seconds += time.perf_counter() - started
         losses.append(float(metrics["loss"]))
+        dynamics_losses.append(float(metrics["dynamics_loss"]))
         if step % eval_every == 0 or step == steps:
-            rows.append(evaluate(step, seconds, losses))
-            losses = []
+            rows.append(evaluate(step, seconds, losses, dynamics_losses))
+            losses, dynamics_losses = [], []
     return {
         "run": str(run_dir),
         "checkpoint": str(run.checkpoint),

@@ -397,14 +397,15 @@ def test_more_world_model_steps_latent_columns_are_the_errors_they_name(run_dir)
     assert measured["latent_copy_noisy_last_mse"] != measured["latent_copy_last_mse"]
 
 
-def test_more_world_model_steps_loss_column_averages_only_the_steps_since_the_last_row(run_dir, monkeypatch):
+def test_more_world_model_steps_loss_columns_average_only_the_steps_since_the_last_row(run_dir, monkeypatch):
     mws = _load_more_steps_script()
-    losses, tokenizer_steps = [], []
+    losses, dynamics_losses, tokenizer_steps = [], [], []
     real_step, real_tokenizer_step = mws.agent_finetune_step, mws.tokenizer_train_step
 
     def recording_step(*args, **kwargs):
         state, metrics = real_step(*args, **kwargs)
         losses.append(float(metrics["loss"]))
+        dynamics_losses.append(float(metrics["dynamics_loss"]))
         return state, metrics
 
     def recording_tokenizer_step(*args, **kwargs):
@@ -419,6 +420,10 @@ def test_more_world_model_steps_loss_column_averages_only_the_steps_since_the_la
     rows = result["rows"]
     assert rows[1]["world_model_loss"] == pytest.approx((losses[0] + losses[1]) / 2)
     assert rows[2]["world_model_loss"] == pytest.approx(losses[2])
+    assert rows[0]["dynamics_loss"] is None
+    assert rows[1]["dynamics_loss"] == pytest.approx((dynamics_losses[0] + dynamics_losses[1]) / 2)
+    assert rows[2]["dynamics_loss"] == pytest.approx(dynamics_losses[2])
+    assert dynamics_losses != losses  # the column is the dynamics term, not the whole loss
     assert len(tokenizer_steps) == 1  # every loop.tokenizer_every-th step, as the loop trains it
 
 
