@@ -131,7 +131,8 @@ class NextFrameConv(nn.Module):
     local."""
 
     DILATIONS = (1, 2, 4, 8, 1, 1)
-    LAYOUTS = {"pixels": "b h 1 (c y x)", "latent_grid": "b h (y x) c"}
+    # Per layout: how a history `[B, h, ...]` and a frame `[B, ...]` hold the c x y x x grid.
+    LAYOUTS = {"pixels": ("b h 1 (c y x)", "b 1 (c y x)"), "latent_grid": ("b h (y x) c", "b (y x) c")}
 
     def __init__(self, frame_shape: tuple[int, int, int], action_size: int, channels: int, discrete: bool,
                  history: int, layout: str = "pixels") -> None:
@@ -147,15 +148,15 @@ class NextFrameConv(nn.Module):
 
     def forward(self, history: Tensor, action: Tensor) -> Tensor:
         channels, height, width = self.frame_shape
-        pattern = self.LAYOUTS[self.layout]
-        frames = rearrange(history, f"{pattern} -> b (h c) y x", c=channels, y=height, x=width)
+        history_pattern, frame_pattern = self.LAYOUTS[self.layout]
+        frames = rearrange(history, f"{history_pattern} -> b (h c) y x", c=channels, y=height, x=width)
         if self.discrete:
             action = F.one_hot(action.long(), self.action_size)
         planes = action.to(frames.dtype)[:, :, None, None].expand(-1, -1, height, width)
         x = torch.cat([frames, planes], dim=1)
         for conv in self.hidden:
             x = F.silu(conv(x))
-        change = rearrange(self.out(x), f"b c y x -> {pattern.replace(' h ', ' ')}")
+        change = rearrange(self.out(x), f"b c y x -> {frame_pattern}")
         return history[:, -1] + change
 
 
@@ -170,7 +171,7 @@ def conv_frame_shape(run: Any, space: str) -> tuple[tuple[int, int, int], str]:
         raise ValueError(f"model_kind='conv' on latents lays them on the patch grid, which needs a one-camera "
                          f"tokenizer with latent_attention='local', got latent_attention={tok.latent_attention!r}, "
                          f"n_cameras={tok.n_cameras}")
-    rows, cols = latent_grid(tok.height // tok.patch_size, tok.width // tok.patch_size, tok.n_latents)
+    rows, cols = latent_grid(*tok.patch_grid, tok.n_latents)
     return (tok.latent_dim, rows, cols), "latent_grid"
 
 

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from d4func.functional import apply, init, template
+from d4func.tokenizer import TokenizerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 1
@@ -158,7 +159,7 @@ def test_conv_frame_shape_puts_a_local_tokenizers_latents_on_their_grid():
     def run_with(**tokenizer):
         base = {"height": 32, "width": 32, "channels": 3, "n_cameras": 1, "patch_size": 4, "n_latents": 16,
                 "latent_dim": 8, "latent_attention": "local"}
-        return SimpleNamespace(cfg=SimpleNamespace(tokenizer=SimpleNamespace(**{**base, **tokenizer})))
+        return SimpleNamespace(cfg=SimpleNamespace(tokenizer=TokenizerConfig(**{**base, **tokenizer})))
 
     # An 8x8 patch grid in 16 blocks of 2x2 patches: a 4x4 latent grid; one latent per patch: 8x8.
     assert ref.conv_frame_shape(run_with(), "latents") == ((8, 4, 4), "latent_grid")
