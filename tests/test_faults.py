@@ -480,6 +480,6 @@ def test_checked_update_stops_on_a_non_finite_gradient_naming_the_step_attempted
         checked_update(state, bad_grads, {"loss": torch.tensor(float("nan"))}, AdamWConfig())
     grads = TensorDict({"w": torch.ones(2)}, [])
     new_state, metrics = checked_update(state, grads, {"loss": torch.tensor(1.0)}, AdamWConfig(lr=0.1))
-    assert set(metrics) == {"loss", "grad_norm"} and int(new_state["step"]) == 1
+    assert set(metrics) == {"loss", "grad_norm", "lr"} and int(new_state["step"]) == 1
     assert int(state["step"]) == 0 and torch.equal(state["params"]["w"], torch.ones(2))  # pure
     assert not torch.equal(new_state["params"]["w"], torch.ones(2))

@@ -324,7 +324,12 @@ def test_lpips_without_backbone_weights_stops_before_training(tmp_path, monkeypa
 def test_offline_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     data = _collect_cartpole(tmp_path / "data", steps=40)
     common = ["loop.mode=offline", f"loop.offline_data={data}", "loop.agent_start=2", "loop.eval_every=1000",
-              "loop.checkpoint_every=1000", "env.eval_episodes=0", "loop.log_every=1"]
+              "loop.checkpoint_every=1000", "env.eval_episodes=0", "loop.log_every=1",
+              # Learning-rate schedules whose warmup and decay the split at step 3 falls inside: the resumed run
+              # must pick each curve up at its saved update count.
+              "optim.tokenizer.warmup_steps=2", "optim.tokenizer.schedule=cosine", "optim.tokenizer.decay_steps=4",
+              "optim.world_model.schedule=linear", "optim.world_model.decay_steps=3",
+              "optim.agent.warmup_steps=3", "optim.agent.schedule=linear", "optim.agent.decay_steps=2"]
     whole = load_run_config(DEBUG, [f"run_dir={tmp_path / 'whole'}", *common, "loop.offline_steps=5",
                                     "loop.gif_every=1000"])
     train(whole, progress=False)
