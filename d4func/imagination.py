@@ -1,9 +1,9 @@
 """Imagination training (paper Sec. 3.4, Eq. 11; Algorithm 1 phases 2-3).
 
 Section 1 is the pure RL math, model-independent: lambda-returns, the PMPO policy loss, the reverse KL to the
-behaviour-cloning prior, the twohot value loss with its slow-target regulariser, and the multi-token-prediction
-(MTP) target builder used by phase-2 finetuning. Every function maps tensors to tensors (and a metrics dict); none
-holds state or draws randomness.
+behaviour-cloning prior and the twohot value loss with its slow-target regulariser. Every function maps tensors to
+tensors (and a metrics dict); none holds state or draws randomness. (The multi-token-prediction targets of phase-2
+finetuning are in `d4func/multi_token.py`; `mtp_targets` stays importable from here.)
 
 Section 2 rolls the policy out inside the world model from replay contexts (issue 5, point 4): `commit_frames`
 puts frames into the KV cache and returns the agent-token outputs that the heads read, `imagine` alternates policy
@@ -26,6 +26,7 @@ from d4func.distributions import BoundedNormal, Categorical, kl_divergence, twoh
 from d4func.dynamics import Dynamics, DynamicsConfig, actions_into_frames
 from d4func.functional import apply
 from d4func.heads import AgentHeads, policy_dist, reward_dist
+from d4func.multi_token import mtp_targets
 from d4func.objectives import add_noise, sample_noise
 from d4func.sampler import Frames, WorldModelFn, denoise_frame
 from d4func.transformer import empty_cache, keep_last_steps
@@ -265,50 +266,6 @@ def value_loss(
         return_mean=_weighted_mean(returns.detach().float(), w),
     )
     return loss, metrics
-
-
-def mtp_targets(x: Tensor, mask_is_last_or_done: Tensor, L: int = 8) -> tuple[Tensor, Tensor]:
-    """Multi-token-prediction targets (paper Eq. 9-10): the policy and reward heads at step t predict a_{t+n} and
-    r_{t+n} for several offsets n, from the same agent token h_t.
-
-    Offsets are n = 0 .. L-1: n = 0 is the ordinary prediction the policy acts with and the reward head annotates
-    imagined steps with, so it must be among the targets; n >= 1 are the extra MTP targets. `L` counts the
-    predicted steps (L = 8 in the paper); the paper writes its sum as n = 0..L, so pass L = 9 for that literal
-    count.
-
-    x: [B, T, ...] per-step quantities (actions or rewards) in the dataset's per-step layout;
-    mask_is_last_or_done: bool [B, T], True where step t is the last step of its episode (is_last or terminal),
-    i.e. step t+1, if present, belongs to another episode.
-
-    Returns (targets [B, T, L, ...] with targets[:, t, n] = x[:, t+n], valid bool [B, T, L]). valid[:, t, n] is
-    False when t + n >= T (past the sequence end) or when an episode ends at some step in t .. t+n-1 (the target
-    belongs to a later episode); invalid targets are zero-filled so they never leak values.
-    """
-    if x.dim() < 2:
-        raise ValueError(f"x must be [B, T, ...], got shape {tuple(x.shape)}")
-    if mask_is_last_or_done.shape != x.shape[:2]:
-        raise ValueError(
-            f"mask_is_last_or_done shape {tuple(mask_is_last_or_done.shape)} must be [B, T] = {tuple(x.shape[:2])}"
-        )
-    if mask_is_last_or_done.dtype != torch.bool:
-        raise TypeError(f"mask_is_last_or_done must be bool, got {mask_is_last_or_done.dtype}")
-    if L < 1:
-        raise ValueError(f"L must be >= 1, got {L}")
-    T = x.shape[1]
-    steps = torch.arange(T, device=x.device)
-    idx = steps[:, None] + torch.arange(L, device=x.device)[None, :]  # [T, L]: the target step t + n
-    in_range = idx < T
-    idx_c = idx.clamp(max=T - 1)
-    # Episode ends strictly before each step; the target t+n is in t's episode iff no end lies in t .. t+n-1,
-    # i.e. iff the count of ends strictly before t+n equals the count strictly before t.
-    ends = mask_is_last_or_done.long()
-    ends_before = ends.cumsum(dim=1) - ends  # [B, T]
-    same_episode = ends_before[:, idx_c] == ends_before[:, :, None]  # [B, T, L]
-    valid = same_episode & in_range[None]
-    targets = x[:, idx_c]  # [B, T, L, ...]
-    fill = valid.reshape(*valid.shape, *([1] * (x.dim() - 2)))
-    targets = torch.where(fill, targets, torch.zeros_like(targets))
-    return targets, valid
 
 
 # ===============================================================================================================

@@ -19,7 +19,8 @@ from d4func.distributions import (
     twohot_log_prob,
     twohot_mean,
 )
-from d4func.imagination import center_per_step, lambda_returns, mtp_targets, pmpo_loss, reverse_kl, value_loss
+from d4func.imagination import center_per_step, lambda_returns, pmpo_loss, reverse_kl, value_loss
+from d4func.multi_token import mtp_targets
 
 torch.set_num_threads(1)
 FAST = settings(max_examples=30, deadline=None)

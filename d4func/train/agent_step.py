@@ -41,7 +41,8 @@ from torch import Tensor
 from d4func.dynamics import Dynamics, actions_into_frames
 from d4func.functional import apply, grad_and_value
 from d4func.heads import AgentHeads, policy_dist, reward_dist
-from d4func.imagination import ImaginationConfig, imagination_loss, imagine, mtp_targets
+from d4func.imagination import ImaginationConfig, imagination_loss, imagine
+from d4func.multi_token import mtp_targets
 from d4func.objectives import (
     add_noise,
     check_self_forcing_has_targets,
