@@ -9,10 +9,13 @@ on their grid, `--space latents`) and regresses the transition's reward (MSE), w
 and batch. Every `--eval-every` steps it measures `reward_r2` (1 - MSE / variance) and `reward_corr` on held-out
 clips, the same clips `world_model_quality.reward_metrics` scores the run's own reward head on (its figure is in the
 output as `reward_head`). Rewards of the frames' incoming transitions: frame t of a clip shows the state the
-reward of transition t - 1 was paid for. Nothing in the run directory changes.
+reward of transition t - 1 was paid for. Beside them, `loss_r2` is the fit on the training batches since the last
+row (1 - their MSE / their rewards' variance): a net that fits its training episodes and not held-out ones has
+learned those episodes, not the reward. `--data` trains on another recording of the run's env instead of the
+run's replay (more episodes, say). Nothing in the run directory changes.
 
     python experiments/reward_probe.py --run runs/reacher32_offP --steps 3000 --eval-every 1000 \
-        [--space latents] [--width 32] [--clips 64] [--out runs/reward_probe.json]
+        [--space latents] [--width 32] [--clips 64] [--data runs/data/other] [--out runs/reward_probe.json]
 """
 
 from __future__ import annotations
@@ -83,11 +86,27 @@ def fit_figures(predicted: Tensor, actual: Tensor) -> dict[str, float | None]:
             "reward_corr": covariance / spread if spread > 0 else None}
 
 
+def training_replay(run_dir: str | Path, run: Any, data: str | Path | None, seed: int):
+    """The run's replay, or the dataset at `data`, which must record the run's env at the run's image size and
+    action repeat (its metadata's `env_config`)."""
+    cfg = run.cfg
+    if data is None:
+        return more_steps.run_replay(run_dir, cfg, seed=cfg.seed + seed)
+    from d4func.data.offline import load_offline, read_metadata
+
+    recorded = read_metadata(data).get("env_config") or {}
+    wanted = {"name": run.env_name, "image_size": cfg.env.image_size, "action_repeat": cfg.env.action_repeat}
+    differing = {key: recorded.get(key) for key, value in wanted.items() if recorded.get(key) != value}
+    if differing:
+        raise ValueError(f"dataset {str(data)!r} records {differing}, the run {wanted}: train on the run's env")
+    return load_offline(data, cfg.replay.seq_len, cfg.replay.batch_size, seed=cfg.seed + seed)
+
+
 def train_probe(run_dir: str | Path, steps: int, eval_every: int, space: str = "pixels", width: int = 32,
-                episodes: int = 8, clips: int = 64, seed: int = 0, max_steps: int = 200, log=print
-                ) -> dict[str, Any]:
-    """Train a `RewardConv` of `width` channels on the run's replay for `steps` AdamW steps; measure at step 0 and
-    every `eval_every` steps (module docstring)."""
+                episodes: int = 8, clips: int = 64, seed: int = 0, max_steps: int = 200,
+                data: str | Path | None = None, log=print) -> dict[str, Any]:
+    """Train a `RewardConv` of `width` channels on the run's replay (or the dataset at `data`) for `steps` AdamW
+    steps; measure at step 0 and every `eval_every` steps (module docstring)."""
     for name, value, low in (("steps", steps, 1), ("eval_every", eval_every, 1), ("width", width, 1),
                              ("episodes", episodes, 1), ("clips", clips, 2), ("seed", seed, 0)):
         if not isinstance(value, int) or value < low:
@@ -106,20 +125,24 @@ def train_probe(run_dir: str | Path, steps: int, eval_every: int, space: str = "
     model = template(RewardConv, held_out.shape[1], width)
     params = init(model, cfg.seed + seed)
     moments = adamw_init(params)
-    replay = more_steps.run_replay(run_dir, cfg, seed=cfg.seed + seed)
+    replay = training_replay(run_dir, run, data, seed)
 
     def loss_fn(p: TensorDictBase, inputs: Tensor, target: Tensor) -> Tensor:
         return (apply(model, p, inputs) - target).square().mean()
 
-    def evaluate(step: int, seconds: float, losses: list[float]) -> dict[str, Any]:
+    def evaluate(step: int, seconds: float, losses: list[float], targets: list[Tensor]) -> dict[str, Any]:
         with torch.no_grad():
             predicted = apply(model, params, held_out)
-        return {"step": step, "train_seconds": round(seconds, 1),
-                "loss": sum(losses) / len(losses) if losses else None, **fit_figures(predicted, held_out_rewards)}
+        loss = sum(losses) / len(losses) if losses else None
+        variance = float(torch.cat(targets).double().var(unbiased=False)) if targets else 0.0
+        return {"step": step, "train_seconds": round(seconds, 1), "loss": loss,
+                "loss_r2": 1.0 - loss / variance if loss is not None and variance > 0 else None,
+                **fit_figures(predicted, held_out_rewards)}
 
-    rows = [evaluate(0, 0.0, [])]
+    rows = [evaluate(0, 0.0, [], [])]
     log(json.dumps(rows[-1]))
     losses: list[float] = []
+    targets: list[Tensor] = []
     seconds = 0.0
     for step in range(1, steps + 1):
         started = time.perf_counter()
@@ -132,12 +155,14 @@ def train_probe(run_dir: str | Path, steps: int, eval_every: int, space: str = "
         params, moments, _ = adamw_update(params, grads, moments, step - 1, cfg.optim.world_model)
         seconds += time.perf_counter() - started
         losses.append(float(loss))
+        targets.append(target)
         if step % eval_every == 0 or step == steps:
-            rows.append(evaluate(step, seconds, losses))
+            rows.append(evaluate(step, seconds, losses, targets))
             log(json.dumps(rows[-1]))
-            losses = []
+            losses, targets = [], []
     return {"run": str(run_dir), "checkpoint": str(run.checkpoint), "run_step": run.step, "env": run.env_name,
-            "replay_transitions": replay.transition_count(), "space": space, "width": width,
+            "data": None if data is None else str(data), "replay_transitions": replay.transition_count(),
+            "space": space, "width": width,
             "lr": cfg.optim.world_model.lr, "episodes": episodes, "clips": clips, "seed": seed,
             "held_out_rewards": {"count": held_out_rewards.numel(),
                                  "positive": int((held_out_rewards > 0).sum()),
@@ -157,13 +182,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--clips", type=int, default=64, help="held-out clips drawn from them")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=200)
+    parser.add_argument("--data", default=None,
+                        help="train on this recording of the run's env instead of the run's replay")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="JSON path (default RUN/reward_probe.json)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     result = train_probe(args.run, args.steps, args.eval_every, args.space, args.width, args.episodes, args.clips,
-                         args.seed, args.max_steps)
+                         args.seed, args.max_steps, args.data)
     out = Path(args.out) if args.out else Path(args.run) / "reward_probe.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"reward head of the run: R2 {result['reward_head']['reward_r2']}; probe at the end: "

@@ -79,6 +79,8 @@ def test_train_probe_scores_the_reward_heads_clips_and_writes_nothing_into_the_r
     rows = result["rows"]
     assert [row["step"] for row in rows] == [0, 2, 3]
     assert rows[0]["loss"] is None and all(math.isfinite(row["loss"]) for row in rows[1:])
+    assert rows[0]["loss_r2"] is None and all(row["loss_r2"] is None or row["loss_r2"] <= 1.0 for row in rows[1:])
+    assert result["data"] is None  # the run's own replay
     # The reward head is scored on the same held-out clips, as world_model_quality.reward_metrics scores it.
     run = probe.wmq.load_run(run_dir)
     cfg = run.cfg
@@ -88,6 +90,19 @@ def test_train_probe_scores_the_reward_heads_clips_and_writes_nothing_into_the_r
     assert result["held_out_rewards"]["count"] == rewards[:, :-1].numel()
     after = {str(p): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
     assert after == before
+
+
+def test_a_dataset_of_another_env_is_refused_by_what_differs(run_dir, tmp_path):
+    from d4func.data.offline import DATASET_FORMAT, META_FILE
+
+    other = tmp_path / "cartpole_data"
+    other.mkdir()
+    run = probe.wmq.load_run(run_dir)
+    (other / META_FILE).write_text(json.dumps({"format": DATASET_FORMAT, "env_config": {
+        "name": "dmc:cartpole-swingup", "image_size": run.cfg.env.image_size, "action_repeat": 2}}))
+    with pytest.raises(ValueError, match="'name': 'dmc:cartpole-swingup'") as caught:
+        probe.train_probe(run_dir, steps=1, eval_every=1, episodes=1, clips=2, data=other)
+    assert "image_size" not in str(caught.value).split("records")[1].split(", the run")[0]  # only what differs
 
 
 def test_bad_arguments_are_named(run_dir):
