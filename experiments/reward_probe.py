@@ -75,17 +75,6 @@ def as_grid(run: Any, space: str, frames: Tensor) -> Tensor:
     return rearrange(represented, f"{pattern} -> (b t) c y x", c=channels, y=rows, x=cols)
 
 
-def fit_figures(predicted: Tensor, actual: Tensor) -> dict[str, float | None]:
-    """`reward_r2` (1 - MSE / variance, None when the rewards do not vary) and `reward_corr` of predictions."""
-    predicted, actual = predicted.double().flatten(), actual.double().flatten()
-    variance = float(actual.var(unbiased=False))
-    mse = float((predicted - actual).square().mean())
-    spread = float(predicted.std(unbiased=False)) * variance ** 0.5
-    covariance = float(((predicted - predicted.mean()) * (actual - actual.mean())).mean())
-    return {"reward_mse": mse, "reward_r2": 1.0 - mse / variance if variance > 0 else None,
-            "reward_corr": covariance / spread if spread > 0 else None}
-
-
 def training_replay(run_dir: str | Path, run: Any, data: str | Path | None, seed: int):
     """The run's replay, or the dataset at `data`, which must record the run's env at the run's image size and
     action repeat (its metadata's `env_config`)."""
@@ -137,7 +126,7 @@ def train_probe(run_dir: str | Path, steps: int, eval_every: int, space: str = "
         variance = float(torch.cat(targets).double().var(unbiased=False)) if targets else 0.0
         return {"step": step, "train_seconds": round(seconds, 1), "loss": loss,
                 "loss_r2": 1.0 - loss / variance if loss is not None and variance > 0 else None,
-                **fit_figures(predicted, held_out_rewards)}
+                **wmq.reward_fit(predicted, held_out_rewards)}
 
     rows = [evaluate(0, 0.0, [], [])]
     log(json.dumps(rows[-1]))

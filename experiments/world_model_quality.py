@@ -269,18 +269,22 @@ def reward_metrics(run: LoadedRun, frames: Tensor, actions: Tensor, rewards: Ten
         agent_out = torch.cat(outs, dim=1)
     predicted = reward_dist(run.heads, run.heads_params["reward"], agent_out[:, 1:]).mean().double().flatten()
     actual = rewards[:, :-1].double().flatten()
+    return {**reward_fit(predicted, actual), "reward_mean_actual": float(actual.mean()),
+            "reward_mean_predicted": float(predicted.mean())}
+
+
+def reward_fit(predicted: Tensor, actual: Tensor) -> dict[str, float | None]:
+    """How well `predicted` rewards fit `actual` ones: `reward_mse`, `reward_constant_mse` (the best constant's,
+    the rewards' variance), `reward_r2` (None when the rewards do not vary) and `reward_corr` (None when either
+    side is constant)."""
+    predicted, actual = predicted.double().flatten(), actual.double().flatten()
     variance = float(actual.var(unbiased=False))
     mse = float((predicted - actual).square().mean())
     spread = float(predicted.std(unbiased=False)) * variance ** 0.5
     covariance = float(((predicted - predicted.mean()) * (actual - actual.mean())).mean())
-    return {
-        "reward_mse": mse,
-        "reward_constant_mse": variance,
-        "reward_r2": 1.0 - mse / variance if variance > 0 else None,
-        "reward_corr": covariance / spread if spread > 0 else None,
-        "reward_mean_actual": float(actual.mean()),
-        "reward_mean_predicted": float(predicted.mean()),
-    }
+    return {"reward_mse": mse, "reward_constant_mse": variance,
+            "reward_r2": 1.0 - mse / variance if variance > 0 else None,
+            "reward_corr": covariance / spread if spread > 0 else None}
 
 
 @torch.no_grad()

@@ -49,16 +49,17 @@ def test_reward_conv_scores_a_small_blob_alike_wherever_it_lies_away_from_the_bo
     assert (a - apply(model, params, empty)).abs() > 1e-9  # it does see the blob
 
 
-def test_fit_figures_by_hand():
+def test_reward_fit_by_hand():
     actual = torch.tensor([0.0, 0.0, 1.0, 3.0])
-    perfect = probe.fit_figures(actual.clone(), actual)
+    perfect = probe.wmq.reward_fit(actual.clone(), actual)
     assert perfect["reward_r2"] == pytest.approx(1.0) and perfect["reward_corr"] == pytest.approx(1.0)
-    constant = probe.fit_figures(torch.full((4,), float(actual.mean())), actual)
+    constant = probe.wmq.reward_fit(torch.full((4,), float(actual.mean())), actual)
     assert constant["reward_r2"] == pytest.approx(0.0) and constant["reward_corr"] is None
+    assert constant["reward_mse"] == pytest.approx(constant["reward_constant_mse"]) == pytest.approx(1.5)
     # Halfway to the mean: MSE is a quarter of the variance, the correlation stays 1.
-    halfway = probe.fit_figures(0.5 * actual + 0.5 * actual.mean(), actual)
+    halfway = probe.wmq.reward_fit(0.5 * actual + 0.5 * actual.mean(), actual)
     assert halfway["reward_r2"] == pytest.approx(0.75) and halfway["reward_corr"] == pytest.approx(1.0)
-    assert probe.fit_figures(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.0]))["reward_r2"] is None
+    assert probe.wmq.reward_fit(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.0]))["reward_r2"] is None
 
 
 def test_pixels_space_reads_each_frame_as_it_is(run_dir):
