@@ -76,18 +76,21 @@ def as_grid(run: Any, space: str, frames: Tensor) -> Tensor:
 
 
 def training_replay(run_dir: str | Path, run: Any, data: str | Path | None, seed: int):
-    """The run's replay, or the dataset at `data`, which must record the run's env at the run's image size and
-    action repeat (its metadata's `env_config`)."""
+    """The run's replay, or the dataset at `data`, which must record the run's env (the held-out clips are played
+    there) and fit its models as the loop requires of an offline dataset (`check_dataset_fits`: frame shape,
+    actions, action repeat)."""
     cfg = run.cfg
     if data is None:
         return more_steps.run_replay(run_dir, cfg, seed=cfg.seed + seed)
     from d4func.data.offline import load_offline, read_metadata
+    from d4func.train.compat import check_dataset_fits
 
-    recorded = read_metadata(data).get("env_config") or {}
-    wanted = {"name": run.env_name, "image_size": cfg.env.image_size, "action_repeat": cfg.env.action_repeat}
-    differing = {key: recorded.get(key) for key, value in wanted.items() if recorded.get(key) != value}
-    if differing:
-        raise ValueError(f"dataset {str(data)!r} records {differing}, the run {wanted}: train on the run's env")
+    metadata = read_metadata(data)
+    recorded = (metadata.get("env_config") or {}).get("name")
+    if recorded != run.env_name:
+        raise ValueError(f"dataset {str(data)!r} records {{'name': {recorded!r}}}, the run {{'name': "
+                         f"{run.env_name!r}}}: train on the run's env")
+    check_dataset_fits(cfg, metadata, str(data))
     return load_offline(data, cfg.replay.seq_len, cfg.replay.batch_size, seed=cfg.seed + seed)
 
 

@@ -106,6 +106,21 @@ def test_a_dataset_of_another_env_is_refused_by_what_differs(run_dir, tmp_path):
     assert "image_size" not in str(caught.value).split("records")[1].split(", the run")[0]  # only what differs
 
 
+def test_a_dataset_of_the_runs_env_must_still_fit_its_models(run_dir, tmp_path):
+    """Past the env's name, the loop's own offline-dataset checks apply: here frames of another size."""
+    from d4func.data.offline import DATASET_FORMAT, META_FILE
+
+    small = tmp_path / "small_frames"
+    small.mkdir()
+    run = probe.wmq.load_run(run_dir)
+    (small / META_FILE).write_text(json.dumps({
+        "format": DATASET_FORMAT, "env_config": {"name": run.env_name},
+        "entries": {"pixels": {"shape": [3, 4, 4], "dtype": "float32"}, "action": {"shape": [], "dtype": "int64"},
+                    "next.pixels": {"shape": [3, 4, 4], "dtype": "float32"}}}))
+    with pytest.raises(ValueError, match=r"small_frames holds .*4"):
+        probe.train_probe(run_dir, steps=1, eval_every=1, episodes=1, clips=2, data=small)
+
+
 def test_bad_arguments_are_named(run_dir):
     with pytest.raises(ValueError, match="width must be an int >= 1, got 0"):
         probe.train_probe(run_dir, steps=1, eval_every=1, width=0)
