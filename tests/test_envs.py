@@ -110,18 +110,25 @@ def test_dmc_seed_reproducible():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_dmc_resume_state_continues_the_episode_and_the_next_ones_in_a_fresh_env(tmp_path):
+@pytest.mark.parametrize("domain, task, action_dim, repeat, time_limit", [
+    ("cartpole", "swingup", 1, 4, 0.5),  # 12 decisions per episode (10 ms control steps)
+    ("reacher", "easy", 2, 2, 0.2),  # 5 decisions (20 ms); each episode places its target in the model
+    ("quadruped", "escape", 12, 2, 0.1),  # its terrain too, which a rendering context must be sent again
+])
+def test_dmc_resume_state_continues_the_episode_and_the_next_ones_in_a_fresh_env(
+        tmp_path, domain, task, action_dim, repeat, time_limit):
     # The state travels through a weights_only checkpoint load, into an env built with another seed, mid-episode:
     # the frames, rewards and ends that follow, and the initial states of the episodes after, are bitwise the same.
+    # Reacher's target lies in the model (geom_pos), not in the physics state: the resumed episode must keep it.
     from torchrl.envs.utils import step_mdp
 
     from d4func.envs.resumable import get_env_state, set_env_state, supports_resume_state
 
-    def make(seed):  # 0.5 s episodes: 12 decisions at action repeat 4 (10 ms control steps)
-        return make_dmc_env("cartpole", "swingup", image_size=16, action_repeat=4, seed=seed, time_limit=0.5)
+    def make(seed):
+        return make_dmc_env(domain, task, image_size=16, action_repeat=repeat, seed=seed, time_limit=time_limit)
 
     generator = torch.Generator().manual_seed(0)
-    actions = [torch.rand(1, generator=generator) * 2 - 1 for _ in range(40)]
+    actions = [torch.rand(action_dim, generator=generator) * 2 - 1 for _ in range(40)]
 
     def play(env, td, actions):
         seen = []

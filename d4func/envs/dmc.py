@@ -213,14 +213,47 @@ def restore_physics_state(physics: Physics, state: dict, control: ControlEnviron
         control._step_count = state["step_count"]
 
 
+# Model arrays that suite tasks rewrite at each episode start (reacher's and fish's target geom, finger's target
+# site, swimmer's target and its light, manipulator's and stacker's bodies, point_mass-hard's wrap, quadruped's
+# terrain): the episode's layout lives in the model, not in the physics state, so a resume must carry them.
+EPISODE_MODEL_FIELDS = ("body_pos", "body_quat", "geom_pos", "geom_quat", "geom_size", "geom_rgba", "site_pos",
+                        "site_quat", "light_pos", "light_dir", "wrap_prm", "hfield_data")
+
+
+def episode_model_state(physics: Physics) -> dict[str, torch.Tensor]:
+    """Copies of the model arrays an episode start may rewrite (`EPISODE_MODEL_FIELDS`)."""
+    return {name: torch.from_numpy(getattr(physics.model, name).copy()) for name in EPISODE_MODEL_FIELDS}
+
+
+def restore_episode_model_state(physics: Physics, state: dict[str, torch.Tensor]) -> None:
+    """Put back an `episode_model_state`; a changed terrain is uploaded to a rendering context already made (one
+    made later reads the model as it is)."""
+    hfield_changed = False
+    for name, value in state.items():
+        target = getattr(physics.model, name)
+        if tuple(target.shape) != tuple(value.shape):
+            raise ValueError(f"model field {name} has shape {tuple(target.shape)} in this env but "
+                             f"{tuple(value.shape)} in the saved state: saved from another task?")
+        hfield_changed |= name == "hfield_data" and not np.array_equal(target, value.numpy())
+        target[...] = value.numpy()
+    contexts = getattr(physics, "_contexts", None)
+    if hfield_changed and contexts is not None:
+        from dm_control.mujoco.wrapper.mjbindings import mjlib
+
+        with contexts.gl.make_current() as ctx:
+            for hfield in range(physics.model.nhfield):
+                ctx.call(mjlib.mjr_uploadHField, physics.model.ptr, contexts.mujoco.ptr, hfield)
+
+
 class ResumableDMControlWrapper(DMControlWrapper):
     """TorchRL's ``DMControlWrapper`` with the runtime state of an episode (``d4func.envs.resumable``), so an online
     run resumed from a checkpoint continues the interrupted episode, and the episodes after it start from the same
     random initial states, bitwise as an uninterrupted run.
 
-    The state: `physics_state` (physics, time, solver warm start, step count toward the time limit), whether
-    dm_control's next step resets, and the task's RNG (initial states of the next episodes). Tensors and
-    primitives only: checkpoints load with ``weights_only=True``.
+    The state: `physics_state` (physics, time, solver warm start, step count toward the time limit), the model
+    arrays the episode's start rewrote (`EPISODE_MODEL_FIELDS`: reacher's target, say), whether dm_control's next
+    step resets, and the task's RNG (initial states of the next episodes). Tensors and primitives only:
+    checkpoints load with ``weights_only=True``.
     """
 
     def _control(self):
@@ -233,12 +266,15 @@ class ResumableDMControlWrapper(DMControlWrapper):
         control = self._control()
         return {
             **physics_state(control.physics, control),
+            "model": episode_model_state(control.physics),
             "reset_next_step": bool(control._reset_next_step),
             "task_random": numpy_random_state(control.task.random),
         }
 
     def set_resume_state(self, state: dict) -> None:
         control = self._control()
+        if "model" in state:  # states saved before it was kept hold none (their resumed episodes keep a new layout)
+            restore_episode_model_state(control.physics, state["model"])
         restore_physics_state(control.physics, state, control)
         control._reset_next_step = state["reset_next_step"]
         set_numpy_random_state(control.task.random, state["task_random"])
