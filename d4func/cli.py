@@ -260,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         # with the errno and the file; a checkpoint write that failed left the previous checkpoints whole.
         if _traceback_wanted():
             raise
-        sys.stderr.write(f"d4func {args.command}: I/O error: {error}; the newest complete checkpoint is the state "
-                         "kept, and the same command resumes from it once the cause is fixed\n")
+        kept = ("the newest complete checkpoint is the state kept, and the same command resumes from it once the "
+                "cause is fixed" if args.command == "train" else "run the command again once the cause is fixed")
+        sys.stderr.write(f"d4func {args.command}: I/O error: {error}; {kept}\n")
         sys.stderr.flush()
         return EXIT_IO_ERROR
 

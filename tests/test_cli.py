@@ -121,3 +121,21 @@ def test_an_error_line_is_written_whole_in_one_write(monkeypatch):
     assert cli.main(["train", "--config", REACH, "loop.no_such_key=1"]) == cli.EXIT_INPUT_ERROR
     assert len(writes) == 1 and writes[0].startswith("d4func train: ConfigKeyError: ") and writes[0].endswith("\n")
     assert "no_such_key" in writes[0] and writes[0].count("\n") == 1
+
+
+def test_an_io_error_outside_training_does_not_promise_a_checkpoint(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from d4func.data import offline
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "data"))
+
+    monkeypatch.delenv("D4FUNC_TRACEBACK", raising=False)
+    monkeypatch.setattr(offline, "collect", disk_full)
+    capsys.readouterr()
+    code = cli.main(["collect", "--env", "reach", "--out", str(tmp_path / "data"), "--steps", "3"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == cli.EXIT_IO_ERROR and len(lines) == 1, lines
+    assert "No space left on device" in lines[0] and "checkpoint" not in lines[0]
+    assert lines[0].endswith("run the command again once the cause is fixed")

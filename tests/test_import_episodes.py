@@ -171,8 +171,12 @@ def test_episodes_that_disagree_are_refused_naming_both(tmp_path):
     rng = np.random.default_rng(2)
     episodes = [_episode(rng, 3), _episode(rng, 3, discrete=True)]
     with pytest.raises(ValueError, match=r"episode 1 has frames \[3, 4, 4\], discrete actions, without .*, "
-                       r"the first episode has frames \[3, 4, 4\], 2-dim continuous"):
+                       r"the first episode \(episode 0\) has frames \[3, 4, 4\], 2-dim continuous"):
         import_episodes(episodes, tmp_path / "mixed")
+    # Named episodes (a file, a merged dataset's source) are named by it on both sides.
+    named = [{**episodes[0], "name": "a.npz"}, {**episodes[1], "name": "b.npz"}]
+    with pytest.raises(ValueError, match=r"episode 1 \(b.npz\) has .*the first episode \(episode 0 \(a.npz\)\)"):
+        import_episodes(named, tmp_path / "named")
     with pytest.raises(ValueError, match="capacity=4"):
         import_episodes([_episode(rng, 3), _episode(rng, 3)], tmp_path / "small", capacity=4)
     import_episodes([_episode(rng, 3)], tmp_path / "once")

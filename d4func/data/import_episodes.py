@@ -270,9 +270,12 @@ def import_episodes(
         except TypeError as e:
             raise TypeError(f"env_config must be JSON-serialisable, got {env_config!r}") from e
     skipped: list[str] = []  # episodes without a transition (NoTransitionError): left out, counted
+    names: dict[int, str] = {}  # how errors name an episode beyond its index (its file, or dataset)
 
     def convert_all() -> Iterator[TensorDict]:
         for i, episode in enumerate(episodes):
+            if episode.get("name"):
+                names[i] = str(episode["name"])
             try:
                 yield episode_transitions(episode, i, channels_last=channels_last, rewards_on=rewards_on)
             except NoTransitionError as e:
@@ -288,7 +291,7 @@ def import_episodes(
     # A bad episode stops the import: leave the directory as it was, so a corrected rerun can write there.
     with removed_on_failure(path):
         return _write_dataset(all_transitions, path, capacity, env_config, source,
-                              {"rewards_on": rewards_on, "channels_last": channels_last}, skipped)
+                              {"rewards_on": rewards_on, "channels_last": channels_last}, skipped, names)
 
 
 def _check_env_frames(env_config: Mapping[str, Any], frame_shape: Sequence[int]) -> None:
@@ -305,8 +308,12 @@ def _check_env_frames(env_config: Mapping[str, Any], frame_shape: Sequence[int])
 
 def _write_dataset(all_transitions: Iterable[TensorDict], path: Path, capacity: int,
                    env_config: Mapping[str, Any] | None, source: str, layout: dict[str, Any],
-                   skipped: list[str]) -> dict[str, Any]:
+                   skipped: list[str], names: Mapping[int, str]) -> dict[str, Any]:
+    def episode(i: int) -> str:
+        return f"episode {i}" + (f" ({names[i]})" if i in names else "")
+
     rb = None
+    first = ""
     written = 0
     lengths: list[int] = []
     has_final = False
@@ -316,7 +323,7 @@ def _write_dataset(all_transitions: Iterable[TensorDict], path: Path, capacity: 
         i = int(transitions["collector", "traj_ids"][0])  # the episode's index among those given
         signature = _signature(transitions)
         if first_signature is None:
-            first_signature = signature
+            first_signature, first = signature, episode(i)
             if env_config is not None:
                 _check_env_frames(env_config, transitions["pixels"].shape[1:])
             # Final frames given: each frame is stored once (d4func.data.replay), the last as an episode-end entry.
@@ -324,9 +331,9 @@ def _write_dataset(all_transitions: Iterable[TensorDict], path: Path, capacity: 
             # seq_len=1: readers pick theirs with load_offline.
             rb = make_replay(dataset_capacity(capacity), 1, 1, path=path, share_next_pixels=has_final)
         elif signature != first_signature:
-            raise ValueError(f"episode {i} has {signature}, the first episode has {first_signature}")
+            raise ValueError(f"{episode(i)} has {signature}, the first episode ({first}) has {first_signature}")
         if written + transitions.shape[0] > capacity:
-            raise ValueError(f"episode {i} does not fit: {written} + {transitions.shape[0]} transitions exceed "
+            raise ValueError(f"{episode(i)} does not fit: {written} + {transitions.shape[0]} transitions exceed "
                              f"capacity={capacity}")
         rb.extend(transitions)
         written += transitions.shape[0]
