@@ -383,7 +383,7 @@ def phases_section(config: str, ctx: Context) -> dict[str, Any]:
     def tokenizer_step() -> None:
         states["tokenizer"], _ = tokenizer_train_step(states["tokenizer"], batch["frames"], generator,
                                                       template=models.tokenizer, cfg=cfg.tokenizer_loss,
-                                                      optim=cfg.optim.tokenizer)
+                                                      optim=cfg.optim.tokenizer, ema_decay=cfg.optim.ema_decay)
 
     def world_model_step() -> None:
         states["world_model"], _ = agent_finetune_step(states["world_model"], wm_batch, generator,
@@ -625,7 +625,7 @@ def paper_scale_setup(device: torch.device | str, spec: PaperScale) -> PaperScal
     device = torch.device(device)
     cfg = spec.dynamics_config()
     model = template(Dynamics, cfg)
-    state = new_train_state(init(model, 0, device=device)).to(device)
+    state = new_train_state(init(model, 0, device=device), with_ema=False).to(device)
     generator = torch.Generator(device=device).manual_seed(0)
     latents = torch.rand(spec.batch, spec.frames, cfg.latent_tokens, cfg.latent_dim, device=device,
                          generator=generator) * 2 - 1

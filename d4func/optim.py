@@ -21,6 +21,10 @@ class AdamWConfig:
     beta2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.0
+    # Which leaves weight decay shrinks: by default the matrices (ndim >= 2: linear weights, embedding tables, learned
+    # tokens), not the vectors: norm gains start at 1 and mean a scale, biases an offset, and decay pulling them to 0
+    # is no regulariser (GPT-2 / nanoGPT practice). True decays every leaf, as torch.optim.AdamW on one group does.
+    decay_vectors: bool = False
     max_grad_norm: float | None = 1.0
     # Clip each top-level entry of the params (phase 3: "policy" and "value") by its own norm instead of all by one.
     # Not the default: under one global norm the value head's gradients (norm ~6 against the policy's ~0.2 on
@@ -124,7 +128,8 @@ def adamw_update(
         direction = (m_ / bias1) / ((v_ / bias2).sqrt() + cfg.eps)
         # Decoupled weight decay scales with the scheduled lr, as torch.optim.AdamW under an LR scheduler does.
         # (`lr` is a 0-dim tensor, so the result keeps p's dtype.)
-        return p * (1.0 - lr * cfg.weight_decay) - lr * direction
+        decay = cfg.weight_decay if (p.dim() >= 2 or cfg.decay_vectors) else 0.0
+        return p * (1.0 - lr * decay) - lr * direction
 
     new_params = params.apply(update, m, v)
     return new_params, TensorDict({"m": m, "v": v}), {"grad_norm": grad_norm, "lr": lr}

@@ -268,7 +268,7 @@ def probe(cfg: RunConfig, steps: int, eval_every: int, step_std: float = 0.15, e
         moments = adamw_init(params)
     else:
         model = template(Dynamics, cfg.dynamics)
-        state = new_train_state(init(model, seed))
+        state = new_train_state(init(model, seed), with_ema=False)
     train_gen = torch.Generator().manual_seed(seed + 1)
     eval_gen = torch.Generator().manual_seed(seed + 2)
     directions = action_directions(cfg.dynamics, torch.Generator().manual_seed(seed + 4), action_pose is not None)

@@ -294,7 +294,7 @@ def run(cfg: ToyConfig, seed: int, log=print) -> dict:
         return {mode: mean_and_se(r) for mode, r in returns(agent_params).items()}
 
     start = time.time()
-    state = new_train_state(params)
+    state = new_train_state(params, with_ema=False)
     opt = AdamWConfig(lr=cfg.finetune_lr)
     for i in range(cfg.finetune_steps):
         state, metrics = agent_finetune_step(state, sample_rows(data, cfg.batch, gen), gen, model=model, heads=heads,

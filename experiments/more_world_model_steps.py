@@ -201,7 +201,8 @@ def continue_world_model(
         if train_tokenizer and step % cfg.loop.tokenizer_every == 0:
             tokenizer_state, _ = tokenizer_train_step(tokenizer_state, batch["frames"], generator,
                                                       template=run.tokenizer, cfg=cfg.tokenizer_loss,
-                                                      optim=cfg.optim.tokenizer, lpips_fn=lpips_fn)
+                                                      optim=cfg.optim.tokenizer, lpips_fn=lpips_fn,
+                                                      ema_decay=cfg.optim.ema_decay)
         with torch.no_grad():
             latents = encode(run.tokenizer, tokenizer_state["params"], batch["frames"])
         wm_batch = world_model_batch(latents, batch)

@@ -245,7 +245,8 @@ def test_steps_route_gradients_through_grad_fn() -> None:
             new_tokenizer_train_state(H.tokenizer_params()), H.tokenizer_batches()[0], gen, template=tok,
             cfg=H.TOK_LOSS, optim=H.OPT, ema_decay=H.EMA, **kw),
         "finetune": lambda gen, **kw: agent_finetune_step(
-            new_train_state(H.agent_params()), agent_batch, gen, model=agent_dyn, heads=heads, opt=H.OPT, **kw),
+            new_train_state(H.agent_params()), agent_batch, gen, model=agent_dyn, heads=heads, opt=H.OPT,
+            ema_decay=H.EMA, **kw),
         "imagination": lambda gen, **kw: imagination_step(
             new_imagination_state(H.agent_params().float()), context, gen, model=agent_dyn, heads=heads, opt=H.OPT,
             cfg=H.IMAGINE, **kw),

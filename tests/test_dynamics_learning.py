@@ -38,7 +38,7 @@ def test_tiny_dynamics_beats_copying_the_last_frame():
         latent_tokens=16, latent_dim=48, pack=2, n_registers=2, action_dim=2, k_max=8, sampling_steps=1,
     )
     model = template(Dynamics, cfg)
-    state = new_train_state(init(model, 0))
+    state = new_train_state(init(model, 0), with_ema=False)
     gen = torch.Generator().manual_seed(0)
     for _ in range(400):
         frames, actions = moving_shapes_batch(SHAPES, 16, 4, gen)

@@ -50,7 +50,7 @@ def _save_on_fault(run_dir: Path, generators: dict):
 
 def test_nan_loss_saves_the_state_before_the_step_and_names_term_and_step(tmp_path) -> None:
     model = template(Dynamics, DYN)
-    state = new_train_state(init(model, 0))
+    state = new_train_state(init(model, 0), with_ema=False)
     gen = torch.Generator().manual_seed(0)
     data = torch.Generator().manual_seed(1)
     opt = AdamWConfig(lr=1e-3)
@@ -76,7 +76,7 @@ def test_nan_loss_saves_the_state_before_the_step_and_names_term_and_step(tmp_pa
 
 def test_inf_gradient_with_finite_loss_is_caught_as_grad_norm(tmp_path) -> None:
     params = TensorDict({"w": torch.tensor([0.0, 1.0])}, [])
-    state = new_train_state(params)
+    state = new_train_state(params, with_ema=False)
 
     def step(state, x):
         def loss_fn(p, x):
@@ -472,7 +472,7 @@ def test_guarded_step_checks_python_number_metrics_and_skips_other_values() -> N
 def test_checked_update_stops_on_a_non_finite_gradient_naming_the_step_attempted() -> None:
     """A finite loss with an infinite gradient must stop before the update is used, naming the step that was
     being attempted (not the one the update would have produced); the state passed in stays untouched."""
-    state = new_train_state(TensorDict({"w": torch.ones(2)}, []))
+    state = new_train_state(TensorDict({"w": torch.ones(2)}, []), with_ema=False)
     bad_grads = TensorDict({"w": torch.tensor([1.0, float("inf")])}, [])
     with pytest.raises(NonFiniteLossError, match=r"^non-finite grad_norm at step 0$"):
         checked_update(state, bad_grads, {"loss": torch.tensor(1.0)}, AdamWConfig())

@@ -139,13 +139,18 @@ def test_ema_update():
         ema_update(ema, params, 1.5)
 
 
-@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_adamw_matches_torch_optim(weight_decay):
+@pytest.mark.parametrize("weight_decay, decay_vectors", [(0.0, False), (0.1, False), (0.1, True)])
+def test_adamw_matches_torch_optim(weight_decay, decay_vectors):
+    # By default decay leaves the biases alone: torch with a second parameter group of no decay for them.
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     params = TensorDict.from_module(net).detach().clone()
-    reference = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=weight_decay, eps=1e-8)
-    cfg = AdamWConfig(lr=1e-2, weight_decay=weight_decay, max_grad_norm=None)
+    matrices = [p for p in net.parameters() if p.dim() >= 2]
+    vectors = [p for p in net.parameters() if p.dim() < 2]
+    reference = torch.optim.AdamW([{"params": matrices},
+                                   {"params": vectors, "weight_decay": weight_decay if decay_vectors else 0.0}],
+                                  lr=1e-2, weight_decay=weight_decay, eps=1e-8)
+    cfg = AdamWConfig(lr=1e-2, weight_decay=weight_decay, max_grad_norm=None, decay_vectors=decay_vectors)
     opt = adamw_init(params)
     x, y = torch.randn(16, 4), torch.randn(16, 1)
     for step in range(5):
@@ -166,7 +171,7 @@ def test_adamw_with_clipping_matches_torch_clip_grad_norm_then_adamw():
     net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     params = TensorDict.from_module(net).detach().clone()
     reference = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1, eps=1e-8)
-    cfg = AdamWConfig(lr=1e-2, weight_decay=0.1, max_grad_norm=0.05)
+    cfg = AdamWConfig(lr=1e-2, weight_decay=0.1, max_grad_norm=0.05, decay_vectors=True)
     opt = adamw_init(params)
     for step in range(5):
         x, y = torch.randn(16, 4), torch.randn(16, 1) * (step + 1)
@@ -198,6 +203,20 @@ def test_check_finite_stops_on_inf_as_on_nan_naming_each_term():
         check_finite({"loss": torch.tensor(float("inf")), "mse": torch.tensor(1.0)}, 7)
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss, mse at step 2"):
         check_finite({"loss": torch.tensor(-float("inf")), "mse": torch.tensor([0.0, float("nan")])}, 2)
+
+
+def test_apply_gradients_refuses_an_ema_it_would_leave_behind_or_one_it_lacks():
+    # A kept EMA with no decay would stay at the initial weights and still be checkpointed; a decay with no EMA
+    # would be ignored. Both are caller mistakes, named.
+    grads = TensorDict({"w": torch.ones(2)})
+    with_ema = new_train_state(TensorDict({"w": torch.zeros(2)}))
+    with pytest.raises(ValueError, match="keeps an 'ema' entry but ema_decay is None"):
+        apply_gradients(with_ema, grads, AdamWConfig())
+    without = new_train_state(TensorDict({"w": torch.zeros(2)}), with_ema=False)
+    with pytest.raises(ValueError, match=r"ema_decay=0.5 was given but the train state keeps no 'ema'"):
+        apply_gradients(without, grads, AdamWConfig(), ema_decay=0.5)
+    new_state, _ = apply_gradients(without, grads, AdamWConfig())
+    assert "ema" not in new_state.keys()
 
 
 def test_global_norm_clipping_and_train_state_step():
@@ -256,3 +275,16 @@ def test_the_ema_holds_values_not_a_graph_or_an_alias_of_the_params():
 # ---------------------------------------------------------------------------------------------------------------
 # LPIPS (the tokenizer loss's perceptual term, paper Sec. 3.1): loading weights from local files only
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def test_default_weight_decay_shrinks_matrices_and_leaves_vectors_alone():
+    # With a zero gradient AdamW's step is 0, so only decay can move a leaf: a norm gain or bias must stay put.
+    params = TensorDict({"weight": torch.ones(3, 2), "gain": torch.ones(3), "bias": torch.full((3,), 0.5)})
+    grads = params.apply(torch.zeros_like)
+    for decay_vectors in (False, True):
+        cfg = AdamWConfig(lr=0.1, weight_decay=0.5, max_grad_norm=None, decay_vectors=decay_vectors)
+        new, _, _ = adamw_update(params, grads, adamw_init(params), 0, cfg)
+        torch.testing.assert_close(new["weight"], torch.full((3, 2), 0.95))
+        for name in ("gain", "bias"):
+            expected = params[name] * 0.95 if decay_vectors else params[name]
+            torch.testing.assert_close(new[name], expected, msg=f"{name}, decay_vectors={decay_vectors}")

@@ -671,7 +671,7 @@ def finetuned_toy(discrete: bool):
     """Phase 2 on toy data whose reward depends only on the action (`toy_batch`): the reward head learns it."""
     model, heads, params = make(discrete, mtp=2)
     gen = torch.Generator().manual_seed(0)
-    state = new_train_state(params)
+    state = new_train_state(params, with_ema=False)
     first = last = None
     for _ in range(60 if discrete else 100):
         state, metrics = agent_finetune_step(state, toy_batch(discrete, 16, 8, gen), gen, model=model, heads=heads,

@@ -133,3 +133,50 @@ def test_a_recorded_sigterm_is_only_noted_also_when_it_came_inside_a_deferred_bl
             assert not received()  # held back until the block is done
         assert received()  # noted, and the process runs on: data-parallel ranks stop together at a step boundary
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_with_repeat_stops_now_the_first_ctrl_c_waits_for_the_block_and_a_second_stops_it(sigint_handler) -> None:
+    sigint_handler(signal.default_int_handler)
+    notices, done = [], []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred(repeat_stops_now=True, notice=lambda: notices.append("told")):
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("rest of the block")
+    assert done == ["rest of the block"] and notices == ["told"]
+    notices.clear()
+    done.clear()
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred(repeat_stops_now=True, notice=lambda: notices.append("told")):
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("before the second")
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("never reached")
+    assert done == ["before the second"] and notices == ["told"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_nested_deferred_block_is_not_cut_by_the_second_ctrl_c(sigint_handler) -> None:
+    # The outer block (collecting) may be cut by a second Ctrl-C, the inner one (storing) never: the second
+    # reaches the outer block once the inner is done, and stops it there.
+    sigint_handler(signal.default_int_handler)
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred(repeat_stops_now=True):
+            os.kill(os.getpid(), signal.SIGINT)
+            with interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                done.append("inner block finished")
+            done.append("never reached")
+    assert done == ["inner block finished"]
+
+
+def test_a_second_sigterm_stops_a_repeat_stops_now_block_with_terminated(sigterm_default) -> None:
+    done = []
+    with pytest.raises(Terminated):
+        with sigterm_raises(), interrupts_deferred(repeat_stops_now=True):
+            os.kill(os.getpid(), signal.SIGTERM)
+            done.append("held")
+            os.kill(os.getpid(), signal.SIGTERM)
+            done.append("never reached")
+    assert done == ["held"]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

@@ -762,10 +762,45 @@ def test_ctrl_c_in_the_middle_of_an_online_round_resumes_as_an_uninterrupted_run
     assert _train_rows(tmp_path / "whole") == _train_rows(tmp_path / "split")
 
 
+def test_a_ctrl_c_while_collecting_finishes_the_batch_and_resumes_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    # A Ctrl-C (a real SIGINT) while the collector steps the env for env steps 15-20: the loop stores and counts
+    # that batch first, so the exit save holds the env mid-episode and the resumed run ends bitwise where an
+    # uninterrupted one does.
+    import signal
+
+    from d4func.train import loop
+
+    calls = {"n": 0}
+    real_forward = loop.WorldModelPolicy.forward
+
+    def forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 18:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_forward(*args, **kwargs)
+
+    short = ["loop.env_steps=30", "loop.log_every=1"]
+    train(_reach_online_with_credit(tmp_path / "whole", *short), progress=False)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(loop.WorldModelPolicy, "forward", forward)
+            train(_reach_online_with_credit(tmp_path / "split", *short), progress=False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    saved = final_payload(tmp_path / "split")
+    assert saved["counters"]["env_steps"] == 20 and "env" in saved["online"]
+    train(_reach_online_with_credit(tmp_path / "split", *short), progress=False)
+    whole, split = final_payload(tmp_path / "whole"), final_payload(tmp_path / "split")
+    assert whole["counters"] == split["counters"]
+    assert_states_equal(whole["states"], split["states"])
+    assert _train_rows(tmp_path / "whole") == _train_rows(tmp_path / "split")
+
+
 def test_ctrl_c_while_collecting_never_stitches_a_gap_into_an_episode(tmp_path, monkeypatch):
-    # Interrupted while the collector steps the env for a batch the replay never receives: the checkpoint keeps
-    # no env state, and the resumed run starts a new episode (a new id) rather than continuing the old one from
-    # an env that had moved on.
+    # Stopped at once while the collector steps the env for a batch the replay never receives (a second Ctrl-C,
+    # here a KeyboardInterrupt raised in the policy): the checkpoint keeps no env state, and the resumed run starts
+    # a new episode (a new id) rather than continuing the old one from an env that had moved on.
     from d4func.train import loop
 
     real_forward = loop.WorldModelPolicy.forward

@@ -251,3 +251,61 @@ def test_an_offline_run_of_no_gradient_steps_evaluates_nothing(tmp_path):
     assert read_metrics(tmp_path / "none") == [] and not (tmp_path / "none" / "gifs").exists()
     one = train(offline(tmp_path / "one", 1), progress=False)  # the final evaluation and GIF after a step
     assert len(one["eval"]["returns"]) == 1 and len(list((tmp_path / "one" / "gifs").iterdir())) == 1
+
+
+def test_every_kept_ema_follows_its_params(tmp_path):
+    # With optim.ema_decay=0 an EMA is its params' latest value. One the loop never updated would still hold the
+    # initial weights, and be checkpointed beside the params as if it were trained.
+    train(_reach_online(tmp_path, "optim.ema_decay=0", "loop.tokenizer_every=1"), progress=False)
+    states = final_payload(tmp_path)["states"]
+    for name in ("tokenizer", "world_model"):
+        assert "ema" in states[name].keys(), name
+        for key, value in states[name]["params"].items(True, True):
+            assert torch.equal(states[name]["ema"][key], value), (name, key)
+
+
+def test_an_offline_ctrl_c_as_a_step_commits_still_evaluates_that_step_on_resume(tmp_path, monkeypatch):
+    # The interrupt fires as the step's commit ends, before the loop reaches that step's checks: the exit save must
+    # still owe them, so the resumed run evaluates the step as the uninterrupted run did (it used to skip it).
+    import os
+    import signal
+
+    from d4func.train import loop
+
+    class CountersThatInterrupt(dict):
+        def __setitem__(self, key, value):
+            super().__setitem__(key, value)
+            if key == "grad_steps" and value == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    real_init = loop.Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.counters = CountersThatInterrupt(self.counters)
+
+    data = _reach_dataset(tmp_path / "data", 40)
+    common = ["loop.offline_steps=5", "loop.eval_every=3", "env.eval_episodes=1", "loop.log_every=1"]
+    train(_reach_offline(tmp_path / "whole", data, *common), progress=False)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(loop.Trainer, "__init__", init)
+            assert train(_reach_offline(tmp_path / "split", data, *common), progress=False)["grad_steps"] == 3
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    train(_reach_offline(tmp_path / "split", data, *common), progress=False)
+
+    def evaluated(run_dir):
+        return [(row["step"], row["eval/mean_return"]) for row in read_metrics(run_dir) if "eval/mean_return" in row]
+
+    assert [step for step, _ in evaluated(tmp_path / "whole")] == [3, 5]
+    assert evaluated(tmp_path / "split") == evaluated(tmp_path / "whole")
+
+
+def test_a_credit_summed_from_fractions_pays_each_whole_step_on_time(tmp_path):
+    # 0.1 gradient steps per env step, one env step per round, credit from step 10 on: rounds 10 .. 29 earn
+    # exactly 2 steps. Summed in plain floats, ten 0.1s make 0.999..., and the run ended a step short.
+    cfg = _reach_online(tmp_path, "loop.train_ratio=0.1", "loop.collect_steps=1", "loop.env_steps=29")
+    summary = train(cfg, progress=False)
+    assert summary["grad_steps"] == 2 and summary["train_credit"] == 0

@@ -81,8 +81,8 @@ def test_scheduled_adamw_matches_torch_adamw_with_lambda_lr(schedule: str) -> No
     torch.manual_seed(2)
     net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     params = TensorDict.from_module(net).detach().clone()
-    cfg = AdamWConfig(lr=1e-2, weight_decay=0.1, max_grad_norm=None, schedule=schedule, warmup_steps=2,
-                      decay_steps=4, final_lr_ratio=0.3)
+    cfg = AdamWConfig(lr=1e-2, weight_decay=0.1, decay_vectors=True, max_grad_norm=None, schedule=schedule,
+                      warmup_steps=2, decay_steps=4, final_lr_ratio=0.3)
     reference = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1, eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(reference, lambda s: _lr(s, cfg) / cfg.lr)
     opt = adamw_init(params)

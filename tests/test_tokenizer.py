@@ -412,7 +412,7 @@ def test_the_stored_statistics_are_the_ema_over_steps():
     """Two train steps leave EMA(mse^2) = lerp(lerp(0, m1^2, 1 - d), m2^2, 1 - d), with m1, m2 the reported terms
     (not only the last step's square)."""
     model, params = build(tiny_cfg())
-    state = new_tokenizer_train_state(params)
+    state = new_tokenizer_train_state(params, with_ema=False)
     loss_cfg = TokenizerLossConfig(lpips_weight=0.0, rms_decay=0.8)
     reported = []
     for seed in (0, 1):
@@ -806,7 +806,7 @@ def test_train_step_stores_the_lpips_statistics_too():
     (1 - decay) L^2 with L the reported term and a count of 1 (a step that stored only the MSE statistics would
     leave the LPIPS normaliser at a single batch forever)."""
     model, params = build(tiny_cfg())
-    state = new_tokenizer_train_state(params)
+    state = new_tokenizer_train_state(params, with_ema=False)
     loss_cfg = TokenizerLossConfig(lpips_weight=0.2, rms_decay=0.9)
 
     def fake_lpips(x, y):

@@ -247,7 +247,9 @@ def new_imagination_state(agent_params: TensorDictBase) -> TensorDict:
 
     params = {"policy", "value"} (the only trained part) with AdamW moments; ema = their slow copy (the slow value
     target is ema["value"]); frozen = {"dynamics", "reward", "prior_policy"}, the prior being a copy of the
-    finetuned (behaviour-cloning) policy head that stays fixed for the whole phase (paper Eq. 11).
+    finetuned (behaviour-cloning) policy head that stays fixed for the whole phase (paper Eq. 11). The training
+    loop, which keeps training the world model beside the agent, refreshes these at every step
+    (`phases.refresh_agent_frozen`).
     """
     head_params = agent_params["heads"]
     trainable = TensorDict({"policy": head_params["policy"].clone(), "value": head_params["value"].clone()})

@@ -32,7 +32,7 @@ which is then identical on every rank, and the loss and the scalar metrics the s
 `torchrun --nproc_per_node=N`, a loop does
 
     info = init_distributed()
-    state = new_train_state(broadcast_tree(init(template_module, seed)))
+    state = new_train_state(broadcast_tree(init(template_module, seed)), with_ema=False)
     generator = rank_generator(seed, info.rank)
     for step in ...:
         shard = <this rank's batch of size B / N, from its own replay stream>

@@ -16,6 +16,11 @@ an interrupt raised in between would leave a batch half written but counted by t
 exit save records (resuming then reads rows that mix two laps of the ring, or stops on duplicate steps), or written
 but not counted by the loop. `interrupts_deferred` runs such a block with SIGINT and SIGTERM recorded instead of
 delivered, and delivers them (to the handlers that were installed) once the block is done.
+
+The online loop also holds them while the collector steps the env for a batch, so that a stop lands where the env,
+the replay and the counters agree and the run resumes exactly, mid-episode included. That costs at most one
+batch's collection (`loop.collect_steps` env steps); a second Ctrl-C (or SIGTERM) during it stops at once, and the
+resumed run then starts a new episode.
 """
 
 from __future__ import annotations
@@ -40,19 +45,39 @@ def _in_main_thread() -> bool:
 
 
 @contextmanager
-def interrupts_deferred() -> Iterator[None]:
+def interrupts_deferred(repeat_stops_now: bool = False, notice: Callable[[], None] | None = None) -> Iterator[None]:
     """Run the block with SIGINT and SIGTERM held back; deliver them afterwards, SIGTERM first (the stronger
     request: a handler that raises ends the delivery), to whatever handler was in place (Python's SIGINT handler
     raises KeyboardInterrupt, `sigterm_raises`'s raises Terminated, SIG_DFL ends the process, SIG_IGN drops it).
     Outside the main thread the block runs unchanged, and so does a signal whose handler Python did not install
     (it cannot put one back). A block that raises drops what it held: its exception already stops the caller, and
-    a KeyboardInterrupt raised over it would hide the error."""
+    a KeyboardInterrupt raised over it would hide the error.
+
+    For a long block that is worth finishing but not worth waiting for at any price (collecting a batch):
+    `repeat_stops_now` delivers a second signal at once, inside the block, and `notice` is called when the first
+    is held (to tell the user the run stops after the block, and that a second Ctrl-C stops it now). A nested
+    deferred block holds its signals from this one until it is done."""
     if not _in_main_thread():
         yield
         return
     received: list[int] = []
-    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
-                for signum in DEFERRED_SIGNALS if signal.getsignal(signum) is not None}
+
+    def hold(signum: int, frame: object) -> None:
+        if repeat_stops_now and received:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)  # Python's raises KeyboardInterrupt, sigterm_raises' Terminated
+            elif handler == signal.SIG_DFL:
+                signal.signal(signum, signal.SIG_DFL)
+                signal.raise_signal(signum)
+            return
+        received.append(signum)
+        if notice is not None and len(received) == 1:
+            notice()
+
+    previous = {signum: signal.getsignal(signum) for signum in DEFERRED_SIGNALS if signal.getsignal(signum) is not None}
+    for signum in previous:  # `previous` is complete before `hold` can run
+        signal.signal(signum, hold)
     try:
         yield
     finally:

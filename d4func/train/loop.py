@@ -332,10 +332,13 @@ class Trainer:
             self.logger.rewind(0, -1)
 
     # ---- training ----------------------------------------------------------------------------------------------
-    def train_steps(self, n: int, agent_active: bool, from_credit: bool = False) -> dict[str, float]:
+    def train_steps(self, n: int, agent_active: bool, from_credit: bool = False,
+                    opens_round: bool = False) -> dict[str, float]:
         """`n` gradient steps. `from_credit`: they were paid from `counters["train_credit"]` (online); whatever
         stops them early (a NaN, Ctrl-C, an error) puts the unfinished ones back before any checkpoint is saved, so
-        a resume from that checkpoint still runs them."""
+        a resume from that checkpoint still runs them. `opens_round` (offline, one step per round): each step's
+        commit also marks its round's checks (evaluation, GIF) as owed, so an interrupt that fires as the commit
+        ends still leaves them owed to the resumed run."""
         metrics: dict[str, float] = {}
         finished = 0
         returned = False
@@ -382,6 +385,8 @@ class Trainer:
                 with interrupts_deferred():
                     self.states = states
                     self.counters["grad_steps"] += 1
+                    if opens_round:
+                        self.counters["round_pending"], self.counters["round_done"] = 1, 0
                     finished += 1
                     replay_before = None  # this step is complete: nothing to rewind
                     if self.counters["grad_steps"] % self.cfg.loop.log_every == 0:
@@ -549,8 +554,9 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
             episode.update({k: payload["online"]["episode"][k] for k in ("return", "last_return", "id_offset")})
         episode["achievements"] = list(payload["online"]["episode"]["achievements"])
     # Whether the env, the replay and the counters agree: not while the collector is stepping the env for a batch
-    # the replay has not received. A checkpoint taken then (the exit save after Ctrl-C) keeps no collector state,
-    # and the resumed run starts a new episode instead of stitching a gap into this one.
+    # the replay has not received. A checkpoint taken then (the exit save after a second Ctrl-C: the first waits
+    # for the batch) keeps no collector state, and the resumed run starts a new episode instead of stitching a gap
+    # into this one.
     at_batch_boundary = True
 
     def online_state() -> dict[str, Any]:
@@ -566,20 +572,6 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
         return {"episode": finished}
 
     trainer.online_state = online_state
-
-    def batches() -> Iterator[TensorDictBase]:
-        nonlocal at_batch_boundary
-        if collector is None:
-            return
-        stream = iter(collector)
-        while True:
-            at_batch_boundary = False  # the collector steps the env from here until the batch is stored
-            try:
-                batch = next(stream)
-            except StopIteration:
-                at_batch_boundary = True
-                return
-            yield batch
 
     def first_due(every: int, done: int = 0) -> int:
         """The next env step at which something done every `every` steps is due: the owed round's own step when
@@ -631,50 +623,70 @@ def train_online(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo |
         elif trainer.checkpoint_time_due():  # between the step-based ones, which keep their schedule
             trainer.save()
 
+    def stop_notice() -> None:
+        bar.write(f"stopping once the batch being collected is stored (at most loop.collect_steps="
+                  f"{cfg.loop.collect_steps} env steps), so that the run resumes exactly; Ctrl-C again stops now "
+                  "and the resumed run starts a new episode")
+
     # The collector closes the env when it shuts down; without one, close it here.
     with trainer.training(bar, env.close if collector is None else collector.shutdown):
         if owed:
             train_and_check(0)  # no new env steps: only the owed credit
-        for batch in batches():
-            # Stored and counted as one: a Ctrl-C lands before or after, never between (interrupts.py).
-            with interrupts_deferred():
-                batch = batch.reshape(-1)
-                ids = batch.get(("collector", "traj_ids")) + episode["id_offset"]
-                batch.set(("collector", "traj_ids"), ids)
-                counters["next_traj_id"] = max(counters["next_traj_id"], int(ids.max()) + 1)
-                trainer.replay.extend(batch)
-                if not saved_replay:
-                    # Records the storage layout once; positions go into checkpoints (open_run_replay reads them).
-                    save_replay(trainer.replay, position_kept_in=f"the checkpoints of {trainer.run_dir}")
-                    saved_replay = True
-                n = batch.numel()
-                counters["env_steps"] += n
-                counters["round_pending"], counters["round_done"] = n, 0
-                if counters["env_steps"] >= cfg.loop.prefill_steps:
-                    counters["train_credit"] += n * cfg.loop.train_ratio  # paid by train_and_check, or on resume
-                at_batch_boundary = True
-                rewards = batch.get(("next", "reward")).reshape(-1)
-                dones = batch.get(("next", "done")).reshape(-1)
-                achievements = batch.get(("next", "achievements"), None)  # Crafter: unlocked so far this episode
-                for i, (r, d) in enumerate(zip(rewards.tolist(), dones.tolist(), strict=True)):
-                    episode["return"] += r
-                    if d:
-                        counters["episodes"] += 1
-                        episode["last_return"] = episode["return"]
-                        scalars = {"episode/return": episode["return"]}
-                        if achievements is not None:
-                            unlocked = achievements.reshape(rewards.numel(), -1)[i]
-                            episode["achievements"].append(unlocked)
-                            scalars["episode/achievements"] = float(unlocked.sum())
-                            scalars["episode/crafter_score"] = crafter_score_of(episode["achievements"])
-                        trainer.logger.log(scalars, counters["env_steps"])
-                        episode["return"] = 0.0
+        stream = iter(collector) if collector is not None else None
+        while stream is not None:
+            # Ctrl-C and SIGTERM are held while the collector steps the env and until the batch is stored and
+            # counted, so that a stop lands where the env, the replay and the counters agree and the resumed run
+            # continues the episode exactly; a second one stops at once (interrupts.py).
+            with interrupts_deferred(repeat_stops_now=True, notice=stop_notice):
+                at_batch_boundary = False  # the collector steps the env from here until the batch is stored
+                try:
+                    batch = next(stream)
+                except StopIteration:
+                    at_batch_boundary = True
+                    break
+                # Stored and counted as one: even a second Ctrl-C lands before or after, never between.
+                with interrupts_deferred():
+                    batch = batch.reshape(-1)
+                    ids = batch.get(("collector", "traj_ids")) + episode["id_offset"]
+                    batch.set(("collector", "traj_ids"), ids)
+                    counters["next_traj_id"] = max(counters["next_traj_id"], int(ids.max()) + 1)
+                    trainer.replay.extend(batch)
+                    if not saved_replay:
+                        # Records the storage layout once; positions go into checkpoints (open_run_replay reads them).
+                        save_replay(trainer.replay, position_kept_in=f"the checkpoints of {trainer.run_dir}")
+                        saved_replay = True
+                    n = batch.numel()
+                    counters["env_steps"] += n
+                    counters["round_pending"], counters["round_done"] = n, 0
+                    if counters["env_steps"] >= cfg.loop.prefill_steps:
+                        # Paid by train_and_check, or on resume. Rounded so that a credit meant to be whole is whole:
+                        # summed in floats, ten rounds of 0.1 make 0.999..., which would pay its step a round late.
+                        counters["train_credit"] = round(counters["train_credit"] + n * cfg.loop.train_ratio, 9)
+                    at_batch_boundary = True
+                    rewards = batch.get(("next", "reward")).reshape(-1)
+                    dones = batch.get(("next", "done")).reshape(-1)
+                    achievements = batch.get(("next", "achievements"), None)  # Crafter: unlocked so far this episode
+                    for i, (r, d) in enumerate(zip(rewards.tolist(), dones.tolist(), strict=True)):
+                        episode["return"] += r
+                        if d:
+                            counters["episodes"] += 1
+                            episode["last_return"] = episode["return"]
+                            scalars = {"episode/return": episode["return"]}
+                            if achievements is not None:
+                                unlocked = achievements.reshape(rewards.numel(), -1)[i]
+                                episode["achievements"].append(unlocked)
+                                scalars["episode/achievements"] = float(unlocked.sum())
+                                scalars["episode/crafter_score"] = crafter_score_of(episode["achievements"])
+                            trainer.logger.log(scalars, counters["env_steps"])
+                            episode["return"] = 0.0
             trainer.stop_if_terminated()  # the batch is stored and counted: a stop here owes only its training
             train_and_check(n)
     if eval_env is not None and counters["grad_steps"] and last_eval_step != counters["env_steps"]:
         eval_result = trainer.evaluate(eval_env, counters["env_steps"])
     if trainer.is_main and counters["grad_steps"] and last_gif_step != counters["env_steps"]:
         trainer.gif(counters["env_steps"])
+    if eval_env is not None:  # a DMControl env holds a rendering context; a sweep of runs in one process adds up
+        eval_env.close()
     trainer.logger.close()
     plot = plot_returns(trainer.run_dir) if trainer.is_main else None
     return trainer.summary(started, {"eval": eval_result, "returns_plot": str(plot) if plot else None})
@@ -769,8 +781,7 @@ def train_offline(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo 
         if counters["round_pending"]:  # stopped during the checks of its last step: they come first
             checks(counters["grad_steps"])
         while counters["grad_steps"] < cfg.loop.offline_steps:
-            trainer.train_steps(1, counters["grad_steps"] >= cfg.loop.agent_start)
-            counters["round_pending"], counters["round_done"] = 1, 0
+            trainer.train_steps(1, counters["grad_steps"] >= cfg.loop.agent_start, opens_round=True)
             bar.update(1)
             checks(counters["grad_steps"])
     # As online, nothing is evaluated or drawn before the first gradient step (loop.offline_steps=0 would score
@@ -779,6 +790,8 @@ def train_offline(cfg: RunConfig, progress: bool = True, dist_info: dp.DistInfo 
         eval_result = trainer.evaluate(eval_env, counters["grad_steps"])
     if counters["grad_steps"] and last_gif_step != counters["grad_steps"] and trainer.is_main:
         trainer.gif(counters["grad_steps"])
+    if eval_env is not None:
+        eval_env.close()
     trainer.logger.close()
     return trainer.summary(started, {"eval": eval_result, "dataset": str(cfg.loop.offline_data)})
 

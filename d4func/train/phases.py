@@ -109,7 +109,14 @@ def world_model_batch(latents: Tensor, batch: dict[str, Tensor]) -> dict[str, Te
 
 
 def refresh_agent_frozen(agent: TensorDictBase, world_model: TensorDictBase) -> TensorDictBase:
-    """The imagination state with its frozen parts taken from the current world model (online training)."""
+    """The imagination state with its frozen parts taken from the current world model, as the loop trains both.
+
+    The dynamics and reward head must be the current ones (imagination should use the world model being trained).
+    The reverse-KL prior follows too: it is the policy head as behaviour cloning trains it on the replay at this
+    step. Offline that converges to the dataset's BC policy, the paper's frozen prior (Eq. 11); online, the replay
+    holds the prefill's random actions and then the agent's own, so the prior is a lagging copy of the policies
+    that collected the data (a trust region more than a demonstrator's prior). A prior frozen at `agent_start`
+    would online hold the agent to the random prefill, which is why it is not frozen there."""
     agent = agent.copy()
     agent["frozen"] = imagination_frozen(world_model["params"])
     return agent
@@ -175,7 +182,7 @@ def gradient_step(
     if (grad_step + 1) % cfg.loop.tokenizer_every == 0:
         states["tokenizer"], tok = in_phase("tokenizer", tokenizer_train_step)(
             states["tokenizer"], batch["frames"], generator, template=models.tokenizer, cfg=cfg.tokenizer_loss,
-            optim=cfg.optim.tokenizer, lpips_fn=lpips_fn, grad_fn=grad_fn,
+            optim=cfg.optim.tokenizer, lpips_fn=lpips_fn, grad_fn=grad_fn, ema_decay=cfg.optim.ema_decay,
         )
         metrics.update({f"tokenizer/{k}": float(v) for k, v in tok.items()})
     latents = world_model_latents(models.tokenizer, states["tokenizer"]["params"], batch["frames"])

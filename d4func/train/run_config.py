@@ -94,7 +94,8 @@ class LoopConfig:
     mode: str = "online"
     env_steps: int = 20_000  # online: total env steps (after action repeat)
     prefill_steps: int = 1_000  # random-policy env steps before training starts
-    collect_steps: int = 100  # env steps per collection round (per round: collect, then train)
+    collect_steps: int = 100  # env steps per collection round (per round: collect, then train); a run collects
+    # whole rounds, so an env_steps that is not a multiple of it ends up to collect_steps - 1 steps later
     train_ratio: float = 0.25  # gradient steps per env step (each gradient step updates every phase)
     tokenizer_every: int = 1  # tokenizer update every Nth gradient step
     agent_start: int = 2_000  # env steps before imagination training starts (the world model needs a head start)

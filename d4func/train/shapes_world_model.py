@@ -119,7 +119,7 @@ def pretrain_world_model(
     history: dict[str, list[float]] = {"tokenizer_psnr": [], "dynamics_loss": []}
 
     tokenizer = template(Tokenizer, tokenizer_cfg)
-    tok_state = new_tokenizer_train_state(init(tokenizer, seed))
+    tok_state = new_tokenizer_train_state(init(tokenizer, seed), with_ema=False)
     tok_loss = TokenizerLossConfig(lpips_weight=0.0)
     tok_opt = AdamWConfig(lr=tokenizer_lr)
     for step in _loop(tokenizer_steps, "tokenizer", progress):
@@ -132,7 +132,7 @@ def pretrain_world_model(
     tok_params = tok_state["params"]
 
     dynamics = template(Dynamics, dynamics_cfg)
-    dyn_state = new_train_state(init(dynamics, seed + 1))
+    dyn_state = new_train_state(init(dynamics, seed + 1), with_ema=False)
     dyn_opt = AdamWConfig(lr=dynamics_lr)
     for step in _loop(dynamics_steps, "dynamics", progress):
         frames, actions = sample_batch(gen)

@@ -24,6 +24,13 @@ def apply_gradients(
 
     Any extra entries of `state` (e.g. running loss statistics) are carried over untouched.
     """
+    if "ema" in state.keys() and ema_decay is None:
+        # A kept EMA that is never updated would stay at its initial weights and still be checkpointed and read.
+        raise ValueError("the train state keeps an 'ema' entry but ema_decay is None: pass ema_decay to update it, "
+                         "or build the state without one (with_ema=False)")
+    if "ema" not in state.keys() and ema_decay is not None:
+        raise ValueError(f"ema_decay={ema_decay} was given but the train state keeps no 'ema' entry to update "
+                         "(build it with with_ema=True)")
     params, opt, metrics = adamw_update(state["params"], grads, state["opt"], state["step"], cfg)
     new_state = state.copy()  # shallow: untouched entries are shared, updated ones replaced
     new_state["params"] = params
