@@ -274,7 +274,7 @@ def train_reference(
             latents = represent(batch["frames"], None)
         inputs, action, target = training_transitions(latents, batch["actions"], history, generator)
         grads, loss = grad_and_value(loss_fn)(params, inputs, action, target)
-        params, moments, _ = adamw_update(params, grads, moments, step, opt)
+        params, moments, _ = adamw_update(params, grads, moments, step - 1, opt)  # updates taken before this one
         seconds += time.perf_counter() - started
         losses.append(float(loss))
         copy_last_losses.append(float((inputs[:, -1] - target).square().mean()))

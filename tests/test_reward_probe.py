@@ -126,3 +126,22 @@ def test_bad_arguments_are_named(run_dir):
         probe.train_probe(run_dir, steps=1, eval_every=1, width=0)
     with pytest.raises(ValueError, match="clips must be an int >= 2, got 1"):
         probe.train_probe(run_dir, steps=1, eval_every=1, clips=1)
+
+
+def test_the_twohot_probe_starts_at_zero_as_the_reward_head_does_and_trains(run_dir, tmp_path):
+    result = probe.main(["--run", str(run_dir), "--steps", "3", "--eval-every", "3", "--episodes", "2", "--clips",
+                         "3", "--seed", str(SEED), "--width", "4", "--loss", "twohot",
+                         "--out", str(tmp_path / "probe.json")])
+    assert result["loss"] == "twohot"
+    run = probe.wmq.load_run(run_dir)
+    cfg = run.cfg
+    _, _, rewards = probe.wmq.held_out_clips(run, 2, 3, cfg.replay.seq_len - cfg.replay.context_len, SEED, 200)
+    # A zero readout gives uniform logits over antisymmetric bins: every prediction exactly 0.
+    assert result["rows"][0]["reward_mse"] == pytest.approx(float(rewards[:, :-1].double().square().mean()))
+    last = result["rows"][-1]
+    assert math.isfinite(last["loss"]) and last["loss"] >= 0.0  # the expectation's MSE on the training batches
+
+
+def test_an_unknown_loss_is_named(run_dir):
+    with pytest.raises(ValueError, match="loss must be one of \\('mse', 'twohot'\\), got 'l1'"):
+        probe.train_probe(run_dir, steps=1, eval_every=1, loss="l1")
