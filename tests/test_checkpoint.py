@@ -387,3 +387,20 @@ def test_rank_payload_merges_the_ranks_own_part_over_the_shared_one() -> None:
             C.rank_payload(payload, rank)
     single = {"counters": {"env_steps": 5}}
     assert C.rank_payload(single, 0) == single
+
+
+def test_a_reader_lists_again_when_a_live_run_pruned_every_checkpoint_it_listed(tmp_path, monkeypatch) -> None:
+    # loop.keep_checkpoints=1: the run's next save removes the only checkpoint a reader (d4func status / eval) had
+    # listed, before the reader loads it. The reader must find the new one, not fail with an empty reason.
+    C.save_checkpoint(tmp_path, 1, {"x": torch.tensor(1)}, keep_last=1)
+    real_load = C.load_checkpoint
+    saved = []
+
+    def load_after_the_next_save(path, **kwargs):
+        if not saved:
+            saved.append(True)
+            C.save_checkpoint(tmp_path, 2, {"x": torch.tensor(2)}, keep_last=1)  # prunes step 1
+        return real_load(path, **kwargs)
+
+    monkeypatch.setattr(C, "load_checkpoint", load_after_the_next_save)
+    assert C.newest_readable_checkpoint(tmp_path).step == 2

@@ -545,3 +545,15 @@ def test_check_in_sync_catches_replicas_that_hold_the_same_values_in_other_place
     D.check_in_sync(theirs.clone())
     with pytest.raises(RuntimeError, match=r"params differ between rank 0 and rank 1 at \['b.c'\]"):
         D.check_in_sync(ours)
+
+
+def test_a_max_metric_in_a_steps_aux_is_the_maximum_over_ranks(two_fake_ranks) -> None:
+    # The train steps' metrics reach reduce_metrics through data_parallel_grad_and_value's aux (renamed "aux.x"):
+    # adv_absmax must still take the maximum (the fake second rank holds x + 1), the rest the mean.
+    params = TensorDict({"w": torch.tensor([1.0], dtype=torch.float64)}, [])
+
+    def loss_fn(p):
+        return (p["w"] ** 2).sum(), {"adv_absmax": torch.tensor(3.0), "loss_term": torch.tensor(2.0)}
+
+    _, (loss, aux) = D.data_parallel_grad_and_value(loss_fn, has_aux=True)(params)
+    assert (float(aux["adv_absmax"]), float(aux["loss_term"])) == (4.0, 2.5)

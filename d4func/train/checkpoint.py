@@ -518,6 +518,9 @@ def restore(
     return ckpt
 
 
+RELISTS = 3  # times newest_readable_checkpoint lists a run again when every file it listed vanished
+
+
 def newest_readable_checkpoint(
     run_dir: str | Path,
     *,
@@ -531,24 +534,31 @@ def newest_readable_checkpoint(
     damaged one to `<name>.unreadable`; readers (`d4func eval`, `open_run_replay`) leave the directory as it is.
     Errors in reading a file (OSError, MemoryError: `load_checkpoint`) are raised as they are. `mmap`: tensors stay
     in the file until read (`torch.load(mmap=True)`), for a reader that wants the counters, not the states."""
-    candidates = list_checkpoints(run_dir)
-    errors = []
-    for path in reversed(candidates):
-        try:
-            return load_checkpoint(path, map_location=map_location, mmap=mmap)
-        except FileNotFoundError:
-            continue  # listed, then renamed aside by the resuming rank 0, which found it unreadable
-        except (RuntimeError, ValueError) as error:
-            errors.append(str(error))
-            if move_aside:
-                aside = path.with_name(path.name + UNREADABLE_SUFFIX)
-                path.replace(aside)
-                fsync_dir(path.parent)
-                warnings.warn(f"skipping unreadable checkpoint, renamed to {aside.name}: {error}",
-                              stacklevel=stacklevel)
-            else:
-                warnings.warn(f"skipping unreadable checkpoint: {error}", stacklevel=stacklevel)
+    # A file listed and gone when read was renamed aside by the resuming rank 0 (which found it unreadable) or
+    # pruned by a live run's next save (loop.keep_checkpoints=1); when every one listed went so, list again.
+    for _ in range(RELISTS + 1):
+        candidates = list_checkpoints(run_dir)
+        errors = []
+        vanished = 0
+        for path in reversed(candidates):
+            try:
+                return load_checkpoint(path, map_location=map_location, mmap=mmap)
+            except FileNotFoundError:
+                vanished += 1
+            except (RuntimeError, ValueError) as error:
+                errors.append(str(error))
+                if move_aside:
+                    aside = path.with_name(path.name + UNREADABLE_SUFFIX)
+                    path.replace(aside)
+                    fsync_dir(path.parent)
+                    warnings.warn(f"skipping unreadable checkpoint, renamed to {aside.name}: {error}",
+                                  stacklevel=stacklevel)
+                else:
+                    warnings.warn(f"skipping unreadable checkpoint: {error}", stacklevel=stacklevel)
+        if not candidates or vanished < len(candidates):
+            break
     if candidates:
         # A ValueError, as for any unusable input: the command line reports it in one line (exit code 2).
-        raise ValueError(f"no readable checkpoint in {run_dir}: " + "; ".join(errors))
+        raise ValueError(f"no readable checkpoint in {run_dir}: "
+                         + ("; ".join(errors) or "every one listed vanished while being read"))
     return None

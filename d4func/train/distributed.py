@@ -257,7 +257,8 @@ def reduce_metrics(metrics: Mapping[str, Tensor]) -> dict[str, Tensor]:
     # torch.stack fail, and NCCL takes CUDA tensors only.
     device = next((value.device for value in values if value.device.type != "cpu"), torch.device("cpu"))
     stacked = torch.stack([value.to(device, torch.float64) for value in values])
-    maxima = [i for i, name in enumerate(names) if name in MAX_METRICS]
+    # By the metric's own name: data_parallel_grad_and_value passes aux metrics as "aux.<name>".
+    maxima = [i for i, name in enumerate(names) if name.removeprefix("aux.") in MAX_METRICS]
     if maxima:
         largest = stacked[maxima]  # a copy (advanced indexing)
         dist.all_reduce(largest, op=dist.ReduceOp.MAX)
