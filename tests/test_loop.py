@@ -703,35 +703,16 @@ def test_ctrl_c_inside_an_offline_step_resumes_as_an_uninterrupted_run(tmp_path,
 def test_ctrl_c_as_a_step_is_counted_keeps_the_step_and_resumes_as_an_uninterrupted_run(tmp_path, monkeypatch):
     # A Ctrl-C that lands after a step has returned, while the loop takes its new states and counts it: the exit
     # save must hold that step with its count (before, the states were rewound and the count kept).
-    import signal
-
-    from d4func.train import loop
-
-    class CountersThatInterrupt(dict):
-        def __setitem__(self, key, value):
-            super().__setitem__(key, value)
-            if key == "grad_steps" and value == 3:
-                os.kill(os.getpid(), signal.SIGINT)
-
-    real_init = loop.Trainer.__init__
-
-    def init(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        self.counters = CountersThatInterrupt(self.counters)
+    from helpers.interrupts import ctrl_c_as_grad_steps_reach
 
     data = _collect_cartpole(tmp_path / "data", steps=40)
     common = ["loop.mode=offline", f"loop.offline_data={data}", "loop.agent_start=2", "loop.eval_every=1000",
               "loop.checkpoint_every=1000", "loop.gif_every=1000", "env.eval_episodes=0", "loop.log_every=1",
               "loop.offline_steps=5"]
     train(load_run_config(DEBUG, [f"run_dir={tmp_path / 'whole'}", *common]), progress=False)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with monkeypatch.context() as patch:
-            patch.setattr(loop.Trainer, "__init__", init)
-            assert train(load_run_config(DEBUG, [f"run_dir={tmp_path / 'split'}", *common]), progress=False)[
-                "grad_steps"] == 3
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    with ctrl_c_as_grad_steps_reach(monkeypatch, 3):
+        assert train(load_run_config(DEBUG, [f"run_dir={tmp_path / 'split'}", *common]), progress=False)[
+            "grad_steps"] == 3
     saved = final_payload(tmp_path / "split")
     assert saved["counters"]["grad_steps"] == 3
     train(load_run_config(DEBUG, [f"run_dir={tmp_path / 'split'}", *common]), progress=False)

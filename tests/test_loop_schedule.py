@@ -267,33 +267,13 @@ def test_every_kept_ema_follows_its_params(tmp_path):
 def test_an_offline_ctrl_c_as_a_step_commits_still_evaluates_that_step_on_resume(tmp_path, monkeypatch):
     # The interrupt fires as the step's commit ends, before the loop reaches that step's checks: the exit save must
     # still owe them, so the resumed run evaluates the step as the uninterrupted run did (it used to skip it).
-    import os
-    import signal
-
-    from d4func.train import loop
-
-    class CountersThatInterrupt(dict):
-        def __setitem__(self, key, value):
-            super().__setitem__(key, value)
-            if key == "grad_steps" and value == 3:
-                os.kill(os.getpid(), signal.SIGINT)
-
-    real_init = loop.Trainer.__init__
-
-    def init(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        self.counters = CountersThatInterrupt(self.counters)
+    from helpers.interrupts import ctrl_c_as_grad_steps_reach
 
     data = _reach_dataset(tmp_path / "data", 40)
     common = ["loop.offline_steps=5", "loop.eval_every=3", "env.eval_episodes=1", "loop.log_every=1"]
     train(_reach_offline(tmp_path / "whole", data, *common), progress=False)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with monkeypatch.context() as patch:
-            patch.setattr(loop.Trainer, "__init__", init)
-            assert train(_reach_offline(tmp_path / "split", data, *common), progress=False)["grad_steps"] == 3
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    with ctrl_c_as_grad_steps_reach(monkeypatch, 3):
+        assert train(_reach_offline(tmp_path / "split", data, *common), progress=False)["grad_steps"] == 3
     train(_reach_offline(tmp_path / "split", data, *common), progress=False)
 
     def evaluated(run_dir):
