@@ -22,8 +22,14 @@ import torch
 
 from d4func.data.offline import UniformRandomPolicy
 from d4func.envs.registry import make_env
-from d4func.train.evaluation import eval_env_seed, run_episodes
+from d4func.train.evaluation import env_name_of_run, eval_env_seed, run_episodes
 from d4func.train.run_logs import metric_series, read_metrics
+
+
+def config_env_name(config: dict[str, Any]) -> str:
+    """The env a run (its saved `config.json`) was evaluated in: an offline run's dataset's, as the loop's."""
+    loop = config.get("loop", {})
+    return env_name_of_run(loop.get("mode", "online"), loop.get("offline_data"), config["env"]["name"])
 
 
 def random_baseline(config: dict[str, Any], episodes: int, max_steps: int) -> dict[str, Any]:
@@ -35,7 +41,7 @@ def random_baseline(config: dict[str, Any], episodes: int, max_steps: int) -> di
     env_cfg = config["env"]
     per_block = env_cfg["eval_episodes"] or episodes
     blocks = max(1, -(-episodes // per_block))
-    env = make_env(env_cfg["name"], seed=eval_env_seed(config["seed"]), image_size=env_cfg["image_size"],
+    env = make_env(config_env_name(config), seed=eval_env_seed(config["seed"]), image_size=env_cfg["image_size"],
                    action_repeat=env_cfg["action_repeat"], max_episode_steps=env_cfg.get("max_episode_steps"))
     policy = UniformRandomPolicy(env.action_spec, seed=config["seed"])
     results = []
@@ -82,7 +88,7 @@ def plot(run_dir: Path, out_dir: Path, random_episodes: int, demonstrator: float
     rows = read_metrics(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
-    crafter = config["env"]["name"] == "crafter"
+    crafter = config_env_name(config) == "crafter"
     metric = "crafter_score" if crafter else "mean_return"
     label = "Crafter score (%)" if crafter else "episode return"
     random = random_baseline(config, random_episodes, config["env"]["eval_max_steps"])

@@ -113,3 +113,16 @@ def test_each_eval_row_pairs_the_policy_with_the_bc_evaluation_of_its_step(tmp_p
     table = plot_results.plot(run, tmp_path / "out", random_episodes=2)
     assert table["eval"] == [{"env_steps": 20, "policy": 1.0, "bc": 5.0}, {"env_steps": 40, "policy": 2.0, "bc": None},
                              {"env_steps": 60, "policy": 3.0, "bc": 7.0}]
+
+
+def test_an_offline_runs_random_baseline_plays_its_datasets_env_as_its_evaluations_do(tmp_path):
+    # The loop evaluates an offline run in the env its dataset names, whatever the config's env.name says.
+    from d4func.data.offline import DATASET_FORMAT, META_FILE
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / META_FILE).write_text(json.dumps({"format": DATASET_FORMAT, "env_config": {"name": "reach"}}))
+    plot_results = _load_script()
+    config = {"env": {"name": "dmc:cartpole-swingup"}, "loop": {"mode": "offline", "offline_data": str(data)}}
+    assert plot_results.config_env_name(config) == "reach"
+    assert plot_results.config_env_name({**config, "loop": {"mode": "online"}}) == "dmc:cartpole-swingup"

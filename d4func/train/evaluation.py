@@ -47,15 +47,20 @@ def run_env_name(cfg: RunConfig) -> str:
     """The env a run acts and is evaluated in: an offline run's dataset names it (`env_config` in its metadata),
     otherwise `env.name`. A dataset that names none (episodes imported without `--env`) has no env to act in:
     its run trains without evaluations, and evaluating it needs an env named explicitly (a ValueError here)."""
-    if cfg.loop.mode == "offline" and cfg.loop.offline_data:
+    return env_name_of_run(cfg.loop.mode, cfg.loop.offline_data, cfg.env.name)
+
+
+def env_name_of_run(mode: str, offline_data: str | None, env_name: str) -> str:
+    """`run_env_name` from the three config values it reads (for a run's saved `config.json`, say)."""
+    if mode == "offline" and offline_data:
         from d4func.data.offline import read_metadata
 
-        name = (read_metadata(cfg.loop.offline_data).get("env_config") or {}).get("name")
+        name = (read_metadata(offline_data).get("env_config") or {}).get("name")
         if not name:
-            raise ValueError(f"the run's dataset {cfg.loop.offline_data} names no env to evaluate in; name one "
+            raise ValueError(f"the run's dataset {offline_data} names no env to evaluate in; name one "
                              "(d4func eval --env NAME)")
         return name
-    return cfg.env.name
+    return env_name
 
 
 # Env seeds stay below 2**32: dm_control seeds numpy's RandomState, which refuses larger ones.
