@@ -131,18 +131,18 @@ def train_probe(run_dir: str | Path, steps: int, eval_every: int, space: str = "
     moments = adamw_init(params)
     replay = training_replay(run_dir, run, data, seed)
 
-    def predict(p: TensorDictBase, inputs: Tensor) -> Tensor:
-        out = apply(model, p, inputs)
+    def prediction(out: Tensor) -> Tensor:
         return twohot_mean(out, bins) if loss == "twohot" else out
 
-    def loss_fn(p: TensorDictBase, inputs: Tensor, target: Tensor) -> Tensor:
-        if loss == "twohot":
-            return -twohot_log_prob(apply(model, p, inputs), bins, target).mean()
-        return (apply(model, p, inputs) - target).square().mean()
+    def loss_fn(p: TensorDictBase, inputs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """The training loss and, as aux, the MSE of the prediction (for twohot: of its expectation)."""
+        out = apply(model, p, inputs)
+        mse = (prediction(out) - target).square().mean()
+        return (-twohot_log_prob(out, bins, target).mean() if loss == "twohot" else mse), mse
 
     def evaluate(step: int, seconds: float, fit: list[float], targets: list[Tensor]) -> dict[str, Any]:
         with torch.no_grad():
-            predicted = predict(params, held_out)
+            predicted = prediction(apply(model, params, held_out))
         mse = sum(fit) / len(fit) if fit else None
         variance = float(torch.cat(targets).double().var(unbiased=False)) if targets else 0.0
         return {"step": step, "train_seconds": round(seconds, 1), "loss": mse,
@@ -161,13 +161,10 @@ def train_probe(run_dir: str | Path, steps: int, eval_every: int, space: str = "
         with torch.no_grad():
             inputs = as_grid(run, space, sample.get(("next", "pixels")))
         target = sample.get(("next", "reward")).float().flatten()
-        grads, value = grad_and_value(loss_fn)(params, inputs, target)
-        if loss == "twohot":
-            with torch.no_grad():
-                value = (predict(params, inputs) - target).square().mean()
+        grads, (_, mse) = grad_and_value(loss_fn, has_aux=True)(params, inputs, target)
         params, moments, _ = adamw_update(params, grads, moments, step - 1, cfg.optim.world_model)
         seconds += time.perf_counter() - started
-        fit.append(float(value))
+        fit.append(float(mse))
         targets.append(target)
         if step % eval_every == 0 or step == steps:
             rows.append(evaluate(step, seconds, fit, targets))

@@ -169,6 +169,11 @@ def _terminal_flag(terminated: Any, n_flags: int, ignore_first: bool, where: str
     return bool(flags[-1])
 
 
+def _episode_label(episode_id: int, name: Any = None) -> str:
+    """How errors name an episode: its index among those given, and its `name` (a file, a dataset) if it has one."""
+    return f"episode {episode_id}" + (f" ({name})" if name else "")
+
+
 def episode_transitions(
     episode: Mapping[str, Any],
     episode_id: int,
@@ -179,7 +184,7 @@ def episode_transitions(
     """One recorded episode -> its ``[T]`` transitions in d4func's replay layout (see the module docstring)."""
     if rewards_on not in REWARD_ALIGNMENTS:
         raise ValueError(f"rewards_on must be one of {REWARD_ALIGNMENTS}, got {rewards_on!r}")
-    where = f"episode {episode_id}" + (f" ({episode['name']})" if episode.get("name") else "")
+    where = _episode_label(episode_id, episode.get("name"))
     missing = [key for key in ("pixels", "action", "reward") if key not in episode]
     if missing:
         raise ValueError(f"{where} has no {missing} (has {sorted(episode)})")
@@ -275,7 +280,7 @@ def import_episodes(
     def convert_all() -> Iterator[TensorDict]:
         for i, episode in enumerate(episodes):
             if episode.get("name"):
-                names[i] = str(episode["name"])
+                names[i] = episode["name"]
             try:
                 yield episode_transitions(episode, i, channels_last=channels_last, rewards_on=rewards_on)
             except NoTransitionError as e:
@@ -309,9 +314,6 @@ def _check_env_frames(env_config: Mapping[str, Any], frame_shape: Sequence[int])
 def _write_dataset(all_transitions: Iterable[TensorDict], path: Path, capacity: int,
                    env_config: Mapping[str, Any] | None, source: str, layout: dict[str, Any],
                    skipped: list[str], names: Mapping[int, str]) -> dict[str, Any]:
-    def episode(i: int) -> str:
-        return f"episode {i}" + (f" ({names[i]})" if i in names else "")
-
     rb = None
     first = ""
     written = 0
@@ -321,9 +323,10 @@ def _write_dataset(all_transitions: Iterable[TensorDict], path: Path, capacity: 
     largest_action = -1  # discrete datasets: checked against dynamics.n_actions before training
     for transitions in all_transitions:
         i = int(transitions["collector", "traj_ids"][0])  # the episode's index among those given
+        label = _episode_label(i, names.get(i))
         signature = _signature(transitions)
         if first_signature is None:
-            first_signature, first = signature, episode(i)
+            first_signature, first = signature, label
             if env_config is not None:
                 _check_env_frames(env_config, transitions["pixels"].shape[1:])
             # Final frames given: each frame is stored once (d4func.data.replay), the last as an episode-end entry.
@@ -331,9 +334,9 @@ def _write_dataset(all_transitions: Iterable[TensorDict], path: Path, capacity: 
             # seq_len=1: readers pick theirs with load_offline.
             rb = make_replay(dataset_capacity(capacity), 1, 1, path=path, share_next_pixels=has_final)
         elif signature != first_signature:
-            raise ValueError(f"{episode(i)} has {signature}, the first episode ({first}) has {first_signature}")
+            raise ValueError(f"{label} has {signature}, the first episode ({first}) has {first_signature}")
         if written + transitions.shape[0] > capacity:
-            raise ValueError(f"{episode(i)} does not fit: {written} + {transitions.shape[0]} transitions exceed "
+            raise ValueError(f"{label} does not fit: {written} + {transitions.shape[0]} transitions exceed "
                              f"capacity={capacity}")
         rb.extend(transitions)
         written += transitions.shape[0]

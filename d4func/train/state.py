@@ -36,7 +36,7 @@ def apply_gradients(
     new_state["params"] = params
     new_state["opt"] = opt
     new_state["step"] = state["step"] + 1
-    if "ema" in state.keys() and ema_decay is not None:
+    if "ema" in state.keys():  # with ema_decay given (checked above)
         new_state["ema"] = ema_update(state["ema"], params, ema_decay)
     return new_state, metrics
 
