@@ -124,9 +124,9 @@ def probe(cfg: RunConfig, steps: int, eval_every: int, threshold: float = 0.7, w
           step_std: float = 0.15, eval_rows: int = 256, seed: int = 0, reference: str | None = None,
           width: int = 64, log=print) -> dict[str, Any]:
     """Train the dynamics and heads of `cfg` (or, with `reference`, a `PooledRewardReader` or `FlatRewardReader` of
-    `width`) from fresh weights on `reward_rows`; score the reward into frames 1.. of `eval_rows` fresh rows at step 0 and every
-    `eval_every` steps. `train_ce` is the mean twohot cross-entropy of the reward into frames 1.. on the training
-    batches since the last row (for the head: offset 0, `reward_ce_0`), before each batch's update."""
+    `width`) from fresh weights on `reward_rows`; score the reward into frames 1.. of `eval_rows` fresh rows at step 0
+    and every `eval_every` steps. `train_ce` is the mean twohot cross-entropy of the reward into frames 1.. on the
+    training batches since the last row (for the head: offset 0, `reward_ce_0`), before each batch's update."""
     for name, value, low in (("steps", steps, 1), ("eval_every", eval_every, 1), ("eval_rows", eval_rows, 1),
                              ("width", width, 1)):
         if not isinstance(value, int) or value < low:
