@@ -46,6 +46,19 @@ class ZeroLinear(nn.Linear):
             nn.init.zeros_(self.bias)
 
 
+class ZeroAfterInitLinear(nn.Linear):
+    """A linear layer initialised as `nn.Linear` is (drawing the same random numbers) and then set to zero: a residual
+    branch that starts closed (`TransformerConfig.zero_init_residual`) while every later layer's draws, and so its
+    initial weights, stay those of the default start for the same seed."""
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        with torch.no_grad():
+            self.weight.zero_()
+            if self.bias is not None:
+                self.bias.zero_()
+
+
 def modulate(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """FiLM: `x * (1 + scale) + shift`, zero scale and shift leaving `x` unchanged."""
     return x * (1 + scale) + shift
@@ -152,12 +165,12 @@ def attend(
 
 
 class SwiGLU(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). `zero_out` starts `down` at zero (`ZeroAfterInitLinear`)."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, zero_out: bool = False) -> None:
         super().__init__()
         self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
-        self.down = nn.Linear(hidden, dim, bias=False)
+        self.down = (ZeroAfterInitLinear if zero_out else nn.Linear)(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -169,6 +182,7 @@ class Attention(nn.Module):
 
     `forward(x, positions, mask, is_causal, past_kv)` takes tokens `[B, L, D]` and returns the output and the
     (k, v) of this call concatenated after `past_kv` — the caller decides whether to keep it as a cache.
+    `zero_out` starts the output projection at zero (`ZeroAfterInitLinear`).
     """
 
     def __init__(
@@ -180,6 +194,7 @@ class Attention(nn.Module):
         logit_cap: float | None = 50.0,
         rope_base: float = 10_000.0,
         qk_norm_gain: float = 1.0,
+        zero_out: bool = False,
     ) -> None:
         super().__init__()
         if dim % n_heads:
@@ -192,7 +207,7 @@ class Attention(nn.Module):
         self.rope_base = rope_base
         self.q_proj = nn.Linear(dim, n_heads * self.head_dim, bias=False)
         self.kv_proj = nn.Linear(dim, 2 * n_kv_heads * self.head_dim, bias=False)
-        self.out_proj = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        self.out_proj = (ZeroAfterInitLinear if zero_out else nn.Linear)(n_heads * self.head_dim, dim, bias=False)
         # With QK-norm the logits q.k / sqrt(head_dim) of unit-RMS q and k are at most sqrt(head_dim) until the norm
         # gains grow; `qk_norm_gain` starts both gains higher (logits scaled by its square). See TransformerConfig.
         self.q_norm = RMSNorm(self.head_dim, init_gain=qk_norm_gain) if qk_norm else nn.Identity()

@@ -157,10 +157,11 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model)
         self.attn = Attention(
-            cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.qk_norm, cfg.logit_cap, cfg.rope_base, cfg.qk_norm_gain
+            cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.qk_norm, cfg.logit_cap, cfg.rope_base, cfg.qk_norm_gain,
+            zero_out=cfg.zero_init_residual,
         )
         self.mlp_norm = RMSNorm(cfg.d_model)
-        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
+        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden, zero_out=cfg.zero_init_residual)
 
     def forward(
         self,

@@ -280,3 +280,46 @@ def test_modulation_is_a_per_step_film_of_every_norm(cfg, steps, data):
     torch.testing.assert_close(torch.cat(outputs, 1), y, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match=r"modulation must be \[n_layers, 4, B, T, D\]"):
         apply(model, params, x, mask, None, film[:, :2])
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 1000), n_layers=st.integers(2, 5))
+def test_zero_init_residual_starts_every_block_as_the_identity_and_changes_nothing_else(seed, n_layers):
+    cfg = TransformerConfig(d_model=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, time_every=2)
+    zero_cfg = TransformerConfig(d_model=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, time_every=2,
+                                 zero_init_residual=True)
+    default = init(template(BlockCausalTransformer, cfg), seed).flatten_keys(".")
+    model = template(BlockCausalTransformer, zero_cfg)
+    params = init(model, seed)
+    flat = params.flatten_keys(".")
+    assert set(flat.keys()) == set(default.keys())  # same names: checkpoints and optimiser states carry over
+    for key, value in flat.items():
+        if key.endswith(("attn.out_proj.weight", "mlp.down.weight")):
+            assert not value.any(), key
+            assert default[key].any(), key
+        else:  # drawn exactly as without the option, so a comparison at one seed is paired
+            assert torch.equal(value, default[key]), key
+    x = torch.randn(2, 3, 6, 32, generator=torch.Generator().manual_seed(seed))
+    y, _ = apply(model, params, x)
+    gain = params["final_norm", "weight"]
+    torch.testing.assert_close(y, x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6) * gain)
+
+
+def test_zero_init_residual_branches_open_under_training():
+    """Closed branches still get gradients (through the open input projections), so one step opens them."""
+    cfg = TransformerConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, time_every=2, zero_init_residual=True)
+    model = template(BlockCausalTransformer, cfg)
+    params = init(model, 0)
+    gen = torch.Generator().manual_seed(1)
+    x, target = torch.randn(2, 3, 6, 32, generator=gen), torch.randn(2, 3, 6, 32, generator=gen)
+
+    def loss(p):
+        return (apply(model, p, x)[0] - target).square().mean()
+
+    grads = torch.func.grad(loss)(params)
+    for index in ("0", "1"):
+        assert grads["layers", index, "attn", "out_proj", "weight"].abs().sum() > 0
+        assert grads["layers", index, "mlp", "down", "weight"].abs().sum() > 0
+    stepped = params.apply(lambda p, g: p - 0.1 * g, grads)
+    assert loss(stepped) < loss(params)
+    assert not torch.allclose(apply(model, stepped, x)[0], apply(model, params, x)[0])
