@@ -343,13 +343,23 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def probe_parser(description: str, steps: int, eval_every: int) -> argparse.ArgumentParser:
+    """The arguments every synthetic probe here takes: the loop config and its overrides, the training length, the
+    random walk's step, the seed, the thread count and the JSON path (`report`)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=None, help="a loop config (RunConfig YAML); default: RunConfig()")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--eval-every", type=int, default=eval_every)
     parser.add_argument("--step-std", type=float, default=0.15, help="std of the walk's steps (atanh space)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None, help="JSON path (default: none)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = probe_parser(__doc__.split("\n")[0], steps=1000, eval_every=250)
     parser.add_argument("--action-gain", type=float, default=0.0,
                         help="how far each action moves the walk (0: actions carry no information)")
     parser.add_argument("--action-pose", nargs="?", const="global", default=None, choices=POSES,
@@ -359,17 +369,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="train a plain MLP of this width on (last frame, action) instead of the dynamics")
     parser.add_argument("--pool-rows", type=int, default=0, metavar="ROWS",
                         help="train on a fixed pool of this many rows (a finite replay) instead of fresh rows")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=None, help="JSON path (default: none)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = load_run_config(args.config, args.overrides)
     result = probe(cfg, args.steps, args.eval_every, args.step_std, seed=args.seed,
                    action_gain=args.action_gain, action_pose=args.action_pose, mlp_reference=args.mlp_reference,
                    pool_rows=args.pool_rows)
+    return report(result, args, format_table)
+
+
+def report(result: dict[str, Any], args: argparse.Namespace, table: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    """A synthetic probe's ending: `result` with the config and overrides it ran under, printed as `table(result)`
+    and written as JSON to `args.out` when given."""
     result.update({"config": args.config, "overrides": args.overrides})
-    print(format_table(result))
+    print(table(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))

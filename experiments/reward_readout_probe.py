@@ -27,7 +27,6 @@ it: `pooled` is an MLP on each latent token, the mean and the max over tokens an
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -51,7 +50,7 @@ from d4func.train.state import new_train_state
 from d4func.transformer import empty_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dynamics_copy_probe import random_walk_rows  # noqa: E402
+from dynamics_copy_probe import probe_parser, random_walk_rows, report  # noqa: E402
 from world_model_quality import reward_fit  # noqa: E402
 
 PLACES = ("any", "first")
@@ -214,34 +213,20 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=None, help="a loop config (RunConfig YAML); default: RunConfig()")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--eval-every", type=int, default=500)
+    parser = probe_parser(__doc__.split("\n")[0], steps=2000, eval_every=500)
     parser.add_argument("--threshold", type=float, default=0.7,
                         help="the event: a token's first two elements both above this")
     parser.add_argument("--where", choices=PLACES, default="any", help="which latent tokens may show the event")
-    parser.add_argument("--step-std", type=float, default=0.15, help="std of the walk's steps (atanh space)")
     parser.add_argument("--reference", choices=REFERENCES, default=None,
                         help="train a plain reader of the clean frames instead of the dynamics and heads")
     parser.add_argument("--width", type=int, default=64, help="the reference reader's width")
     parser.add_argument("--eval-rows", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=None, help="JSON path (default: none)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = load_run_config(args.config, args.overrides)
     result = probe(cfg, args.steps, args.eval_every, args.threshold, args.where, args.step_std, args.eval_rows,
                    args.seed, args.reference, args.width)
-    result.update({"config": args.config, "overrides": args.overrides})
-    print(format_table(result))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
-    return result
+    return report(result, args, format_table)
 
 
 if __name__ == "__main__":

@@ -1,26 +1,19 @@
 """`experiments/reward_readout_probe.py`: the event and its alignment with the frames, the references' learning, the
 head's training rows, and clear errors."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers.scripts import EXPERIMENTS, load_experiment_script
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from d4func.train.run_config import load_run_config
 
-REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("reward_readout_probe", REPO / "experiments/reward_readout_probe.py")
-probe_script = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = probe_script
-spec.loader.exec_module(probe_script)
-
-CONFIG = str(REPO / "experiments/configs/results_reacher32.yaml")
+probe_script = load_experiment_script("reward_readout_probe")
+CONFIG = str(EXPERIMENTS / "configs/results_reacher32.yaml")
 
 
 def test_the_event_is_a_token_with_both_first_elements_above_the_threshold():
