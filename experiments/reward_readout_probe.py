@@ -125,7 +125,9 @@ def probe(cfg: RunConfig, steps: int, eval_every: int, threshold: float = 0.7, w
     """Train the dynamics and heads of `cfg` (or, with `reference`, a `PooledRewardReader` or `FlatRewardReader` of
     `width`) from fresh weights on `reward_rows`; score the reward into frames 1.. of `eval_rows` fresh rows at step 0
     and every `eval_every` steps. `train_ce` is the mean twohot cross-entropy of the reward into frames 1.. on the
-    training batches since the last row (for the head: offset 0, `reward_ce_0`), before each batch's update."""
+    training batches since the last row (for the head: offset 0, `reward_ce_0`), before each batch's update;
+    `train_dynamics_loss` the head's dynamics term over them (unweighted; None for the references), so that a
+    setting which helps the reward can be seen not to cost the dynamics."""
     for name, value, low in (("steps", steps, 1), ("eval_every", eval_every, 1), ("eval_rows", eval_rows, 1),
                              ("width", width, 1)):
         if not isinstance(value, int) or value < low:
@@ -162,16 +164,20 @@ def probe(cfg: RunConfig, steps: int, eval_every: int, threshold: float = 0.7, w
             return head_predictions(dynamics, heads, state["params"], eval_latents, eval_actions,
                                     torch.Generator().manual_seed(seed + 3))
 
-    def evaluate(step: int, seconds: float, train_ce: list[float]) -> dict[str, Any]:
+    def mean(values: list[float]) -> float | None:
+        return sum(values) / len(values) if values else None
+
+    def evaluate(step: int, seconds: float, train_ce: list[float], dynamics_loss: list[float]) -> dict[str, Any]:
         with torch.no_grad():
             predicted = predict()
-        return {"step": step, "train_seconds": round(seconds, 1),
-                "train_ce": sum(train_ce) / len(train_ce) if train_ce else None,
+        return {"step": step, "train_seconds": round(seconds, 1), "train_ce": mean(train_ce),
+                "train_dynamics_loss": mean(dynamics_loss),
                 **reward_fit(predicted.flatten(), eval_rewards[:, :-1].flatten())}
 
-    rows = [evaluate(0, 0.0, [])]
+    rows = [evaluate(0, 0.0, [], [])]
     log(json.dumps(rows[-1]))
     train_ce: list[float] = []
+    dynamics_loss: list[float] = []
     seconds = 0.0
     for step in range(1, steps + 1):
         started = time.perf_counter()
@@ -185,12 +191,13 @@ def probe(cfg: RunConfig, steps: int, eval_every: int, threshold: float = 0.7, w
                                                  train_gen, model=dynamics, heads=heads, opt=cfg.optim.world_model,
                                                  cfg=cfg.finetune)
             ce = metrics["reward_ce_0"]
+            dynamics_loss.append(float(metrics["dynamics_loss"]))
         seconds += time.perf_counter() - started
         train_ce.append(float(ce))
         if step % eval_every == 0 or step == steps:
-            rows.append(evaluate(step, seconds, train_ce))
+            rows.append(evaluate(step, seconds, train_ce, dynamics_loss))
             log(json.dumps(rows[-1]))
-            train_ce = []
+            train_ce, dynamics_loss = [], []
     return {"threshold": threshold, "where": where, "step_std": step_std, "eval_rows": eval_rows, "seed": seed,
             "reference": reference, "width": width if reference else None,
             "reward_rate": float(eval_rewards.mean()), "context_signal": None if reference else dyn_cfg.context_signal,
@@ -203,12 +210,13 @@ def format_table(result: dict[str, Any]) -> str:
               else f"the reward head, frames at signal {result['context_signal']:g}")
     lines = [f"reward of an event in {result['where']} latent token (threshold {result['threshold']:g}, rate "
              f"{result['reward_rate']:.3f}), read by {reader}, lr {result['lr']:g}",
-             f"{'step':>6} {'seconds':>8} {'train CE':>9} {'held-out R2':>12} {'corr':>7}"]
+             f"{'step':>6} {'seconds':>8} {'train CE':>9} {'held-out R2':>12} {'corr':>7} {'dynamics loss':>14}"]
     for r in result["rows"]:
         def show(x: float | None) -> str:
             return "n/a" if x is None else f"{x:.3f}"
         lines.append(f"{r['step']:>6} {r['train_seconds']:>8.1f} {show(r['train_ce']):>9} "
-                     f"{show(r['reward_r2']):>12} {show(r['reward_corr']):>7}")
+                     f"{show(r['reward_r2']):>12} {show(r['reward_corr']):>7} "
+                     f"{show(r.get('train_dynamics_loss')):>14}")
     return "\n".join(lines)
 
 

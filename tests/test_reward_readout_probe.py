@@ -68,6 +68,7 @@ def test_the_reference_readers_learn_their_event(reference, where, threshold):
     assert first["step"] == 0 and first["reward_r2"] < 0.0  # the zero readout predicts 0, below the best constant
     assert last["step"] == 600 and last["reward_r2"] > 0.3
     assert last["train_ce"] < result["rows"][1]["train_ce"]
+    assert last["train_dynamics_loss"] is None  # no dynamics in a reference
     assert 0.05 < result["reward_rate"] < 0.5
 
 
@@ -80,6 +81,7 @@ def test_the_head_probe_trains_the_loops_update_and_writes_its_rows(tmp_path):
     assert result["context_signal"] == load_run_config(CONFIG).dynamics.context_signal
     for row in result["rows"][1:]:
         assert math.isfinite(row["train_ce"]) and math.isfinite(row["reward_mse"])
+        assert math.isfinite(row["train_dynamics_loss"]) and row["train_dynamics_loss"] > 0
     assert json.loads(out.read_text())["rows"] == result["rows"]
 
 
