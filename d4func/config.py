@@ -41,13 +41,13 @@ class TransformerConfig:
     # Not in the paper: start every block's two residual branches at zero (the attention's output projection and the
     # MLP's down projection), so that each block begins as the identity and the stack as a shallow net whose depth
     # training opens (Fixup, Zhang et al. 2019, zeroes each residual branch's last layer; DiT's adaLN-Zero does the
-    # same through its conditioning). The other
-    # weights are drawn as without it, so the same seed gives the same model but for those. Measured on synthetic
-    # latents (`experiments/reward_readout_probe.py`, reward term alone): the reward head of a 4-layer dynamics
-    # leaves the best constant on every seed of 4 within 2,000 updates (R^2 0.33-0.69 there, mean 0.51; two seeds by
-    # 500), where with the default start one seed of 4 did (mean 0.06). Beside the dynamics and BC terms (the full
-    # phase-2 objective) it did not: 2 seeds of 2 still at the constant after 2,000 updates, as with the default
-    # start (docs/results.md, Sec. 2). Next-frame learning is unchanged (`dynamics_copy_probe.py`).
+    # same through its conditioning). The other weights are drawn as without it, so the same seed gives the same model
+    # but for those. Measured on synthetic latents (`experiments/reward_readout_probe.py`, reward term alone): the
+    # reward head of a 4-layer dynamics leaves the best constant on every seed of 4 within 2,000 updates (R^2
+    # 0.33-0.69 there, mean 0.51; two seeds by 500), where with the default start one seed of 4 did (mean 0.06).
+    # Beside the dynamics and BC terms (the full phase-2 objective) it did not: 2 seeds of 2 still at the constant
+    # after 2,000 updates, as with the default start (docs/results.md, Sec. 2). Next-frame learning is unchanged
+    # (`dynamics_copy_probe.py`).
     zero_init_residual: bool = False
 
     def __post_init__(self) -> None:

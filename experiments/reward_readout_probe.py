@@ -149,9 +149,8 @@ def probe(cfg: RunConfig, steps: int, eval_every: int, threshold: float = 0.7, w
         params = init(model, seed)
         moments = adamw_init(params)
 
-        def loss_fn(p: TensorDictBase, frames: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-            loss = -twohot_log_prob(apply(model, p, frames), bins, target).mean()
-            return loss, loss
+        def loss_fn(p: TensorDictBase, frames: Tensor, target: Tensor) -> Tensor:
+            return -twohot_log_prob(apply(model, p, frames), bins, target).mean()
 
         def predict() -> Tensor:
             return twohot_mean(apply(model, params, eval_latents[:, 1:].flatten(0, 1)), bins)
@@ -184,7 +183,7 @@ def probe(cfg: RunConfig, steps: int, eval_every: int, threshold: float = 0.7, w
         latents, actions, rewards = reward_rows(dyn_cfg, batch, seq_len, step_std, train_gen, threshold, where)
         if reference:
             frames, target = latents[:, 1:].flatten(0, 1), rewards[:, :-1].flatten()
-            grads, (_, ce) = grad_and_value(loss_fn, has_aux=True)(params, frames, target)
+            grads, ce = grad_and_value(loss_fn)(params, frames, target)
             params, moments, _ = adamw_update(params, grads, moments, step - 1, cfg.optim.world_model)
         else:
             state, metrics = agent_finetune_step(state, {"latents": latents, "actions": actions, "rewards": rewards},
