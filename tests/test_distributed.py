@@ -557,3 +557,27 @@ def test_a_max_metric_in_a_steps_aux_is_the_maximum_over_ranks(two_fake_ranks) -
 
     _, (loss, aux) = D.data_parallel_grad_and_value(loss_fn, has_aux=True)(params)
     assert (float(aux["adv_absmax"]), float(aux["loss_term"])) == (4.0, 2.5)
+
+
+def test_ranks_that_would_resume_different_checkpoints_stop_naming_both_steps(tmp_path, reach_data, monkeypatch):
+    """Each rank restores the newest checkpoint it can read: on nodes that do not share run_dir, or after one rank
+    fell back past a damaged file, they could resume different steps, with counters and RNGs from different points
+    of the run. The resume is refused, naming each rank's step (the second rank is faked in-process: it agrees
+    that there is a checkpoint, but found the one before)."""
+    from d4func.train.loop import train
+    from d4func.train.run_config import load_run_config
+
+    args = [f"run_dir={tmp_path / 'run'}", "loop.mode=offline", f"loop.offline_data={reach_data}",
+            "loop.agent_start=100", "loop.eval_every=100", "loop.gif_every=100", "loop.checkpoint_every=2",
+            "env.eval_episodes=0"]
+    train(load_run_config("experiments/configs/reach.yaml", [*args, "loop.offline_steps=2"]), progress=False)
+
+    def all_gather_object(out, value):
+        out[0] = value
+        out[1] = value - 1 if isinstance(value, int) and not isinstance(value, bool) else value
+
+    monkeypatch.setattr(D, "_active", lambda: True)
+    monkeypatch.setattr(D.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(D.dist, "all_gather_object", all_gather_object)
+    with pytest.raises(RuntimeError, match=r"disagree on which checkpoint of .*run to resume \(rank 0: 2, rank 1: 1\)"):
+        train(load_run_config("experiments/configs/reach.yaml", [*args, "loop.offline_steps=4"]), progress=False)

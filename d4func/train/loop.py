@@ -277,6 +277,9 @@ class Trainer:
         payload with this rank's own part. The logs go back to what the checkpoint had seen, now or, with
         `rewind_logs=False`, at `rewind_logs()` (a finished run that only reports does not touch them)."""
         found = checkpoint.restore(self.run_dir, self.generators())
+        # Ranks that each read run_dir (several nodes, or a damaged newest checkpoint one rank fell back past) could
+        # resume different steps: their counters and RNGs would then belong to different points of the run.
+        dp.check_ranks_agree(None if found is None else found.step, f"which checkpoint of {self.run_dir} to resume")
         if found is None:
             self.forget_logs()
             return None
