@@ -36,7 +36,9 @@ through a sliding window of that many frames, as imagination and the acting poli
   `counterfactual_latent_r2_per_step`, the open loop's: where the first stays up and the second falls, the model
   knows each step and loses the action by reading its own frames back. `counterfactual_reconstruction_r2` is the
   tokenizer's ceiling on the pixel figure: the env's two branches encoded and decoded as the predictions are, so
-  what of the actions' effect the round trip loses (a thin arm blurred away) no dynamics can show;
+  what of the actions' effect the round trip loses (a thin arm blurred away) no dynamics can show.
+  `counterfactual_latent_r2_draws` repeats the latent figure under `--noise-draws` draws of the sampler's noise
+  (default 4): a model that answers an action on some draws only scores anywhere in a wide range on one;
 * reward: the reward head (offset 0) on the agent tokens of the real clip, each frame committed as the agent
   observes one (`imagination.commit_frames`), against the rewards the env gave. Its mean squared error is compared
   with the best constant prediction (the held-out rewards' own mean, so the baseline is optimistic), as
@@ -50,7 +52,8 @@ counts 100 dB (its error is floored at 1e-10) and copy-last scores high wherever
 Writes `RUN_DIR/world_model_quality.json` and `RUN_DIR/gifs/world_model_quality.gif` (real frames on top, imagined
 below, up to 4 clips, the horizon open loop), and prints a table.
 
-    python experiments/world_model_quality.py --run runs/reach [--episodes 8] [--clips 16] [--horizon 8] [--seed 0]
+    python experiments/world_model_quality.py --run runs/reach [--episodes 8] [--clips 16] [--horizon 8] [--seed 0] \
+        [--counterfactual-clips 16] [--noise-draws 4]
 """
 
 from __future__ import annotations
@@ -408,6 +411,29 @@ def open_loop(run: LoadedRun, frames: Tensor, actions: Tensor, seed: int) -> tup
     return imagined, model, copy_last
 
 
+def counterfactual_latent_r2_draws(run: LoadedRun, clips: dict[str, Tensor] | None, seed: int, draws: int
+                                   ) -> list[float | None] | None:
+    """`counterfactual_latent_r2` under `draws` noise draws of the sampler (seeds `seed`, `seed + 1`, ...; the first
+    is the figure `counterfactual_action_metrics` reports): the same states and action sequences, only the rollouts'
+    noise differs. A sampled world model can answer an action on one draw and ignore it on the next, and then one
+    draw over 16 states ranks nothing (on a Crafter model: 0.23 on one draw, -0.02 to -0.17 over 64 states and
+    other draws; docs/results.md, section 3). None without `clips`."""
+    if clips is None:
+        return None
+    if not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws must be an int >= 1, got {draws!r}")
+    context_len = clips["context"].shape[1]
+    real = [encode_windowed(run.tokenizer, run.tokenizer_params, torch.cat([clips["context"], frames], dim=1),
+                            run.cfg.replay.row_frames)[:, context_len:] for frames in clips["frames"]]
+    horizon = clips["frames"].shape[2]
+    out = []
+    for draw in range(draws):
+        generated = [_predict_latents(run, clips["context"], actions, horizon, run.cfg.dynamics.sampling_steps,
+                                      seed + draw)[1] for actions in clips["actions"]]
+        out.append(change_explained(generated[0] - generated[1], real[0] - real[1])[0])
+    return out
+
+
 def evaluate_run(
     run_dir: str | Path,
     episodes: int = 8,
@@ -416,14 +442,17 @@ def evaluate_run(
     seed: int = 0,
     max_steps: int = 200,
     counterfactual_clips: int = 16,
+    noise_draws: int = 4,
 ) -> dict[str, Any]:
     """Evaluate the world model of the run in `run_dir`; writes the JSON and the GIF there and returns the results.
 
     `max_steps` caps the env steps of one held-out episode (Crafter's episodes run to 10,000 steps);
-    `counterfactual_clips` states are played under two action sequences each (0: skip that measure)."""
+    `counterfactual_clips` states are played under two action sequences each (0: skip that measure), and their
+    latent figure is also taken under `noise_draws` draws of the sampler's noise
+    (`counterfactual_latent_r2_draws`)."""
     for name, value, low in (("episodes", episodes, 1), ("clips", clips, 1), ("horizon", horizon, 1),
                              ("max_steps", max_steps, 1), ("seed", seed, 0),
-                             ("counterfactual_clips", counterfactual_clips, 0)):
+                             ("counterfactual_clips", counterfactual_clips, 0), ("noise_draws", noise_draws, 1)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     run = load_run(run_dir)
@@ -437,6 +466,7 @@ def evaluate_run(
     counterfactual = counterfactual_clips_for(run, counterfactual_clips, horizon, seed, max_steps)
     result.update(counterfactual_action_metrics(run, counterfactual, seed))
     result["counterfactual_clips"] = 0 if counterfactual is None else counterfactual_clips
+    result["counterfactual_latent_r2_draws"] = counterfactual_latent_r2_draws(run, counterfactual, seed, noise_draws)
     context_len = run.cfg.replay.context_len
     gif = write_comparison_gif(Path(run_dir) / GIF_FILE, frames[:GIF_CLIPS, context_len:], imagined[:GIF_CLIPS])
     result.update({
@@ -484,6 +514,10 @@ def format_table(result: dict[str, Any]) -> str:
                                       "tokenizer's round trip of the env's frames R^2 "
                                       f"{_num(result.get('counterfactual_reconstruction_r2'))}), "
                                       f"{result['counterfactual_clips']} states"),
+        *([] if not result.get("counterfactual_latent_r2_draws") else [
+            f"counterfactual R^2 in latents under {len(result['counterfactual_latent_r2_draws'])} noise draws: "
+            + " ".join(_num(v) for v in result["counterfactual_latent_r2_draws"])
+            + " (one draw's figure over 16 states can mislead: look at the spread)"]),
         *([] if not result.get("counterfactual_latent_r2_per_step") else [
             "counterfactual R^2 in latents per step: open loop "
             + " ".join(_num(v) for v in result["counterfactual_latent_r2_per_step"])
@@ -507,11 +541,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-steps", type=int, default=200, help="cap on the env steps of one episode")
     parser.add_argument("--counterfactual-clips", type=int, default=16,
                         help="states played under two action sequences each (0 skips the measure)")
+    parser.add_argument("--noise-draws", type=int, default=4,
+                        help="sampler noise draws the counterfactual latent figure is also taken under")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = evaluate_run(args.run, episodes=args.episodes, clips=args.clips, horizon=args.horizon, seed=args.seed,
-                          max_steps=args.max_steps, counterfactual_clips=args.counterfactual_clips)
+                          max_steps=args.max_steps, counterfactual_clips=args.counterfactual_clips,
+                          noise_draws=args.noise_draws)
     print(format_table(result))
     print(f"wrote {Path(args.run) / RESULT_FILE} and {result['gif']}")
     return result

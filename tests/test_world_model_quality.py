@@ -227,6 +227,24 @@ def test_counterfactual_actions_score_the_models_change_against_the_envs(run_dir
     assert "the tokenizer's round trip of the env's frames R^2" in wmq.format_table(result)
 
 
+def test_counterfactual_latent_figure_under_several_noise_draws(run_dir, result):
+    """The first draw is the reported latent figure; the others take the same states and action sequences with the
+    sampler's noise from the next seeds, each equal to the figure measured at that seed."""
+    run = wmq.load_run(run_dir)
+    clips = wmq.counterfactual_clips_for(run, 16, HORIZON, SEED, max_steps=200)
+    draws = wmq.counterfactual_latent_r2_draws(run, clips, SEED, 3)
+    assert result["counterfactual_latent_r2_draws"][0] == pytest.approx(result["counterfactual_latent_r2"], rel=1e-6)
+    assert len(result["counterfactual_latent_r2_draws"]) == 4  # evaluate_run's default
+    assert draws == pytest.approx(result["counterfactual_latent_r2_draws"][:3], rel=1e-6)
+    assert draws[2] == pytest.approx(wmq.counterfactual_action_metrics(run, clips, SEED + 2)[
+        "counterfactual_latent_r2"], rel=1e-6)
+    assert len(set(draws)) == 3  # the noise moves a sampled figure: the draws are not one number three times
+    assert wmq.counterfactual_latent_r2_draws(run, None, SEED, 3) is None
+    with pytest.raises(ValueError, match="draws must be an int >= 1, got 0"):
+        wmq.counterfactual_latent_r2_draws(run, clips, SEED, 0)
+    assert "counterfactual R^2 in latents under 4 noise draws" in wmq.format_table(result)
+
+
 def test_open_loop_first_step_is_next_frame_sample(result):
     # Same seed and K: the first open-loop frame draws the same noise as the one-frame sample, and the causal
     # decoder gives it the same pixels whatever frames follow.
@@ -586,7 +604,8 @@ def test_action_conditioning_swaps_the_action_into_the_first_predicted_frame(run
 
 
 @pytest.mark.parametrize(("name", "value"), [("episodes", 0), ("clips", 0), ("horizon", 0), ("max_steps", 0),
-                                             ("seed", -1), ("counterfactual_clips", -1), ("clips", 2.0)])
+                                             ("seed", -1), ("counterfactual_clips", -1), ("clips", 2.0),
+                                             ("noise_draws", 0)])
 def test_evaluate_run_refuses_bad_sizes_by_name(tmp_path, name, value):
     # Checked before the run is read: the directory need not exist.
     with pytest.raises(ValueError, match=f"{name} must be an int"):
