@@ -16,11 +16,13 @@ Sections (benchmarks/README.md explains each figure):
   gpu_paper_scale     CUDA only: tokens/s and model FLOP utilisation of a world-model train step, generated
                       frames/s, at a paper-like size (skipped without a GPU)
   gpu_compiled        CUDA only: that train step eager vs torch.compile'd (`precision.compile`), and the compile time
+  cpu_compiled        the same comparison on the CPU (inductor's C++ code), at the size docs/results.md trains
 
 Each section runs in a fresh subprocess, so one section's allocations and thread pools cannot colour another's and
 each reports its process's peak RSS; inside a section the variants are timed interleaved (A, B, A, B, ...) so that
-load from other processes hits them alike. `--quick` runs every section at tiny sizes in one subprocess: a smoke
-test of the code paths, not a result. Results: `benchmarks/results/run_all.json` (`run_all_quick.json` for
+load from other processes hits them alike. `--quick` runs every section at tiny sizes in one subprocess (`cpu_compiled`
+in one of its own: compiling loads triton, kept out of processes that render with EGL): a smoke test of the code
+paths, not a result. Results: `benchmarks/results/run_all.json` (`run_all_quick.json` for
 `--quick`).
 """
 
@@ -57,7 +59,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 CONFIGS = {"debug": REPO / "experiments/configs/debug.yaml", "default": REPO / "experiments/configs/dmc_cartpole.yaml"}
 SECTION_NAMES = ("functional", "kv_cache", "bootstrap_targets", "phases_debug", "phases_default", "acting_debug",
-                 "acting_default", "online_debug", "online_default", "replay", "gpu_paper_scale", "gpu_compiled")
+                 "acting_default", "online_debug", "online_default", "replay", "gpu_paper_scale", "gpu_compiled",
+                 "cpu_compiled")
 # Dense bf16 peak of the GPUs we know (vendor spec sheets, SXM parts); anything else needs --peak-tflops for MFU.
 # Dense bf16 peaks by device name; the most specific name that the device's contains wins (an "H100 PCIe" is not
 # an SXM H100).
@@ -893,6 +896,30 @@ def gpu_compiled_section(ctx: Context) -> dict[str, Any]:
     return section(rows, f, {"device": name, "untested_before_first_gpu_run": True})
 
 
+# cpu_compiled: the world models docs/results.md trains on this CPU (width 64, 4 layers, 16 latents of 8 packed in
+# pairs, one register; batch 16 rows of 8 frames: results_reacher32.yaml's dynamics), float32. --quick: the code
+# path at a tiny size through the "aot_eager" backend (tracing without inductor's C++ build).
+CPU_COMPILE_SCALE = PaperScale(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, latent_tokens=16, latent_dim=8, pack=2,
+                               n_registers=1, batch=16, frames=8)
+QUICK_CPU_COMPILE_SCALE = PaperScale(d_model=32, n_layers=4, n_heads=2, n_kv_heads=1, latent_tokens=8, latent_dim=8,
+                                     pack=2, n_registers=1, batch=1, frames=4)
+COMPILING_SECTIONS = ("cpu_compiled",)
+
+
+def cpu_compiled_section(ctx: Context) -> dict[str, Any]:
+    full = ctx.budget is FULL
+    spec = CPU_COMPILE_SCALE if full else QUICK_CPU_COMPILE_SCALE
+    f = compiled_vs_eager_figures("cpu", spec, repeats=9 if full else 1, bf16=False,
+                                  **({} if full else {"backend": "aot_eager"}))
+    size = f"B={spec.batch} T={spec.frames}, d={spec.d_model} x {spec.n_layers} layers, float32"
+    rows = [Row("world-model train step, eager (CPU)", f["eager_tokens_per_s"], "tokens/s", f["eager_peak_mib"], size),
+            Row("world-model train step, torch.compile (CPU)", f["compiled_tokens_per_s"], "tokens/s",
+                f["compiled_peak_mib"], f"first call (compiling) {f['compile_seconds']:.0f} s"),
+            Row("speedup torch.compile over eager (CPU)", f["speedup_compiled_over_eager"], "x", None,
+                f"first-step losses {f['first_loss_eager']:.4f} / {f['first_loss_compiled']:.4f}")]
+    return section(rows, f, {"device": "cpu", "backend": "inductor" if full else "aot_eager"})
+
+
 SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "functional": functional_section,
     "kv_cache": kv_cache_section,
@@ -906,6 +933,7 @@ SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "replay": replay_section,
     "gpu_paper_scale": gpu_section,
     "gpu_compiled": gpu_compiled_section,
+    "cpu_compiled": cpu_compiled_section,
 }
 assert tuple(SECTIONS) == SECTION_NAMES
 
@@ -972,8 +1000,13 @@ def orchestrate(args: argparse.Namespace) -> int:
         if name in names and not torch.cuda.is_available():
             names.remove(name)
             results[name] = gpu_skipped(name)
-    # --quick: one subprocess for everything (one interpreter start-up instead of one per section).
-    groups = [names] if args.quick else [[name] for name in names]
+    # --quick: one subprocess for everything (one interpreter start-up instead of one per section), except the
+    # compiling section: triton, which compiling loads, once segfaulted beside dm_control's EGL renderer.
+    if args.quick:
+        groups = [[name for name in names if name not in COMPILING_SECTIONS],
+                  [name for name in names if name in COMPILING_SECTIONS]]
+    else:
+        groups = [[name] for name in names]
     flags = ["--threads", str(args.threads)] + (["--quick"] if args.quick else [])
     if args.peak_tflops is not None:
         flags += ["--peak-tflops", str(args.peak_tflops)]

@@ -344,7 +344,9 @@ def shortcut_targets(
     x_target = z_tau + (1 - tau) * sg((b' + b'') / 2) for the others."""
     is_flow = d <= d_min * (1 + 1e-6)
     target = z_clean
-    if not bool(is_flow.all()):
+    # Eager skips the two half-step passes when every frame is a flow frame; a compiled loss computes them anyway
+    # (the same targets: `where` keeps z_clean), since reading the mask back to Python would break its graph.
+    if torch.compiler.is_compiling() or not bool(is_flow.all()):
         v_target = bootstrap_velocity(denoise, z_tau, tau, d, ~is_flow)
         target = torch.where(_per_frame(is_flow), z_clean, x_from_velocity(v_target, z_tau, tau))
     return target, is_flow

@@ -38,12 +38,14 @@ EXPECTED = {
        "ring_write_transitions_per_s_journal_on", "overwrite_journal_cost"},
     "gpu_paper_scale": {"tokens_per_s", "mfu", "gen_frames_per_s"},
     "gpu_compiled": {"eager_tokens_per_s", "compiled_tokens_per_s", "speedup_compiled_over_eager"},
+    "cpu_compiled": {"eager_tokens_per_s", "compiled_tokens_per_s", "speedup_compiled_over_eager", "compile_seconds",
+                     "first_loss_eager", "first_loss_compiled"},
 }
 
 
 # The *_default sections run the *_debug sections' code at the default config's sizes: the default suite runs the
-# debug ones (~25 s less on 2 cores), the slow suite every section.
-DEBUG_SECTIONS = [name for name in EXPECTED if not name.endswith("_default")]
+# debug ones (~25 s less on 2 cores), the slow suite every section (cpu_compiled too: ~30 s of tracing).
+DEBUG_SECTIONS = [name for name in EXPECTED if not name.endswith("_default") and name != "cpu_compiled"]
 
 
 def test_run_all_quick_prints_one_table_and_writes_every_debug_figure(tmp_path):
@@ -82,6 +84,9 @@ def check_quick_run(tmp_path: Path, names: list[str]) -> None:
         for key in keys - {"cached_vs_uncached_max_abs_diff", "targets_folded_vs_vmapped_max_abs_diff"}:
             value = sections[name]["figures"][key]
             assert math.isfinite(value) and value > 0, (name, key, value)
+    if "cpu_compiled" in sections:  # both arms trained the same step from the same draws
+        losses = sections["cpu_compiled"]["figures"]
+        assert losses["first_loss_compiled"] == pytest.approx(losses["first_loss_eager"], rel=1e-5)
     figures = {name: section["figures"] for name, section in sections.items()}
     # The compared variants compute the same thing: identical generations, identical bootstrap targets.
     assert figures["kv_cache"]["cached_vs_uncached_max_abs_diff"] < 1e-4

@@ -464,6 +464,30 @@ def test_flow_frames_regress_to_clean_latents():
     assert not torch.allclose(target[~is_flow], z[~is_flow])
 
 
+@pytest.mark.parametrize("all_flow", [True, False])
+def test_targets_traced_for_compile_equal_the_eager_ones(monkeypatch, all_flow):
+    """A compiled loss cannot read the flow mask back to skip the half steps: under `torch.compile` it runs them on
+    every batch, and the targets must be the eager ones, also when every frame is a flow frame (z_clean, no NaN)."""
+    cfg, model, params = make(k_max=4)
+    z, _, _, actions = inputs(cfg)
+    d = torch.full((2, 5), cfg.d_min) if all_flow else torch.tensor([[0.25, 1.0, 0.5, 0.25, 0.25]] * 2)
+    tau = torch.tensor([[0.5, 0.0, 0.5, 0.75, 0.0]] * 2)
+    z_tau = add_noise(z, tau, torch.randn_like(z))
+    calls = []
+
+    def counting(*args):
+        calls.append(1)
+        return denoiser(model, params, actions)(*args)
+
+    eager, eager_flow = shortcut_targets(counting, z, z_tau, tau, d, cfg.d_min)
+    assert len(calls) == (0 if all_flow else 2)  # eager skips the half steps when no frame needs them
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    traced, traced_flow = shortcut_targets(counting, z, z_tau, tau, d, cfg.d_min)
+    assert len(calls) == (2 if all_flow else 4)
+    assert torch.equal(traced_flow, eager_flow) and torch.isfinite(traced).all()
+    torch.testing.assert_close(traced, eager, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("steps", [1, 2, 4])
 @pytest.mark.parametrize("discrete, skip, film, positions", [(False, False, False, False), (True, False, False, False),
                                                              (False, True, False, True), (True, False, True, False)])
