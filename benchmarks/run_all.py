@@ -881,19 +881,24 @@ def gpu_skipped(name: str) -> dict[str, Any]:
     return {**section(rows, {key: None for key, _, _ in GPU_FIGURES[name]}, {}), "skipped": note}
 
 
+def compiled_vs_eager_rows(f: dict[str, Any], spec: PaperScale, dtype: str, device_note: str = "") -> list[Row]:
+    """The rows of `compiled_vs_eager_figures`' result `f` (`device_note` ends each label, e.g. " (CPU)")."""
+    size = f"B={spec.batch} T={spec.frames}, d={spec.d_model} x {spec.n_layers} layers, {dtype}"
+    return [Row(f"world-model train step, eager{device_note}", f["eager_tokens_per_s"], "tokens/s",
+                f["eager_peak_mib"], size),
+            Row(f"world-model train step, torch.compile{device_note}", f["compiled_tokens_per_s"], "tokens/s",
+                f["compiled_peak_mib"], f"first call (compiling) {f['compile_seconds']:.0f} s"),
+            Row(f"speedup torch.compile over eager{device_note}", f["speedup_compiled_over_eager"], "x", None,
+                f"first-step losses {f['first_loss_eager']:.4f} / {f['first_loss_compiled']:.4f}")]
+
+
 def gpu_compiled_section(ctx: Context) -> dict[str, Any]:
     if not torch.cuda.is_available():
         return gpu_skipped("gpu_compiled")
     name = torch.cuda.get_device_name(0)
     spec = COMPILE_SCALE if ctx.budget is FULL else QUICK_PAPER_SCALE
     f = compiled_vs_eager_figures("cuda", spec, repeats=5 if ctx.budget is FULL else 1)
-    size = f"B={spec.batch} T={spec.frames}, d={spec.d_model} x {spec.n_layers} layers, bf16"
-    rows = [Row("world-model train step, eager", f["eager_tokens_per_s"], "tokens/s", f["eager_peak_mib"], size),
-            Row("world-model train step, torch.compile", f["compiled_tokens_per_s"], "tokens/s",
-                f["compiled_peak_mib"], f"first call (compiling) {f['compile_seconds']:.0f} s"),
-            Row("speedup torch.compile over eager", f["speedup_compiled_over_eager"], "x", None,
-                f"first-step losses {f['first_loss_eager']:.4f} / {f['first_loss_compiled']:.4f}")]
-    return section(rows, f, {"device": name, "untested_before_first_gpu_run": True})
+    return section(compiled_vs_eager_rows(f, spec, "bf16"), f, {"device": name, "untested_before_first_gpu_run": True})
 
 
 # cpu_compiled: the world models docs/results.md trains on this CPU (width 64, 4 layers, 16 latents of 8 packed in
@@ -911,13 +916,8 @@ def cpu_compiled_section(ctx: Context) -> dict[str, Any]:
     spec = CPU_COMPILE_SCALE if full else QUICK_CPU_COMPILE_SCALE
     f = compiled_vs_eager_figures("cpu", spec, repeats=9 if full else 1, bf16=False,
                                   **({} if full else {"backend": "aot_eager"}))
-    size = f"B={spec.batch} T={spec.frames}, d={spec.d_model} x {spec.n_layers} layers, float32"
-    rows = [Row("world-model train step, eager (CPU)", f["eager_tokens_per_s"], "tokens/s", f["eager_peak_mib"], size),
-            Row("world-model train step, torch.compile (CPU)", f["compiled_tokens_per_s"], "tokens/s",
-                f["compiled_peak_mib"], f"first call (compiling) {f['compile_seconds']:.0f} s"),
-            Row("speedup torch.compile over eager (CPU)", f["speedup_compiled_over_eager"], "x", None,
-                f"first-step losses {f['first_loss_eager']:.4f} / {f['first_loss_compiled']:.4f}")]
-    return section(rows, f, {"device": "cpu", "backend": "inductor" if full else "aot_eager"})
+    return section(compiled_vs_eager_rows(f, spec, "float32", " (CPU)"), f,
+                   {"device": "cpu", "backend": "inductor" if full else "aot_eager"})
 
 
 SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {

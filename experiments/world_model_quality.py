@@ -345,6 +345,13 @@ def change_explained(model_change: Tensor, real_change: Tensor) -> tuple[float |
 
 
 @torch.no_grad()
+def encoded_branches(run: LoadedRun, clips: dict[str, Tensor]) -> list[Tensor]:
+    """The env's two branches, each encoded after the shared context as the acting policy encodes frames (at most a
+    training row's frames at once): `[N, C + H, S, Dz]` per branch."""
+    return [encode_windowed(run.tokenizer, run.tokenizer_params, torch.cat([clips["context"], frames], dim=1),
+                            run.cfg.replay.row_frames) for frames in clips["frames"]]
+
+
 def counterfactual_action_metrics(run: LoadedRun, clips: dict[str, Tensor] | None, seed: int) -> dict[str, Any]:
     """The world model's change between two action sequences from the same real history against the env's (module
     docstring); every entry None without `clips`."""
@@ -362,8 +369,7 @@ def counterfactual_action_metrics(run: LoadedRun, clips: dict[str, Tensor] | Non
     # The same in latent space, where imagination works: the env's frames encoded after the same context, as the
     # acting policy would encode them (at most a training row's frames at once).
     context_len = clips["context"].shape[1]
-    encoded = [encode_windowed(run.tokenizer, run.tokenizer_params, torch.cat([clips["context"], frames], dim=1),
-                               run.cfg.replay.row_frames) for frames in clips["frames"]]
+    encoded = encoded_branches(run, clips)
     real_latents = [latents[:, context_len:] for latents in encoded]
     latent_r2, latent_per_step = change_explained(predicted_latents[0] - predicted_latents[1],
                                                   real_latents[0] - real_latents[1])
@@ -423,8 +429,7 @@ def counterfactual_latent_r2_draws(run: LoadedRun, clips: dict[str, Tensor] | No
     if not isinstance(draws, int) or draws < 1:
         raise ValueError(f"draws must be an int >= 1, got {draws!r}")
     context_len = clips["context"].shape[1]
-    real = [encode_windowed(run.tokenizer, run.tokenizer_params, torch.cat([clips["context"], frames], dim=1),
-                            run.cfg.replay.row_frames)[:, context_len:] for frames in clips["frames"]]
+    real = [latents[:, context_len:] for latents in encoded_branches(run, clips)]
     horizon = clips["frames"].shape[2]
     out = []
     for draw in range(draws):
