@@ -138,8 +138,13 @@ def zeros_like_tree(tree: TensorDictBase) -> TensorDictBase:
 
 
 def make_train_state(params: TensorDictBase, optimizer_state: TensorDictBase, with_ema: bool = True) -> TensorDict:
-    """The train-state convention: one TensorDict with `params`, `opt`, `ema` (optional) and `step`."""
-    state = TensorDict({"params": params, "opt": optimizer_state, "step": torch.zeros((), dtype=torch.long)})
+    """The train-state convention: one TensorDict with `params`, `opt`, `ema` (optional) and `step`.
+
+    `step` lives beside the params: a state made mid-run on a GPU (the agent's, at `agent_start`) is then laid out
+    as one restored from a checkpoint (`state.to(device)`)."""
+    device = next(iter(params.values(include_nested=True, leaves_only=True))).device
+    step = torch.zeros((), dtype=torch.long, device=device)
+    state = TensorDict({"params": params, "opt": optimizer_state, "step": step})
     if with_ema:
         state["ema"] = params.clone()
     return state

@@ -1,0 +1,142 @@
+"""Device placement of the learner, checked without a GPU: every phase of a gradient step, KV-cached generation and
+decoding run on a stand-in accelerator (`helpers/stand_in_device.py`: tensors that report `meta` and compute on the
+CPU) that raises wherever a GPU would, on a tensor made on the CPU and mixed with the batch's or a draw away from
+its generator's device, and otherwise computes bit for bit what the CPU does.
+
+`tests/test_gpu.py` checks the same code on a real GPU when one is lent; CI has none, so without these tests a
+`torch.zeros(n)` missing its `device=` would first show on someone's GPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers.benchmark_scripts import load_run_all
+from helpers.stand_in_device import (
+    STAND_IN,
+    DevicePlacementError,
+    StandIn,
+    device_generator,
+    on_cpu,
+    stand_in_device,
+)
+
+from d4func.imagination import world_model_fn
+from d4func.sampler import generate
+from d4func.tokenizer import decode, encode
+from d4func.train.phases import build_models, gradient_step, init_states
+from d4func.train.run_config import load_run_config
+
+REPO = Path(__file__).parents[1]
+
+
+def test_the_stand_in_raises_where_a_gpu_would_and_computes_what_the_cpu_does() -> None:
+    x = torch.linspace(-1, 1, 6).reshape(2, 3)
+    with stand_in_device() as device:
+        on_device = x.to(device)
+        assert isinstance(on_device, StandIn) and on_device.device == STAND_IN
+        y = torch.tanh(on_device * 2 + torch.tensor(0.5))  # a CPU scalar beside a device tensor: CUDA allows it
+        assert y.device == STAND_IN
+        with pytest.raises(DevicePlacementError, match="cpu"):
+            _ = on_device + torch.ones(3)  # made without device=: on a GPU this mixes devices
+        with pytest.raises(DevicePlacementError, match="generator on cpu"):
+            torch.rand(3, generator=torch.Generator().manual_seed(1), device=device)
+        drawn = torch.rand(3, generator=device_generator(), device=device)
+        back = y.cpu()
+    assert not isinstance(back, StandIn) and torch.equal(back, torch.tanh(x * 2 + 0.5))
+    assert torch.equal(on_cpu(drawn), torch.rand(3, generator=device_generator()))
+
+
+def _alexnet_file(tmp_path: Path) -> Path:
+    """A random AlexNet trunk in torchvision's layout, for the LPIPS term (no ImageNet weights here)."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = {0: (64, 3, 11, 11), 3: (192, 64, 5, 5), 6: (384, 192, 3, 3), 8: (256, 384, 3, 3), 10: (256, 256, 3, 3)}
+    state = {}
+    for index, shape in shapes.items():
+        state[f"features.{index}.weight"] = torch.randn(shape, generator=gen) * 0.05
+        state[f"features.{index}.bias"] = torch.zeros(shape[0])
+    path = tmp_path / "alexnet.pth"
+    torch.save(state, path)
+    return path
+
+
+# Each case takes code paths the others do not: continuous vs discrete actions, one camera vs two, the opt-in
+# dynamics and tokenizer options, the LPIPS term, the appended final frame.
+CASES = {
+    "debug": ("debug.yaml", []),
+    "debug_options": ("debug.yaml", [
+        "dynamics.forcing=teacher", "dynamics.loss_weight=uniform", "dynamics.noise_scale=0.3",
+        "dynamics.previous_frame_skip=true", "dynamics.action_film=true", "dynamics.latent_positions=true",
+        "dynamics.self_forcing=0.5", "dynamics.transformer.zero_init_residual=true",
+        "tokenizer.latent_attention=local", "imagination.center_advantages=true", "replay.final_frame=true"]),
+    "debug_context_noise": ("debug.yaml", ["dynamics.clean_context_fraction=0.5", "finetune.bc_coef=2"]),
+    "reach_discrete": ("reach.yaml", []),
+    "two_cameras": ("dmc_multicam.yaml", [
+        "tokenizer.encoder.d_model=32", "tokenizer.decoder.d_model=32", "dynamics.transformer.d_model=32",
+        "dynamics.transformer.n_layers=2", "heads.d_model=32", "replay.batch_size=2"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_phase_of_a_gradient_step_stays_on_the_learners_device(case: str, tmp_path: Path) -> None:
+    config, overrides = CASES[case]
+    lpips = []
+    if case == "debug":
+        lpips = ["tokenizer_loss.lpips_weight=0.2", f"tokenizer_loss.lpips_backbone_path={_alexnet_file(tmp_path)}"]
+    cfg = load_run_config(str(REPO / "experiments/configs" / config), [f"run_dir={tmp_path}", *overrides, *lpips])
+    models = build_models(cfg)
+    batch = load_run_all().random_replay_batch(cfg, torch.Generator().manual_seed(0))
+    lpips_fn = None
+    if lpips:
+        from d4func.lpips_loss import make_lpips
+
+        lpips_fn = make_lpips("alex", backbone_path=cfg.tokenizer_loss.lpips_backbone_path)
+
+    def two_steps(states, batch, lpips_fn):
+        generator = device_generator()
+        for step in range(2):  # the second step reads optimizer moments and EMA the first one wrote
+            states, metrics = gradient_step(cfg, models, states, batch, generator, step, True, lpips_fn=lpips_fn)
+        return states, metrics
+
+    on_cpu_states, on_cpu_metrics = two_steps(init_states(cfg, models), batch, lpips_fn)
+    with stand_in_device() as device:
+        states = {name: state.to(device) for name, state in init_states(cfg, models).items()}
+        device_batch = {key: value.to(device) for key, value in batch.items()}
+        device_lpips = lpips_fn.to(device) if lpips_fn is not None else None
+        states, metrics = two_steps(states, device_batch, device_lpips)
+        off = [(name, key, leaf.device) for name, state in states.items()
+               for key, leaf in state.items(True, True) if leaf.device != STAND_IN]
+        assert not off, f"train state left the device: {off}"
+    assert set(states) == {"tokenizer", "world_model", "agent"}
+    assert metrics == on_cpu_metrics
+    for name, state in states.items():
+        flat = on_cpu(dict(state.flatten_keys(".").items()))
+        reference = dict(on_cpu_states[name].flatten_keys(".").items())
+        assert flat.keys() == reference.keys()
+        unequal = [key for key in flat if not torch.equal(flat[key], reference[key])]
+        assert not unequal, f"{name}: {unequal[:5]}"
+
+
+@pytest.mark.parametrize("config", ["debug.yaml", "reach.yaml"])
+def test_kv_cached_generation_and_decoding_stay_on_the_device(config: str, tmp_path: Path) -> None:
+    cfg = load_run_config(str(REPO / "experiments/configs" / config), [f"run_dir={tmp_path}"])
+    models = build_models(cfg)
+    states = init_states(cfg, models)
+    batch = load_run_all().random_replay_batch(cfg, torch.Generator().manual_seed(1))
+    tok, dyn = states["tokenizer"]["params"], states["world_model"]["params", "dynamics"]
+    horizon = 4
+
+    def roll(tok, dyn, frames, actions):
+        context = encode(models.tokenizer, tok, frames[:, :3])
+        latents = generate(world_model_fn(models.dynamics, dyn), context, actions[:, :3 + horizon], horizon,
+                           device_generator(), cfg.dynamics, window=5)
+        return decode(models.tokenizer, tok, latents)
+
+    expected = roll(tok, dyn, batch["frames"], batch["actions"])
+    with stand_in_device() as device:
+        frames = roll(tok.to(device), dyn.to(device), batch["frames"].to(device), batch["actions"].to(device))
+        assert frames.device == STAND_IN
+    assert frames.shape == expected.shape
+    assert torch.equal(on_cpu(frames), expected)
