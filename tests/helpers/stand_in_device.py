@@ -14,7 +14,8 @@ reports `device == meta`; every op on it goes through `_dispatch`, which enforce
 
 Factory calls (`torch.zeros(..., device=meta)`) and `.to("meta")` need the `stand_in_device()` context, which
 also lets `torch.autocast(device_type="meta", enabled=False)` (the attention's float32 islands) mean the CPU's.
-Values are bit-for-bit the CPU's: the same kernels run on the same data.
+Values are bit-for-bit the CPU's (the same kernels run on the same data), except where a composite op picks its
+kernel by device: `scaled_dot_product_attention` runs its math decomposition here, the CPU's flash kernel there.
 """
 
 from __future__ import annotations
