@@ -1,7 +1,8 @@
 """Device placement of the learner, checked without a GPU: every phase of a gradient step, KV-cached generation and
-decoding run on a stand-in accelerator (`helpers/stand_in_device.py`: tensors that report `meta` and compute on the
-CPU) that raises wherever a GPU would, on a tensor made on the CPU and mixed with the batch's or a draw away from
-its generator's device, and otherwise computes bit for bit what the CPU does.
+decoding, and the loop's hand-offs of params to the CPU (acting policy, GIF) run on a stand-in accelerator
+(`helpers/stand_in_device.py`: tensors that report `meta` and compute on the CPU) that raises wherever a GPU would,
+on a tensor made on the CPU and mixed with the batch's or a draw away from its generator's device, and otherwise
+computes what the CPU does (bit for bit but through SDPA).
 
 `tests/test_gpu.py` checks the same code on a real GPU when one is lent; CI has none, so without these tests a
 `torch.zeros(n)` missing its `device=` would first show on someone's GPU.
@@ -22,10 +23,13 @@ from helpers.stand_in_device import (
     on_cpu,
     stand_in_device,
 )
+from tensordict import TensorDict
 
+from d4func.envs.registry import make_env
 from d4func.imagination import world_model_fn
 from d4func.sampler import generate
 from d4func.tokenizer import decode, encode
+from d4func.train.evaluation import acting_params, make_eval_policy, run_episodes, write_gif
 from d4func.train.phases import build_models, gradient_step, init_states
 from d4func.train.run_config import load_run_config
 
@@ -148,3 +152,33 @@ def test_kv_cached_generation_and_decoding_stay_on_the_device(config: str, tmp_p
         assert frames.device == STAND_IN
     assert frames.shape == expected.shape
     assert torch.equal(on_cpu(frames), expected)
+
+
+def test_the_acting_policy_and_the_gif_get_cpu_params_from_a_learner_on_the_device(tmp_path: Path) -> None:
+    """The loop's hand-offs: envs, the acting policy and the GIF's predictions run on the CPU whatever the learner's
+    device (`evaluation.acting_params`, `write_gif`), and act as they would from a learner on the CPU."""
+    cfg = load_run_config(str(REPO / "experiments/configs/reach.yaml"), [f"run_dir={tmp_path}"])
+    models = build_models(cfg)
+    batch = load_run_all().random_replay_batch(cfg, torch.Generator().manual_seed(2))
+    sample = TensorDict({"pixels": batch["frames"], "action": batch["actions"],
+                         "next": {"reward": batch["rewards"][..., None], "done": batch["is_last"][..., None]}},
+                        batch_size=batch["frames"].shape[:2])
+    env = make_env("reach", seed=0, image_size=cfg.env.image_size, action_repeat=cfg.env.action_repeat)
+
+    def episodes(states):
+        env.set_seed(11)
+        return run_episodes(env, make_eval_policy(cfg, models, states, env.action_spec), episodes=2, max_steps=12)
+
+    cpu_states, _ = gradient_step(cfg, models, init_states(cfg, models), batch, device_generator(), 0, True)
+    expected = episodes(cpu_states)
+    with stand_in_device() as device:
+        states = {name: state.to(device) for name, state in init_states(cfg, models).items()}
+        states, _ = gradient_step(cfg, models, states, {k: v.to(device) for k, v in batch.items()},
+                                  device_generator(), 0, True)
+        for params in acting_params(states):
+            leaves = list(params.values(True, True))
+            assert leaves and not any(isinstance(leaf, StandIn) or leaf.device.type != "cpu" for leaf in leaves)
+        played = episodes(states)
+        gif = write_gif(cfg, models, states, sample, tmp_path / "real_vs_imagined.gif")
+    assert played["returns"] == expected["returns"]
+    assert gif.stat().st_size > 0
