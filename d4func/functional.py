@@ -142,8 +142,8 @@ def make_train_state(params: TensorDictBase, optimizer_state: TensorDictBase, wi
 
     `step` lives beside the params: a state made mid-run on a GPU (the agent's, at `agent_start`) is then laid out
     as one restored from a checkpoint (`state.to(device)`)."""
-    device = next(iter(params.values(include_nested=True, leaves_only=True))).device
-    step = torch.zeros((), dtype=torch.long, device=device)
+    first_leaf = next(iter(params.values(include_nested=True, leaves_only=True)), None)
+    step = torch.zeros((), dtype=torch.long, device=None if first_leaf is None else first_leaf.device)
     state = TensorDict({"params": params, "opt": optimizer_state, "step": step})
     if with_ema:
         state["ema"] = params.clone()
