@@ -95,9 +95,16 @@ class TransformerConfig:
         return index % self.time_every == self.time_every - 1
 
 
-def _read_yaml(path: str) -> DictConfig:
+BASE_KEY = "base"
+
+
+def _read_yaml(path: str, _children: tuple[Path, ...] = ()) -> DictConfig:
     """A YAML config file as a mapping; a missing file, a directory, bad YAML or a top level that is not a mapping
-    stop with a message naming the file."""
+    stop with a message naming the file.
+
+    A top-level `base: other.yaml` (a path relative to this file's directory) reads that config first and merges
+    this one over it, key by key, so that a variant of a shipped config names only what it changes. Bases chain;
+    a cycle is refused."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"config {path!r} is not a file")
     try:
@@ -107,7 +114,19 @@ def _read_yaml(path: str) -> DictConfig:
     if not isinstance(loaded, DictConfig):
         raise ValueError(f"config {path!r} must hold a mapping of sections (env:, replay:, ...), got a "
                          f"{type(loaded).__name__}")
-    return loaded
+    if BASE_KEY not in loaded:
+        return loaded
+    base = loaded.pop(BASE_KEY)
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"config {path!r}: {BASE_KEY} must name a YAML file relative to it, got {base!r}")
+    here = Path(path).resolve()
+    base_path = here.parent / base
+    if base_path.resolve() in (*_children, here):
+        chain = " -> ".join(str(p) for p in (*_children, here, base_path.resolve()))
+        raise ValueError(f"config {path!r}: {BASE_KEY} {base!r} leads back to a config already read: {chain}")
+    if not base_path.is_file():
+        raise FileNotFoundError(f"config {path!r}: its {BASE_KEY} {str(base_path)!r} is not a file")
+    return OmegaConf.merge(_read_yaml(str(base_path), (*_children, here)), loaded)
 
 
 def load_config(schema: type[C], yaml_path: str | None = None, overrides: list[str] | None = None) -> C:

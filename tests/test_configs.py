@@ -46,6 +46,45 @@ def test_every_shipped_config_loads_under_its_scripts_schema(config: Path):
         check_first_batch(cfg)
 
 
+def test_the_larger_reach_config_is_the_documented_command():
+    """results_reach_online_4x64.yaml names only what it changes (`base:`); it must load as the overrides that
+    docs/results.md section 1 ran on results_reach_online.yaml."""
+    documented = ["dynamics.transformer.d_model=64", "dynamics.transformer.n_layers=4",
+                  "dynamics.transformer.n_heads=4", "dynamics.transformer.n_kv_heads=2", "heads.d_model=64",
+                  "heads.hidden=128", "loop.env_steps=8000", "run_dir=runs/reach_online_4x64"]
+    configs = REPO / "experiments/configs"
+    assert load_config(RunConfig, str(configs / "results_reach_online_4x64.yaml")) == load_config(
+        RunConfig, str(configs / "results_reach_online.yaml"), documented)
+
+
+def _write(path: Path, text: str) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return str(path)
+
+
+def test_a_config_merges_over_its_base_key_by_key_through_a_chain(tmp_path):
+    _write(tmp_path / "shared/root.yaml", "seed: 3\nreplay: {batch_size: 8, seq_len: 12}\nloop: {env_steps: 500}\n")
+    _write(tmp_path / "shared/middle.yaml", "base: root.yaml\nreplay: {batch_size: 4}\n")
+    leaf = _write(tmp_path / "runs/leaf.yaml", "base: ../shared/middle.yaml\nloop: {env_steps: 700}\n")
+    cfg = load_config(RunConfig, leaf, ["replay.seq_len=10"])
+    assert (cfg.seed, cfg.replay.batch_size, cfg.replay.seq_len, cfg.loop.env_steps) == (3, 4, 10, 700)
+    assert cfg.replay.capacity == RunConfig().replay.capacity  # untouched keys keep the schema's defaults
+
+
+@pytest.mark.parametrize(("files", "message"), [
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, r"base 'a.yaml' leads back to a config already read"),
+    ({"a.yaml": "base: a.yaml\n"}, r"leads back"),
+    ({"a.yaml": "base: missing.yaml\n"}, r"its base '.*missing.yaml' is not a file"),
+    ({"a.yaml": "base: [b.yaml]\n"}, r"base must name a YAML file relative to it, got \['b.yaml'\]"),
+])
+def test_a_bad_base_is_refused_naming_it(tmp_path, files, message):
+    for name, text in files.items():
+        _write(tmp_path / name, text)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        load_config(RunConfig, str(tmp_path / "a.yaml"))
+
+
 def test_a_config_written_for_another_script_is_refused_naming_the_key():
     tokenizer_config = next(config for config in CONFIGS if config.stem.startswith("tokenizer_"))
     with pytest.raises(Exception, match=r"Key '\w+' not in 'RunConfig'"):
