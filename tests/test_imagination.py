@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers.frozen_target import frozen_target_loss
 from helpers.scripts import load_experiment_script
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tensordict import TensorDict
 
@@ -102,6 +102,7 @@ def episode_ends(batch: int, steps: int, ends: dict[int, int]) -> torch.Tensor:
 
 @settings(max_examples=8, deadline=None)
 @given(discrete=st.booleans(), k=st.integers(0, 5), seed=st.integers(0, 999))
+@example(discrete=True, k=0, seed=840)  # the terms' changes cancel in the total loss there
 def test_data_after_an_episode_end_changes_no_loss_term(discrete, k, seed):
     model, heads, params = make(discrete, mtp=3, seed=seed % 3)
     gen = torch.Generator().manual_seed(seed)
@@ -126,16 +127,17 @@ def test_data_after_an_episode_end_changes_no_loss_term(discrete, k, seed):
     # Without the episode end the same change is seen (the check above can fail). The reward head starts at exactly
     # zero (uniform logits: every target costs the same), and a frame drawn at tau = 0 with a bootstrap target does
     # not depend on its clean latents, so give the reward head non-zero outputs: the shifted rewards[k] (a target
-    # of frame k + 1) must then change the loss.
+    # of frame k + 1) must then change the reward term. Terms, not the total: their changes can cancel in the sum
+    # (seed 840, k = 0, discrete: dynamics -0.065, reward +0.067, total -2e-5).
     no_end = episode_ends(3, 7, {2: 6})
     live = params.clone()
     live["heads", "reward", "out", "weight"] = torch.randn(live["heads", "reward", "out", "weight"].shape,
                                                            generator=torch.Generator().manual_seed(seed))
-    la = agent_finetune_loss(live, batch["latents"], batch["actions"], batch["rewards"], no_end,
-                             torch.Generator().manual_seed(7), model=model, heads=heads)[0]
-    lb = agent_finetune_loss(live, other["latents"], other["actions"], other["rewards"], no_end,
-                             torch.Generator().manual_seed(7), model=model, heads=heads)[0]
-    assert not torch.allclose(la, lb)
+    ma = agent_finetune_loss(live, batch["latents"], batch["actions"], batch["rewards"], no_end,
+                             torch.Generator().manual_seed(7), model=model, heads=heads)[1]
+    mb = agent_finetune_loss(live, other["latents"], other["actions"], other["rewards"], no_end,
+                             torch.Generator().manual_seed(7), model=model, heads=heads)[1]
+    assert not torch.allclose(ma["reward_ce"], mb["reward_ce"])
 
 
 def _reference_terms(heads, params, batch, is_last, discrete, action_valid=None):
