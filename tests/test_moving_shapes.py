@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from d4func.config import TransformerConfig
@@ -63,6 +63,7 @@ def test_actions_for_a_clip_without_control_are_refused():
 
 @settings(max_examples=5, deadline=None)
 @given(seed=st.integers(0, 999))
+@example(seed=184)  # one slow axis (0.43 px a step)
 def test_a_bouncing_shape_keeps_crossing_the_frame(seed):
     # Free shapes bounce off all four walls (their speed is kept): late in a long clip a shape still travels
     # across the frame instead of sticking to the wall it met first.
@@ -72,7 +73,10 @@ def test_a_bouncing_shape_keeps_crossing_the_frame(seed):
     frames, _ = moving_shapes_video(cfg, 80, seed)
     centre, _ = _shape_centre(frames[40:])
     free = cfg.image_size * (1 - 2 * cfg.max_radius)
-    moving = [axis for axis in range(2) if (centre[1:, axis] - centre[:-1, axis]).abs().max() > 0.5]
+    # An axis counts as moving at a median of half a pixel a step or more: 40 steps then travel more than the free
+    # range, so even with a bounce inside the window it covers half of it. (By the largest step, an axis at 0.43 px a
+    # step counted, from the centre estimate's jitter, and had covered 8.4 px of the 9.1 asked when it bounced.)
+    moving = [axis for axis in range(2) if (centre[1:, axis] - centre[:-1, axis]).abs().median() > 0.5]
     assert moving, "the shape stopped"
     for axis in moving:
         assert centre[:, axis].max() - centre[:, axis].min() > 0.5 * free, axis
