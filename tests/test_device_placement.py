@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.alexnet import alexnet_file
 from helpers.benchmark_scripts import load_run_all
 from helpers.stand_in_device import (
     STAND_IN,
@@ -53,19 +54,6 @@ def test_the_stand_in_raises_where_a_gpu_would_and_computes_what_the_cpu_does() 
     assert torch.equal(on_cpu(drawn), torch.rand(3, generator=device_generator()))
 
 
-def _alexnet_file(tmp_path: Path) -> Path:
-    """A random AlexNet trunk in torchvision's layout, for the LPIPS term (no ImageNet weights here)."""
-    gen = torch.Generator().manual_seed(0)
-    shapes = {0: (64, 3, 11, 11), 3: (192, 64, 5, 5), 6: (384, 192, 3, 3), 8: (256, 384, 3, 3), 10: (256, 256, 3, 3)}
-    state = {}
-    for index, shape in shapes.items():
-        state[f"features.{index}.weight"] = torch.randn(shape, generator=gen) * 0.05
-        state[f"features.{index}.bias"] = torch.zeros(shape[0])
-    path = tmp_path / "alexnet.pth"
-    torch.save(state, path)
-    return path
-
-
 # Each case takes code paths the others do not: continuous vs discrete actions, one camera vs two, the opt-in
 # dynamics and tokenizer options, the LPIPS term, the appended final frame.
 CASES = {
@@ -91,7 +79,7 @@ def test_every_phase_of_a_gradient_step_stays_on_the_learners_device(case: str, 
     config, overrides = CASES[case]
     lpips = []
     if case == "debug":
-        lpips = ["tokenizer_loss.lpips_weight=0.2", f"tokenizer_loss.lpips_backbone_path={_alexnet_file(tmp_path)}"]
+        lpips = ["tokenizer_loss.lpips_weight=0.2", f"tokenizer_loss.lpips_backbone_path={alexnet_file(tmp_path)}"]
     cfg = load_run_config(str(REPO / "experiments/configs" / config), [f"run_dir={tmp_path}", *overrides, *lpips])
     models = build_models(cfg)
     batch = load_run_all().random_replay_batch(cfg, torch.Generator().manual_seed(0))

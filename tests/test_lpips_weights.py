@@ -7,18 +7,7 @@ import re
 
 import pytest
 import torch
-
-
-def _alexnet_state(**changes):
-    """A random AlexNet trunk in torchvision's checkpoint layout (`features.<i>.weight/bias`)."""
-    gen = torch.Generator().manual_seed(0)
-    shapes = {0: (64, 3, 11, 11), 3: (192, 64, 5, 5), 6: (384, 192, 3, 3), 8: (256, 384, 3, 3), 10: (256, 256, 3, 3)}
-    state = {}
-    for index, shape in shapes.items():
-        state[f"features.{index}.weight"] = torch.randn(shape, generator=gen) * 0.05
-        state[f"features.{index}.bias"] = torch.zeros(shape[0])
-    state.update(changes)
-    return {key: value for key, value in state.items() if value is not None}
+from helpers.alexnet import alexnet_state
 
 
 def test_lpips_backbone_files_are_checked_key_by_key_and_shape_by_shape(tmp_path):
@@ -27,8 +16,8 @@ def test_lpips_backbone_files_are_checked_key_by_key_and_shape_by_shape(tmp_path
     from d4func.lpips_loss import make_lpips
 
     for name, state, match in [
-        ("missing", _alexnet_state(**{"features.8.weight": None}), r"lacks \['features.8.weight'\]"),
-        ("shape", _alexnet_state(**{"features.3.bias": torch.zeros(1)}), r"features.3.bias has shape \(1,\), "
+        ("missing", alexnet_state(**{"features.8.weight": None}), r"lacks \['features.8.weight'\]"),
+        ("shape", alexnet_state(**{"features.3.bias": torch.zeros(1)}), r"features.3.bias has shape \(1,\), "
                                                                          r"expected \(192,\)"),
     ]:
         path = tmp_path / f"{name}.pth"
@@ -41,7 +30,7 @@ def test_lpips_loads_a_checkpoint_wrapped_in_a_state_dict_key(tmp_path):
     # Checkpoints saved as {"state_dict": ...} (as training scripts often do) load like bare ones.
     from d4func.lpips_loss import make_lpips
 
-    state = _alexnet_state()
+    state = alexnet_state()
     path = tmp_path / "wrapped.pth"
     torch.save({"state_dict": state}, path)
     trunk = dict(make_lpips("alex", backbone_path=path).lpips.net.named_parameters())
