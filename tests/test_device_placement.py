@@ -55,14 +55,15 @@ def test_the_stand_in_raises_where_a_gpu_would_and_computes_what_the_cpu_does() 
 
 
 # Each case takes code paths the others do not: continuous vs discrete actions, one camera vs two, the opt-in
-# dynamics and tokenizer options, the LPIPS term, the appended final frame.
+# dynamics and tokenizer options, the LPIPS term, SDPA; rows with the appended final frame (every case but Reach,
+# whose config pins replay.final_frame=false) and without it.
 CASES = {
     "debug": ("debug.yaml", []),
     "debug_options": ("debug.yaml", [
         "dynamics.forcing=teacher", "dynamics.loss_weight=uniform", "dynamics.noise_scale=0.3",
         "dynamics.previous_frame_skip=true", "dynamics.action_film=true", "dynamics.latent_positions=true",
         "dynamics.self_forcing=0.5", "dynamics.transformer.zero_init_residual=true",
-        "tokenizer.latent_attention=local", "imagination.center_advantages=true", "replay.final_frame=true"]),
+        "tokenizer.latent_attention=local", "imagination.center_advantages=true"]),
     "debug_context_noise": ("debug.yaml", ["dynamics.clean_context_fraction=0.5", "finetune.bc_coef=2"]),
     # No logit cap: attention goes through scaled_dot_product_attention (the GPU's fused kernels) and its masks.
     "debug_sdpa": ("debug.yaml", ["tokenizer.encoder.logit_cap=null", "tokenizer.decoder.logit_cap=null",
