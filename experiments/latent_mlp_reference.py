@@ -14,7 +14,10 @@ leaves the tokenizer out; `--model conv` trains a small convolutional net instea
 reference: an MLP's output spans only its last layer's `--width` directions, which on reacher's 32x32 frames do
 not fit even its training frames (its `loss` equals `loss_copy_last`). With `--space latents` the convolution reads
 a local-attention tokenizer's latents laid out on their grid (latent j owns block j of the frame), so it asks
-whether the latents keep a local move local enough for a local model. Every `--eval-every` steps it
+whether the latents keep a local move local enough for a local model. `--model attention` trains a plain
+transformer over the latent tokens instead (`NextFrameAttention`: each token reads its own history frames, every
+token attends to every other, standard pre-norm blocks of `--width`): attention without d4func's dynamics around
+it, between the conv net and the dynamics. Every `--eval-every` steps it
 measures, on the fixed held-out clips and counterfactual states that `more_world_model_steps.py` uses for the same
 `--seed`:
 
@@ -52,6 +55,7 @@ from einops import rearrange
 from tensordict import TensorDictBase
 from torch import Tensor, nn
 
+from d4func.dynamics import LearnedTokens
 from d4func.functional import apply, grad_and_value, init, template
 from d4func.latent_regions import latent_grid
 from d4func.next_latent import history_baseline_errors
@@ -112,7 +116,7 @@ def measure(model: NextFrameMLP, params: TensorDictBase, held_out: dict[str, Ten
 
 
 SPACES = ("latents", "pixels")
-MODELS = ("mlp", "conv")
+MODELS = ("mlp", "conv", "attention")
 
 
 class NextFrameConv(nn.Module):
@@ -158,6 +162,57 @@ class NextFrameConv(nn.Module):
             x = F.silu(conv(x))
         change = rearrange(self.out(x), f"b c y x -> {frame_pattern}")
         return history[:, -1] + change
+
+
+class AttentionBlock(nn.Module):
+    """A standard pre-norm transformer block (LayerNorm, multi-head self-attention without a mask, a GELU MLP of
+    4x the width): `NextFrameAttention`'s building block, written plainly so that nothing of d4func's transformer
+    (RMSNorm, QK-norm, RoPE, soft-capping, space/time layers) is in the reference."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width={width} must be divisible by heads={heads}")
+        self.heads = heads
+        self.attn_norm, self.mlp_norm = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.attn_out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = rearrange(self.qkv(self.attn_norm(x)), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        x = x + self.attn_out(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class NextFrameAttention(nn.Module):
+    """Frame t+1 as frame t plus a plain transformer over the latent tokens: `--model attention`, the reference
+    between the conv net and d4func's dynamics. Each latent token reads its own `history` frames stacked as
+    features (the conv net's input, token by token), plus a learned position of its own; one more token holds the
+    action taken after frame t (one-hot when discrete). `layers` standard pre-norm blocks (`AttentionBlock`) let
+    every token attend to every other, and a linear read-out of each latent token gives its change. Against the
+    conv net it has no locality; against d4func's dynamics it has no noise in a target slot, no separate time
+    layers (the history sits in each token's features) and none of d4func's transformer parts."""
+
+    def __init__(self, latent_tokens: int, latent_dim: int, action_size: int, width: int, discrete: bool,
+                 history: int, layers: int = 4, heads: int = 4) -> None:
+        super().__init__()
+        self.action_size, self.discrete = action_size, discrete
+        self.latent_in = nn.Linear(history * latent_dim, width)
+        self.action_in = nn.Linear(action_size, width)
+        self.positions = LearnedTokens(latent_tokens + 1, width)
+        self.blocks = nn.ModuleList(AttentionBlock(width, heads) for _ in range(layers))
+        self.out_norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, latent_dim)
+
+    def forward(self, history: Tensor, action: Tensor) -> Tensor:
+        """history `[B, h, S, Dz]`, action `[B, A]` (continuous) or `[B]` (discrete index) -> frame `[B, S, Dz]`."""
+        if self.discrete:
+            action = F.one_hot(action.long(), self.action_size)
+        latents = self.latent_in(rearrange(history, "b h s z -> b s (h z)"))
+        x = torch.cat([latents, self.action_in(action.to(history.dtype))[:, None]], dim=1) + self.positions()
+        for block in self.blocks:
+            x = block(x)
+        return history[:, -1] + self.out(self.out_norm(x[:, :-1]))
 
 
 def conv_frame_shape(run: Any, space: str) -> tuple[tuple[int, int, int], str]:
@@ -228,11 +283,15 @@ def train_reference(
     log=print,
 ) -> dict[str, Any]:
     """Train a `NextFrameMLP` of `width` on the frozen latents (or, `space="pixels"`, the frames) of the run in
-    `run_dir` (`model_kind="conv"`: a `NextFrameConv` of `width` channels on the frames or the latents) for
+    `run_dir` (`model_kind="conv"`: a `NextFrameConv` of `width` channels on the frames or the latents;
+    `"attention"`: a `NextFrameAttention` of `width` on the latents) for
     `steps` AdamW steps (the world model's settings, its learning rate replaced by `lr` if given); measure at step 0
     and every `eval_every` steps (module docstring)."""
     if model_kind not in MODELS:
         raise ValueError(f"model_kind must be one of {MODELS}, got {model_kind!r}")
+    if model_kind == "attention" and space != "latents":
+        raise ValueError(f"model_kind='attention' attends between latent tokens; space={space!r} has one token a "
+                         "frame: use space='latents'")
     for name, value, low in (("steps", steps, 1), ("eval_every", eval_every, 1), ("width", width, 1),
                              ("history", history, 1), ("episodes", episodes, 1), ("clips", clips, 2),
                              ("horizon", horizon, 1), ("seed", seed, 0)):
@@ -250,6 +309,8 @@ def train_reference(
     if model_kind == "conv":
         frame_shape, layout = conv_frame_shape(run, space)
         model = template(NextFrameConv, frame_shape, action_size, width, discrete, history, layout)
+    elif model_kind == "attention":
+        model = template(NextFrameAttention, tokens, token_dim, action_size, width, discrete, history)
     else:
         model = template(NextFrameMLP, tokens, token_dim, action_size, width, discrete, history)
     params = init(model, cfg.seed + seed)
@@ -299,7 +360,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="hidden units of each of the MLP's two layers (--model conv: channels of each layer)")
     parser.add_argument("--model", choices=MODELS, default="mlp",
                         help="conv: a dilated convolutional net on the frames, or on the latents laid out on "
-                             "their grid (a local-attention tokenizer's)")
+                             "their grid (a local-attention tokenizer's); attention: a plain transformer over the "
+                             "latent tokens, each token reading its own history (NextFrameAttention)")
     parser.add_argument("--history", type=int, default=2, help="latent frames the MLP reads")
     parser.add_argument("--space", choices=SPACES, default="latents",
                         help="what the MLP reads and predicts: the frozen tokenizer's latents, or the frames")

@@ -155,6 +155,32 @@ def test_conv_reference_on_the_latent_grid_reads_and_returns_latents_and_its_act
         ref.NextFrameConv((latent_dim, rows, cols), action_size, 8, discrete, 2, "tokens")
 
 
+@pytest.mark.parametrize("discrete", [False, True])
+def test_attention_reference_reads_every_tokens_history_and_its_actions(discrete):
+    """Unlike the conv net, every output token reads every input token: a change in one token's history moves them
+    all. The action reaches the output, and a zero read-out copies the last frame."""
+    action_size = 5 if discrete else 2
+    tokens, latent_dim = 6, 4
+    model = template(ref.NextFrameAttention, tokens, latent_dim, action_size, 16, discrete, 2)
+    params = init(model, 0)
+    history = torch.rand(3, 2, tokens, latent_dim, generator=torch.Generator().manual_seed(0))
+    actions = [torch.tensor([0, 1, 4]), torch.tensor([2, 2, 3])] if discrete else [torch.rand(3, 2) * 2 - 1,
+                                                                                    torch.rand(3, 2) * 2 - 1]
+    out = apply(model, params, history, actions[0])
+    assert out.shape == (3, tokens, latent_dim)
+    assert not torch.allclose(out, apply(model, params, history, actions[1]))
+    changed = history.clone()
+    changed[:, 0, 2] += 1.0  # the older history frame of token 2 only
+    moved = (apply(model, params, changed, actions[0]) - out).abs().amax(dim=(0, 2))
+    assert bool((moved > 0).all())
+    zeroed = params.clone()
+    zeroed["out", "weight"].zero_()
+    zeroed["out", "bias"].zero_()
+    torch.testing.assert_close(apply(model, zeroed, history, actions[0]), history[:, -1])
+    with pytest.raises(ValueError, match="width=10 must be divisible by heads=4"):
+        ref.NextFrameAttention(tokens, latent_dim, action_size, 10, discrete, 2)
+
+
 def test_conv_frame_shape_puts_a_local_tokenizers_latents_on_their_grid():
     def run_with(**tokenizer):
         base = {"height": 32, "width": 32, "channels": 3, "n_cameras": 1, "patch_size": 4, "n_latents": 16,
@@ -217,9 +243,21 @@ def test_bad_space_and_a_history_longer_than_the_context_are_named(run_dir):
         ref.train_reference(run_dir, steps=1, eval_every=1, width=0)
     with pytest.raises(ValueError, match="'transformer'"):
         ref.train_reference(run_dir, steps=1, eval_every=1, model_kind="transformer")
+    with pytest.raises(ValueError, match="space='pixels' has one token a frame"):
+        ref.train_reference(run_dir, steps=1, eval_every=1, model_kind="attention", space="pixels")
     # Reach's tokenizer lets every latent read every patch: its latents have no place on a grid.
     with pytest.raises(ValueError, match="latent_attention='global'"):
         ref.train_reference(run_dir, steps=1, eval_every=1, model_kind="conv")
+
+
+def test_attention_reference_trains_on_the_run_latents(run_dir):
+    result = ref.train_reference(run_dir, steps=2, eval_every=2, width=8, episodes=2, clips=3, horizon=3, seed=SEED,
+                                 model_kind="attention", log=lambda _: None)
+    assert result["model"] == "attention" and result["space"] == "latents"
+    rows = result["rows"]
+    assert [row["step"] for row in rows] == [0, 2]
+    assert rows[1]["loss"] > 0 and math.isfinite(rows[1]["counterfactual_latent_r2"])
+    assert rows[1]["latent_next_mse"] != rows[0]["latent_next_mse"]  # two updates changed the model
 
 
 def test_conv_reference_trains_on_the_run_frames(run_dir):
