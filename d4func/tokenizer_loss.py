@@ -1,11 +1,9 @@
 """Tokenizer objective and train step (paper Section 3.1): MSE + 0.2 · LPIPS under MAE masking, each term divided
 by a running estimate of its own root mean square.
 
-Loss normalisation: for each term L_i the train state keeps an exponential moving average of L_i², debiased like
-Adam's moments; the loss is sum_i w_i · L_i / sg(RMS_i). Every term thus contributes on the scale of its own
-typical size, whatever its units, and the weights w_i mean what they say. The running statistics are a TensorDict
-(`state["loss_rms"]`) updated by the pure `update_loss_rms`, never hidden module state. The statistics are updated
-with the current batch before dividing, so the very first step sees each normalised term equal to exactly 1.
+Loss normalisation (`d4func.loss_rms`): the loss is sum_i w_i · L_i / sg(RMS_i), each term divided by a running
+estimate of its own root mean square, kept in the train state as `state["loss_rms"]`. Every term thus contributes
+on the scale of its own typical size, whatever its units, and the weights w_i mean what they say.
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from d4func.functional import apply, grad_and_value
+from d4func.loss_rms import init_loss_rms, normalize_losses, update_loss_rms
 from d4func.optim import AdamWConfig
 from d4func.tokenizer import Tokenizer
 from d4func.train.state import checked_update, new_train_state
@@ -57,48 +56,6 @@ class TokenizerLossConfig:
         if self.lpips_net not in LPIPS_MIN_SIDE:
             raise ValueError(f"TokenizerLossConfig.lpips_net must be one of {sorted(LPIPS_MIN_SIDE)}, got "
                              f"{self.lpips_net!r}")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Running RMS normalisation (pure)
-# --------------------------------------------------------------------------------------------------------------
-
-
-def init_loss_rms(names: tuple[str, ...] = LOSS_TERMS, device: torch.device | str | None = None) -> TensorDict:
-    """Empty running statistics: per term the EMA of its square and the number of updates."""
-    zeros = partial(torch.zeros, (), device=device)
-    return TensorDict({name: {"mean_sq": zeros(), "count": zeros()} for name in names}, batch_size=[], device=device)
-
-
-def update_loss_rms(loss_rms: TensorDictBase, values: dict[str, Tensor], decay: float) -> TensorDict:
-    """New statistics after observing the scalar terms `values` (detached); terms not in `values` are kept."""
-    new = loss_rms.clone(recurse=False)
-    for name, value in values.items():
-        if name not in loss_rms.keys():
-            raise KeyError(f"no running RMS entry for loss term {name!r}; have {list(loss_rms.keys())}")
-        value = value.detach().to(loss_rms[name, "mean_sq"].dtype)
-        new[name] = {
-            "mean_sq": torch.lerp(loss_rms[name, "mean_sq"], value.square(), 1.0 - decay),
-            "count": loss_rms[name, "count"] + 1,
-        }
-    return new
-
-
-def loss_rms_value(loss_rms: TensorDictBase, name: str, decay: float) -> Tensor:
-    """Debiased running RMS of term `name`: sqrt(EMA(L²) / (1 - decay^count)); 0 before any update."""
-    count = loss_rms[name, "count"]
-    debias = 1.0 - torch.pow(torch.as_tensor(decay, dtype=count.dtype), count)
-    return torch.sqrt(loss_rms[name, "mean_sq"] / debias.clamp_min(1e-12))
-
-
-def normalize_losses(
-    values: dict[str, Tensor], loss_rms: TensorDictBase, decay: float, eps: float
-) -> dict[str, Tensor]:
-    """Each term divided by its (stop-gradient) running RMS."""
-    return {
-        name: value / loss_rms_value(loss_rms, name, decay).detach().clamp_min(eps).to(value.dtype)
-        for name, value in values.items()
-    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -174,7 +131,7 @@ def new_tokenizer_train_state(params: TensorDictBase, with_ema: bool = True) -> 
     """Train state (params, AdamW moments, EMA, step) plus the running loss statistics `loss_rms`."""
     state = new_train_state(params, with_ema=with_ema)
     leaf = next(iter(params.values(include_nested=True, leaves_only=True)))
-    state["loss_rms"] = init_loss_rms(device=leaf.device)
+    state["loss_rms"] = init_loss_rms(LOSS_TERMS, device=leaf.device)
     return state
 
 

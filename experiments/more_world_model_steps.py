@@ -58,7 +58,7 @@ from d4func.next_latent import next_latent_errors
 from d4func.tokenizer import encode
 from d4func.tokenizer_loss import tokenizer_train_step
 from d4func.train import checkpoint
-from d4func.train.agent_step import agent_finetune_step
+from d4func.train.agent_step import agent_finetune_step, init_finetune_loss_rms
 from d4func.train.phases import Models, build_models, init_states, make_lpips_fn, replay_batch, world_model_batch
 from d4func.train.run_config import RunConfig, load_run_config
 
@@ -172,6 +172,9 @@ def continue_world_model(
     state: TensorDictBase = states["world_model"]
     if fresh:
         state = init_states(cfg, Models(run.tokenizer, run.dynamics, run.heads))["world_model"]
+    elif cfg.finetune.normalize and "loss_rms" not in state.keys():  # --set finetune.normalize=true on a run without
+        state = state.clone(recurse=False)
+        state["loss_rms"] = init_finetune_loss_rms()
     tokenizer_state: TensorDictBase = states["tokenizer"]
     lpips_fn = make_lpips_fn(cfg) if train_tokenizer else None
     replay = run_replay(run_dir, cfg, seed=cfg.seed + seed)

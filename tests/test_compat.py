@@ -53,7 +53,7 @@ def test_each_changed_leaf_is_forbidden_free_or_reported_by_its_section(key):
 
 
 @pytest.mark.parametrize("key", ["tokenizer.patch_size", "dynamics.transformer.n_heads", "heads.n_bins", "seed",
-                                 "env.name", "device", "loop.mode"])
+                                 "env.name", "device", "loop.mode", "finetune.normalize"])
 def test_model_seed_env_and_device_changes_are_refused(key):
     forbidden, _ = config_changes(BASE, _with(BASE, key, _changed(flatten_config(BASE)[key])))
     assert len(forbidden) == 1

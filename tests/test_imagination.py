@@ -38,11 +38,13 @@ from d4func.imagination import (
 )
 from d4func.optim import AdamWConfig
 from d4func.train.agent_step import (
+    FINETUNE_TERMS,
     FinetuneConfig,
     agent_finetune_loss,
     agent_finetune_step,
     imagination_params,
     imagination_step,
+    init_finetune_loss_rms,
     new_imagination_state,
 )
 from d4func.train.dynamics_step import dynamics_loss
@@ -294,6 +296,73 @@ def test_finetune_loss_weighs_each_term_by_its_own_coefficient():
     assert metrics["reward_ce"] > 0 and metrics["bc_nll"] != 0
     torch.testing.assert_close(loss, 0.7 * metrics["dynamics_loss"] + 1.3 * metrics["bc_nll"]
                                + 0.4 * metrics["reward_ce"])
+
+
+def test_normalized_finetune_first_step_weighs_each_term_by_its_coefficient_over_its_own_value():
+    """`FinetuneConfig.normalize`: the statistics are updated with the batch before dividing, so on the first step
+    each term is divided by exactly its own value: the loss is the sum of the coefficients, and its gradient is the
+    unnormalised loss's with each coefficient divided by its term's value. The reported terms stay raw."""
+    model, heads, params = make(False, mtp=2)
+    params = params.clone()
+    w = params["heads", "reward", "out", "weight"]  # zero at init: give the reward term a gradient too
+    params["heads", "reward", "out", "weight"] = 0.1 * torch.randn(w.shape, generator=torch.Generator().manual_seed(2))
+    batch = toy_batch(False, 2, 5, torch.Generator().manual_seed(0))
+
+    def finetune(p, cfg, loss_rms=None):
+        return agent_finetune_loss(p, batch["latents"], batch["actions"], batch["rewards"], None,
+                                   torch.Generator().manual_seed(1), model=model, heads=heads, cfg=cfg,
+                                   loss_rms=loss_rms)
+
+    coefs = {"dynamics_coef": 0.7, "bc_coef": 1.3, "reward_coef": 0.4}
+    normalized = FinetuneConfig(**coefs, normalize=True)
+    loss, metrics = finetune(params, normalized, init_finetune_loss_rms())
+    _, raw = finetune(params, FinetuneConfig(**coefs))
+    torch.testing.assert_close(loss, torch.tensor(0.7 + 1.3 + 0.4))
+    for name in ("dynamics_loss", "bc_nll", "reward_ce"):
+        torch.testing.assert_close(metrics[name], raw[name], msg=name)
+    assert set(metrics["loss_rms"].keys()) == set(FINETUNE_TERMS)
+    assert all(metrics["loss_rms"][name, "count"].item() == 1 for name in FINETUNE_TERMS)
+
+    grads = torch.func.grad(lambda p: finetune(p, normalized, init_finetune_loss_rms())[0])(params)
+    by_value = FinetuneConfig(dynamics_coef=0.7 / float(raw["dynamics_loss"]), bc_coef=1.3 / float(raw["bc_nll"]),
+                              reward_coef=0.4 / float(raw["reward_ce"]))
+    reference = torch.func.grad(lambda p: finetune(p, by_value)[0])(params)
+    for key, grad in grads.items(include_nested=True, leaves_only=True):
+        torch.testing.assert_close(grad, reference[key], atol=1e-6, rtol=1e-4, msg=str(key))
+
+
+def test_normalized_finetune_steps_keep_the_running_statistics_and_need_them():
+    model, heads, params = make(True, mtp=2)
+    gen = torch.Generator().manual_seed(0)
+    cfg = FinetuneConfig(normalize=True, rms_decay=0.9)
+    state = new_train_state(params, with_ema=False)
+    with pytest.raises(KeyError, match="init_finetune_loss_rms"):
+        agent_finetune_step(state, toy_batch(True, 4, 5, gen), gen, model=model, heads=heads, opt=AdamWConfig(),
+                            cfg=cfg)
+    batch = toy_batch(True, 4, 5, gen)
+    with pytest.raises(ValueError, match="normalize=True needs loss_rms"):
+        agent_finetune_loss(params, batch["latents"], batch["actions"], batch["rewards"], None, gen, model=model,
+                            heads=heads, cfg=cfg)
+    with pytest.raises(ValueError, match="normalize=False needs loss_rms"):
+        agent_finetune_loss(params, batch["latents"], batch["actions"], batch["rewards"], None, gen, model=model,
+                            heads=heads, loss_rms=init_finetune_loss_rms())
+
+    state["loss_rms"] = init_finetune_loss_rms()
+    seen = {name: [] for name in FINETUNE_TERMS}
+    for _ in range(3):
+        state, metrics = agent_finetune_step(state, toy_batch(True, 4, 5, gen), gen, model=model, heads=heads,
+                                             opt=AdamWConfig(lr=1e-2), cfg=cfg)
+        for name, metric in zip(FINETUNE_TERMS, ("dynamics_loss", "bc_nll", "reward_ce"), strict=True):
+            seen[name].append(float(metrics[metric]))
+        assert "loss_rms" not in metrics  # the statistics go to the state, not to the logs
+    for name in FINETUNE_TERMS:
+        ema = 0.0
+        for value in seen[name]:
+            ema = 0.9 * ema + 0.1 * value**2
+        assert state["loss_rms", name, "count"].item() == 3
+        assert state["loss_rms", name, "mean_sq"].item() == pytest.approx(ema, rel=1e-5)
+    with pytest.raises(ValueError, match="rms_decay must lie in"):
+        FinetuneConfig(normalize=True, rms_decay=1.0)
 
 
 def test_finetune_dynamics_gradient_stops_at_the_bootstrap_target_and_bc_trains_the_transformer():

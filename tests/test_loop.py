@@ -321,9 +321,11 @@ def test_lpips_without_backbone_weights_stops_before_training(tmp_path, monkeypa
     assert not (tmp_path / "run").exists()
 
 
-def test_offline_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("normalize", [False, True])
+def test_offline_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, normalize):
     data = _collect_cartpole(tmp_path / "data", steps=40)
-    common = ["loop.mode=offline", f"loop.offline_data={data}", "loop.agent_start=2", "loop.eval_every=1000",
+    common = [f"finetune.normalize={str(normalize).lower()}", "loop.mode=offline", f"loop.offline_data={data}",
+              "loop.agent_start=2", "loop.eval_every=1000",
               "loop.checkpoint_every=1000", "env.eval_episodes=0", "loop.log_every=1",
               # Learning-rate schedules whose warmup and decay the split at step 3 falls inside: the resumed run
               # must pick each curve up at its saved update count.
@@ -351,6 +353,10 @@ def test_offline_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     b = load_checkpoint(latest_checkpoint(tmp_path / "split")).payload["states"]
     assert set(a) == {"tokenizer", "world_model", "agent"}
     assert_states_equal(a, b)
+    # finetune.normalize's running statistics are part of the state, saved and resumed with it.
+    assert ("loss_rms" in b["world_model"].keys()) == normalize
+    if normalize:
+        assert b["world_model"]["loss_rms", "dynamics", "count"].item() == 5
 
 
 @pytest.mark.slow  # ~15 s: two Crafter worker processes (the single-process collector is tested above)

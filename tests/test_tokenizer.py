@@ -26,6 +26,7 @@ from d4func.data.moving_shapes import (
     random_actions,
 )
 from d4func.functional import apply, grad_and_value, init, template
+from d4func.loss_rms import init_loss_rms, loss_rms_value, update_loss_rms
 from d4func.lpips_loss import (
     BACKBONE_FILES,
     LPIPSWeightsMissing,
@@ -46,16 +47,14 @@ from d4func.tokenizer import (
     mae_drop_mask,
 )
 from d4func.tokenizer_loss import (
+    LOSS_TERMS,
     TokenizerLossConfig,
-    init_loss_rms,
     latent_spread,
-    loss_rms_value,
     new_tokenizer_train_state,
     psnr,
     reconstruction_metrics,
     tokenizer_loss,
     tokenizer_train_step,
-    update_loss_rms,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -303,7 +302,7 @@ def test_bad_frame_shapes_are_rejected_with_the_shape():
 
 def test_running_rms_is_the_debiased_ema_of_squares():
     decay = 0.9
-    rms = init_loss_rms()
+    rms = init_loss_rms(LOSS_TERMS)
     values = [2.0, 0.5, 1.5, 3.0]
     ema = 0.0
     for n, v in enumerate(values, start=1):
@@ -313,7 +312,7 @@ def test_running_rms_is_the_debiased_ema_of_squares():
         assert loss_rms_value(rms, "mse", decay).item() == pytest.approx(expected, rel=1e-6)
     assert rms["lpips", "count"].item() == 0  # terms not observed are left alone
     # A constant term has RMS equal to itself from the first update on (the debiasing is exact).
-    rms = init_loss_rms()
+    rms = init_loss_rms(LOSS_TERMS)
     for _ in range(3):
         rms = update_loss_rms(rms, {"lpips": torch.tensor(0.25)}, 0.99)
         assert loss_rms_value(rms, "lpips", 0.99).item() == pytest.approx(0.25, rel=1e-6)
@@ -331,13 +330,13 @@ def test_each_term_is_divided_by_its_running_rms():
     loss_cfg = TokenizerLossConfig(lpips_weight=0.2, mask=False, rms_decay=0.9)
     # First step: the statistics hold only this batch, so each normalised term is exactly 1.
     loss, metrics = tokenizer_loss(
-        params, frames, None, template=model, cfg=loss_cfg, loss_rms=init_loss_rms(), lpips_fn=fake_lpips
+        params, frames, None, template=model, cfg=loss_cfg, loss_rms=init_loss_rms(LOSS_TERMS), lpips_fn=fake_lpips
     )
     assert loss.item() == pytest.approx(1.0 + 0.2, rel=1e-5)
     assert metrics["loss_rms"]["mse", "count"].item() == 1
     # Later: with history, loss = mse / rms_mse + 0.2 lpips / rms_lpips, and the gradient is the raw term's
     # gradient over a stop-gradient RMS.
-    history = update_loss_rms(init_loss_rms(), {"mse": torch.tensor(0.5), "lpips": torch.tensor(0.1)}, 0.9)
+    history = update_loss_rms(init_loss_rms(LOSS_TERMS), {"mse": torch.tensor(0.5), "lpips": torch.tensor(0.1)}, 0.9)
     loss_fn = partial(tokenizer_loss, template=model, cfg=loss_cfg, loss_rms=history, lpips_fn=fake_lpips)
     grads, (loss, metrics) = grad_and_value(loss_fn, has_aux=True)(params, frames, None)
     rms_mse = loss_rms_value(metrics["loss_rms"], "mse", 0.9)
@@ -363,7 +362,7 @@ def test_lpips_weight_needs_an_lpips_fn():
             None,
             template=model,
             cfg=TokenizerLossConfig(),
-            loss_rms=init_loss_rms(),
+            loss_rms=init_loss_rms(LOSS_TERMS),
         )
 
 
@@ -396,7 +395,7 @@ def test_tokenizer_loss_masks_patches_when_configured():
     def loss_terms(mask: bool):
         cfg = TokenizerLossConfig(lpips_weight=0.0, mask=mask)
         return tokenizer_loss(params, frames, torch.Generator().manual_seed(5), template=model, cfg=cfg,
-                              loss_rms=init_loss_rms())[1]
+                              loss_rms=init_loss_rms(LOSS_TERMS))[1]
 
     masked, plain = loss_terms(True), loss_terms(False)
     assert masked["mask_rate"] > 0.1 and plain["mask_rate"] == 0
@@ -532,7 +531,7 @@ def test_tokenizer_loss_with_real_lpips_module(no_network, random_alexnet_file):
     model, params = build(cfg)
     frames = rand_frames(1, 2, 3, 32, 32)
     loss_fn = partial(
-        tokenizer_loss, template=model, cfg=TokenizerLossConfig(), loss_rms=init_loss_rms(), lpips_fn=distance
+        tokenizer_loss, template=model, cfg=TokenizerLossConfig(), loss_rms=init_loss_rms(LOSS_TERMS), lpips_fn=distance
     )
     grads, (loss, metrics) = grad_and_value(loss_fn, has_aux=True)(params, frames, torch.Generator().manual_seed(0))
     assert loss.item() == pytest.approx(1.2, rel=1e-5)

@@ -42,6 +42,7 @@ from d4func.dynamics import Dynamics, actions_into_frames
 from d4func.functional import apply, grad_and_value
 from d4func.heads import AgentHeads, policy_dist, reward_dist
 from d4func.imagination import ImaginationConfig, imagination_loss, imagine
+from d4func.loss_rms import init_loss_rms, normalize_losses, update_loss_rms
 from d4func.multi_token import mtp_targets
 from d4func.objectives import (
     add_noise,
@@ -58,10 +59,12 @@ from d4func.train.dynamics_step import denoiser
 from d4func.train.state import checked_update, new_train_state
 
 __all__ = [
+    "FINETUNE_TERMS",
     "FinetuneConfig",
     "agent_finetune_loss",
     "agent_finetune_step",
     "imagination_step",
+    "init_finetune_loss_rms",
     "new_imagination_state",
 ]
 
@@ -75,16 +78,40 @@ class FinetuneConfig:
     n = 0..L instead, which weighs those two terms `mtp` times more against the dynamics loss: set `bc_coef` and
     `reward_coef` to `heads.mtp` for that balance. Measured on Crafter at 1,110 updates (docs/results.md, section 3):
     that balance ends with a 1.6-1.9x higher dynamics loss, for a reward head that learned a little on one seed of
-    two."""
+    two.
+
+    `normalize` (opt-in): divide each term by a running estimate of its own RMS before weighting, as the tokenizer's
+    MSE and LPIPS are (`d4func.loss_rms`; the paper normalises every loss term so, Sec. 3.1). The terms' raw scales
+    differ by two orders of magnitude at small scale (a dynamics MSE of about 0.03 beside a behaviour-cloning NLL
+    and a twohot reward cross-entropy of about 1 each), and the transformer they share then follows the heads:
+    measured on cartpole-swingup's frozen latents (docs/results.md, section 2), the dynamics term alone beat
+    copying the last frame within 2,000 updates where the three unnormalised terms together did not in 18,000.
+    The running statistics live in the world-model train state (`init_finetune_loss_rms`)."""
 
     dynamics_coef: float = 1.0
     bc_coef: float = 1.0
     reward_coef: float = 1.0
+    normalize: bool = False
+    rms_decay: float = 0.99  # EMA decay of the running mean of each term's square (the tokenizer's)
+    rms_eps: float = 1e-8
 
     def __post_init__(self) -> None:
         for name in ("dynamics_coef", "bc_coef", "reward_coef"):
             if getattr(self, name) < 0.0:
                 raise ValueError(f"FinetuneConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.rms_decay < 1.0:
+            raise ValueError(f"FinetuneConfig.rms_decay must lie in [0, 1), got {self.rms_decay}")
+        if self.rms_eps <= 0:
+            raise ValueError(f"FinetuneConfig.rms_eps must be > 0, got {self.rms_eps}")
+
+
+# The phase-2 loss terms, as named in the running statistics of `FinetuneConfig.normalize`.
+FINETUNE_TERMS = ("dynamics", "bc", "reward")
+
+
+def init_finetune_loss_rms(device: torch.device | str | None = None) -> TensorDict:
+    """Empty running statistics of the phase-2 terms, for `state["loss_rms"]` when `FinetuneConfig.normalize`."""
+    return init_loss_rms(FINETUNE_TERMS, device=device)
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -121,7 +148,8 @@ def agent_finetune_loss(
     tasks: Tensor | None = None,
     action_valid: Tensor | None = None,
     self_forcing: float | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
+    loss_rms: TensorDictBase | None = None,
+) -> tuple[Tensor, dict[str, Any]]:
     """Phase-2 loss: shortcut forcing + behaviour cloning (all `mtp` offsets) + reward prediction (twohot CE).
 
     params: {"dynamics", "heads"}; latents: clean latents `[B, T, S, Dz]`; actions, rewards, is_last: see the
@@ -134,9 +162,16 @@ def agent_finetune_loss(
     no padding the dynamics term equals `dynamics_loss` for the same generator state. `self_forcing`: the share of
     self-forced rows (None: the model's `self_forcing`; the loop passes `DynamicsConfig.self_forcing_at(step)`).
 
+    `loss_rms`: the running statistics of the terms (`init_finetune_loss_rms`), needed exactly when `cfg.normalize`;
+    each term is then divided by its running RMS, updated with this batch first.
+
     Returns (loss, metrics): dynamics_loss (+ flow_mse, bootstrap_mse), bc_nll (all offsets), bc_nll_0 (the acting
-    offset), reward_ce, reward_ce_0, policy_entropy, loss.
+    offset), reward_ce, reward_ce_0 (every term raw, normalised or not), policy_entropy, loss (the weighted sum that
+    is differentiated); with `cfg.normalize` also `loss_rms`, the updated statistics.
     """
+    if cfg.normalize != (loss_rms is not None):
+        raise ValueError(f"FinetuneConfig.normalize={cfg.normalize} needs loss_rms exactly when normalising, got "
+                         f"loss_rms={'None' if loss_rms is None else 'statistics'}")
     dyn_cfg = model.cfg
     _check_batch(latents, actions, rewards, is_last, dyn_cfg.discrete)
     batch, steps = latents.shape[:2]
@@ -197,7 +232,12 @@ def agent_finetune_loss(
     ce = -reward.log_prob(reward_targets[..., 0])
     reward_ce = _masked_mean(ce, reward_valid)
 
-    loss = cfg.dynamics_coef * dyn_loss + cfg.bc_coef * bc + cfg.reward_coef * reward_ce
+    terms = {"dynamics": dyn_loss, "bc": bc, "reward": reward_ce}
+    new_rms = None
+    if loss_rms is not None:
+        new_rms = update_loss_rms(loss_rms, terms, cfg.rms_decay)
+        terms = normalize_losses(terms, new_rms, cfg.rms_decay, cfg.rms_eps)
+    loss = cfg.dynamics_coef * terms["dynamics"] + cfg.bc_coef * terms["bc"] + cfg.reward_coef * terms["reward"]
     flow_w = (is_flow & dyn_frames).float()
     boot_w = (~is_flow & dyn_frames).float()
     metrics = {
@@ -212,6 +252,8 @@ def agent_finetune_loss(
         "policy_entropy": _masked_mean(policy.entropy()[:, :, 0].detach(),
                                        valid_step if action_valid is None else valid_step & action_valid),
     }
+    if new_rms is not None:
+        metrics["loss_rms"] = new_rms
     return loss, metrics
 
 
@@ -234,14 +276,27 @@ def agent_finetune_step(
     `grad_fn(loss_fn, has_aux=True)(params, *args) -> (grads, (loss, metrics))`: `functional.grad_and_value`, or
     `distributed.data_parallel_grad_and_value` for a data-parallel step on this rank's shard. The loss terms are
     means over the shard's valid steps, so with padding the rank average weighs shards equally rather than steps.
-    `self_forcing` as in `agent_finetune_loss`."""
+    `self_forcing` as in `agent_finetune_loss`. With `cfg.normalize` the state holds the terms' running statistics
+    (`state["loss_rms"]`, `init_finetune_loss_rms`); they are updated from the terms as `grad_fn` reports them (rank
+    means under data parallelism), so every replica keeps the same statistics, as the tokenizer's step does."""
     get = batch.get
+    if cfg.normalize and "loss_rms" not in state.keys():
+        raise KeyError("FinetuneConfig.normalize needs the running statistics state['loss_rms']: add "
+                       "init_finetune_loss_rms() to the world-model train state")
+    loss_rms = state["loss_rms"] if cfg.normalize else None
     grads, (_, metrics) = grad_fn(agent_finetune_loss, has_aux=True)(
         state["params"], batch["latents"], batch["actions"], batch["rewards"], get("is_last", None), generator,
         model=model, heads=heads, cfg=cfg, tasks=get("tasks", None), action_valid=get("action_valid", None),
-        self_forcing=self_forcing,
+        self_forcing=self_forcing, loss_rms=loss_rms,
     )
-    return checked_update(state, grads, metrics, opt, ema_decay)
+    if loss_rms is None:
+        return checked_update(state, grads, metrics, opt, ema_decay)
+    metrics.pop("loss_rms")  # this rank's statistics: recomputed from the reported (reduced) terms
+    reported = {"dynamics": metrics["dynamics_loss"], "bc": metrics["bc_nll"], "reward": metrics["reward_ce"]}
+    new_rms = update_loss_rms(loss_rms, reported, cfg.rms_decay)
+    new_state, metrics = checked_update(state, grads, metrics, opt, ema_decay)
+    new_state["loss_rms"] = new_rms
+    return new_state, metrics
 
 
 def new_imagination_state(agent_params: TensorDictBase) -> TensorDict:

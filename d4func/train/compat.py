@@ -33,6 +33,7 @@ RESUME_MUST_MATCH = (
     "dynamics",
     "heads",
     "loop.mode",
+    "finetune.normalize",  # the world-model train state holds the running statistics only when normalising
 )
 # Not free: loop.threads (CPU kernels split their reductions by thread count, so the resumed run may differ from an
 # uninterrupted one in the last bits), and anything that changes what or how the run trains.

@@ -30,6 +30,7 @@ from d4func.train.agent_step import (
     agent_finetune_step,
     imagination_frozen,
     imagination_step,
+    init_finetune_loss_rms,
     new_imagination_state,
 )
 from d4func.train.run_config import RunConfig
@@ -53,13 +54,13 @@ def build_models(cfg: RunConfig) -> Models:
 
 
 def init_states(cfg: RunConfig, models: Models) -> dict[str, TensorDictBase]:
-    """Fresh train states: tokenizer, world model {dynamics, heads}; the agent's appears at `agent_start`."""
-    world_model = TensorDict({"dynamics": init(models.dynamics, cfg.seed + 1),
-                              "heads": init(models.heads, cfg.seed + 2)})
-    return {
-        "tokenizer": new_tokenizer_train_state(init(models.tokenizer, cfg.seed)),
-        "world_model": new_train_state(world_model),
-    }
+    """Fresh train states: tokenizer, world model {dynamics, heads} (with its terms' running statistics under
+    `finetune.normalize`); the agent's appears at `agent_start`."""
+    world_model = new_train_state(TensorDict({"dynamics": init(models.dynamics, cfg.seed + 1),
+                                              "heads": init(models.heads, cfg.seed + 2)}))
+    if cfg.finetune.normalize:
+        world_model["loss_rms"] = init_finetune_loss_rms()
+    return {"tokenizer": new_tokenizer_train_state(init(models.tokenizer, cfg.seed)), "world_model": world_model}
 
 
 def replay_batch(sample: TensorDictBase, final_frame: bool = False) -> dict[str, Tensor]:

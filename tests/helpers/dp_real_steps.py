@@ -26,6 +26,7 @@ from d4func.dynamics import Dynamics, DynamicsConfig
 from d4func.functional import grad_and_value, init, template
 from d4func.heads import AgentHeads, HeadsConfig
 from d4func.imagination import ImaginationConfig
+from d4func.loss_rms import update_loss_rms
 from d4func.optim import AdamWConfig
 from d4func.tokenizer import Tokenizer, TokenizerConfig
 from d4func.tokenizer_loss import (
@@ -33,7 +34,6 @@ from d4func.tokenizer_loss import (
     new_tokenizer_train_state,
     tokenizer_loss,
     tokenizer_train_step,
-    update_loss_rms,
 )
 from d4func.train import distributed as D
 from d4func.train.agent_step import (
