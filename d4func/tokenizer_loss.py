@@ -22,7 +22,7 @@ from d4func.functional import apply, grad_and_value
 from d4func.loss_rms import init_loss_rms, normalize_losses, update_loss_rms
 from d4func.optim import AdamWConfig
 from d4func.tokenizer import Tokenizer
-from d4func.train.state import checked_update, new_train_state
+from d4func.train.state import checked_update_with_loss_rms, new_train_state
 
 LOSS_TERMS = ("mse", "lpips")
 LPIPSFn = Any  # callable (x [N, 3, H, W], y [N, 3, H, W]) in [0, 1] -> distances [N]; see d4func.lpips_loss
@@ -159,12 +159,9 @@ def tokenizer_train_step(
         raise KeyError("train state has no 'loss_rms'; build it with new_tokenizer_train_state")
     loss_fn = partial(tokenizer_loss, template=template, cfg=cfg, loss_rms=state["loss_rms"], lpips_fn=lpips_fn)
     grads, (loss, metrics) = grad_fn(loss_fn, has_aux=True)(state["params"], frames, generator)
-    metrics.pop("loss_rms")  # this rank's statistics: recomputed below from the reported (reduced) terms
-    new_rms = update_loss_rms(state["loss_rms"], {name: metrics[name] for name in LOSS_TERMS if name in metrics},
-                              cfg.rms_decay)
-    new_state, metrics = checked_update(state, grads, {"loss": loss, **metrics}, optim, ema_decay)
-    new_state["loss_rms"] = new_rms
-    return new_state, metrics
+    return checked_update_with_loss_rms(state, grads, {"loss": loss, **metrics},
+                                        {name: name for name in LOSS_TERMS if name in metrics}, cfg.rms_decay,
+                                        optim, ema_decay)
 
 
 @torch.no_grad()

@@ -56,7 +56,7 @@ from d4func.objectives import (
 )
 from d4func.optim import AdamWConfig
 from d4func.train.dynamics_step import denoiser
-from d4func.train.state import checked_update, new_train_state
+from d4func.train.state import checked_update, checked_update_with_loss_rms, new_train_state
 
 __all__ = [
     "FINETUNE_TERMS",
@@ -105,8 +105,10 @@ class FinetuneConfig:
             raise ValueError(f"FinetuneConfig.rms_eps must be > 0, got {self.rms_eps}")
 
 
-# The phase-2 loss terms, as named in the running statistics of `FinetuneConfig.normalize`.
-FINETUNE_TERMS = ("dynamics", "bc", "reward")
+# The phase-2 loss terms, as named in the running statistics of `FinetuneConfig.normalize`, and the metric that
+# reports each.
+FINETUNE_TERM_METRICS = {"dynamics": "dynamics_loss", "bc": "bc_nll", "reward": "reward_ce"}
+FINETUNE_TERMS = tuple(FINETUNE_TERM_METRICS)
 
 
 def init_finetune_loss_rms(device: torch.device | str | None = None) -> TensorDict:
@@ -291,12 +293,7 @@ def agent_finetune_step(
     )
     if loss_rms is None:
         return checked_update(state, grads, metrics, opt, ema_decay)
-    metrics.pop("loss_rms")  # this rank's statistics: recomputed from the reported (reduced) terms
-    reported = {"dynamics": metrics["dynamics_loss"], "bc": metrics["bc_nll"], "reward": metrics["reward_ce"]}
-    new_rms = update_loss_rms(loss_rms, reported, cfg.rms_decay)
-    new_state, metrics = checked_update(state, grads, metrics, opt, ema_decay)
-    new_state["loss_rms"] = new_rms
-    return new_state, metrics
+    return checked_update_with_loss_rms(state, grads, metrics, FINETUNE_TERM_METRICS, cfg.rms_decay, opt, ema_decay)
 
 
 def new_imagination_state(agent_params: TensorDictBase) -> TensorDict:

@@ -6,6 +6,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from d4func.functional import ema_update, make_train_state
+from d4func.loss_rms import update_loss_rms
 from d4func.optim import AdamWConfig, adamw_init, adamw_update
 
 
@@ -66,3 +67,24 @@ def checked_update(
     state, opt_metrics = apply_gradients(state, grads, cfg, ema_decay)
     check_finite(opt_metrics, step)
     return state, {**metrics, **opt_metrics}
+
+
+def checked_update_with_loss_rms(
+    state: TensorDictBase,
+    grads: TensorDictBase,
+    metrics: dict[str, torch.Tensor],
+    term_metrics: dict[str, str],
+    rms_decay: float,
+    cfg: AdamWConfig,
+    ema_decay: float | None = None,
+) -> tuple[TensorDict, dict[str, torch.Tensor]]:
+    """`checked_update` for a loss normalised by running RMS statistics (`d4func.loss_rms`) kept in
+    `state["loss_rms"]`. The loss put this rank's updated statistics in `metrics["loss_rms"]`; they are dropped and
+    recomputed from the terms as `grad_fn` reported them (`term_metrics`: statistics entry -> metric name; rank
+    means under data parallelism), so that every replica keeps the same statistics."""
+    metrics = {name: value for name, value in metrics.items() if name != "loss_rms"}
+    new_rms = update_loss_rms(state["loss_rms"], {term: metrics[name] for term, name in term_metrics.items()},
+                              rms_decay)
+    new_state, metrics = checked_update(state, grads, metrics, cfg, ema_decay)
+    new_state["loss_rms"] = new_rms
+    return new_state, metrics
